@@ -1,0 +1,55 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+  name: "dualrestore",
+  platforms: [.macOS(.v13)],
+  products: [
+    .executable(name: "overwrite-map", targets: ["overwrite-map"]),
+    .executable(name: "bitmap-diff", targets: ["bitmap-diff"]),
+    .library(name: "DualRestore", targets: ["DualRestore"]),
+  ],
+  dependencies: [
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
+  ],
+  targets: [
+    // System C libraries, found through pkg-config.
+    .systemLibrary(
+      name: "CLZ4", pkgConfig: "liblz4",
+      providers: [.apt(["liblz4-dev"])]),
+    .systemLibrary(
+      name: "COpenSSL", pkgConfig: "libcrypto",
+      providers: [.apt(["libssl-dev"])]),
+    // ioctl numbers and other macros Swift cannot import.
+    .target(name: "CShim"),
+
+    // The core library: devices, maps, formats, comparison.
+    .target(
+      name: "DualRestore",
+      dependencies: ["CShim", "COpenSSL", "CLZ4"]),
+    // What the executables share: option types, error reporting.
+    .target(
+      name: "ToolSupport",
+      dependencies: [
+        "DualRestore",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]),
+
+    .executableTarget(
+      name: "overwrite-map",
+      dependencies: [
+        "DualRestore", "ToolSupport",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]),
+    .executableTarget(
+      name: "bitmap-diff",
+      dependencies: [
+        "DualRestore", "ToolSupport",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]),
+
+    .testTarget(name: "DualRestoreTests", dependencies: ["DualRestore"]),
+    .testTarget(name: "CLITests", dependencies: ["DualRestore"]),
+  ],
+  swiftLanguageModes: [.v6]
+)

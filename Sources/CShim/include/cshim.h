@@ -1,0 +1,31 @@
+// Macros and variadic calls that Swift cannot import directly.
+#ifndef DUALRESTORE_CSHIM_H
+#define DUALRESTORE_CSHIM_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+/// The size in bytes of the block device open on `fd` (ioctl BLKGETSIZE64).
+/// Returns 0 on success, -1 with errno set on failure.
+int dr_block_device_size(int fd, uint64_t *size);
+
+/// The logical sector size of the block device open on `fd` (ioctl BLKSSZGET).
+/// Returns 0 on success, -1 with errno set on failure.
+int dr_block_device_sector_size(int fd, uint32_t *size);
+
+/// open(2) with a mode, since Swift cannot call the variadic form.
+int dr_open(const char *path, int flags, mode_t mode);
+
+/// The flag values Swift does not see as constants on every libc.
+extern const int dr_O_DIRECT;
+extern const int dr_O_CLOEXEC;
+extern const int dr_SEEK_DATA;
+extern const int dr_SEEK_HOLE;
+
+/// mkostemp(3), a GNU extension.
+int dr_mkostemp(char *template_, int flags);
+
+/// getrandom(2): fills `buffer` from the kernel's generator.
+long dr_getrandom(void *buffer, unsigned long length);
+
+#endif

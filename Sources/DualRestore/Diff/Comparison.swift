@@ -1,0 +1,181 @@
+// Block-by-block comparison of two sources, or of a source and a signature,
+// into a map of the blocks that differ.
+//
+// The result is a bitmap over B's geometry: bit i set means block i of B
+// differs from A. With a size change allowed, a block of B with no
+// counterpart in A (or only a shorter one) differs; blocks of A past B's end
+// have no place in the map.
+
+import Glibc
+
+public struct ComparisonResult: Sendable {
+  public var geometry: BlockGeometry
+  public var differing: BlockBitmap
+  public var bytesCompared: UInt64
+  /// The signature's identity when one side was a signature.
+  public var signature: SignatureFormat.Header?
+}
+
+public enum Comparison {
+  public static let chunkBytes = 8 << 20
+
+  /// Compares two sources.
+  public static func compare(
+    _ a: BlockSource, _ b: BlockSource, blockSize: UInt32, allowSizeChange: Bool, progress: Bool
+  ) throws -> ComparisonResult {
+    try checkSizes(a.name, a.size, b.name, b.size, allowSizeChange)
+    let geometryA = try BlockGeometry(blockSize: blockSize, deviceSize: a.size)
+    let geometryB = try BlockGeometry(blockSize: blockSize, deviceSize: b.size)
+    var differing = BlockBitmap(count: geometryB.blockCount)
+    let readerA = ChunkReader(source: a, geometry: geometryA, chunkBytes: chunkBytes)
+    let readerB = ChunkReader(source: b, geometry: geometryB, chunkBytes: chunkBytes)
+    defer {
+      readerA.cancel()
+      readerB.cancel()
+    }
+    let zeros = AlignedBuffer(count: Int(blockSize))
+    zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+    let meter = ProgressMeter(label: "comparing", total: b.size, enabled: progress)
+    var aDone = false
+    var compared: UInt64 = 0
+    while let cb = try readerB.next() {
+      let ca = aDone ? nil : try readerA.next()
+      if ca == nil { aDone = true }
+      for i in 0..<cb.blockCount {
+        let block = cb.firstBlock + UInt64(i)
+        let lengthB = geometryB.length(ofBlock: block)
+        guard let ca, i < ca.blockCount else {
+          differing[block] = true
+          continue
+        }
+        let lengthA = geometryA.length(ofBlock: block)
+        if lengthA != lengthB {
+          differing[block] = true
+          continue
+        }
+        let holeA = ca.isHole[i]
+        let holeB = cb.isHole[i]
+        if holeA && holeB { continue }
+        let start = i * Int(blockSize)
+        let pa = holeA ? UnsafeRawPointer(zeros.pointer) : ca.bytes.baseAddress! + start
+        let pb = holeB ? UnsafeRawPointer(zeros.pointer) : cb.bytes.baseAddress! + start
+        if memcmp(pa, pb, lengthB) != 0 { differing[block] = true }
+      }
+      compared += UInt64(cb.length)
+      meter.update(compared)
+    }
+    meter.finish(compared)
+    return ComparisonResult(geometry: geometryB, differing: differing, bytesCompared: compared, signature: nil)
+  }
+
+  /// Compares a source with a signature of the other side. `signatureIsA`
+  /// says which argument the signature was, for the map's orientation.
+  public static func compare(
+    signature: SignatureReader, _ b: BlockSource, signatureIsA: Bool, allowSizeChange: Bool, progress: Bool
+  ) throws -> ComparisonResult {
+    let header = signature.header
+    let sigGeometry = header.geometry
+    let (nameA, sizeA, nameB, sizeB) =
+      signatureIsA
+      ? (signature.name, sigGeometry.deviceSize, b.name, b.size)
+      : (b.name, b.size, signature.name, sigGeometry.deviceSize)
+    try checkSizes(nameA, sizeA, nameB, sizeB, allowSizeChange)
+    let algorithm = try DigestAlgorithm(named: header.digestName)
+    guard algorithm.length == header.digestLength else {
+      throw ToolkitError.path(
+        signature.name, "digest \(header.digestName) has \(algorithm.length) bytes, not \(header.digestLength)")
+    }
+    let sourceGeometry = try BlockGeometry(blockSize: sigGeometry.blockSize, deviceSize: b.size)
+    let outGeometry = signatureIsA ? sourceGeometry : sigGeometry
+    var differing = BlockBitmap(count: outGeometry.blockCount)
+    let reader = ChunkReader(source: b, geometry: sourceGeometry, chunkBytes: chunkBytes)
+    defer { reader.cancel() }
+    let hasher = BlockHasher(algorithm: algorithm, geometry: sourceGeometry)
+    let length = header.digestLength
+    let ours = AlignedBuffer(count: reader.blocksPerChunk * length)
+    let theirs = AlignedBuffer(count: reader.blocksPerChunk * length)
+    let meter = ProgressMeter(label: "hashing", total: b.size, enabled: progress)
+    var compared: UInt64 = 0
+    var sigRead: UInt64 = 0
+    let sigBlocks = sigGeometry.blockCount
+    let lastSigLength = sigBlocks == 0 ? 0 : sigGeometry.length(ofBlock: sigBlocks - 1)
+    while let chunk = try reader.next() {
+      hasher.hash(chunk, into: ours.pointer)
+      let available = Int(min(UInt64(chunk.blockCount), sigBlocks > sigRead ? sigBlocks - sigRead : 0))
+      if available > 0 { try signature.readDigests(count: available, into: theirs.pointer) }
+      sigRead += UInt64(available)
+      for i in 0..<chunk.blockCount {
+        let block = chunk.firstBlock + UInt64(i)
+        guard block < outGeometry.blockCount else { break }
+        var same = i < available
+        if same, block == sigBlocks - 1,
+          lastSigLength != sourceGeometry.length(ofBlock: block)
+        {
+          same = false
+        }
+        if same {
+          same = memcmp(ours.pointer + i * length, theirs.pointer + i * length, length) == 0
+        }
+        if !same { differing[block] = true }
+      }
+      compared += UInt64(chunk.length)
+      meter.update(compared)
+    }
+    // Blocks of the signature past the source's end differ when the map is over the signature's side.
+    if !signatureIsA, sigBlocks > sourceGeometry.blockCount {
+      differing.set(sourceGeometry.blockCount..<sigBlocks)
+    }
+    try signature.finish()
+    meter.finish(compared)
+    return ComparisonResult(geometry: outGeometry, differing: differing, bytesCompared: compared, signature: header)
+  }
+
+  /// Compares two signatures; no data is read.
+  public static func compare(_ a: SignatureReader, _ b: SignatureReader, allowSizeChange: Bool) throws
+    -> ComparisonResult
+  {
+    let ha = a.header
+    let hb = b.header
+    try checkSizes(a.name, ha.geometry.deviceSize, b.name, hb.geometry.deviceSize, allowSizeChange)
+    guard ha.geometry.blockSize == hb.geometry.blockSize else {
+      throw ToolkitError(
+        "\(a.name) has block size \(ha.geometry.blockSize) but \(b.name) has block size \(hb.geometry.blockSize)")
+    }
+    guard ha.digestName == hb.digestName, ha.digestLength == hb.digestLength else {
+      throw ToolkitError("\(a.name) uses digest \(ha.digestName) but \(b.name) uses \(hb.digestName)")
+    }
+    let length = ha.digestLength
+    let blocksA = ha.geometry.blockCount
+    let blocksB = hb.geometry.blockCount
+    var differing = BlockBitmap(count: blocksB)
+    let batch = 4096
+    let da = AlignedBuffer(count: batch * length)
+    let db = AlignedBuffer(count: batch * length)
+    var block: UInt64 = 0
+    while block < blocksB {
+      let n = Int(min(UInt64(batch), blocksB - block))
+      try b.readDigests(count: n, into: db.pointer)
+      let inA = Int(min(UInt64(n), blocksA > block ? blocksA - block : 0))
+      if inA > 0 { try a.readDigests(count: inA, into: da.pointer) }
+      for i in 0..<n {
+        let index = block + UInt64(i)
+        var same = i < inA && memcmp(da.pointer + i * length, db.pointer + i * length, length) == 0
+        if same, index == blocksA - 1 || index == blocksB - 1 {
+          same = ha.geometry.length(ofBlock: index) == hb.geometry.length(ofBlock: index)
+        }
+        if !same { differing[index] = true }
+      }
+      block += UInt64(n)
+    }
+    try a.finish()
+    try b.finish()
+    return ComparisonResult(geometry: hb.geometry, differing: differing, bytesCompared: 0, signature: ha)
+  }
+
+  static func checkSizes(_ nameA: String, _ sizeA: UInt64, _ nameB: String, _ sizeB: UInt64, _ allow: Bool) throws {
+    if sizeA != sizeB && !allow {
+      throw ToolkitError(
+        "\(nameA) has \(sizeA) bytes but \(nameB) has \(sizeB) bytes (use --allow-size-change to compare anyway)")
+    }
+  }
+}

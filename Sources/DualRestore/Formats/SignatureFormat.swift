@@ -1,0 +1,135 @@
+// The block signature format, version 1 (documented in man/dualrestore-signature.5):
+// one strong digest per block of a source, so that two copies can be compared
+// across a slow link by moving digests instead of data. All integers are
+// little-endian.
+//
+//   offset  size  field
+//   0       8     magic: 44 52 53 49 47 0D 0A 1A ("DRSIG\r\n\x1a")
+//   8       2     format version: 1
+//   10      2     flags: 0 (a reader refuses flags it does not know)
+//   12      4     header length H: bytes from offset 0 to the digest count
+//   16      4     block size in bytes (a power of two, 512 B to 64 MiB)
+//   20      1     digest length L in bytes (1 to 64)
+//   21      3     reserved, 0
+//   24      8     device size in bytes
+//   32      8     block count: ceil(device size / block size)
+//   40      16    signature id
+//   56      8     instant the read started: ns since 1970-01-01T00:00:00Z
+//   64      16    digest name as OpenSSL knows it, ASCII, NUL-padded
+//   80      2     source name length N (at most 4096)
+//   82      N     source name, UTF-8 (a path or URI, for people)
+//   82+N    ...   zero or more bytes up to H that this version ignores
+//   H       8     digest bytes D = block count × L
+//   H+8     D     the digests, block 0 first; a partial last block is
+//                 hashed over its real length
+//   H+8+D   32    SHA-256 of every byte before it
+//
+// A signature is written front to back, so it streams through a pipe; a
+// reader trusts nothing it compared until the closing checksum has matched.
+
+public enum SignatureFormat {
+  public static let magic: [UInt8] = [0x44, 0x52, 0x53, 0x49, 0x47, 0x0D, 0x0A, 0x1A]
+  public static let version: UInt16 = 1
+  static let fixedHeaderLength = 82
+  public static let maximumNameLength = 4096
+
+  public static func looksLikeSignature(_ prefix: some Collection<UInt8>) -> Bool {
+    prefix.count >= magic.count && Array(prefix.prefix(magic.count)) == magic
+  }
+
+  public struct Header: Equatable, Sendable {
+    public var geometry: BlockGeometry
+    public var digestName: String
+    public var digestLength: Int
+    public var signatureID: ID128
+    public var started: Instant
+    public var sourceName: String
+
+    public init(
+      geometry: BlockGeometry, digestName: String, digestLength: Int, signatureID: ID128 = .random(),
+      started: Instant = .now(), sourceName: String
+    ) {
+      self.geometry = geometry
+      self.digestName = digestName
+      self.digestLength = digestLength
+      self.signatureID = signatureID
+      self.started = started
+      self.sourceName = sourceName
+    }
+
+    public var digestBytes: UInt64 { geometry.blockCount * UInt64(digestLength) }
+  }
+
+  /// The header and the digest byte count, ready to be followed by the digests.
+  public static func encodeHeader(_ h: Header) -> [UInt8] {
+    var w = ByteWriter()
+    w.raw(magic)
+    w.u16(version)
+    w.u16(0)
+    w.u32(0)  // header length, patched below
+    w.u32(h.geometry.blockSize)
+    w.u8(UInt8(h.digestLength))
+    w.zeros(3)
+    w.u64(h.geometry.deviceSize)
+    w.u64(h.geometry.blockCount)
+    w.id(h.signatureID)
+    w.i64(h.started.nanosecondsSinceEpoch)
+    var name = Array(h.digestName.utf8.prefix(15))
+    name += [UInt8](repeating: 0, count: 16 - name.count)
+    w.raw(name)
+    w.string16(h.sourceName, limit: maximumNameLength)
+    let length = UInt32(w.bytes.count)
+    for i in 0..<4 { w.bytes[12 + i] = UInt8(truncatingIfNeeded: length >> (8 * UInt32(i))) }
+    w.u64(h.digestBytes)
+    return w.bytes
+  }
+
+  /// Parses a header from the start of `bytes`. Returns the header and the
+  /// offset of the first digest, or nil when more bytes are needed.
+  public static func decodeHeader(_ bytes: ArraySlice<UInt8>, name: String) throws -> (Header, Int)? {
+    func fail(_ why: String) -> ToolkitError { ToolkitError.path(name, why) }
+    if bytes.count < magic.count {
+      if bytes.count < magic.count, !bytes.elementsEqual(magic.prefix(bytes.count)) {
+        throw fail("not a dualrestore signature (bad magic)")
+      }
+      return nil
+    }
+    guard bytes.prefix(magic.count).elementsEqual(magic) else {
+      throw fail("not a dualrestore signature (bad magic)")
+    }
+    var r = ByteReader(bytes)
+    _ = r.take(magic.count)
+    guard let version = r.u16(), let flags = r.u16(), let headerLength = r.u32() else { return nil }
+    guard version == SignatureFormat.version else {
+      throw fail("signature format version \(version) is not supported (this build reads version \(SignatureFormat.version))")
+    }
+    guard flags == 0 else { throw fail("signature uses flags 0x\(String(flags, radix: 16)) this build does not know") }
+    guard headerLength >= fixedHeaderLength, headerLength <= UInt32(fixedHeaderLength + maximumNameLength + 4096)
+    else { throw fail("header length \(headerLength) is out of range") }
+    guard bytes.count >= Int(headerLength) + 8 else { return nil }
+    guard let blockSize = r.u32(), let digestLength = r.u8(), let _ = r.take(3), let deviceSize = r.u64(),
+      let blockCount = r.u64(), let id = r.id(), let started = r.i64(), let digestNameRaw = r.take(16),
+      let nameLength = r.u16()
+    else { return nil }
+    let geometry: BlockGeometry
+    do { geometry = try BlockGeometry(blockSize: blockSize, deviceSize: deviceSize) } catch { throw fail("\(error)") }
+    guard geometry.blockCount == blockCount else {
+      throw fail("block count \(blockCount) does not fit \(deviceSize) bytes in blocks of \(blockSize)")
+    }
+    guard digestLength >= 1, digestLength <= 64 else { throw fail("digest length \(digestLength) is out of range") }
+    guard fixedHeaderLength + Int(nameLength) <= Int(headerLength), let nameBytes = r.take(Int(nameLength)) else {
+      throw fail("source name length \(nameLength) is out of range")
+    }
+    let digestName = String(decoding: digestNameRaw.prefix { $0 != 0 }, as: UTF8.self)
+    var tail = ByteReader(bytes[(bytes.startIndex + Int(headerLength))...])
+    guard let digestBytes = tail.u64() else { return nil }
+    let header = Header(
+      geometry: geometry, digestName: digestName, digestLength: Int(digestLength), signatureID: id,
+      started: Instant(nanosecondsSinceEpoch: started),
+      sourceName: String(decoding: nameBytes, as: UTF8.self))
+    guard digestBytes == header.digestBytes else {
+      throw fail("digest area of \(digestBytes) bytes does not hold \(blockCount) digests of \(digestLength) bytes")
+    }
+    return (header, Int(headerLength) + 8)
+  }
+}

@@ -1,0 +1,85 @@
+// How a device is cut into blocks: a power-of-two block size from 512 B to
+// 64 MiB and the device size in bytes. The last block may be partial.
+
+public struct BlockGeometry: Hashable, Sendable, CustomStringConvertible {
+  public static let minimumBlockSize: UInt32 = 512
+  public static let maximumBlockSize: UInt32 = 64 << 20
+  public static let defaultBlockSize: UInt32 = 64 << 10
+
+  public let blockSize: UInt32
+  public let deviceSize: UInt64
+
+  public init(blockSize: UInt32, deviceSize: UInt64) throws {
+    try BlockGeometry.validate(blockSize: UInt64(blockSize))
+    self.blockSize = blockSize
+    self.deviceSize = deviceSize
+  }
+
+  /// Checks a block size the user gave.
+  public static func validate(blockSize: UInt64) throws {
+    guard blockSize >= UInt64(minimumBlockSize), blockSize <= UInt64(maximumBlockSize),
+      blockSize.nonzeroBitCount == 1
+    else {
+      throw ToolkitError("block size \(blockSize) is not a power of two from 512 B to 64 MiB")
+    }
+  }
+
+  public var blockShift: UInt64 { UInt64(blockSize.trailingZeroBitCount) }
+
+  /// Blocks covering the device, the last one possibly partial.
+  public var blockCount: UInt64 {
+    (deviceSize >> blockShift) + (deviceSize & UInt64(blockSize - 1) == 0 ? 0 : 1)
+  }
+
+  /// Byte offset of `block`.
+  @inline(__always)
+  public func offset(ofBlock block: UInt64) -> UInt64 { block << blockShift }
+
+  /// Bytes in `block`: the block size, less for a partial last block.
+  @inline(__always)
+  public func length(ofBlock block: UInt64) -> Int {
+    let start = block << blockShift
+    return Int(min(UInt64(blockSize), deviceSize - start))
+  }
+
+  /// The byte range of `count` blocks from `first`, clipped to the device.
+  public func byteRange(blocks first: UInt64, count: UInt64) -> (offset: UInt64, length: UInt64) {
+    let start = first << blockShift
+    let end = min((first + count) << blockShift, deviceSize)
+    return (start, end - start)
+  }
+
+  /// The blocks a byte range covers exactly. Throws when the range does not
+  /// start and end on block boundaries (the device end counts as one).
+  public func blocks(offset: UInt64, length: UInt64) throws -> Range<UInt64> {
+    let (end, overflow) = offset.addingReportingOverflow(length)
+    guard !overflow, end <= deviceSize else {
+      throw ToolkitError("range \(offset)+\(length) ends past the device end \(deviceSize)")
+    }
+    let mask = UInt64(blockSize) - 1
+    guard offset & mask == 0 else {
+      throw ToolkitError("offset \(offset) is not a multiple of the block size \(blockSize)")
+    }
+    guard end & mask == 0 || end == deviceSize else {
+      throw ToolkitError("range end \(end) is not a multiple of the block size \(blockSize) nor the device end \(deviceSize)")
+    }
+    let first = offset >> blockShift
+    let last = length == 0 ? first : (end + mask) >> blockShift
+    return first..<last
+  }
+
+  /// Throws unless `other` has the same block size and device size, naming
+  /// both sides in the sentence.
+  public func check(matches other: BlockGeometry, _ what: String, _ otherWhat: String) throws {
+    if blockSize != other.blockSize {
+      throw ToolkitError("\(what) has block size \(blockSize) but \(otherWhat) has block size \(other.blockSize)")
+    }
+    if deviceSize != other.deviceSize {
+      throw ToolkitError("\(what) describes \(deviceSize) bytes but \(otherWhat) has \(other.deviceSize) bytes")
+    }
+  }
+
+  public var description: String {
+    "\(blockCount) blocks of \(formatBytes(UInt64(blockSize))) over \(deviceSize) bytes"
+  }
+}

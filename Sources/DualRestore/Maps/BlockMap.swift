@@ -1,0 +1,83 @@
+// A map as the tools exchange it: a bitmap over a device plus what it
+// describes (which device, which tracking session, since when, what was last
+// merged) and what its bits mean. The on-disk form is in Formats/MapFormat.swift.
+
+/// What a set bit means.
+public enum MapMeaning: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+  /// The block holds current data: written or restored since tracking started.
+  /// This is the overwrite map; a merge never replaces such a block.
+  case current = 1
+  /// The block differs between two sources (bitmap-diff's output).
+  case differs = 2
+  /// The block was written since tracking started (a change map).
+  case changed = 3
+  /// The block is selected (an imported or hand-made selection).
+  case selected = 4
+
+  public var description: String {
+    switch self {
+    case .current: return "current"
+    case .differs: return "differs"
+    case .changed: return "changed"
+    case .selected: return "selected"
+    }
+  }
+
+  public init?(name: String) {
+    guard let m = MapMeaning.allCases.first(where: { $0.description == name }) else { return nil }
+    self = m
+  }
+}
+
+public struct BlockMap: Equatable, Sendable {
+  public var geometry: BlockGeometry
+  public var meaning: MapMeaning
+  /// The device the map describes, for people: a path or URI.
+  public var deviceName: String
+  /// Identifies this map (this tracking session); kept across updates.
+  public var mapID: ID128
+  /// When tracking started; blocks written before it are not in the map.
+  public var trackingStarted: Instant
+  /// The id of the last block stream merged into the device, or `.none`.
+  public var lastMergedStream: ID128
+  public var bits: BlockBitmap
+
+  public init(
+    geometry: BlockGeometry, meaning: MapMeaning = .current, deviceName: String = "",
+    mapID: ID128 = .random(), trackingStarted: Instant = .now(),
+    lastMergedStream: ID128 = .none, bits: BlockBitmap? = nil
+  ) {
+    self.geometry = geometry
+    self.meaning = meaning
+    self.deviceName = deviceName
+    self.mapID = mapID
+    self.trackingStarted = trackingStarted
+    self.lastMergedStream = lastMergedStream
+    self.bits = bits ?? BlockBitmap(count: geometry.blockCount)
+    precondition(self.bits.count == geometry.blockCount)
+  }
+
+  /// Throws unless the map fits `device` in size (block size is the map's own).
+  public func check(fits device: Device, mapName: String) throws {
+    if geometry.deviceSize != device.size {
+      throw ToolkitError(
+        "\(mapName) describes a device of \(geometry.deviceSize) bytes but \(device.path) has \(device.size) bytes")
+    }
+  }
+
+  /// Throws unless both maps cover the same blocks of the same size.
+  public func check(matches other: BlockMap, _ name: String, _ otherName: String) throws {
+    try geometry.check(matches: other.geometry, name, otherName)
+  }
+
+  /// Set bytes: set blocks weighted by their length (the partial last block counts short).
+  public var setBytes: UInt64 {
+    let count = bits.population
+    guard count > 0 else { return 0 }
+    let last = geometry.blockCount - 1
+    if bits[last] {
+      return (count - 1) * UInt64(geometry.blockSize) + UInt64(geometry.length(ofBlock: last))
+    }
+    return count * UInt64(geometry.blockSize)
+  }
+}

@@ -1,0 +1,144 @@
+import ArgumentParser
+import DualRestore
+import ToolSupport
+
+@main
+struct BitmapDiff: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "bitmap-diff",
+    abstract: "Compare two sources block by block and write the map of differing blocks.",
+    usage: """
+      bitmap-diff [options] A B
+      bitmap-diff --signature [options] SOURCE
+      """,
+    discussion: """
+      A and B are image files or block devices, or signatures made with \
+      --signature. The map (dualrestore-map(5)) has one bit per block of B, \
+      set where B differs from A; it goes to standard output, never to a \
+      terminal, or to -o FILE. --extents prints START LENGTH lines instead.
+
+      A signature holds one strong digest per block (SHA-256 by default) of a \
+      source, so two copies far apart can be compared without moving the \
+      data: run bitmap-diff --signature on one side, carry the signature to \
+      the other, and run bitmap-diff SIG B there; the map is the one \
+      bitmap-diff A B would give. Its format is dualrestore-signature(5).
+
+      Exit status, as cmp(1) and qemu-img compare: 0 the sources are the \
+      same, 1 they differ, 2 trouble (including bad usage).
+      """)
+
+  @Flag(help: "Write a signature of SOURCE instead of comparing.")
+  var signature = false
+
+  @Option(help: ArgumentHelp("Digest for --signature, by its OpenSSL name.", valueName: "name"))
+  var digest: String = "sha256"
+
+  @OptionGroup var blockSize: BlockSizeOption
+
+  @Option(name: .shortAndLong, help: ArgumentHelp("Write the map or signature to this file (saved atomically).", valueName: "file"))
+  var output: String?
+
+  @Flag(help: "Print the differing byte ranges as START LENGTH lines instead of a map.")
+  var extents = false
+
+  @Flag(help: "Compare sources of different sizes; the part of B past A's end differs.")
+  var allowSizeChange = false
+
+  @Flag(help: "Show progress on standard error (default when it is a terminal).")
+  var progress = false
+
+  @Flag(name: .shortAndLong, help: "Print nothing on standard error but errors.")
+  var quiet = false
+
+  @Argument(help: ArgumentHelp("A and B, or SOURCE with --signature.", valueName: "source"))
+  var sources: [String] = []
+
+  func validate() throws {
+    if signature {
+      guard sources.count == 1 else { throw ValidationError("--signature takes exactly one SOURCE") }
+      if extents { throw ValidationError("--extents does not apply to --signature") }
+      if allowSizeChange { throw ValidationError("--allow-size-change does not apply to --signature") }
+    } else {
+      guard sources.count == 2 else { throw ValidationError("give two sources to compare, A and B") }
+      if sources[0] == "-" && sources[1] == "-" {
+        throw ValidationError("only one of A and B can be standard input")
+      }
+      if extents && output != nil { throw ValidationError("--extents writes text to standard output; drop -o") }
+    }
+  }
+
+  var showProgress: Bool { !quiet && (progress || ProgressMeter.stderrIsTerminal) }
+
+  func run() throws {
+    if signature {
+      try writeSignature()
+    } else {
+      try compare()
+    }
+  }
+
+  func writeSignature() throws {
+    let algorithm = try DigestAlgorithm(named: digest)
+    let target = OutputTarget(output)
+    try target.refuseTerminal(for: "signature")
+    let source = try Device(path: sources[0])
+    _ = try Signer.sign(
+      source, algorithm: algorithm, blockSize: blockSize.value, to: target, progress: showProgress)
+  }
+
+  func compare() throws {
+    let target = OutputTarget(output)
+    if !extents { try target.refuseTerminal(for: "map") }
+    let (a, b) = (sources[0], sources[1])
+    let aIsSignature = a == "-" || isSignature(a)
+    let bIsSignature = b == "-" || isSignature(b)
+    let result: ComparisonResult
+    switch (aIsSignature, bIsSignature) {
+    case (true, true):
+      let sa = try SignatureReader(path: a)
+      let sb = try SignatureReader(path: b)
+      try checkBlockSize(sa.header.geometry.blockSize, a)
+      result = try Comparison.compare(sa, sb, allowSizeChange: allowSizeChange)
+    case (true, false), (false, true):
+      let sig = try SignatureReader(path: aIsSignature ? a : b)
+      try checkBlockSize(sig.header.geometry.blockSize, sig.name)
+      let device = try Device(path: aIsSignature ? b : a)
+      result = try Comparison.compare(
+        signature: sig, device, signatureIsA: aIsSignature, allowSizeChange: allowSizeChange,
+        progress: showProgress)
+    case (false, false):
+      let da = try Device(path: a)
+      let db = try Device(path: b)
+      result = try Comparison.compare(
+        da, db, blockSize: blockSize.value, allowSizeChange: allowSizeChange, progress: showProgress)
+    }
+
+    if extents {
+      let out = TextOutput()
+      for run in result.differing.extents {
+        let (offset, length) = result.geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count))
+        try out.line("\(offset) \(length)")
+      }
+      try out.flush()
+    } else {
+      let map = BlockMap(
+        geometry: result.geometry, meaning: .differs, deviceName: b == "-" ? "standard input" : b,
+        trackingStarted: result.signature?.started ?? .now(), bits: result.differing)
+      try target.write(MapFormat.encode(map))
+    }
+    if result.differing.population > 0 { throw ExitCode(1) }
+  }
+
+  /// A signature fixes the block size; an explicit --block-size must agree.
+  func checkBlockSize(_ signatureBlockSize: UInt32, _ name: String) throws {
+    if let given = blockSize.blockSize, given.value != UInt64(signatureBlockSize) {
+      throw ToolkitError("\(name) was made with block size \(signatureBlockSize), not \(given.value)")
+    }
+  }
+
+  func isSignature(_ path: String) -> Bool {
+    peekFile(path, count: SignatureFormat.magic.count).map(SignatureFormat.looksLikeSignature) ?? false
+  }
+
+  static func main() { ToolMain.run(Self.self, trouble: 2) }
+}
