@@ -48,6 +48,9 @@ let package = Package(
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]),
 
+    // Times map operations for bench/run; not installed.
+    .executableTarget(name: "map-bench", dependencies: ["DualRestore"], path: "bench/map-bench"),
+
     .testTarget(name: "DualRestoreTests", dependencies: ["DualRestore"]),
     .testTarget(name: "CLITests", dependencies: ["DualRestore"]),
   ],

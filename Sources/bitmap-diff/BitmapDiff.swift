@@ -44,6 +44,9 @@ struct BitmapDiff: ParsableCommand {
   @Flag(help: "Compare sources of different sizes; the part of B past A's end differs.")
   var allowSizeChange = false
 
+  @Option(help: ArgumentHelp("Threads that hash blocks (default: one per core).", valueName: "n"))
+  var threads: Int?
+
   @Flag(help: "Show progress on standard error (default when it is a terminal).")
   var progress = false
 
@@ -54,6 +57,9 @@ struct BitmapDiff: ParsableCommand {
   var sources: [String] = []
 
   func validate() throws {
+    if let threads, threads < 1 || threads > 256 {
+      throw ValidationError("--threads \(threads) is out of range (1 to 256)")
+    }
     if signature {
       guard sources.count == 1 else { throw ValidationError("--signature takes exactly one SOURCE") }
       if extents { throw ValidationError("--extents does not apply to --signature") }
@@ -66,6 +72,8 @@ struct BitmapDiff: ParsableCommand {
       if extents && output != nil { throw ValidationError("--extents writes text to standard output; drop -o") }
     }
   }
+
+  var hashWorkers: Int { threads ?? BlockHasher.defaultWorkers }
 
   var showProgress: Bool { !quiet && (progress || ProgressMeter.stderrIsTerminal) }
 
@@ -83,7 +91,8 @@ struct BitmapDiff: ParsableCommand {
     try target.refuseTerminal(for: "signature")
     let source = try Device(path: sources[0])
     _ = try Signer.sign(
-      source, algorithm: algorithm, blockSize: blockSize.value, to: target, progress: showProgress)
+      source, algorithm: algorithm, blockSize: blockSize.value, to: target, progress: showProgress,
+      workers: hashWorkers)
   }
 
   func compare() throws {
@@ -105,7 +114,7 @@ struct BitmapDiff: ParsableCommand {
       let device = try Device(path: aIsSignature ? b : a)
       result = try Comparison.compare(
         signature: sig, device, signatureIsA: aIsSignature, allowSizeChange: allowSizeChange,
-        progress: showProgress)
+        progress: showProgress, workers: hashWorkers)
     case (false, false):
       let da = try Device(path: a)
       let db = try Device(path: b)

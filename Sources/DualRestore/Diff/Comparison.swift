@@ -71,7 +71,8 @@ public enum Comparison {
   /// Compares a source with a signature of the other side. `signatureIsA`
   /// says which argument the signature was, for the map's orientation.
   public static func compare(
-    signature: SignatureReader, _ b: BlockSource, signatureIsA: Bool, allowSizeChange: Bool, progress: Bool
+    signature: SignatureReader, _ b: BlockSource, signatureIsA: Bool, allowSizeChange: Bool, progress: Bool,
+    workers: Int = BlockHasher.defaultWorkers
   ) throws -> ComparisonResult {
     let header = signature.header
     let sigGeometry = header.geometry
@@ -90,7 +91,7 @@ public enum Comparison {
     var differing = BlockBitmap(count: outGeometry.blockCount)
     let reader = ChunkReader(source: b, geometry: sourceGeometry, chunkBytes: chunkBytes)
     defer { reader.cancel() }
-    let hasher = BlockHasher(algorithm: algorithm, geometry: sourceGeometry)
+    let hasher = BlockHasher(algorithm: algorithm, geometry: sourceGeometry, workers: workers)
     let length = header.digestLength
     let ours = AlignedBuffer(count: reader.blocksPerChunk * length)
     let theirs = AlignedBuffer(count: reader.blocksPerChunk * length)

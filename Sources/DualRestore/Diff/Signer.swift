@@ -14,7 +14,7 @@ public enum Signer {
 
   public static func sign(
     _ source: BlockSource, algorithm: DigestAlgorithm, blockSize: UInt32, to target: OutputTarget,
-    progress: Bool
+    progress: Bool, workers: Int = BlockHasher.defaultWorkers
   ) throws -> Summary {
     let geometry = try BlockGeometry(blockSize: blockSize, deviceSize: source.size)
     let header = SignatureFormat.Header(
@@ -27,7 +27,7 @@ public enum Signer {
 
     let reader = ChunkReader(source: source, geometry: geometry, chunkBytes: Comparison.chunkBytes)
     defer { reader.cancel() }
-    let hasher = BlockHasher(algorithm: algorithm, geometry: geometry)
+    let hasher = BlockHasher(algorithm: algorithm, geometry: geometry, workers: workers)
     let digests = AlignedBuffer(count: reader.blocksPerChunk * algorithm.length)
     let meter = ProgressMeter(label: "hashing", total: source.size, enabled: progress)
     var done: UInt64 = 0
