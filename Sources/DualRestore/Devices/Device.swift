@@ -42,6 +42,9 @@ public final class Device: @unchecked Sendable {
   /// The logical sector size (512 or 4096 for block devices; 512 for files).
   public let sectorSize: UInt32
   public let options: DeviceOpenOptions
+  /// With O_DIRECT: a second descriptor without it, for the transfers that
+  /// are not aligned (a partial last block, a small block size).
+  private let bufferedFD: Int32?
 
   public init(path: String, options: DeviceOpenOptions = .readOnly) throws {
     self.path = path
@@ -96,7 +99,15 @@ public final class Device: @unchecked Sendable {
         case .failure(let e): throw ToolkitError.path(path, e.description)
         }
       }
+      var buffered: Int32? = nil
+      if options.direct {
+        switch Sys.open(path, flags: flags & ~(dr_O_DIRECT | O_EXCL | O_CREAT)) {
+        case .success(let d): buffered = d
+        case .failure(let e): throw ToolkitError.path(path, e.description)
+        }
+      }
       self.fd = fd
+      self.bufferedFD = buffered
       self.size = size
       self.isBlockDevice = isBlock
       self.sectorSize = sector
@@ -106,7 +117,19 @@ public final class Device: @unchecked Sendable {
     }
   }
 
-  deinit { Sys.close(fd) }
+  deinit {
+    Sys.close(fd)
+    if let bufferedFD { Sys.close(bufferedFD) }
+  }
+
+  /// The descriptor for a transfer: the O_DIRECT one when it is aligned.
+  @inline(__always)
+  private func descriptor(_ pointer: UnsafeRawPointer, _ count: Int, _ offset: UInt64) -> Int32 {
+    guard let bufferedFD else { return fd }
+    let a = alignment
+    let aligned = Int(bitPattern: pointer) % a == 0 && count % a == 0 && offset % UInt64(a) == 0
+    return aligned ? fd : bufferedFD
+  }
 
   /// The alignment O_DIRECT requires of buffers, offsets and lengths.
   public var alignment: Int { max(Int(sectorSize), 4096) }
@@ -117,7 +140,7 @@ public final class Device: @unchecked Sendable {
     guard offset <= size, UInt64(buffer.count) <= size - offset else {
       throw ToolkitError.path(path, "read of \(buffer.count) bytes at \(offset) is past the end (size \(size))")
     }
-    switch preadFull(fd, base, buffer.count, offset) {
+    switch preadFull(descriptor(base, buffer.count, offset), base, buffer.count, offset) {
     case .success(let n) where n == buffer.count: return
     case .success(let n):
       throw ToolkitError.path(path, "unexpected end of data at \(offset + UInt64(n)) (size changed?)")
@@ -133,14 +156,14 @@ public final class Device: @unchecked Sendable {
     guard offset <= size, UInt64(buffer.count) <= size - offset else {
       throw ToolkitError.path(path, "write of \(buffer.count) bytes at \(offset) is past the end (size \(size))")
     }
-    if case .failure(let e) = pwriteFull(fd, base, buffer.count, offset) {
+    if case .failure(let e) = pwriteFull(descriptor(base, buffer.count, offset), base, buffer.count, offset) {
       throw ToolkitError.path(path, "write at \(offset): \(e)")
     }
   }
 
   /// Makes every completed write durable (fdatasync).
   public func sync() throws {
-    if case .failure(let e) = Sys.fdatasync(fd) {
+    if case .failure(let e) = Sys.fdatasync(bufferedFD ?? fd) {
       throw ToolkitError.path(path, "cannot make writes durable: \(e)")
     }
   }

@@ -8,12 +8,17 @@
 
 import Glibc
 
-public struct ComparisonResult: Sendable {
+public struct ComparisonReport: Sendable {
   public var geometry: BlockGeometry
   public var differing: BlockBitmap
   public var bytesCompared: UInt64
   /// The signature's identity when one side was a signature.
   public var signature: SignatureFormat.Header?
+  /// Whether A and B have different sizes (allowed with a size change).
+  public var sizesDiffer: Bool
+
+  /// The sources differ: some block of B differs, or A is longer or shorter.
+  public var differ: Bool { sizesDiffer || differing.population > 0 }
 }
 
 public enum Comparison {
@@ -22,7 +27,7 @@ public enum Comparison {
   /// Compares two sources.
   public static func compare(
     _ a: BlockSource, _ b: BlockSource, blockSize: UInt32, allowSizeChange: Bool, progress: Bool
-  ) throws -> ComparisonResult {
+  ) throws -> ComparisonReport {
     try checkSizes(a.name, a.size, b.name, b.size, allowSizeChange)
     let geometryA = try BlockGeometry(blockSize: blockSize, deviceSize: a.size)
     let geometryB = try BlockGeometry(blockSize: blockSize, deviceSize: b.size)
@@ -65,7 +70,8 @@ public enum Comparison {
       meter.update(compared)
     }
     meter.finish(compared)
-    return ComparisonResult(geometry: geometryB, differing: differing, bytesCompared: compared, signature: nil)
+    return ComparisonReport(
+      geometry: geometryB, differing: differing, bytesCompared: compared, signature: nil, sizesDiffer: a.size != b.size)
   }
 
   /// Compares a source with a signature of the other side. `signatureIsA`
@@ -73,7 +79,7 @@ public enum Comparison {
   public static func compare(
     signature: SignatureReader, _ b: BlockSource, signatureIsA: Bool, allowSizeChange: Bool, progress: Bool,
     workers: Int = BlockHasher.defaultWorkers
-  ) throws -> ComparisonResult {
+  ) throws -> ComparisonReport {
     let header = signature.header
     let sigGeometry = header.geometry
     let (nameA, sizeA, nameB, sizeB) =
@@ -128,12 +134,14 @@ public enum Comparison {
     }
     try signature.finish()
     meter.finish(compared)
-    return ComparisonResult(geometry: outGeometry, differing: differing, bytesCompared: compared, signature: header)
+    return ComparisonReport(
+      geometry: outGeometry, differing: differing, bytesCompared: compared, signature: header,
+      sizesDiffer: sizeA != sizeB)
   }
 
   /// Compares two signatures; no data is read.
   public static func compare(_ a: SignatureReader, _ b: SignatureReader, allowSizeChange: Bool) throws
-    -> ComparisonResult
+    -> ComparisonReport
   {
     let ha = a.header
     let hb = b.header
@@ -170,7 +178,9 @@ public enum Comparison {
     }
     try a.finish()
     try b.finish()
-    return ComparisonResult(geometry: hb.geometry, differing: differing, bytesCompared: 0, signature: ha)
+    return ComparisonReport(
+      geometry: hb.geometry, differing: differing, bytesCompared: 0, signature: ha,
+      sizesDiffer: ha.geometry.deviceSize != hb.geometry.deviceSize)
   }
 
   static func checkSizes(_ nameA: String, _ sizeA: UInt64, _ nameB: String, _ sizeB: UInt64, _ allow: Bool) throws {
