@@ -20,7 +20,7 @@ function __bitmap-diff_parse_tokens -S
     set -l unparsed_tokens (__bitmap-diff_tokens -pc)
     switch $unparsed_tokens[1]
     case 'bitmap-diff'
-        __bitmap-diff_parse_subcommand -r 1 'signature' 'digest=' 'block-size=' 'o/output=' 'extents' 'allow-size-change' 'threads=' 'progress' 'q/quiet' 'h/help'
+        __bitmap-diff_parse_subcommand -r 1 'signature' 'digest=' 'block-size=' 'o/output=' 'extents' 'allow-size-change' 'threads=' 'direct' 'progress' 'q/quiet' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __bitmap-diff_parse_subcommand -r 1 
@@ -84,6 +84,7 @@ complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_o
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" extents' -l 'extents' -d 'Print the differing byte ranges as START LENGTH lines instead of a map.'
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" allow-size-change' -l 'allow-size-change' -d 'Compare sources of different sizes; the part of B past A\'s end differs.'
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" threads' -l 'threads' -d 'Threads that hash blocks (default: one per core).' -rfka ''
+complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" direct' -l 'direct' -d 'Read with O_DIRECT, past the page cache, so a large compare does not evict a live system\'s cache.'
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" progress' -l 'progress' -d 'Show progress on standard error (default when it is a terminal).'
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" q quiet' -l 'quiet' -s 'q' -d 'Print nothing on standard error but errors.'
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" h help' -s 'h' -l 'help' -d 'Show help information.'
