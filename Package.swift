@@ -7,6 +7,8 @@ let package = Package(
   products: [
     .executable(name: "overwrite-map", targets: ["overwrite-map"]),
     .executable(name: "bitmap-diff", targets: ["bitmap-diff"]),
+    .executable(name: "snapshot", targets: ["snapshot"]),
+    .executable(name: "merge-snapshot", targets: ["merge-snapshot"]),
     .library(name: "DualRestore", targets: ["DualRestore"]),
   ],
   dependencies: [
@@ -43,6 +45,19 @@ let package = Package(
       ]),
     .executableTarget(
       name: "bitmap-diff",
+      dependencies: [
+        "DualRestore", "ToolSupport",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]),
+
+    .executableTarget(
+      name: "snapshot",
+      dependencies: [
+        "DualRestore", "ToolSupport",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]),
+    .executableTarget(
+      name: "merge-snapshot",
       dependencies: [
         "DualRestore", "ToolSupport",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 #include <sys/random.h>
+#include <linux/falloc.h>
 
 int dr_block_device_size(int fd, uint64_t *size) {
 #ifdef BLKGETSIZE64
@@ -50,3 +51,78 @@ const int dr_SEEK_HOLE = SEEK_HOLE;
 int dr_mkostemp(char *template_, int flags) { return mkostemp(template_, flags); }
 
 long dr_getrandom(void *buffer, unsigned long length) { return getrandom(buffer, length, 0); }
+
+/* CRC-32C, reflected polynomial 0x82F63B78. */
+static uint32_t crc32c_table[8][256];
+
+/* Built before main, so no thread ever sees a half-built table. */
+__attribute__((constructor)) static void crc32c_init(void) {
+  for (uint32_t n = 0; n < 256; n++) {
+    uint32_t c = n;
+    for (int k = 0; k < 8; k++) c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+    crc32c_table[0][n] = c;
+  }
+  for (uint32_t n = 0; n < 256; n++) {
+    uint32_t c = crc32c_table[0][n];
+    for (int t = 1; t < 8; t++) {
+      c = crc32c_table[0][c & 0xFF] ^ (c >> 8);
+      crc32c_table[t][n] = c;
+    }
+  }
+}
+
+static uint32_t crc32c_software(uint32_t crc, const unsigned char *p, size_t n) {
+  while (n >= 8) {
+    uint64_t w;
+    __builtin_memcpy(&w, p, 8);
+    w ^= crc;
+    crc = crc32c_table[7][w & 0xFF] ^ crc32c_table[6][(w >> 8) & 0xFF] ^
+          crc32c_table[5][(w >> 16) & 0xFF] ^ crc32c_table[4][(w >> 24) & 0xFF] ^
+          crc32c_table[3][(w >> 32) & 0xFF] ^ crc32c_table[2][(w >> 40) & 0xFF] ^
+          crc32c_table[1][(w >> 48) & 0xFF] ^ crc32c_table[0][w >> 56];
+    p += 8;
+    n -= 8;
+  }
+  while (n--) crc = crc32c_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+  return crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2")))
+static uint32_t crc32c_hardware(uint32_t crc, const unsigned char *p, size_t n) {
+  uint64_t c = crc;
+  while (n >= 8) {
+    uint64_t w;
+    __builtin_memcpy(&w, p, 8);
+    c = __builtin_ia32_crc32di(c, w);
+    p += 8;
+    n -= 8;
+  }
+  uint32_t c32 = (uint32_t)c;
+  while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
+  return c32;
+}
+#endif
+
+uint32_t dr_crc32c(uint32_t crc, const void *data, size_t length) {
+  crc = ~crc;
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("sse4.2")) return ~crc32c_hardware(crc, data, length);
+#endif
+  return ~crc32c_software(crc, data, length);
+}
+
+int dr_punch_hole(int fd, uint64_t offset, uint64_t length) {
+  return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}
+
+int dr_block_zero_out(int fd, uint64_t offset, uint64_t length) {
+#ifdef BLKZEROOUT
+  uint64_t range[2] = {offset, length};
+  return ioctl(fd, BLKZEROOUT, range);
+#else
+  (void)fd; (void)offset; (void)length;
+  errno = ENOTSUP;
+  return -1;
+#endif
+}

@@ -3,6 +3,7 @@
 #define DUALRESTORE_CSHIM_H
 
 #include <stdint.h>
+#include <stddef.h>
 #include <sys/types.h>
 
 /// The size in bytes of the block device open on `fd` (ioctl BLKGETSIZE64).
@@ -27,5 +28,15 @@ int dr_mkostemp(char *template_, int flags);
 
 /// getrandom(2): fills `buffer` from the kernel's generator.
 long dr_getrandom(void *buffer, unsigned long length);
+
+/// CRC-32C (Castagnoli) of `length` bytes, continuing from `crc` (start at 0).
+/// Uses the SSE 4.2 instruction when the processor has it.
+uint32_t dr_crc32c(uint32_t crc, const void *data, size_t length);
+
+/// fallocate(2) punching a hole (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE).
+int dr_punch_hole(int fd, uint64_t offset, uint64_t length);
+
+/// ioctl BLKZEROOUT: zero a byte range of a block device.
+int dr_block_zero_out(int fd, uint64_t offset, uint64_t length);
 
 #endif

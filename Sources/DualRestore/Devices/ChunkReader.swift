@@ -21,11 +21,14 @@ public final class ChunkReader: @unchecked Sendable {
     /// `isHole[i]`: block `firstBlock + i` is entirely in a hole.
     public let isHole: UnsafeBufferPointer<Bool>
     public let holeCount: Int
+    /// `isSkipped[i]`: block `firstBlock + i` is not in the selection; not read.
+    public let isSkipped: UnsafeBufferPointer<Bool>
   }
 
   private final class Slot {
     let buffer: AlignedBuffer
     let holes: UnsafeMutableBufferPointer<Bool>
+    let skipped: UnsafeMutableBufferPointer<Bool>
     var firstBlock: UInt64 = 0
     var blockCount = 0
     var length = 0
@@ -37,13 +40,20 @@ public final class ChunkReader: @unchecked Sendable {
       buffer = AlignedBuffer(count: bytes)
       holes = .allocate(capacity: max(blocks, 1))
       holes.initialize(repeating: false)
+      skipped = .allocate(capacity: max(blocks, 1))
+      skipped.initialize(repeating: false)
     }
-    deinit { holes.deallocate() }
+    deinit {
+      holes.deallocate()
+      skipped.deallocate()
+    }
   }
 
   public let source: BlockSource
   public let geometry: BlockGeometry
   public let blocksPerChunk: Int
+  /// Only these blocks are read, when set.
+  public let selection: BlockBitmap?
   private let slots: [Slot]
   private let filled = DispatchSemaphore(value: 0)
   // Created at 0 and signalled up: libdispatch traps when a semaphore is
@@ -58,10 +68,12 @@ public final class ChunkReader: @unchecked Sendable {
   /// Chunks hold about `chunkBytes` bytes, and at least one block.
   public init(
     source: BlockSource, geometry: BlockGeometry, chunkBytes: Int = 4 << 20, depth: Int = 3,
-    skipHoles: Bool = true
+    skipHoles: Bool = true, selection: BlockBitmap? = nil
   ) {
+    precondition(selection == nil || selection?.count == geometry.blockCount)
     self.source = source
     self.geometry = geometry
+    self.selection = selection
     let perChunk = max(1, chunkBytes / Int(geometry.blockSize))
     blocksPerChunk = perChunk
     let ringDepth = max(2, depth)
@@ -113,14 +125,16 @@ public final class ChunkReader: @unchecked Sendable {
         for i in 0..<count {
           let offset = geometry.offset(ofBlock: block + UInt64(i))
           let blockEnd = offset + UInt64(geometry.length(ofBlock: block + UInt64(i)))
-          var hole = false
-          if skipHoles {
+          let skip = selection.map { !$0[block + UInt64(i)] } ?? false
+          slot.skipped[i] = skip
+          var hole = skip
+          if skipHoles && !skip {
             if offset >= region.end { region = source.dataRegion(at: offset) }
             hole = !region.isData && blockEnd <= region.end
           }
-          slot.holes[i] = hole
+          slot.holes[i] = hole && !skip
           if hole {
-            slot.holeCount += 1
+            if !skip { slot.holeCount += 1 }
             if runStart >= 0 {
               try readRun(slot, start, from: runStart, to: i)
               runStart = -1
@@ -164,7 +178,8 @@ public final class ChunkReader: @unchecked Sendable {
       firstBlock: slot.firstBlock, blockCount: slot.blockCount, length: slot.length,
       bytes: UnsafeRawBufferPointer(start: slot.buffer.pointer, count: slot.length),
       isHole: UnsafeBufferPointer(start: slot.holes.baseAddress, count: slot.blockCount),
-      holeCount: slot.holeCount)
+      holeCount: slot.holeCount,
+      isSkipped: UnsafeBufferPointer(start: slot.skipped.baseAddress, count: slot.blockCount))
   }
 }
 

@@ -3,8 +3,6 @@
 // pipe it streams, and a reader detects a cut-off stream by its missing
 // checksum.
 
-import CShim
-import Glibc
 
 public enum Signer {
   public struct Summary: Sendable {
@@ -20,10 +18,12 @@ public enum Signer {
     let header = SignatureFormat.Header(
       geometry: geometry, digestName: algorithm.name, digestLength: algorithm.length,
       sourceName: source.name)
-    let sink = try SignatureSink(target)
+    let sink = try OutputSink(target, what: "signature")
     defer { sink.abandon() }
+    let checksum = Digester(DigestAlgorithm.sha256)
     let headerBytes = SignatureFormat.encodeHeader(header)
-    try headerBytes.withUnsafeBytes { try sink.write($0) }
+    checksum.update(headerBytes)
+    try sink.write(headerBytes)
 
     let reader = ChunkReader(source: source, geometry: geometry, chunkBytes: Comparison.chunkBytes)
     defer { reader.cancel() }
@@ -33,81 +33,15 @@ public enum Signer {
     var done: UInt64 = 0
     while let chunk = try reader.next() {
       hasher.hash(chunk, into: digests.pointer)
-      try sink.write(UnsafeRawBufferPointer(digests.slice(0, chunk.blockCount * algorithm.length)))
+      let part = UnsafeRawBufferPointer(digests.slice(0, chunk.blockCount * algorithm.length))
+      checksum.update(part)
+      try sink.write(part)
       done += UInt64(chunk.length)
       meter.update(done)
     }
+    try sink.write(checksum.finish())
     try sink.finish()
     meter.finish(done)
     return Summary(header: header, bytesRead: done)
-  }
-}
-
-/// Streams bytes to stdout or to a temporary file renamed into place at the
-/// end, appending the SHA-256 of everything written.
-final class SignatureSink {
-  private let target: OutputTarget
-  private let fd: Int32
-  private var tempPath: String?
-  private let checksum = Digester(DigestAlgorithm.sha256)
-  private var done = false
-
-  init(_ target: OutputTarget) throws {
-    self.target = target
-    switch target {
-    case .standardOutput:
-      try target.refuseTerminal(for: "signature")
-      fd = 1
-    case .file(let path):
-      let (directory, base) = splitPath(path)
-      var template = Array("\(directory)/.\(base).XXXXXX".utf8CString)
-      let d = template.withUnsafeMutableBufferPointer { dr_mkostemp($0.baseAddress!, O_CLOEXEC) }
-      guard d >= 0 else { throw ToolkitError.path(path, "cannot create a temporary file: \(Errno.current)") }
-      fd = d
-      tempPath = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-      let mask = umask(0)
-      umask(mask)
-      fchmod(fd, 0o644 & ~mask)
-    }
-  }
-
-  func write(_ bytes: UnsafeRawBufferPointer) throws {
-    checksum.update(bytes)
-    guard let base = bytes.baseAddress, bytes.count > 0 else { return }
-    if case .failure(let e) = writeFull(fd, base, bytes.count) {
-      throw ToolkitError("\(target.name): \(e)")
-    }
-  }
-
-  func finish() throws {
-    let sum = checksum.finish()
-    try sum.withUnsafeBytes { raw in
-      if case .failure(let e) = writeFull(fd, raw.baseAddress!, raw.count) {
-        throw ToolkitError("\(target.name): \(e)")
-      }
-    }
-    if case .file(let path) = target, let tempPath {
-      if case .failure(let e) = Sys.fsync(fd) { throw ToolkitError.path(path, "cannot make the file durable: \(e)") }
-      Sys.close(fd)
-      guard rename(tempPath, path) == 0 else {
-        throw ToolkitError.path(path, "cannot replace the file: \(Errno.current)")
-      }
-      self.tempPath = nil
-      let (directory, _) = splitPath(path)
-      let dfd = Glibc.open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-      if dfd >= 0 {
-        _ = Sys.fsync(dfd)
-        Sys.close(dfd)
-      }
-    }
-    done = true
-  }
-
-  /// Removes the temporary file of an unfinished signature.
-  func abandon() {
-    guard !done, let tempPath else { return }
-    Sys.close(fd)
-    unlink(tempPath)
-    self.tempPath = nil
   }
 }

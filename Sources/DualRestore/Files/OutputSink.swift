@@ -1,0 +1,109 @@
+// A long output written front to back: standard output, or a file that
+// appears under its name only when complete (written to a temporary file
+// beside it, synchronised, renamed, directory synchronised). An unfinished
+// file output is removed; an unfinished stdout output simply stops, and the
+// formats' closing checksums or END records show it incomplete.
+
+import CShim
+import Glibc
+
+public final class OutputSink {
+  public let target: OutputTarget
+  private let fd: Int32
+  private var tempPath: String?
+  private var done = false
+  public private(set) var bytesWritten: UInt64 = 0
+
+  /// Opens the output; `what` names the format for the terminal refusal.
+  public init(_ target: OutputTarget, what: String) throws {
+    self.target = target
+    switch target {
+    case .standardOutput:
+      try target.refuseTerminal(for: what)
+      fd = 1
+    case .file(let path):
+      let (directory, base) = splitPath(path)
+      var template = Array("\(directory)/.\(base).XXXXXX".utf8CString)
+      let d = template.withUnsafeMutableBufferPointer { dr_mkostemp($0.baseAddress!, O_CLOEXEC) }
+      guard d >= 0 else { throw ToolkitError.path(path, "cannot create a temporary file: \(Errno.current)") }
+      fd = d
+      tempPath = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+      let mask = umask(0)
+      umask(mask)
+      fchmod(fd, 0o644 & ~mask)
+    }
+  }
+
+  deinit { abandon() }
+
+  public func write(_ bytes: UnsafeRawBufferPointer) throws {
+    guard let base = bytes.baseAddress, bytes.count > 0 else { return }
+    if case .failure(let e) = writeFull(fd, base, bytes.count) {
+      throw ToolkitError("\(target.name): \(e)")
+    }
+    bytesWritten += UInt64(bytes.count)
+  }
+
+  public func write(_ bytes: [UInt8]) throws {
+    try bytes.withUnsafeBytes { try write($0) }
+  }
+
+  /// Writes the buffers in order with as few system calls as it can.
+  public func write(vectors: UnsafeMutableBufferPointer<iovec>) throws {
+    var index = 0
+    let count = vectors.count
+    while index < count {
+      let batch = Int32(min(count - index, 1024))
+      let n = writev(fd, vectors.baseAddress! + index, batch)
+      if n < 0 {
+        if errno == EINTR { continue }
+        throw ToolkitError("\(target.name): \(Errno.current)")
+      }
+      if n == 0 { throw ToolkitError("\(target.name): \(Errno(EIO))") }
+      bytesWritten += UInt64(n)
+      // Skip what was written; a pipe may take part of a vector.
+      var left = n
+      while left > 0 {
+        let length = vectors[index].iov_len
+        if left >= length {
+          left -= length
+          index += 1
+        } else {
+          vectors[index].iov_base = vectors[index].iov_base! + left
+          vectors[index].iov_len -= left
+          left = 0
+        }
+      }
+      while index < count && vectors[index].iov_len == 0 { index += 1 }
+    }
+  }
+
+  /// Completes the output: a file is made durable and renamed into place.
+  public func finish() throws {
+    if case .file(let path) = target, let tempPath {
+      if case .failure(let e) = Sys.fsync(fd) { throw ToolkitError.path(path, "cannot make the file durable: \(e)") }
+      Sys.close(fd)
+      self.tempPath = nil
+      guard rename(tempPath, path) == 0 else {
+        let error = Errno.current
+        unlink(tempPath)
+        throw ToolkitError.path(path, "cannot replace the file: \(error)")
+      }
+      let (directory, _) = splitPath(path)
+      let dfd = Glibc.open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+      if dfd >= 0 {
+        _ = Sys.fsync(dfd)
+        Sys.close(dfd)
+      }
+    }
+    done = true
+  }
+
+  /// Drops an unfinished file output.
+  public func abandon() {
+    guard !done, let tempPath else { return }
+    Sys.close(fd)
+    unlink(tempPath)
+    self.tempPath = nil
+  }
+}

@@ -1,0 +1,237 @@
+// Merges a block stream into a target through an overwrite map.
+//
+// Invariants:
+// - Never older over newer: a block the map marks current is not written.
+// - Current means durable: blocks written by the merge are recorded in the
+//   map only after an fdatasync of the target, at checkpoints and at the end.
+// - Nothing before verification: each record's CRC (and, for LZ4, a decode
+//   to exactly the block's length) is checked before its block is written;
+//   the identity checks (sizes, time, base) happen before the first write.
+// - A damaged or truncated stream stops the merge; what was applied before is
+//   made durable and recorded, so a re-run with a good copy skips it.
+// - The map's last merged stream is set only when the END record and the
+//   stream digest have been verified.
+
+import CLZ4
+import CShim
+import Glibc
+
+public enum Merger {
+  public enum Mode: Sendable {
+    /// Write the target and update the map.
+    case merge
+    /// Read and verify everything, count what would happen, write nothing.
+    case dryRun
+    /// Verify the stream alone; there is no target.
+    case check
+  }
+
+  public struct Options: Sendable {
+    public var mode: Mode = .merge
+    /// Override the time and base checks (with a warning), never the sizes.
+    public var force = false
+    /// Nanoseconds a stream must have started after the map's tracking
+    /// start: the bound on clock skew between the two sites' clocks.
+    public var clockSkewAllowance: Int64 = 0
+    /// Make the merge durable and record it in the map at least this often.
+    public var checkpointBytes: UInt64 = 1 << 30
+    public var checkpointSeconds: Double = 5
+    public var progress = false
+    public init() {}
+  }
+
+  public struct Summary: Sendable {
+    public var header: StreamFormat.Header?
+    public var written: UInt64 = 0
+    public var skippedCurrent: UInt64 = 0
+    public var zero: UInt64 = 0
+    public var bytesWritten: UInt64 = 0
+    public var streamBytes: UInt64 = 0
+    public var complete = false
+    public var warnings: [String] = []
+    public var seconds: Double = 0
+  }
+
+  /// Merges the stream from `reader` into `target` (nil with `.check`),
+  /// through `map` saved at `mapPath` (both nil without a map).
+  public static func merge(
+    _ reader: StreamReader, into target: Device?, map: inout BlockMap?, mapPath: String?, options: Options,
+    warn: (String) -> Void
+  ) throws -> Summary {
+    let started = Instant.now()
+    var summary = Summary()
+    // The preamble and the header come first; check them before anything.
+    var header: StreamFormat.Header?
+    while header == nil {
+      guard let record = try reader.next() else {
+        throw ToolkitError("\(reader.name): the stream ended before its header")
+      }
+      if case .header(let h) = record { header = h }
+    }
+    guard let header else { throw ToolkitError("\(reader.name): no header") }
+    summary.header = header
+    try checkFits(header, reader: reader, target: target, map: map, options: options, summary: &summary, warn: warn)
+
+    let geometry = header.geometry
+    let blockSize = Int(geometry.blockSize)
+    let block = AlignedBuffer(count: blockSize)
+    let zeros = AlignedBuffer(count: min(blockSize * 16, 16 << 20))
+    zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+    var pending: [Range<UInt64>] = []
+    var pendingBytes: UInt64 = 0
+    var lastCheckpoint = Instant.now()
+    let writing = options.mode == .merge
+    let meter = ProgressMeter(label: "merge", total: geometry.deviceSize, enabled: options.progress)
+
+    func note(_ range: Range<UInt64>) {
+      if let last = pending.last, last.upperBound == range.lowerBound {
+        pending[pending.count - 1] = last.lowerBound..<range.upperBound
+      } else {
+        pending.append(range)
+      }
+    }
+
+    // Durable first, then recorded.
+    func checkpoint(final: Bool) throws {
+      guard writing, let target else { return }
+      try target.sync()
+      if var m = map, let mapPath {
+        for range in pending { m.bits.set(range) }
+        if final && summary.complete { m.lastMergedStream = header.streamID }
+        try MapFile.save(m, to: mapPath)
+        map = m
+      }
+      pending.removeAll(keepingCapacity: true)
+      pendingBytes = 0
+      lastCheckpoint = Instant.now()
+    }
+
+    func isCurrent(_ b: UInt64) -> Bool { map?.bits[b] ?? false }
+
+    do {
+      while let record = try reader.next() {
+        switch record {
+        case .preamble, .header, .skipped:
+          continue
+        case .data(let index, let length, let encoding, let payload):
+          // Verify the block before deciding anything about it.
+          var data = UnsafeRawPointer(payload.baseAddress!)
+          if encoding == .lz4 {
+            let n = LZ4_decompress_safe(
+              payload.baseAddress!.assumingMemoryBound(to: CChar.self), block.pointer.assumingMemoryBound(to: CChar.self),
+              Int32(payload.count), Int32(length))
+            guard n == Int32(length) else {
+              throw ToolkitError("\(reader.name): \(reader.position): block \(index) does not decompress to \(length) bytes; the record is damaged")
+            }
+            data = UnsafeRawPointer(block.pointer)
+          }
+          if isCurrent(index) {
+            summary.skippedCurrent += 1
+            continue
+          }
+          if writing, let target {
+            try target.write(UnsafeRawBufferPointer(start: data, count: length), at: geometry.offset(ofBlock: index))
+            note(index..<index + 1)
+          }
+          summary.written += 1
+          summary.bytesWritten += UInt64(length)
+          pendingBytes += UInt64(length)
+        case .zero(let first, let count):
+          var b = first
+          let end = first + count
+          while b < end {
+            if isCurrent(b) {
+              summary.skippedCurrent += 1
+              b += 1
+              continue
+            }
+            var runEnd = b + 1
+            while runEnd < end && !isCurrent(runEnd) { runEnd += 1 }
+            let (offset, length) = geometry.byteRange(blocks: b, count: runEnd - b)
+            if writing, let target {
+              try writeZeros(target, offset: offset, length: length, zeros: zeros)
+              note(b..<runEnd)
+            }
+            summary.zero += runEnd - b
+            summary.bytesWritten += length
+            pendingBytes += length
+            b = runEnd
+          }
+        case .end:
+          summary.complete = true
+        }
+        if pendingBytes >= options.checkpointBytes
+          || Double(Instant.now().nanosecondsSinceEpoch - lastCheckpoint.nanosecondsSinceEpoch) / 1e9
+            >= options.checkpointSeconds
+        {
+          try checkpoint(final: false)
+        }
+        meter.update(reader.bytesRead)
+      }
+    } catch {
+      // Keep what was applied: durable and recorded, so a re-run skips it.
+      do { try checkpoint(final: false) } catch let saveError {
+        throw ToolkitError("\(error); also, recording the blocks merged so far failed: \(saveError)")
+      }
+      throw error
+    }
+    try checkpoint(final: true)
+    meter.finish(reader.bytesRead)
+    summary.streamBytes = reader.bytesRead
+    summary.seconds = Double(Instant.now().nanosecondsSinceEpoch - started.nanosecondsSinceEpoch) / 1e9
+    return summary
+  }
+
+  /// Size, time and base checks, before anything is written.
+  static func checkFits(
+    _ header: StreamFormat.Header, reader: StreamReader, target: Device?, map: BlockMap?, options: Options,
+    summary: inout Summary, warn: (String) -> Void
+  ) throws {
+    if let target, target.size != header.geometry.deviceSize {
+      throw ToolkitError(
+        "\(reader.name) is a stream of a \(header.geometry.deviceSize)-byte device but \(target.path) has \(target.size) bytes")
+    }
+    guard let map else {
+      if header.isIncremental && options.mode != .check {
+        let message =
+          "\(reader.name) is an incremental stream on top of stream \(header.baseStreamID); without --map its base cannot be checked"
+        if !options.force { throw ToolkitError(message + " (--force merges it anyway)") }
+        warn("warning: " + message)
+      }
+      return
+    }
+    try map.geometry.check(matches: header.geometry, "the map", "the stream \(reader.name)")
+    let earliest = map.trackingStarted.nanosecondsSinceEpoch + options.clockSkewAllowance
+    if header.started.nanosecondsSinceEpoch < earliest {
+      let message =
+        "the stream started reading at \(header.started), before the map started tracking at \(map.trackingStarted)"
+        + (options.clockSkewAllowance > 0 ? " plus the allowed clock skew" : "")
+        + ", so it could bring back data older than writes the map never saw"
+      if !options.force { throw ToolkitError(message + " (--force merges it anyway)") }
+      warn("warning: " + message)
+    }
+    if header.isIncremental && header.baseStreamID != map.lastMergedStream {
+      let last = map.lastMergedStream.isNone ? "none" : map.lastMergedStream.description
+      let message =
+        "the stream applies on top of stream \(header.baseStreamID), but the last stream merged into this device is \(last)"
+      if !options.force { throw ToolkitError(message + " (--force merges it anyway)") }
+      warn("warning: " + message)
+    }
+  }
+
+  /// Zeros a byte range: a hole punched in an image file, BLKZEROOUT on a
+  /// block device, or written zeros where neither works.
+  static func writeZeros(_ target: Device, offset: UInt64, length: UInt64, zeros: AlignedBuffer) throws {
+    if target.isBlockDevice {
+      if dr_block_zero_out(target.fd, offset, length) == 0 { return }
+    } else if dr_punch_hole(target.fd, offset, length) == 0 {
+      return
+    }
+    var done: UInt64 = 0
+    while done < length {
+      let n = Int(min(UInt64(zeros.count), length - done))
+      try target.write(UnsafeRawBufferPointer(zeros.slice(0, n)), at: offset + done)
+      done += UInt64(n)
+    }
+  }
+}

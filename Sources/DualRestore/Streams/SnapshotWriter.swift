@@ -1,0 +1,241 @@
+// Writes a block stream of a source: the blocks of a selection (or all),
+// holes and zero blocks as ZERO runs, the rest as DATA records, LZ4-compressed
+// when that makes them smaller.
+//
+// Pipeline: a ChunkReader thread reads ahead; the blocks of each chunk are
+// classified and compressed on every core, each worker with its own LZ4
+// state and a fixed area of the output buffers; the calling thread then
+// frames the records in block order (sequence numbers, CRC-32C, the running
+// SHA-256) and writes them with writev straight from those buffers. Memory is
+// fixed by the chunk size; nothing is allocated per block.
+
+import CLZ4
+import CShim
+import Dispatch
+import Glibc
+
+public enum SnapshotWriter {
+  public struct Options: Sendable {
+    public var blockSize: UInt32
+    public var selection: BlockMap?
+    public var baseStreamID: ID128
+    public var compress: Bool
+    public var workers: Int
+    public var progress: Bool
+
+    public init(
+      blockSize: UInt32 = BlockGeometry.defaultBlockSize, selection: BlockMap? = nil, baseStreamID: ID128 = .none,
+      compress: Bool = true, workers: Int = BlockHasher.defaultWorkers, progress: Bool = false
+    ) {
+      self.blockSize = blockSize
+      self.selection = selection
+      self.baseStreamID = baseStreamID
+      self.compress = compress
+      self.workers = workers
+      self.progress = progress
+    }
+  }
+
+  public struct Summary: Sendable {
+    public var header: StreamFormat.Header
+    public var dataBlocks: UInt64 = 0
+    public var compressedBlocks: UInt64 = 0
+    public var zeroBlocks: UInt64 = 0
+    /// Bytes of the blocks carried (data and zero), uncompressed.
+    public var bytesIn: UInt64 = 0
+    /// Bytes of stream written.
+    public var bytesOut: UInt64 = 0
+    public var seconds: Double = 0
+  }
+
+  /// Per-block outcome of the parallel stage.
+  enum Kind: UInt8 {
+    case skipped = 0
+    case zero = 1
+    case raw = 2
+    case lz4 = 3
+  }
+
+  public static func write(_ source: BlockSource, to sink: OutputSink, options: Options) throws -> Summary {
+    let started = Instant.now()
+    let geometry = try BlockGeometry(blockSize: options.blockSize, deviceSize: source.size)
+    var coverage = StreamFormat.Coverage.all
+    var covered = geometry.blockCount
+    if let map = options.selection {
+      try map.geometry.check(matches: geometry, "the map", source.name)
+      coverage = .map(id: map.mapID)
+      covered = map.bits.population
+    }
+    let header = StreamFormat.Header(
+      geometry: geometry, baseStreamID: options.baseStreamID, started: started, coverage: coverage,
+      coveredBlocks: covered, compression: options.compress ? .lz4 : .none, sourceName: source.name)
+    var summary = Summary(header: header)
+
+    let digest = Digester(DigestAlgorithm.sha256)
+    var sequence: UInt64 = 0
+    func emit(_ bytes: [UInt8]) throws {
+      digest.update(bytes)
+      try sink.write(bytes)
+    }
+    try emit(StreamFormat.preamble())
+    try emit(StreamFormat.record(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
+    sequence += 1
+
+    let reader = ChunkReader(
+      source: source, geometry: geometry, chunkBytes: max(8 << 20, Int(geometry.blockSize)),
+      depth: geometry.blockSize >= 16 << 20 ? 2 : 3, selection: options.selection?.bits)
+    defer { reader.cancel() }
+    let perChunk = reader.blocksPerChunk
+    let blockSize = Int(geometry.blockSize)
+    let bound = Int(LZ4_compressBound(Int32(blockSize)))
+    let workers = max(1, min(options.workers, perChunk))
+    let compressed = AlignedBuffer(count: perChunk * max(bound, 1))
+    let kinds = UnsafeMutableBufferPointer<Kind>.allocate(capacity: perChunk)
+    let lengths = UnsafeMutableBufferPointer<Int32>.allocate(capacity: perChunk)
+    // Framing for each record: 16 header bytes + 16 DATA fields, and a CRC.
+    let frames = AlignedBuffer(count: (perChunk + 2) * 32)
+    let crcs = AlignedBuffer(count: (perChunk + 2) * 4)
+    let vectors = UnsafeMutableBufferPointer<iovec>.allocate(capacity: (perChunk + 2) * 3)
+    let states = (0..<workers).map { _ in AlignedBuffer(count: Int(LZ4_sizeofState()), alignment: 16) }
+    let zeros = AlignedBuffer(count: blockSize)
+    zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+    defer {
+      kinds.deallocate()
+      lengths.deallocate()
+      vectors.deallocate()
+    }
+
+    let meter = ProgressMeter(label: "snapshot", total: source.size, enabled: options.progress)
+    var zeroRunStart: UInt64 = 0
+    var zeroRunCount: UInt64 = 0
+    var dataBlocks: UInt64 = 0
+    var zeroBlocks: UInt64 = 0
+    var blockBytes: UInt64 = 0
+    var done: UInt64 = 0
+
+    // Appends a ZERO record for the pending run to the vectors.
+    func frameZeroRun(_ frameIndex: inout Int, _ vectorCount: inout Int) {
+      guard zeroRunCount > 0 else { return }
+      let frame = frames.pointer + frameIndex * 32
+      StreamFormat.storeRecordHeader(frame, type: .zero, bodyLength: 16, sequence: sequence)
+      (frame + 16).storeBytes(of: zeroRunStart.littleEndian, as: UInt64.self)
+      (frame + 24).storeBytes(of: zeroRunCount.littleEndian, as: UInt64.self)
+      let crcSlot = crcs.pointer + frameIndex * 4
+      crcSlot.storeBytes(of: dr_crc32c(0, frame, 32).littleEndian, as: UInt32.self)
+      vectors[vectorCount] = iovec(iov_base: frame, iov_len: 32)
+      vectors[vectorCount + 1] = iovec(iov_base: crcSlot, iov_len: 4)
+      vectorCount += 2
+      frameIndex += 1
+      sequence += 1
+      zeroBlocks += zeroRunCount
+      blockBytes += geometry.byteRange(blocks: zeroRunStart, count: zeroRunCount).length
+      zeroRunCount = 0
+    }
+
+    func flush(_ vectorCount: Int) throws {
+      guard vectorCount > 0 else { return }
+      for i in 0..<vectorCount {
+        digest.update(UnsafeRawBufferPointer(start: vectors[i].iov_base, count: vectors[i].iov_len))
+      }
+      try sink.write(vectors: UnsafeMutableBufferPointer(rebasing: vectors[0..<vectorCount]))
+    }
+
+    while let chunk = try reader.next() {
+      // Parallel stage: classify and compress.
+      let shared = Unchecked((chunk, kinds, lengths, compressed, states, zeros))
+      let compress = options.compress
+      let work: @Sendable (Int) -> Void = { w in
+        let (chunk, kinds, lengths, compressed, states, zeros) = shared.value
+        let from = chunk.blockCount * w / workers
+        let to = chunk.blockCount * (w + 1) / workers
+        for i in from..<to {
+          if chunk.isSkipped[i] {
+            kinds[i] = .skipped
+            continue
+          }
+          if chunk.isHole[i] {
+            kinds[i] = .zero
+            continue
+          }
+          let length = geometry.length(ofBlock: chunk.firstBlock + UInt64(i))
+          let src = chunk.bytes.baseAddress! + i * blockSize
+          if memcmp(src, zeros.pointer, length) == 0 {
+            kinds[i] = .zero
+            continue
+          }
+          kinds[i] = .raw
+          if compress {
+            let out = compressed.pointer + i * bound
+            let n = LZ4_compress_fast_extState(
+              states[w].pointer, src.assumingMemoryBound(to: CChar.self), out.assumingMemoryBound(to: CChar.self),
+              Int32(length), Int32(bound), 1)
+            if n > 0 && Int(n) < length {
+              kinds[i] = .lz4
+              lengths[i] = n
+            }
+          }
+        }
+      }
+      if workers == 1 { work(0) } else { DispatchQueue.concurrentPerform(iterations: workers, execute: work) }
+
+      // Serial stage: frame the records in block order and write them.
+      var frameIndex = 0
+      var vectorCount = 0
+      for i in 0..<chunk.blockCount {
+        let block = chunk.firstBlock + UInt64(i)
+        switch kinds[i] {
+        case .skipped:
+          frameZeroRun(&frameIndex, &vectorCount)
+        case .zero:
+          if zeroRunCount > 0 && zeroRunStart + zeroRunCount == block {
+            zeroRunCount += 1
+          } else {
+            frameZeroRun(&frameIndex, &vectorCount)
+            zeroRunStart = block
+            zeroRunCount = 1
+          }
+        case .raw, .lz4:
+          frameZeroRun(&frameIndex, &vectorCount)
+          let length = geometry.length(ofBlock: block)
+          let isLZ4 = kinds[i] == .lz4
+          let payload = isLZ4 ? UnsafeRawPointer(compressed.pointer + i * bound) : chunk.bytes.baseAddress! + i * blockSize
+          let payloadLength = isLZ4 ? Int(lengths[i]) : length
+          let frame = frames.pointer + frameIndex * 32
+          StreamFormat.storeRecordHeader(frame, type: .data, bodyLength: 16 + payloadLength, sequence: sequence)
+          StreamFormat.storeDataFields(frame + 16, block: block, length: length, encoding: isLZ4 ? .lz4 : .raw)
+          let crc = dr_crc32c(dr_crc32c(0, frame, 32), payload, payloadLength)
+          let crcSlot = crcs.pointer + frameIndex * 4
+          crcSlot.storeBytes(of: crc.littleEndian, as: UInt32.self)
+          vectors[vectorCount] = iovec(iov_base: frame, iov_len: 32)
+          vectors[vectorCount + 1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: payloadLength)
+          vectors[vectorCount + 2] = iovec(iov_base: crcSlot, iov_len: 4)
+          vectorCount += 3
+          frameIndex += 1
+          sequence += 1
+          dataBlocks += 1
+          if isLZ4 { summary.compressedBlocks += 1 }
+          blockBytes += UInt64(length)
+        }
+      }
+      try flush(vectorCount)
+      done += UInt64(chunk.length)
+      meter.update(done)
+    }
+    var frameIndex = 0
+    var vectorCount = 0
+    frameZeroRun(&frameIndex, &vectorCount)
+    try flush(vectorCount)
+
+    let end = StreamFormat.End(
+      dataBlocks: dataBlocks, zeroBlocks: zeroBlocks, bytes: blockBytes, records: sequence,
+      digest: digest.finish())
+    try sink.write(StreamFormat.record(.end, sequence: sequence, body: StreamFormat.endBody(end)))
+    meter.finish(done)
+    summary.dataBlocks = dataBlocks
+    summary.zeroBlocks = zeroBlocks
+    summary.bytesIn = blockBytes
+    summary.bytesOut = sink.bytesWritten
+    summary.seconds = Double(Instant.now().nanosecondsSinceEpoch - started.nanosecondsSinceEpoch) / 1e9
+    return summary
+  }
+}

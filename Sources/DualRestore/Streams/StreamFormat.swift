@@ -1,0 +1,257 @@
+// The block stream format, version 1 (documented in man/dualrestore-stream.5).
+// A stream carries blocks of a device from `snapshot` to `merge-snapshot`
+// through any pipe or on media. All integers are little-endian.
+//
+// Preamble, 16 bytes:
+//   0   8  magic: 44 52 53 54 52 0D 0A 1A ("DRSTR\r\n\x1a")
+//   8   2  format version: 1
+//   10  2  flags: 0 (a reader refuses flags it does not know)
+//   12  4  reserved, 0
+//
+// Then records, each framed the same way, so a reader can skip a record type
+// it does not know (unless its critical flag says it must not):
+//   0   2  type
+//   2   2  flags: bit 0 critical (a reader that does not know the type stops)
+//   4   4  body length L, at most 64 MiB + 4096; checked before any allocation
+//   8   8  sequence number: 0 for the header record, then 1, 2, 3, …
+//   16  L  body
+//   16+L 4 CRC-32C of the 16 header bytes and the body
+//
+// Record types and bodies:
+//   1 HEADER, first and once (L = 98 + N):
+//     0 4 block size; 4 4 reserved; 8 8 device size; 16 8 block count;
+//     24 16 stream id; 40 16 base stream id (zeros: a full stream);
+//     56 8 instant the stream started reading, ns since 1970-01-01T00:00:00Z;
+//     64 1 coverage: 0 every block, 1 the blocks of a map;
+//     65 1 compression: 0 none, 1 LZ4 (per record, when smaller);
+//     66 1 checksum: 1 CRC-32C; 67 5 reserved;
+//     72 16 id of the map that selected the blocks (zeros: none);
+//     88 8 blocks covered; 96 2 source name length N; 98 N source name, UTF-8
+//   2 DATA, one block (L = 16 + payload):
+//     0 8 block index; 8 4 block length (the block size, less for a partial
+//     last block); 12 1 encoding: 0 raw, 1 LZ4 block; 13 3 reserved;
+//     16 … payload: the block's bytes, or their LZ4 compression
+//   3 ZERO, a run of blocks that read as zeros (L = 16):
+//     0 8 first block; 8 8 block count
+//   4 END, last and once (L = 64):
+//     0 8 data blocks; 8 8 zero blocks; 16 8 bytes of blocks carried
+//     (uncompressed); 24 8 records before this one;
+//     32 32 SHA-256 of every stream byte before this record, preamble included
+//
+// Blocks appear in increasing order, each at most once. A stream without its
+// END record is incomplete and is never taken as whole.
+
+import CShim
+
+public enum StreamFormat {
+  public static let magic: [UInt8] = [0x44, 0x52, 0x53, 0x54, 0x52, 0x0D, 0x0A, 0x1A]
+  public static let version: UInt16 = 1
+  public static let preambleLength = 16
+  public static let recordHeaderLength = 16
+  public static let recordTrailerLength = 4
+  public static let recordOverhead = 20
+  /// The largest body a reader accepts: a 64 MiB raw block and its fields.
+  public static let maximumBodyLength = (64 << 20) + 4096
+  static let maximumNameLength = 4096
+  static let headerFixedLength = 98
+  static let dataFixedLength = 16
+  static let zeroBodyLength = 16
+  static let endBodyLength = 64
+
+  public enum RecordType: UInt16, Sendable {
+    case header = 1
+    case data = 2
+    case zero = 3
+    case end = 4
+  }
+
+  public static let criticalFlag: UInt16 = 1
+
+  public enum Compression: UInt8, Sendable, CustomStringConvertible {
+    case none = 0
+    case lz4 = 1
+    public var description: String { self == .none ? "none" : "lz4" }
+  }
+
+  public enum Coverage: Equatable, Sendable {
+    case all
+    /// The blocks set in the map with this id.
+    case map(id: ID128)
+  }
+
+  public struct Header: Equatable, Sendable {
+    public var geometry: BlockGeometry
+    public var streamID: ID128
+    public var baseStreamID: ID128
+    public var started: Instant
+    public var coverage: Coverage
+    public var coveredBlocks: UInt64
+    public var compression: Compression
+    public var sourceName: String
+
+    public init(
+      geometry: BlockGeometry, streamID: ID128 = .random(), baseStreamID: ID128 = .none,
+      started: Instant = .now(), coverage: Coverage = .all, coveredBlocks: UInt64? = nil,
+      compression: Compression = .lz4, sourceName: String
+    ) {
+      self.geometry = geometry
+      self.streamID = streamID
+      self.baseStreamID = baseStreamID
+      self.started = started
+      self.coverage = coverage
+      self.coveredBlocks = coveredBlocks ?? geometry.blockCount
+      self.compression = compression
+      self.sourceName = sourceName
+    }
+
+    public var isIncremental: Bool { !baseStreamID.isNone }
+  }
+
+  public struct End: Equatable, Sendable {
+    public var dataBlocks: UInt64
+    public var zeroBlocks: UInt64
+    public var bytes: UInt64
+    public var records: UInt64
+    public var digest: [UInt8]
+  }
+
+  public enum DataEncoding: UInt8, Sendable {
+    case raw = 0
+    case lz4 = 1
+  }
+
+  // MARK: Writing
+
+  public static func preamble() -> [UInt8] {
+    var w = ByteWriter()
+    w.raw(magic)
+    w.u16(version)
+    w.u16(0)
+    w.u32(0)
+    return w.bytes
+  }
+
+  /// The 16 framing bytes of a record.
+  @inline(__always)
+  public static func storeRecordHeader(
+    _ out: UnsafeMutableRawPointer, type: RecordType, bodyLength: Int, sequence: UInt64
+  ) {
+    out.storeBytes(of: type.rawValue.littleEndian, toByteOffset: 0, as: UInt16.self)
+    out.storeBytes(of: criticalFlag.littleEndian, toByteOffset: 2, as: UInt16.self)
+    out.storeBytes(of: UInt32(bodyLength).littleEndian, toByteOffset: 4, as: UInt32.self)
+    out.storeBytes(of: sequence.littleEndian, toByteOffset: 8, as: UInt64.self)
+  }
+
+  /// The fixed 16 bytes that start a DATA body.
+  @inline(__always)
+  public static func storeDataFields(
+    _ out: UnsafeMutableRawPointer, block: UInt64, length: Int, encoding: DataEncoding
+  ) {
+    out.storeBytes(of: block.littleEndian, toByteOffset: 0, as: UInt64.self)
+    out.storeBytes(of: UInt32(length).littleEndian, toByteOffset: 8, as: UInt32.self)
+    out.storeBytes(of: UInt32(encoding.rawValue).littleEndian, toByteOffset: 12, as: UInt32.self)
+  }
+
+  public static func headerBody(_ h: Header) -> [UInt8] {
+    var w = ByteWriter()
+    w.u32(h.geometry.blockSize)
+    w.u32(0)
+    w.u64(h.geometry.deviceSize)
+    w.u64(h.geometry.blockCount)
+    w.id(h.streamID)
+    w.id(h.baseStreamID)
+    w.i64(h.started.nanosecondsSinceEpoch)
+    switch h.coverage {
+    case .all: w.u8(0)
+    case .map: w.u8(1)
+    }
+    w.u8(h.compression.rawValue)
+    w.u8(1)
+    w.zeros(5)
+    if case .map(let id) = h.coverage { w.id(id) } else { w.id(.none) }
+    w.u64(h.coveredBlocks)
+    w.string16(h.sourceName, limit: maximumNameLength)
+    return w.bytes
+  }
+
+  public static func zeroBody(first: UInt64, count: UInt64) -> [UInt8] {
+    var w = ByteWriter()
+    w.u64(first)
+    w.u64(count)
+    return w.bytes
+  }
+
+  public static func endBody(_ e: End) -> [UInt8] {
+    var w = ByteWriter()
+    w.u64(e.dataBlocks)
+    w.u64(e.zeroBlocks)
+    w.u64(e.bytes)
+    w.u64(e.records)
+    w.raw(e.digest)
+    return w.bytes
+  }
+
+  /// A whole record (framing, body, checksum) from a body held in memory.
+  public static func record(_ type: RecordType, sequence: UInt64, body: [UInt8]) -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: recordHeaderLength + body.count + recordTrailerLength)
+    out.withUnsafeMutableBytes { raw in
+      guard let base = raw.baseAddress else { return }
+      storeRecordHeader(base, type: type, bodyLength: body.count, sequence: sequence)
+      body.withUnsafeBytes { b in
+        if let bb = b.baseAddress { (base + recordHeaderLength).copyMemory(from: bb, byteCount: b.count) }
+      }
+      let crc = dr_crc32c(0, base, recordHeaderLength + body.count)
+      (base + recordHeaderLength + body.count).storeBytes(of: crc.littleEndian, as: UInt32.self)
+    }
+    return out
+  }
+
+  // MARK: Reading bodies
+
+  static func decodeHeader(_ body: UnsafeRawBufferPointer, at where_: String) throws -> Header {
+    func fail(_ why: String) -> ToolkitError { ToolkitError("\(where_): \(why)") }
+    guard body.count >= headerFixedLength else { throw fail("header record is too short") }
+    var r = ByteReader(ArraySlice(body))
+    guard let blockSize = r.u32(), let _ = r.u32(), let deviceSize = r.u64(), let blockCount = r.u64(),
+      let streamID = r.id(), let base = r.id(), let started = r.i64(), let coverageRaw = r.u8(),
+      let compressionRaw = r.u8(), let checksumRaw = r.u8(), let _ = r.take(5), let mapID = r.id(),
+      let covered = r.u64(), let nameLength = r.u16()
+    else { throw fail("header record is too short") }
+    let geometry: BlockGeometry
+    do { geometry = try BlockGeometry(blockSize: blockSize, deviceSize: deviceSize) } catch {
+      throw fail("\(error)")
+    }
+    guard geometry.blockCount == blockCount else {
+      throw fail("block count \(blockCount) does not fit \(deviceSize) bytes in blocks of \(blockSize)")
+    }
+    guard streamID != .none else { throw fail("the stream has no id") }
+    let coverage: Coverage
+    switch coverageRaw {
+    case 0: coverage = .all
+    case 1: coverage = .map(id: mapID)
+    default: throw fail("unknown coverage \(coverageRaw)")
+    }
+    guard covered <= blockCount else { throw fail("covers \(covered) of \(blockCount) blocks") }
+    guard let compression = Compression(rawValue: compressionRaw) else {
+      throw fail("unknown compression \(compressionRaw)")
+    }
+    guard checksumRaw == 1 else { throw fail("unknown checksum algorithm \(checksumRaw)") }
+    guard Int(nameLength) <= maximumNameLength, headerFixedLength + Int(nameLength) <= body.count,
+      let name = r.take(Int(nameLength))
+    else { throw fail("source name length \(nameLength) is out of range") }
+    return Header(
+      geometry: geometry, streamID: streamID, baseStreamID: base,
+      started: Instant(nanosecondsSinceEpoch: started), coverage: coverage, coveredBlocks: covered,
+      compression: compression, sourceName: String(decoding: name, as: UTF8.self))
+  }
+
+  static func decodeEnd(_ body: UnsafeRawBufferPointer) -> End? {
+    guard body.count == endBodyLength else { return nil }
+    return End(
+      dataBlocks: body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian,
+      zeroBlocks: body.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian,
+      bytes: body.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian,
+      records: body.loadUnaligned(fromByteOffset: 24, as: UInt64.self).littleEndian,
+      digest: Array(body[32..<64]))
+  }
+}

@@ -1,0 +1,182 @@
+// A pure, incremental parser of the block stream framing. `next(_:)` looks at
+// the bytes the caller has (any amount, down to one byte at a time) and
+// returns either nil ("need more bytes") or one verified record and how many
+// bytes it used. It allocates nothing: a record's body points into the
+// caller's bytes. Semantic checks (block order, sizes against the header)
+// are the parser's too, so every consumer gets them.
+//
+// Every record is checked before it is returned: framing, a body length
+// within bounds (before anything is allocated), its CRC-32C, its sequence
+// number, its place (HEADER first, END last, nothing after END), and for
+// known types the body's size and fields.
+
+import CShim
+
+public struct StreamParser {
+  public enum Record {
+    /// The 16-byte preamble (magic and version), checked.
+    case preamble
+    case header(StreamFormat.Header)
+    /// A block; `payload` is raw or LZ4 as `encoding` says.
+    case data(block: UInt64, length: Int, encoding: StreamFormat.DataEncoding, payload: UnsafeRawBufferPointer)
+    case zero(first: UInt64, count: UInt64)
+    case end(StreamFormat.End)
+    /// A record of a type this version does not know and may skip.
+    case skipped(type: UInt16)
+  }
+
+  /// Where the next record starts in the stream.
+  public private(set) var offset: UInt64 = 0
+  /// Sequence number of the next record.
+  public private(set) var sequence: UInt64 = 0
+  public private(set) var header: StreamFormat.Header?
+  public private(set) var sawEnd = false
+  /// The next block a DATA or ZERO record may name (blocks only increase).
+  private var nextBlock: UInt64 = 0
+  private var sawPreamble = false
+  /// Counts kept to check the END record against.
+  public private(set) var dataBlocks: UInt64 = 0
+  public private(set) var zeroBlocks: UInt64 = 0
+  public private(set) var blockBytes: UInt64 = 0
+
+  public init() {}
+
+  /// "record 12 at byte 65572", for messages.
+  public var position: String { "record \(sequence) at byte \(offset)" }
+
+  /// Parses the next record from `bytes`. Returns nil when more bytes are needed.
+  public mutating func next(_ bytes: UnsafeRawBufferPointer) throws -> (record: Record, consumed: Int)? {
+    if !sawPreamble {
+      let have = min(bytes.count, StreamFormat.magic.count)
+      for i in 0..<have where bytes[i] != StreamFormat.magic[i] {
+        throw ToolkitError("not a dualrestore block stream (bad magic)")
+      }
+      guard bytes.count >= StreamFormat.preambleLength else { return nil }
+      let version = bytes.loadUnaligned(fromByteOffset: 8, as: UInt16.self).littleEndian
+      guard version == StreamFormat.version else {
+        throw ToolkitError("stream format version \(version) is not supported (this build reads version \(StreamFormat.version))")
+      }
+      let flags = bytes.loadUnaligned(fromByteOffset: 10, as: UInt16.self).littleEndian
+      guard flags == 0 else { throw ToolkitError("stream uses flags 0x\(String(flags, radix: 16)) this build does not know") }
+      sawPreamble = true
+      offset = UInt64(StreamFormat.preambleLength)
+      return (.preamble, StreamFormat.preambleLength)
+    }
+    let rest = bytes
+    if sawEnd {
+      if rest.isEmpty { return nil }
+      throw fail("unexpected data after the END record")
+    }
+    guard rest.count >= StreamFormat.recordHeaderLength else { return nil }
+    let type = rest.loadUnaligned(fromByteOffset: 0, as: UInt16.self).littleEndian
+    let flags = rest.loadUnaligned(fromByteOffset: 2, as: UInt16.self).littleEndian
+    let length = Int(rest.loadUnaligned(fromByteOffset: 4, as: UInt32.self).littleEndian)
+    let seq = rest.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
+    guard length <= StreamFormat.maximumBodyLength else {
+      throw fail("body length \(length) exceeds the limit of \(StreamFormat.maximumBodyLength) bytes")
+    }
+    let total = StreamFormat.recordHeaderLength + length + StreamFormat.recordTrailerLength
+    guard rest.count >= total else { return nil }
+    guard let base = rest.baseAddress else { return nil }
+    let stored = rest.loadUnaligned(fromByteOffset: StreamFormat.recordHeaderLength + length, as: UInt32.self).littleEndian
+    guard dr_crc32c(0, base, StreamFormat.recordHeaderLength + length) == stored else {
+      throw fail("checksum mismatch: the record is damaged")
+    }
+    guard seq == sequence else { throw fail("sequence number \(seq) where \(sequence) was expected (a record is missing or out of order)") }
+    let body = UnsafeRawBufferPointer(start: base + StreamFormat.recordHeaderLength, count: length)
+
+    let record: Record
+    switch StreamFormat.RecordType(rawValue: type) {
+    case .header:
+      guard header == nil else { throw fail("a second HEADER record") }
+      record = .header(try StreamFormat.decodeHeader(body, at: position))
+      if case .header(let h) = record { header = h }
+    case .data:
+      let h = try requireHeader()
+      guard length >= StreamFormat.dataFixedLength else { throw fail("DATA record is too short") }
+      let block = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
+      let blockLength = Int(body.loadUnaligned(fromByteOffset: 8, as: UInt32.self).littleEndian)
+      let encodingRaw = body.loadUnaligned(fromByteOffset: 12, as: UInt32.self).littleEndian
+      guard block < h.geometry.blockCount else {
+        throw fail("block \(block) is past the last block \(h.geometry.blockCount - 1)")
+      }
+      guard block >= nextBlock else { throw fail("block \(block) is out of order or repeated") }
+      guard blockLength == h.geometry.length(ofBlock: block) else {
+        throw fail("block \(block) has length \(blockLength), not \(h.geometry.length(ofBlock: block))")
+      }
+      guard encodingRaw <= 1, let encoding = StreamFormat.DataEncoding(rawValue: UInt8(encodingRaw)) else {
+        throw fail("unknown block encoding \(encodingRaw)")
+      }
+      let payloadLength = length - StreamFormat.dataFixedLength
+      switch encoding {
+      case .raw:
+        guard payloadLength == blockLength else { throw fail("raw block \(block) has \(payloadLength) bytes, not \(blockLength)") }
+      case .lz4:
+        guard h.compression == .lz4, payloadLength > 0, payloadLength < blockLength else {
+          throw fail("LZ4 payload of \(payloadLength) bytes for block \(block) is out of range")
+        }
+      }
+      record = .data(
+        block: block, length: blockLength, encoding: encoding,
+        payload: UnsafeRawBufferPointer(rebasing: body[StreamFormat.dataFixedLength...]))
+      nextBlock = block + 1
+      dataBlocks += 1
+      blockBytes += UInt64(blockLength)
+    case .zero:
+      let h = try requireHeader()
+      guard length == StreamFormat.zeroBodyLength else { throw fail("ZERO record has \(length) bytes, not 16") }
+      let first = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
+      let count = body.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
+      guard count > 0, first < h.geometry.blockCount, count <= h.geometry.blockCount - first else {
+        throw fail("zero run of \(count) blocks from block \(first) is out of range")
+      }
+      guard first >= nextBlock else { throw fail("block \(first) is out of order or repeated") }
+      record = .zero(first: first, count: count)
+      nextBlock = first + count
+      zeroBlocks += count
+      let (_, bytes) = h.geometry.byteRange(blocks: first, count: count)
+      blockBytes += bytes
+    case .end:
+      _ = try requireHeader()
+      guard let end = StreamFormat.decodeEnd(body) else { throw fail("END record has \(length) bytes, not 64") }
+      guard end.dataBlocks == dataBlocks, end.zeroBlocks == zeroBlocks, end.bytes == blockBytes,
+        end.records == sequence
+      else {
+        throw fail(
+          "END record counts \(end.dataBlocks) data and \(end.zeroBlocks) zero blocks in \(end.records) records, "
+            + "but the stream had \(dataBlocks) and \(zeroBlocks) in \(sequence)")
+      }
+      record = .end(end)
+      sawEnd = true
+    case nil:
+      _ = try requireHeader()
+      guard flags & StreamFormat.criticalFlag == 0 else {
+        throw fail("record type \(type) is not known to this version and is marked critical")
+      }
+      record = .skipped(type: type)
+    }
+    sequence += 1
+    offset += UInt64(total)
+    return (record, total)
+  }
+
+  /// At end of input: throws unless the stream ended with its END record.
+  public func finish(leftover: Int) throws {
+    if !sawPreamble {
+      throw ToolkitError(offset == 0 && leftover == 0 ? "empty input, not a block stream" : "truncated stream: the preamble is incomplete")
+    }
+    if !sawEnd {
+      if leftover > 0 {
+        throw fail("truncated stream: the record is incomplete (\(leftover) bytes); the stream has no END record")
+      }
+      throw fail("truncated stream: no END record; the stream is incomplete")
+    }
+  }
+
+  private func requireHeader() throws -> StreamFormat.Header {
+    guard let header else { throw fail("the first record is not a HEADER") }
+    return header
+  }
+
+  private func fail(_ why: String) -> ToolkitError { ToolkitError("\(position): \(why)") }
+}

@@ -1,0 +1,91 @@
+// Reads a block stream from a descriptor (a pipe, a file, standard input)
+// through the pure parser, keeping the running SHA-256 the END record is
+// checked against. Records point into the reader's buffer and stay valid
+// until the next call.
+
+import Glibc
+
+public final class StreamReader {
+  public let name: String
+  private let fd: Int32
+  private var buffer: UnsafeMutableRawPointer
+  private var capacity: Int
+  private var start = 0
+  private var end = 0
+  private var eof = false
+  private var parser = StreamParser()
+  private let digest = Digester(DigestAlgorithm.sha256)
+  /// Bytes of stream consumed so far.
+  public private(set) var bytesRead: UInt64 = 0
+
+  /// Reads from `fd`; `name` is how messages refer to the stream.
+  public init(fd: Int32, name: String, bufferSize: Int = 4 << 20) {
+    self.fd = fd
+    self.name = name
+    capacity = bufferSize
+    buffer = .allocate(byteCount: bufferSize, alignment: 4096)
+  }
+
+  deinit { buffer.deallocate() }
+
+  public var header: StreamFormat.Header? { parser.header }
+  public var position: String { parser.position }
+
+  /// The next record, or nil after a complete stream (END verified, then end of input).
+  public func next() throws -> StreamParser.Record? {
+    while true {
+      let available = UnsafeRawBufferPointer(start: buffer + start, count: end - start)
+      let parsed: (record: StreamParser.Record, consumed: Int)?
+      do {
+        parsed = try parser.next(available)
+      } catch let error as ToolkitError {
+        throw ToolkitError("\(name): \(error.message)")
+      }
+      if let (record, consumed) = parsed {
+        if case .end(let e) = record {
+          if digest.finish() != e.digest {
+            throw ToolkitError("\(name): \(parser.position): the stream digest does not match; the stream is damaged")
+          }
+        } else {
+          digest.update(UnsafeRawBufferPointer(start: buffer + start, count: consumed))
+        }
+        start += consumed
+        bytesRead += UInt64(consumed)
+        return record
+      }
+      if eof {
+        do {
+          try parser.finish(leftover: end - start)
+        } catch let error as ToolkitError {
+          throw ToolkitError("\(name): \(error.message)")
+        }
+        return nil
+      }
+      try fill()
+    }
+  }
+
+  /// Reads more input, moving unread bytes to the front and growing the
+  /// buffer when one record needs more room (records are bounded).
+  private func fill() throws {
+    if start > 0 {
+      let live = end - start
+      if live > 0 { buffer.copyMemory(from: buffer + start, byteCount: live) }
+      start = 0
+      end = live
+    }
+    if end == capacity {
+      let bigger = capacity * 2
+      let grown = UnsafeMutableRawPointer.allocate(byteCount: bigger, alignment: 4096)
+      grown.copyMemory(from: buffer, byteCount: end)
+      buffer.deallocate()
+      buffer = grown
+      capacity = bigger
+    }
+    switch Sys.read(fd, buffer + end, capacity - end) {
+    case .success(0): eof = true
+    case .success(let n): end += n
+    case .failure(let e): throw ToolkitError("\(name): \(e)")
+    }
+  }
+}

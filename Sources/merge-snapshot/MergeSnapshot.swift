@@ -1,0 +1,166 @@
+import ArgumentParser
+import DualRestore
+import Glibc
+import ToolSupport
+
+@main
+struct MergeSnapshot: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "merge-snapshot",
+    abstract: "Merge a block stream into a target through an overwrite map.",
+    usage: """
+      merge-snapshot [--map MAP] [-i STREAM] [options] TARGET
+      merge-snapshot --check [-i STREAM]
+      """,
+    discussion: """
+      Reads a stream made by snapshot (dualrestore-stream(5)) from standard \
+      input, or from -i STREAM, and writes its blocks to TARGET, an image \
+      file or a block device of the stream's size. With --map, a block the \
+      map marks current is never overwritten: it holds data newer than the \
+      stream's. Every block written is then marked current; the target is \
+      made durable (fdatasync) before the map records it, at checkpoints and \
+      at the end, and a complete stream is recorded as the map's last merged \
+      stream.
+
+      Every record is verified before its block is written. A damaged or \
+      truncated stream stops the merge with one sentence naming the record \
+      and its byte offset; what came before it stays applied and recorded, so \
+      merging a good copy of the stream afterwards finishes the job without \
+      writing again what is already current.
+
+      Refused before anything is written: a stream whose block size or device \
+      size does not fit TARGET or the map; a stream that started reading \
+      before the map started tracking (it could bring back data older than \
+      writes the map never saw); an incremental stream whose base is not the \
+      map's last merged stream. --force overrides the time and base checks, \
+      with a warning; never the size checks.
+
+      The two instants come from different clocks: the stream's from the \
+      machine that read the source, the map's from the machine that tracks \
+      the target. Keep both synchronised (NTP), and give --clock-skew the \
+      bound of their difference: a stream must then have started at least \
+      that long after tracking started.
+
+      Exit status: 0 merged (or verified), 1 refused or stopped.
+      """)
+
+  @Option(help: ArgumentHelp("The overwrite map of TARGET: its current blocks are not overwritten.", valueName: "map"))
+  var map: String?
+
+  @Option(name: .shortAndLong, help: ArgumentHelp("Read the stream from this file instead of standard input.", valueName: "stream"))
+  var input: String?
+
+  @Flag(help: "Verify the stream alone (CRCs, decompression, END record, digest); no target.")
+  var check = false
+
+  @Flag(help: "Read and verify everything and report what would be written and skipped; write nothing.")
+  var dryRun = false
+
+  @Flag(help: "Merge even when the time or base check fails (with a warning).")
+  var force = false
+
+  @Option(help: ArgumentHelp("Bound on the clock difference between the two sites, in seconds.", valueName: "seconds"))
+  var clockSkew: Double = 0
+
+  @Flag(help: "Show progress on standard error (default when it is a terminal).")
+  var progress = false
+
+  @Flag(help: "Print the summary as one JSON object on standard output.")
+  var json = false
+
+  @Flag(name: .shortAndLong, help: "Print nothing on standard error but errors and warnings.")
+  var quiet = false
+
+  @Argument(help: ArgumentHelp("The image file or block device to write.", valueName: "target"))
+  var target: String?
+
+  func validate() throws {
+    if check {
+      if target != nil { throw ValidationError("--check verifies a stream alone; drop TARGET") }
+      if map != nil { throw ValidationError("--check verifies a stream alone; drop --map") }
+      if dryRun { throw ValidationError("give one of --check and --dry-run") }
+    } else if target == nil {
+      throw ValidationError("give the TARGET to merge into, or --check to verify a stream alone")
+    }
+    if clockSkew < 0 || clockSkew > 86400 * 365 { throw ValidationError("--clock-skew \(clockSkew) is out of range") }
+    if map == "-" && input == nil { throw ValidationError("the map and the stream cannot both come from standard input") }
+    if map == "-" { throw ValidationError("the map is updated in place; give it as a file") }
+  }
+
+  func run() throws {
+    let fd: Int32
+    let name: String
+    if let input, input != "-" {
+      let d = Glibc.open(input, O_RDONLY | O_CLOEXEC)
+      guard d >= 0 else { throw ToolkitError.path(input, String(cString: strerror(errno))) }
+      fd = d
+      name = input
+    } else {
+      if isatty(0) == 1 { throw ToolkitError("refusing to read a binary stream from a terminal; pipe it in or use -i FILE") }
+      fd = 0
+      name = "standard input"
+    }
+    defer { if fd != 0 { close(fd) } }
+
+    var loaded: BlockMap? = nil
+    if let map { loaded = try MapFile.load(map) }
+    let device: Device?
+    if let target {
+      device = try Device(path: target, options: DeviceOpenOptions(writable: !dryRun))
+      if let m = loaded, m.geometry.deviceSize != device?.size {
+        throw ToolkitError("\(map ?? "") describes \(m.geometry.deviceSize) bytes but \(target) has \(device?.size ?? 0) bytes")
+      }
+    } else {
+      device = nil
+    }
+
+    var options = Merger.Options()
+    options.mode = check ? .check : (dryRun ? .dryRun : .merge)
+    options.force = force
+    options.clockSkewAllowance = Int64(clockSkew * 1e9)
+    options.progress = !quiet && (progress || ProgressMeter.stderrIsTerminal)
+    let reader = StreamReader(fd: fd, name: name)
+    let s = try Merger.merge(
+      reader, into: device, map: &loaded, mapPath: map, options: options, warn: { printError("merge-snapshot: \($0)") })
+    try report(s)
+  }
+
+  func report(_ s: Merger.Summary) throws {
+    let verb = check ? "verified" : (dryRun ? "would write" : "wrote")
+    if json {
+      var o = JSONObject()
+      o.add("mode", check ? "check" : (dryRun ? "dry-run" : "merge"))
+      o.add("stream_id", s.header?.streamID.description)
+      o.add("base_stream_id", (s.header?.isIncremental ?? false) ? s.header?.baseStreamID.description : nil)
+      o.add("started", s.header?.started.description)
+      o.add("source", s.header?.sourceName)
+      o.add("block_size", UInt64(s.header?.geometry.blockSize ?? 0))
+      o.add("device_size", s.header?.geometry.deviceSize ?? 0)
+      o.add("written_blocks", s.written)
+      o.add("zero_blocks", s.zero)
+      o.add("skipped_current_blocks", s.skippedCurrent)
+      o.add("bytes_written", s.bytesWritten)
+      o.add("stream_bytes", s.streamBytes)
+      o.add("complete", s.complete)
+      o.add("seconds", number: formatFixed(s.seconds, digits: 3))
+      let out = TextOutput()
+      try out.line(o.render())
+      try out.flush()
+      return
+    }
+    if quiet { return }
+    let id = s.header.map { "\($0.streamID)" } ?? "?"
+    if check {
+      printError(
+        "merge-snapshot: stream \(id) verified: \(s.written) data and \(s.zero) zero blocks, "
+          + "\(formatBytes(s.bytesWritten)) of blocks in \(formatBytes(s.streamBytes)) of stream, complete")
+      return
+    }
+    printError(
+      "merge-snapshot: stream \(id): \(verb) \(s.written) blocks and \(s.zero) zero blocks "
+        + "(\(formatBytes(s.bytesWritten))), skipped \(s.skippedCurrent) current blocks, "
+        + "\(formatFixed(s.seconds, digits: 2)) s")
+  }
+
+  static func main() { ToolMain.run(Self.self) }
+}

@@ -1,0 +1,134 @@
+import ArgumentParser
+import DualRestore
+import ToolSupport
+
+@main
+struct Snapshot: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "snapshot",
+    abstract: "Write a block stream of a source, for media or a pipe.",
+    discussion: """
+      SOURCE is an image file or a block device. The stream \
+      (dualrestore-stream(5)) goes to standard output, never to a terminal, \
+      or to -o FILE, which appears only when complete. Blocks that read as \
+      zeros (holes of image files are not even read) become ZERO records; \
+      other blocks are LZ4-compressed when that makes them smaller. Every \
+      record has a CRC-32C and the END record a SHA-256 of the whole stream.
+
+      With --map (a file, or - for standard input), only the blocks set in \
+      the map are carried: bitmap-diff A B | snapshot --map - A | \
+      merge-snapshot B sends only the blocks that differ. The map's block \
+      size and device size must match SOURCE.
+
+      For a consistent copy, SOURCE should not change while it is read: \
+      snapshot a frozen view (an LVM or file system snapshot, a quiesced \
+      device). A summary goes to standard error at the end.
+      """)
+
+  @Option(help: ArgumentHelp("Carry only the blocks set in this map (- for standard input).", valueName: "map"))
+  var map: String?
+
+  @OptionGroup var blockSize: BlockSizeOption
+
+  @Option(name: .shortAndLong, help: ArgumentHelp("Write the stream to this file instead of standard output.", valueName: "file"))
+  var output: String?
+
+  @Option(help: ArgumentHelp("Mark the stream incremental on top of this stream id (32 hex digits).", valueName: "id"))
+  var base: String?
+
+  @Flag(help: "Store every block raw, without LZ4.")
+  var noCompress = false
+
+  @Option(help: ArgumentHelp("Threads that compress blocks (default: one per core).", valueName: "n"))
+  var threads: Int?
+
+  @Flag(help: "Read with O_DIRECT, past the page cache.")
+  var direct = false
+
+  @Flag(help: "Show progress on standard error (default when it is a terminal).")
+  var progress = false
+
+  @Flag(help: "Print the summary as one JSON object (on standard error when the stream is on standard output).")
+  var json = false
+
+  @Flag(name: .shortAndLong, help: "Print nothing on standard error but errors.")
+  var quiet = false
+
+  @Argument(help: ArgumentHelp("The image file or block device to read.", valueName: "source"))
+  var source: String
+
+  func validate() throws {
+    if let threads, threads < 1 || threads > 256 {
+      throw ValidationError("--threads \(threads) is out of range (1 to 256)")
+    }
+    if let base, ID128(hex: base) == nil || ID128(hex: base) == ID128.none {
+      throw ValidationError("--base takes a stream id of 32 hex digits, not '\(base)'")
+    }
+  }
+
+  func run() throws {
+    let target = OutputTarget(output)
+    try target.refuseTerminal(for: "stream")
+    var selection: BlockMap?
+    var size = blockSize.value
+    if let map {
+      let m = try MapFile.load(map)
+      if let given = blockSize.blockSize, given.value != UInt64(m.geometry.blockSize) {
+        throw ToolkitError("the map has block size \(m.geometry.blockSize), not \(given.value)")
+      }
+      size = m.geometry.blockSize
+      selection = m
+    }
+    let device = try Device(path: source, options: DeviceOpenOptions(direct: direct))
+    if let m = selection, m.geometry.deviceSize != device.size {
+      throw ToolkitError(
+        "\(map == "-" ? "the map on standard input" : map ?? "") describes \(m.geometry.deviceSize) bytes but \(source) has \(device.size) bytes")
+    }
+    let sink = try OutputSink(target, what: "stream")
+    let options = SnapshotWriter.Options(
+      blockSize: size, selection: selection, baseStreamID: base.flatMap(ID128.init(hex:)) ?? .none,
+      compress: !noCompress, workers: threads ?? BlockHasher.defaultWorkers,
+      progress: !quiet && (progress || ProgressMeter.stderrIsTerminal))
+    let s = try SnapshotWriter.write(device, to: sink, options: options)
+    try sink.finish()
+    report(s, onStdout: output != nil)
+  }
+
+  func report(_ s: SnapshotWriter.Summary, onStdout: Bool) {
+    if json {
+      var o = JSONObject()
+      o.add("stream_id", s.header.streamID.description)
+      o.add("base_stream_id", s.header.isIncremental ? s.header.baseStreamID.description : nil)
+      o.add("started", s.header.started.description)
+      o.add("source", s.header.sourceName)
+      o.add("block_size", UInt64(s.header.geometry.blockSize))
+      o.add("device_size", s.header.geometry.deviceSize)
+      o.add("covered_blocks", s.header.coveredBlocks)
+      o.add("data_blocks", s.dataBlocks)
+      o.add("compressed_blocks", s.compressedBlocks)
+      o.add("zero_blocks", s.zeroBlocks)
+      o.add("bytes_in", s.bytesIn)
+      o.add("bytes_out", s.bytesOut)
+      o.add("seconds", number: formatFixed(s.seconds, digits: 3))
+      if onStdout {
+        let out = TextOutput()
+        try? out.line(o.render())
+        try? out.flush()
+      } else {
+        printError(o.render())
+      }
+      return
+    }
+    if quiet { return }
+    let ratio = s.bytesIn == 0 ? 0 : Double(s.bytesOut) / Double(s.bytesIn)
+    let rate = s.seconds > 0 ? Double(s.bytesIn) / s.seconds : 0
+    printError(
+      "snapshot: stream \(s.header.streamID): \(s.dataBlocks + s.zeroBlocks) blocks "
+        + "(\(s.dataBlocks) data, \(s.compressedBlocks) compressed, \(s.zeroBlocks) zero), "
+        + "\(formatBytes(s.bytesIn)) in, \(formatBytes(s.bytesOut)) out "
+        + "(\(formatFixed(ratio * 100, digits: 1))%), \(formatFixed(s.seconds, digits: 2)) s, "
+        + "\(formatBytes(UInt64(rate)))/s")
+  }
+
+  static func main() { ToolMain.run(Self.self) }
+}
