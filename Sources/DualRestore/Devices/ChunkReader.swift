@@ -168,10 +168,18 @@ public final class ChunkReader: @unchecked Sendable {
       free.signal()
       holding = false
     }
+    let chunk = try nextRetained()
+    holding = true
+    return chunk
+  }
+
+  /// The next chunk, kept valid until `release()` is called for it; chunks
+  /// are released in the order they were taken, possibly from another
+  /// thread. At most `depth - 1` chunks may be held at once.
+  public func nextRetained() throws -> Chunk? {
     filled.wait()
     let slot = slots[consumed % slots.count]
     consumed += 1
-    holding = true
     if let error = slot.error { throw error }
     if slot.end { return nil }
     return Chunk(
@@ -180,6 +188,11 @@ public final class ChunkReader: @unchecked Sendable {
       isHole: UnsafeBufferPointer(start: slot.holes.baseAddress, count: slot.blockCount),
       holeCount: slot.holeCount,
       isSkipped: UnsafeBufferPointer(start: slot.skipped.baseAddress, count: slot.blockCount))
+  }
+
+  /// Gives back the oldest chunk taken with `nextRetained()`.
+  public func release() {
+    free.signal()
   }
 }
 

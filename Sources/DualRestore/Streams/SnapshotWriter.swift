@@ -56,6 +56,28 @@ public enum SnapshotWriter {
     case lz4 = 3
   }
 
+  /// The compressed form of one chunk: what the parallel stage produces and
+  /// the writer stage frames. Two of them alternate.
+  final class EncodedChunk: @unchecked Sendable {
+    let compressed: AlignedBuffer
+    let kinds: UnsafeMutableBufferPointer<Kind>
+    let lengths: UnsafeMutableBufferPointer<Int32>
+    var chunk: ChunkReader.Chunk?
+
+    init(blocks: Int, bound: Int) {
+      compressed = AlignedBuffer(count: blocks * max(bound, 1))
+      kinds = .allocate(capacity: blocks)
+      kinds.initialize(repeating: .skipped)
+      lengths = .allocate(capacity: blocks)
+      lengths.initialize(repeating: 0)
+    }
+
+    deinit {
+      kinds.deallocate()
+      lengths.deallocate()
+    }
+  }
+
   public static func write(_ source: BlockSource, to sink: OutputSink, options: Options) throws -> Summary {
     let started = Instant.now()
     let geometry = try BlockGeometry(blockSize: options.blockSize, deviceSize: source.size)
@@ -69,173 +91,269 @@ public enum SnapshotWriter {
     let header = StreamFormat.Header(
       geometry: geometry, baseStreamID: options.baseStreamID, started: started, coverage: coverage,
       coveredBlocks: covered, compression: options.compress ? .lz4 : .none, sourceName: source.name)
-    var summary = Summary(header: header)
-
-    let digest = Digester(DigestAlgorithm.sha256)
-    var sequence: UInt64 = 0
-    func emit(_ bytes: [UInt8]) throws {
-      digest.update(bytes)
-      try sink.write(bytes)
-    }
-    try emit(StreamFormat.preamble())
-    try emit(StreamFormat.record(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
-    sequence += 1
 
     let reader = ChunkReader(
       source: source, geometry: geometry, chunkBytes: max(8 << 20, Int(geometry.blockSize)),
-      depth: geometry.blockSize >= 16 << 20 ? 2 : 3, selection: options.selection?.bits)
+      depth: geometry.blockSize >= 16 << 20 ? 3 : 4, selection: options.selection?.bits)
     defer { reader.cancel() }
     let perChunk = reader.blocksPerChunk
     let blockSize = Int(geometry.blockSize)
     let bound = Int(LZ4_compressBound(Int32(blockSize)))
     let workers = max(1, min(options.workers, perChunk))
-    let compressed = AlignedBuffer(count: perChunk * max(bound, 1))
-    let kinds = UnsafeMutableBufferPointer<Kind>.allocate(capacity: perChunk)
-    let lengths = UnsafeMutableBufferPointer<Int32>.allocate(capacity: perChunk)
-    // Framing for each record: 16 header bytes + 16 DATA fields, and a CRC.
-    let frames = AlignedBuffer(count: (perChunk + 2) * 32)
-    let crcs = AlignedBuffer(count: (perChunk + 2) * 4)
-    let vectors = UnsafeMutableBufferPointer<iovec>.allocate(capacity: (perChunk + 2) * 3)
     let states = (0..<workers).map { _ in AlignedBuffer(count: Int(LZ4_sizeofState()), alignment: 16) }
     let zeros = AlignedBuffer(count: blockSize)
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
-    defer {
-      kinds.deallocate()
-      lengths.deallocate()
-      vectors.deallocate()
-    }
+    let framer = try RecordFramer(header: header, sink: sink, perChunk: perChunk, bound: bound)
 
+    // The writer stage runs on its own thread, one chunk behind the
+    // compression stage; two encoded chunks alternate between them.
+    let encoded = [EncodedChunk(blocks: perChunk, bound: bound), EncodedChunk(blocks: perChunk, bound: bound)]
+    let toWriter = Handoff<EncodedChunk?>()
+    let backToCompressor = Handoff<EncodedChunk?>()
+    for e in encoded { backToCompressor.put(e) }
+    let writerDone = DispatchSemaphore(value: 0)
+    let writerError = ErrorBox()
     let meter = ProgressMeter(label: "snapshot", total: source.size, enabled: options.progress)
-    var zeroRunStart: UInt64 = 0
-    var zeroRunCount: UInt64 = 0
-    var dataBlocks: UInt64 = 0
-    var zeroBlocks: UInt64 = 0
-    var blockBytes: UInt64 = 0
-    var done: UInt64 = 0
-
-    // Appends a ZERO record for the pending run to the vectors.
-    func frameZeroRun(_ frameIndex: inout Int, _ vectorCount: inout Int) {
-      guard zeroRunCount > 0 else { return }
-      let frame = frames.pointer + frameIndex * 32
-      StreamFormat.storeRecordHeader(frame, type: .zero, bodyLength: 16, sequence: sequence)
-      (frame + 16).storeBytes(of: zeroRunStart.littleEndian, as: UInt64.self)
-      (frame + 24).storeBytes(of: zeroRunCount.littleEndian, as: UInt64.self)
-      let crcSlot = crcs.pointer + frameIndex * 4
-      crcSlot.storeBytes(of: dr_crc32c(0, frame, 32).littleEndian, as: UInt32.self)
-      vectors[vectorCount] = iovec(iov_base: frame, iov_len: 32)
-      vectors[vectorCount + 1] = iovec(iov_base: crcSlot, iov_len: 4)
-      vectorCount += 2
-      frameIndex += 1
-      sequence += 1
-      zeroBlocks += zeroRunCount
-      blockBytes += geometry.byteRange(blocks: zeroRunStart, count: zeroRunCount).length
-      zeroRunCount = 0
-    }
-
-    func flush(_ vectorCount: Int) throws {
-      guard vectorCount > 0 else { return }
-      for i in 0..<vectorCount {
-        digest.update(UnsafeRawBufferPointer(start: vectors[i].iov_base, count: vectors[i].iov_len))
+    DispatchQueue.global(qos: .userInitiated).async {
+      while let item = toWriter.take(), let e = item {
+        if writerError.error == nil, let chunk = e.chunk {
+          do {
+            try framer.frame(chunk, e, geometry: geometry, blockSize: blockSize, bound: bound)
+          } catch {
+            writerError.set(error)
+          }
+          meter.update(framer.sourceBytes)
+        }
+        e.chunk = nil
+        reader.release()
+        backToCompressor.put(e)
       }
-      try sink.write(vectors: UnsafeMutableBufferPointer(rebasing: vectors[0..<vectorCount]))
+      writerDone.signal()
     }
 
-    while let chunk = try reader.next() {
-      // Parallel stage: classify and compress.
-      let shared = Unchecked((chunk, kinds, lengths, compressed, states, zeros))
-      let compress = options.compress
-      let work: @Sendable (Int) -> Void = { w in
-        let (chunk, kinds, lengths, compressed, states, zeros) = shared.value
-        let from = chunk.blockCount * w / workers
-        let to = chunk.blockCount * (w + 1) / workers
-        for i in from..<to {
-          if chunk.isSkipped[i] {
-            kinds[i] = .skipped
-            continue
-          }
-          if chunk.isHole[i] {
-            kinds[i] = .zero
-            continue
-          }
-          let length = geometry.length(ofBlock: chunk.firstBlock + UInt64(i))
-          let src = chunk.bytes.baseAddress! + i * blockSize
-          if memcmp(src, zeros.pointer, length) == 0 {
-            kinds[i] = .zero
-            continue
-          }
-          kinds[i] = .raw
-          if compress {
-            let out = compressed.pointer + i * bound
-            let n = LZ4_compress_fast_extState(
-              states[w].pointer, src.assumingMemoryBound(to: CChar.self), out.assumingMemoryBound(to: CChar.self),
-              Int32(length), Int32(bound), 1)
-            if n > 0 && Int(n) < length {
-              kinds[i] = .lz4
-              lengths[i] = n
+    var readError: Error?
+    do {
+      while writerError.error == nil, let chunk = try reader.nextRetained() {
+        guard let slot = backToCompressor.take(), let e = slot else { break }
+        e.chunk = chunk
+        let shared = Unchecked((chunk, e, states, zeros))
+        let compress = options.compress
+        let work: @Sendable (Int) -> Void = { w in
+          let (chunk, e, states, zeros) = shared.value
+          let from = chunk.blockCount * w / workers
+          let to = chunk.blockCount * (w + 1) / workers
+          for i in from..<to {
+            if chunk.isSkipped[i] {
+              e.kinds[i] = .skipped
+              continue
+            }
+            if chunk.isHole[i] {
+              e.kinds[i] = .zero
+              continue
+            }
+            let length = geometry.length(ofBlock: chunk.firstBlock + UInt64(i))
+            let src = chunk.bytes.baseAddress! + i * blockSize
+            if memcmp(src, zeros.pointer, length) == 0 {
+              e.kinds[i] = .zero
+              continue
+            }
+            e.kinds[i] = .raw
+            if compress {
+              let out = e.compressed.pointer + i * bound
+              let n = LZ4_compress_fast_extState(
+                states[w].pointer, src.assumingMemoryBound(to: CChar.self), out.assumingMemoryBound(to: CChar.self),
+                Int32(length), Int32(bound), 1)
+              if n > 0 && Int(n) < length {
+                e.kinds[i] = .lz4
+                e.lengths[i] = n
+              }
             }
           }
         }
+        if workers == 1 { work(0) } else { DispatchQueue.concurrentPerform(iterations: workers, execute: work) }
+        toWriter.put(e)
       }
-      if workers == 1 { work(0) } else { DispatchQueue.concurrentPerform(iterations: workers, execute: work) }
-
-      // Serial stage: frame the records in block order and write them.
-      var frameIndex = 0
-      var vectorCount = 0
-      for i in 0..<chunk.blockCount {
-        let block = chunk.firstBlock + UInt64(i)
-        switch kinds[i] {
-        case .skipped:
-          frameZeroRun(&frameIndex, &vectorCount)
-        case .zero:
-          if zeroRunCount > 0 && zeroRunStart + zeroRunCount == block {
-            zeroRunCount += 1
-          } else {
-            frameZeroRun(&frameIndex, &vectorCount)
-            zeroRunStart = block
-            zeroRunCount = 1
-          }
-        case .raw, .lz4:
-          frameZeroRun(&frameIndex, &vectorCount)
-          let length = geometry.length(ofBlock: block)
-          let isLZ4 = kinds[i] == .lz4
-          let payload = isLZ4 ? UnsafeRawPointer(compressed.pointer + i * bound) : chunk.bytes.baseAddress! + i * blockSize
-          let payloadLength = isLZ4 ? Int(lengths[i]) : length
-          let frame = frames.pointer + frameIndex * 32
-          StreamFormat.storeRecordHeader(frame, type: .data, bodyLength: 16 + payloadLength, sequence: sequence)
-          StreamFormat.storeDataFields(frame + 16, block: block, length: length, encoding: isLZ4 ? .lz4 : .raw)
-          let crc = dr_crc32c(dr_crc32c(0, frame, 32), payload, payloadLength)
-          let crcSlot = crcs.pointer + frameIndex * 4
-          crcSlot.storeBytes(of: crc.littleEndian, as: UInt32.self)
-          vectors[vectorCount] = iovec(iov_base: frame, iov_len: 32)
-          vectors[vectorCount + 1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: payloadLength)
-          vectors[vectorCount + 2] = iovec(iov_base: crcSlot, iov_len: 4)
-          vectorCount += 3
-          frameIndex += 1
-          sequence += 1
-          dataBlocks += 1
-          if isLZ4 { summary.compressedBlocks += 1 }
-          blockBytes += UInt64(length)
-        }
-      }
-      try flush(vectorCount)
-      done += UInt64(chunk.length)
-      meter.update(done)
+    } catch {
+      readError = error
     }
-    var frameIndex = 0
-    var vectorCount = 0
-    frameZeroRun(&frameIndex, &vectorCount)
-    try flush(vectorCount)
+    toWriter.put(nil)
+    writerDone.wait()
+    if let readError { throw readError }
+    if let error = writerError.error { throw error }
 
-    let end = StreamFormat.End(
-      dataBlocks: dataBlocks, zeroBlocks: zeroBlocks, bytes: blockBytes, records: sequence,
-      digest: digest.finish())
-    try sink.write(StreamFormat.record(.end, sequence: sequence, body: StreamFormat.endBody(end)))
-    meter.finish(done)
-    summary.dataBlocks = dataBlocks
-    summary.zeroBlocks = zeroBlocks
-    summary.bytesIn = blockBytes
+    try framer.finish()
+    meter.finish(framer.sourceBytes)
+    var summary = Summary(header: header)
+    summary.dataBlocks = framer.dataBlocks
+    summary.compressedBlocks = framer.compressedBlocks
+    summary.zeroBlocks = framer.zeroBlocks
+    summary.bytesIn = framer.blockBytes
     summary.bytesOut = sink.bytesWritten
     summary.seconds = Double(Instant.now().nanosecondsSinceEpoch - started.nanosecondsSinceEpoch) / 1e9
     return summary
+  }
+}
+
+/// The writer stage: numbers the records, frames them (CRC-32C), keeps the
+/// stream's SHA-256 and writes with writev straight from the chunk and the
+/// compressed buffers. Runs on one thread at a time.
+final class RecordFramer: @unchecked Sendable {
+  let sink: OutputSink
+  let digest = Digester(DigestAlgorithm.sha256)
+  var sequence: UInt64 = 0
+  var zeroRunStart: UInt64 = 0
+  var zeroRunCount: UInt64 = 0
+  var dataBlocks: UInt64 = 0
+  var compressedBlocks: UInt64 = 0
+  var zeroBlocks: UInt64 = 0
+  var blockBytes: UInt64 = 0
+  /// Bytes of the source the framed chunks span, for progress.
+  var sourceBytes: UInt64 = 0
+  let geometry: BlockGeometry
+  // Framing for each record: 16 header bytes and 16 DATA fields, and a CRC.
+  let frames: AlignedBuffer
+  let crcs: AlignedBuffer
+  let vectors: UnsafeMutableBufferPointer<iovec>
+  var frameIndex = 0
+  var vectorCount = 0
+
+  init(header: StreamFormat.Header, sink: OutputSink, perChunk: Int, bound: Int) throws {
+    self.sink = sink
+    geometry = header.geometry
+    frames = AlignedBuffer(count: (perChunk + 2) * 32)
+    crcs = AlignedBuffer(count: (perChunk + 2) * 4)
+    vectors = .allocate(capacity: (perChunk + 2) * 3)
+    try emit(StreamFormat.preamble())
+    try emit(StreamFormat.record(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
+    sequence += 1
+  }
+
+  deinit { vectors.deallocate() }
+
+  private func emit(_ bytes: [UInt8]) throws {
+    digest.update(bytes)
+    try sink.write(bytes)
+  }
+
+  /// Appends a ZERO record for the pending run.
+  private func frameZeroRun() {
+    guard zeroRunCount > 0 else { return }
+    let frame = frames.pointer + frameIndex * 32
+    StreamFormat.storeRecordHeader(frame, type: .zero, bodyLength: 16, sequence: sequence)
+    (frame + 16).storeBytes(of: zeroRunStart.littleEndian, as: UInt64.self)
+    (frame + 24).storeBytes(of: zeroRunCount.littleEndian, as: UInt64.self)
+    let crcSlot = crcs.pointer + frameIndex * 4
+    crcSlot.storeBytes(of: dr_crc32c(0, frame, 32).littleEndian, as: UInt32.self)
+    vectors[vectorCount] = iovec(iov_base: frame, iov_len: 32)
+    vectors[vectorCount + 1] = iovec(iov_base: crcSlot, iov_len: 4)
+    vectorCount += 2
+    frameIndex += 1
+    sequence += 1
+    zeroBlocks += zeroRunCount
+    blockBytes += geometry.byteRange(blocks: zeroRunStart, count: zeroRunCount).length
+    zeroRunCount = 0
+  }
+
+  private func flush() throws {
+    guard vectorCount > 0 else { return }
+    for i in 0..<vectorCount {
+      digest.update(UnsafeRawBufferPointer(start: vectors[i].iov_base, count: vectors[i].iov_len))
+    }
+    try sink.write(vectors: UnsafeMutableBufferPointer(rebasing: vectors[0..<vectorCount]))
+    frameIndex = 0
+    vectorCount = 0
+  }
+
+  func frame(
+    _ chunk: ChunkReader.Chunk, _ e: SnapshotWriter.EncodedChunk, geometry: BlockGeometry, blockSize: Int, bound: Int
+  ) throws {
+    for i in 0..<chunk.blockCount {
+      let block = chunk.firstBlock + UInt64(i)
+      switch e.kinds[i] {
+      case .skipped:
+        frameZeroRun()
+      case .zero:
+        if zeroRunCount > 0 && zeroRunStart + zeroRunCount == block {
+          zeroRunCount += 1
+        } else {
+          frameZeroRun()
+          zeroRunStart = block
+          zeroRunCount = 1
+        }
+      case .raw, .lz4:
+        frameZeroRun()
+        let length = geometry.length(ofBlock: block)
+        let isLZ4 = e.kinds[i] == .lz4
+        let payload =
+          isLZ4 ? UnsafeRawPointer(e.compressed.pointer + i * bound) : chunk.bytes.baseAddress! + i * blockSize
+        let payloadLength = isLZ4 ? Int(e.lengths[i]) : length
+        let frame = frames.pointer + frameIndex * 32
+        StreamFormat.storeRecordHeader(frame, type: .data, bodyLength: 16 + payloadLength, sequence: sequence)
+        StreamFormat.storeDataFields(frame + 16, block: block, length: length, encoding: isLZ4 ? .lz4 : .raw)
+        let crc = dr_crc32c(dr_crc32c(0, frame, 32), payload, payloadLength)
+        let crcSlot = crcs.pointer + frameIndex * 4
+        crcSlot.storeBytes(of: crc.littleEndian, as: UInt32.self)
+        vectors[vectorCount] = iovec(iov_base: frame, iov_len: 32)
+        vectors[vectorCount + 1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: payloadLength)
+        vectors[vectorCount + 2] = iovec(iov_base: crcSlot, iov_len: 4)
+        vectorCount += 3
+        frameIndex += 1
+        sequence += 1
+        dataBlocks += 1
+        if isLZ4 { compressedBlocks += 1 }
+        blockBytes += UInt64(length)
+      }
+    }
+    try flush()
+    sourceBytes += UInt64(chunk.length)
+  }
+
+  /// The last zero run and the END record.
+  func finish() throws {
+    frameZeroRun()
+    try flush()
+    let end = StreamFormat.End(
+      dataBlocks: dataBlocks, zeroBlocks: zeroBlocks, bytes: blockBytes, records: sequence, digest: digest.finish())
+    try sink.write(StreamFormat.record(.end, sequence: sequence, body: StreamFormat.endBody(end)))
+  }
+}
+
+/// A queue between two threads, unbounded (its users bound it by how many
+/// items exist).
+final class Handoff<T>: @unchecked Sendable {
+  private var items: [T] = []
+  private let lock = DispatchSemaphore(value: 1)
+  private let available = DispatchSemaphore(value: 0)
+
+  func put(_ item: T) {
+    lock.wait()
+    items.append(item)
+    lock.signal()
+    available.signal()
+  }
+
+  func take() -> T? {
+    available.wait()
+    lock.wait()
+    defer { lock.signal() }
+    return items.isEmpty ? nil : items.removeFirst()
+  }
+}
+
+/// The first error one thread saw, for another to read.
+final class ErrorBox: @unchecked Sendable {
+  private let lock = DispatchSemaphore(value: 1)
+  private var stored: Error?
+
+  var error: Error? {
+    lock.wait()
+    defer { lock.signal() }
+    return stored
+  }
+
+  func set(_ error: Error) {
+    lock.wait()
+    if stored == nil { stored = error }
+    lock.signal()
   }
 }
