@@ -5,12 +5,18 @@ public struct BlockGeometry: Hashable, Sendable, CustomStringConvertible {
   public static let minimumBlockSize: UInt32 = 512
   public static let maximumBlockSize: UInt32 = 64 << 20
   public static let defaultBlockSize: UInt32 = 64 << 10
+  /// The largest device size: 4 EiB, so that no byte offset computation
+  /// (block count times block size, plus a block) can overflow.
+  public static let maximumDeviceSize: UInt64 = 1 << 62
 
   public let blockSize: UInt32
   public let deviceSize: UInt64
 
   public init(blockSize: UInt32, deviceSize: UInt64) throws {
     try BlockGeometry.validate(blockSize: UInt64(blockSize))
+    guard deviceSize <= BlockGeometry.maximumDeviceSize else {
+      throw ToolkitError("device size \(deviceSize) exceeds the largest supported, 4 EiB")
+    }
     self.blockSize = blockSize
     self.deviceSize = deviceSize
   }

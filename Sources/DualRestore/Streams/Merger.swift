@@ -121,7 +121,7 @@ public enum Merger {
               payload.baseAddress!.assumingMemoryBound(to: CChar.self), block.pointer.assumingMemoryBound(to: CChar.self),
               Int32(payload.count), Int32(length))
             guard n == Int32(length) else {
-              throw ToolkitError("\(reader.name): \(reader.position): block \(index) does not decompress to \(length) bytes; the record is damaged")
+              throw ToolkitError("\(reader.name): \(reader.recordPosition): block \(index) does not decompress to \(length) bytes; the record is damaged")
             }
             data = UnsafeRawPointer(block.pointer)
           }

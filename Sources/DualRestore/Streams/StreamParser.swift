@@ -98,7 +98,7 @@ public struct StreamParser {
       let blockLength = Int(body.loadUnaligned(fromByteOffset: 8, as: UInt32.self).littleEndian)
       let encodingRaw = body.loadUnaligned(fromByteOffset: 12, as: UInt32.self).littleEndian
       guard block < h.geometry.blockCount else {
-        throw fail("block \(block) is past the last block \(h.geometry.blockCount - 1)")
+        throw fail("block \(block) is past the end of the device's \(h.geometry.blockCount) blocks")
       }
       guard block >= nextBlock else { throw fail("block \(block) is out of order or repeated") }
       guard blockLength == h.geometry.length(ofBlock: block) else {

@@ -29,12 +29,16 @@ public final class StreamReader {
   deinit { buffer.deallocate() }
 
   public var header: StreamFormat.Header? { parser.header }
+  /// Where the next record starts.
   public var position: String { parser.position }
+  /// Where the record `next()` returned last starts: "record 12 at byte 65572".
+  public private(set) var recordPosition = "record 0 at byte 0"
 
   /// The next record, or nil after a complete stream (END verified, then end of input).
   public func next() throws -> StreamParser.Record? {
     while true {
       let available = UnsafeRawBufferPointer(start: buffer + start, count: end - start)
+      let here = parser.position
       let parsed: (record: StreamParser.Record, consumed: Int)?
       do {
         parsed = try parser.next(available)
@@ -42,9 +46,10 @@ public final class StreamReader {
         throw ToolkitError("\(name): \(error.message)")
       }
       if let (record, consumed) = parsed {
+        recordPosition = here
         if case .end(let e) = record {
           if digest.finish() != e.digest {
-            throw ToolkitError("\(name): \(parser.position): the stream digest does not match; the stream is damaged")
+            throw ToolkitError("\(name): \(here): the stream digest does not match; the stream is damaged")
           }
         } else {
           digest.update(UnsafeRawBufferPointer(start: buffer + start, count: consumed))
