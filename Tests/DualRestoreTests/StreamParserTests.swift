@@ -116,7 +116,7 @@ final class StreamParserTests: XCTestCase {
       fd = fds[0]
     } else {
       let p = FileManager.default.temporaryDirectory.appendingPathComponent("spt-\(UUID().uuidString)").path
-      FileManager.default.createFile(atPath: p, contents: Data(bytes))
+      _ = FileManager.default.createFile(atPath: p, contents: Data(bytes))
       path = p
       fd = open(p, O_RDONLY)
       precondition(fd >= 0)
