@@ -61,6 +61,7 @@ public final class ChunkReader: @unchecked Sendable {
   private let free = DispatchSemaphore(value: 0)
   private var consumed = 0
   private var holding = false
+  private var ended = false
   private let cancelled = AtomicFlag()
   private let finished = DispatchSemaphore(value: 0)
 
@@ -177,11 +178,15 @@ public final class ChunkReader: @unchecked Sendable {
   /// are released in the order they were taken, possibly from another
   /// thread. At most `depth - 1` chunks may be held at once.
   public func nextRetained() throws -> Chunk? {
+    if ended { return nil }
     filled.wait()
     let slot = slots[consumed % slots.count]
     consumed += 1
     if let error = slot.error { throw error }
-    if slot.end { return nil }
+    if slot.end {
+      ended = true
+      return nil
+    }
     return Chunk(
       firstBlock: slot.firstBlock, blockCount: slot.blockCount, length: slot.length,
       bytes: UnsafeRawBufferPointer(start: slot.buffer.pointer, count: slot.length),

@@ -181,7 +181,10 @@ public final class Device: @unchecked Sendable {
       case .failure: return (true, size)
       }
     case .failure(let e) where e.rawValue == ENXIO:
-      // No data after offset: the rest of the file is a hole.
+      // No data after offset: the rest of the file is a hole, unless the
+      // file has shrunk since it was opened; then report data, so that the
+      // read fails instead of the vanished bytes passing for zeros.
+      if case .success(let st) = Sys.fstat(fd), UInt64(st.st_size) < size { return (true, size) }
       return (false, size)
     case .failure:
       return (true, size)

@@ -24,7 +24,8 @@ public enum DdrescueMapfile {
     var sawStatusLine = false
     var lineNumber = 0
     var end: UInt64 = 0
-    for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
+    // "\r\n" is one Character in Swift: split on every kind of line end.
+    for rawLine in text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline) {
       lineNumber += 1
       let line = rawLine.trimmingWhitespace()
       if line.isEmpty || line.hasPrefix("#") { continue }

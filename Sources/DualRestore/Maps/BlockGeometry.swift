@@ -63,13 +63,13 @@ public struct BlockGeometry: Hashable, Sendable, CustomStringConvertible {
       throw ToolkitError("range \(offset)+\(length) ends past the device end \(deviceSize)")
     }
     let mask = UInt64(blockSize) - 1
-    guard offset & mask == 0 else {
+    guard offset & mask == 0 || offset == deviceSize else {
       throw ToolkitError("offset \(offset) is not a multiple of the block size \(blockSize)")
     }
     guard end & mask == 0 || end == deviceSize else {
       throw ToolkitError("range end \(end) is not a multiple of the block size \(blockSize) nor the device end \(deviceSize)")
     }
-    let first = offset >> blockShift
+    let first = offset == deviceSize ? blockCount : offset >> blockShift
     let last = length == 0 ? first : (end + mask) >> blockShift
     return first..<last
   }

@@ -17,12 +17,12 @@ public struct ByteWriter {
 
   /// A string as a 16-bit length and UTF-8 bytes, cut at `limit` bytes.
   public mutating func string16(_ s: String, limit: Int) {
-    var utf8 = Array(s.utf8.prefix(limit))
-    // Never cut inside a character: drop continuation bytes at the end.
-    if utf8.count < s.utf8.count {
-      while let last = utf8.last, last & 0xC0 == 0x80 { utf8.removeLast() }
-      if let last = utf8.last, last >= 0xC0 { utf8.removeLast() }
-    }
+    let full = Array(s.utf8)
+    // Never cut inside a character: back up while the first byte left out
+    // continues the character before it.
+    var n = min(limit, full.count)
+    while n > 0 && n < full.count && full[n] & 0xC0 == 0x80 { n -= 1 }
+    let utf8 = full[0..<n]
     u16(UInt16(utf8.count))
     bytes.append(contentsOf: utf8)
   }

@@ -48,7 +48,7 @@ public struct ID128: Hashable, Sendable, CustomStringConvertible {
   /// Parses 32 hex digits (dashes allowed, as in a UUID).
   public init?(hex: String) {
     let digits = hex.filter { $0 != "-" }
-    guard digits.count == 32, let h = UInt64(digits.prefix(16), radix: 16),
+    guard digits.count == 32, digits.allSatisfy(\.isHexDigit), let h = UInt64(digits.prefix(16), radix: 16),
       let l = UInt64(digits.suffix(16), radix: 16)
     else { return nil }
     high = h
@@ -93,8 +93,15 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
   /// RFC 3339 in UTC with millisecond precision: `2026-11-21T21:14:04.123Z`.
   public var description: String {
     if self == .unset { return "unset" }
-    var seconds = time_t(nanosecondsSinceEpoch / 1_000_000_000)
-    let millis = (nanosecondsSinceEpoch % 1_000_000_000) / 1_000_000
+    // Round toward the past, so instants before 1970 print correctly.
+    var wholeSeconds = nanosecondsSinceEpoch / 1_000_000_000
+    var rest = nanosecondsSinceEpoch % 1_000_000_000
+    if rest < 0 {
+      wholeSeconds -= 1
+      rest += 1_000_000_000
+    }
+    var seconds = time_t(wholeSeconds)
+    let millis = rest / 1_000_000
     var parts = tm()
     gmtime_r(&seconds, &parts)
     func pad(_ v: Int32, _ width: Int) -> String {

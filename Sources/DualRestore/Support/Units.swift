@@ -39,8 +39,11 @@ public func formatBytes(_ value: UInt64) -> String {
     index += 1
   }
   if index == 0 { return "\(value) B" }
-  if scaled == scaled.rounded() { return "\(Int(scaled)) \(units[index])" }
-  return "\(formatFixed(scaled, digits: scaled < 10 ? 2 : 1)) \(units[index])"
+  var text = formatFixed(scaled, digits: scaled < 10 ? 2 : 1)
+  // 1.50 → 1.5, 2.00 → 2: no trailing zeros after the point.
+  while text.hasSuffix("0") { text.removeLast() }
+  if text.hasSuffix(".") { text.removeLast() }
+  return "\(text) \(units[index])"
 }
 
 /// A fixed-point decimal rendering, without Foundation's formatters.
