@@ -80,7 +80,7 @@ public final class ChunkReader: @unchecked Sendable {
     let ringDepth = max(2, depth)
     slots = (0..<ringDepth).map { _ in Slot(bytes: perChunk * Int(geometry.blockSize), blocks: perChunk) }
     for _ in 0..<ringDepth { free.signal() }
-    DispatchQueue.global(qos: .userInitiated).async { [self] in
+    startThread { [self] in
       produce(skipHoles: skipHoles)
       finished.signal()
     }

@@ -63,6 +63,17 @@ public enum SnapshotWriter {
     let kinds: UnsafeMutableBufferPointer<Kind>
     let lengths: UnsafeMutableBufferPointer<Int32>
     var chunk: ChunkReader.Chunk?
+    // The records framed for this chunk: 16 header bytes and 16 DATA fields
+    // each, a CRC each, and the vectors to write and hash, in order.
+    let frames: AlignedBuffer
+    let crcs: AlignedBuffer
+    let vectors: UnsafeMutableBufferPointer<iovec>
+    /// A copy of the vectors for writev, which may adjust them.
+    let writeVectors: UnsafeMutableBufferPointer<iovec>
+    var frameCount = 0
+    var vectorCount = 0
+    /// Signalled by the hashing thread when it has hashed the vectors.
+    let hashed = DispatchSemaphore(value: 0)
 
     init(blocks: Int, bound: Int) {
       compressed = AlignedBuffer(count: blocks * max(bound, 1))
@@ -70,11 +81,17 @@ public enum SnapshotWriter {
       kinds.initialize(repeating: .skipped)
       lengths = .allocate(capacity: blocks)
       lengths.initialize(repeating: 0)
+      frames = AlignedBuffer(count: (blocks + 2) * 32)
+      crcs = AlignedBuffer(count: (blocks + 2) * 4)
+      vectors = .allocate(capacity: (blocks + 2) * 3)
+      writeVectors = .allocate(capacity: (blocks + 2) * 3)
     }
 
     deinit {
       kinds.deallocate()
       lengths.deallocate()
+      vectors.deallocate()
+      writeVectors.deallocate()
     }
   }
 
@@ -94,40 +111,59 @@ public enum SnapshotWriter {
 
     let reader = ChunkReader(
       source: source, geometry: geometry, chunkBytes: max(8 << 20, Int(geometry.blockSize)),
-      depth: geometry.blockSize >= 16 << 20 ? 3 : 4, selection: options.selection?.bits)
+      depth: geometry.blockSize >= 16 << 20 ? 4 : 5, selection: options.selection?.bits)
     defer { reader.cancel() }
     let perChunk = reader.blocksPerChunk
     let blockSize = Int(geometry.blockSize)
     let bound = Int(LZ4_compressBound(Int32(blockSize)))
     let workers = max(1, min(options.workers, perChunk))
-    let states = (0..<workers).map { _ in AlignedBuffer(count: Int(LZ4_sizeofState()), alignment: 16) }
+    // Several slices a worker, so that a slice of incompressible blocks
+    // does not leave one core idle while the other compresses text.
+    let slices = workers == 1 ? 1 : min(perChunk, workers * 4)
+    let states = (0..<slices).map { _ in AlignedBuffer(count: Int(LZ4_sizeofState()), alignment: 16) }
     let zeros = AlignedBuffer(count: blockSize)
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
-    let framer = try RecordFramer(header: header, sink: sink, perChunk: perChunk, bound: bound)
+    let framer = try RecordFramer(header: header, sink: sink)
 
     // The writer stage runs on its own thread, one chunk behind the
-    // compression stage; two encoded chunks alternate between them.
-    let encoded = [EncodedChunk(blocks: perChunk, bound: bound), EncodedChunk(blocks: perChunk, bound: bound)]
+    // compression stage, and hands each framed chunk to a hashing thread
+    // that keeps the stream's SHA-256 while the chunk is being written.
+    // Three encoded chunks circulate between the stages.
+    let encoded = (0..<3).map { _ in EncodedChunk(blocks: perChunk, bound: bound) }
     let toWriter = Handoff<EncodedChunk?>()
+    let toHasher = Handoff<EncodedChunk?>()
     let backToCompressor = Handoff<EncodedChunk?>()
     for e in encoded { backToCompressor.put(e) }
     let writerDone = DispatchSemaphore(value: 0)
+    let hasherDone = DispatchSemaphore(value: 0)
     let writerError = ErrorBox()
     let meter = ProgressMeter(label: "snapshot", total: source.size, enabled: options.progress)
-    DispatchQueue.global(qos: .userInitiated).async {
+    startThread {
+      while let item = toHasher.take(), let e = item {
+        framer.hash(e)
+        e.hashed.signal()
+      }
+      hasherDone.signal()
+    }
+    startThread {
       while let item = toWriter.take(), let e = item {
         if writerError.error == nil, let chunk = e.chunk {
+          framer.frame(chunk, e, geometry: geometry, blockSize: blockSize, bound: bound)
+          toHasher.put(e)
           do {
-            try framer.frame(chunk, e, geometry: geometry, blockSize: blockSize, bound: bound)
+            try framer.write(e)
           } catch {
             writerError.set(error)
           }
+          e.hashed.wait()
           meter.update(framer.sourceBytes)
         }
         e.chunk = nil
         reader.release()
         backToCompressor.put(e)
       }
+      toHasher.put(nil)
+      hasherDone.wait()
       writerDone.signal()
     }
 
@@ -140,8 +176,8 @@ public enum SnapshotWriter {
         let compress = options.compress
         let work: @Sendable (Int) -> Void = { w in
           let (chunk, e, states, zeros) = shared.value
-          let from = chunk.blockCount * w / workers
-          let to = chunk.blockCount * (w + 1) / workers
+          let from = chunk.blockCount * w / slices
+          let to = chunk.blockCount * (w + 1) / slices
           for i in from..<to {
             if chunk.isSkipped[i] {
               e.kinds[i] = .skipped
@@ -170,7 +206,7 @@ public enum SnapshotWriter {
             }
           }
         }
-        if workers == 1 { work(0) } else { DispatchQueue.concurrentPerform(iterations: workers, execute: work) }
+        if slices == 1 { work(0) } else { DispatchQueue.concurrentPerform(iterations: slices, execute: work) }
         toWriter.put(e)
       }
     } catch {
@@ -194,9 +230,10 @@ public enum SnapshotWriter {
   }
 }
 
-/// The writer stage: numbers the records, frames them (CRC-32C), keeps the
-/// stream's SHA-256 and writes with writev straight from the chunk and the
-/// compressed buffers. Runs on one thread at a time.
+/// The writer stage: numbers the records, frames them (CRC-32C) into the
+/// chunk's own buffers, and writes them with writev straight from the chunk
+/// and the compressed buffers; `hash` keeps the stream's SHA-256 over the
+/// same vectors, in order, on another thread.
 final class RecordFramer: @unchecked Sendable {
   let sink: OutputSink
   let digest = Digester(DigestAlgorithm.sha256)
@@ -210,108 +247,107 @@ final class RecordFramer: @unchecked Sendable {
   /// Bytes of the source the framed chunks span, for progress.
   var sourceBytes: UInt64 = 0
   let geometry: BlockGeometry
-  // Framing for each record: 16 header bytes and 16 DATA fields, and a CRC.
-  let frames: AlignedBuffer
-  let crcs: AlignedBuffer
-  let vectors: UnsafeMutableBufferPointer<iovec>
-  var frameIndex = 0
-  var vectorCount = 0
+  /// Room for the last zero run, framed after the last chunk.
+  let tail = SnapshotWriter.EncodedChunk(blocks: 1, bound: 0)
 
-  init(header: StreamFormat.Header, sink: OutputSink, perChunk: Int, bound: Int) throws {
+  init(header: StreamFormat.Header, sink: OutputSink) throws {
     self.sink = sink
     geometry = header.geometry
-    frames = AlignedBuffer(count: (perChunk + 2) * 32)
-    crcs = AlignedBuffer(count: (perChunk + 2) * 4)
-    vectors = .allocate(capacity: (perChunk + 2) * 3)
     try emit(StreamFormat.preamble())
     try emit(StreamFormat.record(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
     sequence += 1
   }
-
-  deinit { vectors.deallocate() }
 
   private func emit(_ bytes: [UInt8]) throws {
     digest.update(bytes)
     try sink.write(bytes)
   }
 
-  /// Appends a ZERO record for the pending run.
-  private func frameZeroRun() {
+  /// Appends a ZERO record for the pending run to `e`.
+  private func frameZeroRun(_ e: SnapshotWriter.EncodedChunk) {
     guard zeroRunCount > 0 else { return }
-    let frame = frames.pointer + frameIndex * 32
+    let frame = e.frames.pointer + e.frameCount * 32
     StreamFormat.storeRecordHeader(frame, type: .zero, bodyLength: 16, sequence: sequence)
     (frame + 16).storeBytes(of: zeroRunStart.littleEndian, as: UInt64.self)
     (frame + 24).storeBytes(of: zeroRunCount.littleEndian, as: UInt64.self)
-    let crcSlot = crcs.pointer + frameIndex * 4
+    let crcSlot = e.crcs.pointer + e.frameCount * 4
     crcSlot.storeBytes(of: dr_crc32c(0, frame, 32).littleEndian, as: UInt32.self)
-    vectors[vectorCount] = iovec(iov_base: frame, iov_len: 32)
-    vectors[vectorCount + 1] = iovec(iov_base: crcSlot, iov_len: 4)
-    vectorCount += 2
-    frameIndex += 1
+    e.vectors[e.vectorCount] = iovec(iov_base: frame, iov_len: 32)
+    e.vectors[e.vectorCount + 1] = iovec(iov_base: crcSlot, iov_len: 4)
+    e.vectorCount += 2
+    e.frameCount += 1
     sequence += 1
     zeroBlocks += zeroRunCount
     blockBytes += geometry.byteRange(blocks: zeroRunStart, count: zeroRunCount).length
     zeroRunCount = 0
   }
 
-  private func flush() throws {
-    guard vectorCount > 0 else { return }
-    for i in 0..<vectorCount {
-      digest.update(UnsafeRawBufferPointer(start: vectors[i].iov_base, count: vectors[i].iov_len))
-    }
-    try sink.write(vectors: UnsafeMutableBufferPointer(rebasing: vectors[0..<vectorCount]))
-    frameIndex = 0
-    vectorCount = 0
-  }
-
   func frame(
     _ chunk: ChunkReader.Chunk, _ e: SnapshotWriter.EncodedChunk, geometry: BlockGeometry, blockSize: Int, bound: Int
-  ) throws {
+  ) {
+    e.frameCount = 0
+    e.vectorCount = 0
     for i in 0..<chunk.blockCount {
       let block = chunk.firstBlock + UInt64(i)
       switch e.kinds[i] {
       case .skipped:
-        frameZeroRun()
+        frameZeroRun(e)
       case .zero:
         if zeroRunCount > 0 && zeroRunStart + zeroRunCount == block {
           zeroRunCount += 1
         } else {
-          frameZeroRun()
+          frameZeroRun(e)
           zeroRunStart = block
           zeroRunCount = 1
         }
       case .raw, .lz4:
-        frameZeroRun()
+        frameZeroRun(e)
         let length = geometry.length(ofBlock: block)
         let isLZ4 = e.kinds[i] == .lz4
         let payload =
           isLZ4 ? UnsafeRawPointer(e.compressed.pointer + i * bound) : chunk.bytes.baseAddress! + i * blockSize
         let payloadLength = isLZ4 ? Int(e.lengths[i]) : length
-        let frame = frames.pointer + frameIndex * 32
+        let frame = e.frames.pointer + e.frameCount * 32
         StreamFormat.storeRecordHeader(frame, type: .data, bodyLength: 16 + payloadLength, sequence: sequence)
         StreamFormat.storeDataFields(frame + 16, block: block, length: length, encoding: isLZ4 ? .lz4 : .raw)
         let crc = dr_crc32c(dr_crc32c(0, frame, 32), payload, payloadLength)
-        let crcSlot = crcs.pointer + frameIndex * 4
+        let crcSlot = e.crcs.pointer + e.frameCount * 4
         crcSlot.storeBytes(of: crc.littleEndian, as: UInt32.self)
-        vectors[vectorCount] = iovec(iov_base: frame, iov_len: 32)
-        vectors[vectorCount + 1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: payloadLength)
-        vectors[vectorCount + 2] = iovec(iov_base: crcSlot, iov_len: 4)
-        vectorCount += 3
-        frameIndex += 1
+        e.vectors[e.vectorCount] = iovec(iov_base: frame, iov_len: 32)
+        e.vectors[e.vectorCount + 1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: payloadLength)
+        e.vectors[e.vectorCount + 2] = iovec(iov_base: crcSlot, iov_len: 4)
+        e.vectorCount += 3
+        e.frameCount += 1
         sequence += 1
         dataBlocks += 1
         if isLZ4 { compressedBlocks += 1 }
         blockBytes += UInt64(length)
       }
     }
-    try flush()
     sourceBytes += UInt64(chunk.length)
   }
 
-  /// The last zero run and the END record.
+  /// Writes the vectors framed for `e`.
+  func write(_ e: SnapshotWriter.EncodedChunk) throws {
+    guard e.vectorCount > 0 else { return }
+    for i in 0..<e.vectorCount { e.writeVectors[i] = e.vectors[i] }
+    try sink.write(vectors: UnsafeMutableBufferPointer(rebasing: e.writeVectors[0..<e.vectorCount]))
+  }
+
+  /// Adds the vectors framed for `e` to the stream's digest.
+  func hash(_ e: SnapshotWriter.EncodedChunk) {
+    for i in 0..<e.vectorCount {
+      digest.update(UnsafeRawBufferPointer(start: e.vectors[i].iov_base, count: e.vectors[i].iov_len))
+    }
+  }
+
+  /// The last zero run and the END record, once the threads are done.
   func finish() throws {
-    frameZeroRun()
-    try flush()
+    tail.frameCount = 0
+    tail.vectorCount = 0
+    frameZeroRun(tail)
+    hash(tail)
+    try write(tail)
     let end = StreamFormat.End(
       dataBlocks: dataBlocks, zeroBlocks: zeroBlocks, bytes: blockBytes, records: sequence, digest: digest.finish())
     try sink.write(StreamFormat.record(.end, sequence: sequence, body: StreamFormat.endBody(end)))
