@@ -1,32 +1,36 @@
 // Reads a block stream from a descriptor (a pipe, a file, standard input)
-// through the pure parser, keeping the running SHA-256 the END record is
-// checked against. Records point into the reader's buffer and stay valid
-// until the next call.
+// through the pure parser. A reading thread (HashingInput) keeps the SHA-256
+// the END record is checked against. Records point into the reader's buffer
+// and stay valid until the next call.
 
 import Glibc
 
 public final class StreamReader {
   public let name: String
-  private let fd: Int32
+  private let input: HashingInput
   private var buffer: UnsafeMutableRawPointer
   private var capacity: Int
   private var start = 0
   private var end = 0
   private var eof = false
   private var parser = StreamParser()
-  private let digest = Digester(DigestAlgorithm.sha256)
+  /// The END record, held back until the end of input confirms the digest.
+  private var pendingEnd: (StreamFormat.End, String, UInt64)?
   /// Bytes of stream consumed so far.
   public private(set) var bytesRead: UInt64 = 0
 
   /// Reads from `fd`; `name` is how messages refer to the stream.
   public init(fd: Int32, name: String, bufferSize: Int = 4 << 20) {
-    self.fd = fd
+    input = HashingInput(fd: fd)
     self.name = name
     capacity = bufferSize
     buffer = .allocate(byteCount: bufferSize, alignment: 4096)
   }
 
-  deinit { buffer.deallocate() }
+  deinit {
+    input.cancel()
+    buffer.deallocate()
+  }
 
   public var header: StreamFormat.Header? { parser.header }
   /// Where the next record starts.
@@ -48,11 +52,12 @@ public final class StreamReader {
       if let (record, consumed) = parsed {
         recordPosition = here
         if case .end(let e) = record {
-          if digest.finish() != e.digest {
-            throw ToolkitError("\(name): \(here): the stream digest does not match; the stream is damaged")
-          }
-        } else {
-          digest.update(UnsafeRawBufferPointer(start: buffer + start, count: consumed))
+          // Checked at the end of input, when the reading thread has hashed
+          // everything before this record.
+          pendingEnd = (e, here, bytesRead)
+          start += consumed
+          bytesRead += UInt64(consumed)
+          continue
         }
         start += consumed
         bytesRead += UInt64(consumed)
@@ -64,7 +69,13 @@ public final class StreamReader {
         } catch let error as ToolkitError {
           throw ToolkitError("\(name): \(error.message)")
         }
-        return nil
+        guard let (e, position, offset) = pendingEnd else { return nil }
+        pendingEnd = nil
+        let (digest, hashed) = input.digestOfAllButTheEnd()
+        if hashed != offset || digest != e.digest {
+          throw ToolkitError("\(name): \(position): the stream digest does not match; the stream is damaged")
+        }
+        return .end(e)
       }
       try fill()
     }
@@ -87,10 +98,11 @@ public final class StreamReader {
       buffer = grown
       capacity = bigger
     }
-    switch Sys.read(fd, buffer + end, capacity - end) {
-    case .success(0): eof = true
-    case .success(let n): end += n
-    case .failure(let e): throw ToolkitError("\(name): \(e)")
+    do {
+      let n = try input.read(into: buffer + end, count: capacity - end)
+      if n == 0 { eof = true } else { end += n }
+    } catch let e as Errno {
+      throw ToolkitError("\(name): \(e)")
     }
   }
 }
