@@ -51,3 +51,33 @@ extension MapMeaning: ExpressibleByArgument {
   public static var allValueStrings: [String] { allCases.map(\.description) }
   public var defaultValueDescription: String { description }
 }
+
+/// `--progress` and `--quiet`, shared by the tools that read whole devices.
+public struct ProgressOptions: ParsableArguments {
+  @Flag(help: "Show progress on standard error (default when it is a terminal).")
+  public var progress = false
+
+  @Flag(name: .shortAndLong, help: "Print nothing on standard error but errors and warnings.")
+  public var quiet = false
+
+  public init() {}
+
+  /// Whether to show progress: asked for, or stderr is a terminal, and not quiet.
+  public var show: Bool { !quiet && (progress || ProgressMeter.stderrIsTerminal) }
+}
+
+/// `--threads N`: how many cores the tool may keep busy.
+public struct ThreadsOption: ParsableArguments {
+  @Option(help: ArgumentHelp("Worker threads (default: one per core).", valueName: "n"))
+  public var threads: Int?
+
+  public init() {}
+
+  public func validate() throws {
+    if let threads, threads < 1 || threads > 256 {
+      throw ValidationError("--threads \(threads) is out of range (1 to 256)")
+    }
+  }
+
+  public var value: Int { threads ?? BlockHasher.defaultWorkers }
+}

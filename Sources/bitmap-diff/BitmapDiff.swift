@@ -44,25 +44,17 @@ struct BitmapDiff: ParsableCommand {
   @Flag(help: "Compare sources of different sizes; the part of B past A's end differs.")
   var allowSizeChange = false
 
-  @Option(help: ArgumentHelp("Threads that hash blocks (default: one per core).", valueName: "n"))
-  var threads: Int?
+  @OptionGroup var threads: ThreadsOption
 
   @Flag(help: "Read with O_DIRECT, past the page cache, so a large compare does not evict a live system's cache.")
   var direct = false
 
-  @Flag(help: "Show progress on standard error (default when it is a terminal).")
-  var progress = false
-
-  @Flag(name: .shortAndLong, help: "Print nothing on standard error but errors.")
-  var quiet = false
+  @OptionGroup var reporting: ProgressOptions
 
   @Argument(help: ArgumentHelp("A and B, or SOURCE with --signature.", valueName: "source"))
   var sources: [String] = []
 
   func validate() throws {
-    if let threads, threads < 1 || threads > 256 {
-      throw ValidationError("--threads \(threads) is out of range (1 to 256)")
-    }
     if signature {
       guard sources.count == 1 else { throw ValidationError("--signature takes exactly one SOURCE") }
       if extents { throw ValidationError("--extents does not apply to --signature") }
@@ -78,9 +70,9 @@ struct BitmapDiff: ParsableCommand {
 
   var openOptions: DeviceOpenOptions { DeviceOpenOptions(direct: direct) }
 
-  var hashWorkers: Int { threads ?? BlockHasher.defaultWorkers }
+  var hashWorkers: Int { threads.value }
 
-  var showProgress: Bool { !quiet && (progress || ProgressMeter.stderrIsTerminal) }
+  var showProgress: Bool { reporting.show }
 
   func run() throws {
     if signature {

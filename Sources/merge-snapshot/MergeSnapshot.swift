@@ -62,14 +62,10 @@ struct MergeSnapshot: ParsableCommand {
   @Option(help: ArgumentHelp("Bound on the clock difference between the two sites, in seconds.", valueName: "seconds"))
   var clockSkew: Double = 0
 
-  @Flag(help: "Show progress on standard error (default when it is a terminal).")
-  var progress = false
+  @OptionGroup var reporting: ProgressOptions
 
   @Flag(help: "Print the summary as one JSON object on standard output.")
   var json = false
-
-  @Flag(name: .shortAndLong, help: "Print nothing on standard error but errors and warnings.")
-  var quiet = false
 
   @Argument(help: ArgumentHelp("The image file or block device to write.", valueName: "target"))
   var target: String?
@@ -118,7 +114,7 @@ struct MergeSnapshot: ParsableCommand {
     options.mode = check ? .check : (dryRun ? .dryRun : .merge)
     options.force = force
     options.clockSkewAllowance = Int64(clockSkew * 1e9)
-    options.progress = !quiet && (progress || ProgressMeter.stderrIsTerminal)
+    options.progress = reporting.show
     let reader = StreamReader(fd: fd, name: name)
     let s = try Merger.merge(
       reader, into: device, map: &loaded, mapPath: map, options: options, warn: { printError("merge-snapshot: \($0)") })
@@ -148,7 +144,7 @@ struct MergeSnapshot: ParsableCommand {
       try out.flush()
       return
     }
-    if quiet { return }
+    if reporting.quiet { return }
     let id = s.header.map { "\($0.streamID)" } ?? "?"
     if check {
       printError(

@@ -39,28 +39,20 @@ struct Snapshot: ParsableCommand {
   @Flag(help: "Store every block raw, without LZ4.")
   var noCompress = false
 
-  @Option(help: ArgumentHelp("Threads that compress blocks (default: one per core).", valueName: "n"))
-  var threads: Int?
+  @OptionGroup var threads: ThreadsOption
 
   @Flag(help: "Read with O_DIRECT, past the page cache.")
   var direct = false
 
-  @Flag(help: "Show progress on standard error (default when it is a terminal).")
-  var progress = false
+  @OptionGroup var reporting: ProgressOptions
 
   @Flag(help: "Print the summary as one JSON object (on standard error when the stream is on standard output).")
   var json = false
-
-  @Flag(name: .shortAndLong, help: "Print nothing on standard error but errors.")
-  var quiet = false
 
   @Argument(help: ArgumentHelp("The image file or block device to read.", valueName: "source"))
   var source: String
 
   func validate() throws {
-    if let threads, threads < 1 || threads > 256 {
-      throw ValidationError("--threads \(threads) is out of range (1 to 256)")
-    }
     if let base, ID128(hex: base) == nil || ID128(hex: base) == ID128.none {
       throw ValidationError("--base takes a stream id of 32 hex digits, not '\(base)'")
     }
@@ -87,8 +79,7 @@ struct Snapshot: ParsableCommand {
     let sink = try OutputSink(target, what: "stream")
     let options = SnapshotWriter.Options(
       blockSize: size, selection: selection, baseStreamID: base.flatMap(ID128.init(hex:)) ?? .none,
-      compress: !noCompress, workers: threads ?? BlockHasher.defaultWorkers,
-      progress: !quiet && (progress || ProgressMeter.stderrIsTerminal))
+      compress: !noCompress, workers: threads.value, progress: reporting.show)
     let s = try SnapshotWriter.write(device, to: sink, options: options)
     try sink.finish()
     report(s, onStdout: output != nil)
@@ -119,7 +110,7 @@ struct Snapshot: ParsableCommand {
       }
       return
     }
-    if quiet { return }
+    if reporting.quiet { return }
     let ratio = s.bytesIn == 0 ? 0 : Double(s.bytesOut) / Double(s.bytesIn)
     let rate = s.seconds > 0 ? Double(s.bytesIn) / s.seconds : 0
     printError(

@@ -20,7 +20,7 @@ function __snapshot_parse_tokens -S
     set -l unparsed_tokens (__snapshot_tokens -pc)
     switch $unparsed_tokens[1]
     case 'snapshot'
-        __snapshot_parse_subcommand 1 'map=' 'block-size=' 'o/output=' 'base=' 'no-compress' 'threads=' 'direct' 'progress' 'json' 'q/quiet' 'h/help'
+        __snapshot_parse_subcommand 1 'map=' 'block-size=' 'o/output=' 'base=' 'no-compress' 'threads=' 'direct' 'progress' 'q/quiet' 'json' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __snapshot_parse_subcommand -r 1 
@@ -82,10 +82,10 @@ complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_opti
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" o output' -l 'output' -s 'o' -d 'Write the stream to this file instead of standard output.' -rfka ''
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" base' -l 'base' -d 'Mark the stream incremental on top of this stream id (32 hex digits).' -rfka ''
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" no-compress' -l 'no-compress' -d 'Store every block raw, without LZ4.'
-complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" threads' -l 'threads' -d 'Threads that compress blocks (default: one per core).' -rfka ''
+complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" threads' -l 'threads' -d 'Worker threads (default: one per core).' -rfka ''
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" direct' -l 'direct' -d 'Read with O_DIRECT, past the page cache.'
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" progress' -l 'progress' -d 'Show progress on standard error (default when it is a terminal).'
+complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" q quiet' -l 'quiet' -s 'q' -d 'Print nothing on standard error but errors and warnings.'
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" json' -l 'json' -d 'Print the summary as one JSON object (on standard error when the stream is on standard output).'
-complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" q quiet' -l 'quiet' -s 'q' -d 'Print nothing on standard error but errors.'
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" h help' -s 'h' -l 'help' -d 'Show help information.'
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_positional "snapshot" -eq 1' -fa 'help' -d 'Show subcommand help information.'

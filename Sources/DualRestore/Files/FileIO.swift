@@ -1,11 +1,8 @@
 // Whole-file reads and atomic writes for the small artefacts the tools pass
-// around (maps, signatures' headers, mapfiles), and the `-` convention.
-//
-// Atomic save: write a temporary file beside the target, fsync it, rename it
-// over the target, fsync the directory. A reader sees the old file or the new
-// one, never a mix, and after a crash the directory entry is durable too.
+// around (maps, mapfiles), and the `-` convention. An atomic save goes
+// through OutputSink: a reader sees the old file or the new one, never a
+// mix, and after a crash the directory entry is durable too.
 
-import CShim
 import Glibc
 
 /// Where a tool's output goes: a file saved atomically, or standard output.
@@ -95,47 +92,9 @@ public func readWholeFile(_ path: String, limit: Int = 1 << 40) throws -> [UInt8
 
 /// Saves `parts` to `path` atomically (temp file, fsync, rename, fsync dir).
 public func writeFileAtomically(_ path: String, _ parts: [UnsafeRawBufferPointer]) throws {
-  let (directory, base) = splitPath(path)
-  var template = Array("\(directory)/.\(base).XXXXXX".utf8CString)
-  let fd = template.withUnsafeMutableBufferPointer { dr_mkostemp($0.baseAddress!, O_CLOEXEC) }
-  guard fd >= 0 else { throw ToolkitError.path(path, "cannot create a temporary file: \(Errno.current)") }
-  let tempPath = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-  var renamed = false
-  defer {
-    if !renamed { unlink(tempPath) }
-  }
-  do {
-    defer { Sys.close(fd) }
-    // Keep the mode of a file we replace; new files get 0644 less umask.
-    var st = stat()
-    if stat(path, &st) == 0 {
-      fchmod(fd, st.st_mode & 0o7777)
-    } else {
-      let mask = umask(0)
-      umask(mask)
-      fchmod(fd, 0o644 & ~mask)
-    }
-    for part in parts {
-      guard let p = part.baseAddress, part.count > 0 else { continue }
-      if case .failure(let e) = writeFull(fd, p, part.count) {
-        throw ToolkitError.path(path, "write failed: \(e)")
-      }
-    }
-    if case .failure(let e) = Sys.fsync(fd) {
-      throw ToolkitError.path(path, "cannot make the file durable: \(e)")
-    }
-  }
-  guard rename(tempPath, path) == 0 else {
-    throw ToolkitError.path(path, "cannot replace the file: \(Errno.current)")
-  }
-  renamed = true
-  let dfd = Glibc.open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-  if dfd >= 0 {
-    defer { Sys.close(dfd) }
-    if case .failure(let e) = Sys.fsync(dfd) {
-      throw ToolkitError.path(directory, "cannot make the directory entry durable: \(e)")
-    }
-  }
+  let sink = try OutputSink(.file(path), what: "file")
+  for part in parts { try sink.write(part) }
+  try sink.finish()
 }
 
 func splitPath(_ path: String) -> (directory: String, base: String) {

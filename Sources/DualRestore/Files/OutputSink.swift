@@ -28,9 +28,15 @@ public final class OutputSink {
       guard d >= 0 else { throw ToolkitError.path(path, "cannot create a temporary file: \(Errno.current)") }
       fd = d
       tempPath = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-      let mask = umask(0)
-      umask(mask)
-      fchmod(fd, 0o644 & ~mask)
+      // Keep the mode of a file being replaced; new files get 0644 less umask.
+      var st = stat()
+      if stat(path, &st) == 0 {
+        fchmod(fd, st.st_mode & 0o7777)
+      } else {
+        let mask = umask(0)
+        umask(mask)
+        fchmod(fd, 0o644 & ~mask)
+      }
     }
   }
 
