@@ -1,0 +1,203 @@
+// The NBD protocol's wire constants and fixed layouts, in one place
+// (NetworkBlockDevice/nbd doc/proto.md). Everything on the wire is
+// big-endian. Only the fixed newstyle handshake is spoken.
+//
+// Handshake, server first:
+//   S: "NBDMAGIC" (8) | "IHAVEOPT" (8) | handshake flags (u16)
+//   C: client flags (u32)
+//   C: "IHAVEOPT" (8) | option (u32) | length (u32) | data
+//   S: 0x3e889045565a9 (u64) | option (u32) | reply type (u32) | length (u32) | data
+//   ... until EXPORT_NAME (answered by size u64, transmission flags u16 and,
+//   without NO_ZEROES, 124 zero bytes) or an acknowledged GO.
+// Transmission:
+//   C: request magic 0x25609513 (u32) | command flags (u16) | type (u16) |
+//      cookie (u64) | offset (u64) | length (u32)             = 28 bytes
+//      (followed by `length` bytes of data for WRITE)
+//   S: simple reply magic 0x67446698 (u32) | error (u32) | cookie (u64)
+//                                                             = 16 bytes
+//      (followed by `length` bytes of data for a successful READ)
+
+public enum NBD {
+  public static let initMagic: UInt64 = 0x4e42_444d_4147_4943  // "NBDMAGIC"
+  public static let optionMagic: UInt64 = 0x4948_4156_454f_5054  // "IHAVEOPT"
+  public static let optionReplyMagic: UInt64 = 0x3_e889_0455_65a9
+  public static let requestMagic: UInt32 = 0x2560_9513
+  public static let simpleReplyMagic: UInt32 = 0x6744_6698
+  public static let defaultPort: UInt16 = 10809
+
+  // Handshake flags (server) and client flags.
+  public static let flagFixedNewstyle: UInt16 = 1 << 0
+  public static let flagNoZeroes: UInt16 = 1 << 1
+  public static let clientFlagFixedNewstyle: UInt32 = 1 << 0
+  public static let clientFlagNoZeroes: UInt32 = 1 << 1
+
+  // Options.
+  public static let optExportName: UInt32 = 1
+  public static let optAbort: UInt32 = 2
+  public static let optList: UInt32 = 3
+  public static let optStartTLS: UInt32 = 5
+  public static let optInfo: UInt32 = 6
+  public static let optGo: UInt32 = 7
+  public static let optStructuredReply: UInt32 = 8
+
+  // Option replies.
+  public static let repAck: UInt32 = 1
+  public static let repServer: UInt32 = 2
+  public static let repInfo: UInt32 = 3
+  public static let repErrUnsupported: UInt32 = 0x8000_0001
+  public static let repErrPolicy: UInt32 = 0x8000_0002
+  public static let repErrInvalid: UInt32 = 0x8000_0003
+  public static let repErrUnknown: UInt32 = 0x8000_0006
+  public static let repErrShutdown: UInt32 = 0x8000_0007
+
+  // NBD_REP_INFO kinds.
+  public static let infoExport: UInt16 = 0
+  public static let infoName: UInt16 = 1
+  public static let infoDescription: UInt16 = 2
+  public static let infoBlockSize: UInt16 = 3
+
+  // Transmission flags.
+  public static let flagHasFlags: UInt16 = 1 << 0
+  public static let flagReadOnly: UInt16 = 1 << 1
+  public static let flagSendFlush: UInt16 = 1 << 2
+  public static let flagSendFUA: UInt16 = 1 << 3
+  public static let flagSendTrim: UInt16 = 1 << 5
+  public static let flagSendWriteZeroes: UInt16 = 1 << 6
+  public static let flagCanMultiConn: UInt16 = 1 << 8
+
+  // Commands and their flags.
+  public static let cmdRead: UInt16 = 0
+  public static let cmdWrite: UInt16 = 1
+  public static let cmdDisconnect: UInt16 = 2
+  public static let cmdFlush: UInt16 = 3
+  public static let cmdTrim: UInt16 = 4
+  public static let cmdCache: UInt16 = 5
+  public static let cmdWriteZeroes: UInt16 = 6
+  public static let cmdBlockStatus: UInt16 = 7
+  public static let cmdFlagFUA: UInt16 = 1 << 0
+  public static let cmdFlagNoHole: UInt16 = 1 << 1
+  public static let cmdFlagFastZero: UInt16 = 1 << 4
+
+  // Error numbers on the wire (the protocol's, not the host's).
+  public static let errPerm: UInt32 = 1
+  public static let errIO: UInt32 = 5
+  public static let errNoMem: UInt32 = 12
+  public static let errInvalid: UInt32 = 22
+  public static let errNoSpace: UInt32 = 28
+  public static let errOverflow: UInt32 = 75
+  public static let errNotSupported: UInt32 = 95
+  public static let errShutdown: UInt32 = 108
+
+  public static let requestLength = 28
+  public static let simpleReplyLength = 16
+  /// The largest READ or WRITE this toolkit sends or accepts.
+  public static let maximumPayload = 32 << 20
+  /// Longest export name or option payload accepted in the handshake.
+  public static let maximumOptionLength = 65536
+}
+
+/// Big-endian loads and stores for the wire layouts.
+extension UnsafeMutableRawPointer {
+  @inline(__always) func storeBE<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+    storeBytes(of: value.bigEndian, toByteOffset: offset, as: T.self)
+  }
+}
+
+extension UnsafeRawPointer {
+  @inline(__always) func loadBE<T: FixedWidthInteger>(at offset: Int, as: T.Type) -> T {
+    T(bigEndian: loadUnaligned(fromByteOffset: offset, as: T.self))
+  }
+}
+
+extension UnsafeMutableRawPointer {
+  @inline(__always) func loadBE<T: FixedWidthInteger>(at offset: Int, as: T.Type) -> T {
+    T(bigEndian: loadUnaligned(fromByteOffset: offset, as: T.self))
+  }
+}
+
+/// An NBD URI: `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`.
+public struct NBDURI: Equatable, Sendable, CustomStringConvertible {
+  public enum Endpoint: Equatable, Sendable {
+    case tcp(host: String, port: UInt16)
+    case unix(path: String)
+  }
+
+  public var endpoint: Endpoint
+  public var exportName: String
+  public let text: String
+
+  public var description: String { text }
+
+  /// Whether `text` looks like an NBD URI rather than a path.
+  public static func isURI(_ text: String) -> Bool {
+    text.hasPrefix("nbd://") || text.hasPrefix("nbd+unix://") || text.hasPrefix("nbds://")
+      || text.hasPrefix("nbds+unix://")
+  }
+
+  public init(_ text: String) throws {
+    self.text = text
+    func fail(_ why: String) -> ToolkitError { ToolkitError("\(text): \(why)") }
+    if text.hasPrefix("nbds://") || text.hasPrefix("nbds+unix://") {
+      throw fail("NBD over TLS (nbds) is not supported yet; use nbd:// or nbd+unix://")
+    }
+    if text.hasPrefix("nbd+unix://") {
+      var rest = Substring(text.dropFirst("nbd+unix://".count))
+      // An authority is not allowed: nbd+unix:///export?socket=PATH
+      guard rest.hasPrefix("/") else { throw fail("expected nbd+unix:///EXPORT?socket=PATH") }
+      rest = rest.dropFirst()
+      guard let q = rest.firstIndex(of: "?") else { throw fail("the socket=PATH query is missing") }
+      let export = String(rest[..<q])
+      var socket: String?
+      for pair in rest[rest.index(after: q)...].split(separator: "&") {
+        let kv = pair.split(separator: "=", maxSplits: 1)
+        if kv.count == 2 && kv[0] == "socket" { socket = NBDURI.percentDecode(String(kv[1])) }
+      }
+      guard let socket, !socket.isEmpty else { throw fail("the socket=PATH query is missing") }
+      endpoint = .unix(path: socket)
+      exportName = NBDURI.percentDecode(export)
+      return
+    }
+    guard text.hasPrefix("nbd://") else { throw fail("not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)") }
+    let rest = Substring(text.dropFirst("nbd://".count))
+    let slash = rest.firstIndex(of: "/") ?? rest.endIndex
+    var authority = rest[..<slash]
+    let export = slash < rest.endIndex ? String(rest[rest.index(after: slash)...]) : ""
+    var port = NBD.defaultPort
+    var host: Substring
+    if authority.hasPrefix("[") {
+      guard let close = authority.firstIndex(of: "]") else { throw fail("unclosed [ in the host") }
+      host = authority[authority.index(after: authority.startIndex)..<close]
+      authority = authority[authority.index(after: close)...]
+      if authority.hasPrefix(":") {
+        guard let p = UInt16(authority.dropFirst()) else { throw fail("bad port") }
+        port = p
+      }
+    } else if let colon = authority.lastIndex(of: ":") {
+      host = authority[..<colon]
+      guard let p = UInt16(authority[authority.index(after: colon)...]) else { throw fail("bad port") }
+      port = p
+    } else {
+      host = authority
+    }
+    guard !host.isEmpty else { throw fail("the host is missing") }
+    endpoint = .tcp(host: String(host), port: port)
+    exportName = NBDURI.percentDecode(export)
+  }
+
+  static func percentDecode(_ s: String) -> String {
+    var out: [UInt8] = []
+    var bytes = Array(s.utf8)[...]
+    while let b = bytes.first {
+      bytes = bytes.dropFirst()
+      if b == UInt8(ascii: "%"), bytes.count >= 2,
+        let v = UInt8(String(decoding: bytes.prefix(2), as: UTF8.self), radix: 16)
+      {
+        out.append(v)
+        bytes = bytes.dropFirst(2)
+      } else {
+        out.append(b)
+      }
+    }
+    return String(decoding: out, as: UTF8.self)
+  }
+}

@@ -1,0 +1,220 @@
+// Stream sockets for NBD: Unix domain and TCP, connect and listen, with full
+// reads and writes and optional time limits. TCP listens on 127.0.0.1 unless
+// told otherwise.
+
+import Glibc
+
+public final class Socket: @unchecked Sendable {
+  public let fd: Int32
+  public let peer: String
+
+  init(fd: Int32, peer: String) {
+    self.fd = fd
+    self.peer = peer
+  }
+
+  deinit { Glibc.close(fd) }
+
+  /// Shuts the connection down both ways; blocked readers wake with end of input.
+  public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+
+  /// Connects to an NBD URI's endpoint.
+  public static func connect(_ endpoint: NBDURI.Endpoint, timeout: Double? = nil) throws -> Socket {
+    switch endpoint {
+    case .unix(let path):
+      let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+      guard fd >= 0 else { throw ToolkitError.path(path, "cannot create a socket: \(Errno.current)") }
+      var address = try unixAddress(path)
+      let rc = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+          Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+        }
+      }
+      if rc != 0 {
+        let e = Errno.current
+        Glibc.close(fd)
+        throw ToolkitError.path(path, "cannot connect: \(e)")
+      }
+      let s = Socket(fd: fd, peer: path)
+      if let timeout { s.setTimeout(timeout) }
+      return s
+    case .tcp(let host, let port):
+      var hints = addrinfo()
+      hints.ai_family = AF_UNSPEC
+      hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+      var list: UnsafeMutablePointer<addrinfo>?
+      let rc = getaddrinfo(host, String(port), &hints, &list)
+      guard rc == 0, let first = list else {
+        throw ToolkitError("\(host):\(port): cannot resolve: \(String(cString: gai_strerror(rc)))")
+      }
+      defer { freeaddrinfo(list) }
+      var lastError = Errno(ECONNREFUSED)
+      var entry: UnsafeMutablePointer<addrinfo>? = first
+      while let ai = entry {
+        let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
+        if fd >= 0 {
+          if Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 {
+            var one: Int32 = 1
+            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            let s = Socket(fd: fd, peer: "\(host):\(port)")
+            if let timeout { s.setTimeout(timeout) }
+            return s
+          }
+          lastError = .current
+          Glibc.close(fd)
+        }
+        entry = ai.pointee.ai_next
+      }
+      throw ToolkitError("\(host):\(port): cannot connect: \(lastError)")
+    }
+  }
+
+  /// Limits how long one read or write may block (0: no limit).
+  public func setTimeout(_ seconds: Double) {
+    var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+  }
+
+  /// Reads exactly `count` bytes; throws at end of input or on error.
+  public func read(into buffer: UnsafeMutableRawPointer, count: Int) throws {
+    switch readFull(fd, buffer, count) {
+    case .success(let n) where n == count: return
+    case .success: throw ToolkitError("\(peer): connection closed")
+    case .failure(let e) where e.rawValue == EAGAIN || e.rawValue == EWOULDBLOCK:
+      throw ToolkitError("\(peer): timed out")
+    case .failure(let e): throw ToolkitError("\(peer): \(e)")
+    }
+  }
+
+  /// Writes all of `count` bytes.
+  public func write(_ buffer: UnsafeRawPointer, count: Int) throws {
+    var done = 0
+    while done < count {
+      let n = send(fd, buffer + done, count - done, Int32(MSG_NOSIGNAL))
+      if n < 0 {
+        if errno == EINTR { continue }
+        if errno == EAGAIN || errno == EWOULDBLOCK { throw ToolkitError("\(peer): timed out") }
+        throw ToolkitError("\(peer): \(Errno.current)")
+      }
+      done += n
+    }
+  }
+
+  public func write(_ bytes: [UInt8]) throws {
+    try bytes.withUnsafeBytes { raw in
+      guard let base = raw.baseAddress else { return }
+      try write(base, count: raw.count)
+    }
+  }
+
+  static func unixAddress(_ path: String) throws -> sockaddr_un {
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    let capacity = MemoryLayout.size(ofValue: address.sun_path)
+    guard bytes.count < capacity else { throw ToolkitError.path(path, "socket path longer than \(capacity - 1) bytes") }
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+      for (i, b) in bytes.enumerated() { raw[i] = b }
+      raw[bytes.count] = 0
+    }
+    return address
+  }
+}
+
+/// A listening socket.
+public final class Listener: @unchecked Sendable {
+  public let fd: Int32
+  public let name: String
+  private let unixPath: String?
+
+  deinit {
+    Glibc.close(fd)
+    if let unixPath { unlink(unixPath) }
+  }
+
+  /// Listens on a Unix socket at `path` (a stale socket file is replaced).
+  public init(unixPath path: String) throws {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { throw ToolkitError.path(path, "cannot create a socket: \(Errno.current)") }
+    var st = stat()
+    if lstat(path, &st) == 0 {
+      guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+        Glibc.close(fd)
+        throw ToolkitError.path(path, "exists and is not a socket")
+      }
+      unlink(path)
+    }
+    var address = try Socket.unixAddress(path)
+    let rc = withUnsafePointer(to: &address) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+      }
+    }
+    guard rc == 0, Glibc.listen(fd, 64) == 0 else {
+      let e = Errno.current
+      Glibc.close(fd)
+      throw ToolkitError.path(path, "cannot listen: \(e)")
+    }
+    self.fd = fd
+    self.name = path
+    self.unixPath = path
+  }
+
+  /// Listens on TCP `host:port` (host 127.0.0.1 when empty; port 0 picks one).
+  public init(host: String, port: UInt16) throws {
+    var hints = addrinfo()
+    hints.ai_family = AF_UNSPEC
+    hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+    hints.ai_flags = AI_PASSIVE
+    var list: UnsafeMutablePointer<addrinfo>?
+    let h = host.isEmpty ? "127.0.0.1" : host
+    let rc = getaddrinfo(h, String(port), &hints, &list)
+    guard rc == 0, let ai = list else {
+      throw ToolkitError("\(h):\(port): cannot resolve: \(String(cString: gai_strerror(rc)))")
+    }
+    defer { freeaddrinfo(list) }
+    let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
+    guard fd >= 0 else { throw ToolkitError("\(h):\(port): cannot create a socket: \(Errno.current)") }
+    var one: Int32 = 1
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+    guard bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0, Glibc.listen(fd, 64) == 0 else {
+      let e = Errno.current
+      Glibc.close(fd)
+      throw ToolkitError("\(h):\(port): cannot listen: \(e)")
+    }
+    self.fd = fd
+    self.unixPath = nil
+    var bound = sockaddr_storage()
+    var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+    var actualPort = port
+    withUnsafeMutablePointer(to: &bound) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = getsockname(fd, $0, &length) }
+    }
+    if bound.ss_family == sa_family_t(AF_INET) {
+      actualPort = withUnsafePointer(to: &bound) {
+        $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) }
+      }
+    } else if bound.ss_family == sa_family_t(AF_INET6) {
+      actualPort = withUnsafePointer(to: &bound) {
+        $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) }
+      }
+    }
+    self.name = "\(h):\(actualPort)"
+  }
+
+  /// Waits for the next connection.
+  public func accept() throws -> Socket {
+    while true {
+      let c = Glibc.accept(fd, nil, nil)
+      if c >= 0 {
+        _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+        var one: Int32 = 1
+        setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        return Socket(fd: c, peer: "client of \(name)")
+      }
+      if errno == EINTR || errno == ECONNABORTED { continue }
+      throw ToolkitError("\(name): accept failed: \(Errno.current)")
+    }
+  }
+}
