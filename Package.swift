@@ -9,6 +9,7 @@ let package = Package(
     .executable(name: "bitmap-diff", targets: ["bitmap-diff"]),
     .executable(name: "snapshot", targets: ["snapshot"]),
     .executable(name: "merge-snapshot", targets: ["merge-snapshot"]),
+    .executable(name: "restore-read-through", targets: ["restore-read-through"]),
     .library(name: "DualRestore", targets: ["DualRestore"]),
   ],
   dependencies: [
@@ -58,6 +59,12 @@ let package = Package(
       ]),
     .executableTarget(
       name: "merge-snapshot",
+      dependencies: [
+        "DualRestore", "ToolSupport",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]),
+    .executableTarget(
+      name: "restore-read-through",
       dependencies: [
         "DualRestore", "ToolSupport",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),

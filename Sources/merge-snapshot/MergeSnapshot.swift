@@ -15,7 +15,9 @@ struct MergeSnapshot: ParsableCommand {
     discussion: """
       Reads a stream made by snapshot (dualrestore-stream(5)) from standard \
       input, or from -i STREAM, and writes its blocks to TARGET, an image \
-      file or a block device of the stream's size. With --map, a block the \
+      file or a block device of the stream's size, or the `merge` export of a \
+      running restore-read-through (nbd+unix:///merge?socket=PATH or \
+      nbd://HOST:PORT/merge), which keeps the map itself. With --map, a block the \
       map marks current is never overwritten: it holds data newer than the \
       stream's. Every block written is then marked current; the target is \
       made durable (fdatasync) before the map records it, at checkpoints and \
@@ -100,12 +102,21 @@ struct MergeSnapshot: ParsableCommand {
 
     var loaded: BlockMap? = nil
     if let map { loaded = try MapFile.load(map) }
-    let device: Device?
-    if let target {
-      device = try Device(path: target, options: DeviceOpenOptions(writable: !dryRun))
-      if let m = loaded, m.geometry.deviceSize != device?.size {
-        throw ToolkitError("\(map ?? "") describes \(m.geometry.deviceSize) bytes but \(target) has \(device?.size ?? 0) bytes")
+    let device: BlockTarget?
+    if let target, NBDURI.isURI(target) {
+      // The `merge` export of a running restore-read-through: the server
+      // keeps the overwrite map and decides, under its block locks, which
+      // blocks are current.
+      if map != nil {
+        throw ToolkitError("\(target) is an NBD export; the server there keeps the overwrite map, so drop --map")
       }
+      device = try NBDClient(uri: target, timeout: 60)
+    } else if let target {
+      let d = try Device(path: target, options: DeviceOpenOptions(writable: !dryRun))
+      if let m = loaded, m.geometry.deviceSize != d.size {
+        throw ToolkitError("\(map ?? "") describes \(m.geometry.deviceSize) bytes but \(target) has \(d.size) bytes")
+      }
+      device = d
     } else {
       device = nil
     }
@@ -150,6 +161,13 @@ struct MergeSnapshot: ParsableCommand {
       printError(
         "merge-snapshot: stream \(id) verified: \(s.written) data and \(s.zero) zero blocks, "
           + "\(formatBytes(s.bytesWritten)) of blocks in \(formatBytes(s.streamBytes)) of stream, complete")
+      return
+    }
+    if let target, NBDURI.isURI(target) {
+      printError(
+        "merge-snapshot: stream \(id): sent \(s.written) blocks and \(s.zero) zero blocks "
+          + "(\(formatBytes(s.bytesWritten))) to \(target); the server writes those its map does not mark current, "
+          + "\(formatFixed(s.seconds, digits: 2)) s")
       return
     }
     printError(

@@ -203,6 +203,9 @@ public final class Listener: @unchecked Sendable {
     self.name = "\(h):\(actualPort)"
   }
 
+  /// Makes a blocked `accept` return, for a shutdown.
+  public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+
   /// Waits for the next connection.
   public func accept() throws -> Socket {
     while true {

@@ -55,7 +55,7 @@ public enum Merger {
   /// Merges the stream from `reader` into `target` (nil with `.check`),
   /// through `map` saved at `mapPath` (both nil without a map).
   public static func merge(
-    _ reader: StreamReader, into target: Device?, map: inout BlockMap?, mapPath: String?, options: Options,
+    _ reader: StreamReader, into target: BlockTarget?, map: inout BlockMap?, mapPath: String?, options: Options,
     warn: (String) -> Void
   ) throws -> Summary {
     let started = Instant.now()
@@ -149,7 +149,7 @@ public enum Merger {
             while runEnd < end && !isCurrent(runEnd) { runEnd += 1 }
             let (offset, length) = geometry.byteRange(blocks: b, count: runEnd - b)
             if writing, let target {
-              try writeZeros(target, offset: offset, length: length, zeros: zeros)
+              try target.writeZeros(offset: offset, length: length, scratch: zeros)
               note(b..<runEnd)
             }
             summary.zero += runEnd - b
@@ -184,12 +184,12 @@ public enum Merger {
 
   /// Size, time and base checks, before anything is written.
   static func checkFits(
-    _ header: StreamFormat.Header, reader: StreamReader, target: Device?, map: BlockMap?, options: Options,
+    _ header: StreamFormat.Header, reader: StreamReader, target: BlockTarget?, map: BlockMap?, options: Options,
     summary: inout Summary, warn: (String) -> Void
   ) throws {
     if let target, target.size != header.geometry.deviceSize {
       throw ToolkitError(
-        "\(reader.name) is a stream of a \(header.geometry.deviceSize)-byte device but \(target.path) has \(target.size) bytes")
+        "\(reader.name) is a stream of a \(header.geometry.deviceSize)-byte device but \(target.name) has \(target.size) bytes")
     }
     guard let map else {
       if header.isIncremental && options.mode != .check {
@@ -233,5 +233,23 @@ public enum Merger {
       try target.write(UnsafeRawBufferPointer(zeros.slice(0, n)), at: offset + done)
       done += UInt64(n)
     }
+  }
+}
+
+/// What a merge writes to: an image file or block device, or an NBD export
+/// (such as the `merge` export of a running restore-read-through).
+public protocol BlockTarget: AnyObject {
+  var name: String { get }
+  var size: UInt64 { get }
+  func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws
+  /// Zeros a byte range; `scratch` is a buffer of zeros to write from.
+  func writeZeros(offset: UInt64, length: UInt64, scratch: AlignedBuffer) throws
+  /// Makes every completed write durable.
+  func sync() throws
+}
+
+extension Device: BlockTarget {
+  public func writeZeros(offset: UInt64, length: UInt64, scratch: AlignedBuffer) throws {
+    try Merger.writeZeros(self, offset: offset, length: length, zeros: scratch)
   }
 }

@@ -11,7 +11,7 @@ private final class ThreadBody: Sendable {
 }
 
 /// Runs `body` on a new detached thread.
-func startThread(_ body: @escaping @Sendable () -> Void) {
+public func startThread(_ body: @escaping @Sendable () -> Void) {
   let context = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
   var thread = pthread_t()
   let rc = pthread_create(

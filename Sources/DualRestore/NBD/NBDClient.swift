@@ -1,0 +1,888 @@
+// An NBD client: one connection to one export, shared by many threads.
+//
+// Invariants:
+// - Requests go out whole: a lock serialises each header and its payload,
+//   and the header buffer under that lock is reused, so a request allocates
+//   nothing on the heap once the slot table has grown to the concurrency.
+// - One reader thread per connection reads simple replies and hands each to
+//   the request waiting on its cookie; a READ's data lands straight in the
+//   caller's buffer. A caller's buffer is touched by the reader only while
+//   its slot is `.receiving`, and the caller does not return before that
+//   state has ended.
+// - A connection that breaks (end of input, a socket error, a reply with a
+//   bad magic or an unknown cookie, a request that timed out) fails every
+//   request waiting on it and is never used again. The next request
+//   connects anew, after an exponential backoff, within its own time limit;
+//   the export must keep its size.
+// - Every request ends within `timeout` seconds of its start (connecting
+//   again included), except for a TCP connect(2) to an unreachable host,
+//   which the kernel bounds.
+// - Ranges past the end of the export, and writes to a read-only export,
+//   are refused before anything is sent.
+
+import Dispatch
+import Glibc
+
+public final class NBDClient: BlockSource, @unchecked Sendable {
+  public let uri: NBDURI
+  /// The URI as given.
+  public let name: String
+  public let size: UInt64
+  /// Transmission flags of the first connection.
+  public let flags: UInt16
+  /// The server's block size constraints (1, 4096 and nil when not told).
+  public let minimumBlockSize: Int
+  public let preferredBlockSize: Int
+  public let maximumBlockSize: Int?
+  /// The longest READ or WRITE sent; longer ones are split.
+  public let maximumRequest: Int
+  /// Seconds one request may take, reconnecting included.
+  public let timeout: Double
+
+  public var isReadOnly: Bool { flags & NBD.flagReadOnly != 0 }
+  public var canFlush: Bool { flags & NBD.flagSendFlush != 0 }
+  public var canFUA: Bool { flags & NBD.flagSendFUA != 0 }
+  public var canTrim: Bool { flags & NBD.flagSendTrim != 0 }
+  public var canWriteZeroes: Bool { flags & NBD.flagSendWriteZeroes != 0 }
+
+  /// How many times a broken connection was replaced.
+  public var reconnects: Int { state.withLock { reconnectCount } }
+
+  // Guarded by `state`.
+  private let state = NBDClientLock()
+  private var connection: NBDClientConnection?
+  private var connecting = false
+  private var isClosed = false
+  private var reconnectCount = 0
+  private var backoff = NBDClient.initialBackoff
+  private var nextAttempt = 0.0
+  private var lastConnectError: String?
+
+  static let initialBackoff = 0.1
+  static let maximumBackoff = 5.0
+  /// TRIM and WRITE_ZEROES carry no payload; they are split at this length.
+  static let maximumRangeRequest = 1 << 30
+  /// Chunks of one split READ or WRITE in flight at once.
+  static let splitWindow = 8
+
+  /// Connects to `uri` (nbd://HOST[:PORT]/EXPORT or
+  /// nbd+unix:///EXPORT?socket=PATH) and negotiates the export.
+  public init(uri text: String, timeout: Double = 30) throws {
+    let uri = try NBDURI(text)
+    guard timeout > 0, timeout.isFinite else { throw ToolkitError("\(text): the time limit must be positive") }
+    let connection: NBDClientConnection
+    let export: NBDClientExport
+    do {
+      (connection, export) = try NBDClientConnection.open(uri, deadline: monotonicSeconds() + timeout, timeout: timeout)
+    } catch let failure as NBDClientFailure {
+      throw ToolkitError("\(text): \(failure.cause)")
+    }
+    self.uri = uri
+    self.name = text
+    self.timeout = timeout
+    self.size = export.size
+    self.flags = export.flags
+    self.minimumBlockSize = Int(export.minimum ?? 1)
+    self.preferredBlockSize = Int(export.preferred ?? 4096)
+    self.maximumBlockSize = export.maximum.map { Int($0) }
+    var limit = min(maximumBlockSize ?? NBD.maximumPayload, NBD.maximumPayload)
+    if limit >= minimumBlockSize { limit -= limit % minimumBlockSize }
+    self.maximumRequest = max(limit, 1)
+    self.connection = connection
+    connection.startReader()
+  }
+
+  deinit { close() }
+
+  /// Sends NBD_CMD_DISC and drops the connection; later requests fail.
+  public func close() {
+    state.lock()
+    if isClosed {
+      state.unlock()
+      return
+    }
+    isClosed = true
+    let c = connection
+    connection = nil
+    state.broadcast()
+    state.unlock()
+    c?.disconnect()
+  }
+
+  // MARK: Requests
+
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+    try checkRange(NBD.cmdRead, offset: offset, length: buffer.count)
+    try transfer(NBD.cmdRead, flags: 0, offset: offset, length: buffer.count, into: base, from: nil)
+  }
+
+  /// Writes all of `buffer` at `offset`; with `fua`, durably before returning.
+  public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool = false) throws {
+    guard let base = buffer.baseAddress, buffer.count > 0 else { return }
+    try checkRange(NBD.cmdWrite, offset: offset, length: buffer.count)
+    try checkWritable(NBD.cmdWrite, offset: offset, length: buffer.count)
+    let flags = fua && canFUA ? NBD.cmdFlagFUA : 0
+    try transfer(NBD.cmdWrite, flags: flags, offset: offset, length: buffer.count, into: nil, from: base)
+    if fua && !canFUA { try flush() }
+  }
+
+  /// Makes completed writes durable. Without NBD_FLAG_SEND_FLUSH the server
+  /// has no write cache to flush, and nothing is sent.
+  public func flush() throws {
+    guard canFlush else { return }
+    try request(NBD.cmdFlush, flags: 0, offset: 0, length: 0, into: nil, from: nil)
+  }
+
+  /// Tells the server that a range is no longer needed (advisory: nothing is
+  /// sent when the server cannot trim). Its content is undefined afterwards.
+  public func trim(offset: UInt64, length: UInt64) throws {
+    guard length > 0 else { return }
+    try checkRange(NBD.cmdTrim, offset: offset, length: length)
+    try checkWritable(NBD.cmdTrim, offset: offset, length: length)
+    guard canTrim else { return }
+    try ranged(NBD.cmdTrim, flags: 0, offset: offset, length: length)
+  }
+
+  /// Makes a range read as zeroes; WRITEs of zeroes when the server has no
+  /// WRITE_ZEROES.
+  public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool = false) throws {
+    guard length > 0 else { return }
+    try checkRange(NBD.cmdWriteZeroes, offset: offset, length: length)
+    try checkWritable(NBD.cmdWriteZeroes, offset: offset, length: length)
+    if canWriteZeroes {
+      try ranged(NBD.cmdWriteZeroes, flags: fua && canFUA ? NBD.cmdFlagFUA : 0, offset: offset, length: length)
+      if fua && !canFUA { try flush() }
+      return
+    }
+    let chunk = Int(min(length, UInt64(maximumRequest), 1 << 20))
+    let zeroes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+    defer { zeroes.deallocate() }
+    zeroes.initializeMemory(as: UInt8.self, repeating: 0)
+    var done: UInt64 = 0
+    while done < length {
+      let n = Int(min(UInt64(chunk), length - done))
+      try transfer(
+        NBD.cmdWrite, flags: 0, offset: offset + done, length: n, into: nil, from: UnsafeRawPointer(zeroes.baseAddress!))
+      done += UInt64(n)
+    }
+    if fua { try flush() }
+  }
+
+  /// The whole export is data: block status is not asked for.
+  public func dataRegion(at offset: UInt64) -> (isData: Bool, end: UInt64) { (true, size) }
+
+  // MARK: Checks and messages
+
+  private func describe(_ command: UInt16, offset: UInt64, length: UInt64) -> String {
+    switch command {
+    case NBD.cmdRead: return "read of \(length) bytes at \(offset)"
+    case NBD.cmdWrite: return "write of \(length) bytes at \(offset)"
+    case NBD.cmdFlush: return "flush"
+    case NBD.cmdTrim: return "trim of \(length) bytes at \(offset)"
+    case NBD.cmdWriteZeroes: return "write of \(length) zero bytes at \(offset)"
+    default: return "command \(command) of \(length) bytes at \(offset)"
+    }
+  }
+
+  private func checkRange(_ command: UInt16, offset: UInt64, length: Int) throws {
+    try checkRange(command, offset: offset, length: UInt64(length))
+  }
+
+  private func checkRange(_ command: UInt16, offset: UInt64, length: UInt64) throws {
+    let (end, overflow) = offset.addingReportingOverflow(length)
+    if overflow || end > size {
+      throw ToolkitError(
+        "\(name): \(describe(command, offset: offset, length: length)) is past the end of the export (\(size) bytes)")
+    }
+  }
+
+  private func checkWritable(_ command: UInt16, offset: UInt64, length: UInt64) throws {
+    if isReadOnly {
+      throw ToolkitError("\(name): \(describe(command, offset: offset, length: length)) refused: the export is read-only")
+    }
+  }
+
+  private func checkWritable(_ command: UInt16, offset: UInt64, length: Int) throws {
+    try checkWritable(command, offset: offset, length: UInt64(length))
+  }
+
+  /// The sentence for a request that failed: the server's error or the
+  /// connection's failure.
+  private func failure(
+    _ command: UInt16, offset: UInt64, length: Int, serverError: UInt32, cause: String?
+  ) -> ToolkitError {
+    let what = describe(command, offset: offset, length: UInt64(length))
+    if let cause { return ToolkitError("\(name): \(what) failed: \(cause)") }
+    return ToolkitError("\(name): \(what) failed: \(NBDClient.errorText(serverError))")
+  }
+
+  // MARK: Sending and waiting
+
+  /// A READ or WRITE, split at `maximumRequest` with a few chunks in flight.
+  private func transfer(
+    _ command: UInt16, flags: UInt16, offset: UInt64, length: Int,
+    into: UnsafeMutableRawPointer?, from: UnsafeRawPointer?
+  ) throws {
+    if length <= maximumRequest {
+      try request(command, flags: flags, offset: offset, length: length, into: into, from: from)
+      return
+    }
+    var inFlight: [(connection: NBDClientConnection, slot: NBDClientSlot, deadline: Double, offset: UInt64, length: Int)] = []
+    inFlight.reserveCapacity(NBDClient.splitWindow)
+    var head = 0
+    var done = 0
+    var firstError: Error?
+    while done < length || head < inFlight.count {
+      if firstError == nil && done < length && inFlight.count - head < NBDClient.splitWindow {
+        let n = min(maximumRequest, length - done)
+        let deadline = monotonicSeconds() + timeout
+        do {
+          let (c, slot) = try submit(
+            command, flags: flags, offset: offset + UInt64(done), length: n,
+            into: into.map { $0 + done }, from: from.map { $0 + done }, deadline: deadline)
+          inFlight.append((c, slot, deadline, offset + UInt64(done), n))
+        } catch {
+          firstError = error
+        }
+        done += n
+        continue
+      }
+      if head == inFlight.count { break }
+      let entry = inFlight[head]
+      head += 1
+      let (serverError, cause) = entry.connection.finish(entry.slot, deadline: entry.deadline, timeout: timeout)
+      if firstError == nil && (serverError != 0 || cause != nil) {
+        firstError = failure(command, offset: entry.offset, length: entry.length, serverError: serverError, cause: cause)
+      }
+    }
+    if let firstError { throw firstError }
+  }
+
+  /// TRIM or WRITE_ZEROES, split at `maximumRangeRequest`.
+  private func ranged(_ command: UInt16, flags: UInt16, offset: UInt64, length: UInt64) throws {
+    var done: UInt64 = 0
+    while done < length {
+      let n = Int(min(UInt64(NBDClient.maximumRangeRequest), length - done))
+      try request(command, flags: flags, offset: offset + done, length: n, into: nil, from: nil)
+      done += UInt64(n)
+    }
+  }
+
+  /// One request on the wire, waited for.
+  private func request(
+    _ command: UInt16, flags: UInt16, offset: UInt64, length: Int,
+    into: UnsafeMutableRawPointer?, from: UnsafeRawPointer?
+  ) throws {
+    let deadline = monotonicSeconds() + timeout
+    let (c, slot) = try submit(
+      command, flags: flags, offset: offset, length: length, into: into, from: from, deadline: deadline)
+    let (serverError, cause) = c.finish(slot, deadline: deadline, timeout: timeout)
+    if serverError != 0 || cause != nil {
+      throw failure(command, offset: offset, length: length, serverError: serverError, cause: cause)
+    }
+  }
+
+  /// Registers and sends one request, connecting again first when the
+  /// connection is gone. A request that could not be sent whole was not
+  /// seen by the server and is sent again on the next connection.
+  private func submit(
+    _ command: UInt16, flags: UInt16, offset: UInt64, length: Int,
+    into: UnsafeMutableRawPointer?, from: UnsafeRawPointer?, deadline: Double
+  ) throws -> (NBDClientConnection, NBDClientSlot) {
+    while true {
+      let c: NBDClientConnection
+      do {
+        c = try liveConnection(deadline: deadline)
+      } catch let f as NBDClientFailure {
+        throw failure(command, offset: offset, length: length, serverError: 0, cause: f.cause)
+      }
+      guard let slot = c.register(into: command == NBD.cmdRead ? into : nil, length: length) else { continue }
+      if c.send(command, flags: flags, cookie: slot.cookie, offset: offset, length: length, payload: from) {
+        return (c, slot)
+      }
+      // The send failed and failed the connection, which wakes the slot.
+      let (_, cause) = c.finish(slot, deadline: deadline, timeout: timeout)
+      if monotonicSeconds() >= deadline {
+        throw failure(command, offset: offset, length: length, serverError: 0, cause: cause ?? "the connection broke")
+      }
+    }
+  }
+
+  /// The current connection, or a new one once the backoff allows.
+  private func liveConnection(deadline: Double) throws -> NBDClientConnection {
+    state.lock()
+    defer { state.unlock() }
+    while true {
+      if isClosed { throw NBDClientFailure("the client is closed") }
+      if let c = connection {
+        if !c.isFailed { return c }
+        connection = nil
+      }
+      if connecting {
+        // Another request is connecting; its outcome serves this one too.
+        if !state.wait(until: deadline) { throw gaveUp() }
+        continue
+      }
+      let now = monotonicSeconds()
+      let start = max(now, nextAttempt)
+      if start >= deadline { throw gaveUp() }
+      connecting = true
+      state.unlock()
+      if start > now { sleepSeconds(start - now) }
+      let outcome: Result<(NBDClientConnection, NBDClientExport), NBDClientFailure>
+      do {
+        outcome = .success(try NBDClientConnection.open(uri, deadline: deadline, timeout: timeout))
+      } catch let f as NBDClientFailure {
+        outcome = .failure(f)
+      } catch {
+        outcome = .failure(NBDClientFailure("\(error)"))
+      }
+      state.lock()
+      connecting = false
+      state.broadcast()
+      switch outcome {
+      case .success(let (c, export)):
+        if isClosed {
+          c.disconnect()
+          throw NBDClientFailure("the client is closed")
+        }
+        if export.size != size {
+          c.disconnect()
+          let why = "the export's size changed from \(size) to \(export.size) bytes since the first connection"
+          noteAttemptFailed(why)
+          throw NBDClientFailure(why)
+        }
+        connection = c
+        reconnectCount += 1
+        backoff = NBDClient.initialBackoff
+        nextAttempt = 0
+        lastConnectError = nil
+        c.startReader()
+        return c
+      case .failure(let f):
+        noteAttemptFailed(f.cause)
+      }
+    }
+  }
+
+  /// Called with `state` held.
+  private func noteAttemptFailed(_ cause: String) {
+    lastConnectError = cause
+    nextAttempt = monotonicSeconds() + backoff
+    backoff = min(backoff * 2, NBDClient.maximumBackoff)
+  }
+
+  /// Called with `state` held.
+  private func gaveUp() -> NBDClientFailure {
+    let last = lastConnectError.map { " (\($0))" } ?? ""
+    return NBDClientFailure("the connection broke and could not be made again within \(formatSeconds(timeout)) s\(last)")
+  }
+
+  /// The text of an error number from the wire (the protocol's numbers, which
+  /// are Linux's).
+  static func errorText(_ error: UInt32) -> String {
+    switch error {
+    case NBD.errPerm: return Errno(EPERM).description
+    case NBD.errIO: return Errno(EIO).description
+    case NBD.errNoMem: return Errno(ENOMEM).description
+    case NBD.errInvalid: return Errno(EINVAL).description
+    case NBD.errNoSpace: return Errno(ENOSPC).description
+    case NBD.errOverflow: return Errno(EOVERFLOW).description
+    case NBD.errNotSupported: return Errno(ENOTSUP).description
+    case NBD.errShutdown: return Errno(ESHUTDOWN).description
+    default: return "unknown error \(error) from the server"
+    }
+  }
+}
+
+// MARK: - The connection
+
+fileprivate struct NBDClientFailure: Error {
+  let cause: String
+  init(_ cause: String) { self.cause = cause }
+}
+
+fileprivate struct NBDClientExport {
+  var size: UInt64
+  var flags: UInt16
+  var minimum: UInt32?
+  var preferred: UInt32?
+  var maximum: UInt32?
+}
+
+fileprivate enum NBDClientSlotState {
+  case free, waiting, receiving, done, abandoned
+}
+
+/// One request in flight; reused for later requests once its waiter is done.
+fileprivate final class NBDClientSlot {
+  let index: Int
+  let semaphore = DispatchSemaphore(value: 0)
+  // Guarded by the connection's lock.
+  var cookie: UInt64 = 0
+  var state = NBDClientSlotState.free
+  var buffer: UnsafeMutableRawPointer?
+  var length = 0
+  var serverError: UInt32 = 0
+  var failure: String?
+
+  init(index: Int) { self.index = index }
+}
+
+fileprivate final class NBDClientConnection: @unchecked Sendable {
+  let socket: Socket
+  /// Serialises requests on the wire; guards `header`.
+  private let sendLock = NBDClientLock()
+  private let header = UnsafeMutableRawPointer.allocate(byteCount: NBD.requestLength, alignment: 8)
+  /// The reader thread's.
+  private let reply = UnsafeMutableRawPointer.allocate(byteCount: NBD.simpleReplyLength, alignment: 8)
+
+  // Guarded by `lock`.
+  private let lock = NBDClientLock()
+  private var slots: [NBDClientSlot] = []
+  private var freeSlots: [Int] = []
+  private var sequence: UInt32 = 0
+  private var failure: String?
+
+  init(socket: Socket) {
+    self.socket = socket
+    slots.reserveCapacity(64)
+    freeSlots.reserveCapacity(64)
+  }
+
+  deinit {
+    header.deallocate()
+    reply.deallocate()
+  }
+
+  var isFailed: Bool { lock.withLock { failure != nil } }
+
+  // MARK: Opening
+
+  /// Connects and negotiates; throws NBDClientFailure.
+  static func open(_ uri: NBDURI, deadline: Double, timeout: Double) throws -> (NBDClientConnection, NBDClientExport) {
+    let remaining = deadline - monotonicSeconds()
+    guard remaining > 0 else { throw NBDClientFailure("no time left to connect") }
+    let socket: Socket
+    do {
+      socket = try Socket.connect(uri.endpoint, timeout: remaining)
+    } catch {
+      throw NBDClientFailure("\(error)")
+    }
+    let export = try NBDClientHandshake(socket: socket, uri: uri).run()
+    // Replies may be far apart; the reader waits without a limit and the
+    // requests time themselves. Sends stay bounded.
+    socket.setTimeout(timeout)
+    var none = timeval(tv_sec: 0, tv_usec: 0)
+    setsockopt(socket.fd, SOL_SOCKET, SO_RCVTIMEO, &none, socklen_t(MemoryLayout<timeval>.size))
+    return (NBDClientConnection(socket: socket), export)
+  }
+
+  func startReader() {
+    startThread { [self] in readReplies() }
+  }
+
+  // MARK: Requests
+
+  /// A slot for a new request, or nil when the connection has failed.
+  func register(into buffer: UnsafeMutableRawPointer?, length: Int) -> NBDClientSlot? {
+    lock.lock()
+    defer { lock.unlock() }
+    if failure != nil { return nil }
+    let slot: NBDClientSlot
+    if let i = freeSlots.popLast() {
+      slot = slots[i]
+    } else {
+      slot = NBDClientSlot(index: slots.count)
+      slots.append(slot)
+    }
+    sequence &+= 1
+    slot.cookie = UInt64(sequence) << 32 | UInt64(slot.index)
+    slot.state = .waiting
+    slot.buffer = buffer
+    slot.length = buffer == nil ? 0 : length
+    slot.serverError = 0
+    slot.failure = nil
+    return slot
+  }
+
+  /// Sends a request whole; false (and the connection failed) otherwise.
+  func send(
+    _ command: UInt16, flags: UInt16, cookie: UInt64, offset: UInt64, length: Int, payload: UnsafeRawPointer?
+  ) -> Bool {
+    sendLock.lock()
+    defer { sendLock.unlock() }
+    header.storeBE(NBD.requestMagic, at: 0)
+    header.storeBE(flags, at: 4)
+    header.storeBE(command, at: 6)
+    header.storeBE(cookie, at: 8)
+    header.storeBE(offset, at: 16)
+    header.storeBE(UInt32(truncatingIfNeeded: length), at: 24)
+    if let cause = sendAll(UnsafeRawPointer(header), NBD.requestLength, more: payload != nil)
+      ?? payload.flatMap({ sendAll($0, length, more: false) })
+    {
+      // Fail before other senders get the lock: the stream is cut mid-request.
+      fail(cause)
+      return false
+    }
+    return true
+  }
+
+  private func sendAll(_ buffer: UnsafeRawPointer, _ count: Int, more: Bool) -> String? {
+    var done = 0
+    let flags = Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0)
+    while done < count {
+      let n = Glibc.send(socket.fd, buffer + done, count - done, flags)
+      if n < 0 {
+        let e = errno
+        if e == EINTR { continue }
+        if e == EAGAIN || e == EWOULDBLOCK { return "the server did not take the request in time" }
+        return "the connection broke (\(Errno(e)))"
+      }
+      done += n
+    }
+    return nil
+  }
+
+  /// Waits for a registered request's reply and frees its slot: the
+  /// server's error number, or why the request got no reply.
+  func finish(_ slot: NBDClientSlot, deadline: Double, timeout: Double) -> (UInt32, String?) {
+    let remaining = max(0, deadline - monotonicSeconds())
+    if slot.semaphore.wait(timeout: .now() + remaining) == .timedOut {
+      let cause = "no reply within \(formatSeconds(timeout)) s"
+      lock.lock()
+      let state = slot.state
+      if state == .waiting {
+        // The reader will never touch this slot again: its cookie is
+        // unknown from now on, and the connection is dropped anyway.
+        slot.state = .abandoned
+        slot.buffer = nil
+        lock.unlock()
+        fail(cause)
+        return (0, cause)
+      }
+      lock.unlock()
+      // The reply is arriving into the caller's buffer: cut it short and
+      // wait for the reader to let go of the buffer.
+      if state == .receiving { fail(cause) }
+      slot.semaphore.wait()
+    }
+    lock.lock()
+    let result = (slot.serverError, slot.failure)
+    slot.state = .free
+    slot.buffer = nil
+    freeSlots.append(slot.index)
+    lock.unlock()
+    return result
+  }
+
+  /// Marks the connection broken (the first cause wins), fails the requests
+  /// waiting on it and wakes the reader.
+  func fail(_ cause: String) {
+    lock.lock()
+    if failure == nil {
+      failure = cause
+      for slot in slots where slot.state == .waiting {
+        slot.state = .done
+        slot.failure = cause
+        slot.semaphore.signal()
+      }
+    }
+    lock.unlock()
+    socket.shutdown()
+  }
+
+  /// Sends NBD_CMD_DISC (when the connection still works) and closes.
+  func disconnect() {
+    sendLock.lock()
+    if !isFailed {
+      header.storeBE(NBD.requestMagic, at: 0)
+      header.storeBE(UInt16(0), at: 4)
+      header.storeBE(NBD.cmdDisconnect, at: 6)
+      header.storeBE(UInt64(0), at: 8)
+      header.storeBE(UInt64(0), at: 16)
+      header.storeBE(UInt32(0), at: 24)
+      _ = sendAll(UnsafeRawPointer(header), NBD.requestLength, more: false)
+    }
+    sendLock.unlock()
+    fail("the client was closed")
+  }
+
+  // MARK: The reader thread
+
+  private func readReplies() {
+    while true {
+      do {
+        try socket.read(into: reply, count: NBD.simpleReplyLength)
+      } catch {
+        fail("the connection broke (\(error))")
+        return
+      }
+      let magic = reply.loadBE(at: 0, as: UInt32.self)
+      let error = reply.loadBE(at: 4, as: UInt32.self)
+      let cookie = reply.loadBE(at: 8, as: UInt64.self)
+      guard magic == NBD.simpleReplyMagic else {
+        fail("the server sent a reply with a bad magic number 0x\(String(magic, radix: 16))")
+        return
+      }
+      lock.lock()
+      let index = Int(truncatingIfNeeded: cookie & 0xffff_ffff)
+      guard index < slots.count, slots[index].cookie == cookie, slots[index].state == .waiting else {
+        lock.unlock()
+        fail("the server replied to an unknown request (cookie 0x\(String(cookie, radix: 16)))")
+        return
+      }
+      let slot = slots[index]
+      slot.state = .receiving
+      let buffer = slot.buffer
+      let length = slot.length
+      lock.unlock()
+
+      var broken: String?
+      if error == 0, let buffer, length > 0 {
+        do {
+          try socket.read(into: buffer, count: length)
+        } catch {
+          broken = "the connection broke (\(error))"
+        }
+      }
+      lock.lock()
+      if let b = broken { slot.failure = failure ?? b }
+      slot.serverError = error
+      slot.state = .done
+      lock.unlock()
+      slot.semaphore.signal()
+      if let broken {
+        fail(broken)
+        return
+      }
+    }
+  }
+}
+
+// MARK: - The handshake
+
+/// Fixed newstyle negotiation: NBD_OPT_GO, or NBD_OPT_EXPORT_NAME for a
+/// server without it. Errors are NBDClientFailure with a cause for the URI.
+fileprivate struct NBDClientHandshake {
+  let socket: Socket
+  let uri: NBDURI
+
+  var exportName: String { uri.exportName }
+
+  func run() throws -> NBDClientExport {
+    var greeting = [UInt8](repeating: 0, count: 18)
+    try receive(&greeting, "the greeting")
+    let magic = greeting.withUnsafeBytes { $0.baseAddress!.loadBE(at: 0, as: UInt64.self) }
+    let second = greeting.withUnsafeBytes { $0.baseAddress!.loadBE(at: 8, as: UInt64.self) }
+    let handshakeFlags = greeting.withUnsafeBytes { $0.baseAddress!.loadBE(at: 16, as: UInt16.self) }
+    guard magic == NBD.initMagic else { throw NBDClientFailure("not an NBD server (bad greeting)") }
+    if second == 0x0042_0281_8612_53 {
+      throw NBDClientFailure("the server speaks only the oldstyle handshake, which is not supported")
+    }
+    guard second == NBD.optionMagic else { throw NBDClientFailure("not an NBD server (bad greeting)") }
+    guard handshakeFlags & NBD.flagFixedNewstyle != 0 else {
+      throw NBDClientFailure("the server does not speak the fixed newstyle handshake")
+    }
+    let noZeroes = handshakeFlags & NBD.flagNoZeroes != 0
+    var clientFlags = NBD.clientFlagFixedNewstyle
+    if noZeroes { clientFlags |= NBD.clientFlagNoZeroes }
+    try transmit(bytesBE(clientFlags))
+
+    let name = Array(exportName.utf8)
+    guard name.count <= 4096 else { throw NBDClientFailure("the export name is longer than 4096 bytes") }
+    // NBD_OPT_GO: name length, name, one information request.
+    var go = bytesBE(UInt32(name.count))
+    go += name
+    go += bytesBE(UInt16(1))
+    go += bytesBE(NBD.infoBlockSize)
+    try sendOption(NBD.optGo, go)
+
+    var export = NBDClientExport(size: 0, flags: 0)
+    var haveExport = false
+    while true {
+      let (type, data) = try receiveOptionReply(NBD.optGo)
+      switch type {
+      case NBD.repAck:
+        guard haveExport else { throw NBDClientFailure("the server accepted the export without describing it") }
+        return export
+      case NBD.repInfo:
+        guard data.count >= 2 else { throw NBDClientFailure("the server sent a malformed information reply") }
+        let kind = loadBE(data, 0, as: UInt16.self)
+        if kind == NBD.infoExport {
+          guard data.count == 12 else { throw NBDClientFailure("the server sent a malformed export description") }
+          export.size = loadBE(data, 2, as: UInt64.self)
+          export.flags = loadBE(data, 10, as: UInt16.self)
+          haveExport = true
+        } else if kind == NBD.infoBlockSize {
+          guard data.count == 14 else { throw NBDClientFailure("the server sent a malformed block size description") }
+          let minimum = loadBE(data, 2, as: UInt32.self)
+          let preferred = loadBE(data, 6, as: UInt32.self)
+          let maximum = loadBE(data, 10, as: UInt32.self)
+          guard minimum >= 1, minimum <= 65536, minimum & (minimum - 1) == 0,
+            preferred >= minimum, maximum >= minimum
+          else {
+            throw NBDClientFailure(
+              "the server sent impossible block sizes (minimum \(minimum), preferred \(preferred), maximum \(maximum))")
+          }
+          export.minimum = minimum
+          export.preferred = preferred
+          export.maximum = maximum
+        }
+      // Other information (name, description) is not needed.
+      case NBD.repErrUnsupported:
+        return try exportNameFallback(noZeroes: noZeroes)
+      default:
+        if type & 0x8000_0000 != 0 { throw refusal(type, data) }
+        throw NBDClientFailure("the server sent an unexpected reply \(type) to NBD_OPT_GO")
+      }
+    }
+  }
+
+  /// NBD_OPT_EXPORT_NAME: the server answers with the export or hangs up.
+  private func exportNameFallback(noZeroes: Bool) throws -> NBDClientExport {
+    try sendOption(NBD.optExportName, Array(exportName.utf8))
+    var answer = [UInt8](repeating: 0, count: noZeroes ? 10 : 134)
+    do {
+      try socket.read(into: &answer, count: answer.count)
+    } catch {
+      throw NBDClientFailure("the server has no export named '\(exportName)' (it closed the connection: \(error))")
+    }
+    return NBDClientExport(size: loadBE(answer, 0, as: UInt64.self), flags: loadBE(answer, 8, as: UInt16.self))
+  }
+
+  private func refusal(_ type: UInt32, _ data: [UInt8]) -> NBDClientFailure {
+    let message = String(decoding: data.prefix(4096), as: UTF8.self)
+      .filter { !$0.isASCII || ($0.asciiValue! >= 32 && $0.asciiValue! < 127) }
+    let said = message.isEmpty ? "" : " (the server says: \(message))"
+    switch type {
+    case NBD.repErrUnknown: return NBDClientFailure("the server has no export named '\(exportName)'")
+    case NBD.repErrPolicy: return NBDClientFailure("the server refused access to the export '\(exportName)'\(said)")
+    case NBD.repErrInvalid: return NBDClientFailure("the server rejected the request for '\(exportName)' as invalid\(said)")
+    case NBD.repErrShutdown: return NBDClientFailure("the server is shutting down\(said)")
+    case 0x8000_0004: return NBDClientFailure("the server cannot serve the export on its platform\(said)")
+    case 0x8000_0005: return NBDClientFailure("the server requires TLS, which is not supported yet\(said)")
+    case 0x8000_0008: return NBDClientFailure("the server requires block size negotiation\(said)")
+    case 0x8000_0009: return NBDClientFailure("the server found the request too big\(said)")
+    default: return NBDClientFailure("the server refused the export '\(exportName)' with error 0x\(String(type, radix: 16))\(said)")
+    }
+  }
+
+  private func sendOption(_ option: UInt32, _ data: [UInt8]) throws {
+    var message = bytesBE(NBD.optionMagic)
+    message += bytesBE(option)
+    message += bytesBE(UInt32(data.count))
+    message += data
+    try transmit(message)
+  }
+
+  /// One option reply: its type and data, the length checked before reading.
+  private func receiveOptionReply(_ option: UInt32) throws -> (UInt32, [UInt8]) {
+    var head = [UInt8](repeating: 0, count: 20)
+    try receive(&head, "an option reply")
+    guard loadBE(head, 0, as: UInt64.self) == NBD.optionReplyMagic else {
+      throw NBDClientFailure("the server sent an option reply with a bad magic number")
+    }
+    guard loadBE(head, 8, as: UInt32.self) == option else {
+      throw NBDClientFailure("the server answered an option that was not asked")
+    }
+    let type = loadBE(head, 12, as: UInt32.self)
+    let length = Int(loadBE(head, 16, as: UInt32.self))
+    guard length <= NBD.maximumOptionLength else {
+      throw NBDClientFailure("the server sent an option reply of \(length) bytes (at most \(NBD.maximumOptionLength) accepted)")
+    }
+    var data = [UInt8](repeating: 0, count: length)
+    if length > 0 { try receive(&data, "an option reply") }
+    return (type, data)
+  }
+
+  private func receive(_ buffer: inout [UInt8], _ what: String) throws {
+    let count = buffer.count
+    do {
+      try buffer.withUnsafeMutableBytes { try socket.read(into: $0.baseAddress!, count: count) }
+    } catch {
+      throw NBDClientFailure("the handshake failed while reading \(what) (\(error))")
+    }
+  }
+
+  private func transmit(_ bytes: [UInt8]) throws {
+    do {
+      try socket.write(bytes)
+    } catch {
+      throw NBDClientFailure("the handshake failed while sending (\(error))")
+    }
+  }
+}
+
+// MARK: - Helpers
+
+fileprivate func bytesBE<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
+  withUnsafeBytes(of: value.bigEndian) { Array($0) }
+}
+
+fileprivate func loadBE<T: FixedWidthInteger>(_ bytes: [UInt8], _ offset: Int, as: T.Type) -> T {
+  bytes.withUnsafeBytes { UnsafeRawPointer($0.baseAddress!).loadBE(at: offset, as: T.self) }
+}
+
+fileprivate func formatSeconds(_ s: Double) -> String {
+  s == s.rounded() && s < 1e9 ? String(Int(s)) : String(s)
+}
+
+fileprivate func monotonicSeconds() -> Double {
+  var ts = timespec()
+  clock_gettime(CLOCK_MONOTONIC, &ts)
+  return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+fileprivate func sleepSeconds(_ s: Double) {
+  guard s > 0 else { return }
+  var request = timespec(tv_sec: Int(s), tv_nsec: Int((s - Double(Int(s))) * 1e9))
+  var left = timespec()
+  while nanosleep(&request, &left) != 0 && errno == EINTR { request = left }
+}
+
+/// A mutex with one condition (on the monotonic clock).
+fileprivate final class NBDClientLock: @unchecked Sendable {
+  private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+  private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+
+  init() {
+    pthread_mutex_init(mutex, nil)
+    var attributes = pthread_condattr_t()
+    pthread_condattr_init(&attributes)
+    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+    pthread_cond_init(condition, &attributes)
+    pthread_condattr_destroy(&attributes)
+  }
+
+  deinit {
+    pthread_cond_destroy(condition)
+    pthread_mutex_destroy(mutex)
+    condition.deallocate()
+    mutex.deallocate()
+  }
+
+  @inline(__always) func lock() { pthread_mutex_lock(mutex) }
+  @inline(__always) func unlock() { pthread_mutex_unlock(mutex) }
+
+  @inline(__always) func withLock<T>(_ body: () throws -> T) rethrows -> T {
+    pthread_mutex_lock(mutex)
+    defer { pthread_mutex_unlock(mutex) }
+    return try body()
+  }
+
+  func broadcast() { pthread_cond_broadcast(condition) }
+
+  /// With the lock held: waits for a broadcast or `deadline` (monotonic
+  /// seconds); false when the deadline passed first.
+  func wait(until deadline: Double) -> Bool {
+    let remaining = deadline - monotonicSeconds()
+    if remaining <= 0 { return false }
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    let total = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9 + remaining
+    var target = timespec(tv_sec: Int(total), tv_nsec: Int((total - Double(Int(total))) * 1e9))
+    return pthread_cond_timedwait(condition, mutex, &target) != ETIMEDOUT
+  }
+}

@@ -1,0 +1,444 @@
+// The server side of NBD: the fixed newstyle handshake, then transmission
+// with several requests in flight, served concurrently.
+//
+// Each connection has a reader thread that reads and validates requests
+// (before any I/O: magic, command, range, size) and a few worker threads
+// that run them; replies are written whole under the connection's send
+// lock, in completion order. A request that cannot be framed (bad magic, a
+// WRITE larger than the limit) closes the connection: its payload cannot be
+// skipped safely. Errors are mapped to NBD error numbers in one place
+// (`NBDError`). Buffers come from a per-connection pool, not per request.
+
+import Dispatch
+import Glibc
+
+/// An error to send to the client: an NBD error number and, for the log, why.
+public struct NBDError: Error, CustomStringConvertible {
+  public var code: UInt32
+  public var message: String
+  public init(_ code: UInt32, _ message: String) {
+    self.code = code
+    self.message = message
+  }
+  public var description: String { message }
+
+  /// The NBD error number for any error a handler throws.
+  static func code(for error: Error) -> UInt32 {
+    if let e = error as? NBDError { return e.code }
+    return NBD.errIO
+  }
+}
+
+/// What the server exports. Handlers are called from several threads at once.
+public protocol NBDExport: AnyObject, Sendable {
+  var name: String { get }
+  var description: String { get }
+  var size: UInt64 { get }
+  /// Transmission flags beyond HAS_FLAGS (READ_ONLY, SEND_FLUSH, ...).
+  var flags: UInt16 { get }
+  /// Preferred request size, for NBD_INFO_BLOCK_SIZE.
+  var preferredBlockSize: UInt32 { get }
+  func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
+  func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws
+  func flush() throws
+  func trim(offset: UInt64, length: UInt64, fua: Bool) throws
+  func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws
+}
+
+public final class NBDServer: @unchecked Sendable {
+  public let exports: [NBDExport]
+  public let log: @Sendable (String) -> Void
+  /// Requests in flight per connection, and the threads serving them.
+  public let workersPerConnection: Int
+  private let stateLock = DispatchSemaphore(value: 1)
+  private var connections: [ObjectIdentifier: Socket] = [:]
+  private var connectionCount = 0
+  private let idle = DispatchSemaphore(value: 0)
+  private var stopping = false
+
+  public init(exports: [NBDExport], workersPerConnection: Int = 8, log: @escaping @Sendable (String) -> Void) {
+    self.exports = exports
+    self.workersPerConnection = workersPerConnection
+    self.log = log
+  }
+
+  /// Accepts connections until `stop()`; each is served on its own threads.
+  public func serve(_ listener: Listener) {
+    while true {
+      let socket: Socket
+      do {
+        socket = try listener.accept()
+      } catch {
+        if isStopping { return }
+        log("\(error)")
+        usleep(100_000)
+        continue
+      }
+      if isStopping {
+        socket.shutdown()
+        return
+      }
+      stateLock.wait()
+      connections[ObjectIdentifier(socket)] = socket
+      connectionCount += 1
+      stateLock.signal()
+      startThread { [self] in
+        let connection = Connection(server: self, socket: socket)
+        connection.run()
+        stateLock.wait()
+        connections[ObjectIdentifier(socket)] = nil
+        connectionCount -= 1
+        let last = connectionCount == 0
+        stateLock.signal()
+        if last { idle.signal() }
+      }
+    }
+  }
+
+  var isStopping: Bool {
+    stateLock.wait()
+    defer { stateLock.signal() }
+    return stopping
+  }
+
+  /// Makes `serve` return: no new connections are accepted.
+  public func beginStop(_ listener: Listener) {
+    stateLock.wait()
+    stopping = true
+    stateLock.signal()
+    listener.shutdown()
+  }
+
+  /// Stops serving: open connections are shut down once their requests in
+  /// flight are answered; returns when all have ended.
+  public func stop() {
+    stateLock.wait()
+    stopping = true
+    let open = Array(connections.values)
+    let count = connectionCount
+    stateLock.signal()
+    for s in open { s.shutdown() }
+    if count > 0 { idle.wait() }
+  }
+
+  func export(named name: String) -> NBDExport? {
+    if name.isEmpty { return exports.first }
+    return exports.first { $0.name == name }
+  }
+}
+
+/// One client connection: handshake, then the transmission loop.
+private final class Connection: @unchecked Sendable {
+  let server: NBDServer
+  let socket: Socket
+  let sendLock = DispatchSemaphore(value: 1)
+  var noZeroes = false
+  var export: NBDExport?
+
+  init(server: NBDServer, socket: Socket) {
+    self.server = server
+    self.socket = socket
+  }
+
+  func run() {
+    do {
+      guard let export = try handshake() else { return }
+      self.export = export
+      try transmission(export)
+    } catch {
+      // A client that goes away between requests ends normally; anything
+      // else is worth a line in the log.
+      if let e = error as? ToolkitError, e.message.hasSuffix("connection closed") { return }
+      if !server.isStopping { server.log("connection ended: \(error)") }
+    }
+  }
+
+  // MARK: Handshake
+
+  private func handshake() throws -> NBDExport? {
+    var greeting = [UInt8](repeating: 0, count: 18)
+    greeting.withUnsafeMutableBytes { raw in
+      raw.baseAddress!.storeBE(NBD.initMagic, at: 0)
+      raw.baseAddress!.storeBE(NBD.optionMagic, at: 8)
+      raw.baseAddress!.storeBE(NBD.flagFixedNewstyle | NBD.flagNoZeroes, at: 16)
+    }
+    try socket.write(greeting)
+    var clientFlags: UInt32 = 0
+    try withUnsafeMutableBytes(of: &clientFlags) { try socket.read(into: $0.baseAddress!, count: 4) }
+    clientFlags = UInt32(bigEndian: clientFlags)
+    guard clientFlags & NBD.clientFlagFixedNewstyle != 0 else {
+      throw ToolkitError("the client does not speak the fixed newstyle handshake")
+    }
+    guard clientFlags & ~(NBD.clientFlagFixedNewstyle | NBD.clientFlagNoZeroes) == 0 else {
+      throw ToolkitError("the client sent unknown flags 0x\(String(clientFlags, radix: 16))")
+    }
+    noZeroes = clientFlags & NBD.clientFlagNoZeroes != 0
+
+    let head = AlignedBuffer(count: 16)
+    while true {
+      try socket.read(into: head.pointer, count: 16)
+      guard head.pointer.loadBE(at: 0, as: UInt64.self) == NBD.optionMagic else {
+        throw ToolkitError("bad option magic from the client")
+      }
+      let option = head.pointer.loadBE(at: 8, as: UInt32.self)
+      let length = Int(head.pointer.loadBE(at: 12, as: UInt32.self))
+      guard length <= NBD.maximumOptionLength else {
+        throw ToolkitError("option \(option) of \(length) bytes is too long")
+      }
+      var data = [UInt8](repeating: 0, count: length)
+      if length > 0 { try data.withUnsafeMutableBytes { try socket.read(into: $0.baseAddress!, count: length) } }
+
+      switch option {
+      case NBD.optExportName:
+        let name = String(decoding: data, as: UTF8.self)
+        guard let export = server.export(named: name) else {
+          // EXPORT_NAME has no error reply: the connection just closes.
+          throw ToolkitError("the client asked for an unknown export '\(name)'")
+        }
+        var reply = [UInt8](repeating: 0, count: noZeroes ? 10 : 134)
+        reply.withUnsafeMutableBytes { raw in
+          raw.baseAddress!.storeBE(export.size, at: 0)
+          raw.baseAddress!.storeBE(transmissionFlags(export), at: 8)
+        }
+        try socket.write(reply)
+        return export
+      case NBD.optAbort:
+        try optionReply(option, NBD.repAck, [])
+        return nil
+      case NBD.optList:
+        guard length == 0 else {
+          try optionReply(option, NBD.repErrInvalid, Array("LIST takes no data".utf8))
+          continue
+        }
+        for e in server.exports {
+          var w = [UInt8](repeating: 0, count: 4)
+          w.withUnsafeMutableBytes { $0.baseAddress!.storeBE(UInt32(e.name.utf8.count), at: 0) }
+          try optionReply(option, NBD.repServer, w + Array(e.name.utf8))
+        }
+        try optionReply(option, NBD.repAck, [])
+      case NBD.optInfo, NBD.optGo:
+        guard length >= 6 else {
+          try optionReply(option, NBD.repErrInvalid, Array("short INFO/GO request".utf8))
+          continue
+        }
+        let nameLength = data.withUnsafeBytes { Int($0.baseAddress!.loadBE(at: 0, as: UInt32.self)) }
+        guard nameLength <= length - 6 else {
+          try optionReply(option, NBD.repErrInvalid, Array("bad export name length".utf8))
+          continue
+        }
+        let name = String(decoding: data[4..<4 + nameLength], as: UTF8.self)
+        let requests = data.withUnsafeBytes { Int($0.baseAddress!.loadBE(at: 4 + nameLength, as: UInt16.self)) }
+        guard 6 + nameLength + 2 * requests == length else {
+          try optionReply(option, NBD.repErrInvalid, Array("bad information request count".utf8))
+          continue
+        }
+        guard let export = server.export(named: name) else {
+          try optionReply(option, NBD.repErrUnknown, Array("no export named '\(name)'".utf8))
+          continue
+        }
+        var info = [UInt8](repeating: 0, count: 12)
+        info.withUnsafeMutableBytes { raw in
+          raw.baseAddress!.storeBE(NBD.infoExport, at: 0)
+          raw.baseAddress!.storeBE(export.size, at: 2)
+          raw.baseAddress!.storeBE(transmissionFlags(export), at: 10)
+        }
+        try optionReply(option, NBD.repInfo, info)
+        var sizes = [UInt8](repeating: 0, count: 14)
+        sizes.withUnsafeMutableBytes { raw in
+          raw.baseAddress!.storeBE(NBD.infoBlockSize, at: 0)
+          raw.baseAddress!.storeBE(UInt32(1), at: 2)
+          raw.baseAddress!.storeBE(export.preferredBlockSize, at: 6)
+          raw.baseAddress!.storeBE(UInt32(NBD.maximumPayload), at: 10)
+        }
+        try optionReply(option, NBD.repInfo, sizes)
+        var described = [UInt8](repeating: 0, count: 2)
+        described.withUnsafeMutableBytes { $0.baseAddress!.storeBE(NBD.infoDescription, at: 0) }
+        try optionReply(option, NBD.repInfo, described + Array(export.description.utf8.prefix(4096)))
+        try optionReply(option, NBD.repAck, [])
+        if option == NBD.optGo { return export }
+      default:
+        try optionReply(option, NBD.repErrUnsupported, Array("option \(option) is not supported".utf8))
+      }
+    }
+  }
+
+  private func transmissionFlags(_ export: NBDExport) -> UInt16 {
+    NBD.flagHasFlags | export.flags
+  }
+
+  private func optionReply(_ option: UInt32, _ type: UInt32, _ data: [UInt8]) throws {
+    var head = [UInt8](repeating: 0, count: 20)
+    head.withUnsafeMutableBytes { raw in
+      raw.baseAddress!.storeBE(NBD.optionReplyMagic, at: 0)
+      raw.baseAddress!.storeBE(option, at: 8)
+      raw.baseAddress!.storeBE(type, at: 12)
+      raw.baseAddress!.storeBE(UInt32(data.count), at: 16)
+    }
+    try socket.write(head + data)
+  }
+
+  // MARK: Transmission
+
+  struct Request {
+    var flags: UInt16
+    var type: UInt16
+    var cookie: UInt64
+    var offset: UInt64
+    var length: Int
+    var buffer: AlignedBuffer?
+    var error: UInt32
+  }
+
+  private func transmission(_ export: NBDExport) throws {
+    let queue = Handoff<Request?>()
+    let slots = DispatchSemaphore(value: 0)
+    let workers = max(1, server.workersPerConnection)
+    for _ in 0..<workers * 2 { slots.signal() }
+    let pool = BufferPool()
+    let done = DispatchSemaphore(value: 0)
+    for _ in 0..<workers {
+      startThread { [self] in
+        while let item = queue.take(), var request = item {
+          execute(&request, export)
+          reply(request)
+          if let b = request.buffer { pool.put(b) }
+          slots.signal()
+        }
+        done.signal()
+      }
+    }
+    defer {
+      for _ in 0..<workers { queue.put(nil) }
+      for _ in 0..<workers { done.wait() }
+    }
+
+    let header = AlignedBuffer(count: NBD.requestLength)
+    while true {
+      try socket.read(into: header.pointer, count: NBD.requestLength)
+      let p = header.pointer
+      guard p.loadBE(at: 0, as: UInt32.self) == NBD.requestMagic else {
+        throw ToolkitError("bad request magic; closing the connection")
+      }
+      var request = Request(
+        flags: p.loadBE(at: 4, as: UInt16.self), type: p.loadBE(at: 6, as: UInt16.self),
+        cookie: p.loadBE(at: 8, as: UInt64.self), offset: p.loadBE(at: 16, as: UInt64.self),
+        length: Int(p.loadBE(at: 24, as: UInt32.self)), buffer: nil, error: 0)
+      if request.type == NBD.cmdDisconnect { return }
+      if request.type == NBD.cmdWrite {
+        // The payload follows whatever the verdict; too large cannot be skipped.
+        guard request.length <= NBD.maximumPayload else {
+          throw ToolkitError("WRITE of \(request.length) bytes exceeds the limit; closing the connection")
+        }
+        let buffer = pool.get(request.length)
+        try socket.read(into: buffer.pointer, count: request.length)
+        request.buffer = buffer
+      }
+      request.error = validate(request, export)
+      if request.error == 0 && request.type == NBD.cmdRead {
+        request.buffer = pool.get(request.length)
+      }
+      slots.wait()
+      queue.put(request)
+    }
+  }
+
+  /// Checks a request before any I/O; returns an NBD error number or 0.
+  private func validate(_ r: Request, _ export: NBDExport) -> UInt32 {
+    let knownFlags = NBD.cmdFlagFUA | NBD.cmdFlagNoHole | NBD.cmdFlagFastZero
+    if r.flags & ~knownFlags != 0 { return NBD.errInvalid }
+    switch r.type {
+    case NBD.cmdRead, NBD.cmdWrite, NBD.cmdTrim, NBD.cmdWriteZeroes, NBD.cmdCache:
+      let (end, overflow) = r.offset.addingReportingOverflow(UInt64(r.length))
+      if overflow || end > export.size { return r.type == NBD.cmdWrite ? NBD.errNoSpace : NBD.errInvalid }
+      if r.type == NBD.cmdRead && r.length > NBD.maximumPayload { return NBD.errOverflow }
+      if r.type != NBD.cmdRead && r.type != NBD.cmdCache && export.flags & NBD.flagReadOnly != 0 {
+        return NBD.errPerm
+      }
+      return 0
+    case NBD.cmdFlush:
+      return 0
+    default:
+      return NBD.errInvalid
+    }
+  }
+
+  private func execute(_ r: inout Request, _ export: NBDExport) {
+    guard r.error == 0 else { return }
+    let fua = r.flags & NBD.cmdFlagFUA != 0
+    do {
+      switch r.type {
+      case NBD.cmdRead:
+        if let b = r.buffer { try export.read(into: b.slice(0, r.length), at: r.offset) }
+      case NBD.cmdWrite:
+        if let b = r.buffer { try export.write(UnsafeRawBufferPointer(b.slice(0, r.length)), at: r.offset, fua: fua) }
+      case NBD.cmdFlush:
+        try export.flush()
+      case NBD.cmdTrim:
+        try export.trim(offset: r.offset, length: UInt64(r.length), fua: fua)
+      case NBD.cmdWriteZeroes:
+        try export.writeZeroes(offset: r.offset, length: UInt64(r.length), fua: fua)
+      case NBD.cmdCache:
+        break
+      default:
+        r.error = NBD.errInvalid
+      }
+    } catch {
+      r.error = NBDError.code(for: error)
+      server.log("\(commandName(r.type)) of \(r.length) bytes at \(r.offset) failed: \(error)")
+    }
+  }
+
+  private func reply(_ r: Request) {
+    let head = [UInt8](repeating: 0, count: NBD.simpleReplyLength)
+    var bytes = head
+    bytes.withUnsafeMutableBytes { raw in
+      raw.baseAddress!.storeBE(NBD.simpleReplyMagic, at: 0)
+      raw.baseAddress!.storeBE(r.error, at: 4)
+      raw.baseAddress!.storeBE(r.cookie, at: 8)
+    }
+    sendLock.wait()
+    defer { sendLock.signal() }
+    do {
+      try socket.write(bytes)
+      if r.type == NBD.cmdRead && r.error == 0, let b = r.buffer {
+        try socket.write(b.pointer, count: r.length)
+      }
+    } catch {
+      socket.shutdown()
+    }
+  }
+
+  private func commandName(_ type: UInt16) -> String {
+    switch type {
+    case NBD.cmdRead: return "READ"
+    case NBD.cmdWrite: return "WRITE"
+    case NBD.cmdFlush: return "FLUSH"
+    case NBD.cmdTrim: return "TRIM"
+    case NBD.cmdWriteZeroes: return "WRITE_ZEROES"
+    default: return "command \(type)"
+    }
+  }
+}
+
+/// Reusable request buffers, by size; a few are kept for the next requests.
+final class BufferPool: @unchecked Sendable {
+  private let lock = DispatchSemaphore(value: 1)
+  private var free: [AlignedBuffer] = []
+
+  func get(_ size: Int) -> AlignedBuffer {
+    lock.wait()
+    if let i = free.firstIndex(where: { $0.count >= size && $0.count <= max(size * 4, 1 << 20) }) {
+      let b = free.remove(at: i)
+      lock.signal()
+      return b
+    }
+    lock.signal()
+    return AlignedBuffer(count: max(size, 4096))
+  }
+
+  func put(_ buffer: AlignedBuffer) {
+    lock.wait()
+    if free.count < 32 { free.append(buffer) }
+    lock.signal()
+  }
+}

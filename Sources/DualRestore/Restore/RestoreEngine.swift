@@ -1,0 +1,397 @@
+// Channel 1 of the dual-channel restore: the primary serves its clients from
+// an empty replacement disk while blocks come back from the backup.
+//
+// Invariants:
+// - A block marked current is served from the primary; any other block is
+//   fetched from the backup, written to the primary, then marked current.
+// - Current means durable: the overwrite map on disk marks a block current
+//   only after the primary's data is durable (fdatasync), and a flush takes
+//   its snapshot of the in-memory bits *before* it synchronises, so a bit
+//   set by a write that completes during the flush waits for the next one.
+// - Acknowledged means safe: a FLUSH is answered after the primary is
+//   synchronised, the backup is flushed and the map is saved; a FUA write
+//   after both sides hold it durably.
+// - Partial writes: a write covering part of a block that is not current
+//   first brings the block from the backup; a whole-block write does not.
+// - The activity log holds every region with a write in flight, durably,
+//   before the write is issued, so that after a crash the two sides can be
+//   made to agree again.
+// - One block is never worked on by two requests at once (BlockLocks); a
+//   read that misses waits for a fetch of the same block in progress.
+
+import Dispatch
+import Glibc
+
+/// What the engine needs of the backup: an NBD client, or anything alike.
+public protocol BackupLink: AnyObject, Sendable {
+  var name: String { get }
+  var size: UInt64 { get }
+  var maximumRequest: Int { get }
+  func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
+  func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws
+  func flush() throws
+  func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws
+}
+
+public final class RestoreEngine: @unchecked Sendable {
+  public let primary: Device
+  public let backup: BackupLink
+  public let geometry: BlockGeometry
+  public let mapPath: String
+  let log: @Sendable (String) -> Void
+  private let state = Monitor()
+  private var map: BlockMap
+  /// Blocks current in memory (a superset of the map's bits on disk).
+  private var current: BlockBitmap
+  /// Current blocks whose latest write the backup has not acknowledged.
+  private var backupLacks: Set<UInt64> = []
+  private var dirty = false
+  private let locks = BlockLocks()
+  private let flushLock = Monitor()
+  let activity: ActivityLog
+  private let buffers = BufferPool()
+  private let zeros: AlignedBuffer
+  // Counters, under `state`.
+  public private(set) var fetchedBlocks: UInt64 = 0
+  public private(set) var fetchedBytes: UInt64 = 0
+  public private(set) var mergedBlocks: UInt64 = 0
+  private var activeRequests = 0
+
+  /// Opens the restore of `primary` from `backup` through the map at `mapPath`
+  /// (created when missing), recovering from an unclean shutdown if needed.
+  public init(
+    primary: Device, backup: BackupLink, mapPath: String, blockSize: UInt32,
+    log: @escaping @Sendable (String) -> Void
+  ) throws {
+    self.primary = primary
+    self.backup = backup
+    self.mapPath = mapPath
+    self.log = log
+    guard backup.size == primary.size else {
+      throw ToolkitError("the backup \(backup.name) has \(backup.size) bytes but \(primary.path) has \(primary.size)")
+    }
+    var m: BlockMap
+    if pathExists(mapPath) {
+      m = try MapFile.load(mapPath)
+      guard m.geometry.deviceSize == primary.size else {
+        throw ToolkitError("\(mapPath) describes \(m.geometry.deviceSize) bytes but \(primary.path) has \(primary.size)")
+      }
+      guard m.meaning == .current else {
+        throw ToolkitError("\(mapPath) is a map of \(m.meaning) blocks, not an overwrite map of current blocks")
+      }
+      if m.deviceName.isEmpty || (m.deviceName != primary.path && m.bits.population == 0 && m.lastMergedStream.isNone) {
+        // A fresh map: bind it to this device.
+        m.deviceName = primary.path
+        try MapFile.save(m, to: mapPath)
+        log("bound the fresh map \(mapPath) to \(primary.path)")
+      } else if m.deviceName != primary.path {
+        throw ToolkitError("\(mapPath) is the overwrite map of \(m.deviceName), not of \(primary.path)")
+      }
+    } else {
+      m = BlockMap(
+        geometry: try BlockGeometry(blockSize: blockSize, deviceSize: primary.size), meaning: .current,
+        deviceName: primary.path)
+      try MapFile.save(m, to: mapPath)
+      log("created the overwrite map \(mapPath): tracking starts now")
+    }
+    map = m
+    geometry = m.geometry
+    current = m.bits
+    zeros = AlignedBuffer(count: Int(geometry.blockSize))
+    zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+    activity = try ActivityLog(path: mapPath + ".al", blockGeometry: m.geometry, deviceName: primary.path)
+    if !activity.recovered.isEmpty { try recover() }
+  }
+
+  // MARK: Recovery
+
+  /// After an unclean shutdown: the current blocks of every logged region
+  /// are copied from the primary to the backup, which is then flushed.
+  private func recover() throws {
+    var copied: UInt64 = 0
+    for region in activity.recovered {
+      let blocks = activity.blocks(ofRegion: region)
+      var b = blocks.lowerBound
+      while b < blocks.upperBound {
+        guard let start = current.nextSet(from: b), start < blocks.upperBound else { break }
+        let end = min(current.nextClear(from: start) ?? blocks.upperBound, blocks.upperBound)
+        try copyToBackup(start..<end)
+        copied += end - start
+        b = end
+      }
+    }
+    try backup.flush()
+    try activity.clear()
+    log(
+      "unclean shutdown detected: \(activity.recovered.count) region(s) had writes in flight; "
+        + "copied their \(copied) current block(s) from the primary to the backup, which now agree")
+  }
+
+  private func copyToBackup(_ blocks: Range<UInt64>) throws {
+    let (offset, length) = geometry.byteRange(blocks: blocks.lowerBound, count: UInt64(blocks.count))
+    let step = UInt64(min(backup.maximumRequest, 4 << 20))
+    let buffer = buffers.get(Int(min(step, length)))
+    defer { buffers.put(buffer) }
+    var done: UInt64 = 0
+    while done < length {
+      let n = Int(min(step, length - done))
+      try primary.read(into: buffer.slice(0, n), at: offset + done)
+      try backup.write(UnsafeRawBufferPointer(buffer.slice(0, n)), at: offset + done, fua: false)
+      done += UInt64(n)
+    }
+  }
+
+  // MARK: State
+
+  public var progress: (current: UInt64, total: UInt64) {
+    state.withLock { (current.population, geometry.blockCount) }
+  }
+
+  public var isComplete: Bool { state.withLock { current.population == geometry.blockCount } }
+
+  private func isCurrent(_ b: UInt64) -> Bool { state.withLock { current[b] } }
+
+  private func markCurrent(_ blocks: Range<UInt64>) {
+    state.withLock {
+      current.set(blocks)
+      dirty = true
+    }
+  }
+
+  /// The blocks `[offset, offset+length)` touches.
+  func blockRange(_ offset: UInt64, _ length: UInt64) -> Range<UInt64> {
+    let first = offset >> geometry.blockShift
+    let last = (offset + length + UInt64(geometry.blockSize) - 1) >> geometry.blockShift
+    return first..<max(first, last)
+  }
+
+  /// Runs of blocks in `range` that are not current.
+  private func missingRuns(_ range: Range<UInt64>) -> [Range<UInt64>] {
+    state.withLock {
+      var runs: [Range<UInt64>] = []
+      var b = range.lowerBound
+      while b < range.upperBound {
+        guard let start = current.nextClear(from: b), start < range.upperBound else { break }
+        let end = min(current.nextSet(from: start) ?? range.upperBound, range.upperBound)
+        runs.append(start..<end)
+        b = end
+      }
+      return runs
+    }
+  }
+
+  func beginRequest() { state.withLock { activeRequests += 1 } }
+  func endRequest() { state.withLock { activeRequests -= 1 } }
+  var clientsBusy: Bool { state.withLock { activeRequests > 0 } }
+
+  // MARK: Fetching (locks held by the caller)
+
+  /// Brings `blocks` from the backup to the primary and marks them current.
+  private func fetch(_ blocks: Range<UInt64>) throws {
+    let (offset, length) = geometry.byteRange(blocks: blocks.lowerBound, count: UInt64(blocks.count))
+    let step = UInt64(min(backup.maximumRequest, 4 << 20))
+    let buffer = buffers.get(Int(min(step, length)))
+    defer { buffers.put(buffer) }
+    var done: UInt64 = 0
+    while done < length {
+      let n = Int(min(step, length - done))
+      do {
+        try backup.read(into: buffer.slice(0, n), at: offset + done)
+      } catch {
+        throw NBDError(NBD.errIO, "cannot fetch \(n) bytes at \(offset + done) from the backup: \(error)")
+      }
+      try primary.write(UnsafeRawBufferPointer(buffer.slice(0, n)), at: offset + done)
+      done += UInt64(n)
+    }
+    state.withLock {
+      current.set(blocks)
+      dirty = true
+      fetchedBlocks += UInt64(blocks.count)
+      fetchedBytes += length
+    }
+  }
+
+  // MARK: Client requests
+
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    let blocks = blockRange(offset, UInt64(buffer.count))
+    guard !blocks.isEmpty else { return }
+    locks.lock(blocks)
+    defer { locks.unlock(blocks) }
+    for run in missingRuns(blocks) { try fetch(run) }
+    try primary.read(into: buffer, at: offset)
+  }
+
+  public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+    try modify(offset: offset, length: UInt64(buffer.count), fua: fua) {
+      try primary.write(buffer, at: offset)
+      try backup.write(buffer, at: offset, fua: fua)
+    }
+  }
+
+  /// TRIM and WRITE_ZEROES both leave zeros on both sides (a trimmed block
+  /// must read the same on the primary and the backup).
+  public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
+    try modify(offset: offset, length: length, fua: fua) {
+      try Merger.writeZeros(primary, offset: offset, length: length, zeros: zeros)
+      try backup.writeZeroes(offset: offset, length: length, fua: fua)
+    }
+  }
+
+  /// A write-like change of a byte range: partial blocks brought first, the
+  /// activity log entered, the change made on both sides, blocks marked current.
+  private func modify(offset: UInt64, length: UInt64, fua: Bool, _ change: () throws -> Void) throws {
+    let blocks = blockRange(offset, length)
+    guard !blocks.isEmpty else { return }
+    locks.lock(blocks)
+    defer { locks.unlock(blocks) }
+    let mask = UInt64(geometry.blockSize) - 1
+    let end = offset + length
+    let first = blocks.lowerBound
+    let last = blocks.upperBound - 1
+    if offset & mask != 0 && !isCurrent(first) { try fetch(first..<first + 1) }
+    if end & mask != 0 && end != geometry.deviceSize && !isCurrent(last) && (last != first || offset & mask == 0) {
+      try fetch(last..<last + 1)
+    }
+    try activity.enter(blocks)
+    defer { activity.leave(blocks) }
+    do {
+      try change()
+    } catch {
+      // The primary may hold the change and the backup not: keep the regions
+      // logged and the blocks owed to the backup, so the sides get resynced.
+      state.withLock {
+        for b in blocks where current[b] { backupLacks.insert(b) }
+      }
+      activity.pin(blocks)
+      throw NBDError(NBD.errIO, "\(error)")
+    }
+    markCurrent(blocks)
+    if fua { try primary.sync() }
+  }
+
+  // MARK: The merge export (channel 2 into the running server)
+
+  /// Writes whole blocks of a merged snapshot where the map says not current;
+  /// current blocks are left alone. Nothing is sent to the backup.
+  public func mergeWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    try checkWholeBlocks(offset, UInt64(buffer.count))
+    let blocks = blockRange(offset, UInt64(buffer.count))
+    guard !blocks.isEmpty else { return }
+    locks.lock(blocks)
+    defer { locks.unlock(blocks) }
+    for b in blocks where !isCurrent(b) {
+      let start = Int(geometry.offset(ofBlock: b) - offset)
+      let n = geometry.length(ofBlock: b)
+      try primary.write(UnsafeRawBufferPointer(rebasing: buffer[start..<start + n]), at: geometry.offset(ofBlock: b))
+      markCurrent(b..<b + 1)
+      state.withLock { mergedBlocks += 1 }
+    }
+  }
+
+  public func mergeZeroes(offset: UInt64, length: UInt64) throws {
+    try checkWholeBlocks(offset, length)
+    let blocks = blockRange(offset, length)
+    guard !blocks.isEmpty else { return }
+    locks.lock(blocks)
+    defer { locks.unlock(blocks) }
+    for run in missingRuns(blocks) {
+      let (o, l) = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count))
+      try Merger.writeZeros(primary, offset: o, length: l, zeros: zeros)
+      markCurrent(run)
+      state.withLock { mergedBlocks += UInt64(run.count) }
+    }
+  }
+
+  private func checkWholeBlocks(_ offset: UInt64, _ length: UInt64) throws {
+    let mask = UInt64(geometry.blockSize) - 1
+    let end = offset + length
+    guard offset & mask == 0, end & mask == 0 || end == geometry.deviceSize else {
+      throw NBDError(
+        NBD.errInvalid,
+        "the merge export takes whole blocks of \(geometry.blockSize) bytes; got \(length) bytes at \(offset)")
+    }
+  }
+
+  // MARK: Durability
+
+  /// Makes every completed write durable on both sides and commits the map.
+  public func flush() throws {
+    flushLock.lock()
+    defer { flushLock.unlock() }
+    // Snapshot before synchronising: only what is complete now is committed.
+    let (snapshot, owed, wasDirty) = state.withLock { () -> (BlockBitmap, [UInt64], Bool) in
+      let d = dirty
+      dirty = false
+      return (current, Array(backupLacks), d)
+    }
+    do {
+      try primary.sync()
+      if !owed.isEmpty {
+        for b in owed.sorted() { try copyToBackup(b..<b + 1) }
+      }
+      try backup.flush()
+      if wasDirty {
+        var m = map
+        m.bits = snapshot
+        try MapFile.save(m, to: mapPath)
+        map = m
+      }
+      if !owed.isEmpty {
+        state.withLock { for b in owed { backupLacks.remove(b) } }
+        if state.withLock({ backupLacks.isEmpty }) { activity.unpinAll() }
+      }
+      try activity.trim()
+    } catch {
+      if wasDirty { state.withLock { dirty = true } }
+      throw NBDError(NBD.errIO, "flush failed: \(error)")
+    }
+  }
+
+  /// A clean stop: everything flushed, the activity log emptied.
+  public func close() throws {
+    try flush()
+    if state.withLock({ backupLacks.isEmpty }) { try activity.clear() }
+  }
+
+  // MARK: Background copy
+
+  /// Copies the blocks not yet current from the backup, yielding to client
+  /// requests, at most `rate` bytes a second (0: no limit). Returns when
+  /// every block is current or `shouldStop` says so.
+  public func hydrate(rate: UInt64, shouldStop: () -> Bool) {
+    let batchBlocks = UInt64(max(1, (1 << 20) / Int(geometry.blockSize)))
+    var position: UInt64 = 0
+    let started = Instant.now()
+    var copied: UInt64 = 0
+    while !shouldStop() {
+      if clientsBusy {
+        usleep(5000)
+        continue
+      }
+      guard let start = state.withLock({ current.nextClear(from: position) ?? current.nextClear(from: 0) }) else {
+        return
+      }
+      let end = state.withLock { min(current.nextSet(from: start) ?? geometry.blockCount, start + batchBlocks) }
+      let run = start..<end
+      if locks.tryLock(run) {
+        defer { locks.unlock(run) }
+        let missing = missingRuns(run)
+        do {
+          for m in missing { try fetch(m) }
+        } catch {
+          log("hydration: \(error); retrying in 1 s")
+          sleep(1)
+          continue
+        }
+        copied += geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count)).length
+      }
+      position = end >= geometry.blockCount ? 0 : end
+      if rate > 0 {
+        let elapsed = Double(Instant.now().nanosecondsSinceEpoch - started.nanosecondsSinceEpoch) / 1e9
+        let due = Double(copied) / Double(rate)
+        if due > elapsed { usleep(UInt32(min(1.0, due - elapsed) * 1e6)) }
+      }
+    }
+  }
+}

@@ -1,0 +1,75 @@
+// The NBD exports of a running restore: the primary itself (read-through,
+// mirrored writes), and `merge`, through which merge-snapshot lands a
+// shipped snapshot where the map says not current.
+
+public final class RestoreExport: NBDExport, @unchecked Sendable {
+  let engine: RestoreEngine
+  public let name = "primary"
+  public var description: String { "\(engine.primary.path), restored from \(engine.backup.name)" }
+  public var size: UInt64 { engine.geometry.deviceSize }
+  public var flags: UInt16 {
+    NBD.flagSendFlush | NBD.flagSendFUA | NBD.flagSendTrim | NBD.flagSendWriteZeroes | NBD.flagCanMultiConn
+  }
+  public var preferredBlockSize: UInt32 { engine.geometry.blockSize }
+
+  public init(engine: RestoreEngine) { self.engine = engine }
+
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    engine.beginRequest()
+    defer { engine.endRequest() }
+    try engine.read(into: buffer, at: offset)
+  }
+
+  public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+    engine.beginRequest()
+    defer { engine.endRequest() }
+    try engine.write(buffer, at: offset, fua: fua)
+  }
+
+  public func flush() throws { try engine.flush() }
+
+  public func trim(offset: UInt64, length: UInt64, fua: Bool) throws {
+    engine.beginRequest()
+    defer { engine.endRequest() }
+    try engine.writeZeroes(offset: offset, length: length, fua: fua)
+  }
+
+  public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
+    engine.beginRequest()
+    defer { engine.endRequest() }
+    try engine.writeZeroes(offset: offset, length: length, fua: fua)
+  }
+}
+
+public final class MergeExport: NBDExport, @unchecked Sendable {
+  let engine: RestoreEngine
+  public let name = "merge"
+  public var description: String {
+    "merge a snapshot into \(engine.primary.path) where the overwrite map says not current"
+  }
+  public var size: UInt64 { engine.geometry.deviceSize }
+  public var flags: UInt16 { NBD.flagSendFlush | NBD.flagSendWriteZeroes | NBD.flagSendTrim }
+  public var preferredBlockSize: UInt32 { engine.geometry.blockSize }
+
+  public init(engine: RestoreEngine) { self.engine = engine }
+
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    try engine.read(into: buffer, at: offset)
+  }
+
+  public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+    try engine.mergeWrite(buffer, at: offset)
+    if fua { try engine.flush() }
+  }
+
+  public func flush() throws { try engine.flush() }
+
+  public func trim(offset: UInt64, length: UInt64, fua: Bool) throws {
+    try engine.mergeZeroes(offset: offset, length: length)
+  }
+
+  public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
+    try engine.mergeZeroes(offset: offset, length: length)
+    if fua { try engine.flush() }
+  }
+}

@@ -1,0 +1,198 @@
+import ArgumentParser
+import DualRestore
+import Dispatch
+import Glibc
+import ToolSupport
+
+@main
+struct RestoreReadThrough: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "restore-read-through",
+    abstract: "Serve a primary disk over NBD while it is restored from its backup.",
+    usage: """
+      restore-read-through --backup URI --map MAP (--socket PATH | --listen HOST:PORT) PRIMARY
+      """,
+    discussion: """
+      Channel 1 of the dual-channel restore. PRIMARY (an image file or block \
+      device, usually empty) is exported over NBD with the size of the \
+      backup. A read of a block that MAP marks current is served from \
+      PRIMARY; any other block is fetched from the backup, written to \
+      PRIMARY and marked current. A write goes to PRIMARY and to the backup \
+      and is marked current; a write covering part of a block that is not \
+      current first brings that block from the backup. TRIM and WRITE_ZEROES \
+      leave zeros on both sides. An acknowledged FLUSH (or FUA write) means \
+      the data is durable on PRIMARY and on the backup, and MAP records it.
+
+      The backup is any NBD server: nbd://HOST[:PORT]/EXPORT or \
+      nbd+unix:///EXPORT?socket=PATH. MAP is created when missing; a fresh \
+      map from overwrite-map create is bound to PRIMARY on first use; a map \
+      of another device is refused. Beside MAP, MAP.al is the activity log: \
+      after an unclean shutdown (kill -9, power loss) the current blocks of \
+      the regions it names are copied from PRIMARY to the backup before \
+      serving, so the two agree again.
+
+      The server also exports `merge`: merge-snapshot -i STREAM \
+      nbd+unix:///merge?socket=PATH lands a shipped snapshot of the backup \
+      where MAP says not current, under the same per-block locks as client \
+      I/O, and marks those blocks current; they are not sent back to the \
+      backup. With --hydrate the remaining blocks are copied in the \
+      background, yielding to client I/O; when every block is current the \
+      log says the restore is complete.
+
+      Not yet done: a write that cannot reach the backup fails with EIO (it \
+      is not queued for later), and NBD over TLS.
+
+      SIGINT or SIGTERM stops the server cleanly: requests in flight are \
+      answered, everything is flushed and the activity log emptied.
+      """)
+
+  @Option(help: ArgumentHelp("The backup: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.", valueName: "uri"))
+  var backup: String
+
+  @Option(help: ArgumentHelp("The overwrite map of PRIMARY (created when missing).", valueName: "map"))
+  var map: String
+
+  @Option(help: ArgumentHelp("Serve on this Unix socket.", valueName: "path"))
+  var socket: String?
+
+  @Option(help: ArgumentHelp("Serve on TCP HOST:PORT (HOST defaults to 127.0.0.1).", valueName: "host:port"))
+  var listen: String?
+
+  @OptionGroup var blockSize: BlockSizeOption
+
+  @Flag(help: "Copy the blocks not yet current from the backup in the background.")
+  var hydrate = false
+
+  @Option(help: ArgumentHelp("Limit the background copy to this many bytes a second (K, M, G: powers of 1024).", valueName: "bytes"))
+  var hydrateRate: ByteCount?
+
+  @Option(help: ArgumentHelp("Seconds a request to the backup may take before it fails with EIO.", valueName: "seconds"))
+  var backupTimeout: Double = 30
+
+  @Option(help: ArgumentHelp("Seconds between progress lines in the log (0: none).", valueName: "seconds"))
+  var progressInterval: Double = 10
+
+  @Argument(help: ArgumentHelp("The image file or block device to restore into.", valueName: "primary"))
+  var primary: String
+
+  func validate() throws {
+    if (socket == nil) == (listen == nil) {
+      throw ValidationError("give exactly one of --socket PATH and --listen HOST:PORT")
+    }
+    if hydrateRate != nil && !hydrate { throw ValidationError("--hydrate-rate needs --hydrate") }
+    if backupTimeout <= 0 || backupTimeout > 86400 { throw ValidationError("--backup-timeout \(backupTimeout) is out of range") }
+    if progressInterval < 0 { throw ValidationError("--progress-interval must not be negative") }
+  }
+
+  func run() throws {
+    let log: @Sendable (String) -> Void = { printError("restore-read-through: \($0)") }
+    // Signals go to one thread that stops the server cleanly.
+    var signals = sigset_t()
+    sigemptyset(&signals)
+    sigaddset(&signals, SIGINT)
+    sigaddset(&signals, SIGTERM)
+    pthread_sigmask(SIG_BLOCK, &signals, nil)
+    signal(SIGPIPE, SIG_IGN)
+
+    let device = try Device(path: primary, options: .readWrite)
+    let link = try NBDClient(uri: backup, timeout: backupTimeout)
+    let engine = try RestoreEngine(
+      primary: device, backup: link, mapPath: map, blockSize: blockSize.value, log: log)
+
+    let listener: Listener
+    if let socket {
+      listener = try Listener(unixPath: socket)
+    } else {
+      let text = listen ?? ""
+      guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else {
+        throw ToolkitError("--listen takes HOST:PORT, not '\(text)'")
+      }
+      var host = String(text[..<colon])
+      if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+      listener = try Listener(host: host, port: port)
+    }
+    let server = NBDServer(exports: [RestoreExport(engine: engine), MergeExport(engine: engine)], log: log)
+    let stopping = StopFlag()
+
+    let (now, total) = engine.progress
+    log(
+      "serving \(primary) (\(formatBytes(device.size))) on \(listener.name), backup \(backup); "
+        + "\(now) of \(total) blocks current")
+
+    if hydrate {
+      let rate = hydrateRate?.value ?? 0
+      startThread {
+        engine.hydrate(rate: rate, shouldStop: { stopping.isSet })
+        if engine.isComplete { log("hydration done") }
+      }
+    }
+    if progressInterval > 0 {
+      let interval = progressInterval
+      startThread {
+        var lastFetched = engine.fetchedBytes
+        var wasComplete = engine.isComplete
+        while !stopping.isSet {
+          usleep(UInt32(interval * 1e6))
+          if stopping.isSet { return }
+          let (now, total) = engine.progress
+          let fetched = engine.fetchedBytes
+          let rate = Double(fetched - lastFetched) / interval
+          lastFetched = fetched
+          let percent = total == 0 ? 100 : Double(now) * 100 / Double(total)
+          log(
+            "progress: \(now) of \(total) blocks current (\(formatFixed(percent, digits: 1))%), "
+              + "fetched \(formatBytes(fetched)) (\(formatBytes(UInt64(rate)))/s), merged \(engine.mergedBlocks) blocks")
+          if now == total && !wasComplete {
+            log("every block is current: the restore is complete")
+          }
+          wasComplete = now == total
+        }
+      }
+    }
+    // A checkpoint every few seconds, so a long run without client FLUSH
+    // (hydration, merges) still commits its progress to the map.
+    startThread {
+      while !stopping.isSet {
+        sleep(5)
+        if stopping.isSet { return }
+        do { try engine.flush() } catch { log("checkpoint: \(error)") }
+      }
+    }
+    let waitFor = signals
+    startThread {
+      var set = waitFor
+      var received: Int32 = 0
+      sigwait(&set, &received)
+      log("stopping on signal \(received)")
+      stopping.set()
+      server.beginStop(listener)
+    }
+
+    server.serve(listener)
+    server.stop()
+    do {
+      try engine.close()
+      log("stopped cleanly; the map and the backup are up to date")
+    } catch {
+      log("stopped, but the final flush failed: \(error)")
+      throw ExitCode(1)
+    }
+  }
+
+  static func main() { ToolMain.run(Self.self) }
+}
+
+final class StopFlag: @unchecked Sendable {
+  private let lock = DispatchSemaphore(value: 1)
+  private var value = false
+  var isSet: Bool {
+    lock.wait()
+    defer { lock.signal() }
+    return value
+  }
+  func set() {
+    lock.wait()
+    value = true
+    lock.signal()
+  }
+}

@@ -1,0 +1,90 @@
+function __restore-read-through_should_offer_completions_for_flags_or_options -a expected_commands
+    set -l non_repeating_flags_or_options $argv[2..]
+    set -l non_repeating_flags_or_options_absent 0
+    set -l positional_index 0
+    set -l commands
+    __restore-read-through_parse_tokens
+    test "$commands" = "$expected_commands"; and return $non_repeating_flags_or_options_absent
+end
+
+function __restore-read-through_should_offer_completions_for_positional -a expected_commands positional_index_comparison expected_positional_index
+    set -l non_repeating_flags_or_options
+    set -l non_repeating_flags_or_options_absent 0
+    set -l positional_index 0
+    set -l commands
+    __restore-read-through_parse_tokens
+    test "$commands" = "$expected_commands" -a \( "$positional_index" "$positional_index_comparison" "$expected_positional_index" \)
+end
+
+function __restore-read-through_parse_tokens -S
+    set -l unparsed_tokens (__restore-read-through_tokens -pc)
+    switch $unparsed_tokens[1]
+    case 'restore-read-through'
+        __restore-read-through_parse_subcommand 1 'backup=' 'map=' 'socket=' 'listen=' 'block-size=' 'hydrate' 'hydrate-rate=' 'backup-timeout=' 'progress-interval=' 'h/help'
+        switch $unparsed_tokens[1]
+        case 'help'
+            __restore-read-through_parse_subcommand -r 1 
+        end
+    end
+end
+
+function __restore-read-through_tokens
+    if test (string split -m 1 -f 1 -- . "$FISH_VERSION") -gt 3
+        commandline --tokens-raw $argv
+    else
+        commandline -o $argv
+    end
+end
+
+function __restore-read-through_parse_subcommand -S -a positional_count
+    argparse -s r -- $argv
+    set -l option_specs $argv[2..]
+    set -l is_repeating_positional $_flag_r
+    set -el _flag_r
+    set -a commands $unparsed_tokens[1]
+    set positional_index 0
+    while true
+        set -e unparsed_tokens[1]
+        argparse -sn "$commands" $option_specs -- $unparsed_tokens 2> /dev/null
+        set unparsed_tokens $argv
+        set positional_index (math $positional_index + 1)
+        for non_repeating_flag_or_option in $non_repeating_flags_or_options
+            if set -ql "_flag_$(string replace -a - _ -- $non_repeating_flag_or_option)"
+                set non_repeating_flags_or_options_absent 1
+                break
+            end
+        end
+        test (count $unparsed_tokens) -eq 0 -o \( -z "$is_repeating_positional" -a "$positional_index" -gt "$positional_count" \) && break
+    end
+end
+
+function __restore-read-through_complete_directories
+    set -l token (commandline -t)
+    string match -- '*/' $token
+    set -l subdirs $token*/
+    printf %s\n $subdirs
+end
+
+function __restore-read-through_custom_completion
+    set -x SAP_SHELL fish
+    set -x SAP_SHELL_VERSION $FISH_VERSION
+    set -l tokens (__restore-read-through_tokens -p)
+    if test -z "$(__restore-read-through_tokens -t)"
+        set -l index (count (__restore-read-through_tokens -pc))
+        set tokens $tokens[..$index] \'\' $tokens[(math $index + 1)..]
+    end
+    command $tokens[1] $argv $tokens
+end
+
+complete -c 'restore-read-through' -f
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" backup' -l 'backup' -d 'The backup: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" map' -l 'map' -d 'The overwrite map of PRIMARY (created when missing).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" socket' -l 'socket' -d 'Serve on this Unix socket.' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" listen' -l 'listen' -d 'Serve on TCP HOST:PORT (HOST defaults to 127.0.0.1).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" block-size' -l 'block-size' -d 'Block size: a power of two from 512 to 64M (K, M: powers of 1024).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" hydrate' -l 'hydrate' -d 'Copy the blocks not yet current from the backup in the background.'
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" hydrate-rate' -l 'hydrate-rate' -d 'Limit the background copy to this many bytes a second (K, M, G: powers of 1024).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" backup-timeout' -l 'backup-timeout' -d 'Seconds a request to the backup may take before it fails with EIO.' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" progress-interval' -l 'progress-interval' -d 'Seconds between progress lines in the log (0: none).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_positional "restore-read-through" -eq 1' -fa 'help' -d 'Show subcommand help information.'
