@@ -39,8 +39,14 @@ struct RestoreReadThrough: ParsableCommand {
       background, yielding to client I/O; when every block is current the \
       log says the restore is complete.
 
-      Not yet done: a write that cannot reach the backup fails with EIO (it \
-      is not queued for later), and NBD over TLS.
+      When the backup cannot be reached, blocks already current are still \
+      served; a read of a block that is not fails with EIO after \
+      --backup-timeout, never with zeros; writes are kept on PRIMARY and the \
+      blocks are owed to the backup (their regions stay in the durable \
+      activity log) and sent, in order with later writes, when it answers \
+      again. Meanwhile a FLUSH makes data durable on PRIMARY only: the \
+      backup's recovery point lags by the owed blocks, which the log says. \
+      NBD over TLS is not supported yet.
 
       SIGINT or SIGTERM stops the server cleanly: requests in flight are \
       answered, everything is flushed and the activity log emptied.

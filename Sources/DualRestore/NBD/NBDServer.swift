@@ -420,10 +420,19 @@ private final class Connection: @unchecked Sendable {
   }
 }
 
-/// Reusable request buffers, by size; a few are kept for the next requests.
+/// Reusable request buffers, by size. A few buffers up to `keepSize` are
+/// kept for the next requests, so memory stays bounded: larger or surplus
+/// buffers are freed when given back.
 final class BufferPool: @unchecked Sendable {
   private let lock = DispatchSemaphore(value: 1)
   private var free: [AlignedBuffer] = []
+  let keepCount: Int
+  let keepSize: Int
+
+  init(keepCount: Int = 8, keepSize: Int = 1 << 20) {
+    self.keepCount = keepCount
+    self.keepSize = keepSize
+  }
 
   func get(_ size: Int) -> AlignedBuffer {
     lock.wait()
@@ -438,7 +447,7 @@ final class BufferPool: @unchecked Sendable {
 
   func put(_ buffer: AlignedBuffer) {
     lock.wait()
-    if free.count < 32 { free.append(buffer) }
+    if free.count < keepCount && buffer.count <= keepSize { free.append(buffer) }
     lock.signal()
   }
 }

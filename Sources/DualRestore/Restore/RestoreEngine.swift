@@ -18,6 +18,11 @@
 //   made to agree again.
 // - One block is never worked on by two requests at once (BlockLocks); a
 //   read that misses waits for a fetch of the same block in progress.
+// - When the backup cannot take a write, the write is kept on the primary,
+//   its blocks are owed to the backup (their regions stay in the activity
+//   log, which is durable) and later writes go to the primary alone until a
+//   resynchronisation has sent every owed block; meanwhile a FLUSH makes
+//   data durable on the primary only, and the backup's recovery point lags.
 
 import Dispatch
 import Glibc
@@ -45,11 +50,14 @@ public final class RestoreEngine: @unchecked Sendable {
   private var current: BlockBitmap
   /// Current blocks whose latest write the backup has not acknowledged.
   private var backupLacks: Set<UInt64> = []
+  /// The backup refused or missed a write; writes go to the primary alone
+  /// until every owed block has been sent.
+  private var backupDown = false
   private var dirty = false
   private let locks = BlockLocks()
   private let flushLock = Monitor()
   let activity: ActivityLog
-  private let buffers = BufferPool()
+  private let buffers = BufferPool(keepCount: 8, keepSize: 4 << 20)
   private let zeros: AlignedBuffer
   // Counters, under `state`.
   public private(set) var fetchedBlocks: UInt64 = 0
@@ -223,24 +231,27 @@ public final class RestoreEngine: @unchecked Sendable {
   }
 
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
-    try modify(offset: offset, length: UInt64(buffer.count), fua: fua) {
-      try primary.write(buffer, at: offset)
-      try backup.write(buffer, at: offset, fua: fua)
-    }
+    try modify(
+      offset: offset, length: UInt64(buffer.count), fua: fua,
+      local: { try primary.write(buffer, at: offset) },
+      remote: { try backup.write(buffer, at: offset, fua: fua) })
   }
 
   /// TRIM and WRITE_ZEROES both leave zeros on both sides (a trimmed block
   /// must read the same on the primary and the backup).
   public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
-    try modify(offset: offset, length: length, fua: fua) {
-      try Merger.writeZeros(primary, offset: offset, length: length, zeros: zeros)
-      try backup.writeZeroes(offset: offset, length: length, fua: fua)
-    }
+    try modify(
+      offset: offset, length: length, fua: fua,
+      local: { try Merger.writeZeros(primary, offset: offset, length: length, zeros: zeros) },
+      remote: { try backup.writeZeroes(offset: offset, length: length, fua: fua) })
   }
 
   /// A write-like change of a byte range: partial blocks brought first, the
-  /// activity log entered, the change made on both sides, blocks marked current.
-  private func modify(offset: UInt64, length: UInt64, fua: Bool, _ change: () throws -> Void) throws {
+  /// activity log entered, the change made on the primary, the blocks marked
+  /// current, then the change sent to the backup (or owed to it).
+  private func modify(
+    offset: UInt64, length: UInt64, fua: Bool, local: () throws -> Void, remote: () throws -> Void
+  ) throws {
     let blocks = blockRange(offset, length)
     guard !blocks.isEmpty else { return }
     locks.lock(blocks)
@@ -256,10 +267,10 @@ public final class RestoreEngine: @unchecked Sendable {
     try activity.enter(blocks)
     defer { activity.leave(blocks) }
     do {
-      try change()
+      try local()
     } catch {
-      // The primary may hold the change and the backup not: keep the regions
-      // logged and the blocks owed to the backup, so the sides get resynced.
+      // The primary failed: the blocks that were current may hold part of
+      // the change; owe them to the backup so the two sides agree again.
       state.withLock {
         for b in blocks where current[b] { backupLacks.insert(b) }
       }
@@ -267,7 +278,55 @@ public final class RestoreEngine: @unchecked Sendable {
       throw NBDError(NBD.errIO, "\(error)")
     }
     markCurrent(blocks)
+    if !state.withLock({ backupDown }) {
+      do {
+        try remote()
+      } catch {
+        state.withLock { backupDown = true }
+        log(
+          "the backup did not take a write (\(error)); writes are kept on the primary and owed to the backup "
+            + "until it comes back")
+      }
+    }
+    if state.withLock({ backupDown }) {
+      state.withLock { for b in blocks { backupLacks.insert(b) } }
+      activity.pin(blocks)
+    }
     if fua { try primary.sync() }
+  }
+
+  /// Blocks owed to the backup, and whether it is taken as unreachable.
+  public var backupDebt: (blocks: Int, down: Bool) { state.withLock { (backupLacks.count, backupDown) } }
+
+  /// Sends the owed blocks to the backup, each under its block lock so no
+  /// newer write can be overtaken; when all are sent, writes go to the
+  /// backup again. Throws when the backup still cannot take them.
+  public func resynchronize() throws {
+    let owed = state.withLock { backupLacks.sorted() }
+    if owed.isEmpty {
+      state.withLock { backupDown = false }
+      return
+    }
+    var i = 0
+    while i < owed.count {
+      var j = i + 1
+      while j < owed.count && owed[j] == owed[j - 1] + 1 && j - i < 64 { j += 1 }
+      let run = owed[i]..<owed[j - 1] + 1
+      locks.lock(run)
+      defer { locks.unlock(run) }
+      try copyToBackup(run)
+      state.withLock { for b in run { backupLacks.remove(b) } }
+      i = j
+    }
+    try backup.flush()
+    let clear = state.withLock { () -> Bool in
+      if backupLacks.isEmpty { backupDown = false }
+      return backupLacks.isEmpty
+    }
+    if clear {
+      activity.unpinAll()
+      log("the backup is back: sent the \(owed.count) block(s) it lacked")
+    }
   }
 
   // MARK: The merge export (channel 2 into the running server)
@@ -320,28 +379,32 @@ public final class RestoreEngine: @unchecked Sendable {
     flushLock.lock()
     defer { flushLock.unlock() }
     // Snapshot before synchronising: only what is complete now is committed.
-    let (snapshot, owed, wasDirty) = state.withLock { () -> (BlockBitmap, [UInt64], Bool) in
+    let (snapshot, wasDirty) = state.withLock { () -> (BlockBitmap, Bool) in
       let d = dirty
       dirty = false
-      return (current, Array(backupLacks), d)
+      return (current, d)
     }
     do {
       try primary.sync()
-      if !owed.isEmpty {
-        for b in owed.sorted() { try copyToBackup(b..<b + 1) }
+      // The backup's part: owed blocks first, then its own flush. While it
+      // is unreachable the flush holds on the primary alone; the owed blocks
+      // stay in the durable activity log until they are sent.
+      var backupOK = true
+      do {
+        if state.withLock({ !backupLacks.isEmpty }) { try resynchronize() }
+        if !state.withLock({ backupDown }) { try backup.flush() }
+      } catch {
+        backupOK = false
+        state.withLock { backupDown = true }
+        log("flush: the backup is unreachable (\(error)); \(backupDebt.blocks) block(s) are owed to it")
       }
-      try backup.flush()
       if wasDirty {
         var m = map
         m.bits = snapshot
         try MapFile.save(m, to: mapPath)
         map = m
       }
-      if !owed.isEmpty {
-        state.withLock { for b in owed { backupLacks.remove(b) } }
-        if state.withLock({ backupLacks.isEmpty }) { activity.unpinAll() }
-      }
-      try activity.trim()
+      if backupOK { try activity.trim() }
     } catch {
       if wasDirty { state.withLock { dirty = true } }
       throw NBDError(NBD.errIO, "flush failed: \(error)")
@@ -351,7 +414,11 @@ public final class RestoreEngine: @unchecked Sendable {
   /// A clean stop: everything flushed, the activity log emptied.
   public func close() throws {
     try flush()
-    if state.withLock({ backupLacks.isEmpty }) { try activity.clear() }
+    if state.withLock({ backupLacks.isEmpty }) {
+      try activity.clear()
+    } else {
+      log("\(backupDebt.blocks) block(s) are still owed to the backup; the activity log keeps their regions for the next start")
+    }
   }
 
   // MARK: Background copy
