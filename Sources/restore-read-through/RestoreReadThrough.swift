@@ -75,6 +75,9 @@ struct RestoreReadThrough: ParsableCommand {
   @Option(help: ArgumentHelp("Seconds a request to the backup may take before it fails with EIO.", valueName: "seconds"))
   var backupTimeout: Double = 30
 
+  @Option(help: ArgumentHelp("Connections to the backup, used together (1 to 16).", valueName: "n"))
+  var backupConnections: Int = 4
+
   @Option(help: ArgumentHelp("Seconds between progress lines in the log (0: none).", valueName: "seconds"))
   var progressInterval: Double = 10
 
@@ -87,6 +90,9 @@ struct RestoreReadThrough: ParsableCommand {
     }
     if hydrateRate != nil && !hydrate { throw ValidationError("--hydrate-rate needs --hydrate") }
     if backupTimeout <= 0 || backupTimeout > 86400 { throw ValidationError("--backup-timeout \(backupTimeout) is out of range") }
+    if backupConnections < 1 || backupConnections > 16 {
+      throw ValidationError("--backup-connections \(backupConnections) is out of range (1 to 16)")
+    }
     if progressInterval < 0 { throw ValidationError("--progress-interval must not be negative") }
   }
 
@@ -101,7 +107,7 @@ struct RestoreReadThrough: ParsableCommand {
     signal(SIGPIPE, SIG_IGN)
 
     let device = try Device(path: primary, options: .readWrite)
-    let link = try NBDClient(uri: backup, timeout: backupTimeout)
+    let link = try MultiConnectionLink(uri: backup, timeout: backupTimeout, count: backupConnections)
     let engine = try RestoreEngine(
       primary: device, backup: link, mapPath: map, blockSize: blockSize.value, log: log)
 

@@ -20,7 +20,7 @@ function __restore-read-through_parse_tokens -S
     set -l unparsed_tokens (__restore-read-through_tokens -pc)
     switch $unparsed_tokens[1]
     case 'restore-read-through'
-        __restore-read-through_parse_subcommand 1 'backup=' 'map=' 'socket=' 'listen=' 'block-size=' 'hydrate' 'hydrate-rate=' 'backup-timeout=' 'progress-interval=' 'h/help'
+        __restore-read-through_parse_subcommand 1 'backup=' 'map=' 'socket=' 'listen=' 'block-size=' 'hydrate' 'hydrate-rate=' 'backup-timeout=' 'backup-connections=' 'progress-interval=' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __restore-read-through_parse_subcommand -r 1 
@@ -85,6 +85,7 @@ complete -c 'restore-read-through' -n '__restore-read-through_should_offer_compl
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" hydrate' -l 'hydrate' -d 'Copy the blocks not yet current from the backup in the background.'
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" hydrate-rate' -l 'hydrate-rate' -d 'Limit the background copy to this many bytes a second (K, M, G: powers of 1024).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" backup-timeout' -l 'backup-timeout' -d 'Seconds a request to the backup may take before it fails with EIO.' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" backup-connections' -l 'backup-connections' -d 'Connections to the backup, used together (1 to 16).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" progress-interval' -l 'progress-interval' -d 'Seconds between progress lines in the log (0: none).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" h help' -s 'h' -l 'help' -d 'Show help information.'
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_positional "restore-read-through" -eq 1' -fa 'help' -d 'Show subcommand help information.'

@@ -56,7 +56,7 @@ public final class NBDServer: @unchecked Sendable {
   private let idle = DispatchSemaphore(value: 0)
   private var stopping = false
 
-  public init(exports: [NBDExport], workersPerConnection: Int = 8, log: @escaping @Sendable (String) -> Void) {
+  public init(exports: [NBDExport], workersPerConnection: Int = 16, log: @escaping @Sendable (String) -> Void) {
     self.exports = exports
     self.workersPerConnection = workersPerConnection
     self.log = log
@@ -278,6 +278,12 @@ private final class Connection: @unchecked Sendable {
   }
 
   // MARK: Transmission
+  //
+  // Leader/follower: each worker takes the read lock, reads one request
+  // (header and payload), lets go, runs it and sends its reply, so nothing is
+  // handed between threads on the way. The first worker to see the end of
+  // the connection (or DISC, or a request that cannot be framed) marks it
+  // closed; the others finish what they hold and stop.
 
   struct Request {
     var flags: UInt16
@@ -289,61 +295,87 @@ private final class Connection: @unchecked Sendable {
     var error: UInt32
   }
 
+  /// Leader/follower: each worker takes the read lock, reads one request
+  /// (header and payload), lets go, runs it and sends its reply; so there
+  /// is no hand-off between threads on the way. The first thread to see the
+  /// end of the connection (or DISC, or a request that cannot be framed)
+  /// marks it closed; the others finish what they hold and stop.
   private func transmission(_ export: NBDExport) throws {
-    let queue = Handoff<Request?>()
-    let slots = DispatchSemaphore(value: 0)
     let workers = max(1, server.workersPerConnection)
-    for _ in 0..<workers * 2 { slots.signal() }
-    let pool = BufferPool()
+    let reader = RequestReader(connection: self, export: export)
     let done = DispatchSemaphore(value: 0)
     for _ in 0..<workers {
       startThread { [self] in
-        while let item = queue.take(), var request = item {
+        while var request = reader.next() {
           execute(&request, export)
           reply(request)
-          if let b = request.buffer { pool.put(b) }
-          slots.signal()
+          if let b = request.buffer { reader.pool.put(b) }
         }
         done.signal()
       }
     }
-    defer {
-      for _ in 0..<workers { queue.put(nil) }
-      for _ in 0..<workers { done.wait() }
+    for _ in 0..<workers { done.wait() }
+    if let failure = reader.failure { throw failure }
+  }
+
+  /// The read side of a connection, shared by its workers.
+  final class RequestReader: @unchecked Sendable {
+    let connection: Connection
+    let export: NBDExport
+    let pool = BufferPool()
+    private let lock = Monitor()
+    private let header = AlignedBuffer(count: NBD.requestLength)
+    private var closed = false
+    private(set) var failure: Error?
+
+    init(connection: Connection, export: NBDExport) {
+      self.connection = connection
+      self.export = export
     }
 
-    let header = AlignedBuffer(count: NBD.requestLength)
-    while true {
-      try socket.read(into: header.pointer, count: NBD.requestLength)
-      let p = header.pointer
-      guard p.loadBE(at: 0, as: UInt32.self) == NBD.requestMagic else {
-        throw ToolkitError("bad request magic; closing the connection")
-      }
-      var request = Request(
-        flags: p.loadBE(at: 4, as: UInt16.self), type: p.loadBE(at: 6, as: UInt16.self),
-        cookie: p.loadBE(at: 8, as: UInt64.self), offset: p.loadBE(at: 16, as: UInt64.self),
-        length: Int(p.loadBE(at: 24, as: UInt32.self)), buffer: nil, error: 0)
-      if request.type == NBD.cmdDisconnect { return }
-      if request.type == NBD.cmdWrite {
-        // The payload follows whatever the verdict; too large cannot be skipped.
-        guard request.length <= NBD.maximumPayload else {
-          throw ToolkitError("WRITE of \(request.length) bytes exceeds the limit; closing the connection")
+    /// Reads the next request under the read lock; nil when the connection is over.
+    func next() -> Request? {
+      lock.lock()
+      defer { lock.unlock() }
+      if closed { return nil }
+      do {
+        let p = header.pointer
+        try connection.socket.read(into: p, count: NBD.requestLength)
+        guard p.loadBE(at: 0, as: UInt32.self) == NBD.requestMagic else {
+          throw ToolkitError("bad request magic; closing the connection")
         }
-        let buffer = pool.get(request.length)
-        try socket.read(into: buffer.pointer, count: request.length)
-        request.buffer = buffer
+        var request = Request(
+          flags: p.loadBE(at: 4, as: UInt16.self), type: p.loadBE(at: 6, as: UInt16.self),
+          cookie: p.loadBE(at: 8, as: UInt64.self), offset: p.loadBE(at: 16, as: UInt64.self),
+          length: Int(p.loadBE(at: 24, as: UInt32.self)), buffer: nil, error: 0)
+        if request.type == NBD.cmdDisconnect {
+          closed = true
+          return nil
+        }
+        if request.type == NBD.cmdWrite {
+          // The payload follows whatever the verdict; too large cannot be skipped.
+          guard request.length <= NBD.maximumPayload else {
+            throw ToolkitError("WRITE of \(request.length) bytes exceeds the limit; closing the connection")
+          }
+          let buffer = pool.get(request.length)
+          try connection.socket.read(into: buffer.pointer, count: request.length)
+          request.buffer = buffer
+        }
+        request.error = connection.validate(request, export)
+        if request.error == 0 && request.type == NBD.cmdRead {
+          request.buffer = pool.get(request.length)
+        }
+        return request
+      } catch {
+        closed = true
+        failure = error
+        return nil
       }
-      request.error = validate(request, export)
-      if request.error == 0 && request.type == NBD.cmdRead {
-        request.buffer = pool.get(request.length)
-      }
-      slots.wait()
-      queue.put(request)
     }
   }
 
   /// Checks a request before any I/O; returns an NBD error number or 0.
-  private func validate(_ r: Request, _ export: NBDExport) -> UInt32 {
+  func validate(_ r: Request, _ export: NBDExport) -> UInt32 {
     let knownFlags = NBD.cmdFlagFUA | NBD.cmdFlagNoHole | NBD.cmdFlagFastZero
     if r.flags & ~knownFlags != 0 { return NBD.errInvalid }
     switch r.type {
@@ -388,23 +420,24 @@ private final class Connection: @unchecked Sendable {
     }
   }
 
+  /// Sends a simple reply, and a READ's data with it, in one system call.
   private func reply(_ r: Request) {
-    let head = [UInt8](repeating: 0, count: NBD.simpleReplyLength)
-    var bytes = head
-    bytes.withUnsafeMutableBytes { raw in
-      raw.baseAddress!.storeBE(NBD.simpleReplyMagic, at: 0)
-      raw.baseAddress!.storeBE(r.error, at: 4)
-      raw.baseAddress!.storeBE(r.cookie, at: 8)
-    }
-    sendLock.wait()
-    defer { sendLock.signal() }
-    do {
-      try socket.write(bytes)
+    withUnsafeTemporaryAllocation(byteCount: NBD.simpleReplyLength, alignment: 8) { head in
+      let h = head.baseAddress!
+      h.storeBE(NBD.simpleReplyMagic, at: 0)
+      h.storeBE(r.error, at: 4)
+      h.storeBE(r.cookie, at: 8)
+      var data: UnsafeRawBufferPointer?
       if r.type == NBD.cmdRead && r.error == 0, let b = r.buffer {
-        try socket.write(b.pointer, count: r.length)
+        data = UnsafeRawBufferPointer(start: b.pointer, count: r.length)
       }
-    } catch {
-      socket.shutdown()
+      sendLock.wait()
+      defer { sendLock.signal() }
+      do {
+        try socket.send(UnsafeRawBufferPointer(head), data)
+      } catch {
+        socket.shutdown()
+      }
     }
   }
 

@@ -91,13 +91,47 @@ public final class Socket: @unchecked Sendable {
   public func write(_ buffer: UnsafeRawPointer, count: Int) throws {
     var done = 0
     while done < count {
-      let n = send(fd, buffer + done, count - done, Int32(MSG_NOSIGNAL))
+      let n = Glibc.send(fd, buffer + done, count - done, Int32(MSG_NOSIGNAL))
       if n < 0 {
         if errno == EINTR { continue }
         if errno == EAGAIN || errno == EWOULDBLOCK { throw ToolkitError("\(peer): timed out") }
         throw ToolkitError("\(peer): \(Errno.current)")
       }
       done += n
+    }
+  }
+
+  /// Sends `first` and then `second` with as few system calls as it can.
+  public func send(_ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer?) throws {
+    var vectors = [
+      iovec(iov_base: UnsafeMutableRawPointer(mutating: first.baseAddress), iov_len: first.count),
+      iovec(iov_base: UnsafeMutableRawPointer(mutating: second?.baseAddress), iov_len: second?.count ?? 0),
+    ]
+    var index = 0
+    let count = second == nil || second?.count == 0 ? 1 : 2
+    while index < count {
+      let n = vectors.withUnsafeMutableBufferPointer { v -> Int in
+        var message = msghdr()
+        message.msg_iov = v.baseAddress! + index
+        message.msg_iovlen = count - index
+        return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
+      }
+      if n < 0 {
+        if errno == EINTR { continue }
+        if errno == EAGAIN || errno == EWOULDBLOCK { throw ToolkitError("\(peer): timed out") }
+        throw ToolkitError("\(peer): \(Errno.current)")
+      }
+      var left = n
+      while left > 0 && index < count {
+        if left >= vectors[index].iov_len {
+          left -= vectors[index].iov_len
+          index += 1
+        } else {
+          vectors[index].iov_base = vectors[index].iov_base! + left
+          vectors[index].iov_len -= left
+          left = 0
+        }
+      }
     }
   }
 

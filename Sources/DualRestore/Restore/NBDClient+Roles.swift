@@ -25,3 +25,46 @@ extension NBDClient: BlockTarget {
     if canFlush { try flush() }
   }
 }
+
+/// Several connections to one backup export, used in turn, so that more
+/// requests are in flight at the backup than one connection's server
+/// threads take (NBD multi-conn). Flushes go to every connection.
+public final class MultiConnectionLink: BackupLink, @unchecked Sendable {
+  public let connections: [NBDClient]
+  private let next = Monitor()
+  private var index = 0
+
+  public init(uri: String, timeout: Double, count: Int) throws {
+    var list: [NBDClient] = []
+    for _ in 0..<max(1, count) { list.append(try NBDClient(uri: uri, timeout: timeout)) }
+    connections = list
+  }
+
+  public var name: String { connections[0].name }
+  public var size: UInt64 { connections[0].size }
+  public var maximumRequest: Int { connections[0].maximumRequest }
+
+  private func pick() -> NBDClient {
+    next.withLock {
+      index = (index + 1) % connections.count
+      return connections[index]
+    }
+  }
+
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    try pick().read(into: buffer, at: offset)
+  }
+
+  public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+    try pick().write(buffer, at: offset, fua: fua)
+  }
+
+  public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
+    try pick().writeZeroes(offset: offset, length: length, fua: fua)
+  }
+
+  /// A completed write may have gone over any connection: flush them all.
+  public func flush() throws {
+    for c in connections { try c.flush() }
+  }
+}

@@ -64,6 +64,15 @@ public final class RestoreEngine: @unchecked Sendable {
   public private(set) var fetchedBytes: UInt64 = 0
   public private(set) var mergedBlocks: UInt64 = 0
   private var activeRequests = 0
+  // Read-ahead of sequential misses, under `state`.
+  private var recentMissEnds: [UInt64] = []
+  private var aheadUntil: UInt64 = 0
+  /// Fetches in progress: read-ahead only helps a reader that keeps few
+  /// requests in flight; one that keeps many is its own read-ahead.
+  private var fetchesInFlight = 0
+  private let readAhead = Handoff<Range<UInt64>?>()
+  private let readAheadUnit: UInt64
+  private let readAheadWindow: UInt64
 
   /// Opens the restore of `primary` from `backup` through the map at `mapPath`
   /// (created when missing), recovering from an unclean shutdown if needed.
@@ -108,7 +117,43 @@ public final class RestoreEngine: @unchecked Sendable {
     zeros = AlignedBuffer(count: Int(geometry.blockSize))
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
     activity = try ActivityLog(path: mapPath + ".al", blockGeometry: m.geometry, deviceName: primary.path)
+    readAheadUnit = UInt64(max(1, (1 << 20) / Int(m.geometry.blockSize)))
+    readAheadWindow = readAheadUnit * 8
     if !activity.recovered.isEmpty { try recover() }
+    for _ in 0..<4 {
+      startThread { [self] in
+        while let item = readAhead.take(), let range = item { prefetch(range) }
+      }
+    }
+  }
+
+  /// Fetches a range ahead of a sequential reader, unless it is current or
+  /// being worked on already. Errors are left for the reader's own request.
+  private func prefetch(_ range: Range<UInt64>) {
+    guard !missingRuns(range).isEmpty, locks.tryLock(range) else { return }
+    defer { locks.unlock(range) }
+    for run in missingRuns(range) {
+      do { try fetch(run) } catch { return }
+    }
+  }
+
+  /// Notes a miss; when it continues an earlier one, schedules the blocks
+  /// after it so a sequential reader finds them current.
+  private func noteMiss(_ run: Range<UInt64>) {
+    let ranges: [Range<UInt64>] = state.withLock {
+      let sequential =
+        recentMissEnds.contains(run.lowerBound)
+        || (run.lowerBound < aheadUntil && run.lowerBound + readAheadWindow >= aheadUntil)
+      recentMissEnds.append(run.upperBound)
+      if recentMissEnds.count > 64 { recentMissEnds.removeFirst(recentMissEnds.count - 64) }
+      guard sequential, fetchesInFlight <= 4 else { return [] }
+      let from = max(run.upperBound, aheadUntil)
+      let to = min(run.upperBound + readAheadWindow, geometry.blockCount)
+      guard from < to else { return [] }
+      aheadUntil = to
+      return stride(from: from, to: to, by: Int(readAheadUnit)).map { $0..<min($0 + readAheadUnit, to) }
+    }
+    for r in ranges { readAhead.put(r) }
   }
 
   // MARK: Recovery
@@ -195,20 +240,27 @@ public final class RestoreEngine: @unchecked Sendable {
   // MARK: Fetching (locks held by the caller)
 
   /// Brings `blocks` from the backup to the primary and marks them current.
-  private func fetch(_ blocks: Range<UInt64>) throws {
+  private func fetch(_ blocks: Range<UInt64>, into destination: UnsafeMutableRawPointer? = nil) throws {
     let (offset, length) = geometry.byteRange(blocks: blocks.lowerBound, count: UInt64(blocks.count))
     let step = UInt64(min(backup.maximumRequest, 4 << 20))
-    let buffer = buffers.get(Int(min(step, length)))
-    defer { buffers.put(buffer) }
+    // Straight into the caller's buffer when it holds the whole run (a
+    // cold read), else through a pooled one.
+    let pooled = destination == nil ? buffers.get(Int(min(step, length))) : nil
+    defer { if let pooled { buffers.put(pooled) } }
+    state.withLock { fetchesInFlight += 1 }
+    defer { state.withLock { fetchesInFlight -= 1 } }
     var done: UInt64 = 0
     while done < length {
       let n = Int(min(step, length - done))
+      let target =
+        destination.map { UnsafeMutableRawBufferPointer(start: $0 + Int(done), count: n) }
+        ?? pooled!.slice(0, n)
       do {
-        try backup.read(into: buffer.slice(0, n), at: offset + done)
+        try backup.read(into: target, at: offset + done)
       } catch {
         throw NBDError(NBD.errIO, "cannot fetch \(n) bytes at \(offset + done) from the backup: \(error)")
       }
-      try primary.write(UnsafeRawBufferPointer(buffer.slice(0, n)), at: offset + done)
+      try primary.write(UnsafeRawBufferPointer(target), at: offset + done)
       done += UInt64(n)
     }
     state.withLock {
@@ -223,11 +275,31 @@ public final class RestoreEngine: @unchecked Sendable {
 
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
     let blocks = blockRange(offset, UInt64(buffer.count))
-    guard !blocks.isEmpty else { return }
+    guard !blocks.isEmpty, let base = buffer.baseAddress else { return }
     locks.lock(blocks)
     defer { locks.unlock(blocks) }
-    for run in missingRuns(blocks) { try fetch(run) }
-    try primary.read(into: buffer, at: offset)
+    let end = offset + UInt64(buffer.count)
+    // Runs the request covers whole are fetched into the reply itself; the
+    // rest is read from the primary afterwards.
+    var served: [Range<UInt64>] = []
+    for run in missingRuns(blocks) {
+      noteMiss(run)
+      let (start, length) = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count))
+      if start >= offset && start + length <= end {
+        try fetch(run, into: base + Int(start - offset))
+        served.append(start..<start + length)
+      } else {
+        try fetch(run)
+      }
+    }
+    var position = offset
+    for range in served + [end..<end] {
+      if range.lowerBound > position {
+        let n = Int(range.lowerBound - position)
+        try primary.read(into: UnsafeMutableRawBufferPointer(start: base + Int(position - offset), count: n), at: position)
+      }
+      position = max(position, range.upperBound)
+    }
   }
 
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
