@@ -71,6 +71,8 @@ public final class RestoreEngine: @unchecked Sendable {
   /// requests in flight; one that keeps many is its own read-ahead.
   private var fetchesInFlight = 0
   private let readAhead = Handoff<Range<UInt64>?>()
+  /// Runs the backup's half of a write while the caller does the primary's.
+  private let offload = Offload(threads: 32)
   private let readAheadUnit: UInt64
   private let readAheadWindow: UInt64
 
@@ -306,7 +308,7 @@ public final class RestoreEngine: @unchecked Sendable {
     try modify(
       offset: offset, length: UInt64(buffer.count), fua: fua,
       local: { try primary.write(buffer, at: offset) },
-      remote: { try backup.write(buffer, at: offset, fua: fua) })
+      remote: { [backup] in try backup.write(buffer, at: offset, fua: fua) })
   }
 
   /// TRIM and WRITE_ZEROES both leave zeros on both sides (a trimmed block
@@ -315,14 +317,14 @@ public final class RestoreEngine: @unchecked Sendable {
     try modify(
       offset: offset, length: length, fua: fua,
       local: { try Merger.writeZeros(primary, offset: offset, length: length, zeros: zeros) },
-      remote: { try backup.writeZeroes(offset: offset, length: length, fua: fua) })
+      remote: { [backup] in try backup.writeZeroes(offset: offset, length: length, fua: fua) })
   }
 
   /// A write-like change of a byte range: partial blocks brought first, the
   /// activity log entered, the change made on the primary, the blocks marked
   /// current, then the change sent to the backup (or owed to it).
   private func modify(
-    offset: UInt64, length: UInt64, fua: Bool, local: () throws -> Void, remote: () throws -> Void
+    offset: UInt64, length: UInt64, fua: Bool, local: () throws -> Void, remote: @escaping () throws -> Void
   ) throws {
     let blocks = blockRange(offset, length)
     guard !blocks.isEmpty else { return }
@@ -338,9 +340,20 @@ public final class RestoreEngine: @unchecked Sendable {
     }
     try activity.enter(blocks)
     defer { activity.leave(blocks) }
+    // The backup's half runs beside the primary's; the blocks are locked,
+    // so nothing else touches them until both are done.
+    let remoteError = ErrorBox()
+    var job: Offload.Job?
+    if !state.withLock({ backupDown }) {
+      job = offload.start {
+        do { try remote() } catch { remoteError.set(error) }
+      }
+    }
     do {
       try local()
+      job?.wait()
     } catch {
+      job?.wait()
       // The primary failed: the blocks that were current may hold part of
       // the change; owe them to the backup so the two sides agree again.
       state.withLock {
@@ -350,15 +363,11 @@ public final class RestoreEngine: @unchecked Sendable {
       throw NBDError(NBD.errIO, "\(error)")
     }
     markCurrent(blocks)
-    if !state.withLock({ backupDown }) {
-      do {
-        try remote()
-      } catch {
-        state.withLock { backupDown = true }
-        log(
-          "the backup did not take a write (\(error)); writes are kept on the primary and owed to the backup "
-            + "until it comes back")
-      }
+    if let error = remoteError.error {
+      state.withLock { backupDown = true }
+      log(
+        "the backup did not take a write (\(error)); writes are kept on the primary and owed to the backup "
+          + "until it comes back")
     }
     if state.withLock({ backupDown }) {
       state.withLock { for b in blocks { backupLacks.insert(b) } }

@@ -32,3 +32,35 @@ public func startThread(_ body: @escaping @Sendable () -> Void) {
 }
 
 import Dispatch
+
+/// A few threads that run blocking jobs handed to them, so that a caller
+/// can overlap two blocking calls (a local write and a network round trip).
+public final class Offload: @unchecked Sendable {
+  public final class Job: @unchecked Sendable {
+    let body: () -> Void
+    let done = DispatchSemaphore(value: 0)
+    init(_ body: @escaping () -> Void) { self.body = body }
+    /// Waits until the job has run.
+    public func wait() { done.wait() }
+  }
+
+  private let queue = Handoff<Job?>()
+
+  public init(threads: Int) {
+    for _ in 0..<max(1, threads) {
+      startThread { [queue] in
+        while let item = queue.take(), let job = item {
+          job.body()
+          job.done.signal()
+        }
+      }
+    }
+  }
+
+  /// Runs `body` on one of the threads; `wait()` on the result joins it.
+  public func start(_ body: @escaping () -> Void) -> Job {
+    let job = Job(body)
+    queue.put(job)
+    return job
+  }
+}
