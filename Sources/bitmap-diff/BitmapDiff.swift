@@ -12,7 +12,8 @@ struct BitmapDiff: ParsableCommand {
       bitmap-diff --signature [options] SOURCE
       """,
     discussion: """
-      A and B are image files or block devices, or signatures made with \
+      A and B are image files, block devices or NBD exports \
+      (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH), or signatures made with \
       --signature. The map (dualrestore-map(5)) has one bit per block of B, \
       set where B differs from A; it goes to standard output, never to a \
       terminal, or to -o FILE. --extents prints START LENGTH lines instead.
@@ -68,8 +69,6 @@ struct BitmapDiff: ParsableCommand {
     }
   }
 
-  var openOptions: DeviceOpenOptions { DeviceOpenOptions(direct: direct) }
-
   var hashWorkers: Int { threads.value }
 
   var showProgress: Bool { reporting.show }
@@ -86,7 +85,7 @@ struct BitmapDiff: ParsableCommand {
     let algorithm = try DigestAlgorithm(named: digest)
     let target = OutputTarget(output)
     try target.refuseTerminal(for: "signature")
-    let source = try Device(path: sources[0], options: openOptions)
+    let source = try openSource(sources[0], direct: direct)
     _ = try Signer.sign(
       source, algorithm: algorithm, blockSize: blockSize.value, to: target, progress: showProgress,
       workers: hashWorkers)
@@ -108,13 +107,13 @@ struct BitmapDiff: ParsableCommand {
     case (true, false), (false, true):
       let sig = try SignatureReader(path: aIsSignature ? a : b)
       try checkBlockSize(sig.header.geometry.blockSize, sig.name)
-      let device = try Device(path: aIsSignature ? b : a, options: openOptions)
+      let device = try openSource(aIsSignature ? b : a, direct: direct)
       result = try Comparison.compare(
         signature: sig, device, signatureIsA: aIsSignature, allowSizeChange: allowSizeChange,
         progress: showProgress, workers: hashWorkers)
     case (false, false):
-      let da = try Device(path: a, options: openOptions)
-      let db = try Device(path: b, options: openOptions)
+      let da = try openSource(a, direct: direct)
+      let db = try openSource(b, direct: direct)
       result = try Comparison.compare(
         da, db, blockSize: blockSize.value, allowSizeChange: allowSizeChange, progress: showProgress)
     }

@@ -8,7 +8,8 @@ struct Snapshot: ParsableCommand {
     commandName: "snapshot",
     abstract: "Write a block stream of a source, for media or a pipe.",
     discussion: """
-      SOURCE is an image file or a block device. The stream \
+      SOURCE is an image file, a block device, or an NBD export \
+      (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH). The stream \
       (dualrestore-stream(5)) goes to standard output, never to a terminal, \
       or to -o FILE, which appears only when complete. Blocks that read as \
       zeros (holes of image files are not even read) become ZERO records; \
@@ -49,7 +50,7 @@ struct Snapshot: ParsableCommand {
   @Flag(help: "Print the summary as one JSON object (on standard error when the stream is on standard output).")
   var json = false
 
-  @Argument(help: ArgumentHelp("The image file or block device to read.", valueName: "source"))
+  @Argument(help: ArgumentHelp("The image file, block device or NBD URI to read.", valueName: "source"))
   var source: String
 
   func validate() throws {
@@ -71,7 +72,7 @@ struct Snapshot: ParsableCommand {
       size = m.geometry.blockSize
       selection = m
     }
-    let device = try Device(path: source, options: DeviceOpenOptions(direct: direct))
+    let device = try openSource(source, direct: direct)
     if let m = selection, m.geometry.deviceSize != device.size {
       throw ToolkitError(
         "\(map == "-" ? "the map on standard input" : map ?? "") describes \(m.geometry.deviceSize) bytes but \(source) has \(device.size) bytes")
