@@ -183,8 +183,16 @@ struct RestoreReadThrough: ParsableCommand {
     server.serve(listener)
     server.stop()
     do {
-      try engine.close()
+      let owed = try engine.close()
+      if owed > 0 {
+        log(
+          "stopped; the map and the primary are durable, but the backup is unreachable and lacks \(owed) block(s): "
+            + "they are in the activity log and will be sent at the next start")
+        throw ExitCode(1)
+      }
       log("stopped cleanly; the map and the backup are up to date")
+    } catch let exit as ExitCode {
+      throw exit
     } catch {
       log("stopped, but the final flush failed: \(error)")
       throw ExitCode(1)

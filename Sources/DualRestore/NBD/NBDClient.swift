@@ -48,6 +48,25 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   /// How many times a broken connection was replaced.
   public var reconnects: Int { state.withLock { reconnectCount } }
 
+  /// Set when the server answered ESHUTDOWN (it is stopping); cleared by reading.
+  private var shutdownSeen = false
+
+  /// Whether the server said it is shutting down since the last call.
+  public func takeShutdownSeen() -> Bool {
+    state.withLock {
+      defer { shutdownSeen = false }
+      return shutdownSeen
+    }
+  }
+
+  /// Leaves the server politely: once no request is in flight on the
+  /// current connection, NBD_CMD_DISC is sent and it is closed; the next
+  /// request connects again. For a server that is stopping (ESHUTDOWN).
+  public func disconnectWhenIdle() {
+    let c = state.withLock { connection }
+    c?.softDisconnect()
+  }
+
   // Guarded by `state`.
   private let state = NBDClientLock()
   private var connection: NBDClientConnection?
@@ -212,6 +231,7 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   private func failure(
     _ command: UInt16, offset: UInt64, length: Int, serverError: UInt32, cause: String?
   ) -> ToolkitError {
+    if serverError == NBD.errShutdown { state.withLock { shutdownSeen = true } }
     let what = describe(command, offset: offset, length: UInt64(length))
     if let cause { return ToolkitError("\(name): \(what) failed: \(cause)") }
     return ToolkitError("\(name): \(what) failed: \(NBDClient.errorText(serverError))")
@@ -581,15 +601,49 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   /// waiting on it and wakes the reader.
   func fail(_ cause: String) {
     lock.lock()
-    if failure == nil {
-      failure = cause
-      for slot in slots where slot.state == .waiting {
-        slot.state = .done
-        slot.failure = cause
-        slot.semaphore.signal()
-      }
+    if failure == nil { failure = cause }
+    let reason = failure ?? cause
+    for slot in slots where slot.state == .waiting {
+      slot.state = .done
+      slot.failure = reason
+      slot.semaphore.signal()
     }
     lock.unlock()
+    socket.shutdown()
+  }
+
+  /// The server answered ESHUTDOWN: it is going away and waits for us to
+  /// leave. No new request uses this connection (the next one reconnects);
+  /// the requests in flight get their replies, then NBD_CMD_DISC is sent
+  /// and the connection closed (the protocol's soft disconnect).
+  private func beginSoftDisconnect() {
+    lock.withLock {
+      if failure == nil { failure = "the server is shutting down" }
+    }
+  }
+
+  /// Soft disconnect from outside the reader: no new requests here, and the
+  /// disconnect is sent now if nothing is in flight (else by the reader
+  /// after the last reply).
+  func softDisconnect() {
+    beginSoftDisconnect()
+    if !hasWaiting { sendDisconnectAndClose() }
+  }
+
+  private var hasWaiting: Bool {
+    lock.withLock { slots.contains { $0.state == .waiting } }
+  }
+
+  private func sendDisconnectAndClose() {
+    sendLock.lock()
+    header.storeBE(NBD.requestMagic, at: 0)
+    header.storeBE(UInt16(0), at: 4)
+    header.storeBE(NBD.cmdDisconnect, at: 6)
+    header.storeBE(UInt64(0), at: 8)
+    header.storeBE(UInt64(0), at: 16)
+    header.storeBE(UInt32(0), at: 24)
+    _ = sendAll(UnsafeRawPointer(header), NBD.requestLength, more: false)
+    sendLock.unlock()
     socket.shutdown()
   }
 
@@ -655,6 +709,11 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
       slot.semaphore.signal()
       if let broken {
         fail(broken)
+        return
+      }
+      if error == NBD.errShutdown { beginSoftDisconnect() }
+      if lock.withLock({ failure != nil }) && !hasWaiting {
+        sendDisconnectAndClose()
         return
       }
     }

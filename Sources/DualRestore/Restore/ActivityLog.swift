@@ -84,8 +84,11 @@ final class ActivityLog: @unchecked Sendable {
     }
   }
 
-  func unpinAll() {
-    monitor.withLock { pinned.removeAll() }
+  /// Pins exactly the regions of `blocks` (the blocks still owed).
+  func repin(_ blocks: Set<UInt64>) {
+    let perRegion = UInt64(geometry.blockSize / blockGeometry.blockSize)
+    let regions = Set(blocks.map { $0 / perRegion })
+    monitor.withLock { pinned = regions }
   }
 
   /// After a flush: drops the regions with nothing in flight or pinned.

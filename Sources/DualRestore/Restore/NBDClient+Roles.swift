@@ -51,20 +51,34 @@ public final class MultiConnectionLink: BackupLink, @unchecked Sendable {
     }
   }
 
+  /// Runs a request on the next connection. When the server says it is
+  /// shutting down, every connection leaves it (the others would otherwise
+  /// sit idle and keep a stopping server waiting).
+  private func run<T>(_ c: NBDClient, _ body: (NBDClient) throws -> T) throws -> T {
+    do {
+      return try body(c)
+    } catch {
+      if c.takeShutdownSeen() {
+        for other in connections { other.disconnectWhenIdle() }
+      }
+      throw error
+    }
+  }
+
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-    try pick().read(into: buffer, at: offset)
+    try run(pick()) { try $0.read(into: buffer, at: offset) }
   }
 
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
-    try pick().write(buffer, at: offset, fua: fua)
+    try run(pick()) { try $0.write(buffer, at: offset, fua: fua) }
   }
 
   public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
-    try pick().writeZeroes(offset: offset, length: length, fua: fua)
+    try run(pick()) { try $0.writeZeroes(offset: offset, length: length, fua: fua) }
   }
 
   /// A completed write may have gone over any connection: flush them all.
   public func flush() throws {
-    for c in connections { try c.flush() }
+    for c in connections { try run(c) { try $0.flush() } }
   }
 }

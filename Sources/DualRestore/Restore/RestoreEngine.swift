@@ -122,6 +122,7 @@ public final class RestoreEngine: @unchecked Sendable {
     readAheadUnit = UInt64(max(1, (1 << 20) / Int(m.geometry.blockSize)))
     readAheadWindow = readAheadUnit * 8
     if !activity.recovered.isEmpty { try recover() }
+    if pathExists(owedMarker) { unlink(owedMarker) }
     for _ in 0..<4 {
       startThread { [self] in
         while let item = readAhead.take(), let range = item { prefetch(range) }
@@ -162,6 +163,10 @@ public final class RestoreEngine: @unchecked Sendable {
 
   /// After an unclean shutdown: the current blocks of every logged region
   /// are copied from the primary to the backup, which is then flushed.
+  /// Present when the last stop was clean but left blocks owed to the
+  /// backup; tells the next start that its activity log is not a crash's.
+  private var owedMarker: String { mapPath + ".owed" }
+
   private func recover() throws {
     var copied: UInt64 = 0
     for region in activity.recovered {
@@ -177,9 +182,15 @@ public final class RestoreEngine: @unchecked Sendable {
     }
     try backup.flush()
     try activity.clear()
-    log(
-      "unclean shutdown detected: \(activity.recovered.count) region(s) had writes in flight; "
-        + "copied their \(copied) current block(s) from the primary to the backup, which now agree")
+    if pathExists(owedMarker) {
+      log(
+        "the last stop left blocks owed to the backup in \(activity.recovered.count) region(s); "
+          + "copied their \(copied) current block(s) from the primary to the backup, which now agree")
+    } else {
+      log(
+        "unclean shutdown detected: \(activity.recovered.count) region(s) had writes in flight; "
+          + "copied their \(copied) current block(s) from the primary to the backup, which now agree")
+    }
   }
 
   private func copyToBackup(_ blocks: Range<UInt64>) throws {
@@ -344,7 +355,9 @@ public final class RestoreEngine: @unchecked Sendable {
     // so nothing else touches them until both are done.
     let remoteError = ErrorBox()
     var job: Offload.Job?
-    if !state.withLock({ backupDown }) {
+    // Decided once: a write either goes to the backup or is owed to it.
+    let sendToBackup = !state.withLock({ backupDown })
+    if sendToBackup {
       job = offload.start {
         do { try remote() } catch { remoteError.set(error) }
       }
@@ -358,20 +371,26 @@ public final class RestoreEngine: @unchecked Sendable {
       // the change; owe them to the backup so the two sides agree again.
       state.withLock {
         for b in blocks where current[b] { backupLacks.insert(b) }
+        activity.pin(blocks)
       }
-      activity.pin(blocks)
       throw NBDError(NBD.errIO, "\(error)")
     }
     markCurrent(blocks)
+    var owe = !sendToBackup
     if let error = remoteError.error {
+      owe = true
       state.withLock { backupDown = true }
       log(
         "the backup did not take a write (\(error)); writes are kept on the primary and owed to the backup "
           + "until it comes back")
     }
-    if state.withLock({ backupDown }) {
-      state.withLock { for b in blocks { backupLacks.insert(b) } }
-      activity.pin(blocks)
+    if owe {
+      // Owed and pinned under one lock, so a resynchronisation that just
+      // finished cannot unpin what it did not send.
+      state.withLock {
+        for b in blocks { backupLacks.insert(b) }
+        activity.pin(blocks)
+      }
     }
     if fua { try primary.sync() }
   }
@@ -402,10 +421,11 @@ public final class RestoreEngine: @unchecked Sendable {
     try backup.flush()
     let clear = state.withLock { () -> Bool in
       if backupLacks.isEmpty { backupDown = false }
+      // Keep pinned exactly the regions of the blocks still owed.
+      activity.repin(backupLacks)
       return backupLacks.isEmpty
     }
     if clear {
-      activity.unpinAll()
       log("the backup is back: sent the \(owed.count) block(s) it lacked")
     }
   }
@@ -492,14 +512,19 @@ public final class RestoreEngine: @unchecked Sendable {
     }
   }
 
-  /// A clean stop: everything flushed, the activity log emptied.
-  public func close() throws {
+  /// A clean stop: everything flushed, the activity log emptied. Returns
+  /// the number of blocks still owed to an unreachable backup (their
+  /// regions stay in the activity log for the next start).
+  @discardableResult
+  public func close() throws -> Int {
     try flush()
-    if state.withLock({ backupLacks.isEmpty }) {
+    let owed = backupDebt.blocks
+    if owed == 0 {
       try activity.clear()
     } else {
-      log("\(backupDebt.blocks) block(s) are still owed to the backup; the activity log keeps their regions for the next start")
+      try writeFileAtomically(owedMarker, [])
     }
+    return owed
   }
 
   // MARK: Background copy
