@@ -36,7 +36,9 @@ struct BitmapDiff: ParsableCommand {
 
   @OptionGroup var blockSize: BlockSizeOption
 
-  @Option(name: .shortAndLong, help: ArgumentHelp("Write the map or signature to this file (saved atomically).", valueName: "file"))
+  @Option(
+    name: .shortAndLong,
+    help: ArgumentHelp("Write the map or signature to this file (saved atomically).", valueName: "file"))
   var output: String?
 
   @Flag(help: "Print the differing byte ranges as START LENGTH lines instead of a map.")

@@ -49,7 +49,9 @@ struct MergeSnapshot: ParsableCommand {
   @Option(help: ArgumentHelp("The overwrite map of TARGET: its current blocks are not overwritten.", valueName: "map"))
   var map: String?
 
-  @Option(name: .shortAndLong, help: ArgumentHelp("Read the stream from this file instead of standard input.", valueName: "stream"))
+  @Option(
+    name: .shortAndLong,
+    help: ArgumentHelp("Read the stream from this file instead of standard input.", valueName: "stream"))
   var input: String?
 
   @Flag(help: "Verify the stream alone (CRCs, decompression, END record, digest); no target.")
@@ -81,7 +83,9 @@ struct MergeSnapshot: ParsableCommand {
       throw ValidationError("give the TARGET to merge into, or --check to verify a stream alone")
     }
     if clockSkew < 0 || clockSkew > 86400 * 365 { throw ValidationError("--clock-skew \(clockSkew) is out of range") }
-    if map == "-" && input == nil { throw ValidationError("the map and the stream cannot both come from standard input") }
+    if map == "-" && input == nil {
+      throw ValidationError("the map and the stream cannot both come from standard input")
+    }
     if map == "-" { throw ValidationError("the map is updated in place; give it as a file") }
   }
 
@@ -94,7 +98,9 @@ struct MergeSnapshot: ParsableCommand {
       fd = d
       name = input
     } else {
-      if isatty(0) == 1 { throw ToolkitError("refusing to read a binary stream from a terminal; pipe it in or use -i FILE") }
+      if isatty(0) == 1 {
+        throw ToolkitError("refusing to read a binary stream from a terminal; pipe it in or use -i FILE")
+      }
       fd = 0
       name = "standard input"
     }

@@ -1,6 +1,6 @@
 import ArgumentParser
-import DualRestore
 import Dispatch
+import DualRestore
 import Glibc
 import ToolSupport
 
@@ -52,7 +52,8 @@ struct RestoreReadThrough: ParsableCommand {
       answered, everything is flushed and the activity log emptied.
       """)
 
-  @Option(help: ArgumentHelp("The backup: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.", valueName: "uri"))
+  @Option(
+    help: ArgumentHelp("The backup: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.", valueName: "uri"))
   var backup: String
 
   @Option(help: ArgumentHelp("The overwrite map of PRIMARY (created when missing).", valueName: "map"))
@@ -69,10 +70,13 @@ struct RestoreReadThrough: ParsableCommand {
   @Flag(help: "Copy the blocks not yet current from the backup in the background.")
   var hydrate = false
 
-  @Option(help: ArgumentHelp("Limit the background copy to this many bytes a second (K, M, G: powers of 1024).", valueName: "bytes"))
+  @Option(
+    help: ArgumentHelp(
+      "Limit the background copy to this many bytes a second (K, M, G: powers of 1024).", valueName: "bytes"))
   var hydrateRate: ByteCount?
 
-  @Option(help: ArgumentHelp("Seconds a request to the backup may take before it fails with EIO.", valueName: "seconds"))
+  @Option(
+    help: ArgumentHelp("Seconds a request to the backup may take before it fails with EIO.", valueName: "seconds"))
   var backupTimeout: Double = 30
 
   @Option(help: ArgumentHelp("Connections to the backup, used together (1 to 16).", valueName: "n"))
@@ -89,7 +93,9 @@ struct RestoreReadThrough: ParsableCommand {
       throw ValidationError("give exactly one of --socket PATH and --listen HOST:PORT")
     }
     if hydrateRate != nil && !hydrate { throw ValidationError("--hydrate-rate needs --hydrate") }
-    if backupTimeout <= 0 || backupTimeout > 86400 { throw ValidationError("--backup-timeout \(backupTimeout) is out of range") }
+    if backupTimeout <= 0 || backupTimeout > 86400 {
+      throw ValidationError("--backup-timeout \(backupTimeout) is out of range")
+    }
     if backupConnections < 1 || backupConnections > 16 {
       throw ValidationError("--backup-connections \(backupConnections) is out of range (1 to 16)")
     }
@@ -153,7 +159,8 @@ struct RestoreReadThrough: ParsableCommand {
           let percent = total == 0 ? 100 : Double(now) * 100 / Double(total)
           log(
             "progress: \(now) of \(total) blocks current (\(formatFixed(percent, digits: 1))%), "
-              + "fetched \(formatBytes(fetched)) (\(formatBytes(UInt64(rate)))/s), merged \(engine.mergedBlocks) blocks")
+              + "fetched \(formatBytes(fetched)) (\(formatBytes(UInt64(rate)))/s), merged \(engine.mergedBlocks) blocks"
+          )
           if now == total && !wasComplete {
             log("every block is current: the restore is complete")
           }

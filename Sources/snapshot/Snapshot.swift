@@ -31,7 +31,9 @@ struct Snapshot: ParsableCommand {
 
   @OptionGroup var blockSize: BlockSizeOption
 
-  @Option(name: .shortAndLong, help: ArgumentHelp("Write the stream to this file instead of standard output.", valueName: "file"))
+  @Option(
+    name: .shortAndLong,
+    help: ArgumentHelp("Write the stream to this file instead of standard output.", valueName: "file"))
   var output: String?
 
   @Option(help: ArgumentHelp("Mark the stream incremental on top of this stream id (32 hex digits).", valueName: "id"))
@@ -75,7 +77,8 @@ struct Snapshot: ParsableCommand {
     let device = try openSource(source, direct: direct)
     if let m = selection, m.geometry.deviceSize != device.size {
       throw ToolkitError(
-        "\(map == "-" ? "the map on standard input" : map ?? "") describes \(m.geometry.deviceSize) bytes but \(source) has \(device.size) bytes")
+        "\(map == "-" ? "the map on standard input" : map ?? "") describes \(m.geometry.deviceSize) bytes but \(source) has \(device.size) bytes"
+      )
     }
     let sink = try OutputSink(target, what: "stream")
     let options = SnapshotWriter.Options(

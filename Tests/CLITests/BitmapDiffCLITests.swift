@@ -26,7 +26,8 @@ final class BitmapDiffCLITests: XCTestCase {
     let differ = try Tools.run("bitmap-diff", ["--extents", a, b])
     XCTAssertEqual(differ.status, 1, differ.stderr)
     XCTAssertEqual(differ.lines, ["0 65536", "327680 131072", "4128768 65536"])
-    assertFails(try Tools.run("bitmap-diff", [a, s.path("missing.img")]), status: 2, mentioning: "missing.img: No such file")
+    assertFails(
+      try Tools.run("bitmap-diff", [a, s.path("missing.img")]), status: 2, mentioning: "missing.img: No such file")
     let usage = try Tools.run("bitmap-diff", [a])
     XCTAssertEqual(usage.status, 2)
     XCTAssertTrue(usage.stderr.contains("give two sources"), usage.stderr)
@@ -36,7 +37,8 @@ final class BitmapDiffCLITests: XCTestCase {
   func testMapOutputMatchesExtents() throws {
     let s = try Scratch()
     let (a, b) = try makePair(s)
-    let r = try Tools.shell("bitmap-diff a.img b.img > d.map; echo $? > status; overwrite-map extents d.map", cwd: s.url)
+    let r = try Tools.shell(
+      "bitmap-diff a.img b.img > d.map; echo $? > status; overwrite-map extents d.map", cwd: s.url)
     XCTAssertEqual(r.status, 0, r.stderr)
     XCTAssertEqual(String(decoding: try s.read("status"), as: UTF8.self), "1\n")
     XCTAssertEqual(r.lines, ["0 65536", "327680 131072", "4128768 65536"])
@@ -84,7 +86,8 @@ final class BitmapDiffCLITests: XCTestCase {
     // A sparse file and a dense file of zeros with the same data blocks.
     let sparse = s.path("sparse.img")
     let dense = s.path("dense.img")
-    XCTAssertEqual(try Tools.shell("truncate -s 8M sparse.img && head -c 8M /dev/zero > dense.img", cwd: s.url).status, 0)
+    XCTAssertEqual(
+      try Tools.shell("truncate -s 8M sparse.img && head -c 8M /dev/zero > dense.img", cwd: s.url).status, 0)
     try s.patch("sparse.img", at: 3 << 20, Array(repeating: 9, count: 1000))
     try s.patch("dense.img", at: 3 << 20, Array(repeating: 9, count: 1000))
     XCTAssertEqual(try Tools.run("bitmap-diff", [sparse, dense, "-o", s.path("m")]).status, 0)
@@ -118,13 +121,16 @@ final class BitmapDiffCLITests: XCTestCase {
     let s = try Scratch()
     let (a, b) = try makePair(s)
     XCTAssertEqual(
-      try Tools.run("bitmap-diff", ["--signature", "--digest", "sha512", "--block-size", "4K", "-o", s.path("a.sig"), a]).status, 0)
+      try Tools.run(
+        "bitmap-diff", ["--signature", "--digest", "sha512", "--block-size", "4K", "-o", s.path("a.sig"), a]
+      ).status, 0)
     // 1024 blocks of 64-byte digests plus header and checksum.
     let size = try s.read("a.sig").count
     XCTAssertGreaterThan(size, 1024 * 64)
     XCTAssertLessThan(size, 1024 * 64 + 400)
     XCTAssertEqual(
-      try Tools.run("bitmap-diff", ["--extents", s.path("a.sig"), b]).lines, ["0 4096", "327680 4096", "393216 4096", "4128768 4096"])
+      try Tools.run("bitmap-diff", ["--extents", s.path("a.sig"), b]).lines,
+      ["0 4096", "327680 4096", "393216 4096", "4128768 4096"])
     assertFails(
       try Tools.run("bitmap-diff", ["--block-size", "64K", s.path("a.sig"), b]), status: 2,
       mentioning: "made with block size 4096, not 65536")
@@ -144,7 +150,8 @@ final class BitmapDiffCLITests: XCTestCase {
       let r = try Tools.run("bitmap-diff", [s.path("cut.sig"), b, "-o", s.path("out.map")])
       XCTAssertEqual(r.status, cut < 8 ? 2 : 2, "cut at \(cut): \(r.stderr)")
       XCTAssertFalse(r.stderr.isEmpty)
-      XCTAssertFalse(FileManager.default.fileExists(atPath: s.path("out.map")), "a map was written from a bad signature")
+      XCTAssertFalse(
+        FileManager.default.fileExists(atPath: s.path("out.map")), "a map was written from a bad signature")
     }
     for offset in stride(from: 0, to: good.count, by: max(1, good.count / 40)) {
       var bad = good

@@ -34,7 +34,8 @@ final class BlockDeviceCLITests: XCTestCase {
     try LoopDevice.with(image: s.path("target.img")) { device in
       let m = try Tools.shell("snapshot --quiet source.img | merge-snapshot --quiet \(device)", cwd: s.url)
       XCTAssertEqual(m.status, 0, m.stderr)
-      XCTAssertEqual(try Tools.run("bitmap-diff", ["--quiet", s.path("source.img"), device, "-o", s.path("d.map")]).status, 0)
+      XCTAssertEqual(
+        try Tools.run("bitmap-diff", ["--quiet", s.path("source.img"), device, "-o", s.path("d.map")]).status, 0)
       // And back: a stream of the device restores a third image.
       let back = try Tools.shell(
         "truncate -s 12M third.img && snapshot --quiet \(device) | merge-snapshot --quiet third.img && cmp source.img third.img",

@@ -21,7 +21,8 @@ final class DdrescueInteropTests: XCTestCase {
       let block = Int(rng.next() % 2560)
       let count = Int(rng.next() % 5) + 1
       let end = min(block + count, 2560)
-      XCTAssertEqual(try Tools.run("overwrite-map", ["set", map, "\(block * 4096)", "\((end - block) * 4096)"]).status, 0)
+      XCTAssertEqual(
+        try Tools.run("overwrite-map", ["set", map, "\(block * 4096)", "\((end - block) * 4096)"]).status, 0)
       expected.formUnion(block..<end)
     }
     XCTAssertEqual(try Tools.run("overwrite-map", ["export", map, s.path("a.mapfile")]).status, 0)

@@ -16,7 +16,9 @@ final class NBDSourceCLITests: XCTestCase {
 
   /// Serves `image` with nbdkit on a private socket; returns its URI.
   func serve(_ image: String, in s: Scratch) throws -> String {
-    guard Tools.have("nbdkit"), Tools.have("nbdinfo") else { throw XCTSkip("nbdkit and nbdinfo (libnbd-bin) are needed") }
+    guard Tools.have("nbdkit"), Tools.have("nbdinfo") else {
+      throw XCTSkip("nbdkit and nbdinfo (libnbd-bin) are needed")
+    }
     let socket = s.path("nbd.sock")
     let p = Process()
     p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
@@ -46,7 +48,8 @@ final class NBDSourceCLITests: XCTestCase {
     XCTAssertEqual(diff.status, 1, diff.stderr)
     XCTAssertEqual(diff.lines, ["5242880 65536"])
 
-    let sig = try Tools.shell("bitmap-diff --quiet --signature '\(uri)' | bitmap-diff --quiet --extents - copy.img", cwd: s.url)
+    let sig = try Tools.shell(
+      "bitmap-diff --quiet --signature '\(uri)' | bitmap-diff --quiet --extents - copy.img", cwd: s.url)
     XCTAssertEqual(sig.lines, ["5242880 65536"], sig.stderr)
 
     let merged = try Tools.shell(

@@ -74,7 +74,8 @@ final class OverwriteMapCLITests: XCTestCase {
     let map = s.path("a.map")
     try Tools.run("overwrite-map", ["create", "--size", "1M", map])
     let before = try s.read("a.map")
-    assertFails(try Tools.run("overwrite-map", ["create", "--size", "2M", map]), status: 1, mentioning: "already exists")
+    assertFails(
+      try Tools.run("overwrite-map", ["create", "--size", "2M", map]), status: 1, mentioning: "already exists")
     XCTAssertEqual(try s.read("a.map"), before)
     XCTAssertEqual(try Tools.run("overwrite-map", ["create", "--force", "--size", "2M", map]).status, 0)
     XCTAssertNotEqual(try s.read("a.map"), before)
@@ -117,7 +118,8 @@ final class OverwriteMapCLITests: XCTestCase {
     assertFails(
       try Tools.run("overwrite-map", ["show", s.path("short.map")]), status: 1, mentioning: "short.map: ")
     try s.file("text.map", Data("0 65536\n".utf8))
-    assertFails(try Tools.run("overwrite-map", ["show", s.path("text.map")]), status: 1, mentioning: "not a dualrestore map")
+    assertFails(
+      try Tools.run("overwrite-map", ["show", s.path("text.map")]), status: 1, mentioning: "not a dualrestore map")
     assertFails(try Tools.run("overwrite-map", ["show", s.path("missing.map")]), status: 1, mentioning: "No such file")
   }
 
@@ -142,7 +144,8 @@ final class OverwriteMapCLITests: XCTestCase {
       try extents("overwrite-map invert - < a.map | overwrite-map subtract - b.map | overwrite-map extents -"),
       ["393216 655360"])
     // A filter: set on standard input to standard output.
-    XCTAssertEqual(try extents("overwrite-map set - 960K 64K < a.map | overwrite-map extents -"), ["0 262144", "983040 65536"])
+    XCTAssertEqual(
+      try extents("overwrite-map set - 960K 64K < a.map | overwrite-map extents -"), ["0 262144", "983040 65536"])
     // -o FILE, replacing A itself.
     XCTAssertEqual(try extents("overwrite-map union a.map b.map -o a.map && overwrite-map extents a.map"), ["0 393216"])
   }

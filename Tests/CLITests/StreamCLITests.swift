@@ -43,7 +43,10 @@ final class StreamCLITests: XCTestCase {
 
   /// A snapshot to a file; returns its stream id (from --json on stdout).
   @discardableResult
-  func snapshot(_ s: Scratch, _ source: String, to stream: String, _ extra: [String] = [], file: StaticString = #filePath, line: UInt = #line)
+  func snapshot(
+    _ s: Scratch, _ source: String, to stream: String, _ extra: [String] = [], file: StaticString = #filePath,
+    line: UInt = #line
+  )
     throws -> String
   {
     let r = try Tools.run("snapshot", extra + ["--json", "-o", s.path(stream), source], cwd: s.url)
@@ -120,12 +123,17 @@ final class StreamCLITests: XCTestCase {
     XCTAssertLessThan(full, size, "zero blocks and the hole are ZERO records")
     // One thread or many: the same records in the same order (only the
     // HEADER's id and instant and the END's digest differ).
-    try sh(s, "snapshot --quiet --threads 1 --block-size 4K -o t1.stream a.img && snapshot --quiet --threads 7 --block-size 4K -o t7.stream a.img")
+    try sh(
+      s,
+      "snapshot --quiet --threads 1 --block-size 4K -o t1.stream a.img && snapshot --quiet --threads 7 --block-size 4K -o t7.stream a.img"
+    )
     let t1 = try s.read("t1.stream")
     let t7 = try s.read("t7.stream")
     XCTAssertEqual(t1.count, t7.count)
     let headerEnd = 16 + 16 + 98 + "a.img".utf8.count + 4
-    XCTAssertTrue(t1[headerEnd..<(t1.count - 84 + 16 + 32)] == t7[headerEnd..<(t7.count - 84 + 16 + 32)], "records differ between 1 and 7 threads")
+    XCTAssertTrue(
+      t1[headerEnd..<(t1.count - 84 + 16 + 32)] == t7[headerEnd..<(t7.count - 84 + 16 + 32)],
+      "records differ between 1 and 7 threads")
   }
 
   func testSnapshotSummaryCounts() throws {
@@ -168,13 +176,15 @@ final class StreamCLITests: XCTestCase {
     try s.file("b.img", b)
     let r = try sh(
       s,
-      "{ bitmap-diff a.img b.img; test $? -eq 1; } | snapshot --quiet --map - a.img | tee delta.stream | merge-snapshot --json b.img")
+      "{ bitmap-diff a.img b.img; test $? -eq 1; } | snapshot --quiet --map - a.img | tee delta.stream | merge-snapshot --json b.img"
+    )
     let o = try json(r.stdout)
     XCTAssertEqual(o["written_blocks"] as? Int, changed.count)
     XCTAssertEqual(o["zero_blocks"] as? Int, 0)
     XCTAssertEqual(o["complete"] as? Bool, true)
     XCTAssertTrue(try s.read("b.img") == s.read("a.img"))
-    XCTAssertEqual(try Tools.run("bitmap-diff", [s.path("a.img"), s.path("b.img"), "-o", s.path("after.map")]).status, 0)
+    XCTAssertEqual(
+      try Tools.run("bitmap-diff", [s.path("a.img"), s.path("b.img"), "-o", s.path("after.map")]).status, 0)
     try sh(s, "snapshot --quiet a.img > full.stream")
     let delta = try s.read("delta.stream").count
     let full = try s.read("full.stream").count
@@ -231,7 +241,8 @@ final class StreamCLITests: XCTestCase {
     // Write requests 340 (3a, 4a) and 342 (3b, 4b, 6a).
     try writeBoth([(3, "3a"), (4, "4a")])
     try writeBoth([(3, "3b"), (4, "4b"), (6, "6a")])
-    XCTAssertEqual(try extents(s.path("primary.map")), ["0 4096", "8192 8192", "20480 4096"], "blocks 1, 3, 4, 6 current")
+    XCTAssertEqual(
+      try extents(s.path("primary.map")), ["0 4096", "8192 8192", "20480 4096"], "blocks 1, 3, 4, 6 current")
 
     // T1: the snapshot of the backup (channel 2), carried on media.
     let snapID = try snapshot(s, "backup.img", to: "snap.stream", ["--block-size", "4K"])
@@ -265,7 +276,8 @@ final class StreamCLITests: XCTestCase {
     XCTAssertEqual(block(primary, 4, bs), content("5"))
     // Mirrored again: the primary equals the backup, and every block is current.
     XCTAssertTrue(primary == (try s.read("backup.img")))
-    XCTAssertEqual(try Tools.run("bitmap-diff", ["--block-size", "4K", s.path("primary.img"), s.path("backup.img")]).status, 0)
+    XCTAssertEqual(
+      try Tools.run("bitmap-diff", ["--block-size", "4K", s.path("primary.img"), s.path("backup.img")]).status, 0)
     let stats = try mapStats(s.path("primary.map"))
     XCTAssertEqual(stats["set_blocks"] as? Int, 6)
     XCTAssertEqual(stats["last_merged_stream"] as? String, snapID)
@@ -301,16 +313,21 @@ final class StreamCLITests: XCTestCase {
     assertFails(
       try Tools.shell("merge-snapshot c.img < a.stream", cwd: s.url), status: 1,
       mentioning: "\(size)-byte device but c.img has \(size + 65536) bytes")
-    assertFails(try Tools.shell("merge-snapshot --force c.img < a.stream", cwd: s.url), status: 1, mentioning: "c.img has")
-    assertFails(try Tools.shell("merge-snapshot --map other-size.map c.img < a.stream", cwd: s.url), status: 1, mentioning: "bytes")
+    assertFails(
+      try Tools.shell("merge-snapshot --force c.img < a.stream", cwd: s.url), status: 1, mentioning: "c.img has")
+    assertFails(
+      try Tools.shell("merge-snapshot --map other-size.map c.img < a.stream", cwd: s.url), status: 1,
+      mentioning: "bytes")
     XCTAssertTrue(try s.read("c.img") == c0)
     // A map of another size or block size; --force does not override sizes.
     for force in [[], ["--force"]] {
       assertFails(
-        try Tools.run("merge-snapshot", force + ["--map", "other-size.map", "-i", "a.stream", "b.img"], cwd: s.url), status: 1,
+        try Tools.run("merge-snapshot", force + ["--map", "other-size.map", "-i", "a.stream", "b.img"], cwd: s.url),
+        status: 1,
         mentioning: "describes \(size + 65536) bytes")
       assertFails(
-        try Tools.run("merge-snapshot", force + ["--map", "other-bs.map", "-i", "a.stream", "b.img"], cwd: s.url), status: 1,
+        try Tools.run("merge-snapshot", force + ["--map", "other-bs.map", "-i", "a.stream", "b.img"], cwd: s.url),
+        status: 1,
         mentioning: "block size 4096")
     }
     // A stream in other blocks than the map: 4 KiB stream, 64 KiB map.
@@ -377,7 +394,8 @@ final class StreamCLITests: XCTestCase {
     assertFails(refused, status: 1, mentioning: "applies on top of stream \(full)")
     XCTAssertTrue(refused.stderr.contains("none"), refused.stderr)
     // Without a map its base cannot be checked at all.
-    assertFails(try Tools.shell("merge-snapshot b.img < inc.stream", cwd: s.url), status: 1, mentioning: "without --map")
+    assertFails(
+      try Tools.shell("merge-snapshot b.img < inc.stream", cwd: s.url), status: 1, mentioning: "without --map")
     XCTAssertTrue(try s.read("b.img") == b0)
     XCTAssertEqual(try s.read("m.map"), map0)
 
@@ -464,11 +482,14 @@ final class StreamCLITests: XCTestCase {
     // Cut inside a record, and just before the END record's last byte.
     for at in [cut + 100, good.count - 1, good.count - 84] {
       try s.file("cut2.stream", good.prefix(at))
-      assertFails(try Tools.shell("merge-snapshot --map m.map b.img < cut2.stream", cwd: s.url), status: 1, mentioning: "truncated")
+      assertFails(
+        try Tools.shell("merge-snapshot --map m.map b.img < cut2.stream", cwd: s.url), status: 1,
+        mentioning: "truncated")
       XCTAssertTrue(try mapStats(s.path("m.map"))["last_merged_stream"] is NSNull, "cut at \(at)")
     }
     // Empty input.
-    assertFails(try Tools.shell("merge-snapshot --map m.map b.img < /dev/null", cwd: s.url), status: 1, mentioning: "empty input")
+    assertFails(
+      try Tools.shell("merge-snapshot --map m.map b.img < /dev/null", cwd: s.url), status: 1, mentioning: "empty input")
     // The whole stream completes it.
     try sh(s, "merge-snapshot --quiet --map m.map b.img < good.stream")
     stats = try mapStats(s.path("m.map"))
@@ -491,16 +512,22 @@ final class StreamCLITests: XCTestCase {
     let damagedAt = dataRecordStart(40, nameLength: 5)
     bad[damagedAt + 5000] ^= 0x01
     try s.file("bad.stream", bad)
-    assertFails(try Tools.run("merge-snapshot", ["--check", "-i", "bad.stream"], cwd: s.url), status: 1, mentioning: "record 41 at byte \(damagedAt)")
+    assertFails(
+      try Tools.run("merge-snapshot", ["--check", "-i", "bad.stream"], cwd: s.url), status: 1,
+      mentioning: "record 41 at byte \(damagedAt)")
     try s.file("cut.stream", good.prefix(dataRecordStart(10, nameLength: 5)))
-    assertFails(try Tools.run("merge-snapshot", ["--check", "-i", "cut.stream"], cwd: s.url), status: 1, mentioning: "truncated")
+    assertFails(
+      try Tools.run("merge-snapshot", ["--check", "-i", "cut.stream"], cwd: s.url), status: 1, mentioning: "truncated")
     // The END record's digest: one byte of the preamble's reserved field only the SHA-256 covers.
     var reserved = good
     reserved[14] ^= 0x01
     try s.file("reserved.stream", reserved)
-    assertFails(try Tools.run("merge-snapshot", ["--check", "-i", "reserved.stream"], cwd: s.url), status: 1, mentioning: "digest")
+    assertFails(
+      try Tools.run("merge-snapshot", ["--check", "-i", "reserved.stream"], cwd: s.url), status: 1, mentioning: "digest"
+    )
     // Not a stream at all.
-    assertFails(try Tools.run("merge-snapshot", ["--check", "-i", "b.img"], cwd: s.url), status: 1, mentioning: "bad magic")
+    assertFails(
+      try Tools.run("merge-snapshot", ["--check", "-i", "b.img"], cwd: s.url), status: 1, mentioning: "bad magic")
     XCTAssertTrue(try s.read("b.img") == b0)
   }
 
@@ -513,7 +540,9 @@ final class StreamCLITests: XCTestCase {
     try s.file("a.img", a)
     try s.randomFile("b.img", size: 4 << 20, seed: 13)
     let b0 = try s.read("b.img")
-    try sh(s, "overwrite-map create --like b.img m.map && overwrite-map set m.map 0 128K && overwrite-map set m.map 640K 64K")
+    try sh(
+      s, "overwrite-map create --like b.img m.map && overwrite-map set m.map 0 128K && overwrite-map set m.map 640K 64K"
+    )
     try snapshot(s, "a.img", to: "a.stream")
     let map0 = try s.read("m.map")
 
@@ -561,7 +590,8 @@ final class StreamCLITests: XCTestCase {
       let merge = try Tools.shell("script -qec '\(Tools.path("merge-snapshot")) b.img' /dev/null", cwd: s.url)
       XCTAssertTrue(merge.text.contains("refusing to read a binary stream from a terminal"), merge.text)
       // -o FILE is fine from a terminal.
-      let toFile = try Tools.shell("script -qec '\(Tools.path("snapshot")) --quiet -o t.stream a.img' /dev/null", cwd: s.url)
+      let toFile = try Tools.shell(
+        "script -qec '\(Tools.path("snapshot")) --quiet -o t.stream a.img' /dev/null", cwd: s.url)
       XCTAssertEqual(toFile.status, 0, toFile.text)
       XCTAssertGreaterThan(try s.read("t.stream").count, 1 << 20)
     }
@@ -583,9 +613,13 @@ final class StreamCLITests: XCTestCase {
     XCTAssertEqual(try Tools.run("snapshot", ["--threads", "0", "a.img"]).status, 64)
     XCTAssertEqual(try Tools.run("snapshot", ["--base", "xyz", "a.img"]).status, 64)
     XCTAssertEqual(try Tools.run("snapshot", ["--block-size", "1000", "a.img"]).status, 64)
-    assertFails(try Tools.run("snapshot", ["-o", s.path("x.stream"), s.path("missing.img")]), status: 1, mentioning: "missing.img")
+    assertFails(
+      try Tools.run("snapshot", ["-o", s.path("x.stream"), s.path("missing.img")]), status: 1, mentioning: "missing.img"
+    )
     XCTAssertFalse(FileManager.default.fileExists(atPath: s.path("x.stream")))
-    assertFails(try Tools.run("merge-snapshot", ["-i", s.path("a.stream"), s.path("missing.img")]), status: 1, mentioning: "missing.img")
+    assertFails(
+      try Tools.run("merge-snapshot", ["-i", s.path("a.stream"), s.path("missing.img")]), status: 1,
+      mentioning: "missing.img")
   }
 
   // MARK: Adversarial streams
@@ -635,7 +669,8 @@ final class StreamCLITests: XCTestCase {
       // A device of 2^64 - 1 bytes and a ZERO record for its (partial) last block.
       (
         "huge-device ZERO",
-        handHeader(deviceSize: UInt64.max, blockCount: 1 << 52) + record(3, seq: 1, body: le((1 << 52) - 1, 8) + le(1, 8)),
+        handHeader(deviceSize: UInt64.max, blockCount: 1 << 52)
+          + record(3, seq: 1, body: le((1 << 52) - 1, 8) + le(1, 8)),
         // Refused at its header: no device size that large is supported.
         "record 0 at byte 16"
       ),
@@ -667,7 +702,9 @@ final class StreamCLITests: XCTestCase {
     let badAt = 135 + first.count
     let check = try Tools.run("merge-snapshot", ["--check", "-i", "lz4.stream"], cwd: s.url)
     assertFails(check, status: 1, mentioning: "block 1 does not decompress")
-    XCTAssertTrue(check.stderr.contains("record 2 at byte \(badAt)"), "the damaged record is record 2 at byte \(badAt): \(check.stderr)")
+    XCTAssertTrue(
+      check.stderr.contains("record 2 at byte \(badAt)"),
+      "the damaged record is record 2 at byte \(badAt): \(check.stderr)")
     // Merging: block 0 (before the damage) is applied, block 1 is not.
     let target = Data(repeating: 0xEE, count: 8192)
     try s.file("t.img", target)
@@ -691,7 +728,9 @@ final class StreamCLITests: XCTestCase {
     XCTAssertTrue(try mapStats(s.path("m.map"))["last_merged_stream"] is NSNull)
     // Trailing bytes after a good END record are refused too.
     try s.file("tail.stream", good + Data([0]))
-    assertFails(try Tools.run("merge-snapshot", ["--check", "-i", "tail.stream"], cwd: s.url), status: 1, mentioning: "after the END record")
+    assertFails(
+      try Tools.run("merge-snapshot", ["--check", "-i", "tail.stream"], cwd: s.url), status: 1,
+      mentioning: "after the END record")
   }
 
   // MARK: (9) Loop devices

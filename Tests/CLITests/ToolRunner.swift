@@ -141,6 +141,8 @@ func assertFails(
   _ r: ToolResult, status: Int32, mentioning fragment: String, file: StaticString = #filePath, line: UInt = #line
 ) {
   XCTAssertEqual(r.status, status, "stderr: \(r.stderr)", file: file, line: line)
-  XCTAssertTrue(r.stderr.contains(fragment), "stderr \(r.stderr.debugDescription) lacks \(fragment.debugDescription)", file: file, line: line)
+  XCTAssertTrue(
+    r.stderr.contains(fragment), "stderr \(r.stderr.debugDescription) lacks \(fragment.debugDescription)", file: file,
+    line: line)
   XCTAssertFalse(r.stderr.contains("Fatal error") || r.stderr.contains("crashed"), r.stderr, file: file, line: line)
 }

@@ -201,7 +201,8 @@ final class BlockGeometryTests: XCTestCase {
 
   func testRangesPastTheEnd() throws {
     let geometry = try BlockGeometry(blockSize: 4096, deviceSize: 10 * 4096)
-    assertThrows(try geometry.blocks(offset: 0, length: 10 * 4096 + 4096), containing: ["past the device end", "\(10 * 4096)"])
+    assertThrows(
+      try geometry.blocks(offset: 0, length: 10 * 4096 + 4096), containing: ["past the device end", "\(10 * 4096)"])
     assertThrows(try geometry.blocks(offset: 0, length: 10 * 4096 + 1), containing: ["past the device end"])
     assertThrows(try geometry.blocks(offset: 11 * 4096, length: 0), containing: ["past the device end"])
     assertThrows(try geometry.blocks(offset: 10 * 4096, length: 4096), containing: ["past the device end"])

@@ -20,7 +20,9 @@ private final class FakeSource: BlockSource, @unchecked Sendable {
   private let lock = NSLock()
   private var _reads: [Range<UInt64>] = []
 
-  init(name: String = "fake", content: [UInt8], holes: [Range<UInt64>] = [], failAt: UInt64? = nil, delay: useconds_t = 0) {
+  init(
+    name: String = "fake", content: [UInt8], holes: [Range<UInt64>] = [], failAt: UInt64? = nil, delay: useconds_t = 0
+  ) {
     self.name = name
     self.content = content
     self.holes = holes
@@ -119,7 +121,8 @@ final class ChunkReaderTests: XCTestCase {
       let geometry = try BlockGeometry(blockSize: blockSize, deviceSize: UInt64(size))
       let chunkBytes = Int(bs) * Int(g.next() % 6 + 1) + Int(g.next() % bs)
       let depth = Int(g.next() % 4) + 1
-      let ctx = "seed \(seed), iteration \(iteration), bs \(blockSize), size \(size), chunk \(chunkBytes), holes \(holes)"
+      let ctx =
+        "seed \(seed), iteration \(iteration), bs \(blockSize), size \(size), chunk \(chunkBytes), holes \(holes)"
 
       let reader = ChunkReader(source: source, geometry: geometry, chunkBytes: chunkBytes, depth: depth)
       XCTAssertEqual(reader.blocksPerChunk, max(1, chunkBytes / Int(bs)), ctx)
@@ -154,7 +157,8 @@ final class ChunkReaderTests: XCTestCase {
       }
 
       // Without hole skipping: no flags, every byte read.
-      let plain = ChunkReader(source: source, geometry: geometry, chunkBytes: chunkBytes, depth: depth, skipHoles: false)
+      let plain = ChunkReader(
+        source: source, geometry: geometry, chunkBytes: chunkBytes, depth: depth, skipHoles: false)
       let all = try readAll(plain, geometry, "\(ctx), skipHoles false")
       XCTAssertFalse(all.isHole.contains(true), ctx)
       XCTAssertTrue(all.bytes == content, ctx)
@@ -249,7 +253,8 @@ final class ChunkReaderTests: XCTestCase {
         XCTAssertEqual(got, taken)
         // With `settle`, the producer has filled the ring and waits for a free slot.
         if settle { usleep(50_000) }
-        XCTAssertTrue(finishes(within: 10) { reader.cancel() }, "cancel after \(taken) chunks (settled: \(settle)) hangs")
+        XCTAssertTrue(
+          finishes(within: 10) { reader.cancel() }, "cancel after \(taken) chunks (settled: \(settle)) hangs")
         XCTAssertTrue(finishes(within: 5) { reader.cancel() }, "a second cancel hangs")
         XCTAssertLessThan(source.reads.count, 2000, "the producer stopped early")
       }

@@ -45,9 +45,11 @@ final class DdrescueMapfileTests: XCTestCase {
 
   func testParseMinimalAndEmpty() throws {
     XCTAssertEqual(try DdrescueMapfile.parse("0 +\n", name: "m"), [])
-    XCTAssertEqual(try DdrescueMapfile.parse("0x0 ? 1\n0 100 +", name: "m"), [Extent(position: 0, size: 100, status: "+")])
+    XCTAssertEqual(
+      try DdrescueMapfile.parse("0x0 ? 1\n0 100 +", name: "m"), [Extent(position: 0, size: 100, status: "+")])
     assertThrows(try DdrescueMapfile.parse("", name: "empty.map"), containing: ["empty.map", "no status line"])
-    assertThrows(try DdrescueMapfile.parse("# only comments\n\n# here\n", name: "c.map"), containing: ["c.map", "no status line"])
+    assertThrows(
+      try DdrescueMapfile.parse("# only comments\n\n# here\n", name: "c.map"), containing: ["c.map", "no status line"])
   }
 
   /// Line numbers count every line: comments and blank lines included.
@@ -128,7 +130,8 @@ final class DdrescueMapfileTests: XCTestCase {
     // Extents past the device end are clipped; a block up to the end is whole.
     let past = [Extent(position: 10 * 4096 + 500, size: 1 << 20, status: "+")]
     XCTAssertEqual(Array(DdrescueMapfile.bitmap(past, geometry: geometry, statuses: ["+"], anyByte: false).extents), [])
-    XCTAssertEqual(Array(DdrescueMapfile.bitmap(past, geometry: geometry, statuses: ["+"], anyByte: true).extents), [10..<11])
+    XCTAssertEqual(
+      Array(DdrescueMapfile.bitmap(past, geometry: geometry, statuses: ["+"], anyByte: true).extents), [10..<11])
     let beyond = [Extent(position: 1 << 30, size: 4096, status: "+")]
     XCTAssertEqual(DdrescueMapfile.bitmap(beyond, geometry: geometry, statuses: ["+"], anyByte: true).population, 0)
   }
@@ -202,7 +205,8 @@ final class DdrescueMapfileTests: XCTestCase {
         i += run
       }
       if iteration == 1 { bits = BlockBitmap(count: geometry.blockCount, filled: true) }
-      let map = BlockMap(geometry: geometry, meaning: .current, deviceName: iteration % 2 == 0 ? "" : "/dev/sdc", bits: bits)
+      let map = BlockMap(
+        geometry: geometry, meaning: .current, deviceName: iteration % 2 == 0 ? "" : "/dev/sdc", bits: bits)
       let text = DdrescueMapfile.render(map, setStatus: "+", clearStatus: "?", tool: "overwrite-map")
       let ctx = "seed \(seed), iteration \(iteration), \(geometry)"
       let extents = try DdrescueMapfile.parse(text, name: "rendered")

@@ -22,7 +22,8 @@ final class IdentityTests: XCTestCase {
       XCTAssertEqual(ID128(hex: hex.uppercased()), id, "seed \(seed): \(hex)")
       // As a UUID, with dashes.
       let c = Array(hex)
-      let uuid = String(c[0..<8]) + "-" + String(c[8..<12]) + "-" + String(c[12..<16]) + "-" + String(c[16..<20]) + "-"
+      let uuid =
+        String(c[0..<8]) + "-" + String(c[8..<12]) + "-" + String(c[12..<16]) + "-" + String(c[16..<20]) + "-"
         + String(c[20..<32])
       XCTAssertEqual(ID128(hex: uuid), id, "seed \(seed): \(uuid)")
       // Bytes: big-endian, 16 of them, and back.
@@ -32,9 +33,11 @@ final class IdentityTests: XCTestCase {
       XCTAssertEqual(ID128(bytes: bytes[...]), id, "seed \(seed)")
     }
     XCTAssertEqual(ID128(high: 0, low: 1).description, String(repeating: "0", count: 31) + "1")
-    XCTAssertEqual(ID128(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210).description, "0123456789abcdeffedcba9876543210")
     XCTAssertEqual(
-      ID128(hex: "01234567-89ab-cdef-FEDC-BA9876543210"), ID128(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210))
+      ID128(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210).description, "0123456789abcdeffedcba9876543210")
+    XCTAssertEqual(
+      ID128(hex: "01234567-89ab-cdef-FEDC-BA9876543210"), ID128(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210)
+    )
     // Bytes from a slice that does not start at 0.
     let padded: [UInt8] = [9, 9] + (1...16).map { UInt8($0) }
     XCTAssertEqual(ID128(bytes: padded[2...]), ID128(high: 0x0102_0304_0506_0708, low: 0x090A_0B0C_0D0E_0F10))

@@ -409,8 +409,10 @@ final class MapFormatTests: XCTestCase {
       ).bytes()
     }
     // Sanity: a correct spec-built map decodes.
-    XCTAssertEqual(try MapFormat.decode(spec(encoding: 1, setCount: 50, payload: [50, 50]), name: "ok").bits.population, 50)
-    XCTAssertEqual(try MapFormat.decode(spec(encoding: 1, setCount: 100, payload: [0, 100]), name: "ok").bits.population, 100)
+    XCTAssertEqual(
+      try MapFormat.decode(spec(encoding: 1, setCount: 50, payload: [50, 50]), name: "ok").bits.population, 50)
+    XCTAssertEqual(
+      try MapFormat.decode(spec(encoding: 1, setCount: 100, payload: [0, 100]), name: "ok").bits.population, 100)
     // Runs covering too few or too many blocks.
     assertThrows(try MapFormat.decode(spec(encoding: 1, setCount: 49, payload: [50, 49]), name: "m"))
     assertThrows(try MapFormat.decode(spec(encoding: 1, setCount: 51, payload: [50, 51]), name: "m"))
@@ -420,12 +422,16 @@ final class MapFormatTests: XCTestCase {
     // A varint cut off, and a varint too long for 64 bits.
     assertThrows(try MapFormat.decode(spec(encoding: 1, setCount: 0, payload: [0x80]), name: "m"))
     assertThrows(
-      try MapFormat.decode(spec(encoding: 1, setCount: 0, payload: [UInt8](repeating: 0xFF, count: 10) + [0x7F]), name: "m"))
+      try MapFormat.decode(
+        spec(encoding: 1, setCount: 0, payload: [UInt8](repeating: 0xFF, count: 10) + [0x7F]), name: "m"))
     // Raw: wrong length, and bits past the last block.
-    assertThrows(try MapFormat.decode(spec(encoding: 0, setCount: 0, payload: [UInt8](repeating: 0, count: 8)), name: "m"))
+    assertThrows(
+      try MapFormat.decode(spec(encoding: 0, setCount: 0, payload: [UInt8](repeating: 0, count: 8)), name: "m"))
     var raw = [UInt8](repeating: 0, count: 16)
     raw[15] = 0x80  // block 127 of 100
-    assertThrows(try MapFormat.decode(spec(encoding: 0, setCount: 1, payload: raw), name: "m"), containing: ["past the last block"])
+    assertThrows(
+      try MapFormat.decode(spec(encoding: 0, setCount: 1, payload: raw), name: "m"), containing: ["past the last block"]
+    )
     // Bytes the version ignores between the name and H are skipped.
     var extra = SpecEncoder(
       blockSize: 512, meaning: 2, encoding: 1, deviceSize: geometry.deviceSize, blockCount: 100, setCount: 100,
@@ -446,7 +452,8 @@ final class MapFormatTests: XCTestCase {
     var g = SplitMix64(seed: seed)
     let geometry = try randomGeometry(&g, maxBlocks: 5000)
     let map = BlockMap(
-      geometry: geometry, meaning: .current, deviceName: "/dev/sdb", bits: bitmap(randomBits(count: geometry.blockCount, &g)))
+      geometry: geometry, meaning: .current, deviceName: "/dev/sdb",
+      bits: bitmap(randomBits(count: geometry.blockCount, &g)))
     try MapFile.save(map, to: path)
     XCTAssertEqual(try MapFile.load(path), map, "seed \(seed)")
     XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), ["device.drmap"], "no temp files left")

@@ -100,7 +100,9 @@ final class NBDClientTests: XCTestCase {
     return first
   }
 
-  private func assertFlags(_ client: NBDClient, match info: [String: Any]?, file: StaticString = #filePath, line: UInt = #line) {
+  private func assertFlags(
+    _ client: NBDClient, match info: [String: Any]?, file: StaticString = #filePath, line: UInt = #line
+  ) {
     guard let info else { return }
     XCTAssertEqual(client.size, (info["export-size"] as? NSNumber)?.uint64Value, file: file, line: line)
     XCTAssertEqual(client.isReadOnly, info["is_read_only"] as? Bool, "read-only", file: file, line: line)
@@ -504,7 +506,8 @@ final class NBDClientTests: XCTestCase {
     unlink(socket)
 
     let start = Date()
-    assertThrows(try read(client, 0, 16), containing: ["\(uri): read of 16 bytes at 0 failed", "could not be made again"])
+    assertThrows(
+      try read(client, 0, 16), containing: ["\(uri): read of 16 bytes at 0 failed", "could not be made again"])
     let elapsed = Date().timeIntervalSince(start)
     XCTAssertLessThan(elapsed, timeout + 2)
     XCTAssertEqual(client.reconnects, 0)
@@ -634,7 +637,8 @@ private final class FakeNBDServer: @unchecked Sendable {
     b.withUnsafeBytes { UnsafeRawPointer($0.baseAddress!).loadBE(at: at, as: T.self) }
   }
 
-  private func optionReply(_ s: Socket, _ option: UInt32, _ type: UInt32, _ data: [UInt8], length: UInt32? = nil) throws {
+  private func optionReply(_ s: Socket, _ option: UInt32, _ type: UInt32, _ data: [UInt8], length: UInt32? = nil) throws
+  {
     try s.write(be(NBD.optionReplyMagic) + be(option) + be(type) + be(length ?? UInt32(data.count)) + data)
   }
 

@@ -34,7 +34,8 @@ final class SignatureTests: XCTestCase {
     let dense = dir + "/dense.img"
     try createSparseFile(sparse, size: UInt64(content.count))
     try writeBytes(sparse, Array(content[0..<(Self.holeBlocks.lowerBound * bs)]), at: 0)
-    try writeBytes(sparse, Array(content[(Self.holeBlocks.upperBound * bs)...]), at: UInt64(Self.holeBlocks.upperBound * bs))
+    try writeBytes(
+      sparse, Array(content[(Self.holeBlocks.upperBound * bs)...]), at: UInt64(Self.holeBlocks.upperBound * bs))
     try writeDenseFile(dense, content)
     XCTAssertEqual(try readFileBytes(sparse), content)
     XCTAssertEqual(try readFileBytes(dense), content)
@@ -256,8 +257,10 @@ final class SignatureTests: XCTestCase {
     let bytes = try readFileBytes(sigPath)
     let h = 82 + images.sparse.utf8.count
     let digestsEnd = h + 8 + 41 * 32
-    let cuts = [0, 1, 7, 8, 12, 16, 40, 81, 82, h - 1, h, h + 7, h + 8, h + 9, h + 8 + 32, h + 8 + 20 * 32 + 5,
-                digestsEnd - 1, digestsEnd, digestsEnd + 1, bytes.count - 1]
+    let cuts = [
+      0, 1, 7, 8, 12, 16, 40, 81, 82, h - 1, h, h + 7, h + 8, h + 9, h + 8 + 32, h + 8 + 20 * 32 + 5,
+      digestsEnd - 1, digestsEnd, digestsEnd + 1, bytes.count - 1,
+    ]
     let cutPath = dir + "/cut.sig"
     for cut in cuts {
       try writeDenseFile(cutPath, Array(bytes.prefix(cut)))
@@ -339,7 +342,8 @@ final class SignatureTests: XCTestCase {
     let dir = try makeTempDirectory()
     let source = FailingSource(size: 64 * 4096, failAt: 40 * 4096)
     assertThrows(
-      try Signer.sign(source, algorithm: DigestAlgorithm.sha256, blockSize: 4096, to: .file(dir + "/s.sig"), progress: false),
+      try Signer.sign(
+        source, algorithm: DigestAlgorithm.sha256, blockSize: 4096, to: .file(dir + "/s.sig"), progress: false),
       containing: ["failing source", "read error"])
     XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), [], "no signature or temporary file")
   }
@@ -355,7 +359,8 @@ final class SignatureTests: XCTestCase {
     let device = try Device(path: image)
     XCTAssertEqual(truncate(image, 4096), 0)
     assertThrows(
-      try Signer.sign(device, algorithm: DigestAlgorithm.sha256, blockSize: 4096, to: .file(dir + "/s.sig"), progress: false),
+      try Signer.sign(
+        device, algorithm: DigestAlgorithm.sha256, blockSize: 4096, to: .file(dir + "/s.sig"), progress: false),
       containing: [image])
     // Reading the vanished range directly is an error, as documented.
     var buffer = [UInt8](repeating: 0, count: 4096)

@@ -152,13 +152,17 @@ final class StreamParserTests: XCTestCase {
     var out = [UInt8](repeating: 0, count: 32)
     var length: UInt32 = 0
     let ok = bytes.withUnsafeBytes { raw in
-      out.withUnsafeMutableBufferPointer { EVP_Digest(raw.baseAddress, raw.count, $0.baseAddress, &length, EVP_sha256(), nil) }
+      out.withUnsafeMutableBufferPointer {
+        EVP_Digest(raw.baseAddress, raw.count, $0.baseAddress, &length, EVP_sha256(), nil)
+      }
     }
     precondition(ok == 1 && length == 32)
     return out
   }
 
-  static func le(_ v: UInt64, _ width: Int) -> [UInt8] { (0..<width).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
+  static func le(_ v: UInt64, _ width: Int) -> [UInt8] {
+    (0..<width).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) }
+  }
 
   static let magic: [UInt8] = [0x44, 0x52, 0x53, 0x54, 0x52, 0x0D, 0x0A, 0x1A]
 
@@ -178,7 +182,8 @@ final class StreamParserTests: XCTestCase {
   static func headerBody(
     blockSize: UInt32 = 4096, deviceSize: UInt64, blockCount: UInt64? = nil, streamID: [UInt8] = streamIDBytes,
     base: [UInt8] = Array(repeating: 0, count: 16), started: Int64 = 1_700_000_000_123_456_789, coverage: UInt8 = 0,
-    compression: UInt8 = 1, checksum: UInt8 = 1, mapID: [UInt8] = Array(repeating: 0, count: 16), covered: UInt64? = nil,
+    compression: UInt8 = 1, checksum: UInt8 = 1, mapID: [UInt8] = Array(repeating: 0, count: 16),
+    covered: UInt64? = nil,
     name: String = "hand.img"
   ) -> [UInt8] {
     let count = blockCount ?? (deviceSize + UInt64(blockSize) - 1) / UInt64(blockSize)
@@ -210,7 +215,8 @@ final class StreamParserTests: XCTestCase {
 
   /// A temporary directory for one test.
   func tempDir() throws -> String {
-    let url = FileManager.default.temporaryDirectory.appendingPathComponent("spt-\(UUID().uuidString)", isDirectory: true)
+    let url = FileManager.default.temporaryDirectory.appendingPathComponent(
+      "spt-\(UUID().uuidString)", isDirectory: true)
     try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
     addTeardownBlock { try? FileManager.default.removeItem(at: url) }
     return url.path
@@ -254,13 +260,16 @@ final class StreamParserTests: XCTestCase {
     _ = fsync(fd)
   }
 
-  static func snapshot(_ image: String, to out: String, blockSize: UInt32, compress: Bool = true, selection: BlockMap? = nil)
+  static func snapshot(
+    _ image: String, to out: String, blockSize: UInt32, compress: Bool = true, selection: BlockMap? = nil
+  )
     throws -> [UInt8]
   {
     let device = try Device(path: image)
     let sink = try OutputSink(.file(out), what: "stream")
     _ = try SnapshotWriter.write(
-      device, to: sink, options: SnapshotWriter.Options(blockSize: blockSize, selection: selection, compress: compress, workers: 3))
+      device, to: sink,
+      options: SnapshotWriter.Options(blockSize: blockSize, selection: selection, compress: compress, workers: 3))
     try sink.finish()
     return Array(try Data(contentsOf: URL(fileURLWithPath: out)))
   }
@@ -290,7 +299,9 @@ final class StreamParserTests: XCTestCase {
     "Z9+7", "D16:4096:raw", "D17:4096:lz4", "Z18+2", "D20:1000:raw", "E",
   ]
 
-  func smallStream(compress: Bool = true, file: StaticString = #filePath, line: UInt = #line) throws -> (stream: [UInt8], content: [UInt8], image: String) {
+  func smallStream(compress: Bool = true, file: StaticString = #filePath, line: UInt = #line) throws -> (
+    stream: [UInt8], content: [UInt8], image: String
+  ) {
     let dir = try tempDir()
     let image = dir + "/small.img"
     let (parts, content) = Self.smallImageContent()
@@ -300,7 +311,9 @@ final class StreamParserTests: XCTestCase {
   }
 
   /// Checks every DATA payload against the image content (LZ4 decoded by liblz4 here).
-  func checkPayloads(_ records: [Rec], _ content: [UInt8], blockSize: Int, file: StaticString = #filePath, line: UInt = #line) {
+  func checkPayloads(
+    _ records: [Rec], _ content: [UInt8], blockSize: Int, file: StaticString = #filePath, line: UInt = #line
+  ) {
     for r in records {
       guard case .data(let block, let length, let encoding, let payload) = r else { continue }
       let start = Int(block) * blockSize
@@ -308,12 +321,14 @@ final class StreamParserTests: XCTestCase {
       if encoding == 0 {
         XCTAssertEqual(payload, expected, "raw block \(block)", file: file, line: line)
       } else {
-        XCTAssertLessThan(payload.count, length, "an LZ4 payload must be smaller than the block", file: file, line: line)
+        XCTAssertLessThan(
+          payload.count, length, "an LZ4 payload must be smaller than the block", file: file, line: line)
         var out = [UInt8](repeating: 0, count: length)
         let n = payload.withUnsafeBytes { src in
           out.withUnsafeMutableBytes { dst in
             LZ4_decompress_safe(
-              src.baseAddress!.assumingMemoryBound(to: CChar.self), dst.baseAddress!.assumingMemoryBound(to: CChar.self),
+              src.baseAddress!.assumingMemoryBound(to: CChar.self),
+              dst.baseAddress!.assumingMemoryBound(to: CChar.self),
               Int32(src.count), Int32(length))
           }
         }
@@ -401,12 +416,14 @@ final class StreamParserTests: XCTestCase {
     let image = dir + "/small.img"
     let (parts, content) = Self.smallImageContent()
     try Self.makeImage(image, size: Self.smallSize, parts: parts)
-    var map = BlockMap(geometry: try BlockGeometry(blockSize: 4096, deviceSize: UInt64(Self.smallSize)), meaning: .selected)
+    var map = BlockMap(
+      geometry: try BlockGeometry(blockSize: 4096, deviceSize: UInt64(Self.smallSize)), meaning: .selected)
     for b: UInt64 in [1, 5, 8, 9, 10, 11, 12, 20] { map.bits.set(b..<b + 1) }
     let stream = try Self.snapshot(image, to: dir + "/sel.stream", blockSize: 4096, selection: map)
     let p = Self.parseWhole(stream)
     XCTAssertNil(p.error)
-    XCTAssertEqual(p.records.map(\.shape), ["P", "H", "D1:4096:raw", "Z5+1", "D8:4096:lz4", "Z9+4", "D20:1000:raw", "E"])
+    XCTAssertEqual(
+      p.records.map(\.shape), ["P", "H", "D1:4096:raw", "Z5+1", "D8:4096:lz4", "Z9+4", "D20:1000:raw", "E"])
     guard case .header(let h) = p.records[1], case .end(let e) = p.records.last else { return XCTFail() }
     XCTAssertEqual(h.coverage, .map(id: map.mapID))
     XCTAssertEqual(h.coveredBlocks, 8)
@@ -427,7 +444,9 @@ final class StreamParserTests: XCTestCase {
     let tail = Self.randomBytes(100, seed: 144)
     try Self.makeImage(
       image, size: size,
-      parts: [(0, b0), (140 * 65536, b140), (141 * 65536, [UInt8](repeating: 0, count: 3 * 65536)), (144 * 65536, tail)])
+      parts: [
+        (0, b0), (140 * 65536, b140), (141 * 65536, [UInt8](repeating: 0, count: 3 * 65536)), (144 * 65536, tail),
+      ])
     let stream = try Self.snapshot(image, to: dir + "/big.stream", blockSize: 65536)
     let p = Self.parseWhole(stream)
     XCTAssertNil(p.error)
@@ -499,7 +518,8 @@ final class StreamParserTests: XCTestCase {
     for (i, start) in whole.starts.enumerated() {
       let end = i + 1 < whole.starts.count ? whole.starts[i + 1] : stream.count
       cuts.insert(start)
-      for d in [1, 2, 7, 8, 15, 16, 17, 31, 32, (end - start) / 2, end - start - 4, end - start - 1] where d > 0 && start + d < end {
+      for d in [1, 2, 7, 8, 15, 16, 17, 31, 32, (end - start) / 2, end - start - 4, end - start - 1]
+      where d > 0 && start + d < end {
         cuts.insert(start + d)
       }
     }
@@ -543,7 +563,8 @@ final class StreamParserTests: XCTestCase {
     try Self.makeImage(
       image, size: 6 * 512 + 100,
       parts: [
-        (0, Self.randomBytes(512, seed: 3)), (512, [UInt8](repeating: 0, count: 1024)), (3 * 512, Self.compressible(512, tag: 3)),
+        (0, Self.randomBytes(512, seed: 3)), (512, [UInt8](repeating: 0, count: 1024)),
+        (3 * 512, Self.compressible(512, tag: 3)),
         (4 * 512, Self.randomBytes(512, seed: 4)), (6 * 512, Self.randomBytes(100, seed: 6)),
       ])
     // Name it shortly so the stream stays small.
@@ -554,7 +575,9 @@ final class StreamParserTests: XCTestCase {
     let stream = try tinyStream()
     let whole = Self.parseWhole(stream)
     XCTAssertNil(whole.error)
-    XCTAssertEqual(whole.records.map(\.shape), ["P", "H", "D0:512:raw", "Z1+2", "D3:512:lz4", "D4:512:raw", "Z5+1", "D6:100:raw", "E"])
+    XCTAssertEqual(
+      whole.records.map(\.shape),
+      ["P", "H", "D0:512:raw", "Z1+2", "D3:512:lz4", "D4:512:raw", "Z5+1", "D6:100:raw", "E"])
     XCTAssertNil(Self.readWithReader(stream).error)
     let recordIndex: (Int) -> Int = { offset in whole.starts.lastIndex { $0 <= offset }! }
     for offset in 0..<stream.count {
@@ -624,7 +647,9 @@ final class StreamParserTests: XCTestCase {
   /// Parses hand-built bytes and returns the records and the error.
   func parse(_ bytes: [UInt8]) -> Parsed { Self.parseWhole(bytes) }
 
-  func assertRefused(_ bytes: [UInt8], _ needles: [String], records: Int? = nil, file: StaticString = #filePath, line: UInt = #line) {
+  func assertRefused(
+    _ bytes: [UInt8], _ needles: [String], records: Int? = nil, file: StaticString = #filePath, line: UInt = #line
+  ) {
     let p = parse(bytes)
     guard let error = p.error else { return XCTFail("accepted: \(p.records)", file: file, line: line) }
     for n in needles { XCTAssertTrue(error.contains(n), "\"\(error)\" lacks \"\(n)\"", file: file, line: line) }
@@ -640,11 +665,14 @@ final class StreamParserTests: XCTestCase {
     s += Self.record(type: 3, seq: 2, body: Self.zeroBody(first: 3, count: 7))
     s += Self.record(type: 2, seq: 3, body: Self.dataBody(block: 10, length: 100, payload: tail))
     let digest = Self.sha256(s)
-    s += Self.record(type: 4, seq: 4, body: Self.endBody(data: 2, zero: 7, bytes: 4096 + 7 * 4096 + 100, records: 4, digest: digest))
+    s += Self.record(
+      type: 4, seq: 4, body: Self.endBody(data: 2, zero: 7, bytes: 4096 + 7 * 4096 + 100, records: 4, digest: digest))
     let p = parse(s)
     XCTAssertNil(p.error)
     XCTAssertEqual(p.records.map(\.shape), ["P", "H", "D2:4096:raw", "Z3+7", "D10:100:raw", "E"])
-    XCTAssertEqual(p.starts, [0, 16, 16 + headerRecordLength, 16 + headerRecordLength + 4132, 16 + headerRecordLength + 4168, s.count - 84])
+    XCTAssertEqual(
+      p.starts,
+      [0, 16, 16 + headerRecordLength, 16 + headerRecordLength + 4132, 16 + headerRecordLength + 4168, s.count - 84])
     guard case .header(let h) = p.records[1] else { return XCTFail() }
     XCTAssertEqual(h.geometry.blockSize, 4096)
     XCTAssertEqual(h.geometry.deviceSize, 10 * 4096 + 100)
@@ -672,8 +700,10 @@ final class StreamParserTests: XCTestCase {
     // An incremental, map-covered header.
     let base = Array(repeating: UInt8(0xAB), count: 16)
     let mapID = Array(repeating: UInt8(0xCD), count: 16)
-    let inc = Self.preamble()
-      + Self.record(type: 1, seq: 0, body: Self.headerBody(deviceSize: 8192, base: base, coverage: 1, mapID: mapID, covered: 1))
+    let inc =
+      Self.preamble()
+      + Self.record(
+        type: 1, seq: 0, body: Self.headerBody(deviceSize: 8192, base: base, coverage: 1, mapID: mapID, covered: 1))
     let q = parse(inc)
     guard q.records.count == 2, case .header(let ih) = q.records[1] else { return XCTFail("\(q.error ?? "")") }
     XCTAssertEqual(ih.baseStreamID.description, String(repeating: "ab", count: 16))
@@ -709,26 +739,44 @@ final class StreamParserTests: XCTestCase {
       Self.record(type: 2, seq: seq, body: Self.dataBody(block: b, length: length, payload: payload ?? block))
     }
     // Wrong sequence numbers: a gap, a repeat, HEADER not 0.
-    assertRefused(start + data(0, seq: 2), ["record 1 at byte \(at)", "sequence number 2 where 1 was expected"], records: 2)
     assertRefused(
-      start + data(0, seq: 1) + data(1, seq: 1), ["record 2 at byte \(at + 4132)", "sequence number 1 where 2 was expected"],
+      start + data(0, seq: 2), ["record 1 at byte \(at)", "sequence number 2 where 1 was expected"], records: 2)
+    assertRefused(
+      start + data(0, seq: 1) + data(1, seq: 1),
+      ["record 2 at byte \(at + 4132)", "sequence number 1 where 2 was expected"],
       records: 3)
-    assertRefused(Self.preamble() + Self.record(type: 1, seq: 1, body: Self.headerBody(deviceSize: 8192)), ["sequence number 1 where 0"])
+    assertRefused(
+      Self.preamble() + Self.record(type: 1, seq: 1, body: Self.headerBody(deviceSize: 8192)),
+      ["sequence number 1 where 0"])
     // DATA or ZERO before the HEADER; a second HEADER.
     assertRefused(Self.preamble() + data(0, seq: 0), ["record 0 at byte 16", "not a HEADER"], records: 1)
     assertRefused(
-      Self.preamble() + Self.record(type: 3, seq: 0, body: Self.zeroBody(first: 0, count: 1)), ["record 0 at byte 16", "not a HEADER"])
-    assertRefused(Self.preamble() + Self.record(type: 4, seq: 0, body: Self.endBody(data: 0, zero: 0, bytes: 0, records: 0, digest: Array(repeating: 0, count: 32))), ["not a HEADER"])
-    assertRefused(start + Self.record(type: 1, seq: 1, body: Self.headerBody(deviceSize: 8192)), ["record 1", "second HEADER"])
-    // A block past the end; a zero run past the end; an empty zero run.
-    assertRefused(start + data(11, seq: 1), ["record 1 at byte \(at)", "block 11 is past the end of the device's 11 blocks"])
-    assertRefused(start + Self.record(type: 3, seq: 1, body: Self.zeroBody(first: 10, count: 2)), ["record 1", "out of range"])
-    assertRefused(start + Self.record(type: 3, seq: 1, body: Self.zeroBody(first: 11, count: 1)), ["record 1", "out of range"])
-    assertRefused(start + Self.record(type: 3, seq: 1, body: Self.zeroBody(first: 4, count: 0)), ["record 1", "out of range"])
+      Self.preamble() + Self.record(type: 3, seq: 0, body: Self.zeroBody(first: 0, count: 1)),
+      ["record 0 at byte 16", "not a HEADER"])
     assertRefused(
-      start + Self.record(type: 3, seq: 1, body: Self.zeroBody(first: 1, count: UInt64.max)), ["record 1", "out of range"])
+      Self.preamble()
+        + Self.record(
+          type: 4, seq: 0,
+          body: Self.endBody(data: 0, zero: 0, bytes: 0, records: 0, digest: Array(repeating: 0, count: 32))),
+      ["not a HEADER"])
+    assertRefused(
+      start + Self.record(type: 1, seq: 1, body: Self.headerBody(deviceSize: 8192)), ["record 1", "second HEADER"])
+    // A block past the end; a zero run past the end; an empty zero run.
+    assertRefused(
+      start + data(11, seq: 1), ["record 1 at byte \(at)", "block 11 is past the end of the device's 11 blocks"])
+    assertRefused(
+      start + Self.record(type: 3, seq: 1, body: Self.zeroBody(first: 10, count: 2)), ["record 1", "out of range"])
+    assertRefused(
+      start + Self.record(type: 3, seq: 1, body: Self.zeroBody(first: 11, count: 1)), ["record 1", "out of range"])
+    assertRefused(
+      start + Self.record(type: 3, seq: 1, body: Self.zeroBody(first: 4, count: 0)), ["record 1", "out of range"])
+    assertRefused(
+      start + Self.record(type: 3, seq: 1, body: Self.zeroBody(first: 1, count: UInt64.max)),
+      ["record 1", "out of range"])
     // Out of order, repeated, overlapping.
-    assertRefused(start + data(3, seq: 1) + data(2, seq: 2), ["record 2 at byte \(at + 4132)", "block 2 is out of order or repeated"], records: 3)
+    assertRefused(
+      start + data(3, seq: 1) + data(2, seq: 2),
+      ["record 2 at byte \(at + 4132)", "block 2 is out of order or repeated"], records: 3)
     assertRefused(start + data(3, seq: 1) + data(3, seq: 2), ["record 2", "block 3 is out of order or repeated"])
     assertRefused(
       start + Self.record(type: 3, seq: 1, body: Self.zeroBody(first: 2, count: 3)) + data(4, seq: 2),
@@ -738,7 +786,8 @@ final class StreamParserTests: XCTestCase {
       ["record 2", "block 5 is out of order or repeated"])
     // Block lengths: a whole block where the partial last one is 100 bytes, and a short one.
     assertRefused(start + data(10, seq: 1), ["record 1", "block 10 has length 4096, not 100"])
-    assertRefused(start + data(1, seq: 1, length: 100, payload: Array(block[0..<100])), ["block 1 has length 100, not 4096"])
+    assertRefused(
+      start + data(1, seq: 1, length: 100, payload: Array(block[0..<100])), ["block 1 has length 100, not 4096"])
     // A raw payload of the wrong size; an LZ4 payload not smaller than the block; an unknown encoding.
     assertRefused(start + data(1, seq: 1, payload: Array(block[0..<4000])), ["raw block 1 has 4000 bytes, not 4096"])
     assertRefused(
@@ -750,21 +799,30 @@ final class StreamParserTests: XCTestCase {
     // LZ4 in a stream whose header says no compression.
     let plain = Self.handStart(compression: 0)
     assertRefused(
-      plain + Self.record(type: 2, seq: 1, body: Self.dataBody(block: 1, length: 4096, encoding: 1, payload: Array(block[0..<50]))),
+      plain
+        + Self.record(
+          type: 2, seq: 1, body: Self.dataBody(block: 1, length: 4096, encoding: 1, payload: Array(block[0..<50]))),
       ["LZ4 payload"])
     // Bad body sizes for ZERO and END; END with counts that do not match.
-    assertRefused(start + Self.record(type: 3, seq: 1, body: Self.zeroBody(first: 1, count: 1) + [0]), ["ZERO record has 17 bytes"])
-    assertRefused(start + Self.record(type: 4, seq: 1, body: Array(repeating: 0, count: 63)), ["END record has 63 bytes"])
+    assertRefused(
+      start + Self.record(type: 3, seq: 1, body: Self.zeroBody(first: 1, count: 1) + [0]), ["ZERO record has 17 bytes"])
+    assertRefused(
+      start + Self.record(type: 4, seq: 1, body: Array(repeating: 0, count: 63)), ["END record has 63 bytes"])
     assertRefused(
       start + data(0, seq: 1)
-        + Self.record(type: 4, seq: 2, body: Self.endBody(data: 2, zero: 0, bytes: 4096, records: 2, digest: Array(repeating: 0, count: 32))),
+        + Self.record(
+          type: 4, seq: 2,
+          body: Self.endBody(data: 2, zero: 0, bytes: 4096, records: 2, digest: Array(repeating: 0, count: 32))),
       ["record 2", "END record counts"])
     assertRefused(
       start + data(0, seq: 1)
-        + Self.record(type: 4, seq: 2, body: Self.endBody(data: 1, zero: 0, bytes: 4096, records: 1, digest: Array(repeating: 0, count: 32))),
+        + Self.record(
+          type: 4, seq: 2,
+          body: Self.endBody(data: 1, zero: 0, bytes: 4096, records: 1, digest: Array(repeating: 0, count: 32))),
       ["END record counts"])
     // A DATA record too short for its fields.
-    assertRefused(start + Self.record(type: 2, seq: 1, body: Array(repeating: 0, count: 10)), ["DATA record is too short"])
+    assertRefused(
+      start + Self.record(type: 2, seq: 1, body: Array(repeating: 0, count: 10)), ["DATA record is too short"])
   }
 
   func testUnknownRecordTypesAndDataAfterEnd() throws {
@@ -772,14 +830,17 @@ final class StreamParserTests: XCTestCase {
     let extra = Self.record(type: 77, flags: 0, seq: 1, body: [1, 2, 3, 4, 5])
     let zero = Self.record(type: 3, seq: 2, body: Self.zeroBody(first: 0, count: 11))
     var s = start + extra + zero
-    s += Self.record(type: 4, seq: 3, body: Self.endBody(data: 0, zero: 11, bytes: 10 * 4096 + 100, records: 3, digest: Self.sha256(s)))
+    s += Self.record(
+      type: 4, seq: 3, body: Self.endBody(data: 0, zero: 11, bytes: 10 * 4096 + 100, records: 3, digest: Self.sha256(s))
+    )
     let p = parse(s)
     XCTAssertNil(p.error)
     XCTAssertEqual(p.records.map(\.shape), ["P", "H", "S77", "Z0+11", "E"])
     XCTAssertNil(Self.readWithReader(s).error, "a stream with a skipped record is complete")
     // An unknown type marked critical stops the reader; with other flag bits but not bit 0 it is skipped.
     assertRefused(
-      start + Self.record(type: 77, flags: 1, seq: 1, body: [1, 2, 3]), ["record 1 at byte \(start.count)", "type 77", "critical"], records: 2)
+      start + Self.record(type: 77, flags: 1, seq: 1, body: [1, 2, 3]),
+      ["record 1 at byte \(start.count)", "type 77", "critical"], records: 2)
     let skipped2 = parse(start + Self.record(type: 9, flags: 0x8000, seq: 1, body: []))
     XCTAssertEqual(skipped2.records.map(\.shape), ["P", "H", "S9"])
     XCTAssertTrue(skipped2.error?.contains("truncated") ?? false, "no END yet: \(skipped2.error ?? "")")
@@ -787,7 +848,9 @@ final class StreamParserTests: XCTestCase {
     // Even an unknown record needs the HEADER first.
     assertRefused(Self.preamble() + Self.record(type: 77, flags: 0, seq: 0, body: []), ["not a HEADER"])
     // Anything after END: another record, or one stray byte.
-    assertRefused(s + Self.record(type: 3, seq: 4, body: Self.zeroBody(first: 0, count: 1)), ["record 4 at byte \(s.count)", "after the END record"])
+    assertRefused(
+      s + Self.record(type: 3, seq: 4, body: Self.zeroBody(first: 0, count: 1)),
+      ["record 4 at byte \(s.count)", "after the END record"])
     assertRefused(s + [0], ["after the END record"])
     XCTAssertNotNil(Self.readWithReader(s + [0]).error)
   }
@@ -799,18 +862,23 @@ final class StreamParserTests: XCTestCase {
       XCTAssertTrue("\(e)".contains("bad magic"), "\(e)")
     }
     var parser2 = StreamParser()
-    XCTAssertNil(try Array(Self.magic[0..<5]).withUnsafeBytes { try parser2.next($0) }.map { _ in 1 }, "a good partial magic waits")
+    XCTAssertNil(
+      try Array(Self.magic[0..<5]).withUnsafeBytes { try parser2.next($0) }.map { _ in 1 }, "a good partial magic waits"
+    )
     var wrong = Self.handStart()
     wrong[7] = 0x00
     assertRefused(wrong, ["bad magic"], records: 0)
     assertRefused(Array("hello, this is not a stream".utf8), ["bad magic"])
     // Version 2, and unknown preamble flags.
-    assertRefused(Self.preamble(version: 2) + Array(Self.handStart()[16...]), ["version 2 is not supported"], records: 0)
+    assertRefused(
+      Self.preamble(version: 2) + Array(Self.handStart()[16...]), ["version 2 is not supported"], records: 0)
     assertRefused(Self.preamble(version: 0), ["version 0"], records: 0)
     assertRefused(Self.preamble(flags: 4), ["flags 0x4"], records: 0)
     // Header fields out of range.
     func header(_ body: [UInt8]) -> [UInt8] { Self.preamble() + Self.record(type: 1, seq: 0, body: body) }
-    assertRefused(header(Self.headerBody(blockSize: 1000, deviceSize: 8192, blockCount: 9)), ["record 0 at byte 16", "block size 1000"])
+    assertRefused(
+      header(Self.headerBody(blockSize: 1000, deviceSize: 8192, blockCount: 9)),
+      ["record 0 at byte 16", "block size 1000"])
     assertRefused(header(Self.headerBody(deviceSize: 8192, blockCount: 3)), ["block count 3"])
     assertRefused(header(Self.headerBody(deviceSize: 8192, streamID: Array(repeating: 0, count: 16))), ["no id"])
     assertRefused(header(Self.headerBody(deviceSize: 8192, coverage: 2)), ["unknown coverage 2"])
@@ -840,7 +908,8 @@ final class StreamParserTests: XCTestCase {
     let data = Self.randomBytes(5000, seed: 77)
     for (from, count) in [(0, 1), (1, 7), (3, 64), (5, 1000), (0, 5000), (13, 4987)] {
       let slice = Array(data[from..<from + count])
-      XCTAssertEqual(data.withUnsafeBytes { dr_crc32c(0, $0.baseAddress! + from, count) }, Self.crc32c(slice), "\(from)+\(count)")
+      XCTAssertEqual(
+        data.withUnsafeBytes { dr_crc32c(0, $0.baseAddress! + from, count) }, Self.crc32c(slice), "\(from)+\(count)")
     }
   }
 }

@@ -3,7 +3,6 @@
 // pipe it streams, and a reader detects a cut-off stream by its missing
 // checksum.
 
-
 public enum Signer {
   public struct Summary: Sendable {
     public var header: SignatureFormat.Header

@@ -101,7 +101,8 @@ public enum SignatureFormat {
     _ = r.take(magic.count)
     guard let version = r.u16(), let flags = r.u16(), let headerLength = r.u32() else { return nil }
     guard version == SignatureFormat.version else {
-      throw fail("signature format version \(version) is not supported (this build reads version \(SignatureFormat.version))")
+      throw fail(
+        "signature format version \(version) is not supported (this build reads version \(SignatureFormat.version))")
     }
     guard flags == 0 else { throw fail("signature uses flags 0x\(String(flags, radix: 16)) this build does not know") }
     guard headerLength >= fixedHeaderLength, headerLength <= UInt32(fixedHeaderLength + maximumNameLength + 4096)

@@ -67,7 +67,8 @@ public struct BlockGeometry: Hashable, Sendable, CustomStringConvertible {
       throw ToolkitError("offset \(offset) is not a multiple of the block size \(blockSize)")
     }
     guard end & mask == 0 || end == deviceSize else {
-      throw ToolkitError("range end \(end) is not a multiple of the block size \(blockSize) nor the device end \(deviceSize)")
+      throw ToolkitError(
+        "range end \(end) is not a multiple of the block size \(blockSize) nor the device end \(deviceSize)")
     }
     let first = offset == deviceSize ? blockCount : offset >> blockShift
     let last = length == 0 ? first : (end + mask) >> blockShift

@@ -182,7 +182,8 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
     while done < length {
       let n = Int(min(UInt64(chunk), length - done))
       try transfer(
-        NBD.cmdWrite, flags: 0, offset: offset + done, length: n, into: nil, from: UnsafeRawPointer(zeroes.baseAddress!))
+        NBD.cmdWrite, flags: 0, offset: offset + done, length: n, into: nil, from: UnsafeRawPointer(zeroes.baseAddress!)
+      )
       done += UInt64(n)
     }
     if fua { try flush() }
@@ -218,7 +219,8 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
 
   private func checkWritable(_ command: UInt16, offset: UInt64, length: UInt64) throws {
     if isReadOnly {
-      throw ToolkitError("\(name): \(describe(command, offset: offset, length: length)) refused: the export is read-only")
+      throw ToolkitError(
+        "\(name): \(describe(command, offset: offset, length: length)) refused: the export is read-only")
     }
   }
 
@@ -248,7 +250,8 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
       try request(command, flags: flags, offset: offset, length: length, into: into, from: from)
       return
     }
-    var inFlight: [(connection: NBDClientConnection, slot: NBDClientSlot, deadline: Double, offset: UInt64, length: Int)] = []
+    var inFlight:
+      [(connection: NBDClientConnection, slot: NBDClientSlot, deadline: Double, offset: UInt64, length: Int)] = []
     inFlight.reserveCapacity(NBDClient.splitWindow)
     var head = 0
     var done = 0
@@ -273,7 +276,8 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
       head += 1
       let (serverError, cause) = entry.connection.finish(entry.slot, deadline: entry.deadline, timeout: timeout)
       if firstError == nil && (serverError != 0 || cause != nil) {
-        firstError = failure(command, offset: entry.offset, length: entry.length, serverError: serverError, cause: cause)
+        firstError = failure(
+          command, offset: entry.offset, length: entry.length, serverError: serverError, cause: cause)
       }
     }
     if let firstError { throw firstError }
@@ -396,7 +400,8 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   /// Called with `state` held.
   private func gaveUp() -> NBDClientFailure {
     let last = lastConnectError.map { " (\($0))" } ?? ""
-    return NBDClientFailure("the connection broke and could not be made again within \(formatSeconds(timeout)) s\(last)")
+    return NBDClientFailure(
+      "the connection broke and could not be made again within \(formatSeconds(timeout)) s\(last)")
   }
 
   /// The text of an error number from the wire (the protocol's numbers, which
@@ -818,13 +823,16 @@ fileprivate struct NBDClientHandshake {
     switch type {
     case NBD.repErrUnknown: return NBDClientFailure("the server has no export named '\(exportName)'")
     case NBD.repErrPolicy: return NBDClientFailure("the server refused access to the export '\(exportName)'\(said)")
-    case NBD.repErrInvalid: return NBDClientFailure("the server rejected the request for '\(exportName)' as invalid\(said)")
+    case NBD.repErrInvalid:
+      return NBDClientFailure("the server rejected the request for '\(exportName)' as invalid\(said)")
     case NBD.repErrShutdown: return NBDClientFailure("the server is shutting down\(said)")
     case 0x8000_0004: return NBDClientFailure("the server cannot serve the export on its platform\(said)")
     case 0x8000_0005: return NBDClientFailure("the server requires TLS, which is not supported yet\(said)")
     case 0x8000_0008: return NBDClientFailure("the server requires block size negotiation\(said)")
     case 0x8000_0009: return NBDClientFailure("the server found the request too big\(said)")
-    default: return NBDClientFailure("the server refused the export '\(exportName)' with error 0x\(String(type, radix: 16))\(said)")
+    default:
+      return NBDClientFailure(
+        "the server refused the export '\(exportName)' with error 0x\(String(type, radix: 16))\(said)")
     }
   }
 
@@ -849,7 +857,8 @@ fileprivate struct NBDClientHandshake {
     let type = loadBE(head, 12, as: UInt32.self)
     let length = Int(loadBE(head, 16, as: UInt32.self))
     guard length <= NBD.maximumOptionLength else {
-      throw NBDClientFailure("the server sent an option reply of \(length) bytes (at most \(NBD.maximumOptionLength) accepted)")
+      throw NBDClientFailure(
+        "the server sent an option reply of \(length) bytes (at most \(NBD.maximumOptionLength) accepted)")
     }
     var data = [UInt8](repeating: 0, count: length)
     if length > 0 { try receive(&data, "an option reply") }

@@ -157,7 +157,9 @@ public struct NBDURI: Equatable, Sendable, CustomStringConvertible {
       exportName = NBDURI.percentDecode(export)
       return
     }
-    guard text.hasPrefix("nbd://") else { throw fail("not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)") }
+    guard text.hasPrefix("nbd://") else {
+      throw fail("not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
+    }
     let rest = Substring(text.dropFirst("nbd://".count))
     let slash = rest.firstIndex(of: "/") ?? rest.endIndex
     var authority = rest[..<slash]

@@ -51,7 +51,8 @@ public final class Socket: @unchecked Sendable {
       var lastError = Errno(ECONNREFUSED)
       var entry: UnsafeMutablePointer<addrinfo>? = first
       while let ai = entry {
-        let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
+        let fd = socket(
+          ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
         if fd >= 0 {
           if Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 {
             var one: Int32 = 1

@@ -93,7 +93,8 @@ public final class RestoreEngine: @unchecked Sendable {
     if pathExists(mapPath) {
       m = try MapFile.load(mapPath)
       guard m.geometry.deviceSize == primary.size else {
-        throw ToolkitError("\(mapPath) describes \(m.geometry.deviceSize) bytes but \(primary.path) has \(primary.size)")
+        throw ToolkitError(
+          "\(mapPath) describes \(m.geometry.deviceSize) bytes but \(primary.path) has \(primary.size)")
       }
       guard m.meaning == .current else {
         throw ToolkitError("\(mapPath) is a map of \(m.meaning) blocks, not an overwrite map of current blocks")
@@ -309,7 +310,8 @@ public final class RestoreEngine: @unchecked Sendable {
     for range in served + [end..<end] {
       if range.lowerBound > position {
         let n = Int(range.lowerBound - position)
-        try primary.read(into: UnsafeMutableRawBufferPointer(start: base + Int(position - offset), count: n), at: position)
+        try primary.read(
+          into: UnsafeMutableRawBufferPointer(start: base + Int(position - offset), count: n), at: position)
       }
       position = max(position, range.upperBound)
     }

@@ -118,10 +118,13 @@ public enum Merger {
           var data = UnsafeRawPointer(payload.baseAddress!)
           if encoding == .lz4 {
             let n = LZ4_decompress_safe(
-              payload.baseAddress!.assumingMemoryBound(to: CChar.self), block.pointer.assumingMemoryBound(to: CChar.self),
+              payload.baseAddress!.assumingMemoryBound(to: CChar.self),
+              block.pointer.assumingMemoryBound(to: CChar.self),
               Int32(payload.count), Int32(length))
             guard n == Int32(length) else {
-              throw ToolkitError("\(reader.name): \(reader.recordPosition): block \(index) does not decompress to \(length) bytes; the record is damaged")
+              throw ToolkitError(
+                "\(reader.name): \(reader.recordPosition): block \(index) does not decompress to \(length) bytes; the record is damaged"
+              )
             }
             data = UnsafeRawPointer(block.pointer)
           }
@@ -189,7 +192,8 @@ public enum Merger {
   ) throws {
     if let target, target.size != header.geometry.deviceSize {
       throw ToolkitError(
-        "\(reader.name) is a stream of a \(header.geometry.deviceSize)-byte device but \(target.name) has \(target.size) bytes")
+        "\(reader.name) is a stream of a \(header.geometry.deviceSize)-byte device but \(target.name) has \(target.size) bytes"
+      )
     }
     guard let map else {
       if header.isIncremental && options.mode != .check {

@@ -314,7 +314,8 @@ final class RecordFramer: @unchecked Sendable {
         let crcSlot = e.crcs.pointer + e.frameCount * 4
         crcSlot.storeBytes(of: crc.littleEndian, as: UInt32.self)
         e.vectors[e.vectorCount] = iovec(iov_base: frame, iov_len: 32)
-        e.vectors[e.vectorCount + 1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: payloadLength)
+        e.vectors[e.vectorCount + 1] = iovec(
+          iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: payloadLength)
         e.vectors[e.vectorCount + 2] = iovec(iov_base: crcSlot, iov_len: 4)
         e.vectorCount += 3
         e.frameCount += 1

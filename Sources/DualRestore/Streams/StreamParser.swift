@@ -54,10 +54,13 @@ public struct StreamParser {
       guard bytes.count >= StreamFormat.preambleLength else { return nil }
       let version = bytes.loadUnaligned(fromByteOffset: 8, as: UInt16.self).littleEndian
       guard version == StreamFormat.version else {
-        throw ToolkitError("stream format version \(version) is not supported (this build reads version \(StreamFormat.version))")
+        throw ToolkitError(
+          "stream format version \(version) is not supported (this build reads version \(StreamFormat.version))")
       }
       let flags = bytes.loadUnaligned(fromByteOffset: 10, as: UInt16.self).littleEndian
-      guard flags == 0 else { throw ToolkitError("stream uses flags 0x\(String(flags, radix: 16)) this build does not know") }
+      guard flags == 0 else {
+        throw ToolkitError("stream uses flags 0x\(String(flags, radix: 16)) this build does not know")
+      }
       sawPreamble = true
       offset = UInt64(StreamFormat.preambleLength)
       return (.preamble, StreamFormat.preambleLength)
@@ -78,11 +81,14 @@ public struct StreamParser {
     let total = StreamFormat.recordHeaderLength + length + StreamFormat.recordTrailerLength
     guard rest.count >= total else { return nil }
     guard let base = rest.baseAddress else { return nil }
-    let stored = rest.loadUnaligned(fromByteOffset: StreamFormat.recordHeaderLength + length, as: UInt32.self).littleEndian
+    let stored = rest.loadUnaligned(fromByteOffset: StreamFormat.recordHeaderLength + length, as: UInt32.self)
+      .littleEndian
     guard dr_crc32c(0, base, StreamFormat.recordHeaderLength + length) == stored else {
       throw fail("checksum mismatch: the record is damaged")
     }
-    guard seq == sequence else { throw fail("sequence number \(seq) where \(sequence) was expected (a record is missing or out of order)") }
+    guard seq == sequence else {
+      throw fail("sequence number \(seq) where \(sequence) was expected (a record is missing or out of order)")
+    }
     let body = UnsafeRawBufferPointer(start: base + StreamFormat.recordHeaderLength, count: length)
 
     let record: Record
@@ -110,7 +116,9 @@ public struct StreamParser {
       let payloadLength = length - StreamFormat.dataFixedLength
       switch encoding {
       case .raw:
-        guard payloadLength == blockLength else { throw fail("raw block \(block) has \(payloadLength) bytes, not \(blockLength)") }
+        guard payloadLength == blockLength else {
+          throw fail("raw block \(block) has \(payloadLength) bytes, not \(blockLength)")
+        }
       case .lz4:
         guard h.compression == .lz4, payloadLength > 0, payloadLength < blockLength else {
           throw fail("LZ4 payload of \(payloadLength) bytes for block \(block) is out of range")
@@ -163,7 +171,9 @@ public struct StreamParser {
   /// At end of input: throws unless the stream ended with its END record.
   public func finish(leftover: Int) throws {
     if !sawPreamble {
-      throw ToolkitError(offset == 0 && leftover == 0 ? "empty input, not a block stream" : "truncated stream: the preamble is incomplete")
+      throw ToolkitError(
+        offset == 0 && leftover == 0
+          ? "empty input, not a block stream" : "truncated stream: the preamble is incomplete")
     }
     if !sawEnd {
       if leftover > 0 {

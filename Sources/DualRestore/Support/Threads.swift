@@ -3,6 +3,7 @@
 // expect of its worker threads: on a 2-core machine it would not start
 // enough of them, and the stages would wait for each other.
 
+import Dispatch
 import Glibc
 
 private final class ThreadBody: Sendable {
@@ -30,8 +31,6 @@ public func startThread(_ body: @escaping @Sendable () -> Void) {
   }
   pthread_detach(thread)
 }
-
-import Dispatch
 
 /// A few threads that run blocking jobs handed to them, so that a caller
 /// can overlap two blocking calls (a local write and a network round trip).

@@ -3,7 +3,10 @@ import DualRestore
 import ToolSupport
 
 struct OutputOption: ParsableArguments {
-  @Option(name: .shortAndLong, help: ArgumentHelp("Write the result to this file (saved atomically) instead of standard output.", valueName: "file"))
+  @Option(
+    name: .shortAndLong,
+    help: ArgumentHelp(
+      "Write the result to this file (saved atomically) instead of standard output.", valueName: "file"))
   var output: String?
 }
 
@@ -16,7 +19,8 @@ func loadPair(_ a: String, _ b: String) throws -> (BlockMap, BlockMap) {
   return (ma, mb)
 }
 
-private let identityNote = "The result keeps the identity of A (device name, map id, tracking start, last merged stream)."
+private let identityNote =
+  "The result keeps the identity of A (device name, map id, tracking start, last merged stream)."
 
 struct Union: ParsableCommand {
   static let configuration = CommandConfiguration(

@@ -3,13 +3,16 @@ import DualRestore
 import ToolSupport
 
 struct RangeArguments: ParsableArguments {
-  @Argument(help: ArgumentHelp("The map to change in place, or - to filter standard input to standard output.", valueName: "map"))
+  @Argument(
+    help: ArgumentHelp(
+      "The map to change in place, or - to filter standard input to standard output.", valueName: "map"))
   var map: String
 
   @Argument(help: ArgumentHelp("First byte of the range; a multiple of the block size.", valueName: "offset"))
   var offset: ByteCount
 
-  @Argument(help: ArgumentHelp("Bytes in the range; it ends on a block boundary or at the device end.", valueName: "length"))
+  @Argument(
+    help: ArgumentHelp("Bytes in the range; it ends on a block boundary or at the device end.", valueName: "length"))
   var length: ByteCount
 
   /// Loads the map, applies `change` to the blocks of the range, saves it back.
