@@ -130,7 +130,7 @@ struct RestoreReadThrough: ParsableCommand {
       listener = try Listener(host: host, port: port)
     }
     let server = NBDServer(exports: [RestoreExport(engine: engine), MergeExport(engine: engine)], log: log)
-    let stopping = StopFlag()
+    let stopping = AtomicFlag()
 
     let (now, total) = engine.progress
     log(
@@ -207,19 +207,4 @@ struct RestoreReadThrough: ParsableCommand {
   }
 
   static func main() { ToolMain.run(Self.self) }
-}
-
-final class StopFlag: @unchecked Sendable {
-  private let lock = DispatchSemaphore(value: 1)
-  private var value = false
-  var isSet: Bool {
-    lock.wait()
-    defer { lock.signal() }
-    return value
-  }
-  func set() {
-    lock.wait()
-    value = true
-    lock.signal()
-  }
 }

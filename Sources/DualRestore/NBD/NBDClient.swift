@@ -68,7 +68,7 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   }
 
   // Guarded by `state`.
-  private let state = NBDClientLock()
+  private let state = Monitor()
   private var connection: NBDClientConnection?
   private var connecting = false
   private var isClosed = false
@@ -458,13 +458,13 @@ fileprivate final class NBDClientSlot {
 fileprivate final class NBDClientConnection: @unchecked Sendable {
   let socket: Socket
   /// Serialises requests on the wire; guards `header`.
-  private let sendLock = NBDClientLock()
+  private let sendLock = Monitor()
   private let header = UnsafeMutableRawPointer.allocate(byteCount: NBD.requestLength, alignment: 8)
   /// The reader thread's.
   private let reply = UnsafeMutableRawPointer.allocate(byteCount: NBD.simpleReplyLength, alignment: 8)
 
   // Guarded by `lock`.
-  private let lock = NBDClientLock()
+  private let lock = Monitor()
   private var slots: [NBDClientSlot] = []
   private var freeSlots: [Int] = []
   private var sequence: UInt32 = 0
@@ -641,6 +641,13 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
 
   private func sendDisconnectAndClose() {
     sendLock.lock()
+    sendDisconnect()
+    sendLock.unlock()
+    socket.shutdown()
+  }
+
+  /// NBD_CMD_DISC; the send lock is held.
+  private func sendDisconnect() {
     header.storeBE(NBD.requestMagic, at: 0)
     header.storeBE(UInt16(0), at: 4)
     header.storeBE(NBD.cmdDisconnect, at: 6)
@@ -648,22 +655,12 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
     header.storeBE(UInt64(0), at: 16)
     header.storeBE(UInt32(0), at: 24)
     _ = sendAll(UnsafeRawPointer(header), NBD.requestLength, more: false)
-    sendLock.unlock()
-    socket.shutdown()
   }
 
   /// Sends NBD_CMD_DISC (when the connection still works) and closes.
   func disconnect() {
     sendLock.lock()
-    if !isFailed {
-      header.storeBE(NBD.requestMagic, at: 0)
-      header.storeBE(UInt16(0), at: 4)
-      header.storeBE(NBD.cmdDisconnect, at: 6)
-      header.storeBE(UInt64(0), at: 8)
-      header.storeBE(UInt64(0), at: 16)
-      header.storeBE(UInt32(0), at: 24)
-      _ = sendAll(UnsafeRawPointer(header), NBD.requestLength, more: false)
-    }
+    if !isFailed { sendDisconnect() }
     sendLock.unlock()
     fail("the client was closed")
   }
@@ -897,60 +894,9 @@ fileprivate func formatSeconds(_ s: Double) -> String {
   s == s.rounded() && s < 1e9 ? String(Int(s)) : String(s)
 }
 
-fileprivate func monotonicSeconds() -> Double {
-  var ts = timespec()
-  clock_gettime(CLOCK_MONOTONIC, &ts)
-  return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
-
 fileprivate func sleepSeconds(_ s: Double) {
   guard s > 0 else { return }
   var request = timespec(tv_sec: Int(s), tv_nsec: Int((s - Double(Int(s))) * 1e9))
   var left = timespec()
   while nanosleep(&request, &left) != 0 && errno == EINTR { request = left }
-}
-
-/// A mutex with one condition (on the monotonic clock).
-fileprivate final class NBDClientLock: @unchecked Sendable {
-  private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-  private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-
-  init() {
-    pthread_mutex_init(mutex, nil)
-    var attributes = pthread_condattr_t()
-    pthread_condattr_init(&attributes)
-    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
-    pthread_cond_init(condition, &attributes)
-    pthread_condattr_destroy(&attributes)
-  }
-
-  deinit {
-    pthread_cond_destroy(condition)
-    pthread_mutex_destroy(mutex)
-    condition.deallocate()
-    mutex.deallocate()
-  }
-
-  @inline(__always) func lock() { pthread_mutex_lock(mutex) }
-  @inline(__always) func unlock() { pthread_mutex_unlock(mutex) }
-
-  @inline(__always) func withLock<T>(_ body: () throws -> T) rethrows -> T {
-    pthread_mutex_lock(mutex)
-    defer { pthread_mutex_unlock(mutex) }
-    return try body()
-  }
-
-  func broadcast() { pthread_cond_broadcast(condition) }
-
-  /// With the lock held: waits for a broadcast or `deadline` (monotonic
-  /// seconds); false when the deadline passed first.
-  func wait(until deadline: Double) -> Bool {
-    let remaining = deadline - monotonicSeconds()
-    if remaining <= 0 { return false }
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    let total = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9 + remaining
-    var target = timespec(tv_sec: Int(total), tv_nsec: Int((total - Double(Int(total))) * 1e9))
-    return pthread_cond_timedwait(condition, mutex, &target) != ETIMEDOUT
-  }
 }

@@ -2,14 +2,18 @@
 
 import Glibc
 
-/// pthread mutex and condition variable.
+/// pthread mutex and condition variable (on the monotonic clock).
 final class Monitor: @unchecked Sendable {
   private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
   private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
   init() {
     pthread_mutex_init(mutex, nil)
-    pthread_cond_init(condition, nil)
+    var attributes = pthread_condattr_t()
+    pthread_condattr_init(&attributes)
+    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+    pthread_cond_init(condition, &attributes)
+    pthread_condattr_destroy(&attributes)
   }
 
   deinit {
@@ -24,6 +28,18 @@ final class Monitor: @unchecked Sendable {
   /// Waits for a broadcast; call with the lock held.
   func wait() { pthread_cond_wait(condition, mutex) }
   func broadcast() { pthread_cond_broadcast(condition) }
+
+  /// With the lock held: waits for a broadcast or `deadline` (monotonic
+  /// seconds); false when the deadline passed first.
+  func wait(until deadline: Double) -> Bool {
+    let remaining = deadline - monotonicSeconds()
+    if remaining <= 0 { return false }
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    let total = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9 + remaining
+    var target = timespec(tv_sec: Int(total), tv_nsec: Int((total - Double(Int(total))) * 1e9))
+    return pthread_cond_timedwait(condition, mutex, &target) != ETIMEDOUT
+  }
 
   @inline(__always) func withLock<R>(_ body: () throws -> R) rethrows -> R {
     lock()
@@ -61,4 +77,11 @@ final class BlockLocks: @unchecked Sendable {
     monitor.broadcast()
     monitor.unlock()
   }
+}
+
+/// Seconds on the monotonic clock, for deadlines.
+func monotonicSeconds() -> Double {
+  var ts = timespec()
+  clock_gettime(CLOCK_MONOTONIC, &ts)
+  return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
