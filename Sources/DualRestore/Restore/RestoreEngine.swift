@@ -99,12 +99,13 @@ public final class RestoreEngine: @unchecked Sendable {
       guard m.meaning == .current else {
         throw ToolkitError("\(mapPath) is a map of \(m.meaning) blocks, not an overwrite map of current blocks")
       }
-      if m.deviceName.isEmpty || (m.deviceName != primary.path && m.bits.population == 0 && m.lastMergedStream.isNone) {
+      let sameDevice = RestoreEngine.samePath(m.deviceName, primary.path)
+      if m.deviceName.isEmpty || (!sameDevice && m.bits.population == 0 && m.lastMergedStream.isNone) {
         // A fresh map: bind it to this device.
         m.deviceName = primary.path
         try MapFile.save(m, to: mapPath)
         log("bound the fresh map \(mapPath) to \(primary.path)")
-      } else if m.deviceName != primary.path {
+      } else if !sameDevice {
         throw ToolkitError("\(mapPath) is the overwrite map of \(m.deviceName), not of \(primary.path)")
       }
     } else {
@@ -158,6 +159,18 @@ public final class RestoreEngine: @unchecked Sendable {
       return stride(from: from, to: to, by: Int(readAheadUnit)).map { $0..<min($0 + readAheadUnit, to) }
     }
     for r in ranges { readAhead.put(r) }
+  }
+
+  /// Whether two names lead to the same file or device (`disk.img` and
+  /// `./disk.img`, or a symbolic link and its target).
+  static func samePath(_ a: String, _ b: String) -> Bool {
+    if a == b { return true }
+    guard let ra = realpath(a, nil), let rb = realpath(b, nil) else { return false }
+    defer {
+      free(ra)
+      free(rb)
+    }
+    return strcmp(ra, rb) == 0
   }
 
   // MARK: Recovery
