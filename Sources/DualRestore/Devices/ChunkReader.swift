@@ -200,30 +200,3 @@ public final class ChunkReader: @unchecked Sendable {
     free.signal()
   }
 }
-
-/// A flag set once, readable from any thread.
-public final class AtomicFlag: @unchecked Sendable {
-  private let lock = DispatchSemaphore(value: 1)
-  private var value = false
-
-  public init() {}
-
-  public var isSet: Bool {
-    lock.wait()
-    defer { lock.signal() }
-    return value
-  }
-
-  /// Sets the flag.
-  public func set() { _ = setOnce() }
-
-  /// Sets the flag; returns true for the call that set it.
-  @discardableResult
-  func setOnce() -> Bool {
-    lock.wait()
-    defer { lock.signal() }
-    if value { return false }
-    value = true
-    return true
-  }
-}

@@ -61,9 +61,3 @@ public final class BlockHasher: @unchecked Sendable {
     }
   }
 }
-
-/// Hands a value that is safe by construction to another thread.
-struct Unchecked<T>: @unchecked Sendable {
-  let value: T
-  init(_ value: T) { self.value = value }
-}

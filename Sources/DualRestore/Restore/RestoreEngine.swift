@@ -576,7 +576,7 @@ public final class RestoreEngine: @unchecked Sendable {
       }
       position = end >= geometry.blockCount ? 0 : end
       if rate > 0 {
-        let elapsed = Double(Instant.now().nanosecondsSinceEpoch - started.nanosecondsSinceEpoch) / 1e9
+        let elapsed = started.secondsAgo
         let due = Double(copied) / Double(rate)
         if due > elapsed { usleep(UInt32(min(1.0, due - elapsed) * 1e6)) }
       }

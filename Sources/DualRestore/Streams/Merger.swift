@@ -164,7 +164,7 @@ public enum Merger {
           summary.complete = true
         }
         if pendingBytes >= options.checkpointBytes
-          || Double(Instant.now().nanosecondsSinceEpoch - lastCheckpoint.nanosecondsSinceEpoch) / 1e9
+          || lastCheckpoint.secondsAgo
             >= options.checkpointSeconds
         {
           try checkpoint(final: false)
@@ -181,7 +181,7 @@ public enum Merger {
     try checkpoint(final: true)
     meter.finish(reader.bytesRead)
     summary.streamBytes = reader.bytesRead
-    summary.seconds = Double(Instant.now().nanosecondsSinceEpoch - started.nanosecondsSinceEpoch) / 1e9
+    summary.seconds = started.secondsAgo
     return summary
   }
 

@@ -225,7 +225,7 @@ public enum SnapshotWriter {
     summary.zeroBlocks = framer.zeroBlocks
     summary.bytesIn = framer.blockBytes
     summary.bytesOut = sink.bytesWritten
-    summary.seconds = Double(Instant.now().nanosecondsSinceEpoch - started.nanosecondsSinceEpoch) / 1e9
+    summary.seconds = started.secondsAgo
     return summary
   }
 }
@@ -352,45 +352,5 @@ final class RecordFramer: @unchecked Sendable {
     let end = StreamFormat.End(
       dataBlocks: dataBlocks, zeroBlocks: zeroBlocks, bytes: blockBytes, records: sequence, digest: digest.finish())
     try sink.write(StreamFormat.record(.end, sequence: sequence, body: StreamFormat.endBody(end)))
-  }
-}
-
-/// A queue between two threads, unbounded (its users bound it by how many
-/// items exist).
-final class Handoff<T>: @unchecked Sendable {
-  private var items: [T] = []
-  private let lock = DispatchSemaphore(value: 1)
-  private let available = DispatchSemaphore(value: 0)
-
-  func put(_ item: T) {
-    lock.wait()
-    items.append(item)
-    lock.signal()
-    available.signal()
-  }
-
-  func take() -> T? {
-    available.wait()
-    lock.wait()
-    defer { lock.signal() }
-    return items.isEmpty ? nil : items.removeFirst()
-  }
-}
-
-/// The first error one thread saw, for another to read.
-final class ErrorBox: @unchecked Sendable {
-  private let lock = DispatchSemaphore(value: 1)
-  private var stored: Error?
-
-  var error: Error? {
-    lock.wait()
-    defer { lock.signal() }
-    return stored
-  }
-
-  func set(_ error: Error) {
-    lock.wait()
-    if stored == nil { stored = error }
-    lock.signal()
   }
 }

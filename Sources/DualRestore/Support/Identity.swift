@@ -86,6 +86,11 @@ public struct Instant: Hashable, Comparable, Sendable, CustomStringConvertible {
     return Instant(nanosecondsSinceEpoch: Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec))
   }
 
+  /// Seconds from this instant until now.
+  public var secondsAgo: Double {
+    Double(Instant.now().nanosecondsSinceEpoch - nanosecondsSinceEpoch) / 1e9
+  }
+
   public static func < (a: Instant, b: Instant) -> Bool {
     a.nanosecondsSinceEpoch < b.nanosecondsSinceEpoch
   }

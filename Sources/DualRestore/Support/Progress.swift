@@ -34,7 +34,7 @@ public final class ProgressMeter: @unchecked Sendable {
   }
 
   private func printLine(_ done: UInt64, final: Bool) {
-    let seconds = Double(Instant.now().nanosecondsSinceEpoch - started.nanosecondsSinceEpoch) / 1e9
+    let seconds = started.secondsAgo
     let rate = seconds > 0 ? Double(done) / seconds : 0
     let percent = total == 0 ? 100 : Double(done) * 100 / Double(total)
     let line =

@@ -1,7 +1,7 @@
-// Long-running pipeline stages get threads of their own. They block on
-// semaphores for most of their life, which the Dispatch pool does not
-// expect of its worker threads: on a 2-core machine it would not start
-// enough of them, and the stages would wait for each other.
+// Threads and the small pieces the pipelines share between them. Long
+// stages get threads of their own: they block on semaphores for most of
+// their life, which the Dispatch pool does not expect of its workers (on a
+// 2-core machine it would not start enough of them).
 
 import Dispatch
 import Glibc
@@ -61,5 +61,78 @@ public final class Offload: @unchecked Sendable {
     let job = Job(body)
     queue.put(job)
     return job
+  }
+}
+
+/// A queue between two threads, unbounded (its users bound it by how many
+/// items exist).
+final class Handoff<T>: @unchecked Sendable {
+  private var items: [T] = []
+  private let lock = DispatchSemaphore(value: 1)
+  private let available = DispatchSemaphore(value: 0)
+
+  func put(_ item: T) {
+    lock.wait()
+    items.append(item)
+    lock.signal()
+    available.signal()
+  }
+
+  func take() -> T? {
+    available.wait()
+    lock.wait()
+    defer { lock.signal() }
+    return items.isEmpty ? nil : items.removeFirst()
+  }
+}
+
+/// The first error one thread saw, for another to read.
+final class ErrorBox: @unchecked Sendable {
+  private let lock = DispatchSemaphore(value: 1)
+  private var stored: Error?
+
+  var error: Error? {
+    lock.wait()
+    defer { lock.signal() }
+    return stored
+  }
+
+  func set(_ error: Error) {
+    lock.wait()
+    if stored == nil { stored = error }
+    lock.signal()
+  }
+}
+
+/// Hands a value that is safe by construction to another thread.
+struct Unchecked<T>: @unchecked Sendable {
+  let value: T
+  init(_ value: T) { self.value = value }
+}
+
+/// A flag set once, readable from any thread.
+public final class AtomicFlag: @unchecked Sendable {
+  private let lock = DispatchSemaphore(value: 1)
+  private var value = false
+
+  public init() {}
+
+  public var isSet: Bool {
+    lock.wait()
+    defer { lock.signal() }
+    return value
+  }
+
+  /// Sets the flag.
+  public func set() { _ = setOnce() }
+
+  /// Sets the flag; returns true for the call that set it.
+  @discardableResult
+  func setOnce() -> Bool {
+    lock.wait()
+    defer { lock.signal() }
+    if value { return false }
+    value = true
+    return true
   }
 }
