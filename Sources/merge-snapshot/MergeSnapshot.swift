@@ -24,6 +24,13 @@ struct MergeSnapshot: ParsableCommand {
       at the end, and a complete stream is recorded as the map's last merged \
       stream.
 
+      With --mirror, TARGET is a mirror being seeded from shipped media: \
+      nothing writes it but merges. Every block of the stream is written and \
+      the map only records the last merged stream, so the incremental \
+      catch-up streams that follow (snapshot --base) apply on top of it and \
+      replace what earlier streams wrote. A map that marks blocks current is \
+      refused in this mode.
+
       Every record is verified before its block is written. A damaged or \
       truncated stream stops the merge with one sentence naming the record \
       and its byte offset; what came before it stays applied and recorded, so \
@@ -60,6 +67,12 @@ struct MergeSnapshot: ParsableCommand {
   @Flag(help: "Read and verify everything and report what would be written and skipped; write nothing.")
   var dryRun = false
 
+  @Flag(
+    help: ArgumentHelp(
+      "TARGET is a mirror that only merges write: write every block of the stream; the map records the streams for the base check."
+    ))
+  var mirror = false
+
   @Flag(help: "Merge even when the time or base check fails (with a warning).")
   var force = false
 
@@ -87,6 +100,10 @@ struct MergeSnapshot: ParsableCommand {
       throw ValidationError("the map and the stream cannot both come from standard input")
     }
     if map == "-" { throw ValidationError("the map is updated in place; give it as a file") }
+    if mirror && map == nil {
+      throw ValidationError("--mirror needs --map: the map records the streams merged, for the base check")
+    }
+    if mirror && check { throw ValidationError("--mirror merges into a target; --check has none") }
   }
 
   func run() throws {
@@ -113,8 +130,9 @@ struct MergeSnapshot: ParsableCommand {
       // The `merge` export of a running restore-read-through: the server
       // keeps the overwrite map and decides, under its block locks, which
       // blocks are current.
-      if map != nil {
-        throw ToolkitError("\(target) is an NBD export; the server there keeps the overwrite map, so drop --map")
+      if map != nil || mirror {
+        throw ToolkitError(
+          "\(target) is an NBD export; the server there keeps the overwrite map, so drop --map and --mirror")
       }
       device = try NBDClient(uri: target, timeout: 60)
     } else if let target {
@@ -130,6 +148,7 @@ struct MergeSnapshot: ParsableCommand {
     var options = Merger.Options()
     options.mode = check ? .check : (dryRun ? .dryRun : .merge)
     options.force = force
+    options.mirror = mirror
     options.clockSkewAllowance = Int64(clockSkew * 1e9)
     options.progress = reporting.show
     let reader = StreamReader(fd: fd, name: name)

@@ -43,6 +43,13 @@ public protocol NBDExport: AnyObject, Sendable {
   func flush() throws
   func trim(offset: UInt64, length: UInt64, fua: Bool) throws
   func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws
+  /// Whether the export is offered now (listed and accepted); an export
+  /// such as a frozen view comes and goes.
+  var isOffered: Bool { get }
+}
+
+extension NBDExport {
+  public var isOffered: Bool { true }
 }
 
 public final class NBDServer: @unchecked Sendable {
@@ -122,8 +129,8 @@ public final class NBDServer: @unchecked Sendable {
   }
 
   func export(named name: String) -> NBDExport? {
-    if name.isEmpty { return exports.first }
-    return exports.first { $0.name == name }
+    if name.isEmpty { return exports.first { $0.isOffered } }
+    return exports.first { $0.name == name && $0.isOffered }
   }
 }
 
@@ -210,7 +217,7 @@ private final class Connection: @unchecked Sendable {
           try optionReply(option, NBD.repErrInvalid, Array("LIST takes no data".utf8))
           continue
         }
-        for e in server.exports {
+        for e in server.exports where e.isOffered {
           var w = [UInt8](repeating: 0, count: 4)
           w.withUnsafeMutableBytes { $0.baseAddress!.storeBE(UInt32(e.name.utf8.count), at: 0) }
           try optionReply(option, NBD.repServer, w + Array(e.name.utf8))

@@ -37,6 +37,10 @@ public enum Merger {
     public var checkpointBytes: UInt64 = 1 << 30
     public var checkpointSeconds: Double = 5
     public var progress = false
+    /// The target is a mirror that only merges write: the map records the
+    /// streams merged (for the base check of incremental streams) but holds
+    /// no block back, so a catch-up stream replaces what earlier ones wrote.
+    public var mirror = false
     public init() {}
   }
 
@@ -96,7 +100,9 @@ public enum Merger {
       guard writing, let target else { return }
       try target.sync()
       if var m = map, let mapPath {
-        for range in pending { m.bits.set(range) }
+        if !options.mirror {
+          for range in pending { m.bits.set(range) }
+        }
         if final && summary.complete { m.lastMergedStream = header.streamID }
         try MapFile.save(m, to: mapPath)
         map = m
@@ -106,7 +112,8 @@ public enum Merger {
       lastCheckpoint = Instant.now()
     }
 
-    func isCurrent(_ b: UInt64) -> Bool { map?.bits[b] ?? false }
+    let holdsBack = !options.mirror
+    func isCurrent(_ b: UInt64) -> Bool { holdsBack && (map?.bits[b] ?? false) }
 
     do {
       while let record = try reader.next() {
@@ -205,19 +212,35 @@ public enum Merger {
       return
     }
     try map.geometry.check(matches: header.geometry, "the map", "the stream \(reader.name)")
+    if options.mirror {
+      // A mirror has no writes of its own; a block the map marks current
+      // was written by something else, and a mirror merge would replace it.
+      let held = map.bits.population
+      if held > 0 {
+        throw ToolkitError(
+          "the map marks \(held) block(s) current, written on the target itself; a mirror merge would overwrite them, so merge without --mirror"
+        )
+      }
+    } else {
+      try checkTime(header, map: map, options: options, warn: warn)
+    }
+    if header.isIncremental && header.baseStreamID != map.lastMergedStream {
+      let last = map.lastMergedStream.isNone ? "none" : map.lastMergedStream.description
+      let message =
+        "the stream applies on top of stream \(header.baseStreamID), but the last stream merged into this device is \(last)"
+      if !options.force { throw ToolkitError(message + " (--force merges it anyway)") }
+      warn("warning: " + message)
+    }
+  }
+
+  /// The stream must have started reading after the map started tracking.
+  static func checkTime(_ header: StreamFormat.Header, map: BlockMap, options: Options, warn: (String) -> Void) throws {
     let earliest = map.trackingStarted.nanosecondsSinceEpoch + options.clockSkewAllowance
     if header.started.nanosecondsSinceEpoch < earliest {
       let message =
         "the stream started reading at \(header.started), before the map started tracking at \(map.trackingStarted)"
         + (options.clockSkewAllowance > 0 ? " plus the allowed clock skew" : "")
         + ", so it could bring back data older than writes the map never saw"
-      if !options.force { throw ToolkitError(message + " (--force merges it anyway)") }
-      warn("warning: " + message)
-    }
-    if header.isIncremental && header.baseStreamID != map.lastMergedStream {
-      let last = map.lastMergedStream.isNone ? "none" : map.lastMergedStream.description
-      let message =
-        "the stream applies on top of stream \(header.baseStreamID), but the last stream merged into this device is \(last)"
       if !options.force { throw ToolkitError(message + " (--force merges it anyway)") }
       warn("warning: " + message)
     }
