@@ -46,10 +46,14 @@ public protocol NBDExport: AnyObject, Sendable {
   /// Whether the export is offered now (listed and accepted); an export
   /// such as a frozen view comes and goes.
   var isOffered: Bool { get }
+  /// The export a client that selects this one is served by: itself, or
+  /// one bound to what it stands for now (a frozen view).
+  func bind() -> NBDExport
 }
 
 extension NBDExport {
   public var isOffered: Bool { true }
+  public func bind() -> NBDExport { self }
 }
 
 public final class NBDServer: @unchecked Sendable {
@@ -129,8 +133,8 @@ public final class NBDServer: @unchecked Sendable {
   }
 
   func export(named name: String) -> NBDExport? {
-    if name.isEmpty { return exports.first { $0.isOffered } }
-    return exports.first { $0.name == name && $0.isOffered }
+    if name.isEmpty { return exports.first { $0.isOffered }?.bind() }
+    return exports.first { $0.name == name && $0.isOffered }?.bind()
   }
 }
 
