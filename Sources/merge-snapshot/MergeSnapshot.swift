@@ -9,8 +9,8 @@ struct MergeSnapshot: ParsableCommand {
     commandName: "merge-snapshot",
     abstract: "Merge a block stream into a target through an overwrite map.",
     usage: """
-      merge-snapshot [--map MAP] [-i STREAM] [options] TARGET
-      merge-snapshot --check [-i STREAM]
+      merge-snapshot [--map MAP] [-i STREAM] [--key-file FILE | --passphrase-file FILE] [options] TARGET
+      merge-snapshot --check [-i STREAM] [--key-file FILE | --passphrase-file FILE]
       """,
     discussion: """
       Reads a stream made by snapshot (dualrestore-stream(5)) from standard \
@@ -44,6 +44,15 @@ struct MergeSnapshot: ParsableCommand {
       map's last merged stream. --force overrides the time and base checks, \
       with a warning; never the size checks.
 
+      An encrypted stream (snapshot --encrypt) needs the key it was made \
+      with: --key-file FILE or --passphrase-file FILE, read from files only, \
+      never from the command line or the environment. Each record's \
+      AES-256-GCM tag is verified before its block is written, so a wrong \
+      key, or a record altered, removed, reordered, taken from another \
+      stream or cut off, stops the merge with one sentence before any block \
+      of the damaged part is written. A key given for a stream that is not \
+      encrypted is refused: nothing in such a stream is authenticated.
+
       The two instants come from different clocks: the stream's from the \
       machine that read the source, the map's from the machine that tracks \
       the target. Keep both synchronised (NTP), and give --clock-skew the \
@@ -72,6 +81,8 @@ struct MergeSnapshot: ParsableCommand {
       "TARGET is a mirror that only merges write: write every block of the stream; the map records the streams for the base check."
     ))
   var mirror = false
+
+  @OptionGroup var keys: KeyOptions
 
   @Flag(help: "Merge even when the time or base check fails (with a warning).")
   var force = false
@@ -107,6 +118,8 @@ struct MergeSnapshot: ParsableCommand {
   }
 
   func run() throws {
+    // Read (and refused) before the stream, the map or the target is opened.
+    let secret = try keys.load()
     let fd: Int32
     let name: String
     if let input, input != "-" {
@@ -151,7 +164,7 @@ struct MergeSnapshot: ParsableCommand {
     options.mirror = mirror
     options.clockSkewAllowance = Int64(clockSkew * 1e9)
     options.progress = reporting.show
-    let reader = StreamReader(fd: fd, name: name)
+    let reader = StreamReader(fd: fd, name: name, secret: secret)
     let s = try Merger.merge(
       reader, into: device, map: &loaded, mapPath: map, options: options, warn: { printError("merge-snapshot: \($0)") })
     try report(s)

@@ -39,8 +39,13 @@ final class HashingInput: @unchecked Sendable {
   private var tailCount = 0
   private var hashed: UInt64 = 0
 
-  init(fd: Int32, slotSize: Int = 4 << 20, depth: Int = 4) {
+  /// Without `hashing`, only reads ahead (encrypted streams, whose records
+  /// are authenticated by their tags).
+  private let hashing: Bool
+
+  init(fd: Int32, hashing: Bool = true, slotSize: Int = 4 << 20, depth: Int = 4) {
     self.fd = fd
+    self.hashing = hashing
     slots = (0..<depth).map { _ in Slot(slotSize) }
     for _ in 0..<depth { free.signal() }
     startThread { [self] in
@@ -76,7 +81,7 @@ final class HashingInput: @unchecked Sendable {
       case .success(let n):
         slot.length = n
         slot.error = nil
-        if n > 0 { hash(UnsafeRawBufferPointer(start: slot.buffer.pointer, count: n)) }
+        if n > 0 && hashing { hash(UnsafeRawBufferPointer(start: slot.buffer.pointer, count: n)) }
         filled.signal()
         if n == 0 { return }
       }

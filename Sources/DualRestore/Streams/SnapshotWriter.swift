@@ -8,6 +8,12 @@
 // frames the records in block order (sequence numbers, CRC-32C, the running
 // SHA-256) and writes them with writev straight from those buffers. Memory is
 // fixed by the chunk size; nothing is allocated per block.
+//
+// With a secret, the stream is encrypted (StreamCrypto.swift): the writer
+// stage seals each record after compression with one reused AES-256-GCM
+// context, the ciphertext going into the chunk's compressed buffer (in place
+// for LZ4 payloads) and the tag beside the CRC; the stream is then not
+// hashed, its records being authenticated by their tags.
 
 import CLZ4
 import CShim
@@ -22,11 +28,15 @@ public enum SnapshotWriter {
     public var compress: Bool
     public var workers: Int
     public var progress: Bool
+    /// Encrypt the stream with this key or passphrase.
+    public var encryption: StreamSecret?
 
     public init(
       blockSize: UInt32 = BlockGeometry.defaultBlockSize, selection: BlockMap? = nil, baseStreamID: ID128 = .none,
-      compress: Bool = true, workers: Int = BlockHasher.defaultWorkers, progress: Bool = false
+      compress: Bool = true, workers: Int = BlockHasher.defaultWorkers, progress: Bool = false,
+      encryption: StreamSecret? = nil
     ) {
+      self.encryption = encryption
       self.blockSize = blockSize
       self.selection = selection
       self.baseStreamID = baseStreamID
@@ -64,7 +74,8 @@ public enum SnapshotWriter {
     let lengths: UnsafeMutableBufferPointer<Int32>
     var chunk: ChunkReader.Chunk?
     // The records framed for this chunk: 16 header bytes and 16 DATA fields
-    // each, a CRC each, and the vectors to write and hash, in order.
+    // each, a trailer each (the GCM tag when encrypted, then the CRC), and
+    // the vectors to write and hash, in order.
     let frames: AlignedBuffer
     let crcs: AlignedBuffer
     let vectors: UnsafeMutableBufferPointer<iovec>
@@ -82,7 +93,7 @@ public enum SnapshotWriter {
       lengths = .allocate(capacity: blocks)
       lengths.initialize(repeating: 0)
       frames = AlignedBuffer(count: (blocks + 2) * 32)
-      crcs = AlignedBuffer(count: (blocks + 2) * 4)
+      crcs = AlignedBuffer(count: (blocks + 2) * RecordFramer.trailerStride)
       vectors = .allocate(capacity: (blocks + 2) * 3)
       writeVectors = .allocate(capacity: (blocks + 2) * 3)
     }
@@ -123,7 +134,8 @@ public enum SnapshotWriter {
     let states = (0..<slices).map { _ in AlignedBuffer(count: Int(LZ4_sizeofState()), alignment: 16) }
     let zeros = AlignedBuffer(count: blockSize)
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
-    let framer = try RecordFramer(header: header, sink: sink)
+    let framer = try RecordFramer(
+      header: header, sink: sink, encryption: try options.encryption.map { try StreamCrypto.seal($0) })
 
     // The writer stage runs on its own thread, one chunk behind the
     // compression stage, and hands each framed chunk to a hashing thread
@@ -140,7 +152,7 @@ public enum SnapshotWriter {
     let meter = ProgressMeter(label: "snapshot", total: source.size, enabled: options.progress)
     startThread {
       while let item = toHasher.take(), let e = item {
-        framer.hash(e)
+        if framer.cipher == nil { framer.hash(e) }
         e.hashed.signal()
       }
       hasherDone.signal()
@@ -235,7 +247,13 @@ public enum SnapshotWriter {
 /// and the compressed buffers; `hash` keeps the stream's SHA-256 over the
 /// same vectors, in order, on another thread.
 final class RecordFramer: @unchecked Sendable {
+  /// Bytes kept per record after its body: a GCM tag and a CRC-32C.
+  static let trailerStride = StreamCrypto.tagLength + StreamFormat.recordTrailerLength
   let sink: OutputSink
+  /// Seals the records after the CRYPTO record of an encrypted stream.
+  let cipher: RecordCipher?
+  /// Bytes a record's body has after its plaintext: the tag, when encrypted.
+  let tagLength: Int
   let digest = Digester(DigestAlgorithm.sha256)
   var sequence: UInt64 = 0
   var zeroRunStart: UInt64 = 0
@@ -250,12 +268,51 @@ final class RecordFramer: @unchecked Sendable {
   /// Room for the last zero run, framed after the last chunk.
   let tail = SnapshotWriter.EncodedChunk(blocks: 1, bound: 0)
 
-  init(header: StreamFormat.Header, sink: OutputSink) throws {
+  init(
+    header: StreamFormat.Header, sink: OutputSink, encryption: (cryptoBody: [UInt8], cipher: RecordCipher)? = nil
+  ) throws {
     self.sink = sink
     geometry = header.geometry
-    try emit(StreamFormat.preamble())
-    try emit(StreamFormat.record(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
+    cipher = encryption?.cipher
+    tagLength = encryption == nil ? 0 : StreamCrypto.tagLength
+    if let encryption {
+      try emit(StreamFormat.preamble(flags: StreamFormat.encryptedFlag))
+      try emit(StreamFormat.record(.crypto, sequence: sequence, body: encryption.cryptoBody))
+      sequence += 1
+      try emit(encryption.cipher.sealedRecord(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
+    } else {
+      try emit(StreamFormat.preamble())
+      try emit(StreamFormat.record(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
+    }
     sequence += 1
+  }
+
+  /// Seals a record whose 16 framing bytes and first 16 body bytes are at
+  /// `frame` and whose payload (if any) goes from `payload` to `sealed`;
+  /// writes the tag and the CRC-32C at `trailer` and returns the trailer's
+  /// length. Without a cipher, only the CRC.
+  @inline(__always)
+  private func seal(
+    frame: UnsafeMutableRawPointer, payload: UnsafeRawPointer?, sealed: UnsafeMutableRawPointer?, payloadLength: Int,
+    trailer: UnsafeMutableRawPointer
+  ) -> Int {
+    guard let cipher else {
+      var crc = dr_crc32c(0, frame, 32)
+      if let payload { crc = dr_crc32c(crc, payload, payloadLength) }
+      trailer.storeBytes(of: crc.littleEndian, as: UInt32.self)
+      return StreamFormat.recordTrailerLength
+    }
+    cipher.begin(framing: frame)
+    cipher.update(frame + 16, frame + 16, count: 16)
+    var crc = dr_crc32c(0, frame, 32)
+    if let payload, let sealed {
+      cipher.update(payload, sealed, count: payloadLength)
+      crc = dr_crc32c(crc, sealed, payloadLength)
+    }
+    cipher.seal(tag: trailer)
+    crc = dr_crc32c(crc, trailer, StreamCrypto.tagLength)
+    (trailer + StreamCrypto.tagLength).storeBytes(of: crc.littleEndian, as: UInt32.self)
+    return RecordFramer.trailerStride
   }
 
   private func emit(_ bytes: [UInt8]) throws {
@@ -267,13 +324,13 @@ final class RecordFramer: @unchecked Sendable {
   private func frameZeroRun(_ e: SnapshotWriter.EncodedChunk) {
     guard zeroRunCount > 0 else { return }
     let frame = e.frames.pointer + e.frameCount * 32
-    StreamFormat.storeRecordHeader(frame, type: .zero, bodyLength: 16, sequence: sequence)
+    StreamFormat.storeRecordHeader(frame, type: .zero, bodyLength: 16 + tagLength, sequence: sequence)
     (frame + 16).storeBytes(of: zeroRunStart.littleEndian, as: UInt64.self)
     (frame + 24).storeBytes(of: zeroRunCount.littleEndian, as: UInt64.self)
-    let crcSlot = e.crcs.pointer + e.frameCount * 4
-    crcSlot.storeBytes(of: dr_crc32c(0, frame, 32).littleEndian, as: UInt32.self)
+    let trailer = e.crcs.pointer + e.frameCount * RecordFramer.trailerStride
+    let trailerLength = seal(frame: frame, payload: nil, sealed: nil, payloadLength: 0, trailer: trailer)
     e.vectors[e.vectorCount] = iovec(iov_base: frame, iov_len: 32)
-    e.vectors[e.vectorCount + 1] = iovec(iov_base: crcSlot, iov_len: 4)
+    e.vectors[e.vectorCount + 1] = iovec(iov_base: trailer, iov_len: trailerLength)
     e.vectorCount += 2
     e.frameCount += 1
     sequence += 1
@@ -304,19 +361,23 @@ final class RecordFramer: @unchecked Sendable {
         frameZeroRun(e)
         let length = geometry.length(ofBlock: block)
         let isLZ4 = e.kinds[i] == .lz4
-        let payload =
-          isLZ4 ? UnsafeRawPointer(e.compressed.pointer + i * bound) : chunk.bytes.baseAddress! + i * blockSize
+        let slot = e.compressed.pointer + i * bound
+        let payload = isLZ4 ? UnsafeRawPointer(slot) : chunk.bytes.baseAddress! + i * blockSize
         let payloadLength = isLZ4 ? Int(e.lengths[i]) : length
         let frame = e.frames.pointer + e.frameCount * 32
-        StreamFormat.storeRecordHeader(frame, type: .data, bodyLength: 16 + payloadLength, sequence: sequence)
+        StreamFormat.storeRecordHeader(
+          frame, type: .data, bodyLength: 16 + payloadLength + tagLength, sequence: sequence)
         StreamFormat.storeDataFields(frame + 16, block: block, length: length, encoding: isLZ4 ? .lz4 : .raw)
-        let crc = dr_crc32c(dr_crc32c(0, frame, 32), payload, payloadLength)
-        let crcSlot = e.crcs.pointer + e.frameCount * 4
-        crcSlot.storeBytes(of: crc.littleEndian, as: UInt32.self)
+        let trailer = e.crcs.pointer + e.frameCount * RecordFramer.trailerStride
+        // Sealed into the block's own slot of the compressed buffer, which
+        // holds at least a block (LZ4's bound): in place for LZ4 payloads.
+        let trailerLength = seal(
+          frame: frame, payload: payload, sealed: slot, payloadLength: payloadLength, trailer: trailer)
+        let written = cipher == nil ? payload : UnsafeRawPointer(slot)
         e.vectors[e.vectorCount] = iovec(iov_base: frame, iov_len: 32)
         e.vectors[e.vectorCount + 1] = iovec(
-          iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: payloadLength)
-        e.vectors[e.vectorCount + 2] = iovec(iov_base: crcSlot, iov_len: 4)
+          iov_base: UnsafeMutableRawPointer(mutating: written), iov_len: payloadLength)
+        e.vectors[e.vectorCount + 2] = iovec(iov_base: trailer, iov_len: trailerLength)
         e.vectorCount += 3
         e.frameCount += 1
         sequence += 1
@@ -349,8 +410,15 @@ final class RecordFramer: @unchecked Sendable {
     frameZeroRun(tail)
     hash(tail)
     try write(tail)
+    // An encrypted stream's END carries no digest: the tags take its place.
     let end = StreamFormat.End(
-      dataBlocks: dataBlocks, zeroBlocks: zeroBlocks, bytes: blockBytes, records: sequence, digest: digest.finish())
-    try sink.write(StreamFormat.record(.end, sequence: sequence, body: StreamFormat.endBody(end)))
+      dataBlocks: dataBlocks, zeroBlocks: zeroBlocks, bytes: blockBytes, records: sequence,
+      digest: cipher == nil ? digest.finish() : [UInt8](repeating: 0, count: 32))
+    let body = StreamFormat.endBody(end)
+    if let cipher {
+      try sink.write(cipher.sealedRecord(.end, sequence: sequence, body: body))
+    } else {
+      try sink.write(StreamFormat.record(.end, sequence: sequence, body: body))
+    }
   }
 }

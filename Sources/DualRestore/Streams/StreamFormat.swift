@@ -5,7 +5,8 @@
 // Preamble, 16 bytes:
 //   0   8  magic: 44 52 53 54 52 0D 0A 1A ("DRSTR\r\n\x1a")
 //   8   2  format version: 1
-//   10  2  flags: 0 (a reader refuses flags it does not know)
+//   10  2  flags: bit 0 encrypted (StreamCrypto.swift); a reader refuses
+//          flags it does not know
 //   12  4  reserved, 0
 //
 // Then records, each framed the same way, so a reader can skip a record type
@@ -38,6 +39,13 @@
 //     (uncompressed); 24 8 records before this one;
 //     32 32 SHA-256 of every stream byte before this record, preamble included
 //
+//   5 CRYPTO, first (record 0) and only in an encrypted stream (L = 80):
+//     0 1 cipher: 1 AES-256-GCM; 1 1 key: 1 key file, 2 passphrase (scrypt);
+//     2 1 scrypt log2 N; 3 1 reserved; 4 4 scrypt r; 8 4 scrypt p;
+//     12 4 reserved; 16 32 salt; 48 32 key check. In an encrypted stream
+//     every later body is AES-256-GCM ciphertext and a 16-byte tag, and the
+//     END record's digest is zeros (the tags take its place).
+//
 // Blocks appear in increasing order, each at most once. A stream without its
 // END record is incomplete and is never taken as whole.
 
@@ -63,9 +71,12 @@ public enum StreamFormat {
     case data = 2
     case zero = 3
     case end = 4
+    case crypto = 5
   }
 
   public static let criticalFlag: UInt16 = 1
+  /// Preamble flag: the stream is encrypted and starts with a CRYPTO record.
+  public static let encryptedFlag: UInt16 = 1
 
   public enum Compression: UInt8, Sendable, CustomStringConvertible {
     case none = 0
@@ -122,11 +133,11 @@ public enum StreamFormat {
 
   // MARK: Writing
 
-  public static func preamble() -> [UInt8] {
+  public static func preamble(flags: UInt16 = 0) -> [UInt8] {
     var w = ByteWriter()
     w.raw(magic)
     w.u16(version)
-    w.u16(0)
+    w.u16(flags)
     w.u32(0)
     return w.bytes
   }

@@ -9,6 +9,13 @@
 // within bounds (before anything is allocated), its CRC-32C, its sequence
 // number, its place (HEADER first, END last, nothing after END), and for
 // known types the body's size and fields.
+//
+// An encrypted stream (preamble flag bit 0) is opened with the secret given
+// to `init(secret:)`: its CRYPTO record is checked against the key, and each
+// later record's tag is verified and its body decrypted (into the cipher's
+// own buffer, reused) before anything in it is looked at. A secret given
+// for a plaintext stream is refused: nothing in such a stream is
+// authenticated, and it must not pass for a stream that is.
 
 import CShim
 
@@ -21,7 +28,8 @@ public struct StreamParser {
     case data(block: UInt64, length: Int, encoding: StreamFormat.DataEncoding, payload: UnsafeRawBufferPointer)
     case zero(first: UInt64, count: UInt64)
     case end(StreamFormat.End)
-    /// A record of a type this version does not know and may skip.
+    /// A record with nothing for the consumer: a type this version does not
+    /// know and may skip, or the CRYPTO record, which the parser handles.
     case skipped(type: UInt16)
   }
 
@@ -34,12 +42,20 @@ public struct StreamParser {
   /// The next block a DATA or ZERO record may name (blocks only increase).
   private var nextBlock: UInt64 = 0
   private var sawPreamble = false
+  private let secret: StreamSecret?
+  /// The preamble as read, which the CRYPTO record's key check covers.
+  private var preambleBytes: [UInt8] = []
+  /// Set once the CRYPTO record has been opened.
+  private var cipher: RecordCipher?
+  /// Whether the preamble marks the stream encrypted.
+  public private(set) var isEncrypted = false
   /// Counts kept to check the END record against.
   public private(set) var dataBlocks: UInt64 = 0
   public private(set) var zeroBlocks: UInt64 = 0
   public private(set) var blockBytes: UInt64 = 0
 
-  public init() {}
+  /// A parser of plaintext streams, or, with `secret`, of streams encrypted with it.
+  public init(secret: StreamSecret? = nil) { self.secret = secret }
 
   /// "record 12 at byte 65572", for messages.
   public var position: String { "record \(sequence) at byte \(offset)" }
@@ -58,8 +74,19 @@ public struct StreamParser {
           "stream format version \(version) is not supported (this build reads version \(StreamFormat.version))")
       }
       let flags = bytes.loadUnaligned(fromByteOffset: 10, as: UInt16.self).littleEndian
-      guard flags == 0 else {
+      guard flags & ~StreamFormat.encryptedFlag == 0 else {
         throw ToolkitError("stream uses flags 0x\(String(flags, radix: 16)) this build does not know")
+      }
+      if flags & StreamFormat.encryptedFlag != 0 {
+        guard bytes.loadUnaligned(fromByteOffset: 12, as: UInt32.self) == 0 else {
+          throw ToolkitError("the preamble of the encrypted stream has reserved bytes that are not zero")
+        }
+        isEncrypted = true
+        preambleBytes = Array(UnsafeRawBufferPointer(rebasing: bytes[0..<StreamFormat.preambleLength]))
+      } else if let secret {
+        throw ToolkitError(
+          "the stream is not encrypted, so nothing in it is authenticated; refusing it because "
+            + "\(secret.kind.option) was given (drop \(secret.kind.option) to read a plaintext stream)")
       }
       sawPreamble = true
       offset = UInt64(StreamFormat.preambleLength)
@@ -73,26 +100,53 @@ public struct StreamParser {
     guard rest.count >= StreamFormat.recordHeaderLength else { return nil }
     let type = rest.loadUnaligned(fromByteOffset: 0, as: UInt16.self).littleEndian
     let flags = rest.loadUnaligned(fromByteOffset: 2, as: UInt16.self).littleEndian
-    let length = Int(rest.loadUnaligned(fromByteOffset: 4, as: UInt32.self).littleEndian)
+    let framedLength = Int(rest.loadUnaligned(fromByteOffset: 4, as: UInt32.self).littleEndian)
     let seq = rest.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
-    guard length <= StreamFormat.maximumBodyLength else {
-      throw fail("body length \(length) exceeds the limit of \(StreamFormat.maximumBodyLength) bytes")
+    guard framedLength <= StreamFormat.maximumBodyLength else {
+      throw fail("body length \(framedLength) exceeds the limit of \(StreamFormat.maximumBodyLength) bytes")
     }
-    let total = StreamFormat.recordHeaderLength + length + StreamFormat.recordTrailerLength
+    let total = StreamFormat.recordHeaderLength + framedLength + StreamFormat.recordTrailerLength
     guard rest.count >= total else { return nil }
     guard let base = rest.baseAddress else { return nil }
-    let stored = rest.loadUnaligned(fromByteOffset: StreamFormat.recordHeaderLength + length, as: UInt32.self)
+    let stored = rest.loadUnaligned(fromByteOffset: StreamFormat.recordHeaderLength + framedLength, as: UInt32.self)
       .littleEndian
-    guard dr_crc32c(0, base, StreamFormat.recordHeaderLength + length) == stored else {
+    guard dr_crc32c(0, base, StreamFormat.recordHeaderLength + framedLength) == stored else {
       throw fail("checksum mismatch: the record is damaged")
     }
     guard seq == sequence else {
       throw fail("sequence number \(seq) where \(sequence) was expected (a record is missing or out of order)")
     }
-    let body = UnsafeRawBufferPointer(start: base + StreamFormat.recordHeaderLength, count: length)
+    var body = UnsafeRawBufferPointer(start: base + StreamFormat.recordHeaderLength, count: framedLength)
+    if isEncrypted {
+      guard let cipher else {
+        // Record 0 of an encrypted stream: the CRYPTO record, in clear.
+        guard type == StreamFormat.RecordType.crypto.rawValue else {
+          throw fail("the preamble flags mark the stream encrypted, but its first record is not a CRYPTO record")
+        }
+        do {
+          cipher = try StreamCrypto.open(
+            body: body, framing: UnsafeRawBufferPointer(start: base, count: StreamFormat.recordHeaderLength),
+            preamble: preambleBytes, secret: secret)
+        } catch let error as ToolkitError {
+          throw fail(error.message)
+        }
+        return advance(.skipped(type: type), total)
+      }
+      guard type != StreamFormat.RecordType.crypto.rawValue else { throw fail("a second CRYPTO record") }
+      guard let plain = cipher.open(framing: base, body: body) else {
+        throw fail(
+          "authentication failed: the record was altered, moved, or taken from another stream")
+      }
+      body = plain
+    } else if type == StreamFormat.RecordType.crypto.rawValue {
+      throw fail("a CRYPTO record in a stream whose preamble flags do not mark it encrypted")
+    }
+    let length = body.count
 
     let record: Record
     switch StreamFormat.RecordType(rawValue: type) {
+    case .crypto:
+      throw fail("a CRYPTO record out of place")
     case .header:
       guard header == nil else { throw fail("a second HEADER record") }
       record = .header(try StreamFormat.decodeHeader(body, at: position))
@@ -163,6 +217,10 @@ public struct StreamParser {
       }
       record = .skipped(type: type)
     }
+    return advance(record, total)
+  }
+
+  private mutating func advance(_ record: Record, _ total: Int) -> (record: Record, consumed: Int) {
     sequence += 1
     offset += UInt64(total)
     return (record, total)

@@ -2,6 +2,10 @@
 // through the pure parser. A reading thread (HashingInput) keeps the SHA-256
 // the END record is checked against. Records point into the reader's buffer
 // and stay valid until the next call.
+//
+// Given a secret, the reader opens encrypted streams (and refuses plaintext
+// ones); their records are authenticated by AES-256-GCM tags chained by
+// sequence number, so the reading thread does not hash them.
 
 import Glibc
 
@@ -13,15 +17,17 @@ public final class StreamReader {
   private var start = 0
   private var end = 0
   private var eof = false
-  private var parser = StreamParser()
+  private var parser: StreamParser
   /// The END record, held back until the end of input confirms the digest.
   private var pendingEnd: (StreamFormat.End, String, UInt64)?
   /// Bytes of stream consumed so far.
   public private(set) var bytesRead: UInt64 = 0
 
-  /// Reads from `fd`; `name` is how messages refer to the stream.
-  public init(fd: Int32, name: String, bufferSize: Int = 4 << 20) {
-    input = HashingInput(fd: fd)
+  /// Reads from `fd`; `name` is how messages refer to the stream. With
+  /// `secret`, the stream must be encrypted with it.
+  public init(fd: Int32, name: String, bufferSize: Int = 4 << 20, secret: StreamSecret? = nil) {
+    input = HashingInput(fd: fd, hashing: secret == nil)
+    parser = StreamParser(secret: secret)
     self.name = name
     capacity = bufferSize
     buffer = .allocate(byteCount: bufferSize, alignment: 4096)
@@ -71,6 +77,7 @@ public final class StreamReader {
         }
         guard let (e, position, offset) = pendingEnd else { return nil }
         pendingEnd = nil
+        if parser.isEncrypted { return .end(e) }
         let (digest, hashed) = input.digestOfAllButTheEnd()
         if hashed != offset || digest != e.digest {
           throw ToolkitError("\(name): \(position): the stream digest does not match; the stream is damaged")
