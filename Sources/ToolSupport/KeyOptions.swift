@@ -10,13 +10,13 @@ public struct KeyOptions: ParsableArguments {
   @Option(
     help: ArgumentHelp(
       "Read the stream's 256-bit key from this file: exactly 32 raw bytes, or 64 hex digits and an optional newline (openssl rand -hex 32 > FILE). Keys are read from files only, never from the command line or the environment.",
-      valueName: "file"))
+      valueName: "file"), completion: .file())
   public var keyFile: String?
 
   @Option(
     help: ArgumentHelp(
       "Read the passphrase from this file (its content less one trailing newline, 1 to 1024 bytes); the key is derived from it with scrypt. Never from the command line or the environment.",
-      valueName: "file"))
+      valueName: "file"), completion: .file())
   public var passphraseFile: String?
 
   public init() {}

@@ -70,7 +70,9 @@ struct MergeSnapshot: ParsableCommand {
     help: ArgumentHelp("Read the stream from this file instead of standard input.", valueName: "stream"))
   var input: String?
 
-  @Flag(help: "Verify the stream alone (CRCs, decompression, END record, digest); no target.")
+  @Flag(
+    help:
+      "Verify the stream alone (CRCs, the tags of an encrypted stream, decompression, END record, digest); no target.")
   var check = false
 
   @Flag(help: "Read and verify everything and report what would be written and skipped; write nothing.")

@@ -20,7 +20,7 @@ function __merge-snapshot_parse_tokens -S
     set -l unparsed_tokens (__merge-snapshot_tokens -pc)
     switch $unparsed_tokens[1]
     case 'merge-snapshot'
-        __merge-snapshot_parse_subcommand 1 'map=' 'i/input=' 'check' 'dry-run' 'mirror' 'force' 'clock-skew=' 'progress' 'q/quiet' 'json' 'h/help'
+        __merge-snapshot_parse_subcommand 1 'map=' 'i/input=' 'check' 'dry-run' 'mirror' 'key-file=' 'passphrase-file=' 'force' 'clock-skew=' 'progress' 'q/quiet' 'json' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __merge-snapshot_parse_subcommand -r 1 
@@ -79,9 +79,11 @@ end
 complete -c 'merge-snapshot' -f
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" map' -l 'map' -d 'The overwrite map of TARGET: its current blocks are not overwritten.' -rfka ''
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" i input' -l 'input' -s 'i' -d 'Read the stream from this file instead of standard input.' -rfka ''
-complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" check' -l 'check' -d 'Verify the stream alone (CRCs, decompression, END record, digest); no target.'
+complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" check' -l 'check' -d 'Verify the stream alone (CRCs, the tags of an encrypted stream, decompression, END record, digest); no target.'
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" dry-run' -l 'dry-run' -d 'Read and verify everything and report what would be written and skipped; write nothing.'
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" mirror' -l 'mirror' -d 'TARGET is a mirror that only merges write: write every block of the stream; the map records the streams for the base check.'
+complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" key-file' -l 'key-file' -d 'Read the stream\'s 256-bit key from this file: exactly 32 raw bytes, or 64 hex digits and an optional newline (openssl rand -hex 32 > FILE). Keys are read from files only, never from the command line or the environment.' -rF
+complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" passphrase-file' -l 'passphrase-file' -d 'Read the passphrase from this file (its content less one trailing newline, 1 to 1024 bytes); the key is derived from it with scrypt. Never from the command line or the environment.' -rF
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" force' -l 'force' -d 'Merge even when the time or base check fails (with a warning).'
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" clock-skew' -l 'clock-skew' -d 'Bound on the clock difference between the two sites, in seconds.' -rfka ''
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" progress' -l 'progress' -d 'Show progress on standard error (default when it is a terminal).'

@@ -20,7 +20,7 @@ function __snapshot_parse_tokens -S
     set -l unparsed_tokens (__snapshot_tokens -pc)
     switch $unparsed_tokens[1]
     case 'snapshot'
-        __snapshot_parse_subcommand 1 'map=' 'block-size=' 'o/output=' 'base=' 'no-compress' 'threads=' 'direct' 'progress' 'q/quiet' 'json' 'h/help'
+        __snapshot_parse_subcommand 1 'map=' 'block-size=' 'o/output=' 'base=' 'no-compress' 'encrypt' 'key-file=' 'passphrase-file=' 'threads=' 'direct' 'progress' 'q/quiet' 'json' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __snapshot_parse_subcommand -r 1 
@@ -82,6 +82,9 @@ complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_opti
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" o output' -l 'output' -s 'o' -d 'Write the stream to this file instead of standard output.' -rfka ''
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" base' -l 'base' -d 'Mark the stream incremental on top of this stream id (32 hex digits).' -rfka ''
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" no-compress' -l 'no-compress' -d 'Store every block raw, without LZ4.'
+complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" encrypt' -l 'encrypt' -d 'Encrypt and authenticate the stream (AES-256-GCM); needs --key-file or --passphrase-file.'
+complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" key-file' -l 'key-file' -d 'Read the stream\'s 256-bit key from this file: exactly 32 raw bytes, or 64 hex digits and an optional newline (openssl rand -hex 32 > FILE). Keys are read from files only, never from the command line or the environment.' -rF
+complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" passphrase-file' -l 'passphrase-file' -d 'Read the passphrase from this file (its content less one trailing newline, 1 to 1024 bytes); the key is derived from it with scrypt. Never from the command line or the environment.' -rF
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" threads' -l 'threads' -d 'Worker threads (default: one per core).' -rfka ''
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" direct' -l 'direct' -d 'Read with O_DIRECT, past the page cache.'
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" progress' -l 'progress' -d 'Show progress on standard error (default when it is a terminal).'
