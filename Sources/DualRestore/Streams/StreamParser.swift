@@ -132,11 +132,10 @@ public struct StreamParser {
         }
         return advance(.skipped(type: type), total)
       }
-      guard type != StreamFormat.RecordType.crypto.rawValue else { throw fail("a second CRYPTO record") }
       guard let plain = cipher.open(framing: base, body: body) else {
-        throw fail(
-          "authentication failed: the record was altered, moved, or taken from another stream")
+        throw fail("authentication failed: the record was altered, moved, or taken from another stream")
       }
+      guard type != StreamFormat.RecordType.crypto.rawValue else { throw fail("a second CRYPTO record") }
       body = plain
     } else if type == StreamFormat.RecordType.crypto.rawValue {
       throw fail("a CRYPTO record in a stream whose preamble flags do not mark it encrypted")
