@@ -19,6 +19,11 @@
 //   which the kernel bounds.
 // - Ranges past the end of the export, and writes to a read-only export,
 //   are refused before anything is sent.
+// - nbds:// and nbds+unix:// ask for NBD_OPT_STARTTLS first and verify the
+//   server's certificate (against tls-certificates=DIR/ca-cert.pem or the
+//   system's store; for TCP, against the host name); a server that does not
+//   offer TLS is refused, never used in the clear. The TLS context is loaded
+//   once per client and used by every connection made again.
 
 import Dispatch
 import Glibc
@@ -38,6 +43,8 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   public let maximumRequest: Int
   /// Seconds one request may take, reconnecting included.
   public let timeout: Double
+  /// The certificates of an nbds URI, for every connection.
+  private let tlsContext: TLSClientContext?
 
   public var isReadOnly: Bool { flags & NBD.flagReadOnly != 0 }
   public var canFlush: Bool { flags & NBD.flagSendFlush != 0 }
@@ -84,21 +91,25 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   /// Chunks of one split READ or WRITE in flight at once.
   static let splitWindow = 8
 
-  /// Connects to `uri` (nbd://HOST[:PORT]/EXPORT or
-  /// nbd+unix:///EXPORT?socket=PATH) and negotiates the export.
+  /// Connects to `uri` (nbd://HOST[:PORT]/EXPORT,
+  /// nbd+unix:///EXPORT?socket=PATH, or the nbds forms, over TLS) and
+  /// negotiates the export.
   public init(uri text: String, timeout: Double = 30) throws {
     let uri = try NBDURI(text)
     guard timeout > 0, timeout.isFinite else { throw ToolkitError("\(text): the time limit must be positive") }
+    let tlsContext = uri.tls ? try TLSClientContext(certificates: uri.tlsCertificates) : nil
     let connection: NBDClientConnection
     let export: NBDClientExport
     do {
-      (connection, export) = try NBDClientConnection.open(uri, deadline: monotonicSeconds() + timeout, timeout: timeout)
+      (connection, export) = try NBDClientConnection.open(
+        uri, tls: tlsContext, deadline: monotonicSeconds() + timeout, timeout: timeout)
     } catch let failure as NBDClientFailure {
       throw ToolkitError("\(text): \(failure.cause)")
     }
     self.uri = uri
     self.name = text
     self.timeout = timeout
+    self.tlsContext = tlsContext
     self.size = export.size
     self.flags = export.flags
     self.minimumBlockSize = Int(export.minimum ?? 1)
@@ -356,7 +367,7 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
       if start > now { sleepSeconds(start - now) }
       let outcome: Result<(NBDClientConnection, NBDClientExport), NBDClientFailure>
       do {
-        outcome = .success(try NBDClientConnection.open(uri, deadline: deadline, timeout: timeout))
+        outcome = .success(try NBDClientConnection.open(uri, tls: tlsContext, deadline: deadline, timeout: timeout))
       } catch let f as NBDClientFailure {
         outcome = .failure(f)
       } catch {
@@ -486,7 +497,9 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   // MARK: Opening
 
   /// Connects and negotiates; throws NBDClientFailure.
-  static func open(_ uri: NBDURI, deadline: Double, timeout: Double) throws -> (NBDClientConnection, NBDClientExport) {
+  static func open(
+    _ uri: NBDURI, tls: TLSClientContext?, deadline: Double, timeout: Double
+  ) throws -> (NBDClientConnection, NBDClientExport) {
     let remaining = deadline - monotonicSeconds()
     guard remaining > 0 else { throw NBDClientFailure("no time left to connect") }
     let socket: Socket
@@ -495,12 +508,11 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
     } catch {
       throw NBDClientFailure("\(error)")
     }
-    let export = try NBDClientHandshake(socket: socket, uri: uri).run()
+    let export = try NBDClientHandshake(socket: socket, uri: uri, tls: tls).run()
     // Replies may be far apart; the reader waits without a limit and the
     // requests time themselves. Sends stay bounded.
-    socket.setTimeout(timeout)
-    var none = timeval(tv_sec: 0, tv_usec: 0)
-    setsockopt(socket.fd, SOL_SOCKET, SO_RCVTIMEO, &none, socklen_t(MemoryLayout<timeval>.size))
+    socket.setWriteTimeout(timeout)
+    socket.setReadTimeout(0)
     return (NBDClientConnection(socket: socket), export)
   }
 
@@ -544,9 +556,7 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
     header.storeBE(cookie, at: 8)
     header.storeBE(offset, at: 16)
     header.storeBE(UInt32(truncatingIfNeeded: length), at: 24)
-    if let cause = sendAll(UnsafeRawPointer(header), NBD.requestLength, more: payload != nil)
-      ?? payload.flatMap({ sendAll($0, length, more: false) })
-    {
+    if let cause = sendRequest(payload: payload, length: length) {
       // Fail before other senders get the lock: the stream is cut mid-request.
       fail(cause)
       return false
@@ -554,7 +564,41 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
     return true
   }
 
+  /// The header (and a WRITE's payload); over TLS, the header shares a
+  /// record with the start of the payload.
+  private func sendRequest(payload: UnsafeRawPointer?, length: Int) -> String? {
+    if socket.isTLS, let payload {
+      do {
+        try socket.send(
+          UnsafeRawBufferPointer(start: header, count: NBD.requestLength),
+          UnsafeRawBufferPointer(start: payload, count: length))
+        return nil
+      } catch {
+        return describeSendFailure(error)
+      }
+    }
+    return sendAll(UnsafeRawPointer(header), NBD.requestLength, more: payload != nil)
+      ?? payload.flatMap({ sendAll($0, length, more: false) })
+  }
+
+  private func describeSendFailure(_ error: Error) -> String {
+    if let e = error as? ToolkitError, e.message.hasSuffix("timed out") {
+      return "the server did not take the request in time"
+    }
+    return "the connection broke (\(error))"
+  }
+
   private func sendAll(_ buffer: UnsafeRawPointer, _ count: Int, more: Bool) -> String? {
+    if socket.isTLS {
+      // The TLS session serialises records itself; the send lock keeps a
+      // header and its payload together.
+      do {
+        try socket.write(buffer, count: count)
+        return nil
+      } catch {
+        return describeSendFailure(error)
+      }
+    }
     var done = 0
     let flags = Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0)
     while done < count {
@@ -729,6 +773,7 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
 fileprivate struct NBDClientHandshake {
   let socket: Socket
   let uri: NBDURI
+  let tls: TLSClientContext?
 
   var exportName: String { uri.exportName }
 
@@ -750,6 +795,7 @@ fileprivate struct NBDClientHandshake {
     var clientFlags = NBD.clientFlagFixedNewstyle
     if noZeroes { clientFlags |= NBD.clientFlagNoZeroes }
     try transmit(bytesBE(clientFlags))
+    if let tls { try startTLS(tls) }
 
     let name = Array(exportName.utf8)
     guard name.count <= 4096 else { throw NBDClientFailure("the export name is longer than 4096 bytes") }
@@ -801,6 +847,29 @@ fileprivate struct NBDClientHandshake {
     }
   }
 
+  /// NBD_OPT_STARTTLS, then the TLS handshake; the rest of the handshake
+  /// runs over TLS.
+  private func startTLS(_ tls: TLSClientContext) throws {
+    try sendOption(NBD.optStartTLS, [])
+    let (type, data) = try receiveOptionReply(NBD.optStartTLS)
+    switch type {
+    case NBD.repAck:
+      break
+    case NBD.repErrUnsupported, NBD.repErrPolicy:
+      throw NBDClientFailure("the server does not offer TLS, which an nbds URI demands")
+    default:
+      if type & 0x8000_0000 != 0 { throw refusal(type, data) }
+      throw NBDClientFailure("the server sent an unexpected reply \(type) to NBD_OPT_STARTTLS")
+    }
+    var host: String?
+    if case .tcp(let name, _) = uri.endpoint { host = name }
+    do {
+      try tls.connect(socket, host: host, timeout: socket.readTimeout)
+    } catch {
+      throw NBDClientFailure("\(error)")
+    }
+  }
+
   /// NBD_OPT_EXPORT_NAME: the server answers with the export or hangs up.
   private func exportNameFallback(noZeroes: Bool) throws -> NBDClientExport {
     try sendOption(NBD.optExportName, Array(exportName.utf8))
@@ -824,7 +893,8 @@ fileprivate struct NBDClientHandshake {
       return NBDClientFailure("the server rejected the request for '\(exportName)' as invalid\(said)")
     case NBD.repErrShutdown: return NBDClientFailure("the server is shutting down\(said)")
     case 0x8000_0004: return NBDClientFailure("the server cannot serve the export on its platform\(said)")
-    case 0x8000_0005: return NBDClientFailure("the server requires TLS, which is not supported yet\(said)")
+    case NBD.repErrTLSRequired:
+      return NBDClientFailure("the server requires TLS; use an nbds:// or nbds+unix:// URI\(said)")
     case 0x8000_0008: return NBDClientFailure("the server requires block size negotiation\(said)")
     case 0x8000_0009: return NBDClientFailure("the server found the request too big\(said)")
     default:

@@ -48,6 +48,7 @@ public enum NBD {
   public static let repErrPolicy: UInt32 = 0x8000_0002
   public static let repErrInvalid: UInt32 = 0x8000_0003
   public static let repErrUnknown: UInt32 = 0x8000_0006
+  public static let repErrTLSRequired: UInt32 = 0x8000_0005
   public static let repErrShutdown: UInt32 = 0x8000_0007
 
   // NBD_REP_INFO kinds.
@@ -115,7 +116,9 @@ extension UnsafeMutableRawPointer {
   }
 }
 
-/// An NBD URI: `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`.
+/// An NBD URI: `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`,
+/// and their TLS forms `nbds://` and `nbds+unix://`, which may name the
+/// certificate directory as libnbd does: `?tls-certificates=DIR`.
 public struct NBDURI: Equatable, Sendable, CustomStringConvertible {
   public enum Endpoint: Equatable, Sendable {
     case tcp(host: String, port: UInt16)
@@ -124,6 +127,11 @@ public struct NBDURI: Equatable, Sendable, CustomStringConvertible {
 
   public var endpoint: Endpoint
   public var exportName: String
+  /// Whether the connection must run over TLS (nbds, nbds+unix).
+  public var tls: Bool
+  /// DIR with ca-cert.pem (and client-cert.pem, client-key.pem); nil: the
+  /// system's CA store.
+  public var tlsCertificates: String?
   public let text: String
 
   public var description: String { text }
@@ -137,30 +145,44 @@ public struct NBDURI: Equatable, Sendable, CustomStringConvertible {
   public init(_ text: String) throws {
     self.text = text
     func fail(_ why: String) -> ToolkitError { ToolkitError("\(text): \(why)") }
-    if text.hasPrefix("nbds://") || text.hasPrefix("nbds+unix://") {
-      throw fail("NBD over TLS (nbds) is not supported yet; use nbd:// or nbd+unix://")
-    }
-    if text.hasPrefix("nbd+unix://") {
-      var rest = Substring(text.dropFirst("nbd+unix://".count))
-      // An authority is not allowed: nbd+unix:///export?socket=PATH
-      guard rest.hasPrefix("/") else { throw fail("expected nbd+unix:///EXPORT?socket=PATH") }
-      rest = rest.dropFirst()
-      guard let q = rest.firstIndex(of: "?") else { throw fail("the socket=PATH query is missing") }
-      let export = String(rest[..<q])
-      var socket: String?
-      for pair in rest[rest.index(after: q)...].split(separator: "&") {
-        let kv = pair.split(separator: "=", maxSplits: 1)
-        if kv.count == 2 && kv[0] == "socket" { socket = NBDURI.percentDecode(String(kv[1])) }
-      }
-      guard let socket, !socket.isEmpty else { throw fail("the socket=PATH query is missing") }
-      endpoint = .unix(path: socket)
-      exportName = NBDURI.percentDecode(export)
-      return
-    }
-    guard text.hasPrefix("nbd://") else {
+    let scheme = ["nbds+unix", "nbd+unix", "nbds", "nbd"].first { text.hasPrefix($0 + "://") } ?? ""
+    guard ["nbd", "nbds", "nbd+unix", "nbds+unix"].contains(scheme) else {
       throw fail("not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
     }
-    let rest = Substring(text.dropFirst("nbd://".count))
+    tls = scheme.hasPrefix("nbds")
+    let isUnix = scheme.hasSuffix("+unix")
+    var rest = Substring(text.dropFirst(scheme.count + 3))
+    // The query: socket= for Unix sockets, tls-certificates= for TLS.
+    var socket: String?
+    var certificates: String?
+    if let q = rest.firstIndex(of: "?") {
+      for pair in rest[rest.index(after: q)...].split(separator: "&") {
+        let kv = pair.split(separator: "=", maxSplits: 1)
+        let key = String(kv[0])
+        let value = kv.count == 2 ? NBDURI.percentDecode(String(kv[1])) : ""
+        switch key {
+        case "socket": socket = value
+        case "tls-certificates": certificates = value
+        case "tls-verify-peer", "tls-username", "tls-psk-file", "tls-hostname":
+          throw fail("the query parameter \(key) is not supported (only tls-certificates=DIR is)")
+        default: break
+        }
+      }
+      rest = rest[..<q]
+    }
+    if let certificates {
+      guard tls else { throw fail("tls-certificates= needs an nbds:// or nbds+unix:// URI") }
+      guard !certificates.isEmpty else { throw fail("tls-certificates= names no directory") }
+    }
+    tlsCertificates = certificates
+    if isUnix {
+      // An authority is not allowed: nbd+unix:///export?socket=PATH
+      guard rest.hasPrefix("/") else { throw fail("expected \(scheme):///EXPORT?socket=PATH") }
+      guard let socket, !socket.isEmpty else { throw fail("the socket=PATH query is missing") }
+      endpoint = .unix(path: socket)
+      exportName = NBDURI.percentDecode(String(rest.dropFirst()))
+      return
+    }
     let slash = rest.firstIndex(of: "/") ?? rest.endIndex
     var authority = rest[..<slash]
     let export = slash < rest.endIndex ? String(rest[rest.index(after: slash)...]) : ""

@@ -8,6 +8,13 @@
 // WRITE larger than the limit) closes the connection: its payload cannot be
 // skipped safely. Errors are mapped to NBD error numbers in one place
 // (`NBDError`). Buffers come from a per-connection pool, not per request.
+//
+// TLS (NBD_OPT_STARTTLS) is off, offered, or required by `NBDServerOptions`;
+// required, every option but STARTTLS and ABORT is refused with
+// NBD_REP_ERR_TLS_REQD until TLS is on, and NBD_OPT_EXPORT_NAME (which has
+// no error reply) closes the connection. After STARTTLS the socket's reads
+// and writes go through the TLS session, which lets the reader and the
+// repliers share the connection (TLS.swift).
 
 import Dispatch
 import Glibc
@@ -56,8 +63,39 @@ extension NBDExport {
   public func bind() -> NBDExport { self }
 }
 
+/// How a server offers TLS.
+public enum NBDServerTLS: Sendable {
+  case off
+  /// Clients may ask for TLS.
+  case on(TLSServerContext)
+  /// Clients must use TLS before anything else.
+  case require(TLSServerContext)
+
+  var context: TLSServerContext? {
+    switch self {
+    case .off: return nil
+    case .on(let c), .require(let c): return c
+    }
+  }
+
+  var isRequired: Bool {
+    if case .require = self { return true }
+    return false
+  }
+}
+
+/// What a server is told beyond its exports.
+public struct NBDServerOptions: Sendable {
+  public var tls: NBDServerTLS
+
+  public init(tls: NBDServerTLS = .off) {
+    self.tls = tls
+  }
+}
+
 public final class NBDServer: @unchecked Sendable {
   public let exports: [NBDExport]
+  public let options: NBDServerOptions
   public let log: @Sendable (String) -> Void
   /// Requests in flight per connection, and the threads serving them.
   public let workersPerConnection: Int
@@ -67,8 +105,12 @@ public final class NBDServer: @unchecked Sendable {
   private let idle = DispatchSemaphore(value: 0)
   private var stopping = false
 
-  public init(exports: [NBDExport], workersPerConnection: Int = 16, log: @escaping @Sendable (String) -> Void) {
+  public init(
+    exports: [NBDExport], workersPerConnection: Int = 16, options: NBDServerOptions = NBDServerOptions(),
+    log: @escaping @Sendable (String) -> Void
+  ) {
     self.exports = exports
+    self.options = options
     self.workersPerConnection = workersPerConnection
     self.log = log
   }
@@ -152,6 +194,8 @@ private final class Connection: @unchecked Sendable {
   }
 
   func run() {
+    // Over TLS, close_notify before the descriptor closes.
+    defer { socket.shutdown() }
     do {
       guard let export = try handshake() else { return }
       self.export = export
@@ -198,6 +242,18 @@ private final class Connection: @unchecked Sendable {
       }
       var data = [UInt8](repeating: 0, count: length)
       if length > 0 { try data.withUnsafeMutableBytes { try socket.read(into: $0.baseAddress!, count: length) } }
+
+      if option == NBD.optStartTLS {
+        try startTLS(length: length)
+        continue
+      }
+      if server.options.tls.isRequired && !socket.isTLS && option != NBD.optAbort {
+        if option == NBD.optExportName {
+          throw ToolkitError("the client asked for an export without TLS, which this server requires")
+        }
+        try optionReply(option, NBD.repErrTLSRequired, Array("TLS is required: send NBD_OPT_STARTTLS first".utf8))
+        continue
+      }
 
       switch option {
       case NBD.optExportName:
@@ -271,6 +327,26 @@ private final class Connection: @unchecked Sendable {
         try optionReply(option, NBD.repErrUnsupported, Array("option \(option) is not supported".utf8))
       }
     }
+  }
+
+  /// NBD_OPT_STARTTLS: acknowledged, then the TLS handshake; a failed
+  /// handshake ends the connection (the stream is no longer NBD).
+  private func startTLS(length: Int) throws {
+    let option = NBD.optStartTLS
+    guard let context = server.options.tls.context else {
+      try optionReply(option, NBD.repErrUnsupported, Array("TLS is not enabled on this server".utf8))
+      return
+    }
+    guard length == 0 else {
+      try optionReply(option, NBD.repErrInvalid, Array("STARTTLS takes no data".utf8))
+      return
+    }
+    guard !socket.isTLS else {
+      try optionReply(option, NBD.repErrInvalid, Array("TLS is already on".utf8))
+      return
+    }
+    try optionReply(option, NBD.repAck, [])
+    try context.accept(socket, timeout: socket.readTimeout)
   }
 
   private func transmissionFlags(_ export: NBDExport) -> UInt16 {

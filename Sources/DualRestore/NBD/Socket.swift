@@ -1,12 +1,18 @@
 // Stream sockets for NBD: Unix domain and TCP, connect and listen, with full
 // reads and writes and optional time limits. TCP listens on 127.0.0.1 unless
-// told otherwise.
+// told otherwise. After NBD_OPT_STARTTLS a socket's reads and writes go
+// through its TLS session (TLS.swift).
 
 import Glibc
 
 public final class Socket: @unchecked Sendable {
   public let fd: Int32
   public let peer: String
+  /// Set once, by the TLS handshake, before the socket is shared by threads.
+  var tls: TLSSession?
+  /// Seconds one read or write may wait (0: no limit); see `setTimeout`.
+  private(set) var readTimeout: Double = 0
+  private(set) var writeTimeout: Double = 0
 
   init(fd: Int32, peer: String) {
     self.fd = fd
@@ -15,8 +21,18 @@ public final class Socket: @unchecked Sendable {
 
   deinit { Glibc.close(fd) }
 
-  /// Shuts the connection down both ways; blocked readers wake with end of input.
-  public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+  /// Whether the connection runs over TLS.
+  public var isTLS: Bool { tls != nil }
+
+  /// The TLS protocol and cipher, or nil for a plain connection.
+  public var tlsSummary: String? { tls?.summary }
+
+  /// Shuts the connection down both ways; blocked readers wake with end of
+  /// input. Over TLS, close_notify goes first when it can be sent at once.
+  public func shutdown() {
+    tls?.closeNotify()
+    _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
+  }
 
   /// Connects to an NBD URI's endpoint.
   public static func connect(_ endpoint: NBDURI.Endpoint, timeout: Double? = nil) throws -> Socket {
@@ -72,13 +88,31 @@ public final class Socket: @unchecked Sendable {
 
   /// Limits how long one read or write may block (0: no limit).
   public func setTimeout(_ seconds: Double) {
-    var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
+    setReadTimeout(seconds)
+    setWriteTimeout(seconds)
+  }
+
+  /// Limits how long one read may block (0: no limit).
+  public func setReadTimeout(_ seconds: Double) {
+    readTimeout = seconds
+    var tv = Socket.timeval(seconds)
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+  }
+
+  /// Limits how long one write may block (0: no limit).
+  public func setWriteTimeout(_ seconds: Double) {
+    writeTimeout = seconds
+    var tv = Socket.timeval(seconds)
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+  }
+
+  private static func timeval(_ seconds: Double) -> Glibc.timeval {
+    Glibc.timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
   }
 
   /// Reads exactly `count` bytes; throws at end of input or on error.
   public func read(into buffer: UnsafeMutableRawPointer, count: Int) throws {
+    if let tls { return try tls.read(into: buffer, count: count) }
     switch readFull(fd, buffer, count) {
     case .success(let n) where n == count: return
     case .success: throw ToolkitError("\(peer): connection closed")
@@ -90,13 +124,13 @@ public final class Socket: @unchecked Sendable {
 
   /// Writes all of `count` bytes.
   public func write(_ buffer: UnsafeRawPointer, count: Int) throws {
+    if let tls { return try tls.write(buffer, count: count) }
     var done = 0
     while done < count {
       let n = Glibc.send(fd, buffer + done, count - done, Int32(MSG_NOSIGNAL))
       if n < 0 {
         if errno == EINTR { continue }
-        if errno == EAGAIN || errno == EWOULDBLOCK { throw ToolkitError("\(peer): timed out") }
-        throw ToolkitError("\(peer): \(Errno.current)")
+        throw writeError(errno)
       }
       done += n
     }
@@ -104,6 +138,7 @@ public final class Socket: @unchecked Sendable {
 
   /// Sends `first` and then `second` with as few system calls as it can.
   public func send(_ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer?) throws {
+    if let tls { return try tls.send(first, second) }
     var vectors = [
       iovec(iov_base: UnsafeMutableRawPointer(mutating: first.baseAddress), iov_len: first.count),
       iovec(iov_base: UnsafeMutableRawPointer(mutating: second?.baseAddress), iov_len: second?.count ?? 0),
@@ -119,8 +154,7 @@ public final class Socket: @unchecked Sendable {
       }
       if n < 0 {
         if errno == EINTR { continue }
-        if errno == EAGAIN || errno == EWOULDBLOCK { throw ToolkitError("\(peer): timed out") }
-        throw ToolkitError("\(peer): \(Errno.current)")
+        throw writeError(errno)
       }
       var left = n
       while left > 0 && index < count {
@@ -134,6 +168,13 @@ public final class Socket: @unchecked Sendable {
         }
       }
     }
+  }
+
+  /// A failed send: a peer that went away has closed the connection.
+  private func writeError(_ code: Int32) -> ToolkitError {
+    if code == EAGAIN || code == EWOULDBLOCK { return ToolkitError("\(peer): timed out") }
+    if code == EPIPE || code == ECONNRESET { return ToolkitError("\(peer): connection closed") }
+    return ToolkitError("\(peer): \(Errno(code))")
   }
 
   public func write(_ bytes: [UInt8]) throws {
