@@ -2,8 +2,9 @@
 
 import DualRestore
 
-/// Opens `path` for reading: an NBD URI (nbd://, nbd+unix://) or a file or
-/// block device (with O_DIRECT when `direct`).
+/// Opens `path` for reading: an NBD URI (nbd://, nbd+unix://, or over TLS
+/// nbds://, nbds+unix://) or a file or block device (with O_DIRECT when
+/// `direct`).
 public func openSource(_ path: String, direct: Bool = false, timeout: Double = 60) throws -> BlockSource {
   if NBDURI.isURI(path) {
     if direct { throw ToolkitError("\(path): --direct applies to files and block devices, not NBD exports") }

@@ -24,7 +24,11 @@ struct RestoreReadThrough: ParsableCommand {
       the data is durable on PRIMARY and on the backup, and MAP records it.
 
       The backup is any NBD server: nbd://HOST[:PORT]/EXPORT or \
-      nbd+unix:///EXPORT?socket=PATH. MAP is created when missing; a fresh \
+      nbd+unix:///EXPORT?socket=PATH, or over TLS nbds://HOST[:PORT]/EXPORT \
+      or nbds+unix:///EXPORT?socket=PATH, whose certificate is checked \
+      against the system's CAs or, with ?tls-certificates=DIR, against \
+      DIR/ca-cert.pem (DIR/client-cert.pem and client-key.pem, when present, \
+      are shown to the backup). MAP is created when missing; a fresh \
       map from overwrite-map create is bound to PRIMARY on first use; a map \
       of another device is refused. Beside MAP, MAP.al is the activity log: \
       after an unclean shutdown (kill -9, power loss) the current blocks of \
@@ -45,15 +49,23 @@ struct RestoreReadThrough: ParsableCommand {
       blocks are owed to the backup (their regions stay in the durable \
       activity log) and sent, in order with later writes, when it answers \
       again. Meanwhile a FLUSH makes data durable on PRIMARY only: the \
-      backup's recovery point lags by the owed blocks, which the log says. \
-      NBD over TLS is not supported yet.
+      backup's recovery point lags by the owed blocks, which the log says.
+
+      With --tls on or --tls require the server offers NBD over TLS \
+      (NBD_OPT_STARTTLS), TLS 1.2 or 1.3, with DIR/server-cert.pem and \
+      DIR/server-key.pem from --tls-certificates DIR, laid out as for nbdkit \
+      and qemu. require refuses every client that does not start TLS first; \
+      --tls-verify-peer accepts only clients whose certificate DIR/ca-cert.pem \
+      signed. A private key readable by every user is refused.
 
       SIGINT or SIGTERM stops the server cleanly: requests in flight are \
       answered, everything is flushed and the activity log emptied.
       """)
 
   @Option(
-    help: ArgumentHelp("The backup: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.", valueName: "uri"))
+    help: ArgumentHelp(
+      "The backup: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds, nbds+unix: over TLS).",
+      valueName: "uri"))
   var backup: String
 
   @Option(help: ArgumentHelp("The overwrite map of PRIMARY (created when missing).", valueName: "map"))
@@ -66,6 +78,8 @@ struct RestoreReadThrough: ParsableCommand {
   var listen: String?
 
   @OptionGroup var blockSize: BlockSizeOption
+
+  @OptionGroup var tls: TLSOptions
 
   @Flag(help: "Copy the blocks not yet current from the backup in the background.")
   var hydrate = false
@@ -112,6 +126,7 @@ struct RestoreReadThrough: ParsableCommand {
     pthread_sigmask(SIG_BLOCK, &signals, nil)
     signal(SIGPIPE, SIG_IGN)
 
+    let serverTLS = try tls.serverTLS()
     let device = try Device(path: primary, options: .readWrite)
     let link = try MultiConnectionLink(uri: backup, timeout: backupTimeout, count: backupConnections)
     let engine = try RestoreEngine(
@@ -129,12 +144,14 @@ struct RestoreReadThrough: ParsableCommand {
       if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
       listener = try Listener(host: host, port: port)
     }
-    let server = NBDServer(exports: [RestoreExport(engine: engine), MergeExport(engine: engine)], log: log)
+    let server = NBDServer(
+      exports: [RestoreExport(engine: engine), MergeExport(engine: engine)],
+      options: NBDServerOptions(tls: serverTLS), log: log)
     let stopping = AtomicFlag()
 
     let (now, total) = engine.progress
     log(
-      "serving \(primary) (\(formatBytes(device.size))) on \(listener.name), backup \(backup); "
+      "serving \(primary) (\(formatBytes(device.size))) on \(listener.name)\(tls.tls == .off ? "" : " (TLS \(tls.tls.rawValue))"), backup \(backup); "
         + "\(now) of \(total) blocks current")
 
     if hydrate {

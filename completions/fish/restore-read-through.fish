@@ -20,7 +20,7 @@ function __restore-read-through_parse_tokens -S
     set -l unparsed_tokens (__restore-read-through_tokens -pc)
     switch $unparsed_tokens[1]
     case 'restore-read-through'
-        __restore-read-through_parse_subcommand 1 'backup=' 'map=' 'socket=' 'listen=' 'block-size=' 'hydrate' 'hydrate-rate=' 'backup-timeout=' 'backup-connections=' 'progress-interval=' 'h/help'
+        __restore-read-through_parse_subcommand 1 'backup=' 'map=' 'socket=' 'listen=' 'block-size=' 'tls=' 'tls-certificates=' 'tls-verify-peer' 'hydrate' 'hydrate-rate=' 'backup-timeout=' 'backup-connections=' 'progress-interval=' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __restore-read-through_parse_subcommand -r 1 
@@ -77,11 +77,14 @@ function __restore-read-through_custom_completion
 end
 
 complete -c 'restore-read-through' -f
-complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" backup' -l 'backup' -d 'The backup: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" backup' -l 'backup' -d 'The backup: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds, nbds+unix: over TLS).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" map' -l 'map' -d 'The overwrite map of PRIMARY (created when missing).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" socket' -l 'socket' -d 'Serve on this Unix socket.' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" listen' -l 'listen' -d 'Serve on TCP HOST:PORT (HOST defaults to 127.0.0.1).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" block-size' -l 'block-size' -d 'Block size: a power of two from 512 to 64M (K, M: powers of 1024).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" tls' -l 'tls' -d 'Offer NBD over TLS to clients that ask (on), demand it (require), or not (off).' -rfka 'off on require'
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" tls-certificates' -l 'tls-certificates' -d 'Directory with ca-cert.pem, server-cert.pem and server-key.pem (the key mode 0600 or 0640).' -rfa '(__restore-read-through_complete_directories)'
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" tls-verify-peer' -l 'tls-verify-peer' -d 'Accept only clients with a certificate signed by the directory\'s ca-cert.pem.'
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" hydrate' -l 'hydrate' -d 'Copy the blocks not yet current from the backup in the background.'
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" hydrate-rate' -l 'hydrate-rate' -d 'Limit the background copy to this many bytes a second (K, M, G: powers of 1024).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" backup-timeout' -l 'backup-timeout' -d 'Seconds a request to the backup may take before it fails with EIO.' -rfka ''
