@@ -189,6 +189,8 @@ struct MergeSnapshot: ParsableCommand {
       o.add("bytes_written", s.bytesWritten)
       o.add("stream_bytes", s.streamBytes)
       o.add("complete", s.complete)
+      // A key is refused for a plaintext stream, so a stream read with one was encrypted.
+      o.add("encrypted", keys.given)
       o.add("seconds", number: formatFixed(s.seconds, digits: 3))
       let out = TextOutput()
       try out.line(o.render())

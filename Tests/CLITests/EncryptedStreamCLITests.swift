@@ -142,6 +142,23 @@ final class EncryptedStreamCLITests: XCTestCase {
       // Compressed before it is encrypted: the text and zeros shrink it.
       XCTAssertLessThan(try s.read("e.stream").count, a.count * 3 / 4)
     }
+    // Uncompressed, and only the blocks that differ (bitmap-diff's map).
+    try s.randomFile("e.img", size: a.count, seed: 400)
+    let uncompressed = try Tools.shell(
+      "snapshot --quiet --encrypt --no-compress --key-file hex.key a.img | merge-snapshot --quiet --key-file hex.key e.img",
+      cwd: s.url)
+    XCTAssertEqual(uncompressed.status, 0, uncompressed.stderr)
+    XCTAssertTrue(try s.read("e.img") == a, "--no-compress")
+    var f = a
+    f.replaceSubrange(70000..<70100, with: Data(repeating: 0xAB, count: 100))
+    f.replaceSubrange((3 << 20)..<((3 << 20) + 10), with: Data(repeating: 0xCD, count: 10))
+    try s.file("f.img", f)
+    let diff = try Tools.shell(
+      "bitmap-diff --quiet -o d.map f.img a.img; snapshot --quiet --map d.map --encrypt --key-file hex.key a.img "
+        + "| merge-snapshot --json --key-file hex.key f.img", cwd: s.url)
+    XCTAssertEqual(diff.status, 0, diff.stderr)
+    XCTAssertTrue(try s.read("f.img") == a, "the differing blocks, encrypted")
+    XCTAssertTrue(diff.text.contains("\"written_blocks\": 2") && diff.text.contains("\"encrypted\": true"), diff.text)
     // The plaintext stream still reads as before, without a key.
     try s.randomFile("d.img", size: a.count, seed: 300)
     let plain = try Tools.shell("snapshot --quiet a.img | merge-snapshot --quiet d.img", cwd: s.url)
