@@ -15,6 +15,16 @@
 // no error reply) closes the connection. After STARTTLS the socket's reads
 // and writes go through the TLS session, which lets the reader and the
 // repliers share the connection (TLS.swift).
+//
+// Against hostile or broken clients (`NBDServerOptions`): at most
+// `maximumConnections` at once (more are closed at once, with a line in the
+// log); the handshake must be over within `handshakeTimeout`, however the
+// bytes trickle; a client silent between requests for `idleTimeout` (off by
+// default: a mounted disk may be idle for hours) or paused in the middle of
+// a request for `stallTimeout` is disconnected, as is one that does not take
+// its replies for that long. Request buffers of all connections together
+// stay under `maximumBufferedBytes` (a reader waits for room before it
+// takes the next READ or WRITE), so memory is bounded whatever clients send.
 
 import Dispatch
 import Glibc
@@ -84,12 +94,31 @@ public enum NBDServerTLS: Sendable {
   }
 }
 
-/// What a server is told beyond its exports.
+/// What a server is told beyond its exports. Times are seconds; 0 turns a
+/// time limit off.
 public struct NBDServerOptions: Sendable {
   public var tls: NBDServerTLS
+  /// Connections served at once; more are closed as they arrive.
+  public var maximumConnections: Int
+  /// From accept to the end of option haggling (TLS handshake included).
+  public var handshakeTimeout: Double
+  /// Silence between requests in transmission.
+  public var idleTimeout: Double
+  /// A pause inside a request (its header or WRITE data), or in taking a reply.
+  public var stallTimeout: Double
+  /// READ and WRITE buffers of all connections together.
+  public var maximumBufferedBytes: Int
 
-  public init(tls: NBDServerTLS = .off) {
+  public init(
+    tls: NBDServerTLS = .off, maximumConnections: Int = 64, handshakeTimeout: Double = 10, idleTimeout: Double = 0,
+    stallTimeout: Double = 30, maximumBufferedBytes: Int = 512 << 20
+  ) {
     self.tls = tls
+    self.maximumConnections = maximumConnections
+    self.handshakeTimeout = handshakeTimeout
+    self.idleTimeout = idleTimeout
+    self.stallTimeout = stallTimeout
+    self.maximumBufferedBytes = maximumBufferedBytes
   }
 }
 
@@ -104,6 +133,8 @@ public final class NBDServer: @unchecked Sendable {
   private var connectionCount = 0
   private let idle = DispatchSemaphore(value: 0)
   private var stopping = false
+  private var lastRefusalLogged = 0.0
+  let budget: ByteBudget
 
   public init(
     exports: [NBDExport], workersPerConnection: Int = 16, options: NBDServerOptions = NBDServerOptions(),
@@ -111,6 +142,7 @@ public final class NBDServer: @unchecked Sendable {
   ) {
     self.exports = exports
     self.options = options
+    self.budget = ByteBudget(limit: max(options.maximumBufferedBytes, NBD.maximumPayload))
     self.workersPerConnection = workersPerConnection
     self.log = log
   }
@@ -132,6 +164,17 @@ public final class NBDServer: @unchecked Sendable {
         return
       }
       stateLock.wait()
+      if connectionCount >= max(1, options.maximumConnections) {
+        // Closed before the greeting: the client sees the connection end.
+        let now = monotonicSeconds()
+        let say = now - lastRefusalLogged >= 1
+        if say { lastRefusalLogged = now }
+        let open = connectionCount
+        stateLock.signal()
+        socket.shutdown()
+        if say { log("refused a connection: \(open) connections are open, the most allowed") }
+        continue
+      }
       connections[ObjectIdentifier(socket)] = socket
       connectionCount += 1
       stateLock.signal()
@@ -196,9 +239,26 @@ private final class Connection: @unchecked Sendable {
   func run() {
     // Over TLS, close_notify before the descriptor closes.
     defer { socket.shutdown() }
+    let options = server.options
     do {
-      guard let export = try handshake() else { return }
+      if options.handshakeTimeout > 0 {
+        socket.setTimeout(options.handshakeTimeout)
+        socket.deadline = monotonicSeconds() + options.handshakeTimeout
+      }
+      let export: NBDExport
+      do {
+        guard let chosen = try handshake() else { return }
+        export = chosen
+      } catch let e as ToolkitError where e.message.hasSuffix("timed out") {
+        throw ToolkitError(
+          "\(socket.peer): the handshake took longer than \(Socket.seconds(options.handshakeTimeout)) s; disconnected")
+      }
       self.export = export
+      // Transmission: waits wake up at the shorter limit to check both.
+      socket.deadline = 0
+      let limits = [options.idleTimeout, options.stallTimeout].filter { $0 > 0 }
+      socket.setReadTimeout(limits.min() ?? 0)
+      socket.setWriteTimeout(max(0, options.stallTimeout))
       try transmission(export)
     } catch {
       // A client that goes away between requests ends normally; anything
@@ -230,7 +290,11 @@ private final class Connection: @unchecked Sendable {
     noZeroes = clientFlags & NBD.clientFlagNoZeroes != 0
 
     let head = AlignedBuffer(count: 16)
+    var options = 0
     while true {
+      options += 1
+      // Bounded by the handshake timeout too; this stops a fast loop.
+      guard options <= 1000 else { throw ToolkitError("the client sent more than 1000 options; disconnected") }
       try socket.read(into: head.pointer, count: 16)
       guard head.pointer.loadBE(at: 0, as: UInt64.self) == NBD.optionMagic else {
         throw ToolkitError("bad option magic from the client")
@@ -346,7 +410,7 @@ private final class Connection: @unchecked Sendable {
       return
     }
     try optionReply(option, NBD.repAck, [])
-    try context.accept(socket, timeout: socket.readTimeout)
+    try context.accept(socket, timeout: 0)
   }
 
   private func transmissionFlags(_ export: NBDExport) -> UInt16 {
@@ -380,6 +444,8 @@ private final class Connection: @unchecked Sendable {
     var length: Int
     var buffer: AlignedBuffer?
     var error: UInt32
+    /// Bytes taken from the server's buffer budget, given back after the reply.
+    var budgeted: Int
   }
 
   /// Leader/follower: each worker takes the read lock, reads one request
@@ -397,6 +463,7 @@ private final class Connection: @unchecked Sendable {
           execute(&request, export)
           reply(request)
           if let b = request.buffer { reader.pool.put(b) }
+          if request.budgeted > 0 { server.budget.release(request.budgeted) }
         }
         done.signal()
       }
@@ -427,14 +494,17 @@ private final class Connection: @unchecked Sendable {
       if closed { return nil }
       do {
         let p = header.pointer
-        try connection.socket.read(into: p, count: NBD.requestLength)
+        let options = connection.server.options
+        try connection.socket.readRequest(
+          into: p, count: NBD.requestLength, midRequest: false, idleLimit: options.idleTimeout,
+          stallLimit: options.stallTimeout)
         guard p.loadBE(at: 0, as: UInt32.self) == NBD.requestMagic else {
           throw ToolkitError("bad request magic; closing the connection")
         }
         var request = Request(
           flags: p.loadBE(at: 4, as: UInt16.self), type: p.loadBE(at: 6, as: UInt16.self),
           cookie: p.loadBE(at: 8, as: UInt64.self), offset: p.loadBE(at: 16, as: UInt64.self),
-          length: Int(p.loadBE(at: 24, as: UInt32.self)), buffer: nil, error: 0)
+          length: Int(p.loadBE(at: 24, as: UInt32.self)), buffer: nil, error: 0, budgeted: 0)
         if request.type == NBD.cmdDisconnect {
           closed = true
           return nil
@@ -444,12 +514,23 @@ private final class Connection: @unchecked Sendable {
           guard request.length <= NBD.maximumPayload else {
             throw ToolkitError("WRITE of \(request.length) bytes exceeds the limit; closing the connection")
           }
+          connection.server.budget.take(request.length)
+          request.budgeted = request.length
           let buffer = pool.get(request.length)
-          try connection.socket.read(into: buffer.pointer, count: request.length)
           request.buffer = buffer
+          do {
+            try connection.socket.readRequest(
+              into: buffer.pointer, count: request.length, midRequest: true, idleLimit: 0,
+              stallLimit: options.stallTimeout)
+          } catch {
+            connection.server.budget.release(request.budgeted)
+            throw error
+          }
         }
         request.error = connection.validate(request, export)
         if request.error == 0 && request.type == NBD.cmdRead {
+          connection.server.budget.take(request.length)
+          request.budgeted = request.length
           request.buffer = pool.get(request.length)
         }
         return request
@@ -569,5 +650,32 @@ final class BufferPool: @unchecked Sendable {
     lock.wait()
     if free.count < keepCount && buffer.count <= keepSize { free.append(buffer) }
     lock.signal()
+  }
+}
+
+/// Bytes of request buffers in use across a server's connections. A taker
+/// waits until its bytes fit (one request always fits when nothing else
+/// is taken, so no request waits forever).
+final class ByteBudget: @unchecked Sendable {
+  private let monitor = Monitor()
+  private let limit: Int
+  private var used = 0
+
+  init(limit: Int) { self.limit = limit }
+
+  func take(_ bytes: Int) {
+    guard bytes > 0 else { return }
+    monitor.lock()
+    while used > 0 && used + bytes > limit { monitor.wait() }
+    used += bytes
+    monitor.unlock()
+  }
+
+  func release(_ bytes: Int) {
+    guard bytes > 0 else { return }
+    monitor.lock()
+    used -= bytes
+    monitor.broadcast()
+    monitor.unlock()
   }
 }

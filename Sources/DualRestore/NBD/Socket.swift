@@ -13,6 +13,9 @@ public final class Socket: @unchecked Sendable {
   /// Seconds one read or write may wait (0: no limit); see `setTimeout`.
   private(set) var readTimeout: Double = 0
   private(set) var writeTimeout: Double = 0
+  /// When set (monotonic seconds), every read and write must end by then,
+  /// however the bytes trickle in: the handshake's time limit.
+  var deadline: Double = 0
 
   init(fd: Int32, peer: String) {
     self.fd = fd
@@ -113,6 +116,7 @@ public final class Socket: @unchecked Sendable {
   /// Reads exactly `count` bytes; throws at end of input or on error.
   public func read(into buffer: UnsafeMutableRawPointer, count: Int) throws {
     if let tls { return try tls.read(into: buffer, count: count) }
+    if deadline > 0 { return try readBeforeDeadline(buffer, count) }
     switch readFull(fd, buffer, count) {
     case .success(let n) where n == count: return
     case .success: throw ToolkitError("\(peer): connection closed")
@@ -120,6 +124,87 @@ public final class Socket: @unchecked Sendable {
       throw ToolkitError("\(peer): timed out")
     case .failure(let e): throw ToolkitError("\(peer): \(e)")
     }
+  }
+
+  /// Reads with `deadline`: each wait is bounded by the time left.
+  private func readBeforeDeadline(_ buffer: UnsafeMutableRawPointer, _ count: Int) throws {
+    var done = 0
+    while done < count {
+      try waitReadable()
+      let n = Glibc.recv(fd, buffer + done, count - done, Int32(MSG_DONTWAIT))
+      if n > 0 {
+        done += n
+      } else if n == 0 {
+        throw ToolkitError("\(peer): connection closed")
+      } else if errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK {
+        throw ToolkitError("\(peer): \(Errno.current)")
+      }
+    }
+  }
+
+  /// The seconds a wait may last now: the time left before `deadline`
+  /// (throwing when none is), else `timeout` (0: no limit).
+  func waitLimit(_ timeout: Double) throws -> Double {
+    guard deadline > 0 else { return timeout }
+    let left = deadline - monotonicSeconds()
+    if left <= 0 { throw ToolkitError("\(peer): timed out") }
+    return timeout > 0 ? min(timeout, left) : left
+  }
+
+  private func waitReadable() throws {
+    var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+    while true {
+      let limit = try waitLimit(readTimeout)
+      let rc = poll(&p, 1, limit > 0 ? Int32(min(limit * 1000, 2e9).rounded(.up)) : -1)
+      if rc > 0 { return }
+      if rc == 0 { throw ToolkitError("\(peer): timed out") }
+      if errno != EINTR { throw ToolkitError("\(peer): \(Errno.current)") }
+    }
+  }
+
+  /// Reads part of a request in transmission. Before its first byte
+  /// (`midRequest` false) the client may wait up to `idleLimit` seconds
+  /// between requests; once a request has begun, a pause of `stallLimit`
+  /// ends the connection (0: no limit). The limits are checked when a wait
+  /// of the read timeout ends, so a busy connection pays nothing for them.
+  public func readRequest(
+    into buffer: UnsafeMutableRawPointer, count: Int, midRequest: Bool, idleLimit: Double, stallLimit: Double
+  ) throws {
+    if let tls {
+      return try tls.readRequest(
+        into: buffer, count: count, midRequest: midRequest, idleLimit: idleLimit, stallLimit: stallLimit)
+    }
+    var done = 0
+    var waitingSince = 0.0
+    while done < count {
+      let n = Glibc.recv(fd, buffer + done, count - done, 0)
+      if n > 0 {
+        done += n
+        waitingSince = 0
+        continue
+      }
+      if n == 0 { throw ToolkitError("\(peer): connection closed") }
+      let e = errno
+      if e == EINTR { continue }
+      guard e == EAGAIN || e == EWOULDBLOCK else { throw ToolkitError("\(peer): \(Errno(e))") }
+      let now = monotonicSeconds()
+      if waitingSince == 0 { waitingSince = now - readTimeout }
+      try checkPause(now - waitingSince, begun: midRequest || done > 0, idleLimit: idleLimit, stallLimit: stallLimit)
+    }
+  }
+
+  /// Throws when a pause of `waited` seconds is over its limit.
+  func checkPause(_ waited: Double, begun: Bool, idleLimit: Double, stallLimit: Double) throws {
+    let limit = begun ? stallLimit : idleLimit
+    guard limit > 0, waited >= limit - 0.001 else { return }
+    if begun {
+      throw ToolkitError("\(peer): stopped in the middle of a request for \(Socket.seconds(limit)) s; disconnected")
+    }
+    throw ToolkitError("\(peer): idle for \(Socket.seconds(limit)) s; disconnected")
+  }
+
+  static func seconds(_ s: Double) -> String {
+    s == s.rounded() && s < 1e9 ? String(Int(s)) : String(s)
   }
 
   /// Writes all of `count` bytes.
@@ -209,25 +294,35 @@ public final class Listener: @unchecked Sendable {
     if let unixPath { unlink(unixPath) }
   }
 
-  /// Listens on a Unix socket at `path` (a stale socket file is replaced).
+  /// Listens on a Unix socket at `path`, readable and writable by its owner
+  /// only (mode 0600; chmod it afterwards to let a group in). An existing
+  /// socket is replaced only when it is stale (nobody accepts on it): a
+  /// running server's socket is never taken over, and a file that is not a
+  /// socket is never removed.
   public init(unixPath path: String) throws {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { throw ToolkitError.path(path, "cannot create a socket: \(Errno.current)") }
     var st = stat()
     if lstat(path, &st) == 0 {
-      guard (st.st_mode & S_IFMT) == S_IFSOCK else {
-        Glibc.close(fd)
-        throw ToolkitError.path(path, "exists and is not a socket")
+      guard (st.st_mode & S_IFMT) == S_IFSOCK else { throw ToolkitError.path(path, "exists and is not a socket") }
+      switch Listener.probe(path) {
+      case 0:
+        throw ToolkitError.path(path, "another server is listening on this socket; stop it or choose another path")
+      case ECONNREFUSED:
+        // Left by a server that ended: replace it.
+        unlink(path)
+      case let e:
+        throw ToolkitError.path(path, "exists, and whether a server listens on it is unknown (\(Errno(e)))")
       }
-      unlink(path)
     }
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { throw ToolkitError.path(path, "cannot create a socket: \(Errno.current)") }
     var address = try Socket.unixAddress(path)
     let rc = withUnsafePointer(to: &address) {
       $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
         bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
       }
     }
-    guard rc == 0, Glibc.listen(fd, 64) == 0 else {
+    // Private before anyone can connect: connections wait for listen(2).
+    guard rc == 0, chmod(path, 0o600) == 0, Glibc.listen(fd, 64) == 0 else {
       let e = Errno.current
       Glibc.close(fd)
       throw ToolkitError.path(path, "cannot listen: \(e)")
@@ -235,6 +330,21 @@ public final class Listener: @unchecked Sendable {
     self.fd = fd
     self.name = path
     self.unixPath = path
+  }
+
+  /// 0 when something accepts connections on the Unix socket `path`, else
+  /// why connecting failed.
+  static func probe(_ path: String) -> Int32 {
+    guard var address = try? Socket.unixAddress(path) else { return ENAMETOOLONG }
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return errno }
+    defer { Glibc.close(fd) }
+    let rc = withUnsafePointer(to: &address) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+      }
+    }
+    return rc == 0 ? 0 : errno
   }
 
   /// Listens on TCP `host:port` (host 127.0.0.1 when empty; port 0 picks one).

@@ -245,6 +245,8 @@ nonisolated(unsafe) private let socketMethod: OpaquePointer? = dr_bio_method_new
 /// One TLS connection over a socket's (now non-blocking) descriptor.
 final class TLSSession: @unchecked Sendable {
   struct HandshakeFailure: Error { let reason: String }
+  /// A wait for the socket ran out of time.
+  struct TimedOut: Error {}
 
   private let ssl: OpaquePointer
   private let fd: Int32
@@ -282,6 +284,8 @@ final class TLSSession: @unchecked Sendable {
   func handshake(timeout: Double) throws {
     do {
       _ = try drive(timeout: timeout) { SSL_do_handshake($0) }
+    } catch is TimedOut {
+      throw HandshakeFailure(reason: "timed out")
     } catch let e as ToolkitError {
       var reason = Substring(e.message)
       for prefix in ["\(peer): ", "TLS: "] where reason.hasPrefix(prefix) { reason = reason.dropFirst(prefix.count) }
@@ -301,9 +305,39 @@ final class TLSSession: @unchecked Sendable {
     var done = 0
     while done < count {
       let chunk = Int32(min(count - done, Int(Int32.max)))
-      let n = try drive(timeout: socket.readTimeout) { SSL_read($0, buffer + done, chunk) }
+      let n: Int32
+      do {
+        n = try drive(timeout: socket.readTimeout) { SSL_read($0, buffer + done, chunk) }
+      } catch is TimedOut {
+        throw ToolkitError("\(peer): timed out")
+      }
       if n <= 0 { throw ToolkitError("\(peer): connection closed") }
       done += Int(n)
+    }
+  }
+
+  /// As `Socket.readRequest`: pauses are checked when a wait of the read
+  /// timeout ends.
+  func readRequest(
+    into buffer: UnsafeMutableRawPointer, count: Int, midRequest: Bool, idleLimit: Double, stallLimit: Double
+  ) throws {
+    var done = 0
+    var waitingSince = 0.0
+    while done < count {
+      let chunk = Int32(min(count - done, Int(Int32.max)))
+      let n: Int32
+      do {
+        n = try drive(timeout: socket.readTimeout) { SSL_read($0, buffer + done, chunk) }
+      } catch is TimedOut {
+        let now = monotonicSeconds()
+        if waitingSince == 0 { waitingSince = now - socket.readTimeout }
+        try socket.checkPause(
+          now - waitingSince, begun: midRequest || done > 0, idleLimit: idleLimit, stallLimit: stallLimit)
+        continue
+      }
+      if n <= 0 { throw ToolkitError("\(peer): connection closed") }
+      done += Int(n)
+      waitingSince = 0
     }
   }
 
@@ -336,7 +370,12 @@ final class TLSSession: @unchecked Sendable {
     var done = 0
     while done < count {
       let chunk = Int32(min(count - done, 1 << 30))
-      let n = try drive(timeout: socket.writeTimeout) { SSL_write($0, buffer + done, chunk) }
+      let n: Int32
+      do {
+        n = try drive(timeout: socket.writeTimeout) { SSL_write($0, buffer + done, chunk) }
+      } catch is TimedOut {
+        throw ToolkitError("\(peer): timed out")
+      }
       if n <= 0 { throw ToolkitError("\(peer): connection closed") }
       done += Int(n)
     }
@@ -382,14 +421,16 @@ final class TLSSession: @unchecked Sendable {
     }
   }
 
-  /// Waits until the socket is ready; `timeout` 0 waits without a limit.
+  /// Waits until the socket is ready; `timeout` 0 waits without a limit
+  /// (but never past the socket's deadline).
   private func wait(for events: Int16, timeout: Double) throws {
     var p = pollfd(fd: fd, events: events, revents: 0)
-    let ms: Int32 = timeout > 0 ? Int32(min(timeout * 1000, 2e9).rounded(.up)) : -1
     while true {
-      let rc = poll(&p, 1, ms)
+      let limit: Double
+      do { limit = try socket.waitLimit(timeout) } catch { throw TimedOut() }
+      let rc = poll(&p, 1, limit > 0 ? Int32(min(limit * 1000, 2e9).rounded(.up)) : -1)
       if rc > 0 { return }
-      if rc == 0 { throw ToolkitError("\(peer): timed out") }
+      if rc == 0 { throw TimedOut() }
       if errno == EINTR { continue }
       throw ToolkitError("\(peer): \(Errno.current)")
     }
