@@ -58,6 +58,16 @@ struct RestoreReadThrough: ParsableCommand {
       --tls-verify-peer accepts only clients whose certificate DIR/ca-cert.pem \
       signed. A private key readable by every user is refused.
 
+      The socket of --socket is created with mode 0600 (chmod it to let a \
+      group in). An existing socket is replaced only when nobody listens on \
+      it: a running server's socket is refused, as is a path that is not a \
+      socket. Clients beyond --max-connections are disconnected as they \
+      arrive; a client that does not finish the handshake within \
+      --handshake-timeout, pauses inside a request for --stall-timeout, or \
+      (when given) stays silent for --idle-timeout is disconnected. Requests \
+      larger than 32 MiB are refused, and the buffers of all clients stay \
+      under 512 MiB.
+
       SIGINT or SIGTERM stops the server cleanly: requests in flight are \
       answered, everything is flushed and the activity log emptied.
       """)
@@ -80,6 +90,8 @@ struct RestoreReadThrough: ParsableCommand {
   @OptionGroup var blockSize: BlockSizeOption
 
   @OptionGroup var tls: TLSOptions
+
+  @OptionGroup var limits: ServerLimitOptions
 
   @Flag(help: "Copy the blocks not yet current from the backup in the background.")
   var hydrate = false
@@ -146,7 +158,7 @@ struct RestoreReadThrough: ParsableCommand {
     }
     let server = NBDServer(
       exports: [RestoreExport(engine: engine), MergeExport(engine: engine)],
-      options: NBDServerOptions(tls: serverTLS), log: log)
+      options: limits.serverOptions(tls: serverTLS), log: log)
     let stopping = AtomicFlag()
 
     let (now, total) = engine.progress

@@ -20,7 +20,7 @@ function __restore-read-through_parse_tokens -S
     set -l unparsed_tokens (__restore-read-through_tokens -pc)
     switch $unparsed_tokens[1]
     case 'restore-read-through'
-        __restore-read-through_parse_subcommand 1 'backup=' 'map=' 'socket=' 'listen=' 'block-size=' 'tls=' 'tls-certificates=' 'tls-verify-peer' 'hydrate' 'hydrate-rate=' 'backup-timeout=' 'backup-connections=' 'progress-interval=' 'h/help'
+        __restore-read-through_parse_subcommand 1 'backup=' 'map=' 'socket=' 'listen=' 'block-size=' 'tls=' 'tls-certificates=' 'tls-verify-peer' 'max-connections=' 'handshake-timeout=' 'idle-timeout=' 'stall-timeout=' 'hydrate' 'hydrate-rate=' 'backup-timeout=' 'backup-connections=' 'progress-interval=' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __restore-read-through_parse_subcommand -r 1 
@@ -85,6 +85,10 @@ complete -c 'restore-read-through' -n '__restore-read-through_should_offer_compl
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" tls' -l 'tls' -d 'Offer NBD over TLS to clients that ask (on), demand it (require), or not (off).' -rfka 'off on require'
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" tls-certificates' -l 'tls-certificates' -d 'Directory with ca-cert.pem, server-cert.pem and server-key.pem (the key mode 0600 or 0640).' -rfa '(__restore-read-through_complete_directories)'
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" tls-verify-peer' -l 'tls-verify-peer' -d 'Accept only clients with a certificate signed by the directory\'s ca-cert.pem.'
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" max-connections' -l 'max-connections' -d 'Clients served at once; more are disconnected as they arrive.' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" handshake-timeout' -l 'handshake-timeout' -d 'Seconds a client has to finish the NBD handshake (TLS included; 0: no limit).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" idle-timeout' -l 'idle-timeout' -d 'Disconnect a client silent this many seconds between requests (0: never, as a mounted disk may idle).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" stall-timeout' -l 'stall-timeout' -d 'Disconnect a client that pauses this many seconds inside a request or in taking a reply (0: never).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" hydrate' -l 'hydrate' -d 'Copy the blocks not yet current from the backup in the background.'
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" hydrate-rate' -l 'hydrate-rate' -d 'Limit the background copy to this many bytes a second (K, M, G: powers of 1024).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" backup-timeout' -l 'backup-timeout' -d 'Seconds a request to the backup may take before it fails with EIO.' -rfka ''
