@@ -46,18 +46,18 @@ public final class StreamSecret: @unchecked Sendable {
   public let origin: String
   let bytes: UnsafeMutableRawBufferPointer
 
-  init(kind: Kind, origin: String, copying source: UnsafeRawBufferPointer) {
+  private let count: Int
+
+  init(kind: Kind, origin: String, copying source: some Collection<UInt8>) {
     self.kind = kind
     self.origin = origin
     bytes = .allocate(byteCount: max(source.count, 1), alignment: 16)
-    if let base = source.baseAddress, source.count > 0 {
-      bytes.baseAddress!.copyMemory(from: base, byteCount: source.count)
-    }
     count = source.count
+    for (i, byte) in source.enumerated() { bytes[i] = byte }
   }
 
-  private let count: Int
-  var secret: UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: bytes[0..<count]) }
+  /// The key or passphrase itself.
+  var material: UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: bytes[0..<count]) }
 
   deinit {
     OPENSSL_cleanse(bytes.baseAddress, bytes.count)
@@ -69,13 +69,13 @@ public final class StreamSecret: @unchecked Sendable {
     guard key.count == StreamCrypto.keyLength else {
       throw ToolkitError("\(origin): a stream key is 32 bytes, not \(key.count)")
     }
-    self.init(kind: .key, origin: origin, copying: key.withUnsafeBytes { $0 })
+    self.init(kind: .key, origin: origin, copying: key)
   }
 
   /// A passphrase given directly (tests, and callers that hold one).
   public convenience init(passphrase: [UInt8], origin: String = "the passphrase") throws {
     guard !passphrase.isEmpty else { throw ToolkitError("\(origin) is empty") }
-    self.init(kind: .passphrase, origin: origin, copying: passphrase.withUnsafeBytes { $0 })
+    self.init(kind: .passphrase, origin: origin, copying: passphrase)
   }
 
   /// Reads a key file: exactly 32 raw bytes, or 64 hex digits with at most
@@ -323,7 +323,7 @@ public enum StreamCrypto {
   static func deriveKeys(_ secret: StreamSecret, _ p: Parameters) throws -> (record: [UInt8], check: [UInt8]) {
     var master = [UInt8](repeating: 0, count: keyLength)
     defer { master.withUnsafeMutableBytes { OPENSSL_cleanse($0.baseAddress, $0.count) } }
-    let source = secret.secret
+    let source = secret.material
     switch secret.kind {
     case .key:
       guard source.count == keyLength else { throw ToolkitError("\(secret.origin): a stream key is 32 bytes") }
