@@ -240,9 +240,7 @@ public final class RestoreEngine: @unchecked Sendable {
 
   /// The blocks `[offset, offset+length)` touches.
   func blockRange(_ offset: UInt64, _ length: UInt64) -> Range<UInt64> {
-    let first = offset >> geometry.blockShift
-    let last = (offset + length + UInt64(geometry.blockSize) - 1) >> geometry.blockShift
-    return first..<max(first, last)
+    geometry.blocks(touching: offset, length: length)
   }
 
   /// Runs of blocks in `range` that are not current.
