@@ -179,6 +179,13 @@ extension TrackingServer {
         controlListener.shutdown()
         server.beginStop(listener)
       }
+      startThread {
+        while !stopping.isSet {
+          sleep(5)
+          if stopping.isSet { return }
+          do { try engine.checkpoint() } catch { log("checkpoint: \(error)") }
+        }
+      }
       let s = engine.status
       log(
         "serving \(device) (\(formatBytes(d.size))) on \(listener.name), control \(controlPath); "

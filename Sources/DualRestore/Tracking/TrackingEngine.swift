@@ -4,8 +4,9 @@
 //
 // Invariants:
 // - Marked before written: a write's blocks are set in the change map *on
-//   disk* before the write is issued (group commit, as dm-era does), so
-//   after a crash the map still covers every block that may have changed.
+//   disk* before the write is issued (group commit, as dm-era does: one
+//   journal append and fdatasync for all writes waiting), so after a crash
+//   the map and its journal still cover every block that may have changed.
 // - A generation ends atomically: writes are held at a gate while the old
 //   map is saved and the new one starts, so every write lands in exactly
 //   one generation.
@@ -32,10 +33,13 @@ public final class TrackingEngine: @unchecked Sendable {
   private let state = Monitor()
   /// The change map of the current generation, bits as in memory.
   private var changes: BlockMap
-  /// The bits known to be on disk.
+  /// The bits known to be on disk (map file and journal).
   private var committed: BlockBitmap
+  /// Ranges set in `changes` but not yet committed.
+  private var pendingRanges: [Range<UInt64>] = []
   private var committing = false
-  private var commitError: Error?
+  private var journalHasRecords = false
+  private let journal: MarkJournal
   /// Writes hold the gate open; a generation change or a freeze closes it
   /// and waits for the writes inside to finish.
   private var gateClosed = false
@@ -79,6 +83,18 @@ public final class TrackingEngine: @unchecked Sendable {
       try MapFile.save(m, to: changesPath)
       log("created the change map \(changesPath): generation \(m.mapID) starts now")
     }
+    // Marks journaled since the map file was last saved belong to it.
+    journal = try MarkJournal(path: changesPath + ".journal")
+    let replayed = try journal.recovered(for: m.mapID)
+    if !replayed.isEmpty {
+      let before = m.bits.population
+      for r in replayed where r.upperBound <= m.geometry.blockCount { m.bits.set(r) }
+      log(
+        "the last stop was not clean: \(replayed.count) journal record(s) replayed into \(changesPath), "
+          + "\(m.bits.population - before) block(s) added")
+    }
+    try MapFile.save(m, to: changesPath)
+    try journal.restart()
     changes = m
     committed = m.bits
     geometry = m.geometry
@@ -157,28 +173,71 @@ public final class TrackingEngine: @unchecked Sendable {
     while gateClosed { state.wait() }
     writesInside += 1
     if committed.allSet(blocks) { return }
-    changes.bits.set(blocks)
-    // Group commit: one thread saves the map for everyone waiting.
+    if !changes.bits.allSet(blocks) {
+      changes.bits.set(blocks)
+      pendingRanges.append(blocks)
+    }
+    // Group commit: one thread makes the marks durable for everyone waiting.
     while !committed.allSet(blocks) {
       if committing {
         state.wait()
         continue
       }
       committing = true
+      let ranges = pendingRanges
+      pendingRanges.removeAll(keepingCapacity: true)
       let snapshot = changes
       state.unlock()
       var failure: Error?
-      do { try MapFile.save(snapshot, to: changesPath) } catch { failure = error }
+      do {
+        if journal.hasRoom(ranges.count) {
+          try journal.append(ranges, mapID: snapshot.mapID)
+        } else {
+          try MapFile.save(snapshot, to: changesPath)
+          try journal.restart()
+        }
+      } catch { failure = error }
       state.lock()
       committing = false
-      if failure == nil { committed = snapshot.bits }
+      if failure == nil {
+        committed = snapshot.bits
+        journalHasRecords = true
+      } else {
+        pendingRanges = ranges + pendingRanges
+      }
       state.broadcast()
       if let failure {
         writesInside -= 1
         state.broadcast()
-        throw ToolkitError("the change map cannot be saved, so the write was not issued: \(failure)")
+        throw ToolkitError("the change map cannot be made durable, so the write was not issued: \(failure)")
       }
     }
+  }
+
+  /// Folds the journal into the map file, so that overwrite-map show MAP is
+  /// up to date; called every few seconds.
+  public func checkpoint() throws {
+    state.lock()
+    while committing || gateClosed { state.wait() }
+    guard journalHasRecords else {
+      state.unlock()
+      return
+    }
+    committing = true
+    var snapshot = changes
+    snapshot.bits = committed
+    state.unlock()
+    var failure: Error?
+    do {
+      try MapFile.save(snapshot, to: changesPath)
+      try journal.restart()
+    } catch { failure = error }
+    state.withLock {
+      committing = false
+      if failure == nil { journalHasRecords = false }
+      state.broadcast()
+    }
+    if let failure { throw failure }
   }
 
   private func leave() {
@@ -238,6 +297,7 @@ public final class TrackingEngine: @unchecked Sendable {
     try MapFile.save(old, to: output)
     let fresh = BlockMap(geometry: geometry, meaning: .changed, deviceName: device.path)
     try MapFile.save(fresh, to: changesPath)
+    try journal.restart()
     state.withLock {
       changes = fresh
       committed = fresh.bits
@@ -310,5 +370,8 @@ public final class TrackingEngine: @unchecked Sendable {
       state.withLock { view = nil }
     }
     try device.sync()
+    let m = state.withLock { changes }
+    try MapFile.save(m, to: changesPath)
+    try journal.restart()
   }
 }
