@@ -10,6 +10,7 @@ let package = Package(
     .executable(name: "snapshot", targets: ["snapshot"]),
     .executable(name: "merge-snapshot", targets: ["merge-snapshot"]),
     .executable(name: "restore-read-through", targets: ["restore-read-through"]),
+    .executable(name: "tracking-server", targets: ["tracking-server"]),
     .library(name: "DualRestore", targets: ["DualRestore"]),
   ],
   dependencies: [
@@ -65,6 +66,12 @@ let package = Package(
       ]),
     .executableTarget(
       name: "restore-read-through",
+      dependencies: [
+        "DualRestore", "ToolSupport",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]),
+    .executableTarget(
+      name: "tracking-server",
       dependencies: [
         "DualRestore", "ToolSupport",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),

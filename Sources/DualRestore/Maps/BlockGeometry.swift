@@ -75,6 +75,13 @@ public struct BlockGeometry: Hashable, Sendable, CustomStringConvertible {
     return first..<last
   }
 
+  /// The blocks a byte range inside the device touches, whole or in part.
+  public func blocks(touching offset: UInt64, length: UInt64) -> Range<UInt64> {
+    let first = offset >> blockShift
+    let last = (offset + length + UInt64(blockSize) - 1) >> blockShift
+    return first..<max(first, last)
+  }
+
   /// Throws unless `other` has the same block size and device size, naming
   /// both sides in the sentence.
   public func check(matches other: BlockGeometry, _ what: String, _ otherWhat: String) throws {

@@ -63,6 +63,8 @@ public final class RestoreEngine: @unchecked Sendable {
   public private(set) var fetchedBlocks: UInt64 = 0
   public private(set) var fetchedBytes: UInt64 = 0
   public private(set) var mergedBlocks: UInt64 = 0
+  /// Blocks the merge export was given but left alone: already current.
+  public private(set) var mergeSkippedBlocks: UInt64 = 0
   private var activeRequests = 0
   // Read-ahead of sequential misses, under `state`.
   private var recentMissEnds: [UInt64] = []
@@ -240,9 +242,7 @@ public final class RestoreEngine: @unchecked Sendable {
 
   /// The blocks `[offset, offset+length)` touches.
   func blockRange(_ offset: UInt64, _ length: UInt64) -> Range<UInt64> {
-    let first = offset >> geometry.blockShift
-    let last = (offset + length + UInt64(geometry.blockSize) - 1) >> geometry.blockShift
-    return first..<max(first, last)
+    geometry.blocks(touching: offset, length: length)
   }
 
   /// Runs of blocks in `range` that are not current.
@@ -455,7 +455,11 @@ public final class RestoreEngine: @unchecked Sendable {
     guard !blocks.isEmpty else { return }
     locks.lock(blocks)
     defer { locks.unlock(blocks) }
-    for b in blocks where !isCurrent(b) {
+    for b in blocks {
+      if isCurrent(b) {
+        state.withLock { mergeSkippedBlocks += 1 }
+        continue
+      }
       let start = Int(geometry.offset(ofBlock: b) - offset)
       let n = geometry.length(ofBlock: b)
       try primary.write(UnsafeRawBufferPointer(rebasing: buffer[start..<start + n]), at: geometry.offset(ofBlock: b))
@@ -470,11 +474,17 @@ public final class RestoreEngine: @unchecked Sendable {
     guard !blocks.isEmpty else { return }
     locks.lock(blocks)
     defer { locks.unlock(blocks) }
+    var written: UInt64 = 0
     for run in missingRuns(blocks) {
       let (o, l) = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count))
       try Merger.writeZeros(primary, offset: o, length: l, zeros: zeros)
       markCurrent(run)
-      state.withLock { mergedBlocks += UInt64(run.count) }
+      written += UInt64(run.count)
+    }
+    let skipped = UInt64(blocks.count) - written
+    state.withLock {
+      mergedBlocks += written
+      mergeSkippedBlocks += skipped
     }
   }
 

@@ -62,7 +62,13 @@ public final class MergeExport: NBDExport, @unchecked Sendable {
     if fua { try engine.flush() }
   }
 
-  public func flush() throws { try engine.flush() }
+  /// A merge flushes at its checkpoints and at its end: say where it stands.
+  public func flush() throws {
+    try engine.flush()
+    engine.log(
+      "merge: \(engine.mergedBlocks) block(s) merged, \(engine.mergeSkippedBlocks) skipped as current (newer than the snapshot)"
+    )
+  }
 
   public func trim(offset: UInt64, length: UInt64, fua: Bool) throws {
     try engine.mergeZeroes(offset: offset, length: length)

@@ -1,0 +1,181 @@
+// A point-in-time view of a device that keeps changing: before the first
+// write to a block after the freeze, the block's old contents are copied to
+// the preservation store; the view reads preserved blocks from the store and
+// the others from the device.
+//
+// The store is a file: a 4 KiB text header naming the view (so a store left
+// behind by a crash can be reported), then one slot per preserved block, in
+// the order they were preserved. The index (block → slot) is in memory only:
+// a view does not survive a restart of its server, and says so.
+
+import Glibc
+
+public final class FrozenView: @unchecked Sendable {
+  public let id = ID128.random()
+  public let frozen: Instant
+  public let generation: ID128
+  public let geometry: BlockGeometry
+  public let limit: UInt64
+  let path: String
+  let fd: Int32
+  let log: @Sendable (String) -> Void
+  static let headerLength: UInt64 = 4096
+
+  private let lock = Monitor()
+  private var slots: [UInt64: UInt64] = [:]
+  private var nextSlot: UInt64 = 0
+  private var lostReason: String?
+
+  init(
+    path: String, geometry: BlockGeometry, limit: UInt64, instant: Instant, generation: ID128,
+    log: @escaping @Sendable (String) -> Void
+  ) throws {
+    self.path = path
+    self.geometry = geometry
+    self.limit = limit
+    self.frozen = instant
+    self.generation = generation
+    self.log = log
+    switch Sys.open(path, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600) {
+    case .success(let d): fd = d
+    case .failure(let e): throw ToolkitError.path(path, "cannot create the preservation store: \(e)")
+    }
+    var header = Array(
+      "dualrestore preservation store\nview \(id)\nfrozen \(frozen)\ngeneration \(generation)\n".utf8)
+    header += [UInt8](repeating: 0, count: Int(FrozenView.headerLength) - header.count)
+    let written = header.withUnsafeBytes { pwriteFull(fd, $0.baseAddress!, $0.count, 0) }
+    if case .failure(let e) = written {
+      Sys.close(fd)
+      unlink(path)
+      throw ToolkitError.path(path, "cannot write the preservation store: \(e)")
+    }
+  }
+
+  deinit { Sys.close(fd) }
+
+  /// "VIEW frozen at INSTANT" from a store left behind, for the log.
+  static func describeLeftover(_ path: String) -> String {
+    guard let bytes = peekFile(path, count: 512) else { return "in \(path)" }
+    let text = String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
+    var view = "?"
+    var frozen = "?"
+    for line in text.split(separator: "\n") {
+      if line.hasPrefix("view ") { view = String(line.dropFirst(5)) }
+      if line.hasPrefix("frozen ") { frozen = String(line.dropFirst(7)) }
+    }
+    return "\(view) (frozen at \(frozen))"
+  }
+
+  public var status: TrackingEngine.ViewStatus {
+    lock.withLock {
+      TrackingEngine.ViewStatus(
+        id: id, frozen: frozen, preservedBlocks: UInt64(slots.count), storeBytes: storeBytesLocked, storeLimit: limit,
+        lost: lostReason)
+    }
+  }
+
+  public var isLost: Bool { lock.withLock { lostReason != nil } }
+
+  private var storeBytesLocked: UInt64 { FrozenView.headerLength + nextSlot * UInt64(geometry.blockSize) }
+
+  /// Marks the view lost; its reads fail from now on.
+  func close(reason: String) {
+    lock.withLock { if lostReason == nil { lostReason = reason } }
+  }
+
+  private func lose(_ reason: String) {
+    let first = lock.withLock { () -> Bool in
+      guard lostReason == nil else { return false }
+      lostReason = reason
+      return true
+    }
+    if first {
+      log("the frozen view \(id) is lost: \(reason); the live device is unaffected, drop the view and freeze anew")
+    }
+  }
+
+  /// Copies the old contents of the blocks of `blocks` not yet preserved
+  /// into the store. Called with the blocks locked, before they are written.
+  func preserve(_ blocks: Range<UInt64>, from device: Device, buffers: BufferPool) {
+    let blockSize = UInt64(geometry.blockSize)
+    var b = blocks.lowerBound
+    while b < blocks.upperBound {
+      // The next run of blocks not yet preserved.
+      let run: Range<UInt64>? = lock.withLock {
+        if lostReason != nil { return nil }
+        var start = b
+        while start < blocks.upperBound && slots[start] != nil { start += 1 }
+        guard start < blocks.upperBound else { return nil }
+        var end = start + 1
+        let most = max(1, (4 << 20) / blockSize)
+        while end < blocks.upperBound && slots[end] == nil && end - start < most { end += 1 }
+        return start..<end
+      }
+      guard let run else { return }
+      let (offset, length) = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count))
+      let buffer = buffers.get(Int(run.count) * Int(blockSize))
+      defer { buffers.put(buffer) }
+      do {
+        try device.read(into: buffer.slice(0, Int(length)), at: offset)
+      } catch {
+        lose("reading the old contents of block \(run.lowerBound) failed: \(error)")
+        return
+      }
+      let first: UInt64? = lock.withLock {
+        let bytes = storeBytesLocked + UInt64(run.count) * blockSize
+        guard bytes <= limit else { return nil }
+        let s = nextSlot
+        nextSlot += UInt64(run.count)
+        return s
+      }
+      guard let first else {
+        lose("the preservation store \(path) is full (limit \(formatBytes(limit)))")
+        return
+      }
+      let at = FrozenView.headerLength + first * blockSize
+      if case .failure(let e) = pwriteFull(fd, buffer.pointer, Int(length), at) {
+        lose("writing the preservation store \(path) failed: \(e)")
+        return
+      }
+      lock.withLock {
+        for (i, block) in run.enumerated() { slots[block] = first + UInt64(i) }
+      }
+      b = run.upperBound
+    }
+  }
+
+  /// Reads the view's bytes at `offset`. Called with the blocks locked.
+  func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, device: Device) throws {
+    let blockSize = UInt64(geometry.blockSize)
+    let end = offset + UInt64(buffer.count)
+    var position = offset
+    while position < end {
+      let block = position >> geometry.blockShift
+      let (slot, lost) = lock.withLock { (slots[block], lostReason) }
+      if let lost { throw NBDError(NBD.errIO, "the frozen view \(id) is lost: \(lost)") }
+      let blockEnd = min((block + 1) * blockSize, end)
+      let into = buffer.baseAddress! + Int(position - offset)
+      if let slot {
+        let at = FrozenView.headerLength + slot * blockSize + (position - block * blockSize)
+        if case .failure(let e) = preadFull(fd, into, Int(blockEnd - position), at) {
+          throw ToolkitError.path(path, "cannot read the preservation store: \(e)")
+        }
+        position = blockEnd
+        continue
+      }
+      // A run of blocks unchanged since the freeze: one read of the device.
+      var runEnd = blockEnd
+      while runEnd < end {
+        let next = runEnd >> geometry.blockShift
+        if lock.withLock({ slots[next] }) != nil { break }
+        runEnd = min((next + 1) * blockSize, end)
+      }
+      try device.read(
+        into: UnsafeMutableRawBufferPointer(start: into, count: Int(runEnd - position)), at: position)
+      position = runEnd
+    }
+    if let lost = lock.withLock({ lostReason }) {
+      throw NBDError(NBD.errIO, "the frozen view \(id) is lost: \(lost)")
+    }
+  }
+}

@@ -1,0 +1,377 @@
+// The backup site's device, served with its writes tracked: a change map of
+// the blocks written since a named generation, and on request a frozen
+// point-in-time view kept by copy-on-write while writes continue.
+//
+// Invariants:
+// - Marked before written: a write's blocks are set in the change map *on
+//   disk* before the write is issued (group commit, as dm-era does: one
+//   journal append and fdatasync for all writes waiting), so after a crash
+//   the map and its journal still cover every block that may have changed.
+// - A generation ends atomically: writes are held at a gate while the old
+//   map is saved and the new one starts, so every write lands in exactly
+//   one generation.
+// - A frozen view is exact: the old contents of a block are copied to the
+//   preservation store before the first write after the freeze, under the
+//   block's lock, which a read of the view also takes.
+// - A view never lies: when the store is full or the server stopped while a
+//   view was held, the view is lost — its reads fail, its export goes — and
+//   the log says so; the live device keeps working.
+// - Acknowledged means durable: FLUSH and FUA reach the device (fdatasync);
+//   the change map needs no flush, being committed before each write.
+
+import Dispatch
+import Glibc
+
+public final class TrackingEngine: @unchecked Sendable {
+  public let device: Device
+  public let geometry: BlockGeometry
+  public let changesPath: String
+  public let storePath: String
+  public let storeLimit: UInt64
+  let log: @Sendable (String) -> Void
+
+  private let state = Monitor()
+  /// The change map of the current generation, bits as in memory.
+  private var changes: BlockMap
+  /// The bits known to be on disk (map file and journal).
+  private var committed: BlockBitmap
+  /// Ranges set in `changes` but not yet committed.
+  private var pendingRanges: [Range<UInt64>] = []
+  private var committing = false
+  private var journalHasRecords = false
+  private let journal: MarkJournal
+  /// Writes hold the gate open; a generation change or a freeze closes it
+  /// and waits for the writes inside to finish.
+  private var gateClosed = false
+  private var writesInside = 0
+  private let locks = BlockLocks()
+  private var view: FrozenView?
+  private let zeros: AlignedBuffer
+  private let buffers = BufferPool(keepCount: 16, keepSize: 4 << 20)
+
+  public init(
+    device: Device, changesPath: String, storePath: String, storeLimit: UInt64, blockSize: UInt32,
+    log: @escaping @Sendable (String) -> Void
+  ) throws {
+    self.device = device
+    self.changesPath = changesPath
+    self.storePath = storePath
+    self.storeLimit = storeLimit
+    self.log = log
+    var m: BlockMap
+    if pathExists(changesPath) {
+      m = try MapFile.load(changesPath)
+      guard m.meaning == .changed else {
+        throw ToolkitError("\(changesPath) is a map of \(m.meaning) blocks, not a change map")
+      }
+      guard m.geometry.deviceSize == device.size else {
+        throw ToolkitError(
+          "\(changesPath) describes \(m.geometry.deviceSize) bytes but \(device.path) has \(device.size)")
+      }
+      if m.deviceName.isEmpty {
+        m.deviceName = device.path
+        try MapFile.save(m, to: changesPath)
+      } else if !RestoreEngine.samePath(m.deviceName, device.path) {
+        throw ToolkitError("\(changesPath) is the change map of \(m.deviceName), not of \(device.path)")
+      }
+      log(
+        "generation \(m.mapID) since \(m.trackingStarted) goes on: \(m.bits.population) block(s) changed so far")
+    } else {
+      m = BlockMap(
+        geometry: try BlockGeometry(blockSize: blockSize, deviceSize: device.size), meaning: .changed,
+        deviceName: device.path)
+      try MapFile.save(m, to: changesPath)
+      log("created the change map \(changesPath): generation \(m.mapID) starts now")
+    }
+    // Marks journaled since the map file was last saved belong to it.
+    journal = try MarkJournal(path: changesPath + ".journal")
+    let replayed = try journal.recovered(for: m.mapID)
+    if !replayed.isEmpty {
+      let before = m.bits.population
+      for r in replayed where r.upperBound <= m.geometry.blockCount { m.bits.set(r) }
+      log(
+        "the last stop was not clean: \(replayed.count) journal record(s) replayed into \(changesPath), "
+          + "\(m.bits.population - before) block(s) added")
+    }
+    try MapFile.save(m, to: changesPath)
+    try journal.restart()
+    changes = m
+    committed = m.bits
+    geometry = m.geometry
+    zeros = AlignedBuffer(count: 1 << 20)
+    zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+    // A store left behind belonged to a view held when the server stopped
+    // without dropping it: that view is gone, and whoever streamed it must
+    // know.
+    if pathExists(storePath) {
+      let what = FrozenView.describeLeftover(storePath)
+      unlink(storePath)
+      log("the frozen view \(what) did not survive the last stop: it is lost; freeze a new one")
+    }
+  }
+
+  // MARK: Status
+
+  public struct Status: Sendable {
+    public var generation: ID128
+    public var generationStarted: Instant
+    public var changedBlocks: UInt64
+    public var view: ViewStatus?
+  }
+
+  public struct ViewStatus: Sendable {
+    public var id: ID128
+    public var frozen: Instant
+    public var preservedBlocks: UInt64
+    public var storeBytes: UInt64
+    public var storeLimit: UInt64
+    /// Why the view is lost, or nil while it is exact.
+    public var lost: String?
+  }
+
+  public var status: Status {
+    state.withLock {
+      Status(
+        generation: changes.mapID, generationStarted: changes.trackingStarted, changedBlocks: changes.bits.population,
+        view: view?.status)
+    }
+  }
+
+  public var currentView: FrozenView? { state.withLock { view } }
+
+  // MARK: Writes
+
+  /// Writes `buffer` at `offset`, tracked.
+  public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+    let blocks = geometry.blocks(touching: offset, length: UInt64(buffer.count))
+    try enter(blocks)
+    defer { leave() }
+    try withPreserved(blocks) { try device.write(buffer, at: offset) }
+    if fua { try device.sync() }
+  }
+
+  /// Zeros a range (WRITE_ZEROES and TRIM), tracked.
+  public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
+    let blocks = geometry.blocks(touching: offset, length: length)
+    try enter(blocks)
+    defer { leave() }
+    try withPreserved(blocks) { try device.writeZeros(offset: offset, length: length, scratch: zeros) }
+    if fua { try device.sync() }
+  }
+
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    try device.read(into: buffer, at: offset)
+  }
+
+  public func flush() throws { try device.sync() }
+
+  /// Passes the gate and commits the marks of `blocks` to the change map on
+  /// disk before returning.
+  private func enter(_ blocks: Range<UInt64>) throws {
+    state.lock()
+    defer { state.unlock() }
+    while gateClosed { state.wait() }
+    writesInside += 1
+    if committed.allSet(blocks) { return }
+    if !changes.bits.allSet(blocks) {
+      changes.bits.set(blocks)
+      pendingRanges.append(blocks)
+    }
+    // Group commit: one thread makes the marks durable for everyone waiting.
+    while !committed.allSet(blocks) {
+      if committing {
+        state.wait()
+        continue
+      }
+      committing = true
+      let ranges = pendingRanges
+      pendingRanges.removeAll(keepingCapacity: true)
+      let snapshot = changes
+      state.unlock()
+      var failure: Error?
+      do {
+        if journal.hasRoom(ranges.count) {
+          try journal.append(ranges, mapID: snapshot.mapID)
+        } else {
+          try MapFile.save(snapshot, to: changesPath)
+          try journal.restart()
+        }
+      } catch { failure = error }
+      state.lock()
+      committing = false
+      if failure == nil {
+        committed = snapshot.bits
+        journalHasRecords = true
+      } else {
+        pendingRanges = ranges + pendingRanges
+      }
+      state.broadcast()
+      if let failure {
+        writesInside -= 1
+        state.broadcast()
+        throw ToolkitError("the change map cannot be made durable, so the write was not issued: \(failure)")
+      }
+    }
+  }
+
+  /// Folds the journal into the map file, so that overwrite-map show MAP is
+  /// up to date; called every few seconds.
+  public func checkpoint() throws {
+    state.lock()
+    while committing || gateClosed { state.wait() }
+    guard journalHasRecords else {
+      state.unlock()
+      return
+    }
+    committing = true
+    var snapshot = changes
+    snapshot.bits = committed
+    state.unlock()
+    var failure: Error?
+    do {
+      try MapFile.save(snapshot, to: changesPath)
+      try journal.restart()
+    } catch { failure = error }
+    state.withLock {
+      committing = false
+      if failure == nil { journalHasRecords = false }
+      state.broadcast()
+    }
+    if let failure { throw failure }
+  }
+
+  private func leave() {
+    state.withLock {
+      writesInside -= 1
+      if writesInside == 0 { state.broadcast() }
+    }
+  }
+
+  /// Runs `body` (a write of `blocks`) after the view, if any, has preserved
+  /// their old contents; the block lock keeps view reads out meanwhile.
+  private func withPreserved(_ blocks: Range<UInt64>, _ body: () throws -> Void) throws {
+    guard let view = state.withLock({ view }) else { return try body() }
+    locks.lock(blocks)
+    defer { locks.unlock(blocks) }
+    view.preserve(blocks, from: device, buffers: buffers)
+    try body()
+  }
+
+  /// Closes the gate, waits for the writes inside, runs `body`, reopens.
+  private func withWritesHeld<R>(_ body: () throws -> R) rethrows -> R {
+    state.lock()
+    while gateClosed { state.wait() }
+    gateClosed = true
+    while writesInside > 0 || committing { state.wait() }
+    state.unlock()
+    defer {
+      state.withLock {
+        gateClosed = false
+        state.broadcast()
+      }
+    }
+    return try body()
+  }
+
+  // MARK: Generations
+
+  public struct GenerationChange: Sendable {
+    public var ended: ID128
+    public var endedStarted: Instant
+    public var endedBlocks: UInt64
+    public var started: ID128
+    public var instant: Instant
+  }
+
+  /// Ends the current generation, saving its change map to `output`, and
+  /// starts a new one, with writes held so each lands in exactly one.
+  public func newGeneration(output: String) throws -> GenerationChange {
+    try withWritesHeld { try switchGeneration(output: output) }
+  }
+
+  private func switchGeneration(output: String) throws -> GenerationChange {
+    let old = state.withLock { changes }
+    if RestoreEngine.samePath(output, changesPath) {
+      throw ToolkitError("\(output) is the live change map; give another file for the generation that ends")
+    }
+    try MapFile.save(old, to: output)
+    let fresh = BlockMap(geometry: geometry, meaning: .changed, deviceName: device.path)
+    try MapFile.save(fresh, to: changesPath)
+    try journal.restart()
+    state.withLock {
+      changes = fresh
+      committed = fresh.bits
+    }
+    log(
+      "generation \(old.mapID) ended with \(old.bits.population) changed block(s), saved to \(output); "
+        + "generation \(fresh.mapID) starts")
+    return GenerationChange(
+      ended: old.mapID, endedStarted: old.trackingStarted, endedBlocks: old.bits.population, started: fresh.mapID,
+      instant: fresh.trackingStarted)
+  }
+
+  // MARK: Frozen views
+
+  /// Freezes a point-in-time view of the device; with `changesOutput`, the
+  /// current generation ends at the same instant (saved there).
+  public func freeze(changesOutput: String?) throws -> (view: ViewStatus, generation: GenerationChange?) {
+    try withWritesHeld {
+      if let v = state.withLock({ view }) {
+        throw ToolkitError("a view frozen at \(v.frozen) is held already; drop it first")
+      }
+      var change: GenerationChange?
+      if let changesOutput { change = try switchGeneration(output: changesOutput) }
+      let v = try FrozenView(
+        path: storePath, geometry: geometry, limit: storeLimit, instant: change?.instant ?? .now(),
+        generation: state.withLock { changes.mapID }, log: log)
+      state.withLock { view = v }
+      log(
+        "froze view \(v.id) at \(v.frozen); the preservation store is \(storePath), at most \(formatBytes(storeLimit))")
+      return (v.status, change)
+    }
+  }
+
+  /// Drops the view: its export goes and its store is removed.
+  public func dropView() throws -> ViewStatus {
+    guard
+      let v = state.withLock({ () -> FrozenView? in
+        let v = view
+        view = nil
+        return v
+      })
+    else { throw ToolkitError("no view is frozen") }
+    // Writes that fetched the view before it was dropped still hold block
+    // locks; taking the whole range waits for them.
+    locks.lock(0..<geometry.blockCount)
+    locks.unlock(0..<geometry.blockCount)
+    let s = v.status
+    v.close(reason: "the view was dropped")
+    unlink(storePath)
+    log("dropped view \(s.id) (\(s.preservedBlocks) block(s) preserved, \(formatBytes(s.storeBytes)) of store)")
+    return s
+  }
+
+  /// Reads the frozen view: preserved blocks from the store, the others
+  /// from the device, under the block locks that writes take.
+  func readView(_ v: FrozenView, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    let blocks = geometry.blocks(touching: offset, length: UInt64(buffer.count))
+    locks.lock(blocks)
+    defer { locks.unlock(blocks) }
+    try v.read(into: buffer, at: offset, device: device)
+  }
+
+  /// Stops: a view still held is lost (the store goes), the device is
+  /// synchronised.
+  public func close() throws {
+    if let v = state.withLock({ view }) {
+      v.close(reason: "the server stopped")
+      unlink(storePath)
+      log("the frozen view \(v.id) is lost with the stop")
+      state.withLock { view = nil }
+    }
+    try device.sync()
+    let m = state.withLock { changes }
+    try MapFile.save(m, to: changesPath)
+    try journal.restart()
+  }
+}

@@ -1,0 +1,374 @@
+import ArgumentParser
+import DualRestore
+import Glibc
+import ToolSupport
+
+@main
+struct TrackingServer: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "tracking-server",
+    abstract: "Serve a device over NBD with its writes tracked, and freeze point-in-time views of it.",
+    discussion: """
+      The backup site's half of the toolkit. `tracking-server serve` exports \
+      a device (the backup that restore-read-through mirrors to, or a disk \
+      being copied to a new mirror) and records every block written in a \
+      change map since a named generation. While it runs, the other \
+      subcommands talk to it through its control socket: `freeze` takes a \
+      point-in-time view that stays exact while writes continue (exported \
+      read-only as `view`, for snapshot), `drop` lets it go, \
+      `new-generation` saves the change map and starts a new one, `status` \
+      reports.
+
+      Seeding a mirror, with writes going on all along:
+
+        tracking-server serve --changes disk.changes --socket disk.sock disk.img &
+        tracking-server freeze --socket disk.sock --changes-out g0.map
+        snapshot -o media.stream 'nbd+unix:///view?socket=disk.sock'
+        tracking-server drop --socket disk.sock
+        merge-snapshot --mirror --map mirror.map -i media.stream mirror.img
+        tracking-server freeze --socket disk.sock --changes-out g1.map
+        snapshot --map g1.map --base STREAM-ID -o catchup.stream 'nbd+unix:///view?socket=disk.sock'
+        tracking-server drop --socket disk.sock
+        merge-snapshot --mirror --map mirror.map -i catchup.stream mirror.img
+
+      Freezing with --changes-out ends the generation at the instant of the \
+      view, so g1.map names exactly the blocks written between the two views.
+      """,
+    subcommands: [Serve.self, Freeze.self, Drop.self, NewGeneration.self, Status.self])
+
+  static func main() { ToolMain.run(Self.self) }
+}
+
+/// Where a control subcommand finds the server.
+struct ControlOptions: ParsableArguments {
+  @Option(help: ArgumentHelp("The server's NBD socket (its control socket is PATH.control).", valueName: "path"))
+  var socket: String?
+
+  @Option(help: ArgumentHelp("The server's control socket.", valueName: "path"))
+  var control: String?
+
+  func validate() throws {
+    if (socket == nil) == (control == nil) {
+      throw ValidationError("give exactly one of --socket PATH and --control PATH")
+    }
+  }
+
+  var path: String { control ?? (socket ?? "") + ".control" }
+}
+
+/// Makes a path absolute for a server whose working directory may differ.
+func absolute(_ path: String) -> String {
+  if path.hasPrefix("/") { return path }
+  guard let pointer = getcwd(nil, 0) else { return path }
+  defer { free(pointer) }
+  let cwd = String(cString: pointer)
+  return (cwd == "/" ? "" : cwd) + "/" + path
+}
+
+func printFields(_ fields: [(String, String)], json: Bool, text: (([String: String]) -> String)) throws {
+  if json {
+    var o = JSONObject()
+    for (k, v) in fields {
+      if let n = UInt64(v) {
+        o.add(k, n)
+      } else if v == "true" || v == "false" {
+        o.add(k, v == "true")
+      } else {
+        o.add(k, v)
+      }
+    }
+    let out = TextOutput()
+    try out.line(o.render())
+    try out.flush()
+  } else {
+    let out = TextOutput()
+    try out.line(text(Dictionary(fields, uniquingKeysWith: { $1 })))
+    try out.flush()
+  }
+}
+
+extension TrackingServer {
+  struct Serve: ParsableCommand {
+    static let configuration = CommandConfiguration(
+      abstract: "Export DEVICE over NBD, tracking its writes in a change map.",
+      usage: "tracking-server serve --changes MAP (--socket PATH | --listen HOST:PORT) [options] DEVICE",
+      discussion: """
+        DEVICE (an image file or block device) is exported as `device` (the \
+        default export) with reads, writes, FLUSH, FUA, TRIM and \
+        WRITE_ZEROES; several clients and several requests each are served \
+        at once. Every block written is set in MAP, a change map \
+        (overwrite-map show MAP), on disk before the write is issued, so \
+        after a crash MAP still covers every block that may have changed \
+        since its generation began. MAP is created when missing (a new \
+        generation starts) and continued when present.
+
+        The control socket (PATH.control beside --socket, or --control) \
+        takes the requests of the other subcommands. A frozen view keeps \
+        the old contents of blocks written after the freeze in the \
+        preservation store (--store, by default MAP.store; mode 0600). When \
+        the store reaches --store-limit the view is lost: its reads fail \
+        with EIO and the log says so, and the device goes on as before. A \
+        view does not survive a stop of the server: the next start reports \
+        it lost, and a snapshot that was reading it fails rather than end \
+        with a mix of two instants.
+
+        SIGINT or SIGTERM stops the server: requests in flight are answered \
+        and the device is synchronised.
+        """)
+
+    @Option(help: ArgumentHelp("The change map (created when missing).", valueName: "map"))
+    var changes: String
+
+    @Option(help: ArgumentHelp("Serve on this Unix socket.", valueName: "path"))
+    var socket: String?
+
+    @Option(help: ArgumentHelp("Serve on TCP HOST:PORT (HOST defaults to 127.0.0.1).", valueName: "host:port"))
+    var listen: String?
+
+    @Option(
+      help: ArgumentHelp("The control socket (default: the --socket path with .control added).", valueName: "path"))
+    var control: String?
+
+    @Option(help: ArgumentHelp("The preservation store of a frozen view (default: MAP.store).", valueName: "file"))
+    var store: String?
+
+    @Option(
+      help: ArgumentHelp(
+        "Most bytes a view may preserve (default: the device size or half the free space of the store's file system, whichever is smaller).",
+        valueName: "bytes"))
+    var storeLimit: ByteCount?
+
+    @OptionGroup var blockSize: BlockSizeOption
+
+    @Argument(help: ArgumentHelp("The image file or block device to serve.", valueName: "device"))
+    var device: String
+
+    func validate() throws {
+      if (socket == nil) == (listen == nil) {
+        throw ValidationError("give exactly one of --socket PATH and --listen HOST:PORT")
+      }
+      if socket == nil && control == nil {
+        throw ValidationError("with --listen, give the control socket with --control PATH")
+      }
+      if let storeLimit, storeLimit.value < 1 << 20 {
+        throw ValidationError("--store-limit \(storeLimit) is too small (at least 1M)")
+      }
+    }
+
+    func run() throws {
+      let signals = StopSignals()
+      let log: @Sendable (String) -> Void = { printError("tracking-server: \($0)") }
+      let stopping = AtomicFlag()
+      let d = try Device(path: device, options: .readWrite)
+      let storePath = store ?? changes + ".store"
+      let limit = storeLimit?.value ?? defaultStoreLimit(storePath: storePath, deviceSize: d.size)
+      let engine = try TrackingEngine(
+        device: d, changesPath: changes, storePath: storePath, storeLimit: limit, blockSize: blockSize.value,
+        log: log)
+      let listener = try makeListener(socket: socket, listen: listen)
+      let controlPath = control ?? (socket ?? "") + ".control"
+      let controlListener = try Listener(unixPath: controlPath)
+      chmod(controlPath, 0o600)
+      let server = NBDServer(exports: [TrackedExport(engine: engine), ViewExport(engine: engine)], log: log)
+      ControlSocket.serve(controlListener) { words in
+        Serve.answer(words, engine: engine)
+      }
+      signals.onSignal { received in
+        log("stopping on signal \(received)")
+        stopping.set()
+        controlListener.shutdown()
+        server.beginStop(listener)
+      }
+      startThread {
+        while !stopping.isSet {
+          sleep(5)
+          if stopping.isSet { return }
+          do { try engine.checkpoint() } catch { log("checkpoint: \(error)") }
+        }
+      }
+      let s = engine.status
+      log(
+        "serving \(device) (\(formatBytes(d.size))) on \(listener.name), control \(controlPath); "
+          + "generation \(s.generation), \(s.changedBlocks) block(s) changed")
+      server.serve(listener)
+      server.stop()
+      do {
+        try engine.close()
+      } catch {
+        log("stopped, but the final synchronisation failed: \(error)")
+        throw ExitCode(1)
+      }
+      log("stopped cleanly")
+    }
+
+    func defaultStoreLimit(storePath: String, deviceSize: UInt64) -> UInt64 {
+      var directory = storePath
+      if let slash = directory.lastIndex(of: "/") {
+        directory = String(directory[..<slash])
+        if directory.isEmpty { directory = "/" }
+      } else {
+        directory = "."
+      }
+      var fs = statvfs()
+      guard statvfs(directory, &fs) == 0 else { return deviceSize }
+      let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+      return max(1 << 20, min(deviceSize + 4096, free / 2))
+    }
+
+    static func answer(_ words: [String], engine: TrackingEngine) -> ControlAnswer {
+      guard let command = words.first else { return .error("an empty request") }
+      var arguments: [String: String] = [:]
+      for w in words.dropFirst() {
+        guard let eq = w.firstIndex(of: "=") else { return .error("'\(w)' is not KEY=VALUE") }
+        arguments[String(w[..<eq])] = ControlSocket.decode(String(w[w.index(after: eq)...]))
+      }
+      do {
+        switch command {
+        case "status":
+          return .ok(fields(engine.status))
+        case "freeze":
+          let (view, change) = try engine.freeze(changesOutput: arguments["changes-out"])
+          var f = viewFields(view)
+          if let change { f += generationFields(change) }
+          return .ok(f)
+        case "drop":
+          return .ok(viewFields(try engine.dropView()))
+        case "new-generation":
+          guard let out = arguments["changes-out"] else { return .error("new-generation needs changes-out=FILE") }
+          return .ok(generationFields(try engine.newGeneration(output: out)))
+        default:
+          return .error("unknown request '\(command)'")
+        }
+      } catch {
+        return .error("\(error)")
+      }
+    }
+
+    static func fields(_ s: TrackingEngine.Status) -> [(String, String)] {
+      var f: [(String, String)] = [
+        ("generation", s.generation.description), ("generation_started", s.generationStarted.description),
+        ("changed_blocks", String(s.changedBlocks)),
+      ]
+      if let v = s.view { f += viewFields(v) }
+      return f
+    }
+
+    static func viewFields(_ v: TrackingEngine.ViewStatus) -> [(String, String)] {
+      [
+        ("view", v.id.description), ("frozen", v.frozen.description), ("preserved_blocks", String(v.preservedBlocks)),
+        ("store_bytes", String(v.storeBytes)), ("store_limit", String(v.storeLimit)),
+        ("view_lost", v.lost ?? "false"),
+      ]
+    }
+
+    static func generationFields(_ c: TrackingEngine.GenerationChange) -> [(String, String)] {
+      [
+        ("ended_generation", c.ended.description), ("ended_generation_started", c.endedStarted.description),
+        ("ended_changed_blocks", String(c.endedBlocks)), ("generation", c.started.description),
+        ("generation_started", c.instant.description),
+      ]
+    }
+  }
+
+  struct Freeze: ParsableCommand {
+    static let configuration = CommandConfiguration(
+      abstract: "Freeze a point-in-time view of the running server's device.",
+      discussion: """
+        Writes are held for an instant while the view is taken; afterwards \
+        they go on, and the old contents of the blocks they overwrite are \
+        preserved for the view. The view is exported read-only as `view` \
+        (nbd+unix:///view?socket=PATH) until `drop`. One view at a time. \
+        With --changes-out, the current generation ends at the same \
+        instant: its change map (the blocks written since it began) is \
+        saved to FILE and a new generation starts, so the next freeze \
+        --changes-out names exactly the blocks written between the two views.
+        """)
+
+    @OptionGroup var server: ControlOptions
+
+    @Option(help: ArgumentHelp("End the generation at the freeze and save its change map here.", valueName: "file"))
+    var changesOut: String?
+
+    @Flag(help: "Print the result as one JSON object on standard output.")
+    var json = false
+
+    func run() throws {
+      var words = ["freeze"]
+      if let changesOut { words.append("changes-out=" + ControlSocket.encode(absolute(changesOut))) }
+      let f = try ControlSocket.request(server.path, words)
+      try printFields(f, json: json) { d in
+        var s = "froze view \(d["view"] ?? "?") at \(d["frozen"] ?? "?")"
+        if let ended = d["ended_generation"] {
+          s +=
+            "; generation \(ended) ended with \(d["ended_changed_blocks"] ?? "?") changed block(s) in \(changesOut ?? "?"), generation \(d["generation"] ?? "?") began"
+        }
+        return s
+      }
+    }
+  }
+
+  struct Drop: ParsableCommand {
+    static let configuration = CommandConfiguration(
+      abstract: "Drop the frozen view; its export and preservation store go.")
+
+    @OptionGroup var server: ControlOptions
+
+    @Flag(help: "Print the result as one JSON object on standard output.")
+    var json = false
+
+    func run() throws {
+      let f = try ControlSocket.request(server.path, ["drop"])
+      try printFields(f, json: json) { d in
+        "dropped view \(d["view"] ?? "?") (\(d["preserved_blocks"] ?? "?") block(s) preserved)"
+      }
+    }
+  }
+
+  struct NewGeneration: ParsableCommand {
+    static let configuration = CommandConfiguration(
+      commandName: "new-generation",
+      abstract: "End the current generation, saving its change map, and start a new one.")
+
+    @OptionGroup var server: ControlOptions
+
+    @Option(help: ArgumentHelp("Save the ending generation's change map here.", valueName: "file"))
+    var changesOut: String
+
+    @Flag(help: "Print the result as one JSON object on standard output.")
+    var json = false
+
+    func run() throws {
+      let f = try ControlSocket.request(
+        server.path, ["new-generation", "changes-out=" + ControlSocket.encode(absolute(changesOut))])
+      try printFields(f, json: json) { d in
+        "generation \(d["ended_generation"] ?? "?") ended with \(d["ended_changed_blocks"] ?? "?") changed block(s) in \(changesOut); generation \(d["generation"] ?? "?") began"
+      }
+    }
+  }
+
+  struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+      abstract: "Report the generation, the changed blocks and the frozen view of a running server.")
+
+    @OptionGroup var server: ControlOptions
+
+    @Flag(help: "Print the status as one JSON object on standard output.")
+    var json = false
+
+    func run() throws {
+      let f = try ControlSocket.request(server.path, ["status"])
+      try printFields(f, json: json) { d in
+        var s =
+          "generation \(d["generation"] ?? "?") since \(d["generation_started"] ?? "?"): \(d["changed_blocks"] ?? "?") block(s) changed"
+        if let view = d["view"] {
+          s +=
+            "; view \(view) frozen at \(d["frozen"] ?? "?"): \(d["preserved_blocks"] ?? "?") block(s) preserved, store \(d["store_bytes"] ?? "?") of \(d["store_limit"] ?? "?") bytes"
+          if let lost = d["view_lost"], lost != "false" { s += "; LOST: \(lost)" }
+        } else {
+          s += "; no view frozen"
+        }
+        return s
+      }
+    }
+  }
+}

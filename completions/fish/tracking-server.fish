@@ -1,0 +1,122 @@
+function __tracking-server_should_offer_completions_for_flags_or_options -a expected_commands
+    set -l non_repeating_flags_or_options $argv[2..]
+    set -l non_repeating_flags_or_options_absent 0
+    set -l positional_index 0
+    set -l commands
+    __tracking-server_parse_tokens
+    test "$commands" = "$expected_commands"; and return $non_repeating_flags_or_options_absent
+end
+
+function __tracking-server_should_offer_completions_for_positional -a expected_commands positional_index_comparison expected_positional_index
+    set -l non_repeating_flags_or_options
+    set -l non_repeating_flags_or_options_absent 0
+    set -l positional_index 0
+    set -l commands
+    __tracking-server_parse_tokens
+    test "$commands" = "$expected_commands" -a \( "$positional_index" "$positional_index_comparison" "$expected_positional_index" \)
+end
+
+function __tracking-server_parse_tokens -S
+    set -l unparsed_tokens (__tracking-server_tokens -pc)
+    switch $unparsed_tokens[1]
+    case 'tracking-server'
+        __tracking-server_parse_subcommand 0 'h/help'
+        switch $unparsed_tokens[1]
+        case 'serve'
+            __tracking-server_parse_subcommand 1 'changes=' 'socket=' 'listen=' 'control=' 'store=' 'store-limit=' 'block-size=' 'h/help'
+        case 'freeze'
+            __tracking-server_parse_subcommand 0 'socket=' 'control=' 'changes-out=' 'json' 'h/help'
+        case 'drop'
+            __tracking-server_parse_subcommand 0 'socket=' 'control=' 'json' 'h/help'
+        case 'new-generation'
+            __tracking-server_parse_subcommand 0 'socket=' 'control=' 'changes-out=' 'json' 'h/help'
+        case 'status'
+            __tracking-server_parse_subcommand 0 'socket=' 'control=' 'json' 'h/help'
+        case 'help'
+            __tracking-server_parse_subcommand -r 1 
+        end
+    end
+end
+
+function __tracking-server_tokens
+    if test (string split -m 1 -f 1 -- . "$FISH_VERSION") -gt 3
+        commandline --tokens-raw $argv
+    else
+        commandline -o $argv
+    end
+end
+
+function __tracking-server_parse_subcommand -S -a positional_count
+    argparse -s r -- $argv
+    set -l option_specs $argv[2..]
+    set -l is_repeating_positional $_flag_r
+    set -el _flag_r
+    set -a commands $unparsed_tokens[1]
+    set positional_index 0
+    while true
+        set -e unparsed_tokens[1]
+        argparse -sn "$commands" $option_specs -- $unparsed_tokens 2> /dev/null
+        set unparsed_tokens $argv
+        set positional_index (math $positional_index + 1)
+        for non_repeating_flag_or_option in $non_repeating_flags_or_options
+            if set -ql "_flag_$(string replace -a - _ -- $non_repeating_flag_or_option)"
+                set non_repeating_flags_or_options_absent 1
+                break
+            end
+        end
+        test (count $unparsed_tokens) -eq 0 -o \( -z "$is_repeating_positional" -a "$positional_index" -gt "$positional_count" \) && break
+    end
+end
+
+function __tracking-server_complete_directories
+    set -l token (commandline -t)
+    string match -- '*/' $token
+    set -l subdirs $token*/
+    printf %s\n $subdirs
+end
+
+function __tracking-server_custom_completion
+    set -x SAP_SHELL fish
+    set -x SAP_SHELL_VERSION $FISH_VERSION
+    set -l tokens (__tracking-server_tokens -p)
+    if test -z "$(__tracking-server_tokens -t)"
+        set -l index (count (__tracking-server_tokens -pc))
+        set tokens $tokens[..$index] \'\' $tokens[(math $index + 1)..]
+    end
+    command $tokens[1] $argv $tokens
+end
+
+complete -c 'tracking-server' -f
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_positional "tracking-server" -eq 1' -fa 'serve' -d 'Export DEVICE over NBD, tracking its writes in a change map.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_positional "tracking-server" -eq 1' -fa 'freeze' -d 'Freeze a point-in-time view of the running server\'s device.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_positional "tracking-server" -eq 1' -fa 'drop' -d 'Drop the frozen view; its export and preservation store go.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_positional "tracking-server" -eq 1' -fa 'new-generation' -d 'End the current generation, saving its change map, and start a new one.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_positional "tracking-server" -eq 1' -fa 'status' -d 'Report the generation, the changed blocks and the frozen view of a running server.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_positional "tracking-server" -eq 1' -fa 'help' -d 'Show subcommand help information.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server serve" changes' -l 'changes' -d 'The change map (created when missing).' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server serve" socket' -l 'socket' -d 'Serve on this Unix socket.' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server serve" listen' -l 'listen' -d 'Serve on TCP HOST:PORT (HOST defaults to 127.0.0.1).' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server serve" control' -l 'control' -d 'The control socket (default: the --socket path with .control added).' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server serve" store' -l 'store' -d 'The preservation store of a frozen view (default: MAP.store).' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server serve" store-limit' -l 'store-limit' -d 'Most bytes a view may preserve (default: the device size or half the free space of the store\'s file system, whichever is smaller).' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server serve" block-size' -l 'block-size' -d 'Block size: a power of two from 512 to 64M (K, M: powers of 1024).' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server serve" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server freeze" socket' -l 'socket' -d 'The server\'s NBD socket (its control socket is PATH.control).' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server freeze" control' -l 'control' -d 'The server\'s control socket.' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server freeze" changes-out' -l 'changes-out' -d 'End the generation at the freeze and save its change map here.' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server freeze" json' -l 'json' -d 'Print the result as one JSON object on standard output.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server freeze" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server drop" socket' -l 'socket' -d 'The server\'s NBD socket (its control socket is PATH.control).' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server drop" control' -l 'control' -d 'The server\'s control socket.' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server drop" json' -l 'json' -d 'Print the result as one JSON object on standard output.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server drop" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server new-generation" socket' -l 'socket' -d 'The server\'s NBD socket (its control socket is PATH.control).' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server new-generation" control' -l 'control' -d 'The server\'s control socket.' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server new-generation" changes-out' -l 'changes-out' -d 'Save the ending generation\'s change map here.' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server new-generation" json' -l 'json' -d 'Print the result as one JSON object on standard output.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server new-generation" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server status" socket' -l 'socket' -d 'The server\'s NBD socket (its control socket is PATH.control).' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server status" control' -l 'control' -d 'The server\'s control socket.' -rfka ''
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server status" json' -l 'json' -d 'Print the status as one JSON object on standard output.'
+complete -c 'tracking-server' -n '__tracking-server_should_offer_completions_for_flags_or_options "tracking-server status" h help' -s 'h' -l 'help' -d 'Show help information.'
