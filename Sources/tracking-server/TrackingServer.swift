@@ -112,6 +112,12 @@ extension TrackingServer {
         it lost, and a snapshot that was reading it fails rather than end \
         with a mix of two instants.
 
+        With --tls on or require the exports are offered over TLS \
+        (NBD_OPT_STARTTLS) with the certificates of --tls-certificates DIR, \
+        as restore-read-through does; the control socket is a local Unix \
+        socket of mode 0600. The limits on clients (--max-connections and \
+        the timeouts) are restore-read-through's too.
+
         SIGINT or SIGTERM stops the server: requests in flight are answered \
         and the device is synchronised.
         """)
@@ -140,6 +146,10 @@ extension TrackingServer {
 
     @OptionGroup var blockSize: BlockSizeOption
 
+    @OptionGroup var tls: TLSOptions
+
+    @OptionGroup var limits: ServerLimitOptions
+
     @Argument(help: ArgumentHelp("The image file or block device to serve.", valueName: "device"))
     var device: String
 
@@ -159,6 +169,7 @@ extension TrackingServer {
       let signals = StopSignals()
       let log: @Sendable (String) -> Void = { printError("tracking-server: \($0)") }
       let stopping = AtomicFlag()
+      let serverTLS = try tls.serverTLS()
       let d = try Device(path: device, options: .readWrite)
       let storePath = store ?? changes + ".store"
       let limit = storeLimit?.value ?? defaultStoreLimit(storePath: storePath, deviceSize: d.size)
@@ -169,7 +180,9 @@ extension TrackingServer {
       let controlPath = control ?? (socket ?? "") + ".control"
       let controlListener = try Listener(unixPath: controlPath)
       chmod(controlPath, 0o600)
-      let server = NBDServer(exports: [TrackedExport(engine: engine), ViewExport(engine: engine)], log: log)
+      let server = NBDServer(
+        exports: [TrackedExport(engine: engine), ViewExport(engine: engine)],
+        options: limits.serverOptions(tls: serverTLS), log: log)
       ControlSocket.serve(controlListener) { words in
         Serve.answer(words, engine: engine)
       }
@@ -188,7 +201,7 @@ extension TrackingServer {
       }
       let s = engine.status
       log(
-        "serving \(device) (\(formatBytes(d.size))) on \(listener.name), control \(controlPath); "
+        "serving \(device) (\(formatBytes(d.size))) on \(listener.name)\(tls.tls == .off ? "" : " (TLS \(tls.tls.rawValue))"), control \(controlPath); "
           + "generation \(s.generation), \(s.changedBlocks) block(s) changed")
       server.serve(listener)
       server.stop()
