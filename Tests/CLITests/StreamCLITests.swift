@@ -136,6 +136,24 @@ final class StreamCLITests: XCTestCase {
       "records differ between 1 and 7 threads")
   }
 
+  /// -o naming a FIFO (or a device such as /dev/null) writes through it
+  /// in place: renaming a temporary file over it would replace the node.
+  func testOutputToAFIFOWritesInPlace() throws {
+    let s = try Scratch()
+    let a = try makeImage(s, "a.img", size: 1 << 20, seed: 7)
+    try sh(
+      s,
+      "mkfifo pipe && { timeout 20 cat pipe > copy.stream & } && snapshot --quiet -o pipe a.img && wait && test -p pipe"
+    )
+    let r = try Tools.run("merge-snapshot", ["--quiet", "--check", "-i", s.path("copy.stream")])
+    XCTAssertEqual(r.status, 0, r.stderr)
+    XCTAssertEqual(try Tools.shell("truncate -s 1M b.img", cwd: s.url).status, 0)
+    try sh(s, "merge-snapshot --quiet -i copy.stream b.img")
+    XCTAssertTrue(try s.read("b.img") == a)
+    let leftovers = try Tools.shell("ls -a | grep -c '^\\.pipe\\.' || true", cwd: s.url)
+    XCTAssertEqual(leftovers.text.trimmingCharacters(in: .whitespacesAndNewlines), "0", "no temporary file left")
+  }
+
   func testSnapshotSummaryCounts() throws {
     let s = try Scratch()
     // 5 blocks of 64 KiB and 100 bytes: random, zero, zero, text, random, random tail.

@@ -2,7 +2,10 @@
 // appears under its name only when complete (written to a temporary file
 // beside it, synchronised, renamed, directory synchronised). An unfinished
 // file output is removed; an unfinished stdout output simply stops, and the
-// formats' closing checksums or END records show it incomplete.
+// formats' closing checksums or END records show it incomplete. A path that
+// names a device or a FIFO (/dev/null, a tape, a raw disk used as media, a
+// named pipe) is written in place, like standard output: renaming over it
+// would replace the device node with a file.
 
 import CShim
 import Glibc
@@ -11,6 +14,8 @@ public final class OutputSink {
   public let target: OutputTarget
   private let fd: Int32
   private var tempPath: String?
+  /// A device or FIFO written where it is.
+  private var inPlace = false
   private var done = false
   public private(set) var bytesWritten: UInt64 = 0
 
@@ -22,6 +27,21 @@ public final class OutputSink {
       try target.refuseTerminal(for: what)
       fd = 1
     case .file(let path):
+      var existing = stat()
+      if stat(path, &existing) == 0 && (existing.st_mode & S_IFMT) != S_IFREG
+        && (existing.st_mode & S_IFMT) != S_IFDIR
+      {
+        switch Sys.open(path, flags: O_WRONLY) {
+        case .success(let d): fd = d
+        case .failure(let e): throw ToolkitError.path(path, "cannot open for writing: \(e)")
+        }
+        if isatty(fd) == 1 {
+          Sys.close(fd)
+          throw ToolkitError("refusing to write a binary \(what) to the terminal \(path)")
+        }
+        inPlace = true
+        return
+      }
       let (directory, base) = splitPath(path)
       var template = Array("\(directory)/.\(base).XXXXXX".utf8CString)
       let d = template.withUnsafeMutableBufferPointer { dr_mkostemp($0.baseAddress!, O_CLOEXEC) }
@@ -86,6 +106,14 @@ public final class OutputSink {
 
   /// Completes the output: a file is made durable and renamed into place.
   public func finish() throws {
+    if inPlace, case .file(let path) = target {
+      // A disk or tape is made durable; /dev/null and pipes cannot be.
+      if case .failure(let e) = Sys.fsync(fd), e.rawValue != EINVAL, e.rawValue != EROFS {
+        throw ToolkitError.path(path, "cannot make the output durable: \(e)")
+      }
+      Sys.close(fd)
+      inPlace = false
+    }
     if case .file(let path) = target, let tempPath {
       if case .failure(let e) = Sys.fsync(fd) { throw ToolkitError.path(path, "cannot make the file durable: \(e)") }
       Sys.close(fd)
@@ -107,6 +135,10 @@ public final class OutputSink {
 
   /// Drops an unfinished file output.
   public func abandon() {
+    if inPlace && !done {
+      Sys.close(fd)
+      inPlace = false
+    }
     guard !done, let tempPath else { return }
     Sys.close(fd)
     unlink(tempPath)
