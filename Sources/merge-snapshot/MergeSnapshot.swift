@@ -139,6 +139,7 @@ struct MergeSnapshot: ParsableCommand {
     defer { if fd != 0 { close(fd) } }
 
     var loaded: BlockMap? = nil
+    var connect: ((StreamFormat.Header) throws -> BlockTarget)? = nil
     if let map { loaded = try MapFile.load(map) }
     let device: BlockTarget?
     if let target, NBDURI.isURI(target) {
@@ -149,7 +150,22 @@ struct MergeSnapshot: ParsableCommand {
         throw ToolkitError(
           "\(target) is an NBD export; the server there keeps the overwrite map, so drop --map and --mirror")
       }
-      device = try NBDClient(uri: target, timeout: 60)
+      if try NBDURI(target).exportName == "merge" {
+        // The server checks the stream against its map when it is named.
+        device = nil
+        let skew = Int64(clockSkew * 1e9)
+        let force = force
+        connect = { header in
+          let base = header.isIncremental ? header.baseStreamID.description : "none"
+          let named = MergeSnapshot.withExportParameters(
+            target,
+            "stream=\(header.streamID);base=\(base);started=\(header.started.nanosecondsSinceEpoch);skew=\(skew);force=\(force ? 1 : 0)"
+          )
+          return try MergeSnapshot.connect(named, shownAs: target)
+        }
+      } else {
+        device = try NBDClient(uri: target, timeout: 60)
+      }
     } else if let target {
       let d = try Device(path: target, options: DeviceOpenOptions(writable: !dryRun))
       if let m = loaded, m.geometry.deviceSize != d.size {
@@ -168,8 +184,34 @@ struct MergeSnapshot: ParsableCommand {
     options.progress = reporting.show
     let reader = StreamReader(fd: fd, name: name, secret: secret)
     let s = try Merger.merge(
-      reader, into: device, map: &loaded, mapPath: map, options: options, warn: { printError("merge-snapshot: \($0)") })
+      reader, into: device, map: &loaded, mapPath: map, options: options, connect: connect,
+      warn: { printError("merge-snapshot: \($0)") })
+    if connect != nil, s.complete, !dryRun, let target, let id = s.header?.streamID {
+      // The whole stream is in: the server records it as the last merged.
+      _ = try MergeSnapshot.connect(MergeSnapshot.withExportParameters(target, "complete=\(id)"), shownAs: target)
+    }
     try report(s)
+  }
+
+  /// The URI with `;PARAMETERS` after its export name.
+  static func withExportParameters(_ uri: String, _ parameters: String) -> String {
+    guard let q = uri.firstIndex(of: "?") else { return uri + ";" + parameters }
+    return String(uri[..<q]) + ";" + parameters + String(uri[q...])
+  }
+
+  /// Connects to a parametrised export; a refusal is the server's sentence.
+  static func connect(_ uri: String, shownAs target: String) throws -> NBDClient {
+    do {
+      return try NBDClient(uri: uri, timeout: 60)
+    } catch {
+      let text = "\(error)"
+      if let r = text.firstRange(of: "(the server says: ") {
+        var said = text[r.upperBound...]
+        if said.hasSuffix(")") { said = said.dropLast() }
+        throw ToolkitError("\(target): \(said)")
+      }
+      throw ToolkitError("\(target): \(text.replacing(uri, with: target))")
+    }
   }
 
   func report(_ s: Merger.Summary) throws {

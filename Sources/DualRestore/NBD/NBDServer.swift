@@ -63,14 +63,21 @@ public protocol NBDExport: AnyObject, Sendable {
   /// Whether the export is offered now (listed and accepted); an export
   /// such as a frozen view comes and goes.
   var isOffered: Bool { get }
-  /// The export a client that selects this one is served by: itself, or
-  /// one bound to what it stands for now (a frozen view).
-  func bind() -> NBDExport
+  /// The export a client that asks for `name` (this export's name, or it
+  /// followed by `;` and parameters) is served by: itself, or one bound to
+  /// what it stands for now (a frozen view, a merge of one stream). Throws
+  /// the sentence to refuse the client with.
+  func bind(name: String) throws -> NBDExport
 }
 
 extension NBDExport {
   public var isOffered: Bool { true }
-  public func bind() -> NBDExport { self }
+  public func bind(name: String) throws -> NBDExport {
+    guard name == self.name || name.isEmpty else {
+      throw NBDError(NBD.errInvalid, "the export \(self.name) takes no parameters")
+    }
+    return self
+  }
 }
 
 /// How a server offers TLS.
@@ -217,9 +224,22 @@ public final class NBDServer: @unchecked Sendable {
     if count > 0 { idle.wait() }
   }
 
-  func export(named name: String) -> NBDExport? {
-    if name.isEmpty { return exports.first { $0.isOffered }?.bind() }
-    return exports.first { $0.name == name && $0.isOffered }?.bind()
+  /// The export for a client's name, or why not.
+  func export(named name: String) -> Result<NBDExport, NBDError> {
+    let candidate =
+      name.isEmpty
+      ? exports.first { $0.isOffered }
+      : exports.first { name == $0.name || name.hasPrefix($0.name + ";") }
+    guard let candidate else {
+      return .failure(NBDError(NBD.repErrUnknown, "no export named '\(name)'"))
+    }
+    do {
+      return .success(try candidate.bind(name: name))
+    } catch let e as NBDError {
+      return .failure(NBDError(NBD.repErrPolicy, e.message))
+    } catch {
+      return .failure(NBDError(NBD.repErrPolicy, "\(error)"))
+    }
   }
 }
 
@@ -322,9 +342,12 @@ private final class Connection: @unchecked Sendable {
       switch option {
       case NBD.optExportName:
         let name = String(decoding: data, as: UTF8.self)
-        guard let export = server.export(named: name) else {
+        let export: NBDExport
+        switch server.export(named: name) {
+        case .success(let e): export = e
+        case .failure(let refusal):
           // EXPORT_NAME has no error reply: the connection just closes.
-          throw ToolkitError("the client asked for an unknown export '\(name)'")
+          throw ToolkitError("the client asked for the export '\(name)': \(refusal.message)")
         }
         var reply = [UInt8](repeating: 0, count: noZeroes ? 10 : 134)
         reply.withUnsafeMutableBytes { raw in
@@ -363,8 +386,11 @@ private final class Connection: @unchecked Sendable {
           try optionReply(option, NBD.repErrInvalid, Array("bad information request count".utf8))
           continue
         }
-        guard let export = server.export(named: name) else {
-          try optionReply(option, NBD.repErrUnknown, Array("no export named '\(name)'".utf8))
+        let export: NBDExport
+        switch server.export(named: name) {
+        case .success(let e): export = e
+        case .failure(let refusal):
+          try optionReply(option, refusal.code, Array(refusal.message.utf8.prefix(4096)))
           continue
         }
         var info = [UInt8](repeating: 0, count: 12)

@@ -63,6 +63,8 @@ public final class RestoreEngine: @unchecked Sendable {
   public private(set) var fetchedBlocks: UInt64 = 0
   public private(set) var fetchedBytes: UInt64 = 0
   public private(set) var mergedBlocks: UInt64 = 0
+  /// Streams whose merge was admitted since the server started.
+  private var admittedStreams: Set<ID128> = []
   /// Blocks the merge export was given but left alone: already current.
   public private(set) var mergeSkippedBlocks: UInt64 = 0
   private var activeRequests = 0
@@ -446,6 +448,48 @@ public final class RestoreEngine: @unchecked Sendable {
   }
 
   // MARK: The merge export (channel 2 into the running server)
+
+  /// Admits the merge of a stream through the merge export, with the checks
+  /// merge-snapshot makes against a map of its own: the stream must have
+  /// started reading after the map started tracking (plus the clock skew
+  /// allowed), and an incremental stream must apply on top of the last
+  /// stream merged. `force` turns a failed check into a warning in the log.
+  public func admitMerge(stream: ID128, base: ID128, started: Instant, skew: Int64, force: Bool) throws {
+    flushLock.lock()
+    defer { flushLock.unlock() }
+    var problems: [String] = []
+    if started.nanosecondsSinceEpoch < map.trackingStarted.nanosecondsSinceEpoch + skew {
+      problems.append(
+        "the stream started reading at \(started), before the map started tracking at \(map.trackingStarted)"
+          + (skew > 0 ? " plus the allowed clock skew" : "")
+          + ", so it could bring back data older than writes the map never saw")
+    }
+    if !base.isNone && base != map.lastMergedStream {
+      let last = map.lastMergedStream.isNone ? "none" : map.lastMergedStream.description
+      problems.append(
+        "the stream applies on top of stream \(base), but the last stream merged into this device is \(last)")
+    }
+    if let first = problems.first, !force { throw NBDError(NBD.errInvalid, first + " (--force merges it anyway)") }
+    for p in problems { log("merge of stream \(stream) forced: \(p)") }
+    _ = state.withLock { admittedStreams.insert(stream) }
+    log("merging stream \(stream) through the merge export")
+  }
+
+  /// Records `stream`, admitted earlier and now merged whole, as the last
+  /// merged stream, after everything it wrote is durable and committed.
+  public func recordMerged(stream: ID128) throws {
+    guard state.withLock({ admittedStreams.contains(stream) }) else {
+      throw NBDError(NBD.errInvalid, "stream \(stream) was not merged through this server")
+    }
+    try flush()
+    flushLock.lock()
+    defer { flushLock.unlock() }
+    var m = map
+    m.lastMergedStream = stream
+    try MapFile.save(m, to: mapPath)
+    map = m
+    log("stream \(stream) is merged whole: recorded as the last merged stream")
+  }
 
   /// Writes whole blocks of a merged snapshot where the map says not current;
   /// current blocks are left alone. Nothing is sent to the backup.

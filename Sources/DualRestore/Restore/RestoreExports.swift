@@ -53,6 +53,38 @@ public final class MergeExport: NBDExport, @unchecked Sendable {
 
   public init(engine: RestoreEngine) { self.engine = engine }
 
+  /// `merge` alone takes blocks from any writer. merge-snapshot names the
+  /// stream it merges so the server can make the checks a map allows:
+  /// `merge;stream=ID;base=ID;started=NS;skew=NS;force=0|1` before the
+  /// merge (refused when the stream does not fit), and
+  /// `merge;complete=ID` after a whole stream, to record it.
+  public func bind(name: String) throws -> NBDExport {
+    guard name != self.name else { return self }
+    var fields: [String: String] = [:]
+    for part in name.split(separator: ";").dropFirst() {
+      let kv = part.split(separator: "=", maxSplits: 1)
+      guard kv.count == 2 else { throw NBDError(NBD.errInvalid, "'\(part)' in the export name is not KEY=VALUE") }
+      fields[String(kv[0])] = String(kv[1])
+    }
+    func id(_ key: String) throws -> ID128 {
+      guard let text = fields[key] else { return .none }
+      if text == "none" { return .none }
+      guard let v = ID128(hex: text) else { throw NBDError(NBD.errInvalid, "\(key)=\(text) is not a stream id") }
+      return v
+    }
+    if fields["complete"] != nil {
+      try engine.recordMerged(stream: try id("complete"))
+      return self
+    }
+    guard fields["stream"] != nil, let started = fields["started"].flatMap({ Int64($0) }) else {
+      throw NBDError(NBD.errInvalid, "the merge export takes stream=ID and started=NS, or complete=ID")
+    }
+    try engine.admitMerge(
+      stream: try id("stream"), base: try id("base"), started: Instant(nanosecondsSinceEpoch: started),
+      skew: fields["skew"].flatMap { Int64($0) } ?? 0, force: fields["force"] == "1")
+    return self
+  }
+
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
     try engine.read(into: buffer, at: offset)
   }

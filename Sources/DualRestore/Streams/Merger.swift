@@ -58,10 +58,14 @@ public enum Merger {
 
   /// Merges the stream from `reader` into `target` (nil with `.check`),
   /// through `map` saved at `mapPath` (both nil without a map).
+  /// With `connect`, the target is opened once the header is known (and may
+  /// refuse the stream then): the `merge` export of a running server checks
+  /// the stream's identity against its own map.
   public static func merge(
     _ reader: StreamReader, into target: BlockTarget?, map: inout BlockMap?, mapPath: String?, options: Options,
-    warn: (String) -> Void
+    connect: ((StreamFormat.Header) throws -> BlockTarget)? = nil, warn: (String) -> Void
   ) throws -> Summary {
+    var target = target
     let started = Instant.now()
     var summary = Summary()
     // The preamble and the header come first; check them before anything.
@@ -74,7 +78,14 @@ public enum Merger {
     }
     guard let header else { throw ToolkitError("\(reader.name): no header") }
     summary.header = header
-    try checkFits(header, reader: reader, target: target, map: map, options: options, summary: &summary, warn: warn)
+    var serverChecks = false
+    if let connect, target == nil {
+      target = try connect(header)
+      serverChecks = true
+    }
+    try checkFits(
+      header, reader: reader, target: target, map: map, options: options, serverChecks: serverChecks,
+      summary: &summary, warn: warn)
 
     let geometry = header.geometry
     let blockSize = Int(geometry.blockSize)
@@ -195,7 +206,7 @@ public enum Merger {
   /// Size, time and base checks, before anything is written.
   static func checkFits(
     _ header: StreamFormat.Header, reader: StreamReader, target: BlockTarget?, map: BlockMap?, options: Options,
-    summary: inout Summary, warn: (String) -> Void
+    serverChecks: Bool = false, summary: inout Summary, warn: (String) -> Void
   ) throws {
     if let target, target.size != header.geometry.deviceSize {
       throw ToolkitError(
@@ -203,7 +214,7 @@ public enum Merger {
       )
     }
     guard let map else {
-      if header.isIncremental && options.mode != .check {
+      if header.isIncremental && options.mode != .check && !serverChecks {
         let message =
           "\(reader.name) is an incremental stream on top of stream \(header.baseStreamID); without --map its base cannot be checked"
         if !options.force { throw ToolkitError(message + " (--force merges it anyway)") }

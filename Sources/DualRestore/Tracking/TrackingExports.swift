@@ -60,8 +60,14 @@ public final class ViewExport: NBDExport, @unchecked Sendable {
     self.view = view
   }
 
-  public func bind() -> NBDExport {
-    guard let v = engine.currentView else { return self }
+  public func bind(name: String) throws -> NBDExport {
+    guard name == self.name else { throw NBDError(NBD.errInvalid, "the export view takes no parameters") }
+    guard let v = engine.currentView else {
+      throw NBDError(NBD.errInvalid, "no view is frozen; run tracking-server freeze first")
+    }
+    if let lost = v.status.lost {
+      throw NBDError(NBD.errIO, "the frozen view \(v.id) is lost: \(lost); drop it and freeze anew")
+    }
     return ViewExport(engine: engine, view: v)
   }
 
