@@ -313,7 +313,8 @@ final class ThreeUsesCLITests: XCTestCase {
   }
 
   /// c2 (on top of c1) merged before c1 is refused with the base sentence,
-  /// and neither the mirror nor its map changes; in order, both apply.
+  /// and neither the mirror nor its map changes; a truncated c1 stops and
+  /// records nothing; in order, both apply.
   func testUse2ACatchUpMergedOutOfOrderIsRefusedAndWritesNothing() throws {
     try tuRequire("nbdsh", "nbdinfo")
     let s = try scratch()
@@ -360,6 +361,17 @@ final class ThreeUsesCLITests: XCTestCase {
     XCTAssertEqual(refused.stderr.split(separator: "\n").count, 1, "one sentence: \(refused.stderr)")
     XCTAssertTrue(try TUImage.read(s.path("mirror.img")) == mirrorBefore, "the refused merge wrote the mirror")
     XCTAssertTrue(try TUImage.read(s.path("mirror.map")) == mapBefore, "the refused merge changed the map")
+
+    // A catch-up cut short (damaged media) stops with a sentence naming the
+    // record and leaves the base check where it was: the whole copy merges
+    // afterwards.
+    let whole = try TUImage.read(s.path("c1.stream"))
+    try whole.prefix(whole.count / 2).write(to: URL(fileURLWithPath: s.path("c1.part")))
+    let cut = try RRTCommand.run(
+      "merge-snapshot", ["--mirror", "--map", s.path("mirror.map"), "-i", s.path("c1.part"), s.path("mirror.img")])
+    XCTAssertEqual(cut.status, 1, cut.summary)
+    XCTAssertTrue(cut.stderr.contains("truncated stream"), cut.summary)
+    XCTAssertEqual(try tuMapStats(s.path("mirror.map"))["last_merged_stream"] as? String, ids[0])
 
     try mergeIntoMirror(s, "c1.stream", expectID: ids[1])
     try mergeIntoMirror(s, "c2.stream", expectID: ids[2])
