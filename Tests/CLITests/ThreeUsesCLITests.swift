@@ -160,6 +160,20 @@ final class ThreeUsesCLITests: XCTestCase {
       "merge-snapshot", ["-i", s.path("media.stream"), "nbd+unix:///merge?socket=\(socket)"], timeout: 120)
     XCTAssertEqual(merge.status, 0, "\(merge.summary)\nserver log:\n\(rrt.errors)")
     let opsAfter = client.ops
+    // The server's log counts the blocks merged and those skipped as
+    // current: together every block, and at least those current before.
+    var merged: (Int, Int)?
+    let logEnd = RRTEnv.monotonic() + 10
+    while merged == nil && RRTEnv.monotonic() < logEnd {
+      merged = mergeCounts(rrt.errors)
+      if merged == nil { RRTEnv.sleep(0.05) }
+    }
+    if let (landed, skipped) = merged {
+      XCTAssertEqual(landed + skipped, blockCount, rrt.errors)
+      XCTAssertGreaterThanOrEqual(skipped, notYet, rrt.errors)
+    } else {
+      XCTFail("the server's log does not count the merge:\n\(rrt.errors)")
+    }
     XCTAssertTrue(client.child.isRunning, "the client ended during the merge: \(client.child.errors)")
     XCTAssertGreaterThan(opsAfter, opsBefore, "the client made no progress while the merge ran")
     client.waitForOps(opsAfter + 24)
@@ -202,6 +216,17 @@ final class ThreeUsesCLITests: XCTestCase {
       XCTAssertEqual(primary.subdata(in: off..<off + n), want, "last write at \(off) on the primary")
       XCTAssertEqual(backupData.subdata(in: off..<off + n), want, "last write at \(off) on the backup")
     }
+  }
+
+  /// The counts of the log line `merge: N block(s) merged, M skipped as
+  /// current`.
+  private func mergeCounts(_ log: String) -> (Int, Int)? {
+    for l in log.split(separator: "\n") where l.contains("merge: ") && l.contains("merged") {
+      let words = l[l.range(of: "merge: ")!.upperBound...].split(separator: " ")
+      let numbers = words.compactMap { Int($0.trimmingCharacters(in: .punctuationCharacters)) }
+      if numbers.count >= 2 { return (numbers[0], numbers[1]) }
+    }
+    return nil
   }
 
   private func waitForNBD(_ uri: String, _ child: RRTChild, _ what: String, timeout: Double = 15) throws {
