@@ -908,6 +908,51 @@ final class TrackingServerCLITests: XCTestCase {
     r.stop()
   }
 
+  /// More marks than the change map's journal holds between two
+  /// checkpoints (20000 writes to distinct 4 KiB blocks, 128 in flight),
+  /// then kill -9: after the restart the map holds exactly the blocks
+  /// written, and the device their data.
+  func testKillDashNineAfterTheJournalFilledKeepsEveryMark() throws {
+    try require("nbdinfo", "nbdsh")
+    let r = try TrackRig(size: 128 << 20, blockSize: 4096, seed: 18)
+    rigs.append(r)
+    try r.start(["--block-size", "4K"])
+    let out = try r.nbdsh(
+      """
+      blocks = list(range(SIZE // B))
+      random.Random(18).shuffle(blocks)
+      blocks = blocks[:20000]
+      buf = nbd.Buffer.from_bytearray(bytearray(b'\\x5a' * B))
+      h.connect_uri(URI)
+      for i in range(0, len(blocks), 128):
+          cs = [h.aio_pwrite(buf, b * B) for b in blocks[i:i + 128]]
+          while h.aio_in_flight() > 0:
+              h.poll(-1)
+          for c in cs:
+              h.aio_command_completed(c)
+      h.flush()
+      open('blocks.txt', 'w').write(' '.join(map(str, blocks)))
+      print('OK')
+      """, timeout: 120)
+    XCTAssertEqual(out.status, 0, out.summary + "\nlog:\n" + r.log)
+    XCTAssertEqual(try r.status()["changed_blocks"] as? Int, 20000)
+    r.kill9()
+    try r.start()
+    let written = Set(
+      String(decoding: try r.s.read("blocks.txt"), as: UTF8.self).split(separator: " ").compactMap { Int($0) })
+    XCTAssertEqual(written.count, 20000)
+    let map = try r.setBlocks()
+    XCTAssertEqual(map.count, 20000, r.log)
+    XCTAssertTrue(written.isSubset(of: map), "written, not in the map: \(written.subtracting(map).brief)\n\(r.log)")
+    let device = try r.deviceData()
+    let changed = TrackRig.differingBlocks(r.original, device, blockSize: r.blockSize)
+    XCTAssertEqual(changed, written, "the blocks holding new data")
+    let block = Data(repeating: 0x5A, count: r.blockSize)
+    let lost = written.filter { !TrackRig.holds(device, block, at: $0 * r.blockSize) }
+    XCTAssertEqual(lost, [], "written blocks without their data after kill -9")
+    r.stop()
+  }
+
   /// Waits for a snapshot whose server died or stopped. It fails at once
   /// when a read was in flight; when its reader was idle it tries to connect
   /// again for a minute, which the test does not wait for: after `grace`
