@@ -533,6 +533,43 @@ final class TrackingServerCLITests: XCTestCase {
     }
   }
 
+  /// Two servers on one change map would share its journal and store: the
+  /// second start must be refused while the first runs. Whatever it does,
+  /// the first server's view keeps its store, and after a kill -9 of the
+  /// first the map covers every write it acknowledged.
+  func testASecondServerOnTheSameMapIsRefused() throws {
+    try require("nbdinfo", "nbdsh")
+    let r = try running(seed: 19)
+    let w1 = try r.nbdsh("h.connect_uri(URI)\nh.pwrite(pattern(1, 512), 0)\nh.flush()\nprint('OK')")
+    XCTAssertEqual(w1.status, 0, w1.summary)
+    XCTAssertEqual(try r.control("freeze").status, 0)
+    let second = try RRTChild(
+      name: "second server", executable: Tools.path("tracking-server"),
+      arguments: ["serve", "--changes", r.mapPath, "--socket", r.s.path("e.sock"), r.devicePath],
+      stdout: r.s.path("second.out"), stderr: r.s.path("second.log"), cwd: r.dir)
+    r.others.append(second)
+    // Refused, it ends; started, it answers on its socket and is stopped.
+    let end = RRTEnv.monotonic() + 10
+    let other = "nbd+unix:///?socket=\(r.s.path("e.sock"))"
+    while RRTEnv.monotonic() < end && second.isRunning {
+      if let q = try? RRTCommand.run("/usr/bin/nbdinfo", ["--size", other], timeout: 5), q.status == 0 { break }
+      RRTEnv.sleep(0.05)
+    }
+    let status = second.isRunning ? second.stop(grace: 10) ?? -1 : second.wait(timeout: 5)
+    XCTAssertNotEqual(status, 0, "a second server on the map of a running one started: \(second.errors)")
+    XCTAssertTrue(
+      FileManager.default.fileExists(atPath: r.storePath),
+      "a second server removed the store of the running server's view: \(second.errors)")
+    let w2 = try r.nbdsh(
+      "h.connect_uri(URI)\nh.pwrite(pattern(2, 512), 10 * B)\nh.pwrite(pattern(3, 512), 20 * B)\nh.flush()\nprint('OK')"
+    )
+    XCTAssertEqual(w2.status, 0, w2.summary)
+    r.kill9()
+    try r.start()
+    XCTAssertEqual(try r.setBlocks(), [0, 10, 20], "the map after kill -9 of the first server:\n\(r.log)")
+    r.stop()
+  }
+
   // MARK: 4. A full store loses the view, never a write
 
   func testAFullStoreLosesTheViewButNotTheWrites() throws {
