@@ -570,6 +570,36 @@ final class TrackingServerCLITests: XCTestCase {
     r.stop()
   }
 
+  /// A socket a running server answers on is not taken over by another
+  /// server (of another device): its clients would write to the wrong
+  /// device, and the first server would be left unreachable.
+  func testASocketInUseIsNotTakenOver() throws {
+    try require("nbdinfo")
+    let r = try running(seed: 20)
+    let other = r.s.path("other.img")
+    XCTAssertEqual(try r.run("/usr/bin/truncate", ["-s", "8M", other]).status, 0)
+    let second = try RRTChild(
+      name: "second server", executable: Tools.path("tracking-server"),
+      arguments: ["serve", "--changes", r.s.path("other.map"), "--socket", r.socket, other],
+      stdout: r.s.path("second.out"), stderr: r.s.path("second.log"), cwd: r.dir)
+    r.others.append(second)
+    // Refused, it ends; started, it owns the socket path (8 MiB) and is stopped.
+    let end = RRTEnv.monotonic() + 10
+    var sizeSeen = ""
+    while RRTEnv.monotonic() < end && second.isRunning {
+      sizeSeen = (try? RRTCommand.run("/usr/bin/nbdinfo", ["--size", r.uri], timeout: 5))?.stdout ?? ""
+      if sizeSeen.hasPrefix(String(8 << 20)) { break }
+      RRTEnv.sleep(0.05)
+    }
+    let status = second.isRunning ? second.stop(grace: 10) ?? -1 : second.wait(timeout: 5)
+    XCTAssertNotEqual(status, 0, "a second server took the socket of a running one: \(second.errors)")
+    XCTAssertFalse(sizeSeen.hasPrefix(String(8 << 20)), "clients of \(r.socket) reached the other device")
+    let size = try RRTCommand.run("/usr/bin/nbdinfo", ["--size", r.uri], timeout: 10)
+    XCTAssertEqual(size.stdout.trimmingCharacters(in: .whitespacesAndNewlines), String(r.size), size.summary)
+    XCTAssertEqual(try r.control("status").status, 0, "the first server's control socket")
+    r.stop()
+  }
+
   // MARK: 4. A full store loses the view, never a write
 
   func testAFullStoreLosesTheViewButNotTheWrites() throws {
