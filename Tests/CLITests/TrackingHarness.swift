@@ -74,6 +74,9 @@ final class TrackRig {
     throw RRTError("tracking-server did not answer")
   }
 
+  /// The arguments of `serve` with absolute paths and the default options.
+  var serverArgumentsForTest: [String] { ["serve", "--changes", mapPath, "--socket", socket, devicePath] }
+
   /// SIGTERM: the server synchronises the device and exits 0 saying so.
   func stop(file: StaticString = #filePath, line: UInt = #line) {
     guard let server else { return }

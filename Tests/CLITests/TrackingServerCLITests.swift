@@ -206,6 +206,34 @@ final class TrackingServerCLITests: XCTestCase {
     XCTAssertEqual(try r.setBlocks(), [5, 9], "the blocks of both runs")
   }
 
+  /// A map created by a server started with relative paths names its
+  /// device so that a start from another directory, with absolute paths,
+  /// continues it.
+  func testAMapStartedWithRelativePathsContinuesFromAnotherDirectory() throws {
+    try require("nbdinfo")
+    let r = try TrackRig(seed: 21)
+    rigs.append(r)
+    let first = try RRTChild(
+      name: "relative", executable: Tools.path("tracking-server"),
+      arguments: ["serve", "--changes", "d.map", "--socket", "d.sock", "device.img"], stdout: r.s.path("rel.out"),
+      stderr: r.s.path("rel.log"), cwd: r.dir)
+    r.others.append(first)
+    let end = RRTEnv.monotonic() + 15
+    while RRTEnv.monotonic() < end && first.isRunning {
+      if let q = try? RRTCommand.run("/usr/bin/nbdinfo", ["--size", r.uri], timeout: 5), q.status == 0 { break }
+      RRTEnv.sleep(0.05)
+    }
+    XCTAssertEqual(first.stop(grace: 10), 0, first.errors)
+    let generation = try r.mapStats()["map_id"] as? String
+    let second = try RRTCommand.run(
+      "/usr/bin/timeout", ["-s", "TERM", "3", Tools.path("tracking-server")] + r.serverArgumentsForTest, timeout: 20,
+      cwd: "/")
+    XCTAssertTrue(
+      second.stderr.contains("goes on"),
+      "a start from / with absolute paths did not continue the map: \(second.summary)")
+    XCTAssertEqual(try r.mapStats()["map_id"] as? String, generation)
+  }
+
   func testMapsOfAnotherMeaningSizeOrDeviceAreRefused() throws {
     let r = try TrackRig(size: 4 << 20, seed: 5)
     rigs.append(r)
