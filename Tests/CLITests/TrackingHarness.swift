@@ -22,6 +22,8 @@ final class TrackRig {
 
   var dir: String { s.url.path }
   var devicePath: String { s.path("device.img") }
+  /// What the server serves: the image, or a block device standing for it.
+  lazy var served: String = devicePath
   var mapPath: String { s.path("d.map") }
   var storePath: String { mapPath + ".store" }
   var socket: String { s.path("d.sock") }
@@ -53,7 +55,7 @@ final class TrackRig {
   @discardableResult
   func start(_ extra: [String]? = nil) throws -> RRTChild {
     if starts == 0 || extra != nil {
-      serverArguments = ["serve"] + (extra ?? []) + ["--changes", mapPath, "--socket", socket, devicePath]
+      serverArguments = ["serve"] + (extra ?? []) + ["--changes", mapPath, "--socket", socket, served]
     }
     starts += 1
     let child = try RRTChild(

@@ -264,6 +264,45 @@ final class TrackingServerCLITests: XCTestCase {
     assertRefused(missing, "nothing.img")
   }
 
+  /// The device a loop device (block-device paths: BLKZEROOUT, O_EXCL):
+  /// writes, zeroes and trims reach it, the view keeps the old contents,
+  /// and a second server of the device is refused as busy.
+  func testABlockDeviceIsTrackedAndFrozen() throws {
+    try require("nbdinfo", "nbdsh", "nbdcopy")
+    let r = try TrackRig(seed: 22)
+    rigs.append(r)
+    try LoopDevice.with(image: r.devicePath) { device in
+      r.served = device
+      try r.start()
+      XCTAssertEqual(try r.control("freeze").status, 0)
+      let out = try r.nbdsh(
+        """
+        h.connect_uri(URI)
+        h.zero(5 << 20, (1 << 20) + 512)
+        h.trim(3 << 20, 10 << 20)
+        h.pwrite(pattern(1, 1000), 14 << 20)
+        h.flush()
+        print('OK')
+        """)
+      XCTAssertEqual(out.status, 0, out.summary + "\nlog:\n" + r.log)
+      let copy = try RRTCommand.run("/usr/bin/nbdcopy", [r.viewURI, r.s.path("view.img")], timeout: 60)
+      XCTAssertEqual(copy.status, 0, copy.summary)
+      RRTBytes.assertEqual(try r.s.read("view.img"), r.original, "the view of the block device")
+      let second = try r.run(
+        "tracking-server", ["serve", "--changes", r.s.path("e.map"), "--socket", r.s.path("e.sock"), device],
+        timeout: 20)
+      assertRefused(second, "busy")
+      r.stop()
+    }
+    var expected = r.original
+    expected.replaceSubrange(((1 << 20) + 512)..<((6 << 20) + 512), with: Data(count: 5 << 20))
+    expected.replaceSubrange((10 << 20)..<(13 << 20), with: Data(count: 3 << 20))
+    expected.replaceSubrange((14 << 20)..<((14 << 20) + 1000), with: TrackRig.pattern(1, 1000))
+    RRTBytes.assertEqual(try r.deviceData(), expected, "the loop device's image after the stop")
+    let touched = Set(r.blocks((1 << 20) + 512, 5 << 20) + r.blocks(10 << 20, 3 << 20) + r.blocks(14 << 20, 1000))
+    XCTAssertEqual(try r.setBlocks(), touched)
+  }
+
   // MARK: 2. A frozen view stays exact while writes go on
 
   /// The writer of the view tests (nbdsh; SEED and STOP set before it):
@@ -347,6 +386,8 @@ final class TrackingServerCLITests: XCTestCase {
     XCTAssertEqual(try r.mapStats(r.s.path("g0.map"))["map_id"] as? String, fo["ended_generation"] as? String)
     XCTAssertEqual(try r.mapStats()["map_id"] as? String, fo["generation"] as? String)
     XCTAssertEqual(try r.status()["changed_blocks"] as? Int, 0, "the new generation right after the freeze")
+    XCTAssertEqual(fo["frozen"] as? String, fo["generation_started"] as? String, "the view's instant: \(fo)")
+    XCTAssertEqual(try r.mapStats()["tracking_started"] as? String, fo["generation_started"] as? String)
 
     // The snapshot of the view runs while writer2 keeps writing.
     let w2 = try r.nbdshChild("SEED = 62\nSTOP = 'stop2'\n" + Self.busyWriter, name: "writer2")
