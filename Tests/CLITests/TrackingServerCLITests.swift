@@ -728,6 +728,26 @@ final class TrackingServerCLITests: XCTestCase {
     }
   }
 
+  /// With the default --store-limit (the device size, when the file system
+  /// has room), a view survives every block of the device being written —
+  /// also when the size is not a multiple of the block size.
+  func testTheDefaultStoreHoldsEveryBlockOfAnOddSizedDevice() throws {
+    try require("nbdinfo", "nbdsh", "nbdcopy")
+    let r = try running(size: (16 << 20) + 1000, seed: 23)
+    let f = try r.control("freeze", ["--json"])
+    XCTAssertEqual(f.status, 0, f.summary)
+    let limit = try TrackRig.json(f.stdout)["store_limit"] as? Int ?? 0
+    if limit < r.size { throw XCTSkip("the file system's room sets the store limit to \(limit) bytes") }
+    let out = try r.nbdsh("h.connect_uri(URI)\nh.zero(SIZE, 0)\nh.flush()\nprint('OK')")
+    XCTAssertEqual(out.status, 0, out.summary)
+    let st = try r.status()
+    XCTAssertEqual(st["view_lost"] as? Bool, false, "the view after the whole device was written: \(st)")
+    let copy = try RRTCommand.run("/usr/bin/nbdcopy", [r.viewURI, r.s.path("view.img")], timeout: 60)
+    XCTAssertEqual(copy.status, 0, copy.summary)
+    RRTBytes.assertEqual((try? r.s.read("view.img")) ?? Data(), r.original, "the view")
+    r.stop()
+  }
+
   // MARK: 5. A client of a dropped view
 
   func testAClientOfADroppedViewGetsEIOEvenAfterANewFreeze() throws {
