@@ -160,6 +160,20 @@ final class ThreeUsesCLITests: XCTestCase {
       "merge-snapshot", ["-i", s.path("media.stream"), "nbd+unix:///merge?socket=\(socket)"], timeout: 120)
     XCTAssertEqual(merge.status, 0, "\(merge.summary)\nserver log:\n\(rrt.errors)")
     let opsAfter = client.ops
+    // The server's log counts the blocks merged and those skipped as
+    // current: together every block, and at least those current before.
+    var merged: (Int, Int)?
+    let logEnd = RRTEnv.monotonic() + 10
+    while merged == nil && RRTEnv.monotonic() < logEnd {
+      merged = mergeCounts(rrt.errors)
+      if merged == nil { RRTEnv.sleep(0.05) }
+    }
+    if let (landed, skipped) = merged {
+      XCTAssertEqual(landed + skipped, blockCount, rrt.errors)
+      XCTAssertGreaterThanOrEqual(skipped, notYet, rrt.errors)
+    } else {
+      XCTFail("the server's log does not count the merge:\n\(rrt.errors)")
+    }
     XCTAssertTrue(client.child.isRunning, "the client ended during the merge: \(client.child.errors)")
     XCTAssertGreaterThan(opsAfter, opsBefore, "the client made no progress while the merge ran")
     client.waitForOps(opsAfter + 24)
@@ -202,6 +216,101 @@ final class ThreeUsesCLITests: XCTestCase {
       XCTAssertEqual(primary.subdata(in: off..<off + n), want, "last write at \(off) on the primary")
       XCTAssertEqual(backupData.subdata(in: off..<off + n), want, "last write at \(off) on the backup")
     }
+  }
+
+  /// dualrestore(7)'s recipe as written: the backup served by
+  /// tracking-server over TCP with a separate control socket, reached as
+  /// nbd://HOST:PORT/device and /view; restore-read-through with --hydrate
+  /// (slowed so that the media lands most blocks). The merge and the
+  /// hydration share the work: the log counts both, says the restore is
+  /// complete, and bitmap-diff of the two running exports exits 0.
+  func testUse1TheManPageRecipeOverTCPWithHydration() throws {
+    try tuRequire("nbdsh", "nbdinfo")
+    let s = try scratch()
+    let size = 32 << 20
+    let blockCount = size / blockSize
+    try TUImage.make(s.path("backup.img"), size: size, seed: 74, holes: [(100 * blockSize)..<(120 * blockSize)])
+    try TUImage.sparse(s.path("primary.img"), size: size)
+    let control = s.path("backup.control")
+    let backup = try RRTChild(
+      name: "tracking-server", executable: Tools.path("tracking-server"),
+      arguments: [
+        "serve", "--changes", s.path("backup.changes"), "--listen", "127.0.0.1:0", "--control", control,
+        s.path("backup.img"),
+      ],
+      stdout: s.path("tracking.out"), stderr: s.path("tracking.log"))
+    children.append(backup)
+    var port: Int?
+    let end = RRTEnv.monotonic() + 15
+    while port == nil && backup.isRunning && RRTEnv.monotonic() < end {
+      if let range = backup.errors.range(of: " on 127.0.0.1:") {
+        port = Int(backup.errors[range.upperBound...].prefix(while: { $0.isNumber }))
+      }
+      if port == nil { RRTEnv.sleep(0.05) }
+    }
+    let p = try XCTUnwrap(port, "tracking-server did not say its port: \(backup.errors)")
+    let device = "nbd://127.0.0.1:\(p)/device"
+    let socket = s.path("p.sock")
+    // Progress lines on: with --progress-interval 0 the server does not
+    // write the completion line either.
+    let rrt = try RRTChild(
+      name: "restore-read-through", executable: Tools.path("restore-read-through"),
+      arguments: [
+        "--backup", device, "--map", s.path("p.map"), "--socket", socket, "--hydrate", "--hydrate-rate", "2M",
+        "--progress-interval", "0.5", s.path("primary.img"),
+      ],
+      stdout: s.path("rrt.out"), stderr: s.path("rrt.log"))
+    children.append(rrt)
+    try waitForNBD("nbd+unix:///?socket=\(socket)", rrt, "restore-read-through")
+    let w = try RRTCommand.run(
+      "/usr/bin/nbdsh",
+      [
+        "-u", "nbd+unix:///?socket=\(socket)", "-c",
+        "h.pwrite(b'written on the primary' * 100, 7 * 65536 + 9)\nh.flush()",
+      ])
+    XCTAssertEqual(w.status, 0, w.summary)
+
+    let frozen = try RRTCommand.run("tracking-server", ["freeze", "--control", control])
+    XCTAssertEqual(frozen.status, 0, frozen.summary)
+    let snap = try RRTCommand.run(
+      "snapshot", ["--quiet", "-o", s.path("sdb.stream"), "nbd://localhost:\(p)/view"], timeout: 120)
+    XCTAssertEqual(snap.status, 0, snap.summary)
+    let dropped = try RRTCommand.run("tracking-server", ["drop", "--control", control])
+    XCTAssertEqual(dropped.status, 0, dropped.summary)
+    let merge = try RRTCommand.run(
+      "merge-snapshot", ["-i", s.path("sdb.stream"), "nbd+unix:///merge?socket=\(socket)"], timeout: 120)
+    XCTAssertEqual(merge.status, 0, merge.summary)
+
+    var complete = false
+    let done = RRTEnv.monotonic() + 30
+    while !complete && RRTEnv.monotonic() < done {
+      complete = rrt.errors.contains("the restore is complete")
+      if !complete { RRTEnv.sleep(0.1) }
+    }
+    XCTAssertTrue(complete, "the log does not say the restore is complete:\n\(rrt.errors)")
+    let counts = try XCTUnwrap(mergeCounts(rrt.errors), rrt.errors)
+    XCTAssertEqual(counts.0 + counts.1, blockCount, rrt.errors)
+    XCTAssertGreaterThan(counts.0, blockCount / 2, "the media should land most blocks: \(rrt.errors)")
+    XCTAssertGreaterThan(counts.1, 0, "the written and hydrated blocks are skipped: \(rrt.errors)")
+    let live = try RRTCommand.run("bitmap-diff", ["--extents", "nbd+unix:///?socket=\(socket)", device])
+    XCTAssertEqual(live.status, 0, "the running exports are not mirrors: \(live.summary)")
+
+    XCTAssertEqual(rrt.stop(grace: 30), 0, rrt.errors)
+    XCTAssertEqual(backup.stop(grace: 20), 0, backup.errors)
+    let files = try RRTCommand.run("bitmap-diff", [s.path("primary.img"), s.path("backup.img")])
+    XCTAssertEqual(files.status, 0, files.summary)
+    XCTAssertEqual(try tuMapStats(s.path("p.map"))["set_blocks"] as? Int, blockCount)
+  }
+
+  /// The counts of the log line `merge: N block(s) merged, M skipped as
+  /// current`.
+  private func mergeCounts(_ log: String) -> (Int, Int)? {
+    for l in log.split(separator: "\n") where l.contains("merge: ") && l.contains("merged") {
+      let words = l[l.range(of: "merge: ")!.upperBound...].split(separator: " ")
+      let numbers = words.compactMap { Int($0.trimmingCharacters(in: .punctuationCharacters)) }
+      if numbers.count >= 2 { return (numbers[0], numbers[1]) }
+    }
+    return nil
   }
 
   private func waitForNBD(_ uri: String, _ child: RRTChild, _ what: String, timeout: Double = 15) throws {
@@ -313,7 +422,8 @@ final class ThreeUsesCLITests: XCTestCase {
   }
 
   /// c2 (on top of c1) merged before c1 is refused with the base sentence,
-  /// and neither the mirror nor its map changes; in order, both apply.
+  /// and neither the mirror nor its map changes; a truncated c1 stops and
+  /// records nothing; in order, both apply.
   func testUse2ACatchUpMergedOutOfOrderIsRefusedAndWritesNothing() throws {
     try tuRequire("nbdsh", "nbdinfo")
     let s = try scratch()
@@ -360,6 +470,17 @@ final class ThreeUsesCLITests: XCTestCase {
     XCTAssertEqual(refused.stderr.split(separator: "\n").count, 1, "one sentence: \(refused.stderr)")
     XCTAssertTrue(try TUImage.read(s.path("mirror.img")) == mirrorBefore, "the refused merge wrote the mirror")
     XCTAssertTrue(try TUImage.read(s.path("mirror.map")) == mapBefore, "the refused merge changed the map")
+
+    // A catch-up cut short (damaged media) stops with a sentence naming the
+    // record and leaves the base check where it was: the whole copy merges
+    // afterwards.
+    let whole = try TUImage.read(s.path("c1.stream"))
+    try whole.prefix(whole.count / 2).write(to: URL(fileURLWithPath: s.path("c1.part")))
+    let cut = try RRTCommand.run(
+      "merge-snapshot", ["--mirror", "--map", s.path("mirror.map"), "-i", s.path("c1.part"), s.path("mirror.img")])
+    XCTAssertEqual(cut.status, 1, cut.summary)
+    XCTAssertTrue(cut.stderr.contains("truncated stream"), cut.summary)
+    XCTAssertEqual(try tuMapStats(s.path("mirror.map"))["last_merged_stream"] as? String, ids[0])
 
     try mergeIntoMirror(s, "c1.stream", expectID: ids[1])
     try mergeIntoMirror(s, "c2.stream", expectID: ids[2])
