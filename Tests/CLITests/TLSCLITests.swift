@@ -189,6 +189,38 @@ final class TLSCLITests: XCTestCase {
     RRTBytes.assertEqual(try Data(contentsOf: URL(fileURLWithPath: rig.s.path("qemu.img"))), expected, "qemu-img")
   }
 
+  func testOverTCPTheClientChecksTheHostName() throws {
+    try rig.startBackup()
+    let child = try RRTChild(
+      name: "restore-read-through", executable: Tools.path("restore-read-through"),
+      arguments: [
+        "--tls", "require", "--tls-certificates", certs.pki, "--backup", rig.backupURI, "--map", rig.mapPath,
+        "--listen", "127.0.0.1:0", "--progress-interval", "0", rig.primaryPath,
+      ],
+      stdout: rig.s.path("ours.out"), stderr: rig.s.path("ours.log"))
+    children.append(child)
+    var port: String?
+    for _ in 0..<100 where port == nil {
+      if let range = oursLog.range(of: #"on 127\.0\.0\.1:[0-9]+"#, options: .regularExpression) {
+        port = String(oursLog[range].split(separator: ":").last!)
+      }
+      RRTEnv.sleep(0.05)
+    }
+    let p = try XCTUnwrap(port, oursLog)
+    let good = try RRTCommand.run(
+      "/usr/bin/nbdinfo", ["--size", "nbds://localhost:\(p)/?tls-certificates=\(certs.client)"])
+    XCTAssertEqual(good.status, 0, good.summary)
+    XCTAssertEqual(good.stdout.trimmingCharacters(in: .whitespacesAndNewlines), String(rig.size))
+    // libnbd checks the name on TCP: 127.1 reaches the server but is not in the certificate.
+    let other = try RRTCommand.run(
+      "/usr/bin/nbdinfo", ["--size", "nbds://127.1:\(p)/?tls-certificates=\(certs.client)"])
+    XCTAssertNotEqual(other.status, 0, other.summary)
+    XCTAssertTrue(other.stderr.contains("Error in the certificate verification"), other.summary)
+    let plain = try RRTCommand.run("/usr/bin/nbdinfo", ["--size", "nbd://127.0.0.1:\(p)/"])
+    XCTAssertNotEqual(plain.status, 0, plain.summary)
+    XCTAssertEqual(child.stop(grace: 30), 0, oursLog)
+  }
+
   func testRequireRefusesPlaintextClients() throws {
     try startOurs(["--tls", "require", "--tls-certificates", certs.pki])
     let plain = try RRTCommand.run("/usr/bin/nbdinfo", [rig.uri])
