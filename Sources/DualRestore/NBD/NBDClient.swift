@@ -35,6 +35,10 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   public let size: UInt64
   /// Transmission flags of the first connection.
   public let flags: UInt16
+  /// The export's description on the first connection. A reconnection to an
+  /// export that describes itself otherwise (a frozen view frozen anew) is
+  /// refused: its blocks may be another instant's.
+  public let exportDescription: String?
   /// The server's block size constraints (1, 4096 and nil when not told).
   public let minimumBlockSize: Int
   public let preferredBlockSize: Int
@@ -112,6 +116,7 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
     self.tlsContext = tlsContext
     self.size = export.size
     self.flags = export.flags
+    self.exportDescription = export.description
     self.minimumBlockSize = Int(export.minimum ?? 1)
     self.preferredBlockSize = Int(export.preferred ?? 4096)
     self.maximumBlockSize = export.maximum.map { Int($0) }
@@ -388,6 +393,13 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
           noteAttemptFailed(why)
           throw NBDClientFailure(why)
         }
+        if let first = exportDescription, export.description != first {
+          c.disconnect()
+          let why =
+            "the export is no longer the one first connected to: it was '\(first)', it is now '\(export.description ?? "")'"
+          noteAttemptFailed(why)
+          throw NBDClientFailure(why)
+        }
         connection = c
         reconnectCount += 1
         backoff = NBDClient.initialBackoff
@@ -442,6 +454,8 @@ fileprivate struct NBDClientFailure: Error {
 fileprivate struct NBDClientExport {
   var size: UInt64
   var flags: UInt16
+  /// NBD_INFO_DESCRIPTION, when the server gives one.
+  var description: String?
   var minimum: UInt32?
   var preferred: UInt32?
   var maximum: UInt32?
@@ -802,8 +816,9 @@ fileprivate struct NBDClientHandshake {
     // NBD_OPT_GO: name length, name, one information request.
     var go = bytesBE(UInt32(name.count))
     go += name
-    go += bytesBE(UInt16(1))
+    go += bytesBE(UInt16(2))
     go += bytesBE(NBD.infoBlockSize)
+    go += bytesBE(NBD.infoDescription)
     try sendOption(NBD.optGo, go)
 
     var export = NBDClientExport(size: 0, flags: 0)
@@ -822,6 +837,8 @@ fileprivate struct NBDClientHandshake {
           export.size = loadBE(data, 2, as: UInt64.self)
           export.flags = loadBE(data, 10, as: UInt16.self)
           haveExport = true
+        } else if kind == NBD.infoDescription {
+          export.description = String(decoding: data.dropFirst(2).prefix(4096), as: UTF8.self)
         } else if kind == NBD.infoBlockSize {
           guard data.count == 14 else { throw NBDClientFailure("the server sent a malformed block size description") }
           let minimum = loadBE(data, 2, as: UInt32.self)
