@@ -11,6 +11,31 @@ import CShim
 import Glibc
 
 public final class OutputSink {
+  /// Temporary files of outputs not finished yet, removed at exit: a tool
+  /// that fails exits while its writer threads may still hold the sink.
+  nonisolated(unsafe) private static var unfinished: Set<String> = []
+  nonisolated(unsafe) private static var registered = false
+  private static let registry = Monitor()
+
+  private static func track(_ path: String) {
+    registry.withLock {
+      unfinished.insert(path)
+      if !registered {
+        registered = true
+        atexit { OutputSink.removeUnfinished() }
+      }
+    }
+  }
+
+  private static func untrack(_ path: String) { _ = registry.withLock { unfinished.remove(path) } }
+
+  private static func removeUnfinished() {
+    registry.withLock {
+      for path in unfinished { unlink(path) }
+      unfinished.removeAll()
+    }
+  }
+
   public let target: OutputTarget
   private let fd: Int32
   private var tempPath: String?
@@ -47,7 +72,9 @@ public final class OutputSink {
       let d = template.withUnsafeMutableBufferPointer { dr_mkostemp($0.baseAddress!, O_CLOEXEC) }
       guard d >= 0 else { throw ToolkitError.path(path, "cannot create a temporary file: \(Errno.current)") }
       fd = d
-      tempPath = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+      let temporary = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+      tempPath = temporary
+      OutputSink.track(temporary)
       // Keep the mode of a file being replaced; new files get 0644 less umask.
       var st = stat()
       if stat(path, &st) == 0 {
@@ -118,6 +145,7 @@ public final class OutputSink {
       if case .failure(let e) = Sys.fsync(fd) { throw ToolkitError.path(path, "cannot make the file durable: \(e)") }
       Sys.close(fd)
       self.tempPath = nil
+      defer { OutputSink.untrack(tempPath) }
       guard rename(tempPath, path) == 0 else {
         let error = Errno.current
         unlink(tempPath)
@@ -142,6 +170,7 @@ public final class OutputSink {
     guard !done, let tempPath else { return }
     Sys.close(fd)
     unlink(tempPath)
+    OutputSink.untrack(tempPath)
     self.tempPath = nil
   }
 }
