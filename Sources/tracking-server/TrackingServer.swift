@@ -96,11 +96,15 @@ extension TrackingServer {
         DEVICE (an image file or block device) is exported as `device` (the \
         default export) with reads, writes, FLUSH, FUA, TRIM and \
         WRITE_ZEROES; several clients and several requests each are served \
-        at once. Every block written is set in MAP, a change map \
-        (overwrite-map show MAP), on disk before the write is issued, so \
-        after a crash MAP still covers every block that may have changed \
-        since its generation began. MAP is created when missing (a new \
-        generation starts) and continued when present.
+        at once. Every block written is set in MAP, a change map, on disk \
+        before the write is issued: in its journal MAP.journal at once, and \
+        in MAP itself every 5 seconds, at a generation change and at a stop. \
+        After a crash, the next start replays the journal into MAP, which \
+        then covers every block that may have changed since its generation \
+        began; until then (and while the server runs, by up to 5 seconds) \
+        overwrite-map show MAP may lag, and tracking-server status does not. \
+        MAP is created when missing (a new generation starts) and continued \
+        when present; its journal is locked, so one server at a time uses it.
 
         The control socket (PATH.control beside --socket, or --control) \
         takes the requests of the other subcommands. A frozen view keeps \
@@ -172,9 +176,9 @@ extension TrackingServer {
       let serverTLS = try tls.serverTLS()
       let d = try Device(path: device, options: .readWrite)
       let storePath = store ?? changes + ".store"
-      let limit = storeLimit?.value ?? defaultStoreLimit(storePath: storePath, deviceSize: d.size)
       let engine = try TrackingEngine(
-        device: d, changesPath: changes, storePath: storePath, storeLimit: limit, blockSize: blockSize.value,
+        device: d, changesPath: changes, storePath: storePath, storeLimit: storeLimit?.value,
+        blockSize: blockSize.blockSize.map { UInt32($0.value) },
         log: log)
       let listener = try makeListener(socket: socket, listen: listen)
       let controlPath = control ?? (socket ?? "") + ".control"
@@ -212,20 +216,6 @@ extension TrackingServer {
         throw ExitCode(1)
       }
       log("stopped cleanly")
-    }
-
-    func defaultStoreLimit(storePath: String, deviceSize: UInt64) -> UInt64 {
-      var directory = storePath
-      if let slash = directory.lastIndex(of: "/") {
-        directory = String(directory[..<slash])
-        if directory.isEmpty { directory = "/" }
-      } else {
-        directory = "."
-      }
-      var fs = statvfs()
-      guard statvfs(directory, &fs) == 0 else { return deviceSize }
-      let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
-      return max(1 << 20, min(deviceSize + 4096, free / 2))
     }
 
     static func answer(_ words: [String], engine: TrackingEngine) -> ControlAnswer {
@@ -266,12 +256,15 @@ extension TrackingServer {
       return f
     }
 
+    /// `view_lost` is true or false; `view_lost_reason` is there when true.
     static func viewFields(_ v: TrackingEngine.ViewStatus) -> [(String, String)] {
-      [
+      var f = [
         ("view", v.id.description), ("frozen", v.frozen.description), ("preserved_blocks", String(v.preservedBlocks)),
         ("store_bytes", String(v.storeBytes)), ("store_limit", String(v.storeLimit)),
-        ("view_lost", v.lost ?? "false"),
+        ("view_lost", v.lost == nil ? "false" : "true"),
       ]
+      if let lost = v.lost { f.append(("view_lost_reason", lost)) }
+      return f
     }
 
     static func generationFields(_ c: TrackingEngine.GenerationChange) -> [(String, String)] {
@@ -376,7 +369,7 @@ extension TrackingServer {
         if let view = d["view"] {
           s +=
             "; view \(view) frozen at \(d["frozen"] ?? "?"): \(d["preserved_blocks"] ?? "?") block(s) preserved, store \(d["store_bytes"] ?? "?") of \(d["store_limit"] ?? "?") bytes"
-          if let lost = d["view_lost"], lost != "false" { s += "; LOST: \(lost)" }
+          if d["view_lost"] == "true" { s += "; LOST: \(d["view_lost_reason"] ?? "")" }
         } else {
           s += "; no view frozen"
         }

@@ -534,7 +534,7 @@ final class TrackingServerCLITests: XCTestCase {
     XCTAssertEqual(try r.mapStats()["map_id"] as? String, generation)
 
     let snap = try r.run("snapshot", ["-o", "x.stream", r.viewURI])
-    assertRefused(snap, "no export named 'view'")
+    assertRefused(snap, "no view is frozen")
     XCTAssertFalse(FileManager.default.fileExists(atPath: r.s.path("x.stream")))
     let missing = try RRTCommand.run("tracking-server", ["status", "--socket", r.s.path("none.sock")])
     assertRefused(missing, "none.sock.control")
@@ -704,7 +704,8 @@ final class TrackingServerCLITests: XCTestCase {
       try r.s.read("v30.bin"), r.original[r.blockRange(30)], "the view's block 30 before the store filled")
 
     let st = try r.status()
-    let lost = st["view_lost"] as? String ?? ""
+    XCTAssertEqual(st["view_lost"] as? Bool, true, "status of the view: \(st)")
+    let lost = st["view_lost_reason"] as? String ?? ""
     XCTAssertTrue(lost.contains("full"), "status of the view: \(st)")
     XCTAssertLessThanOrEqual(st["store_bytes"] as? Int ?? .max, 1 << 20, "\(st)")
     XCTAssertTrue(r.log.contains("is full") && r.log.contains("is lost"), r.log)

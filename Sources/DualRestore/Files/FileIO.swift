@@ -118,3 +118,12 @@ public func peekFile(_ path: String, count: Int) -> [UInt8]? {
   guard case .success(let n) = got else { return nil }
   return Array(bytes.prefix(n))
 }
+
+/// The absolute path with symbolic links resolved, for names that must
+/// still lead to the same file from another working directory; the path as
+/// given when it cannot be resolved.
+public func canonicalPath(_ path: String) -> String {
+  guard let resolved = realpath(path, nil) else { return path }
+  defer { free(resolved) }
+  return String(cString: resolved)
+}

@@ -106,7 +106,7 @@ public final class RestoreEngine: @unchecked Sendable {
       let sameDevice = RestoreEngine.samePath(m.deviceName, primary.path)
       if m.deviceName.isEmpty || (!sameDevice && m.bits.population == 0 && m.lastMergedStream.isNone) {
         // A fresh map: bind it to this device.
-        m.deviceName = primary.path
+        m.deviceName = canonicalPath(primary.path)
         try MapFile.save(m, to: mapPath)
         log("bound the fresh map \(mapPath) to \(primary.path)")
       } else if !sameDevice {
@@ -115,7 +115,7 @@ public final class RestoreEngine: @unchecked Sendable {
     } else {
       m = BlockMap(
         geometry: try BlockGeometry(blockSize: blockSize, deviceSize: primary.size), meaning: .current,
-        deviceName: primary.path)
+        deviceName: canonicalPath(primary.path))
       try MapFile.save(m, to: mapPath)
       log("created the overwrite map \(mapPath): tracking starts now")
     }

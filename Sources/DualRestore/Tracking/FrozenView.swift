@@ -40,8 +40,8 @@ public final class FrozenView: @unchecked Sendable {
     case .success(let d): fd = d
     case .failure(let e): throw ToolkitError.path(path, "cannot create the preservation store: \(e)")
     }
-    var header = Array(
-      "dualrestore preservation store\nview \(id)\nfrozen \(frozen)\ngeneration \(generation)\n".utf8)
+    let text = FrozenView.headerText + "view \(id)\nfrozen \(frozen)\ngeneration \(generation)\n"
+    var header = Array(text.utf8)
     header += [UInt8](repeating: 0, count: Int(FrozenView.headerLength) - header.count)
     let written = header.withUnsafeBytes { pwriteFull(fd, $0.baseAddress!, $0.count, 0) }
     if case .failure(let e) = written {
@@ -52,6 +52,17 @@ public final class FrozenView: @unchecked Sendable {
   }
 
   deinit { Sys.close(fd) }
+
+  static let headerText = "dualrestore preservation store\n"
+
+  /// Whether the file at `path` is a preservation store (by its header).
+  static func isStore(_ path: String) -> Bool {
+    guard let bytes = peekFile(path, count: headerText.utf8.count) else { return false }
+    return bytes == Array(headerText.utf8)
+  }
+
+  /// Drops the preserved blocks, keeping the header.
+  func discardSlots() { _ = ftruncate(fd, off_t(FrozenView.headerLength)) }
 
   /// "VIEW frozen at INSTANT" from a store left behind, for the log.
   static func describeLeftover(_ path: String) -> String {

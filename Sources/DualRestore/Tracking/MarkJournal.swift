@@ -40,6 +40,15 @@ final class MarkJournal {
     case .success(let d): fd = d
     case .failure(let e): throw ToolkitError.path(path, "cannot open the change map's journal: \(e)")
     }
+    // One server per change map: the lock goes with the process.
+    if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+      let e = Errno.current
+      Sys.close(fd)
+      if e.rawValue == EWOULDBLOCK {
+        throw ToolkitError("\(path) is locked: another tracking-server serves with this change map")
+      }
+      throw ToolkitError.path(path, "cannot lock the change map's journal: \(e)")
+    }
     var st = stat()
     fstat(fd, &st)
     if Int(st.st_size) < capacity {

@@ -50,14 +50,16 @@ public final class TrackingEngine: @unchecked Sendable {
   private let buffers = BufferPool(keepCount: 16, keepSize: 4 << 20)
 
   public init(
-    device: Device, changesPath: String, storePath: String, storeLimit: UInt64, blockSize: UInt32,
+    device: Device, changesPath: String, storePath: String, storeLimit: UInt64?, blockSize: UInt32?,
     log: @escaping @Sendable (String) -> Void
   ) throws {
     self.device = device
     self.changesPath = changesPath
     self.storePath = storePath
-    self.storeLimit = storeLimit
     self.log = log
+    // The journal is locked first: one server per change map.
+    journal = try MarkJournal(path: changesPath + ".journal")
+    let devicePath = canonicalPath(device.path)
     var m: BlockMap
     if pathExists(changesPath) {
       m = try MapFile.load(changesPath)
@@ -68,9 +70,13 @@ public final class TrackingEngine: @unchecked Sendable {
         throw ToolkitError(
           "\(changesPath) describes \(m.geometry.deviceSize) bytes but \(device.path) has \(device.size)")
       }
+      if let blockSize, blockSize != m.geometry.blockSize {
+        throw ToolkitError(
+          "\(changesPath) has blocks of \(m.geometry.blockSize) bytes, not \(blockSize): a change map keeps its block size"
+        )
+      }
       if m.deviceName.isEmpty {
-        m.deviceName = device.path
-        try MapFile.save(m, to: changesPath)
+        m.deviceName = devicePath
       } else if !RestoreEngine.samePath(m.deviceName, device.path) {
         throw ToolkitError("\(changesPath) is the change map of \(m.deviceName), not of \(device.path)")
       }
@@ -78,13 +84,23 @@ public final class TrackingEngine: @unchecked Sendable {
         "generation \(m.mapID) since \(m.trackingStarted) goes on: \(m.bits.population) block(s) changed so far")
     } else {
       m = BlockMap(
-        geometry: try BlockGeometry(blockSize: blockSize, deviceSize: device.size), meaning: .changed,
-        deviceName: device.path)
-      try MapFile.save(m, to: changesPath)
+        geometry: try BlockGeometry(
+          blockSize: blockSize ?? BlockGeometry.defaultBlockSize, deviceSize: device.size), meaning: .changed,
+        deviceName: devicePath)
       log("created the change map \(changesPath): generation \(m.mapID) starts now")
     }
+    // A store left behind belonged to a view held when the server stopped
+    // without dropping it: that view is gone, and whoever streamed it must
+    // know. A file there that is not a store is not ours to remove.
+    if pathExists(storePath) {
+      guard FrozenView.isStore(storePath) else {
+        throw ToolkitError("\(storePath) exists and is not a preservation store; give --store another path")
+      }
+      let what = FrozenView.describeLeftover(storePath)
+      unlink(storePath)
+      log("the frozen view \(what) did not survive the last stop: it is lost; freeze a new one")
+    }
     // Marks journaled since the map file was last saved belong to it.
-    journal = try MarkJournal(path: changesPath + ".journal")
     let replayed = try journal.recovered(for: m.mapID)
     if !replayed.isEmpty {
       let before = m.bits.population
@@ -98,16 +114,27 @@ public final class TrackingEngine: @unchecked Sendable {
     changes = m
     committed = m.bits
     geometry = m.geometry
+    self.storeLimit = storeLimit ?? TrackingEngine.defaultStoreLimit(storePath: storePath, geometry: m.geometry)
     zeros = AlignedBuffer(count: 1 << 20)
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
-    // A store left behind belonged to a view held when the server stopped
-    // without dropping it: that view is gone, and whoever streamed it must
-    // know.
-    if pathExists(storePath) {
-      let what = FrozenView.describeLeftover(storePath)
-      unlink(storePath)
-      log("the frozen view \(what) did not survive the last stop: it is lost; freeze a new one")
+  }
+
+  /// Room for every block of the device (a partial last block takes a whole
+  /// slot), or half the free space of the store's file system when that is
+  /// less: a store never fills the disk the change map lives on.
+  static func defaultStoreLimit(storePath: String, geometry: BlockGeometry) -> UInt64 {
+    let all = FrozenView.headerLength + geometry.blockCount * UInt64(geometry.blockSize)
+    var directory = storePath
+    if let slash = directory.lastIndex(of: "/") {
+      directory = String(directory[..<slash])
+      if directory.isEmpty { directory = "/" }
+    } else {
+      directory = "."
     }
+    var fs = statvfs()
+    guard statvfs(directory, &fs) == 0 else { return all }
+    let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+    return max(1 << 20, min(all, free / 2))
   }
 
   // MARK: Status
@@ -286,16 +313,32 @@ public final class TrackingEngine: @unchecked Sendable {
   /// Ends the current generation, saving its change map to `output`, and
   /// starts a new one, with writes held so each lands in exactly one.
   public func newGeneration(output: String) throws -> GenerationChange {
-    try withWritesHeld { try switchGeneration(output: output) }
+    try checkOutput(output)
+    return try withWritesHeld { try switchGeneration(output: output, fresh: freshGeneration()) }
   }
 
-  private func switchGeneration(output: String) throws -> GenerationChange {
-    let old = state.withLock { changes }
-    if RestoreEngine.samePath(output, changesPath) {
-      throw ToolkitError("\(output) is the live change map; give another file for the generation that ends")
+  /// Refuses an output for an ending generation that is one of the server's
+  /// own files, or an existing file that is not a map.
+  private func checkOutput(_ output: String) throws {
+    let own = [
+      (device.path, "the device"), (changesPath, "the live change map"), (changesPath + ".journal", "its journal"),
+      (storePath, "the preservation store"),
+    ]
+    for (path, what) in own where RestoreEngine.samePath(output, path) {
+      throw ToolkitError("\(output) is \(what); give another file for the generation that ends")
     }
+    if pathExists(output), !(peekFile(output, count: 8).map(MapFormat.looksLikeMap) ?? false) {
+      throw ToolkitError("\(output) exists and is not a map; remove it or give another file")
+    }
+  }
+
+  private func freshGeneration() -> BlockMap {
+    BlockMap(geometry: geometry, meaning: .changed, deviceName: canonicalPath(device.path))
+  }
+
+  private func switchGeneration(output: String, fresh: BlockMap) throws -> GenerationChange {
+    let old = state.withLock { changes }
     try MapFile.save(old, to: output)
-    let fresh = BlockMap(geometry: geometry, meaning: .changed, deviceName: device.path)
     try MapFile.save(fresh, to: changesPath)
     try journal.restart()
     state.withLock {
@@ -315,15 +358,26 @@ public final class TrackingEngine: @unchecked Sendable {
   /// Freezes a point-in-time view of the device; with `changesOutput`, the
   /// current generation ends at the same instant (saved there).
   public func freeze(changesOutput: String?) throws -> (view: ViewStatus, generation: GenerationChange?) {
-    try withWritesHeld {
+    if let changesOutput { try checkOutput(changesOutput) }
+    return try withWritesHeld {
       if let v = state.withLock({ view }) {
         throw ToolkitError("a view frozen at \(v.frozen) is held already; drop it first")
       }
-      var change: GenerationChange?
-      if let changesOutput { change = try switchGeneration(output: changesOutput) }
+      // The view first: if its store cannot be made, the generation goes on.
+      let fresh = changesOutput.map { _ in freshGeneration() }
       let v = try FrozenView(
-        path: storePath, geometry: geometry, limit: storeLimit, instant: change?.instant ?? .now(),
-        generation: state.withLock { changes.mapID }, log: log)
+        path: storePath, geometry: geometry, limit: storeLimit, instant: fresh?.trackingStarted ?? .now(),
+        generation: fresh?.mapID ?? state.withLock { changes.mapID }, log: log)
+      var change: GenerationChange?
+      if let changesOutput, let fresh {
+        do {
+          change = try switchGeneration(output: changesOutput, fresh: fresh)
+        } catch {
+          v.close(reason: "the freeze failed")
+          unlink(storePath)
+          throw error
+        }
+      }
       state.withLock { view = v }
       log(
         "froze view \(v.id) at \(v.frozen); the preservation store is \(storePath), at most \(formatBytes(storeLimit))")
@@ -365,7 +419,9 @@ public final class TrackingEngine: @unchecked Sendable {
   public func close() throws {
     if let v = state.withLock({ view }) {
       v.close(reason: "the server stopped")
-      unlink(storePath)
+      // The store's header stays, so that the next start reports the view
+      // lost to whoever looks for it there.
+      v.discardSlots()
       log("the frozen view \(v.id) is lost with the stop")
       state.withLock { view = nil }
     }
