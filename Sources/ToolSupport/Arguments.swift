@@ -50,6 +50,14 @@ extension MapMeaning: ExpressibleByArgument {
   public init?(argument: String) { self.init(name: argument) }
   public static var allValueStrings: [String] { allCases.map(\.description) }
   public var defaultValueDescription: String { description }
+  public static var allValueDescriptions: [String: String] {
+    [
+      "current": "the block holds current data (an overwrite map; the default)",
+      "differs": "the block differs between two sources",
+      "changed": "the block was written since tracking started (a change map)",
+      "selected": "the block is selected",
+    ]
+  }
 }
 
 /// `--progress` and `--quiet`, shared by the tools that read whole devices.

@@ -223,6 +223,11 @@ public enum Merger {
       return
     }
     try map.geometry.check(matches: header.geometry, "the map", "the stream \(reader.name)")
+    guard map.meaning == .current else {
+      throw ToolkitError(
+        "the map marks \(map.meaning) blocks, not current ones; a merge needs the target's overwrite map (overwrite-map create)"
+      )
+    }
     if options.mirror {
       // A mirror has no writes of its own; a block the map marks current
       // was written by something else, and a mirror merge would replace it.

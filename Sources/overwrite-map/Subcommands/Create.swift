@@ -23,8 +23,11 @@ struct Create: ParsableCommand {
   @Option(help: "Name of the device the map describes, for people (default: the --like path).")
   var name: String?
 
-  @Option(help: "What a set bit means: current, differs, changed or selected.")
-  var meaning: MapMeaning = .current
+  @Option(
+    name: .customLong("meaning"),
+    help: ArgumentHelp("What a set bit means (default: current).", valueName: "meaning"))
+  var meaningOption: MapMeaning?
+  var meaning: MapMeaning { meaningOption ?? .current }
 
   @Flag(help: "Replace an existing map.")
   var force = false

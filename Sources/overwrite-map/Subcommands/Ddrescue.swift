@@ -30,8 +30,11 @@ struct Import: ParsableCommand {
   @Option(help: "Name of the device, for people.")
   var name: String?
 
-  @Option(help: "What a set bit means: current, differs, changed or selected.")
-  var meaning: MapMeaning = .current
+  @Option(
+    name: .customLong("meaning"),
+    help: ArgumentHelp("What a set bit means (default: current).", valueName: "meaning"))
+  var meaningOption: MapMeaning?
+  var meaning: MapMeaning { meaningOption ?? .current }
 
   @Argument(help: ArgumentHelp("The ddrescue mapfile, or - for standard input.", valueName: "mapfile"))
   var mapfile: String
