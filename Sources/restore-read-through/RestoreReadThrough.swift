@@ -129,33 +129,17 @@ struct RestoreReadThrough: ParsableCommand {
   }
 
   func run() throws {
+    let signals = StopSignals()
     let log: @Sendable (String) -> Void = { printError("restore-read-through: \($0)") }
-    // Signals go to one thread that stops the server cleanly.
-    var signals = sigset_t()
-    sigemptyset(&signals)
-    sigaddset(&signals, SIGINT)
-    sigaddset(&signals, SIGTERM)
-    pthread_sigmask(SIG_BLOCK, &signals, nil)
-    signal(SIGPIPE, SIG_IGN)
-
     let serverTLS = try tls.serverTLS()
+    // The socket first: a second server on the same path is refused before
+    // it opens the map or touches the backup.
+    let listener = try makeListener(socket: socket, listen: listen)
     let device = try Device(path: primary, options: .readWrite)
     let link = try MultiConnectionLink(uri: backup, timeout: backupTimeout, count: backupConnections)
     let engine = try RestoreEngine(
       primary: device, backup: link, mapPath: map, blockSize: blockSize.value, log: log)
 
-    let listener: Listener
-    if let socket {
-      listener = try Listener(unixPath: socket)
-    } else {
-      let text = listen ?? ""
-      guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else {
-        throw ToolkitError("--listen takes HOST:PORT, not '\(text)'")
-      }
-      var host = String(text[..<colon])
-      if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-      listener = try Listener(host: host, port: port)
-    }
     let server = NBDServer(
       exports: [RestoreExport(engine: engine), MergeExport(engine: engine)],
       options: limits.serverOptions(tls: serverTLS), log: log)
@@ -177,7 +161,6 @@ struct RestoreReadThrough: ParsableCommand {
       let interval = progressInterval
       startThread {
         var lastFetched = engine.fetchedBytes
-        var wasComplete = engine.isComplete
         while !stopping.isSet {
           usleep(UInt32(interval * 1e6))
           if stopping.isSet { return }
@@ -190,11 +173,17 @@ struct RestoreReadThrough: ParsableCommand {
             "progress: \(now) of \(total) blocks current (\(formatFixed(percent, digits: 1))%), "
               + "fetched \(formatBytes(fetched)) (\(formatBytes(UInt64(rate)))/s), merged \(engine.mergedBlocks) blocks"
           )
-          if now == total && !wasComplete {
-            log("every block is current: the restore is complete")
-          }
-          wasComplete = now == total
         }
+      }
+    }
+    // The restore's completion is said whether or not progress is logged.
+    startThread {
+      var wasComplete = engine.isComplete
+      while !stopping.isSet {
+        usleep(500_000)
+        let complete = engine.isComplete
+        if complete && !wasComplete { log("every block is current: the restore is complete") }
+        wasComplete = complete
       }
     }
     // A checkpoint every few seconds, so a long run without client FLUSH
@@ -206,11 +195,7 @@ struct RestoreReadThrough: ParsableCommand {
         do { try engine.flush() } catch { log("checkpoint: \(error)") }
       }
     }
-    let waitFor = signals
-    startThread {
-      var set = waitFor
-      var received: Int32 = 0
-      sigwait(&set, &received)
+    signals.onSignal { received in
       log("stopping on signal \(received)")
       stopping.set()
       server.beginStop(listener)
@@ -226,7 +211,11 @@ struct RestoreReadThrough: ParsableCommand {
             + "they are in the activity log and will be sent at the next start")
         throw ExitCode(1)
       }
-      log("stopped cleanly; the map and the backup are up to date")
+      let (now, total) = engine.progress
+      log(
+        "stopped cleanly; the map and the backup are up to date: \(now) of \(total) blocks current, "
+          + "\(engine.fetchedBlocks) fetched from the backup, \(engine.mergedBlocks) merged, "
+          + "\(engine.mergeSkippedBlocks) skipped by merges as current")
     } catch let exit as ExitCode {
       throw exit
     } catch {
