@@ -459,10 +459,10 @@ final class MapFormatTests: XCTestCase {
     XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), ["device.drmap"], "no temp files left")
     XCTAssertEqual(try readFileBytes(path), MapFormat.encode(map))
 
-    // A new file gets 0644 less the umask.
+    // A new file gets 0600 less the umask: other users are kept out.
     let mask = umask(0o022)
     umask(mask)
-    XCTAssertEqual(try permissions(path), 0o644 & ~UInt16(mask))
+    XCTAssertEqual(try permissions(path), 0o600 & ~UInt16(mask))
 
     // Overwriting keeps the permission bits and leaves nothing behind.
     for mode: mode_t in [0o600, 0o640, 0o604] {

@@ -75,14 +75,16 @@ public final class OutputSink {
       let temporary = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
       tempPath = temporary
       OutputSink.track(temporary)
-      // Keep the mode of a file being replaced; new files get 0644 less umask.
+      // Keep the mode of a file being replaced. New files (maps, streams,
+      // signatures: a disk's data and its layout) get 0600 less the umask:
+      // other users are kept out; chmod opens them up on purpose.
       var st = stat()
       if stat(path, &st) == 0 {
         fchmod(fd, st.st_mode & 0o7777)
       } else {
         let mask = umask(0)
         umask(mask)
-        fchmod(fd, 0o644 & ~mask)
+        fchmod(fd, 0o600 & ~mask)
       }
     }
   }

@@ -28,7 +28,7 @@ func retryingInterrupts<T: BinaryInteger>(_ body: () -> T) -> Result<T, Errno> {
 
 enum Sys {
   /// Opens `path`. Calls `open(2)`.
-  static func open(_ path: String, flags: Int32, mode: mode_t = 0o644) -> Result<Int32, Errno> {
+  static func open(_ path: String, flags: Int32, mode: mode_t = 0o600) -> Result<Int32, Errno> {
     retryingInterrupts { dr_open(path, flags | dr_O_CLOEXEC, mode) }
   }
 
