@@ -1,0 +1,418 @@
+// Entry points for the fuzz targets in fuzz/ (run by scripts/fuzz) and for
+// the regression tests of what they find. Each takes bytes as a damaged
+// file or a hostile peer would give them and runs the code a tool runs on
+// them: it returns nil when the input was accepted, or the one sentence it
+// was refused with. A trap, a sanitizer report or a hang is a bug. No tool
+// calls these; they are public only so that the fuzz package can.
+//
+// The `repair…` functions recompute what a mutated input gets wrong at once
+// (record CRCs, the stream digest, a map's or signature's closing SHA-256),
+// so that mutations also reach the checks behind them.
+
+import CShim
+import Dispatch
+import Glibc
+
+public enum FuzzEntryPoints {
+  // MARK: Block streams
+
+  /// Reads `bytes` as `merge-snapshot --check` does: the stream reader (its
+  /// reading thread and the digest check) and the merge in check mode, which
+  /// decodes every LZ4 block. With `key`, the stream must be encrypted with it.
+  public static func checkStream(_ bytes: [UInt8], key: [UInt8]? = nil) -> String? {
+    do {
+      let secret = try key.map { try StreamSecret(key: $0, origin: "the fuzz key") }
+      let file = try MemoryFile(bytes)
+      // A small buffer, so that records larger than it make the reader grow it.
+      let reader = StreamReader(fd: file.fd, name: "fuzz input", bufferSize: 1 << 16, secret: secret)
+      var map: BlockMap? = nil
+      var options = Merger.Options()
+      options.mode = .check
+      let summary = try Merger.merge(reader, into: nil, map: &map, mapPath: nil, options: options, warn: { _ in })
+      precondition(summary.complete, "a stream the check accepted is not complete")
+      return nil
+    } catch {
+      return "\(error)"
+    }
+  }
+
+  /// Parses `bytes` with the pure parser, all of it at once: the records it
+  /// returns, then the end-of-input check.
+  public static func parseStream(_ bytes: [UInt8], key: [UInt8]? = nil) -> String? {
+    do {
+      let secret = try key.map { try StreamSecret(key: $0, origin: "the fuzz key") }
+      var parser = StreamParser(secret: secret)
+      var offset = 0
+      try bytes.withUnsafeBytes { all in
+        while let (_, consumed) = try parser.next(UnsafeRawBufferPointer(rebasing: all[offset...])) {
+          precondition(consumed > 0 && consumed <= all.count - offset, "the parser consumed \(consumed) bytes")
+          offset += consumed
+        }
+      }
+      try parser.finish(leftover: bytes.count - offset)
+      return nil
+    } catch {
+      return "\(error)"
+    }
+  }
+
+  /// `bytes` with every whole record's CRC-32C recomputed, and an END
+  /// record's digest set to the SHA-256 of the bytes before it.
+  public static func repairStreamChecksums(_ bytes: [UInt8]) -> [UInt8] {
+    var out = bytes
+    var offset = StreamFormat.preambleLength
+    let overhead = StreamFormat.recordHeaderLength + StreamFormat.recordTrailerLength
+    while out.count - offset >= overhead {
+      let type = UInt16(out[offset]) | UInt16(out[offset + 1]) << 8
+      var length = 0
+      for i in 0..<4 { length |= Int(out[offset + 4 + i]) << (8 * i) }
+      guard length <= StreamFormat.maximumBodyLength, out.count - offset - overhead >= length else { break }
+      let body = offset + StreamFormat.recordHeaderLength
+      if type == StreamFormat.RecordType.end.rawValue && length == StreamFormat.endBodyLength {
+        let digest = sha256(out[0..<offset])
+        out.replaceSubrange(body + 32..<body + 64, with: digest)
+      }
+      out.withUnsafeMutableBytes { raw in
+        let crc = dr_crc32c(0, raw.baseAddress! + offset, StreamFormat.recordHeaderLength + length)
+        raw.storeBytes(of: crc.littleEndian, toByteOffset: body + length, as: UInt32.self)
+      }
+      offset = body + length + StreamFormat.recordTrailerLength
+    }
+    return out
+  }
+
+  /// The plaintext stream `plain` encrypted with `key` as `snapshot
+  /// --encrypt` would: an encrypted preamble, a CRYPTO record, then each
+  /// record of `plain` (of a known type) sealed one sequence number later,
+  /// an END record counting the CRYPTO record too. Bytes after the last
+  /// whole record are kept as they are.
+  public static func encryptStream(_ plain: [UInt8], key: [UInt8]) throws -> [UInt8] {
+    let secret = try StreamSecret(key: key, origin: "the fuzz key")
+    let (cryptoBody, cipher) = try StreamCrypto.seal(secret)
+    var out = StreamFormat.preamble(flags: StreamFormat.encryptedFlag)
+    out += StreamFormat.record(.crypto, sequence: 0, body: cryptoBody)
+    var offset = StreamFormat.preambleLength
+    let overhead = StreamFormat.recordHeaderLength + StreamFormat.recordTrailerLength
+    while plain.count - offset >= overhead {
+      var length = 0
+      for i in 0..<4 { length |= Int(plain[offset + 4 + i]) << (8 * i) }
+      guard length <= StreamFormat.maximumBodyLength, plain.count - offset - overhead >= length else { break }
+      let typeRaw = UInt16(plain[offset]) | UInt16(plain[offset + 1]) << 8
+      var sequence: UInt64 = 0
+      for i in 0..<8 { sequence |= UInt64(plain[offset + 8 + i]) << (8 * UInt64(i)) }
+      let start = offset + StreamFormat.recordHeaderLength
+      var body = Array(plain[start..<start + length])
+      offset = start + length + StreamFormat.recordTrailerLength
+      guard let type = StreamFormat.RecordType(rawValue: typeRaw) else { continue }
+      if type == .end && length == StreamFormat.endBodyLength {
+        var records: UInt64 = 0
+        for i in 0..<8 { records |= UInt64(body[24 + i]) << (8 * UInt64(i)) }
+        records &+= 1
+        for i in 0..<8 { body[24 + i] = UInt8(truncatingIfNeeded: records >> (8 * UInt64(i))) }
+      }
+      out += cipher.sealedRecord(type, sequence: sequence &+ 1, body: body)
+    }
+    out += plain[min(offset, plain.count)...]
+    return out
+  }
+
+  // MARK: Maps and signatures
+
+  /// Decodes `bytes` as a map; a map it accepts must come back unchanged
+  /// from encoding and decoding it again.
+  public static func decodeMap(_ bytes: [UInt8]) -> String? {
+    do {
+      let map = try MapFormat.decode(bytes, name: "fuzz input")
+      let again = try MapFormat.decode(MapFormat.encode(map), name: "the map encoded again")
+      precondition(again == map, "a decoded map changed when encoded and decoded again")
+      return nil
+    } catch {
+      return "\(error)"
+    }
+  }
+
+  /// `bytes` with its closing SHA-256 (the last 32 bytes, as maps and
+  /// signatures end) recomputed over everything before it.
+  public static func repairClosingChecksum(_ bytes: [UInt8]) -> [UInt8] {
+    guard bytes.count >= 32 else { return bytes }
+    return Array(bytes[..<(bytes.count - 32)]) + sha256(bytes[..<(bytes.count - 32)])
+  }
+
+  /// Parses `bytes` as a GNU ddrescue mapfile, as `overwrite-map import`
+  /// does, and turns its extents into blocks of 4 KiB both ways.
+  public static func importDdrescueMapfile(_ bytes: [UInt8]) -> String? {
+    do {
+      let extents = try DdrescueMapfile.parse(String(decoding: bytes, as: UTF8.self), name: "fuzz input")
+      var end: UInt64 = 1
+      for e in extents { end = max(end, e.position + e.size) }
+      let geometry = try BlockGeometry(blockSize: 4096, deviceSize: min(end, 1 << 40))
+      for anyByte in [false, true] {
+        let bits = DdrescueMapfile.bitmap(
+          extents, geometry: geometry, statuses: ["+", "?"], anyByte: anyByte)
+        precondition(bits.count == geometry.blockCount, "the bitmap does not cover the device")
+      }
+      return nil
+    } catch {
+      return "\(error)"
+    }
+  }
+
+  /// Reads `bytes` as a signature front to back, as `bitmap-diff` reads one
+  /// from a pipe: the header, every digest, then the closing checksum.
+  public static func readSignature(_ bytes: [UInt8]) -> String? {
+    do {
+      let file = try MemoryFile(bytes)
+      let reader = try SignatureReader(path: "/proc/self/fd/\(file.fd)")
+      let header = reader.header
+      var scratch = [UInt8](repeating: 0, count: header.digestLength * 1000)
+      var read: UInt64 = 0
+      // Odd counts, so that reads straddle the reader's buffer.
+      while read < header.geometry.blockCount {
+        let n = Int(min(1000, header.geometry.blockCount - read))
+        try scratch.withUnsafeMutableBytes { try reader.readDigests(count: n, into: $0.baseAddress!) }
+        read += UInt64(n)
+      }
+      try reader.finish()
+      return nil
+    } catch {
+      return "\(error)"
+    }
+  }
+
+  // MARK: NBD
+
+  /// Connects to a server (an in-memory export of 1 MiB, `disk`, and a
+  /// second one, `other`), sends `bytes` as the client's whole side of the
+  /// connection (handshake, then requests), closes its side and takes every
+  /// reply until the server ends the connection. Returns what the server
+  /// logged about the connection, nil when nothing.
+  public static func serveNBD(_ bytes: [UInt8]) -> String? {
+    let server = FuzzNBDServer.shared
+    server.log.clear()
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    precondition(fd >= 0, "cannot create a socket: \(Errno.current)")
+    defer { close(fd) }
+    guard var address = try? Socket.unixAddress(server.path) else { fatalError("the fuzz server's path is too long") }
+    let rc = withUnsafePointer(to: &address) {
+      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+      }
+    }
+    precondition(rc == 0, "cannot connect to the fuzz server: \(Errno.current)")
+    let replies = exchange(fd, bytes, limit: 30)
+    precondition(replies >= 18, "the server sent no greeting")
+    let lines = server.log.take()
+    return lines.isEmpty ? nil : lines.joined(separator: "\n")
+  }
+
+  /// Serves `bytes` as a server's whole side of a connection (greeting,
+  /// option replies, then transmission replies) to the client, which
+  /// negotiates an export and, if that works, reads its first 4 KiB and
+  /// writes them back. Returns the client's error, nil when all worked.
+  public static func negotiateNBD(_ bytes: [UInt8]) -> String? {
+    let peer = FuzzNBDPeer.shared
+    peer.serve(bytes)
+    do {
+      let client = try NBDClient(uri: "nbd+unix:///disk?socket=\(peer.path)", timeout: 0.2)
+      defer { client.close() }
+      let length = Int(min(client.size, 4096))
+      if length > 0 {
+        let buffer = AlignedBuffer(count: length)
+        try client.read(into: buffer.buffer, at: 0)
+        if !client.isReadOnly { try client.write(UnsafeRawBufferPointer(buffer.buffer), at: 0) }
+      }
+      if client.canFlush { try client.flush() }
+      return nil
+    } catch {
+      return "\(error)"
+    }
+  }
+
+  /// Writes `bytes` to the socket and reads until end of input, without
+  /// blocking on either (the peer may write replies before it reads
+  /// everything); returns the bytes read. Traps after `limit` seconds: the
+  /// peer must end the connection.
+  static func exchange(_ fd: Int32, _ bytes: [UInt8], limit: Double) -> Int {
+    _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+    let deadline = monotonicSeconds() + limit
+    var sent = 0
+    var received = 0
+    var writing = true
+    if bytes.isEmpty {
+      _ = shutdown(fd, Int32(SHUT_WR))
+      writing = false
+    }
+    var scratch = [UInt8](repeating: 0, count: 1 << 16)
+    while true {
+      precondition(monotonicSeconds() < deadline, "the peer did not end the connection within \(limit) s")
+      var p = pollfd(fd: fd, events: Int16(POLLIN) | (writing ? Int16(POLLOUT) : 0), revents: 0)
+      _ = poll(&p, 1, 100)
+      if writing && p.revents & Int16(POLLOUT | POLLERR | POLLHUP) != 0 {
+        let n = bytes.withUnsafeBytes { send(fd, $0.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL)) }
+        if n > 0 { sent += n }
+        if n < 0 && errno != EAGAIN && errno != EINTR { writing = false }
+        if sent == bytes.count {
+          _ = shutdown(fd, Int32(SHUT_WR))
+          writing = false
+        }
+      }
+      if p.revents & Int16(POLLIN | POLLERR | POLLHUP) != 0 {
+        let n = scratch.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+        if n > 0 {
+          received += n
+        } else if n == 0 || (errno != EAGAIN && errno != EINTR) {
+          return received
+        }
+      }
+    }
+  }
+}
+
+/// An unnamed file holding some bytes (in /dev/shm when there is one), for
+/// readers that take a descriptor or a path.
+private final class MemoryFile {
+  let fd: Int32
+
+  init(_ bytes: [UInt8]) throws {
+    let directory = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
+    var template = Array("\(directory)/dualrestore-fuzz-XXXXXX".utf8CString)
+    fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+    guard fd >= 0 else { throw ToolkitError("mkstemp failed: \(Errno.current)") }
+    template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+    var done = 0
+    while done < bytes.count {
+      let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, bytes.count - done) }
+      guard n > 0 else {
+        close(fd)
+        throw ToolkitError("cannot write the memory file: \(Errno.current)")
+      }
+      done += n
+    }
+    lseek(fd, 0, SEEK_SET)
+  }
+
+  deinit { close(fd) }
+}
+
+/// Lines logged, collected for the caller.
+private final class LogLines: @unchecked Sendable {
+  private let lock = Monitor()
+  private var lines: [String] = []
+
+  func add(_ line: String) { lock.withLock { lines.append(line) } }
+  func clear() { lock.withLock { lines.removeAll() } }
+  func take() -> [String] {
+    lock.withLock {
+      defer { lines.removeAll() }
+      return lines
+    }
+  }
+}
+
+/// An export held in memory.
+private final class MemoryExport: NBDExport, @unchecked Sendable {
+  let name: String
+  let description = "fuzz export"
+  let size: UInt64 = 1 << 20
+  let flags = NBD.flagSendFlush | NBD.flagSendFUA | NBD.flagSendTrim | NBD.flagSendWriteZeroes
+  let preferredBlockSize: UInt32 = 4096
+  private let lock = Monitor()
+  private var bytes = [UInt8](repeating: 0, count: 1 << 20)
+
+  init(name: String) { self.name = name }
+
+  func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    try check(offset, UInt64(buffer.count))
+    lock.withLock {
+      bytes.withUnsafeBytes {
+        buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)...].prefix(buffer.count)))
+      }
+    }
+  }
+
+  func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+    try check(offset, UInt64(buffer.count))
+    lock.withLock { bytes.replaceSubrange(Int(offset)..<Int(offset) + buffer.count, with: buffer) }
+  }
+
+  func flush() throws {}
+
+  func trim(offset: UInt64, length: UInt64, fua: Bool) throws {
+    try writeZeroes(offset: offset, length: length, fua: fua)
+  }
+
+  func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
+    try check(offset, length)
+    lock.withLock {
+      bytes.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
+    }
+  }
+
+  /// The server checks ranges before it calls; a range out of bounds here is its bug.
+  private func check(_ offset: UInt64, _ length: UInt64) throws {
+    precondition(offset <= size && length <= size - offset, "the server passed on a request past the export's end")
+  }
+}
+
+/// The server `FuzzEntryPoints.serveNBD` talks to, one per process, on a Unix socket.
+private final class FuzzNBDServer: Sendable {
+  static let shared = FuzzNBDServer()
+  let path: String
+  let log = LogLines()
+  let server: NBDServer
+
+  private init() {
+    path = "/tmp/dualrestore-fuzz-\(getpid())-server.sock"
+    let log = self.log
+    server = NBDServer(
+      exports: [MemoryExport(name: "disk"), MemoryExport(name: "other")], workersPerConnection: 2,
+      options: NBDServerOptions(handshakeTimeout: 10, stallTimeout: 10, maximumBufferedBytes: 64 << 20),
+      log: { log.add($0) })
+    let listener: Listener
+    do {
+      listener = try Listener(unixPath: path)
+    } catch {
+      fatalError("cannot listen for the fuzz server: \(error)")
+    }
+    atexit { unlink("/tmp/dualrestore-fuzz-\(getpid())-server.sock") }
+    let server = self.server
+    startThread { server.serve(listener) }
+  }
+}
+
+/// The peer `FuzzEntryPoints.negotiateNBD` connects to: it gives the first
+/// connection after `serve` the bytes, and closes later ones at once.
+private final class FuzzNBDPeer: @unchecked Sendable {
+  static let shared = FuzzNBDPeer()
+  let path: String
+  private let lock = Monitor()
+  private var pending: [UInt8]?
+
+  private init() {
+    path = "/tmp/dualrestore-fuzz-\(getpid())-client.sock"
+    let listener: Listener
+    do {
+      listener = try Listener(unixPath: path)
+    } catch {
+      fatalError("cannot listen for the fuzz client: \(error)")
+    }
+    atexit { unlink("/tmp/dualrestore-fuzz-\(getpid())-client.sock") }
+    startThread { [self] in
+      while let socket = try? listener.accept() {
+        let bytes = lock.withLock {
+          defer { pending = nil }
+          return pending
+        }
+        guard let bytes else {
+          socket.shutdown()
+          continue
+        }
+        // Everything the client sends is read and dropped; the replies are
+        // the bytes given, whatever it asked.
+        startThread { _ = FuzzEntryPoints.exchange(socket.fd, bytes, limit: 30) }
+      }
+    }
+  }
+
+  func serve(_ bytes: [UInt8]) { lock.withLock { pending = bytes } }
+}
