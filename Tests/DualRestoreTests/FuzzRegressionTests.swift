@@ -1,0 +1,407 @@
+// Inputs from fuzzing the readers of hostile input (scripts/fuzz), kept as
+// regression tests: each is refused with its one sentence, never a trap.
+// They run through the same entry points as the fuzz targets
+// (FuzzEntryPoints), so a test here is the fuzz target on one input. The
+// inputs are built here from the formats' own writers and then damaged the
+// way the fuzzer damaged them (truncations, huge lengths, bad magic,
+// counts that overflow), or written out as bytes.
+
+import CLZ4
+import XCTest
+
+@testable import DualRestore
+
+final class FuzzRegressionTests: XCTestCase {
+
+  // MARK: Building inputs
+
+  /// A valid stream of a 10 KiB device in 4 KiB blocks: a raw block, an
+  /// LZ4 block (`lz4` replaces its payload), a zero run of the last
+  /// (partial) block, the END record; and where each record starts.
+  func validStream(lz4: [UInt8]? = nil) throws -> (bytes: [UInt8], at: [Int]) {
+    let geometry = try BlockGeometry(blockSize: 4096, deviceSize: 10240)
+    let header = StreamFormat.Header(
+      geometry: geometry, streamID: ID128(high: 1, low: 2), started: Instant(nanosecondsSinceEpoch: 1),
+      sourceName: "fuzz")
+    var out = StreamFormat.preamble()
+    var at: [Int] = []
+    func add(_ type: StreamFormat.RecordType, _ body: [UInt8]) {
+      at.append(out.count)
+      out += StreamFormat.record(type, sequence: UInt64(at.count - 1), body: body)
+    }
+    add(.header, StreamFormat.headerBody(header))
+    add(.data, dataBody(block: 0, length: 4096, encoding: .raw, (0..<4096).map { UInt8($0 % 251) }))
+    add(.data, dataBody(block: 1, length: 4096, encoding: .lz4, lz4 ?? compressedZeros()))
+    add(.zero, StreamFormat.zeroBody(first: 2, count: 1))
+    let end = StreamFormat.End(dataBlocks: 2, zeroBlocks: 1, bytes: 10240, records: 4, digest: sha256(out))
+    add(.end, StreamFormat.endBody(end))
+    return (out, at)
+  }
+
+  /// 4096 zero bytes in LZ4.
+  func compressedZeros() -> [UInt8] {
+    let zeros = [CChar](repeating: 0, count: 4096)
+    var out = [CChar](repeating: 0, count: 4200)
+    let n = LZ4_compress_default(zeros, &out, 4096, 4200)
+    return out.prefix(Int(n)).map { UInt8(bitPattern: $0) }
+  }
+
+  func dataBody(block: UInt64, length: Int, encoding: StreamFormat.DataEncoding, _ payload: [UInt8]) -> [UInt8] {
+    var body = [UInt8](repeating: 0, count: 16)
+    body.withUnsafeMutableBytes {
+      StreamFormat.storeDataFields($0.baseAddress!, block: block, length: length, encoding: encoding)
+    }
+    return body + payload
+  }
+
+  func le32(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8(truncatingIfNeeded: v >> (8 * $0)) } }
+  func le64(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
+  func be16(_ v: UInt16) -> [UInt8] { [UInt8(v >> 8), UInt8(v & 0xFF)] }
+  func be32(_ v: UInt32) -> [UInt8] { (0..<4).reversed().map { UInt8(truncatingIfNeeded: v >> (8 * $0)) } }
+  func be64(_ v: UInt64) -> [UInt8] { (0..<8).reversed().map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) } }
+
+  /// `bytes` with `patch` written at `offset`.
+  func patched(_ bytes: [UInt8], at offset: Int, _ patch: [UInt8]) -> [UInt8] {
+    var out = bytes
+    out.replaceSubrange(offset..<offset + patch.count, with: patch)
+    return out
+  }
+
+  // MARK: Block streams
+
+  func testTheValidStreamIsAcceptedByBothReaders() throws {
+    let stream = try validStream().bytes
+    XCTAssertNil(FuzzEntryPoints.parseStream(stream))
+    XCTAssertNil(FuzzEntryPoints.checkStream(stream))
+    XCTAssertEqual(FuzzEntryPoints.repairStreamChecksums(stream), stream)
+  }
+
+  func testStreamWithBadMagicOrNothing() {
+    XCTAssertEqual(
+      FuzzEntryPoints.parseStream(Array("DRMAP\r\n\u{1a}".utf8)), "not a dualrestore block stream (bad magic)")
+    XCTAssertEqual(FuzzEntryPoints.checkStream([]), "fuzz input: empty input, not a block stream")
+    XCTAssertEqual(
+      FuzzEntryPoints.checkStream(Array(StreamFormat.magic.prefix(5))),
+      "fuzz input: truncated stream: the preamble is incomplete")
+  }
+
+  func testStreamCutAnywhereIsTruncatedNotComplete() throws {
+    let stream = try validStream().bytes
+    for cut in [16, 17, 35, 36, 200, 4096, stream.count - 84, stream.count - 1] {
+      let cutStream = Array(stream[..<cut])
+      for result in [FuzzEntryPoints.parseStream(cutStream), FuzzEntryPoints.checkStream(cutStream)] {
+        XCTAssertTrue(result?.contains("truncated stream") ?? false, "cut at \(cut): \(result ?? "accepted")")
+      }
+    }
+  }
+
+  func testStreamRecordOfFourGiBIsRefusedBeforeAnyAllocation() {
+    let input = StreamFormat.preamble() + le32(0x0001_0001) + le32(0xFFFF_FFFF) + le64(0)
+    XCTAssertEqual(
+      FuzzEntryPoints.parseStream(input),
+      "record 0 at byte 16: body length 4294967295 exceeds the limit of 67112960 bytes")
+    XCTAssertEqual(
+      FuzzEntryPoints.checkStream(input),
+      "fuzz input: record 0 at byte 16: body length 4294967295 exceeds the limit of 67112960 bytes")
+  }
+
+  func testStreamZeroRunThatWouldOverflowIsRefused() throws {
+    let (stream, at) = try validStream()
+    // The ZERO record: from block 1, UInt64.max blocks (first + count overflows).
+    let damaged = FuzzEntryPoints.repairStreamChecksums(patched(stream, at: at[3] + 16, le64(1) + le64(.max)))
+    XCTAssertEqual(
+      FuzzEntryPoints.parseStream(damaged),
+      "record 3 at byte \(at[3]): zero run of 18446744073709551615 blocks from block 1 is out of range")
+  }
+
+  func testStreamLZ4PayloadThatDoesNotDecodeIsDamaged() throws {
+    // The payload less its last byte: the framing is right, the block is not.
+    let (stream, at) = try validStream(lz4: compressedZeros().dropLast())
+    XCTAssertNil(FuzzEntryPoints.parseStream(stream), "the framing is right")
+    XCTAssertEqual(
+      FuzzEntryPoints.checkStream(stream),
+      "fuzz input: record 2 at byte \(at[2]): block 1 does not decompress to 4096 bytes; the record is damaged")
+  }
+
+  func testStreamWithRightCRCsButWrongDigestIsDamaged() throws {
+    let (stream, at) = try validStream()
+    var flipped = stream
+    flipped[at[1] + 16 + 16] ^= 1  // the first byte of block 0
+    // Every CRC made right again, the END record (and its digest) as it was.
+    let damaged = FuzzEntryPoints.repairStreamChecksums(Array(flipped[..<at[4]])) + stream[at[4]...]
+    XCTAssertNil(FuzzEntryPoints.parseStream(damaged), "the parser checks CRCs, not the digest")
+    XCTAssertEqual(
+      FuzzEntryPoints.checkStream(damaged),
+      "fuzz input: record 4 at byte \(at[4]): the stream digest does not match; the stream is damaged")
+    XCTAssertNil(FuzzEntryPoints.checkStream(FuzzEntryPoints.repairStreamChecksums(damaged)))
+  }
+
+  func testStreamHeaderWithImpossibleGeometryIsRefused() throws {
+    let stream = try validStream().bytes
+    // Block size 3 (not a power of two) in the HEADER record.
+    let damaged = FuzzEntryPoints.repairStreamChecksums(patched(stream, at: 16 + 16, le32(3)))
+    let result = FuzzEntryPoints.parseStream(damaged)
+    XCTAssertTrue(result?.hasPrefix("record 0 at byte 16: ") ?? false, result ?? "accepted")
+    XCTAssertTrue(result?.contains("3") ?? false, result ?? "accepted")
+  }
+
+  func testEncryptedStreamsAndKeys() throws {
+    let key = (1...32).map { UInt8($0) }
+    let stream = try validStream().bytes
+    let sealed = try FuzzEntryPoints.encryptStream(stream, key: key)
+    XCTAssertNil(FuzzEntryPoints.parseStream(sealed, key: key))
+    XCTAssertNil(FuzzEntryPoints.checkStream(sealed, key: key))
+    // A plaintext stream is refused when a key is given.
+    XCTAssertTrue(
+      FuzzEntryPoints.parseStream(stream, key: key)?.contains("the stream is not encrypted") ?? false)
+    // Without the key, or with another, it does not open.
+    XCTAssertEqual(
+      FuzzEntryPoints.parseStream(sealed),
+      "record 0 at byte 16: the stream is encrypted with a key file; give it with --key-file FILE")
+    XCTAssertEqual(
+      FuzzEntryPoints.parseStream(sealed, key: key.reversed()),
+      "record 0 at byte 16: wrong key: the fuzz key does not open this stream (or its CRYPTO record was altered)")
+    // A sealed record whose ciphertext changed (its CRC repaired) fails its tag.
+    var altered = sealed
+    altered[16 + 100 + 16 + 5] ^= 0x40
+    XCTAssertEqual(
+      FuzzEntryPoints.parseStream(FuzzEntryPoints.repairStreamChecksums(altered), key: key),
+      "record 1 at byte 116: authentication failed: the record was altered, moved, or taken from another stream")
+    // scrypt parameters in a CRYPTO record of a key-file stream.
+    let withParameters = FuzzEntryPoints.repairStreamChecksums(patched(sealed, at: 16 + 16 + 2, [17]))
+    XCTAssertEqual(
+      FuzzEntryPoints.parseStream(withParameters, key: key),
+      "record 0 at byte 16: the CRYPTO record gives scrypt parameters for a key file")
+  }
+
+  // MARK: Maps
+
+  func validMap() throws -> [UInt8] {
+    var map = BlockMap(
+      geometry: try BlockGeometry(blockSize: 4096, deviceSize: 1 << 20), deviceName: "fuzz",
+      mapID: ID128(high: 3, low: 4), trackingStarted: Instant(nanosecondsSinceEpoch: 5))
+    map.bits.set(3..<100)
+    return MapFormat.encode(map)
+  }
+
+  func testMapDamage() throws {
+    let map = try validMap()
+    XCTAssertNil(FuzzEntryPoints.decodeMap(map))
+    XCTAssertEqual(FuzzEntryPoints.decodeMap([]), "fuzz input: empty input, not a map")
+    XCTAssertEqual(FuzzEntryPoints.decodeMap(Array(map.dropFirst())), "fuzz input: not a dualrestore map (bad magic)")
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(Array(map.prefix(60))), "fuzz input: truncated map (60 bytes)")
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(Array(map.dropLast())), "fuzz input: checksum mismatch: the map is damaged or truncated"
+    )
+    let repair = FuzzEntryPoints.repairClosingChecksum
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(repair(patched(map, at: 12, le32(0xFFFF_FFFF)))),
+      "fuzz input: header length 4294967295 is out of range")
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(repair(patched(map, at: 88, [0xFF, 0xFF]))),
+      "fuzz input: device name length 65535 is out of range")
+    // Block count one more than the device holds.
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(repair(patched(map, at: 32, le64(257)))),
+      "fuzz input: block count 257 does not fit 1048576 bytes in blocks of 4096")
+    // The set count in the header disagrees with the payload.
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(repair(patched(map, at: 40, le64(.max)))),
+      "fuzz input: payload has 97 set blocks but the header says 18446744073709551615")
+  }
+
+  func testMapRunsThatOverflowOrFallShort() throws {
+    let map = try validMap()
+    let headerLength = Int(map[12]) | Int(map[13]) << 8
+    let repair = FuzzEntryPoints.repairClosingChecksum
+    // Runs payload: 3 clear, then a run of 2^63 set blocks.
+    let huge: [UInt8] = [0x03, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01]
+    let base = Array(map[..<headerLength])
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(repair(base + le64(UInt64(huge.count)) + huge + [UInt8](repeating: 0, count: 32))),
+      "fuzz input: runs cover more than 256 blocks")
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(repair(base + le64(1) + [0x03] + [UInt8](repeating: 0, count: 32))),
+      "fuzz input: runs cover 3 of 256 blocks")
+    // A varint that never ends.
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(repair(base + le64(2) + [0x83, 0x80] + [UInt8](repeating: 0, count: 32))),
+      "fuzz input: damaged run in payload at byte 2")
+  }
+
+  // MARK: ddrescue mapfiles
+
+  func testDdrescueMapfileDamage() {
+    func text(_ s: String) -> [UInt8] { Array(s.utf8) }
+    XCTAssertNil(FuzzEntryPoints.importDdrescueMapfile(text("0x0 +\n0x0 0x2000 +\n0x2000 0x1000 -\n")))
+    XCTAssertEqual(
+      FuzzEntryPoints.importDdrescueMapfile(text("0x0 +\n0x10 0xFFFFFFFFFFFFFFFF +\n")),
+      "fuzz input: line 2: extent overflows")
+    XCTAssertEqual(
+      FuzzEntryPoints.importDdrescueMapfile(text("0x0 +\n0x2000 0x10 +\n0x0 0x10 +\n")),
+      "fuzz input: line 3: position 0 overlaps or precedes the line before")
+    XCTAssertEqual(
+      FuzzEntryPoints.importDdrescueMapfile(text("# nothing\n")), "fuzz input: not a ddrescue mapfile (no status line)")
+    XCTAssertEqual(
+      FuzzEntryPoints.importDdrescueMapfile(text("0x0 +\n0x0 0x10 ++\n")),
+      "fuzz input: line 2: expected 'pos size status' with status one of ?*/-+")
+  }
+
+  // MARK: Signatures
+
+  func validSignature(blocks: UInt64 = 3, digestLength: Int = 4) throws -> [UInt8] {
+    let header = SignatureFormat.Header(
+      geometry: try BlockGeometry(blockSize: 512, deviceSize: blocks * 512), digestName: "sha256",
+      digestLength: digestLength, signatureID: ID128(high: 5, low: 6), started: Instant(nanosecondsSinceEpoch: 7),
+      sourceName: "fuzz")
+    let body = SignatureFormat.encodeHeader(header) + (0..<Int(blocks) * digestLength).map { UInt8($0 & 0xFF) }
+    return body + sha256(body)
+  }
+
+  func testSignatureDamage() throws {
+    let signature = try validSignature()
+    let repair = FuzzEntryPoints.repairClosingChecksum
+    XCTAssertNil(FuzzEntryPoints.readSignature(signature))
+    func refused(_ bytes: [UInt8]) -> String {
+      // The reader names the file by its descriptor; drop that part.
+      guard let e = FuzzEntryPoints.readSignature(bytes) else { return "accepted" }
+      return e.split(separator: ":", maxSplits: 1).last.map { String($0.dropFirst()) } ?? e
+    }
+    XCTAssertEqual(refused([]), "empty input, not a signature")
+    XCTAssertEqual(refused(Array(signature.prefix(40))), "truncated signature header")
+    XCTAssertEqual(refused(Array(signature.dropLast())), "truncated signature: the closing checksum is missing")
+    XCTAssertEqual(refused(patched(signature, at: 100, [0xEE])), "checksum mismatch: the signature is damaged")
+    XCTAssertEqual(refused(Array(signature.dropLast(32 + 5))), "truncated signature: digests end at block 1")
+    XCTAssertEqual(refused(repair(signature + [0])), "checksum mismatch: the signature is damaged")
+    XCTAssertEqual(refused(signature + [0]), "unexpected data after the closing checksum")
+    XCTAssertEqual(refused(repair(patched(signature, at: 20, [0]))), "digest length 0 is out of range")
+    XCTAssertEqual(
+      refused(repair(patched(signature, at: 12, le32(0xFFFF_FFFF)))), "header length 4294967295 is out of range")
+    // A header promising 2^53 blocks (4 EiB, the largest device), and a
+    // digest area to match, then nothing: the reader waits for no more.
+    let blocks: UInt64 = 1 << 53
+    let huge = patched(patched(signature, at: 24, le64(blocks * 512)), at: 32, le64(blocks))
+    let headerLength = Int(signature[12]) | Int(signature[13]) << 8
+    let promised = patched(huge, at: headerLength, le64(blocks * 4))
+    // (The 12 digest bytes and the 32 of the checksum make 11 digests.)
+    XCTAssertEqual(refused(repair(promised)), "truncated signature: digests end at block 11")
+  }
+
+  // MARK: NBD, server side
+
+  /// The client's side of a connection: flags (fixed newstyle, no zeroes), NBD_OPT_GO for `disk`.
+  func clientHandshake() -> [UInt8] {
+    var go = be32(4) + Array("disk".utf8) + be16(0)
+    go = be64(NBD.optionMagic) + be32(NBD.optGo) + be32(UInt32(go.count)) + go
+    return be32(3) + go
+  }
+
+  func request(_ type: UInt16, flags: UInt16 = 0, cookie: UInt64 = 1, offset: UInt64, length: UInt32) -> [UInt8] {
+    be32(NBD.requestMagic) + be16(flags) + be16(type) + be64(cookie) + be64(offset) + be32(length)
+  }
+
+  func testServerRefusesBadHandshakes() {
+    XCTAssertEqual(
+      FuzzEntryPoints.serveNBD(be32(0)), "connection ended: the client does not speak the fixed newstyle handshake")
+    XCTAssertEqual(
+      FuzzEntryPoints.serveNBD(be32(0x8000_0001)), "connection ended: the client sent unknown flags 0x80000001")
+    XCTAssertEqual(
+      FuzzEntryPoints.serveNBD(be32(3) + be64(NBD.optionMagic) + be32(NBD.optGo) + be32(0xFFFF_FFFF)),
+      "connection ended: option 7 of 4294967295 bytes is too long")
+    XCTAssertEqual(
+      FuzzEntryPoints.serveNBD(be32(3) + be64(0x1234) + be32(NBD.optGo) + be32(0)),
+      "connection ended: bad option magic from the client")
+    let unknown = FuzzEntryPoints.serveNBD(
+      be32(3) + be64(NBD.optionMagic) + be32(NBD.optExportName) + be32(4) + Array("none".utf8))
+    XCTAssertTrue(unknown?.hasPrefix("connection ended: the client asked for ") ?? false, unknown ?? "accepted")
+    XCTAssertTrue(unknown?.contains("'none'") ?? false, unknown ?? "accepted")
+    // NBD_OPT_GO whose name length runs past its data is answered with an
+    // error, and the haggling goes on until the client goes away.
+    let badGo = be32(0xFFFF_FFFF) + be16(0)
+    XCTAssertNil(
+      FuzzEntryPoints.serveNBD(
+        be32(3) + be64(NBD.optionMagic) + be32(NBD.optGo) + be32(UInt32(badGo.count)) + badGo))
+    let options = (0..<1001).flatMap { _ in be64(NBD.optionMagic) + be32(99) + be32(0) }
+    XCTAssertEqual(
+      FuzzEntryPoints.serveNBD(be32(3) + options),
+      "connection ended: the client sent more than 1000 options; disconnected")
+  }
+
+  func testServerRefusesBadRequests() {
+    let hello = clientHandshake()
+    XCTAssertNil(FuzzEntryPoints.serveNBD(hello + request(NBD.cmdRead, offset: 0, length: 4096)))
+    let badMagic = FuzzEntryPoints.serveNBD(hello + be32(0xDEAD_BEEF) + [UInt8](repeating: 0, count: 24))
+    XCTAssertTrue(badMagic?.contains("magic") ?? false, badMagic ?? "accepted")
+    let hugeWrite = FuzzEntryPoints.serveNBD(hello + request(NBD.cmdWrite, offset: 0, length: 0xFFFF_FFFF))
+    XCTAssertNotNil(hugeWrite, "a WRITE of 4 GiB cannot be framed")
+    // Past the end, and a range that wraps: answered with errors, the
+    // connection goes on.
+    XCTAssertNil(FuzzEntryPoints.serveNBD(hello + request(NBD.cmdRead, offset: 1 << 20, length: 1)))
+    XCTAssertNil(FuzzEntryPoints.serveNBD(hello + request(NBD.cmdTrim, offset: .max, length: 2)))
+    XCTAssertNil(FuzzEntryPoints.serveNBD(hello + request(NBD.cmdWriteZeroes, offset: .max - 1, length: 0xFFFF_FFFF)))
+    // A WRITE whose data never comes.
+    // A WRITE whose data stops short: the client went away, which ends the
+    // connection as quietly as between requests (and serveNBD returns:
+    // the server does not wait for the rest).
+    XCTAssertNil(FuzzEntryPoints.serveNBD(hello + request(NBD.cmdWrite, offset: 0, length: 512) + [1, 2, 3]))
+  }
+
+  // MARK: NBD, client side
+
+  func greeting() -> [UInt8] { Array("NBDMAGICIHAVEOPT".utf8) + be16(3) }
+
+  func optionReply(_ type: UInt32, _ data: [UInt8], option: UInt32 = NBD.optGo) -> [UInt8] {
+    be64(NBD.optionReplyMagic) + be32(option) + be32(type) + be32(UInt32(data.count)) + data
+  }
+
+  /// The socket FuzzEntryPoints.negotiateNBD serves the bytes on.
+  static let peer = "/tmp/dualrestore-fuzz-\(getpid())-client.sock"
+
+  /// The client's error less the URI it starts with.
+  func refused(_ bytes: [UInt8]) -> String {
+    guard let e = FuzzEntryPoints.negotiateNBD(bytes) else { return "accepted" }
+    let uri = "nbd+unix:///disk?socket=\(FuzzRegressionTests.peer): "
+    return e.hasPrefix(uri) ? String(e.dropFirst(uri.count)) : e
+  }
+
+  func testClientRefusesBadServers() {
+    XCTAssertEqual(
+      refused([]), "the handshake failed while reading the greeting (\(FuzzRegressionTests.peer): connection closed)")
+    XCTAssertEqual(refused(Array("NBDMAGICIHAVEOPX".utf8) + be16(3)), "not an NBD server (bad greeting)")
+    XCTAssertEqual(
+      refused(Array("NBDMAGIC".utf8) + be64(0x0042_0281_8612_53) + be16(3)),
+      "the server speaks only the oldstyle handshake, which is not supported")
+    XCTAssertEqual(
+      refused(greeting() + be64(NBD.optionReplyMagic) + be32(NBD.optGo) + be32(3) + be32(0xFFFF_FFFF)),
+      "the server sent an option reply of 4294967295 bytes (at most 65536 accepted)")
+    XCTAssertEqual(
+      refused(greeting() + optionReply(NBD.repAck, [])), "the server accepted the export without describing it")
+    XCTAssertEqual(refused(greeting() + optionReply(NBD.repInfo, [0])), "the server sent a malformed information reply")
+    XCTAssertEqual(
+      refused(greeting() + optionReply(NBD.repInfo, be16(3) + be32(3) + be32(4096) + be32(1 << 20))),
+      "the server sent impossible block sizes (minimum 3, preferred 4096, maximum 1048576)")
+    XCTAssertEqual(
+      refused(greeting() + optionReply(NBD.repAck, [], option: NBD.optList)),
+      "the server answered an option that was not asked")
+    XCTAssertEqual(
+      refused(greeting() + optionReply(NBD.repErrUnknown, Array("no".utf8))), "the server has no export named 'disk'")
+  }
+
+  func testClientRefusesBadReplies() {
+    let export = optionReply(NBD.repInfo, be16(0) + be64(1 << 20) + be16(NBD.flagHasFlags | NBD.flagReadOnly))
+    let hello = greeting() + export + optionReply(NBD.repAck, [])
+    func reply(_ error: UInt32, _ cookie: UInt64) -> [UInt8] { be32(NBD.simpleReplyMagic) + be32(error) + be64(cookie) }
+    // The first READ's cookie is sequence 1, slot 0.
+    XCTAssertNil(FuzzEntryPoints.negotiateNBD(hello + reply(0, 1 << 32) + [UInt8](repeating: 7, count: 4096)))
+    let read = "read of 4096 bytes at 0 failed: "
+    XCTAssertEqual(refused(hello + reply(0, 99)), read + "the server replied to an unknown request (cookie 0x63)")
+    XCTAssertEqual(
+      refused(hello + be32(0x1234_5678) + be32(0) + be64(1 << 32)),
+      read + "the server sent a reply with a bad magic number 0x12345678")
+    XCTAssertEqual(
+      refused(hello + reply(0, 1 << 32) + [1, 2, 3]),
+      read + "the connection broke (\(FuzzRegressionTests.peer): connection closed)")
+    XCTAssertEqual(refused(hello + reply(5, 1 << 32)), read + "Input/output error")
+  }
+}
