@@ -1,7 +1,28 @@
 // What the servers share: where they listen, and a clean stop on a signal.
 
+import ArgumentParser
 import DualRestore
 import Glibc
+
+/// `--socket PATH` or `--listen HOST:PORT`: where a server listens.
+public struct ListenOptions: ParsableArguments {
+  @Option(help: ArgumentHelp("Serve on this Unix socket.", valueName: "path"))
+  public var socket: String?
+
+  @Option(help: ArgumentHelp("Serve on TCP HOST:PORT (HOST defaults to 127.0.0.1).", valueName: "host:port"))
+  public var listen: String?
+
+  public init() {}
+
+  public func validate() throws {
+    if (socket == nil) == (listen == nil) {
+      throw ValidationError("give exactly one of --socket PATH and --listen HOST:PORT")
+    }
+  }
+
+  /// Creates the listener (a Unix socket of mode 0600, or TCP).
+  public func listener() throws -> Listener { try makeListener(socket: socket, listen: listen) }
+}
 
 /// The listener for `--socket PATH` or `--listen HOST:PORT` (HOST defaults
 /// to 127.0.0.1; an IPv6 address goes in brackets).

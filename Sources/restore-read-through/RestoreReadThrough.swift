@@ -81,11 +81,7 @@ struct RestoreReadThrough: ParsableCommand {
   @Option(help: ArgumentHelp("The overwrite map of PRIMARY (created when missing).", valueName: "map"))
   var map: String
 
-  @Option(help: ArgumentHelp("Serve on this Unix socket.", valueName: "path"))
-  var socket: String?
-
-  @Option(help: ArgumentHelp("Serve on TCP HOST:PORT (HOST defaults to 127.0.0.1).", valueName: "host:port"))
-  var listen: String?
+  @OptionGroup var serving: ListenOptions
 
   @OptionGroup var blockSize: BlockSizeOption
 
@@ -115,9 +111,6 @@ struct RestoreReadThrough: ParsableCommand {
   var primary: String
 
   func validate() throws {
-    if (socket == nil) == (listen == nil) {
-      throw ValidationError("give exactly one of --socket PATH and --listen HOST:PORT")
-    }
     if hydrateRate != nil && !hydrate { throw ValidationError("--hydrate-rate needs --hydrate") }
     if backupTimeout <= 0 || backupTimeout > 86400 {
       throw ValidationError("--backup-timeout \(backupTimeout) is out of range")
@@ -134,7 +127,7 @@ struct RestoreReadThrough: ParsableCommand {
     let serverTLS = try tls.serverTLS()
     // The socket first: a second server on the same path is refused before
     // it opens the map or touches the backup.
-    let listener = try makeListener(socket: socket, listen: listen)
+    let listener = try serving.listener()
     let device = try Device(path: primary, options: .readWrite)
     let link = try MultiConnectionLink(uri: backup, timeout: backupTimeout, count: backupConnections)
     let engine = try RestoreEngine(

@@ -129,11 +129,7 @@ extension TrackingServer {
     @Option(help: ArgumentHelp("The change map (created when missing).", valueName: "map"))
     var changes: String
 
-    @Option(help: ArgumentHelp("Serve on this Unix socket.", valueName: "path"))
-    var socket: String?
-
-    @Option(help: ArgumentHelp("Serve on TCP HOST:PORT (HOST defaults to 127.0.0.1).", valueName: "host:port"))
-    var listen: String?
+    @OptionGroup var serving: ListenOptions
 
     @Option(
       help: ArgumentHelp("The control socket (default: the --socket path with .control added).", valueName: "path"))
@@ -158,10 +154,7 @@ extension TrackingServer {
     var device: String
 
     func validate() throws {
-      if (socket == nil) == (listen == nil) {
-        throw ValidationError("give exactly one of --socket PATH and --listen HOST:PORT")
-      }
-      if socket == nil && control == nil {
+      if serving.socket == nil && control == nil {
         throw ValidationError("with --listen, give the control socket with --control PATH")
       }
       if let storeLimit, storeLimit.value < 1 << 20 {
@@ -180,8 +173,8 @@ extension TrackingServer {
         device: d, changesPath: changes, storePath: storePath, storeLimit: storeLimit?.value,
         blockSize: blockSize.blockSize.map { UInt32($0.value) },
         log: log)
-      let listener = try makeListener(socket: socket, listen: listen)
-      let controlPath = control ?? (socket ?? "") + ".control"
+      let listener = try serving.listener()
+      let controlPath = control ?? (serving.socket ?? "") + ".control"
       let controlListener = try Listener(unixPath: controlPath)
       chmod(controlPath, 0o600)
       let server = NBDServer(
