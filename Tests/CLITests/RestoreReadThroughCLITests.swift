@@ -279,6 +279,55 @@ final class RestoreReadThroughCLITests: XCTestCase {
     XCTAssertEqual(try r.mapStats()["set_blocks"] as? Int, r.blockCount)
   }
 
+  /// merge-snapshot names its stream to the merge export, which checks it
+  /// against the server's map as merge-snapshot checks a map file: a stream
+  /// read before tracking started could bring back data older than writes
+  /// the map never saw, and an incremental must apply on top of the last
+  /// stream merged. A whole stream is recorded as the last merged.
+  func testMergeExportChecksTheStreamsTimeAndBaseAndRecordsIt() throws {
+    try require("nbdkit", "nbdinfo", "nbdsh")
+    let r = try RRTRig(size: 16 << 20, seed: 77)
+    rigs.append(r)
+    try r.startBackup(.nbdkit())
+    let early = try RRTCommand.shell("snapshot --quiet -o early.stream backup.img", cwd: r.dir)
+    XCTAssertEqual(early.status, 0, early.summary)
+    usleep(20_000)
+    try r.startServer()
+    let refused = try RRTCommand.run("merge-snapshot", ["-i", r.s.path("early.stream"), r.mergeURI], timeout: 60)
+    XCTAssertEqual(refused.status, 1, refused.summary)
+    XCTAssertTrue(refused.stderr.contains("before the map started tracking"), refused.summary)
+    XCTAssertTrue(refused.stderr.contains(r.mergeURI), "the sentence names the target: \(refused.summary)")
+    XCTAssertFalse(r.log.contains("merge:"), "the refused stream wrote blocks:\n\(r.log)")
+
+    // A stream read after the server started merges, and is recorded.
+    let late = try RRTCommand.shell("snapshot --quiet --json -o late.stream backup.img", cwd: r.dir)
+    XCTAssertEqual(late.status, 0, late.summary)
+    let lateID = try XCTUnwrap(
+      (try JSONSerialization.jsonObject(with: Data(late.stdout.utf8)) as? [String: Any])?["stream_id"] as? String)
+    let merged = try RRTCommand.run("merge-snapshot", ["-i", r.s.path("late.stream"), r.mergeURI], timeout: 120)
+    XCTAssertEqual(merged.status, 0, "\(merged.summary)\nlog:\n\(r.log)")
+    XCTAssertTrue(r.log.contains("stream \(lateID) is merged whole"), r.log)
+
+    // An incremental on top of another stream is refused; on top of the
+    // last merged one it is taken.
+    let wrong = try RRTCommand.shell(
+      "snapshot --quiet --base 0123456789abcdef0123456789abcdef -o wrong.stream backup.img", cwd: r.dir)
+    XCTAssertEqual(wrong.status, 0, wrong.summary)
+    let refusedBase = try RRTCommand.run("merge-snapshot", ["-i", r.s.path("wrong.stream"), r.mergeURI], timeout: 60)
+    XCTAssertEqual(refusedBase.status, 1, refusedBase.summary)
+    XCTAssertTrue(
+      refusedBase.stderr.contains("the last stream merged into this device is \(lateID)"), refusedBase.summary)
+    let right = try RRTCommand.shell(
+      "snapshot --quiet --json --base \(lateID) -o right.stream backup.img", cwd: r.dir)
+    XCTAssertEqual(right.status, 0, right.summary)
+    let rightID = try XCTUnwrap(
+      (try JSONSerialization.jsonObject(with: Data(right.stdout.utf8)) as? [String: Any])?["stream_id"] as? String)
+    let taken = try RRTCommand.run("merge-snapshot", ["-i", r.s.path("right.stream"), r.mergeURI], timeout: 120)
+    XCTAssertEqual(taken.status, 0, "\(taken.summary)\nlog:\n\(r.log)")
+    r.stopServer()
+    XCTAssertEqual(try r.mapStats()["last_merged_stream"] as? String, rightID, "the incremental is the last merged")
+  }
+
   // MARK: 4. qemu-img and qemu-io
 
   func testQemuImgCompareAndQemuIOThroughTheExport() throws {
