@@ -191,7 +191,9 @@ public final class NBDServer: @unchecked Sendable {
         stateLock.wait()
         connections[ObjectIdentifier(socket)] = nil
         connectionCount -= 1
-        let last = connectionCount == 0
+        // Only a stop waits for the last connection: a signal while serving
+        // would be left over and let a later stop return too early.
+        let last = connectionCount == 0 && stopping
         stateLock.signal()
         if last { idle.signal() }
       }
