@@ -555,18 +555,27 @@ public final class RestoreEngine: @unchecked Sendable {
       return (current, d)
     }
     do {
-      try primary.sync()
-      // The backup's part: owed blocks first, then its own flush. While it
-      // is unreachable the flush holds on the primary alone; the owed blocks
-      // stay in the durable activity log until they are sent.
-      var backupOK = true
-      do {
-        if state.withLock({ !backupLacks.isEmpty }) { try resynchronize() }
-        if !state.withLock({ backupDown }) { try backup.flush() }
-      } catch {
-        backupOK = false
+      // The backup's part, at the same time as the primary's: owed blocks
+      // first, then its own flush. While it is unreachable the flush holds
+      // on the primary alone; the owed blocks stay in the durable activity
+      // log until they are sent.
+      var backupError: Error?
+      let backupPart = offload.start { [self] in
+        do {
+          if state.withLock({ !backupLacks.isEmpty }) { try resynchronize() }
+          if !state.withLock({ backupDown }) { try backup.flush() }
+        } catch {
+          backupError = error
+        }
+      }
+      var primaryError: Error?
+      do { try primary.sync() } catch { primaryError = error }
+      backupPart.wait()
+      if let primaryError { throw primaryError }
+      let backupOK = backupError == nil
+      if let backupError {
         state.withLock { backupDown = true }
-        log("flush: the backup is unreachable (\(error)); \(backupDebt.blocks) block(s) are owed to it")
+        log("flush: the backup is unreachable (\(backupError)); \(backupDebt.blocks) block(s) are owed to it")
       }
       if wasDirty {
         var m = map
