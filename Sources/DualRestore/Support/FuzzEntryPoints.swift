@@ -209,11 +209,13 @@ public enum FuzzEntryPoints {
   /// option replies, then transmission replies) to the client, which
   /// negotiates an export and, if that works, reads its first 4 KiB and
   /// writes them back. Returns the client's error, nil when all worked.
-  public static func negotiateNBD(_ bytes: [UInt8]) -> String? {
+  /// `timeout` is the client's: a request that fails is retried (on new
+  /// connections, which the peer closes at once) until it has passed.
+  public static func negotiateNBD(_ bytes: [UInt8], timeout: Double = 0.2) -> String? {
     let peer = FuzzNBDPeer.shared
     peer.serve(bytes)
     do {
-      let client = try NBDClient(uri: "nbd+unix:///disk?socket=\(peer.path)", timeout: 0.2)
+      let client = try NBDClient(uri: "nbd+unix:///disk?socket=\(peer.path)", timeout: timeout)
       defer { client.close() }
       let length = Int(min(client.size, 4096))
       if length > 0 {
