@@ -192,7 +192,10 @@ public enum MapFormat {
       }
       return BlockBitmap(count: count, words: words)
     case .runs:
-      var bits = BlockBitmap(count: count)
+      // The runs are checked to cover exactly `count` blocks before the
+      // bitmap is allocated: a few bytes of payload must not claim the
+      // memory of a huge device they do not describe.
+      var setRuns: [Range<UInt64>] = []
       var r = ByteReader(payload)
       var position: UInt64 = 0
       var isSet = false
@@ -201,12 +204,14 @@ public enum MapFormat {
         guard let run = r.varint() else { throw fail("damaged run in payload at byte \(r.offset)") }
         guard run > 0 || first else { throw fail("empty run in payload at byte \(r.offset)") }
         guard run <= count - position else { throw fail("runs cover more than \(count) blocks") }
-        if isSet { bits.set(position..<position + run) }
+        if isSet { setRuns.append(position..<position + run) }
         position += run
         isSet.toggle()
         first = false
       }
       guard position == count else { throw fail("runs cover \(position) of \(count) blocks") }
+      var bits = BlockBitmap(count: count)
+      for run in setRuns { bits.set(run) }
       return bits
     }
   }
