@@ -230,6 +230,32 @@ final class FuzzRegressionTests: XCTestCase {
       "fuzz input: damaged run in payload at byte 2")
   }
 
+  /// Bytes from hex digits.
+  func hex(_ text: String) -> [UInt8] {
+    let digits = Array(text.utf8)
+    return stride(from: 0, to: digits.count, by: 2).map {
+      UInt8(String(decoding: digits[$0..<$0 + 2], as: UTF8.self), radix: 16)!
+    }
+  }
+
+  /// Found by the map target, as an out-of-memory: 163 bytes, their
+  /// checksum right, describing a device of 512 TiB in 4 KiB blocks (2^37
+  /// blocks, a bitmap of 16 GiB) with runs that cover 6 blocks. The bitmap
+  /// was allocated before the runs were checked, so `overwrite-map show`
+  /// died of it; at 4 EiB in 512-byte blocks it wanted 1 PiB and trapped
+  /// anywhere. Now the runs are refused first.
+  func testMapWhoseRunsDoNotCoverItsHugeDeviceIsRefusedBeforeTheBitmap() {
+    let found = hex(
+      "44524d41500d0a1a01000000780000000010000001010000ca5400000000020006000000200000000200000000000000"
+        + "d6767a1afcfc4eb18cb5214dbad5f61a0000000000000000000000000000000067439e5c8036ea181e002f776f726b2f"
+        + "66757a7a2d6275696c642f776f726b2f6469736b2e696d67030000000000000001020333e9ebb303bbaaaad444dbad33"
+        + "62740c10ae9eacde5886ed85a4415fa7184c1b")
+    XCTAssertEqual(FuzzEntryPoints.decodeMap(found), "fuzz input: runs cover 6 of 137438953478 blocks")
+    let largest = FuzzEntryPoints.repairClosingChecksum(
+      patched(patched(patched(found, at: 16, le32(512)), at: 24, le64(1 << 62)), at: 32, le64(1 << 53)))
+    XCTAssertEqual(FuzzEntryPoints.decodeMap(largest), "fuzz input: runs cover 6 of 9007199254740992 blocks")
+  }
+
   // MARK: ddrescue mapfiles
 
   func testDdrescueMapfileDamage() {
