@@ -29,7 +29,8 @@ struct MergeSnapshot: ParsableCommand {
       the map only records the last merged stream, so the incremental \
       catch-up streams that follow (snapshot --base) apply on top of it and \
       replace what earlier streams wrote. A map that marks blocks current is \
-      refused in this mode.
+      refused in this mode; a map that does not exist yet is created, with \
+      the stream's block size.
 
       Every record is verified before its block is written. A damaged or \
       truncated stream stops the merge with one sentence naming the record \
@@ -140,7 +141,17 @@ struct MergeSnapshot: ParsableCommand {
 
     var loaded: BlockMap? = nil
     var connect: ((StreamFormat.Header) throws -> BlockTarget)? = nil
-    if let map { loaded = try MapFile.load(map) }
+    var makeMap: ((StreamFormat.Header) throws -> BlockMap)? = nil
+    if let map, mirror, !pathExists(map), let target {
+      // A mirror's first merge creates its map, with the stream's blocks.
+      let device = canonicalPath(target)
+      makeMap = { header in
+        printError("merge-snapshot: creating the mirror's map \(map)")
+        return BlockMap(geometry: header.geometry, meaning: .current, deviceName: device)
+      }
+    } else if let map {
+      loaded = try MapFile.load(map)
+    }
     let device: BlockTarget?
     if let target, NBDURI.isURI(target) {
       // The `merge` export of a running restore-read-through: the server
@@ -184,7 +195,7 @@ struct MergeSnapshot: ParsableCommand {
     options.progress = reporting.show
     let reader = StreamReader(fd: fd, name: name, secret: secret)
     let s = try Merger.merge(
-      reader, into: device, map: &loaded, mapPath: map, options: options, connect: connect,
+      reader, into: device, map: &loaded, mapPath: map, options: options, connect: connect, makeMap: makeMap,
       warn: { printError("merge-snapshot: \($0)") })
     if connect != nil, s.complete, !dryRun, let target, let id = s.header?.streamID {
       // The whole stream is in: the server records it as the last merged.

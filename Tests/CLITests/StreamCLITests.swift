@@ -154,6 +154,34 @@ final class StreamCLITests: XCTestCase {
     XCTAssertEqual(leftovers.text.trimmingCharacters(in: .whitespacesAndNewlines), "0", "no temporary file left")
   }
 
+  /// A mirror's first merge creates its map; catch-ups then chain on the
+  /// recorded stream and replace what earlier streams wrote.
+  func testMirrorMergeCreatesItsMapAndChainsCatchUps() throws {
+    let s = try Scratch()
+    let a = try makeImage(s, "a.img", size: 4 << 20, seed: 21)
+    XCTAssertEqual(try Tools.shell("truncate -s 4M m.img", cwd: s.url).status, 0)
+    let first = try snapshot(s, "a.img", to: "s1.stream")
+    let r = try Tools.run("merge-snapshot", ["--mirror", "--map", "m.map", "-i", "s1.stream", "m.img"], cwd: s.url)
+    XCTAssertEqual(r.status, 0, r.stderr)
+    XCTAssertTrue(r.stderr.contains("creating the mirror's map m.map"), r.stderr)
+    XCTAssertTrue(try s.read("m.img") == a)
+    let stats = try mapStats(s.path("m.map"))
+    XCTAssertEqual(stats["last_merged_stream"] as? String, first)
+    XCTAssertEqual(stats["set_blocks"] as? Int, 0, "a mirror's merges mark nothing current")
+    // The source changes; the catch-up carries the changed blocks and lands.
+    try s.patch("a.img", at: 3 << 16, [1, 2, 3, 4])
+    let changed = try s.read("a.img")
+    try sh(s, "bitmap-diff --quiet a.img m.img > d.map || true")
+    try sh(s, "snapshot --quiet --map d.map --base \(first) -o c1.stream a.img")
+    let c = try Tools.run("merge-snapshot", ["--mirror", "--map", "m.map", "-i", "c1.stream", "m.img"], cwd: s.url)
+    XCTAssertEqual(c.status, 0, c.stderr)
+    XCTAssertTrue(try s.read("m.img") == changed)
+    // The same catch-up again no longer fits: its base is not the last merged.
+    let again = try Tools.run("merge-snapshot", ["--mirror", "--map", "m.map", "-i", "c1.stream", "m.img"], cwd: s.url)
+    XCTAssertEqual(again.status, 1, again.stderr)
+    XCTAssertTrue(again.stderr.contains("but the last stream merged into this device is"), again.stderr)
+  }
+
   func testSnapshotSummaryCounts() throws {
     let s = try Scratch()
     // 5 blocks of 64 KiB and 100 bytes: random, zero, zero, text, random, random tail.

@@ -63,7 +63,8 @@ public enum Merger {
   /// the stream's identity against its own map.
   public static func merge(
     _ reader: StreamReader, into target: BlockTarget?, map: inout BlockMap?, mapPath: String?, options: Options,
-    connect: ((StreamFormat.Header) throws -> BlockTarget)? = nil, warn: (String) -> Void
+    connect: ((StreamFormat.Header) throws -> BlockTarget)? = nil,
+    makeMap: ((StreamFormat.Header) throws -> BlockMap)? = nil, warn: (String) -> Void
   ) throws -> Summary {
     var target = target
     let started = Instant.now()
@@ -78,6 +79,8 @@ public enum Merger {
     }
     guard let header else { throw ToolkitError("\(reader.name): no header") }
     summary.header = header
+    // A map made now, from the stream's geometry (a mirror's first merge).
+    if map == nil, let makeMap { map = try makeMap(header) }
     var serverChecks = false
     if let connect, target == nil {
       target = try connect(header)
