@@ -5,7 +5,7 @@
 public final class RestoreExport: NBDExport, @unchecked Sendable {
   let engine: RestoreEngine
   public let name = "primary"
-  public var description: String { "\(engine.primary.path), restored from \(engine.backup.name)" }
+  public var description: String { "\(canonicalPath(engine.primary.path)), restored from \(engine.backup.name)" }
   public var size: UInt64 { engine.geometry.deviceSize }
   public var flags: UInt16 {
     NBD.flagSendFlush | NBD.flagSendFUA | NBD.flagSendTrim | NBD.flagSendWriteZeroes | NBD.flagCanMultiConn

@@ -4,7 +4,11 @@
 public final class TrackedExport: NBDExport, @unchecked Sendable {
   let engine: TrackingEngine
   public let name = "device"
-  public var description: String { "\(engine.device.path), writes tracked in \(engine.changesPath)" }
+  /// Absolute paths: a client that reconnects after a restart of the server
+  /// compares descriptions, and the same device must read the same.
+  public var description: String {
+    "\(canonicalPath(engine.device.path)), writes tracked in \(canonicalPath(engine.changesPath))"
+  }
   public var size: UInt64 { engine.geometry.deviceSize }
   public var flags: UInt16 {
     NBD.flagSendFlush | NBD.flagSendFUA | NBD.flagSendTrim | NBD.flagSendWriteZeroes | NBD.flagCanMultiConn
@@ -43,7 +47,7 @@ public final class ViewExport: NBDExport, @unchecked Sendable {
   public let name = "view"
   public var description: String {
     guard let v = view ?? engine.currentView else { return "no frozen view" }
-    return "\(engine.device.path) as frozen at \(v.frozen) (view \(v.id))"
+    return "\(canonicalPath(engine.device.path)) as frozen at \(v.frozen) (view \(v.id))"
   }
   public var size: UInt64 { engine.geometry.deviceSize }
   public var flags: UInt16 { NBD.flagReadOnly | NBD.flagSendFlush | NBD.flagCanMultiConn }
