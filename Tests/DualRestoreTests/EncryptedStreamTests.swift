@@ -301,6 +301,36 @@ final class EncryptedStreamTests: XCTestCase {
     XCTAssertEqual(Array(pass[32..<48]), [1, 2, 17, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
   }
 
+  /// A stream sets its own scrypt parameters; a hostile one could ask for
+  /// minutes of work before the key check fails. Work beyond 8 times what
+  /// this build writes is refused before any derivation.
+  func testCostlyScryptParametersAreRefusedBeforeDeriving() throws {
+    let (image, _) = try tinyImage()
+    let pass = try snapshot(image, secret: try StreamSecret(passphrase: Array("pw".utf8)))
+    var costly = pass
+    costly[34] = 20  // N = 2^20
+    costly[40] = 2  // p = 2: N·r·p = 2^24
+    costly = FuzzEntryPoints.repairStreamChecksums(costly)
+    let started = monotonicNow()
+    let p = Self.parse(costly, secret: try StreamSecret(passphrase: Array("pw".utf8)))
+    XCTAssertTrue(p.error?.contains("ask for more work than this build allows") ?? false, "\(p)")
+    XCTAssertLessThan(monotonicNow() - started, 5, "the refusal came after a derivation")
+    // Within the limit (N = 2^18, p = 2: 2^22), the parameters are used and the
+    // altered CRYPTO record fails its key check instead.
+    var fair = pass
+    fair[34] = 18
+    fair[40] = 2
+    let q = Self.parse(
+      FuzzEntryPoints.repairStreamChecksums(fair), secret: try StreamSecret(passphrase: Array("pw".utf8)))
+    XCTAssertTrue(q.error?.contains("wrong") ?? false, "\(q)")
+  }
+
+  func monotonicNow() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+  }
+
   // MARK: Keys
 
   func testWrongMissingMismatchedAndUnneededKeys() throws {

@@ -194,6 +194,11 @@ public enum StreamCrypto {
   public static let scryptP: UInt32 = 1
   /// The most memory a reader lets a stream's scrypt parameters ask for.
   public static let scryptMemoryLimit: UInt64 = 1 << 30
+  /// The most work (N·r·p, which the time grows with) a reader lets a
+  /// stream's scrypt parameters ask for: 8 times what this build writes, so
+  /// a hostile stream cannot stall a reader for minutes before a wrong key
+  /// is reported.
+  public static let scryptWorkLimit: UInt64 = 8 << 20
 
   static let recordKeyInfo = Array("dualrestore-stream v1 record key".utf8)
   static let checkKeyInfo = Array("dualrestore-stream v1 key check".utf8)
@@ -303,6 +308,12 @@ public enum StreamCrypto {
       guard memory <= scryptMemoryLimit else {
         throw ToolkitError(
           "the stream's scrypt parameters need \(memory >> 20) MiB, more than the \(scryptMemoryLimit >> 20) MiB this build allows"
+        )
+      }
+      let work = (UInt64(1) << log2N) * r * p
+      guard work <= scryptWorkLimit else {
+        throw ToolkitError(
+          "the stream's scrypt parameters (N 2^\(log2N), r \(r), p \(p)) ask for more work than this build allows (N·r·p at most 2^23)"
         )
       }
     }
