@@ -146,6 +146,7 @@ struct MergeSnapshot: ParsableCommand {
       // A mirror's first merge creates its map, with the stream's blocks.
       let device = canonicalPath(target)
       makeMap = { header in
+        try header.geometry.checkMappable()
         printError("merge-snapshot: creating the mirror's map \(map)")
         return BlockMap(geometry: header.geometry, meaning: .current, deviceName: device)
       }

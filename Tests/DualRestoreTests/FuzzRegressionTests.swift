@@ -243,17 +243,45 @@ final class FuzzRegressionTests: XCTestCase {
   /// blocks, a bitmap of 16 GiB) with runs that cover 6 blocks. The bitmap
   /// was allocated before the runs were checked, so `overwrite-map show`
   /// died of it; at 4 EiB in 512-byte blocks it wanted 1 PiB and trapped
-  /// anywhere. Now the runs are refused first.
+  /// anywhere. Now a map of more blocks than a bitmap in memory may hold is
+  /// refused from its header, whatever its runs; and a map of a smaller
+  /// device whose runs fall short is refused before its bitmap too.
   func testMapWhoseRunsDoNotCoverItsHugeDeviceIsRefusedBeforeTheBitmap() {
     let found = hex(
       "44524d41500d0a1a01000000780000000010000001010000ca5400000000020006000000200000000200000000000000"
         + "d6767a1afcfc4eb18cb5214dbad5f61a0000000000000000000000000000000067439e5c8036ea181e002f776f726b2f"
         + "66757a7a2d6275696c642f776f726b2f6469736b2e696d67030000000000000001020333e9ebb303bbaaaad444dbad33"
         + "62740c10ae9eacde5886ed85a4415fa7184c1b")
-    XCTAssertEqual(FuzzEntryPoints.decodeMap(found), "fuzz input: runs cover 6 of 137438953478 blocks")
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(found),
+      "fuzz input: 137438953478 blocks of 4096 bytes are more than the 2^34 a map holds in memory; use a larger block size"
+    )
     let largest = FuzzEntryPoints.repairClosingChecksum(
       patched(patched(patched(found, at: 16, le32(512)), at: 24, le64(1 << 62)), at: 32, le64(1 << 53)))
-    XCTAssertEqual(FuzzEntryPoints.decodeMap(largest), "fuzz input: runs cover 6 of 9007199254740992 blocks")
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(largest),
+      "fuzz input: 9007199254740992 blocks of 512 bytes are more than the 2^34 a map holds in memory; use a larger block size"
+    )
+    // A device small enough to be mapped (1 TiB in 4 KiB blocks), whose
+    // runs cover 6 blocks, is refused by its runs.
+    let small = FuzzEntryPoints.repairClosingChecksum(
+      patched(patched(found, at: 24, le64(1 << 40)), at: 32, le64(1 << 28)))
+    XCTAssertEqual(FuzzEntryPoints.decodeMap(small), "fuzz input: runs cover 6 of 268435456 blocks")
+  }
+
+  /// Found by the map target after the fix above: 168 bytes, valid, whose
+  /// runs do cover all 2^53 blocks of a 4 EiB device, asking for a bitmap
+  /// of 1 PiB. Refused from the header.
+  func testValidMapOfAHugeDeviceIsRefusedFromItsHeader() {
+    let found = hex(
+      "44524d41500d0a1a01000000780000000002000001010000000000000000004000000000000020000000000000000000"
+        + "d6767a1afcfc4eb18cb5214dbad5f61a0000000000000000000000000000000067439e5c8036ea181e002f776f726b2f"
+        + "66757a7a2d6275696c642f776f726b2f6469736b2e696d6708000000000000008080808080808010620ad1ac409aa630"
+        + "ed0733eb49b0ea36d33764d6cab6ba92c6f9cfbbc0f7240c")
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMap(found),
+      "fuzz input: 9007199254740992 blocks of 512 bytes are more than the 2^34 a map holds in memory; use a larger block size"
+    )
   }
 
   // MARK: ddrescue mapfiles

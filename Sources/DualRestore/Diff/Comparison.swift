@@ -31,6 +31,7 @@ public enum Comparison {
     try checkSizes(a.name, a.size, b.name, b.size, allowSizeChange)
     let geometryA = try BlockGeometry(blockSize: blockSize, deviceSize: a.size)
     let geometryB = try BlockGeometry(blockSize: blockSize, deviceSize: b.size)
+    try geometryB.checkMappable()
     var differing = BlockBitmap(count: geometryB.blockCount)
     let readerA = ChunkReader(source: a, geometry: geometryA, chunkBytes: chunkBytes)
     let readerB = ChunkReader(source: b, geometry: geometryB, chunkBytes: chunkBytes)
@@ -94,6 +95,7 @@ public enum Comparison {
     }
     let sourceGeometry = try BlockGeometry(blockSize: sigGeometry.blockSize, deviceSize: b.size)
     let outGeometry = signatureIsA ? sourceGeometry : sigGeometry
+    try outGeometry.checkMappable()
     var differing = BlockBitmap(count: outGeometry.blockCount)
     let reader = ChunkReader(source: b, geometry: sourceGeometry, chunkBytes: chunkBytes)
     defer { reader.cancel() }
@@ -156,6 +158,7 @@ public enum Comparison {
     let length = ha.digestLength
     let blocksA = ha.geometry.blockCount
     let blocksB = hb.geometry.blockCount
+    try hb.geometry.checkMappable()
     var differing = BlockBitmap(count: blocksB)
     let batch = 4096
     let da = AlignedBuffer(count: batch * length)

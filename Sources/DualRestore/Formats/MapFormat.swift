@@ -151,6 +151,7 @@ public enum MapFormat {
     guard geometry.blockCount == blockCount else {
       throw fail("block count \(blockCount) does not fit \(deviceSize) bytes in blocks of \(blockSize)")
     }
+    do { try geometry.checkMappable() } catch { throw fail("\(error)") }
     guard Int(nameLength) <= maximumNameLength, fixedHeaderLength + Int(nameLength) <= Int(headerLength),
       let nameBytes = r.take(Int(nameLength))
     else { throw fail("device name length \(nameLength) is out of range") }

@@ -30,6 +30,19 @@ public struct BlockGeometry: Hashable, Sendable, CustomStringConvertible {
     }
   }
 
+  /// The most blocks a map held in memory may cover: 2^34, a 2 GiB bitmap
+  /// (1 PiB in 64 KiB blocks, 8 TiB in 512-byte ones).
+  public static let maximumMappedBlocks: UInt64 = 1 << 34
+
+  /// Throws unless a map of this geometry can be held in memory.
+  public func checkMappable() throws {
+    guard blockCount <= BlockGeometry.maximumMappedBlocks else {
+      throw ToolkitError(
+        "\(blockCount) blocks of \(blockSize) bytes are more than the 2^34 a map holds in memory; use a larger block size"
+      )
+    }
+  }
+
   public var blockShift: UInt64 { UInt64(blockSize.trailingZeroBitCount) }
 
   /// Blocks covering the device, the last one possibly partial.

@@ -113,8 +113,10 @@ public final class RestoreEngine: @unchecked Sendable {
         throw ToolkitError("\(mapPath) is the overwrite map of \(m.deviceName), not of \(primary.path)")
       }
     } else {
+      let geometry = try BlockGeometry(blockSize: blockSize, deviceSize: primary.size)
+      try geometry.checkMappable()
       m = BlockMap(
-        geometry: try BlockGeometry(blockSize: blockSize, deviceSize: primary.size), meaning: .current,
+        geometry: geometry, meaning: .current,
         deviceName: canonicalPath(primary.path))
       try MapFile.save(m, to: mapPath)
       log("created the overwrite map \(mapPath): tracking starts now")

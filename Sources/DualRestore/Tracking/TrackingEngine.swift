@@ -83,9 +83,10 @@ public final class TrackingEngine: @unchecked Sendable {
       log(
         "generation \(m.mapID) since \(m.trackingStarted) goes on: \(m.bits.population) block(s) changed so far")
     } else {
+      let geometry = try BlockGeometry(blockSize: blockSize ?? BlockGeometry.defaultBlockSize, deviceSize: device.size)
+      try geometry.checkMappable()
       m = BlockMap(
-        geometry: try BlockGeometry(
-          blockSize: blockSize ?? BlockGeometry.defaultBlockSize, deviceSize: device.size), meaning: .changed,
+        geometry: geometry, meaning: .changed,
         deviceName: devicePath)
       log("created the change map \(changesPath): generation \(m.mapID) starts now")
     }

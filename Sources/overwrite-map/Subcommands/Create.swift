@@ -55,6 +55,7 @@ struct Create: ParsableCommand {
       throw ToolkitError.path(map, "already exists (use --force to replace it)")
     }
     let geometry = try BlockGeometry(blockSize: blockSize.value, deviceSize: deviceSize)
+    try geometry.checkMappable()
     try MapFile.save(BlockMap(geometry: geometry, meaning: meaning, deviceName: deviceName), to: map)
   }
 }

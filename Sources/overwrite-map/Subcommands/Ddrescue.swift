@@ -68,6 +68,7 @@ struct Import: ParsableCommand {
       deviceSize = last.position + last.size
     }
     let geometry = try BlockGeometry(blockSize: blockSize.value, deviceSize: deviceSize)
+    try geometry.checkMappable()
     let bits = DdrescueMapfile.bitmap(
       extents, geometry: geometry, statuses: Set(status), anyByte: anyByte)
     try MapFile.save(BlockMap(geometry: geometry, meaning: meaning, deviceName: deviceName, bits: bits), to: map)
