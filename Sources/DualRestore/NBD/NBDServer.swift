@@ -7,7 +7,8 @@
 // lock, in completion order. A request that cannot be framed (bad magic, a
 // WRITE larger than the limit) closes the connection: its payload cannot be
 // skipped safely. Errors are mapped to NBD error numbers in one place
-// (`NBDError`). Buffers come from a per-connection pool, not per request.
+// (`NBDError`). Buffers come from a pool shared by the connections, not per
+// request.
 //
 // TLS (NBD_OPT_STARTTLS) is off, offered, or required by `NBDServerOptions`;
 // required, every option but STARTTLS and ABORT is refused with
@@ -135,6 +136,11 @@ public final class NBDServer: @unchecked Sendable {
   public let log: @Sendable (String) -> Void
   /// Requests in flight per connection, and the threads serving them.
   public let workersPerConnection: Int
+  /// Request buffers, shared by the connections: kept up to 8 MiB each (the
+  /// size snapshot and bitmap-diff read in; a buffer made per request would
+  /// be faulted in and zeroed every time) and 48 MiB in all, so the server's
+  /// memory stays bounded whatever the number of clients.
+  let pool = BufferPool(keepCount: 64, keepSize: 8 << 20, keepBytes: 48 << 20)
   private let stateLock = DispatchSemaphore(value: 1)
   private var connections: [ObjectIdentifier: Socket] = [:]
   private var connectionCount = 0
@@ -504,7 +510,7 @@ private final class Connection: @unchecked Sendable {
   final class RequestReader: @unchecked Sendable {
     let connection: Connection
     let export: NBDExport
-    let pool = BufferPool()
+    var pool: BufferPool { connection.server.pool }
     private let lock = Monitor()
     private let header = AlignedBuffer(count: NBD.requestLength)
     private var closed = false
@@ -655,18 +661,23 @@ private final class Connection: @unchecked Sendable {
 final class BufferPool: @unchecked Sendable {
   private let lock = DispatchSemaphore(value: 1)
   private var free: [AlignedBuffer] = []
+  private var freeBytes = 0
   let keepCount: Int
   let keepSize: Int
+  /// The most bytes kept in all, whatever their count.
+  let keepBytes: Int
 
-  init(keepCount: Int = 8, keepSize: Int = 1 << 20) {
+  init(keepCount: Int = 8, keepSize: Int = 1 << 20, keepBytes: Int = .max) {
     self.keepCount = keepCount
     self.keepSize = keepSize
+    self.keepBytes = keepBytes
   }
 
   func get(_ size: Int) -> AlignedBuffer {
     lock.wait()
     if let i = free.firstIndex(where: { $0.count >= size && $0.count <= max(size * 4, 1 << 20) }) {
       let b = free.remove(at: i)
+      freeBytes -= b.count
       lock.signal()
       return b
     }
@@ -676,7 +687,10 @@ final class BufferPool: @unchecked Sendable {
 
   func put(_ buffer: AlignedBuffer) {
     lock.wait()
-    if free.count < keepCount && buffer.count <= keepSize { free.append(buffer) }
+    if free.count < keepCount && buffer.count <= keepSize && freeBytes + buffer.count <= keepBytes {
+      free.append(buffer)
+      freeBytes += buffer.count
+    }
     lock.signal()
   }
 }
