@@ -20,21 +20,18 @@ public struct ListenOptions: ParsableArguments {
     }
   }
 
-  /// Creates the listener (a Unix socket of mode 0600, or TCP).
-  public func listener() throws -> Listener { try makeListener(socket: socket, listen: listen) }
-}
-
-/// The listener for `--socket PATH` or `--listen HOST:PORT` (HOST defaults
-/// to 127.0.0.1; an IPv6 address goes in brackets).
-public func makeListener(socket: String?, listen: String?) throws -> Listener {
-  if let socket { return try Listener(unixPath: socket) }
-  let text = listen ?? ""
-  guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else {
-    throw ToolkitError("--listen takes HOST:PORT, not '\(text)'")
+  /// Creates the listener: a Unix socket of mode 0600, or TCP (HOST
+  /// defaults to 127.0.0.1; an IPv6 address goes in brackets).
+  public func listener() throws -> Listener {
+    if let socket { return try Listener(unixPath: socket) }
+    let text = listen ?? ""
+    guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else {
+      throw ToolkitError("--listen takes HOST:PORT, not '\(text)'")
+    }
+    var host = String(text[..<colon])
+    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+    return try Listener(host: host, port: port)
   }
-  var host = String(text[..<colon])
-  if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-  return try Listener(host: host, port: port)
 }
 
 /// SIGINT and SIGTERM, turned into a clean stop. Create it before starting

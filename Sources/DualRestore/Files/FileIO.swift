@@ -119,6 +119,12 @@ public func peekFile(_ path: String, count: Int) -> [UInt8]? {
   return Array(bytes.prefix(n))
 }
 
+/// Whether two names lead to the same file or device (`disk.img` and
+/// `./disk.img`, or a symbolic link and its target).
+public func samePath(_ a: String, _ b: String) -> Bool {
+  a == b || (pathExists(a) && pathExists(b) && canonicalPath(a) == canonicalPath(b))
+}
+
 /// The absolute path with symbolic links resolved, for names that must
 /// still lead to the same file from another working directory; the path as
 /// given when it cannot be resolved.

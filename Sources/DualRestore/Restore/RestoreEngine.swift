@@ -103,7 +103,7 @@ public final class RestoreEngine: @unchecked Sendable {
       guard m.meaning == .current else {
         throw ToolkitError("\(mapPath) is a map of \(m.meaning) blocks, not an overwrite map of current blocks")
       }
-      let sameDevice = RestoreEngine.samePath(m.deviceName, primary.path)
+      let sameDevice = samePath(m.deviceName, primary.path)
       if m.deviceName.isEmpty || (!sameDevice && m.bits.population == 0 && m.lastMergedStream.isNone) {
         // A fresh map: bind it to this device.
         m.deviceName = canonicalPath(primary.path)
@@ -165,18 +165,6 @@ public final class RestoreEngine: @unchecked Sendable {
       return stride(from: from, to: to, by: Int(readAheadUnit)).map { $0..<min($0 + readAheadUnit, to) }
     }
     for r in ranges { readAhead.put(r) }
-  }
-
-  /// Whether two names lead to the same file or device (`disk.img` and
-  /// `./disk.img`, or a symbolic link and its target).
-  static func samePath(_ a: String, _ b: String) -> Bool {
-    if a == b { return true }
-    guard let ra = realpath(a, nil), let rb = realpath(b, nil) else { return false }
-    defer {
-      free(ra)
-      free(rb)
-    }
-    return strcmp(ra, rb) == 0
   }
 
   // MARK: Recovery
@@ -459,18 +447,7 @@ public final class RestoreEngine: @unchecked Sendable {
   public func admitMerge(stream: ID128, base: ID128, started: Instant, skew: Int64, force: Bool) throws {
     flushLock.lock()
     defer { flushLock.unlock() }
-    var problems: [String] = []
-    if started.nanosecondsSinceEpoch < map.trackingStarted.nanosecondsSinceEpoch + skew {
-      problems.append(
-        "the stream started reading at \(started), before the map started tracking at \(map.trackingStarted)"
-          + (skew > 0 ? " plus the allowed clock skew" : "")
-          + ", so it could bring back data older than writes the map never saw")
-    }
-    if !base.isNone && base != map.lastMergedStream {
-      let last = map.lastMergedStream.isNone ? "none" : map.lastMergedStream.description
-      problems.append(
-        "the stream applies on top of stream \(base), but the last stream merged into this device is \(last)")
-    }
+    let problems = Merger.identityProblems(started: started, base: base, map: map, clockSkew: skew)
     if let first = problems.first, !force { throw NBDError(NBD.errInvalid, first + " (--force merges it anyway)") }
     for p in problems { log("merge of stream \(stream) forced: \(p)") }
     _ = state.withLock { admittedStreams.insert(stream) }

@@ -77,7 +77,7 @@ public final class TrackingEngine: @unchecked Sendable {
       }
       if m.deviceName.isEmpty {
         m.deviceName = devicePath
-      } else if !RestoreEngine.samePath(m.deviceName, device.path) {
+      } else if !samePath(m.deviceName, device.path) {
         throw ToolkitError("\(changesPath) is the change map of \(m.deviceName), not of \(device.path)")
       }
       log(
@@ -125,15 +125,8 @@ public final class TrackingEngine: @unchecked Sendable {
   /// less: a store never fills the disk the change map lives on.
   static func defaultStoreLimit(storePath: String, geometry: BlockGeometry) -> UInt64 {
     let all = FrozenView.headerLength + geometry.blockCount * UInt64(geometry.blockSize)
-    var directory = storePath
-    if let slash = directory.lastIndex(of: "/") {
-      directory = String(directory[..<slash])
-      if directory.isEmpty { directory = "/" }
-    } else {
-      directory = "."
-    }
     var fs = statvfs()
-    guard statvfs(directory, &fs) == 0 else { return all }
+    guard statvfs(splitPath(storePath).directory, &fs) == 0 else { return all }
     let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
     return max(1 << 20, min(all, free / 2))
   }
@@ -325,7 +318,7 @@ public final class TrackingEngine: @unchecked Sendable {
       (device.path, "the device"), (changesPath, "the live change map"), (changesPath + ".journal", "its journal"),
       (storePath, "the preservation store"),
     ]
-    for (path, what) in own where RestoreEngine.samePath(output, path) {
+    for (path, what) in own where samePath(output, path) {
       throw ToolkitError("\(output) is \(what); give another file for the generation that ends")
     }
     if pathExists(output), !(peekFile(output, count: 8).map(MapFormat.looksLikeMap) ?? false) {
