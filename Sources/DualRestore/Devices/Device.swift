@@ -131,6 +131,9 @@ public final class Device: @unchecked Sendable {
     return aligned ? fd : bufferedFD
   }
 
+  /// A descriptor that reads through the page cache (sendfile's source).
+  public var pageCacheFD: Int32 { bufferedFD ?? fd }
+
   /// The alignment O_DIRECT requires of buffers, offsets and lengths.
   public var alignment: Int { max(Int(sectorSize), 4096) }
 

@@ -69,10 +69,28 @@ public protocol NBDExport: AnyObject, Sendable {
   /// what it stands for now (a frozen view, a merge of one stream). Throws
   /// the sentence to refuse the client with.
   func bind(name: String) throws -> NBDExport
+  /// For a reply sent without a copy: makes `length` bytes at `offset`
+  /// readable from a file (fetching or preserving what it must) and says
+  /// where, so that they go from the page cache to the socket (sendfile);
+  /// nil when the export reads into a buffer only. The file must stay open
+  /// while the export exists; what the range holds may change once this
+  /// returns, as with any read beside a write.
+  func fileSpan(offset: UInt64, length: Int) throws -> FileSpan?
+}
+
+/// Bytes of a file an export's READ is served from.
+public struct FileSpan: Sendable {
+  public let fd: Int32
+  public let offset: UInt64
+  public init(fd: Int32, offset: UInt64) {
+    self.fd = fd
+    self.offset = offset
+  }
 }
 
 extension NBDExport {
   public var isOffered: Bool { true }
+  public func fileSpan(offset: UInt64, length: Int) throws -> FileSpan? { nil }
   public func bind(name: String) throws -> NBDExport {
     guard name == self.name || name.isEmpty else {
       throw NBDError(NBD.errInvalid, "the export \(self.name) takes no parameters")
@@ -256,6 +274,9 @@ private final class Connection: @unchecked Sendable {
   let server: NBDServer
   let socket: Socket
   let sendLock = DispatchSemaphore(value: 1)
+  /// READs at least this long are sent from the file when the export can;
+  /// shorter ones cost less copied than spliced.
+  static let sendfileMinimum = 32 << 10
   var noZeroes = false
   var export: NBDExport?
 
@@ -477,6 +498,8 @@ private final class Connection: @unchecked Sendable {
     var offset: UInt64
     var length: Int
     var buffer: AlignedBuffer?
+    /// A READ answered from a file without a copy.
+    var span: FileSpan?
     var error: UInt32
     /// Bytes taken from the server's buffer budget, given back after the reply.
     var budgeted: Int
@@ -538,7 +561,7 @@ private final class Connection: @unchecked Sendable {
         var request = Request(
           flags: p.loadBE(at: 4, as: UInt16.self), type: p.loadBE(at: 6, as: UInt16.self),
           cookie: p.loadBE(at: 8, as: UInt64.self), offset: p.loadBE(at: 16, as: UInt64.self),
-          length: Int(p.loadBE(at: 24, as: UInt32.self)), buffer: nil, error: 0, budgeted: 0)
+          length: Int(p.loadBE(at: 24, as: UInt32.self)), buffer: nil, span: nil, error: 0, budgeted: 0)
         if request.type == NBD.cmdDisconnect {
           closed = true
           return nil
@@ -563,9 +586,11 @@ private final class Connection: @unchecked Sendable {
         }
         request.error = connection.validate(request, export)
         if request.error == 0 && request.type == NBD.cmdRead {
+          // Counted against the budget whether the reply is sent from a
+          // buffer or from a file (which holds the bytes in a pipe or the
+          // socket's queue); the buffer is taken when needed.
           connection.server.budget.take(request.length)
           request.budgeted = request.length
-          request.buffer = pool.get(request.length)
         }
         return request
       } catch {
@@ -602,7 +627,15 @@ private final class Connection: @unchecked Sendable {
     do {
       switch r.type {
       case NBD.cmdRead:
-        if let b = r.buffer { try export.read(into: b.slice(0, r.length), at: r.offset) }
+        if !socket.isTLS, r.length >= Connection.sendfileMinimum,
+          let span = try export.fileSpan(offset: r.offset, length: r.length)
+        {
+          r.span = span
+        } else {
+          let b = server.pool.get(r.length)
+          r.buffer = b
+          try export.read(into: b.slice(0, r.length), at: r.offset)
+        }
       case NBD.cmdWrite:
         if let b = r.buffer { try export.write(UnsafeRawBufferPointer(b.slice(0, r.length)), at: r.offset, fua: fua) }
       case NBD.cmdFlush:
@@ -636,8 +669,15 @@ private final class Connection: @unchecked Sendable {
       sendLock.wait()
       defer { sendLock.signal() }
       do {
-        try socket.send(UnsafeRawBufferPointer(head), data)
+        if r.error == 0, let span = r.span {
+          try socket.send(UnsafeRawBufferPointer(head), from: span.fd, at: span.offset, count: r.length)
+        } else {
+          try socket.send(UnsafeRawBufferPointer(head), data)
+        }
       } catch {
+        // The reply is cut short (its header may be gone already): the
+        // client must not take what it got for data, so it is cut off.
+        if r.span != nil { server.log("READ of \(r.length) bytes at \(r.offset): \(error); disconnecting the client") }
         socket.shutdown()
       }
     }

@@ -255,6 +255,34 @@ public final class Socket: @unchecked Sendable {
     }
   }
 
+  /// Sends `head`, then `count` bytes of the file `file` at `offset` straight
+  /// from the page cache (sendfile: no copy through this process). Plain
+  /// connections only. A file that ends early is an error, as is any failure
+  /// after `head` is sent: the caller must then end the connection.
+  public func send(_ head: UnsafeRawBufferPointer, from file: Int32, at offset: UInt64, count: Int) throws {
+    precondition(tls == nil, "sendfile on a TLS connection")
+    var done = 0
+    while done < head.count {
+      let n = Glibc.send(fd, head.baseAddress! + done, head.count - done, Int32(MSG_NOSIGNAL | MSG_MORE))
+      if n < 0 {
+        if errno == EINTR { continue }
+        throw writeError(errno)
+      }
+      done += n
+    }
+    var position = off_t(offset)
+    var left = count
+    while left > 0 {
+      let n = sendfile(fd, file, &position, left)
+      if n < 0 {
+        if errno == EINTR { continue }
+        throw writeError(errno)
+      }
+      if n == 0 { throw ToolkitError("\(peer): the file ended \(left) bytes short of the reply") }
+      left -= n
+    }
+  }
+
   /// A failed send: a peer that went away has closed the connection.
   private func writeError(_ code: Int32) -> ToolkitError {
     if code == EAGAIN || code == EWOULDBLOCK { return ToolkitError("\(peer): timed out") }

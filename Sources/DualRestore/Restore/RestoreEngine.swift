@@ -57,7 +57,9 @@ public final class RestoreEngine: @unchecked Sendable {
   private let locks = BlockLocks()
   private let flushLock = Monitor()
   let activity: ActivityLog
-  private let buffers = BufferPool(keepCount: 8, keepSize: 4 << 20)
+  /// Fetch buffers: as many as requests in flight at the backup, so that a
+  /// cold read does not fault in and zero a new buffer every time.
+  private let buffers = BufferPool(keepCount: 64, keepSize: 4 << 20, keepBytes: 32 << 20)
   private let zeros: AlignedBuffer
   // Counters, under `state`.
   public private(set) var fetchedBlocks: UInt64 = 0
@@ -319,6 +321,21 @@ public final class RestoreEngine: @unchecked Sendable {
           into: UnsafeMutableRawBufferPointer(start: base + Int(position - offset), count: n), at: position)
       }
       position = max(position, range.upperBound)
+    }
+  }
+
+  /// Makes every block of a byte range current, fetching the others from
+  /// the backup, so that a READ of the range can be answered from the
+  /// primary's page cache. A block once current stays so: a range current
+  /// already takes no lock.
+  public func makeCurrent(offset: UInt64, length: UInt64) throws {
+    let blocks = blockRange(offset, length)
+    guard !blocks.isEmpty, !missingRuns(blocks).isEmpty else { return }
+    locks.lock(blocks)
+    defer { locks.unlock(blocks) }
+    for run in missingRuns(blocks) {
+      noteMiss(run)
+      try fetch(run)
     }
   }
 

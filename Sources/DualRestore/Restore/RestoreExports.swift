@@ -20,6 +20,16 @@ public final class RestoreExport: NBDExport, @unchecked Sendable {
     try engine.read(into: buffer, at: offset)
   }
 
+  /// Replies go from the primary's page cache once the range is current:
+  /// a cold read's data is copied twice here (from the backup, into the
+  /// primary), not three times (and to the client).
+  public func fileSpan(offset: UInt64, length: Int) throws -> FileSpan? {
+    engine.beginRequest()
+    defer { engine.endRequest() }
+    try engine.makeCurrent(offset: offset, length: UInt64(length))
+    return FileSpan(fd: engine.primary.pageCacheFD, offset: offset)
+  }
+
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
     engine.beginRequest()
     defer { engine.endRequest() }

@@ -21,6 +21,11 @@ public final class TrackedExport: NBDExport, @unchecked Sendable {
     try engine.read(into: buffer, at: offset)
   }
 
+  /// Reads of the live device go from its page cache to the client.
+  public func fileSpan(offset: UInt64, length: Int) throws -> FileSpan? {
+    FileSpan(fd: engine.device.pageCacheFD, offset: offset)
+  }
+
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
     try engine.write(buffer, at: offset, fua: fua)
   }

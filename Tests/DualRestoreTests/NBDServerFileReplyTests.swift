@@ -1,0 +1,208 @@
+// READ replies sent from a file (sendfile) by the NBD server: the bytes
+// match the file for every size and alignment around the threshold, a
+// reader sees a file's later writes, and a file that ends before the reply
+// does cuts the client off instead of handing it short or zero-filled data.
+// The server runs in process on a Unix socket; the clients are NBDClient
+// and, when installed, nbdcopy.
+
+import Dispatch
+import Foundation
+import Glibc
+import XCTest
+
+@testable import DualRestore
+
+/// An export backed by a file, answered from the file when the server can.
+private final class FileBackedExport: NBDExport, @unchecked Sendable {
+  let name = "file"
+  let description = "a file"
+  let size: UInt64
+  let flags: UInt16 = NBD.flagSendFlush
+  let preferredBlockSize: UInt32 = 4096
+  let device: Device
+  let sendsFromFile: Bool
+  private let lock = Monitor()
+  private var spans = 0
+  private var buffered = 0
+
+  init(path: String, size: UInt64? = nil, sendsFromFile: Bool = true) throws {
+    device = try Device(path: path, options: .readWrite)
+    self.size = size ?? device.size
+    self.sendsFromFile = sendsFromFile
+  }
+
+  /// READs answered from the file, and through a buffer.
+  var counts: (spans: Int, buffered: Int) { lock.withLock { (spans, buffered) } }
+
+  func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    lock.withLock { buffered += 1 }
+    try device.read(into: buffer, at: offset)
+  }
+
+  func fileSpan(offset: UInt64, length: Int) throws -> FileSpan? {
+    guard sendsFromFile else { return nil }
+    lock.withLock { spans += 1 }
+    return FileSpan(fd: device.pageCacheFD, offset: offset)
+  }
+
+  func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+    try device.write(buffer, at: offset)
+  }
+  func flush() throws { try device.sync() }
+  func trim(offset: UInt64, length: UInt64, fua: Bool) throws {}
+  func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {}
+}
+
+/// Whether `buffer` holds the bytes of `bytes` at `offset`.
+private func same(_ bytes: [UInt8], _ offset: Int, _ buffer: UnsafeMutableRawBufferPointer) -> Bool {
+  bytes.withUnsafeBytes { memcmp($0.baseAddress! + offset, buffer.baseAddress!, buffer.count) == 0 }
+}
+
+final class NBDServerFileReplyTests: XCTestCase {
+  private func serve(_ export: NBDExport, _ socket: String) throws -> (NBDServer, Listener) {
+    let listener = try Listener(unixPath: socket)
+    let server = NBDServer(exports: [export], log: { _ in })
+    let thread = Thread { server.serve(listener) }
+    thread.start()
+    addTeardownBlock {
+      server.beginStop(listener)
+      server.stop()
+    }
+    return (server, listener)
+  }
+
+  private func makeFile(_ path: String, _ size: Int, seed: UInt64) throws -> [UInt8] {
+    var g = SplitMix64(seed: seed)
+    let bytes = g.bytes(size)
+    try Data(bytes).write(to: URL(fileURLWithPath: path))
+    return bytes
+  }
+
+  func testRepliesFromTheFileMatchItForEverySizeAndAlignment() throws {
+    let dir = try makeTempDirectory()
+    let size = 40 << 20
+    let seed = testSeed()
+    let bytes = try makeFile("\(dir)/disk.img", size, seed: seed)
+    let export = try FileBackedExport(path: "\(dir)/disk.img")
+    _ = try serve(export, "\(dir)/s.sock")
+    let client = try NBDClient(uri: "nbd+unix:///file?socket=\(dir)/s.sock", timeout: 10)
+    defer { client.close() }
+    let threshold = 32 << 10
+    let lengths = [1, 511, 4096, threshold - 1, threshold, threshold + 1, 256 << 10, 1 << 20, 32 << 20]
+    var g = SplitMix64(seed: seed ^ 1)
+    for length in lengths {
+      for offset in [0, 1, 4095, Int(g.next() % UInt64(size - length))] where offset + length <= size {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 4096)
+        defer { buffer.deallocate() }
+        try client.read(into: buffer, at: UInt64(offset))
+        XCTAssert(
+          same(bytes, offset, buffer),
+          "\(length) bytes at \(offset) differ from the file (seed \(seed))")
+      }
+    }
+    let (spans, buffered) = export.counts
+    XCTAssertGreaterThan(spans, 0, "no reply was sent from the file")
+    XCTAssertGreaterThan(buffered, 0, "short reads should go through a buffer")
+  }
+
+  func testConcurrentReadsFromTheFileAndNbdcopyAgree() throws {
+    let dir = try makeTempDirectory()
+    let size = 24 << 20
+    let bytes = try makeFile("\(dir)/disk.img", size, seed: testSeed())
+    let export = try FileBackedExport(path: "\(dir)/disk.img")
+    _ = try serve(export, "\(dir)/s.sock")
+    let uri = "nbd+unix:///file?socket=\(dir)/s.sock"
+    let client = try NBDClient(uri: uri, timeout: 10)
+    defer { client.close() }
+    // 64 KiB pieces from many threads at once share the connection.
+    let piece = 64 << 10
+    final class Bad: @unchecked Sendable {
+      let lock = Monitor()
+      var pieces: [Int] = []
+    }
+    let bad = Bad()
+    DispatchQueue.concurrentPerform(iterations: size / piece) { i in
+      let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: piece, alignment: 4096)
+      defer { buffer.deallocate() }
+      let ok =
+        (try? client.read(into: buffer, at: UInt64(i * piece))) != nil
+        && same(bytes, i * piece, buffer)
+      if !ok { bad.lock.withLock { bad.pieces.append(i) } }
+    }
+    XCTAssertEqual(bad.pieces, [], "pieces read wrong or failed")
+
+    let candidates = ["/usr/bin/nbdcopy", "/usr/local/bin/nbdcopy"]
+    guard let nbdcopy = candidates.first(where: { access($0, X_OK) == 0 }) else {
+      throw XCTSkip("nbdcopy is not installed; the NBDClient part passed")
+    }
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: nbdcopy)
+    p.arguments = [uri, "\(dir)/copy.img"]
+    try p.run()
+    p.waitUntilExit()
+    XCTAssertEqual(p.terminationStatus, 0)
+    let copy = try Data(contentsOf: URL(fileURLWithPath: "\(dir)/copy.img"))
+    XCTAssertEqual(copy.count, bytes.count)
+    let equal = copy.withUnsafeBytes { c in
+      bytes.withUnsafeBytes { memcmp(c.baseAddress!, $0.baseAddress!, $0.count) == 0 }
+    }
+    XCTAssert(equal, "nbdcopy's copy differs from the file")
+  }
+
+  func testAReaderSeesTheFilesLaterWrites() throws {
+    let dir = try makeTempDirectory()
+    _ = try makeFile("\(dir)/disk.img", 4 << 20, seed: testSeed())
+    let export = try FileBackedExport(path: "\(dir)/disk.img")
+    _ = try serve(export, "\(dir)/s.sock")
+    let client = try NBDClient(uri: "nbd+unix:///file?socket=\(dir)/s.sock", timeout: 10)
+    defer { client.close() }
+    let length = 1 << 20
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 4096)
+    defer { buffer.deallocate() }
+    for round in 0..<4 {
+      let fill = [UInt8](repeating: UInt8(0x40 + round), count: length)
+      try fill.withUnsafeBytes { try client.write($0, at: 1 << 20) }
+      try client.read(into: buffer, at: 1 << 20)
+      XCTAssert(buffer.allSatisfy { $0 == UInt8(0x40 + round) }, "round \(round) read stale data")
+    }
+  }
+
+  func testAFileEndingBeforeTheReplyCutsTheClientOffWithoutData() throws {
+    let dir = try makeTempDirectory()
+    let size = 8 << 20
+    let bytes = try makeFile("\(dir)/disk.img", size, seed: testSeed())
+    let export = try FileBackedExport(path: "\(dir)/disk.img")
+    _ = try serve(export, "\(dir)/s.sock")
+    let client = try NBDClient(uri: "nbd+unix:///file?socket=\(dir)/s.sock", timeout: 5)
+    defer { client.close() }
+    // Someone truncates the file under the server: its last 4 MiB are gone.
+    XCTAssertEqual(truncate("\(dir)/disk.img", off_t(size / 2)), 0)
+    let length = 1 << 20
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 4096)
+    defer { buffer.deallocate() }
+    buffer.initializeMemory(as: UInt8.self, repeating: 0xEE)
+    XCTAssertThrowsError(
+      try client.read(into: buffer, at: UInt64(size - length)), "a read past the file's end succeeded")
+    XCTAssert(buffer.allSatisfy { $0 == 0xEE }, "the failed read left data in the buffer")
+    // A read straddling the new end: part of the reply exists, yet it fails.
+    XCTAssertThrowsError(try client.read(into: buffer, at: UInt64(size / 2 - length / 2)))
+    // What the file still holds reads well on the next connection.
+    try client.read(into: buffer, at: 0)
+    XCTAssert(same(bytes, 0, buffer))
+  }
+
+  func testAnExportWithoutFileRepliesIsReadThroughItsBuffer() throws {
+    let dir = try makeTempDirectory()
+    let bytes = try makeFile("\(dir)/disk.img", 2 << 20, seed: testSeed())
+    let export = try FileBackedExport(path: "\(dir)/disk.img", sendsFromFile: false)
+    _ = try serve(export, "\(dir)/s.sock")
+    let client = try NBDClient(uri: "nbd+unix:///file?socket=\(dir)/s.sock", timeout: 10)
+    defer { client.close() }
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+    defer { buffer.deallocate() }
+    try client.read(into: buffer, at: 1 << 20)
+    XCTAssert(same(bytes, 1 << 20, buffer))
+    XCTAssertEqual(export.counts.spans, 0)
+    XCTAssertEqual(export.counts.buffered, 1)
+  }
+}
