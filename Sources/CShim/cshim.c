@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include <sys/random.h>
 #include <linux/falloc.h>
+#include <sys/syscall.h>
 
 int dr_block_device_size(int fd, uint64_t *size) {
 #ifdef BLKGETSIZE64
@@ -123,6 +124,30 @@ int dr_block_zero_out(int fd, uint64_t offset, uint64_t length) {
 #else
   (void)fd; (void)offset; (void)length;
   errno = ENOTSUP;
+  return -1;
+#endif
+}
+
+int dr_start_writeback(int fd, uint64_t offset, uint64_t length) {
+  return sync_file_range(fd, (off64_t)offset, (off64_t)length, SYNC_FILE_RANGE_WRITE);
+}
+
+// Older headers lack it; the number is the same on x86-64 and arm64.
+#if !defined(__NR_cachestat) && (defined(__x86_64__) || defined(__aarch64__))
+#define __NR_cachestat 451
+#endif
+
+long dr_unwritten_pages(int fd) {
+#ifdef __NR_cachestat
+  struct { uint64_t off, len; } range = {0, 0};
+  struct {
+    uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+  } stat;
+  if (syscall(__NR_cachestat, fd, &range, &stat, 0) != 0) return -1;
+  return (long)(stat.nr_dirty + stat.nr_writeback);
+#else
+  (void)fd;
+  errno = ENOSYS;
   return -1;
 #endif
 }

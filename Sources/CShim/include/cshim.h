@@ -39,4 +39,12 @@ int dr_punch_hole(int fd, uint64_t offset, uint64_t length);
 /// ioctl BLKZEROOUT: zero a byte range of a block device.
 int dr_block_zero_out(int fd, uint64_t offset, uint64_t length);
 
+/// sync_file_range(2) with SYNC_FILE_RANGE_WRITE: starts write-out of the
+/// dirty pages of a byte range without waiting for it.
+int dr_start_writeback(int fd, uint64_t offset, uint64_t length);
+
+/// Pages of a file that are dirty or under write-out (cachestat(2), Linux
+/// 6.5 and later); -1 with errno set where the call is missing.
+long dr_unwritten_pages(int fd);
+
 #endif

@@ -61,6 +61,11 @@ public final class RestoreEngine: @unchecked Sendable {
   /// cold read does not fault in and zero a new buffer every time.
   private let buffers = BufferPool(keepCount: 64, keepSize: 4 << 20, keepBytes: 32 << 20)
   private let zeros: AlignedBuffer
+  /// Starts write-out of the clients' writes (and merged blocks), which a
+  /// FLUSH waits for, so that it waits for little (EarlyWriteback). Fetched
+  /// blocks are left to the kernel and the periodic commit: no client waits
+  /// for them, and a cold read should not pay for their write-out.
+  private let writeback: EarlyWriteback
   // Counters, under `state`.
   public private(set) var fetchedBlocks: UInt64 = 0
   public private(set) var fetchedBytes: UInt64 = 0
@@ -126,6 +131,7 @@ public final class RestoreEngine: @unchecked Sendable {
     map = m
     geometry = m.geometry
     current = m.bits
+    writeback = EarlyWriteback(primary)
     zeros = AlignedBuffer(count: Int(geometry.blockSize))
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
     activity = try ActivityLog(path: mapPath + ".al", blockGeometry: m.geometry, deviceName: primary.path)
@@ -399,6 +405,7 @@ public final class RestoreEngine: @unchecked Sendable {
       }
       throw NBDError(NBD.errIO, "\(error)")
     }
+    writeback.written(offset, length)
     markCurrent(blocks)
     var owe = !sendToBackup
     if let error = remoteError.error {
@@ -503,6 +510,7 @@ public final class RestoreEngine: @unchecked Sendable {
       let start = Int(geometry.offset(ofBlock: b) - offset)
       let n = geometry.length(ofBlock: b)
       try primary.write(UnsafeRawBufferPointer(rebasing: buffer[start..<start + n]), at: geometry.offset(ofBlock: b))
+      writeback.written(geometry.offset(ofBlock: b), UInt64(n))
       markCurrent(b..<b + 1)
       state.withLock { mergedBlocks += 1 }
     }
@@ -591,6 +599,7 @@ public final class RestoreEngine: @unchecked Sendable {
   /// regions stay in the activity log for the next start).
   @discardableResult
   public func close() throws -> Int {
+    writeback.stop()
     try flush()
     let owed = backupDebt.blocks
     if owed == 0 {

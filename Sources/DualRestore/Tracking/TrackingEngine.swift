@@ -48,12 +48,15 @@ public final class TrackingEngine: @unchecked Sendable {
   private var view: FrozenView?
   private let zeros: AlignedBuffer
   private let buffers = BufferPool(keepCount: 16, keepSize: 4 << 20)
+  /// Starts write-out of the device's writes, so a flush waits for little.
+  private let writeback: EarlyWriteback
 
   public init(
     device: Device, changesPath: String, storePath: String, storeLimit: UInt64?, blockSize: UInt32?,
     log: @escaping @Sendable (String) -> Void
   ) throws {
     self.device = device
+    self.writeback = EarlyWriteback(device)
     self.changesPath = changesPath
     self.storePath = storePath
     self.log = log
@@ -168,6 +171,7 @@ public final class TrackingEngine: @unchecked Sendable {
     try enter(blocks)
     defer { leave() }
     try withPreserved(blocks) { try device.write(buffer, at: offset) }
+    writeback.written(offset, UInt64(buffer.count))
     if fua { try device.sync() }
   }
 
@@ -411,6 +415,7 @@ public final class TrackingEngine: @unchecked Sendable {
   /// Stops: a view still held is lost (the store goes), the device is
   /// synchronised.
   public func close() throws {
+    writeback.stop()
     if let v = state.withLock({ view }) {
       v.close(reason: "the server stopped")
       // The store's header stays, so that the next start reports the view
