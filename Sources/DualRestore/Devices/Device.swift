@@ -195,6 +195,24 @@ public final class Device: @unchecked Sendable {
   }
 }
 
+extension Device {
+  /// base:allocation of a byte range: holes (which read as zeros) and data,
+  /// as SEEK_DATA and SEEK_HOLE see them, at most `limit` runs.
+  public func allocation(offset: UInt64, length: UInt32, limit: Int) -> [Extent] {
+    var runs: [Extent] = []
+    let end = min(offset + UInt64(length), size)
+    var position = offset
+    while position < end {
+      let (isData, regionEnd) = dataRegion(at: position)
+      let stop = regionEnd > position ? min(regionEnd, end) : end
+      let flags = isData ? 0 : NBD.stateHole | NBD.stateZero
+      guard runs.append(joining: Extent(length: UInt32(stop - position), flags: flags), limit: limit) else { break }
+      position = stop
+    }
+    return runs
+  }
+}
+
 /// Memory aligned for O_DIRECT, allocated once and reused.
 public final class AlignedBuffer: @unchecked Sendable {
   public let pointer: UnsafeMutableRawPointer

@@ -16,6 +16,9 @@
 //   S: simple reply magic 0x67446698 (u32) | error (u32) | cookie (u64)
 //                                                             = 16 bytes
 //      (followed by `length` bytes of data for a successful READ)
+//   S: structured reply chunk, once NBD_OPT_STRUCTURED_REPLY is agreed:
+//      magic 0x668e33ef (u32) | flags (u16) | type (u16) | cookie (u64) |
+//      length (u32) = 20 bytes, followed by `length` bytes of payload
 
 public enum NBD {
   public static let initMagic: UInt64 = 0x4e42_444d_4147_4943  // "NBDMAGIC"
@@ -23,6 +26,7 @@ public enum NBD {
   public static let optionReplyMagic: UInt64 = 0x3_e889_0455_65a9
   public static let requestMagic: UInt32 = 0x2560_9513
   public static let simpleReplyMagic: UInt32 = 0x6744_6698
+  public static let structuredReplyMagic: UInt32 = 0x668e_33ef
   public static let defaultPort: UInt16 = 10809
 
   // Handshake flags (server) and client flags.
@@ -39,11 +43,14 @@ public enum NBD {
   public static let optInfo: UInt32 = 6
   public static let optGo: UInt32 = 7
   public static let optStructuredReply: UInt32 = 8
+  public static let optListMetaContext: UInt32 = 9
+  public static let optSetMetaContext: UInt32 = 10
 
   // Option replies.
   public static let repAck: UInt32 = 1
   public static let repServer: UInt32 = 2
   public static let repInfo: UInt32 = 3
+  public static let repMetaContext: UInt32 = 4
   public static let repErrUnsupported: UInt32 = 0x8000_0001
   public static let repErrPolicy: UInt32 = 0x8000_0002
   public static let repErrInvalid: UInt32 = 0x8000_0003
@@ -77,7 +84,21 @@ public enum NBD {
   public static let cmdBlockStatus: UInt16 = 7
   public static let cmdFlagFUA: UInt16 = 1 << 0
   public static let cmdFlagNoHole: UInt16 = 1 << 1
+  public static let cmdFlagReqOne: UInt16 = 1 << 3
   public static let cmdFlagFastZero: UInt16 = 1 << 4
+
+  // Structured reply chunks, and the base:allocation context.
+  public static let replyFlagDone: UInt16 = 1 << 0
+  public static let replyTypeNone: UInt16 = 0
+  public static let replyTypeOffsetData: UInt16 = 1
+  public static let replyTypeBlockStatus: UInt16 = 5
+  public static let replyTypeError: UInt16 = 0x8001
+  public static let structuredReplyLength = 20
+  public static let baseAllocation = "base:allocation"
+  /// The context id this server gives base:allocation.
+  public static let baseAllocationID: UInt32 = 1
+  public static let stateHole: UInt32 = 1 << 0
+  public static let stateZero: UInt32 = 1 << 1
 
   // Error numbers on the wire (the protocol's, not the host's).
   public static let errPerm: UInt32 = 1

@@ -76,6 +76,35 @@ public protocol NBDExport: AnyObject, Sendable {
   /// while the export exists; what the range holds may change once this
   /// returns, as with any read beside a write.
   func fileSpan(offset: UInt64, length: Int) throws -> FileSpan?
+  /// base:allocation for NBD_CMD_BLOCK_STATUS: runs of (length, flags)
+  /// from `offset` on, with NBD.stateHole and NBD.stateZero, covering at
+  /// most `length` bytes (at least the first one), at most `limit` runs.
+  /// A run said to be zero must read as zeros: clients skip it.
+  func allocation(offset: UInt64, length: UInt32, limit: Int) throws -> [Extent]
+}
+
+/// A run of the base:allocation context.
+public struct Extent: Equatable, Sendable {
+  public var length: UInt32
+  public var flags: UInt32
+  public init(length: UInt32, flags: UInt32) {
+    self.length = length
+    self.flags = flags
+  }
+}
+
+extension Array where Element == Extent {
+  /// Appends `run`, joined to the last run when their flags agree; false
+  /// (nothing appended) when that would make more than `limit` runs.
+  mutating func append(joining run: Extent, limit: Int) -> Bool {
+    if let last = self.last, last.flags == run.flags {
+      self[count - 1].length += run.length
+      return true
+    }
+    guard count < limit else { return false }
+    append(run)
+    return true
+  }
 }
 
 /// Bytes of a file an export's READ is served from.
@@ -91,6 +120,10 @@ public struct FileSpan: Sendable {
 extension NBDExport {
   public var isOffered: Bool { true }
   public func fileSpan(offset: UInt64, length: Int) throws -> FileSpan? { nil }
+  /// Without better knowledge, everything is data.
+  public func allocation(offset: UInt64, length: UInt32, limit: Int) throws -> [Extent] {
+    [Extent(length: length, flags: 0)]
+  }
   public func bind(name: String) throws -> NBDExport {
     guard name == self.name || name.isEmpty else {
       throw NBDError(NBD.errInvalid, "the export \(self.name) takes no parameters")
@@ -250,6 +283,14 @@ public final class NBDServer: @unchecked Sendable {
     if count > 0 { idle.wait() }
   }
 
+  /// Whether a name would find an export, without binding it (binding may
+  /// act: a merge export admits a stream).
+  func hasExport(named name: String) -> Bool {
+    name.isEmpty
+      ? exports.contains { $0.isOffered }
+      : exports.contains { name == $0.name || name.hasPrefix($0.name + ";") }
+  }
+
   /// The export for a client's name, or why not.
   func export(named name: String) -> Result<NBDExport, NBDError> {
     let candidate =
@@ -279,6 +320,13 @@ private final class Connection: @unchecked Sendable {
   static let sendfileMinimum = 32 << 10
   var noZeroes = false
   var export: NBDExport?
+  /// NBD_OPT_STRUCTURED_REPLY was agreed: READ (and BLOCK_STATUS) replies
+  /// are structured.
+  var structuredReplies = false
+  /// base:allocation was selected, and for which export name.
+  var allocationSelectedFor: String?
+  /// base:allocation is on for the export in transmission.
+  var allocationContext = false
 
   init(server: NBDServer, socket: Socket) {
     self.server = server
@@ -357,6 +405,9 @@ private final class Connection: @unchecked Sendable {
       if length > 0 { try data.withUnsafeMutableBytes { try socket.read(into: $0.baseAddress!, count: length) } }
 
       if option == NBD.optStartTLS {
+        // What was agreed in the clear does not carry over into TLS.
+        structuredReplies = false
+        allocationSelectedFor = nil
         try startTLS(length: length)
         continue
       }
@@ -384,6 +435,7 @@ private final class Connection: @unchecked Sendable {
           raw.baseAddress!.storeBE(transmissionFlags(export), at: 8)
         }
         try socket.write(reply)
+        allocationContext = allocationSelectedFor == name
         return export
       case NBD.optAbort:
         try optionReply(option, NBD.repAck, [])
@@ -441,11 +493,68 @@ private final class Connection: @unchecked Sendable {
         described.withUnsafeMutableBytes { $0.baseAddress!.storeBE(NBD.infoDescription, at: 0) }
         try optionReply(option, NBD.repInfo, described + Array(export.description.utf8.prefix(4096)))
         try optionReply(option, NBD.repAck, [])
-        if option == NBD.optGo { return export }
+        if option == NBD.optGo {
+          allocationContext = allocationSelectedFor == name
+          return export
+        }
+      case NBD.optStructuredReply:
+        guard length == 0 else {
+          try optionReply(option, NBD.repErrInvalid, Array("STRUCTURED_REPLY takes no data".utf8))
+          continue
+        }
+        structuredReplies = true
+        try optionReply(option, NBD.repAck, [])
+      case NBD.optListMetaContext, NBD.optSetMetaContext:
+        try metaContext(option, data)
       default:
         try optionReply(option, NBD.repErrUnsupported, Array("option \(option) is not supported".utf8))
       }
     }
+  }
+
+  /// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT. The one
+  /// context is base:allocation (asked for by name, or by "base:"); other
+  /// names select nothing. SET replaces what an earlier SET selected.
+  private func metaContext(_ option: UInt32, _ data: [UInt8]) throws {
+    let set = option == NBD.optSetMetaContext
+    guard structuredReplies else {
+      try optionReply(option, NBD.repErrInvalid, Array("metadata contexts need structured replies first".utf8))
+      return
+    }
+    // u32 name length, name, u32 query count, then u32 length + query each.
+    func u32(_ at: Int) -> Int? {
+      guard at + 4 <= data.count else { return nil }
+      return data.withUnsafeBytes { Int($0.baseAddress!.loadBE(at: at, as: UInt32.self)) }
+    }
+    var queries: [String] = []
+    var well = false
+    parse: if let nameLength = u32(0), 4 + nameLength <= data.count, let count = u32(4 + nameLength) {
+      var at = 8 + nameLength
+      for _ in 0..<count {
+        guard let n = u32(at), at + 4 + n <= data.count else { break parse }
+        queries.append(String(decoding: data[at + 4..<at + 4 + n], as: UTF8.self))
+        at += 4 + n
+      }
+      well = at == data.count
+    }
+    guard well, let nameLength = u32(0) else {
+      try optionReply(option, NBD.repErrInvalid, Array("malformed metadata context request".utf8))
+      return
+    }
+    let name = String(decoding: data[4..<4 + nameLength], as: UTF8.self)
+    guard server.hasExport(named: name) else {
+      try optionReply(option, NBD.repErrUnknown, Array("no export named '\(name)'".utf8))
+      return
+    }
+    // LIST with no query lists every context; SET with none selects none.
+    let selected = queries.contains { $0 == NBD.baseAllocation || $0 == "base:" } || (!set && queries.isEmpty)
+    if set { allocationSelectedFor = selected ? name : nil }
+    if selected {
+      var reply = [UInt8](repeating: 0, count: 4)
+      reply.withUnsafeMutableBytes { $0.baseAddress!.storeBE(set ? NBD.baseAllocationID : 0, at: 0) }
+      try optionReply(option, NBD.repMetaContext, reply + Array(NBD.baseAllocation.utf8))
+    }
+    try optionReply(option, NBD.repAck, [])
   }
 
   /// NBD_OPT_STARTTLS: acknowledged, then the TLS handshake; a failed
@@ -500,6 +609,8 @@ private final class Connection: @unchecked Sendable {
     var buffer: AlignedBuffer?
     /// A READ answered from a file without a copy.
     var span: FileSpan?
+    /// A BLOCK_STATUS reply's payload.
+    var status: [UInt8]?
     var error: UInt32
     /// Bytes taken from the server's buffer budget, given back after the reply.
     var budgeted: Int
@@ -561,7 +672,7 @@ private final class Connection: @unchecked Sendable {
         var request = Request(
           flags: p.loadBE(at: 4, as: UInt16.self), type: p.loadBE(at: 6, as: UInt16.self),
           cookie: p.loadBE(at: 8, as: UInt64.self), offset: p.loadBE(at: 16, as: UInt64.self),
-          length: Int(p.loadBE(at: 24, as: UInt32.self)), buffer: nil, span: nil, error: 0, budgeted: 0)
+          length: Int(p.loadBE(at: 24, as: UInt32.self)), buffer: nil, span: nil, status: nil, error: 0, budgeted: 0)
         if request.type == NBD.cmdDisconnect {
           closed = true
           return nil
@@ -603,9 +714,15 @@ private final class Connection: @unchecked Sendable {
 
   /// Checks a request before any I/O; returns an NBD error number or 0.
   func validate(_ r: Request, _ export: NBDExport) -> UInt32 {
-    let knownFlags = NBD.cmdFlagFUA | NBD.cmdFlagNoHole | NBD.cmdFlagFastZero
+    let knownFlags = NBD.cmdFlagFUA | NBD.cmdFlagNoHole | NBD.cmdFlagFastZero | NBD.cmdFlagReqOne
     if r.flags & ~knownFlags != 0 { return NBD.errInvalid }
+    if r.flags & NBD.cmdFlagReqOne != 0 && r.type != NBD.cmdBlockStatus { return NBD.errInvalid }
     switch r.type {
+    case NBD.cmdBlockStatus:
+      // Only with base:allocation selected for this export.
+      guard allocationContext, r.length > 0 else { return NBD.errInvalid }
+      let (end, overflow) = r.offset.addingReportingOverflow(UInt64(r.length))
+      return overflow || end > export.size ? NBD.errInvalid : 0
     case NBD.cmdRead, NBD.cmdWrite, NBD.cmdTrim, NBD.cmdWriteZeroes, NBD.cmdCache:
       let (end, overflow) = r.offset.addingReportingOverflow(UInt64(r.length))
       if overflow || end > export.size { return r.type == NBD.cmdWrite ? NBD.errNoSpace : NBD.errInvalid }
@@ -646,6 +763,9 @@ private final class Connection: @unchecked Sendable {
         try export.writeZeroes(offset: r.offset, length: UInt64(r.length), fua: fua)
       case NBD.cmdCache:
         break
+      case NBD.cmdBlockStatus:
+        let limit = r.flags & NBD.cmdFlagReqOne != 0 ? 1 : Connection.extentsPerReply
+        r.status = try statusPayload(export.allocation(offset: r.offset, length: UInt32(r.length), limit: limit), r)
       default:
         r.error = NBD.errInvalid
       }
@@ -655,24 +775,83 @@ private final class Connection: @unchecked Sendable {
     }
   }
 
-  /// Sends a simple reply, and a READ's data with it, in one system call.
-  private func reply(_ r: Request) {
-    withUnsafeTemporaryAllocation(byteCount: NBD.simpleReplyLength, alignment: 8) { head in
-      let h = head.baseAddress!
-      h.storeBE(NBD.simpleReplyMagic, at: 0)
-      h.storeBE(r.error, at: 4)
-      h.storeBE(r.cookie, at: 8)
-      var data: UnsafeRawBufferPointer?
-      if r.type == NBD.cmdRead && r.error == 0, let b = r.buffer {
-        data = UnsafeRawBufferPointer(start: b.pointer, count: r.length)
+  /// The payload of a BLOCK_STATUS chunk: the context id, then each run's
+  /// length and flags. Runs past the request, empty runs, and too many
+  /// runs are the export's mistakes: refused, not sent.
+  private func statusPayload(_ extents: [Extent], _ r: Request) throws -> [UInt8] {
+    let limit = r.flags & NBD.cmdFlagReqOne != 0 ? 1 : Connection.extentsPerReply
+    let total = extents.reduce(UInt64(0)) { $0 + UInt64($1.length) }
+    guard !extents.isEmpty, extents.count <= limit, total <= UInt64(r.length), extents.allSatisfy({ $0.length > 0 })
+    else {
+      throw NBDError(NBD.errIO, "the export described \(extents.count) run(s) of \(total) bytes for \(r.length)")
+    }
+    var payload = [UInt8](repeating: 0, count: 4 + 8 * extents.count)
+    payload.withUnsafeMutableBytes { raw in
+      let p = raw.baseAddress!
+      p.storeBE(NBD.baseAllocationID, at: 0)
+      for (i, e) in extents.enumerated() {
+        p.storeBE(e.length, at: 4 + 8 * i)
+        p.storeBE(e.flags, at: 8 + 8 * i)
       }
+    }
+    return payload
+  }
+
+  /// Runs in one BLOCK_STATUS reply at most; the client asks again for more.
+  static let extentsPerReply = 1024
+
+  /// Sends a reply, and a READ's data with it, in as few system calls as it
+  /// can: a simple reply, or with structured replies agreed, one chunk
+  /// (OFFSET_DATA, BLOCK_STATUS, NONE or ERROR) marked done.
+  private func reply(_ r: Request) {
+    withUnsafeTemporaryAllocation(byteCount: 32, alignment: 8) { head in
+      let h = head.baseAddress!
+      var headLength = NBD.simpleReplyLength
+      var data: UnsafeRawBufferPointer?
+      let structured = structuredReplies && (r.type == NBD.cmdRead || r.type == NBD.cmdBlockStatus)
+      if !structured {
+        h.storeBE(NBD.simpleReplyMagic, at: 0)
+        h.storeBE(r.error, at: 4)
+        h.storeBE(r.cookie, at: 8)
+        if r.type == NBD.cmdRead && r.error == 0, let b = r.buffer {
+          data = UnsafeRawBufferPointer(start: b.pointer, count: r.length)
+        }
+      } else {
+        h.storeBE(NBD.structuredReplyMagic, at: 0)
+        h.storeBE(NBD.replyFlagDone, at: 4)
+        h.storeBE(r.cookie, at: 8)
+        headLength = NBD.structuredReplyLength
+        if r.error != 0 {
+          // error (u32) and an empty message (u16 length).
+          h.storeBE(NBD.replyTypeError, at: 6)
+          h.storeBE(UInt32(6), at: 16)
+          h.storeBE(r.error, at: 20)
+          h.storeBE(UInt16(0), at: 24)
+          headLength += 6
+        } else if r.type == NBD.cmdBlockStatus, let status = r.status {
+          h.storeBE(NBD.replyTypeBlockStatus, at: 6)
+          h.storeBE(UInt32(status.count), at: 16)
+        } else if r.length == 0 {
+          h.storeBE(NBD.replyTypeNone, at: 6)
+          h.storeBE(UInt32(0), at: 16)
+        } else {
+          h.storeBE(NBD.replyTypeOffsetData, at: 6)
+          h.storeBE(UInt32(8 + r.length), at: 16)
+          h.storeBE(r.offset, at: 20)
+          headLength += 8
+          if let b = r.buffer { data = UnsafeRawBufferPointer(start: b.pointer, count: r.length) }
+        }
+      }
+      let header = UnsafeRawBufferPointer(start: h, count: headLength)
       sendLock.wait()
       defer { sendLock.signal() }
       do {
         if r.error == 0, let span = r.span {
-          try socket.send(UnsafeRawBufferPointer(head), from: span.fd, at: span.offset, count: r.length)
+          try socket.send(header, from: span.fd, at: span.offset, count: r.length)
+        } else if r.error == 0, let status = r.status {
+          try status.withUnsafeBytes { try socket.send(header, $0) }
         } else {
-          try socket.send(UnsafeRawBufferPointer(head), data)
+          try socket.send(header, data)
         }
       } catch {
         // The reply is cut short (its header may be gone already): the
@@ -690,6 +869,7 @@ private final class Connection: @unchecked Sendable {
     case NBD.cmdFlush: return "FLUSH"
     case NBD.cmdTrim: return "TRIM"
     case NBD.cmdWriteZeroes: return "WRITE_ZEROES"
+    case NBD.cmdBlockStatus: return "BLOCK_STATUS"
     default: return "command \(type)"
     }
   }

@@ -345,6 +345,36 @@ public final class RestoreEngine: @unchecked Sendable {
     }
   }
 
+  /// base:allocation of a byte range: a block not current is data (what
+  /// the backup holds there is not known here, and the primary's hole is
+  /// not its content); current blocks are as the primary holds them.
+  public func allocation(offset: UInt64, length: UInt32, limit: Int) -> [Extent] {
+    var runs: [Extent] = []
+    let end = min(offset + UInt64(length), geometry.deviceSize)
+    var position = offset
+    while position < end {
+      let block = position / UInt64(geometry.blockSize)
+      let (isCurrent, runEnd) = state.withLock { () -> (Bool, UInt64) in
+        let c = current[block]
+        let next = (c ? current.nextClear(from: block) : current.nextSet(from: block)) ?? geometry.blockCount
+        return (c, next)
+      }
+      // The device may end inside the last block.
+      let runStop = min(runEnd * UInt64(geometry.blockSize), end)
+      var part: [Extent]
+      if isCurrent {
+        part = primary.allocation(offset: position, length: UInt32(runStop - position), limit: limit)
+      } else {
+        part = [Extent(length: UInt32(runStop - position), flags: 0)]
+      }
+      for e in part where !runs.append(joining: e, limit: limit) { return runs }
+      let covered = part.reduce(UInt64(0)) { $0 + UInt64($1.length) }
+      if covered < runStop - position { break }  // the primary's runs hit the limit
+      position = runStop
+    }
+    return runs
+  }
+
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
     try modify(
       offset: offset, length: UInt64(buffer.count), fua: fua,

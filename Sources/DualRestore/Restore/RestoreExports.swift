@@ -30,6 +30,10 @@ public final class RestoreExport: NBDExport, @unchecked Sendable {
     return FileSpan(fd: engine.primary.pageCacheFD, offset: offset)
   }
 
+  public func allocation(offset: UInt64, length: UInt32, limit: Int) throws -> [Extent] {
+    engine.allocation(offset: offset, length: length, limit: limit)
+  }
+
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
     engine.beginRequest()
     defer { engine.endRequest() }

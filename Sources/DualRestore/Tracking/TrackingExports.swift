@@ -26,6 +26,10 @@ public final class TrackedExport: NBDExport, @unchecked Sendable {
     FileSpan(fd: engine.device.pageCacheFD, offset: offset)
   }
 
+  public func allocation(offset: UInt64, length: UInt32, limit: Int) throws -> [Extent] {
+    engine.device.allocation(offset: offset, length: length, limit: limit)
+  }
+
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
     try engine.write(buffer, at: offset, fua: fua)
   }
