@@ -263,6 +263,24 @@ final class BlockBitmapTests: XCTestCase {
     }
   }
 
+  func testBoundedSearchesStopAtTheirLimit() {
+    forEachCase(rounds: 2, randomCounts: 12, salt: 6) { count, g, ctx in
+      let m = randomModel(count: count, &g)
+      let b = bitmap(from: m)
+      for _ in 0..<200 {
+        let s = count == 0 ? 0 : g.next() % UInt64(count + 2)
+        let limit = g.next() % UInt64(count + 70)
+        let wantSet = m.next(true, from: s).flatMap { $0 < limit ? $0 : nil }
+        let wantClear = m.next(false, from: s).flatMap { $0 < limit ? $0 : nil }
+        XCTAssertEqual(b.nextSet(from: s, before: limit), wantSet, "\(ctx), \(s)..<\(limit)")
+        XCTAssertEqual(b.nextClear(from: s, before: limit), wantClear, "\(ctx), \(s)..<\(limit)")
+        let r = min(s, UInt64(count))..<min(max(s, limit), UInt64(count))
+        XCTAssertEqual(b.allSet(r), m.population(r) == UInt64(r.count), "\(ctx), allSet \(r)")
+        XCTAssertEqual(b.anySet(r), m.population(r) > 0, "\(ctx), anySet \(r)")
+      }
+    }
+  }
+
   func testNextSetAndNextClearFromEveryStart() {
     forEachCase(rounds: 2, randomCounts: 12, salt: 5) { count, g, ctx in
       let m = randomModel(count: count, &g)

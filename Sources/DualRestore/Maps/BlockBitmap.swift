@@ -102,13 +102,13 @@ public struct BlockBitmap: Equatable, Sendable {
   /// Whether every block in `range` is set.
   public func allSet(_ range: Range<UInt64>) -> Bool {
     if range.isEmpty { return true }
-    return nextClear(from: range.lowerBound).map { $0 >= range.upperBound } ?? true
+    return nextClear(from: range.lowerBound, before: range.upperBound) == nil
   }
 
   /// Whether any block in `range` is set.
   public func anySet(_ range: Range<UInt64>) -> Bool {
     if range.isEmpty { return false }
-    return nextSet(from: range.lowerBound).map { $0 < range.upperBound } ?? false
+    return nextSet(from: range.lowerBound, before: range.upperBound) != nil
   }
 
   // MARK: Counting and searching
@@ -144,24 +144,36 @@ public struct BlockBitmap: Equatable, Sendable {
   }
 
   /// The first set block at or after `start`.
-  public func nextSet(from start: UInt64) -> UInt64? { next(from: start, invert: 0) }
+  public func nextSet(from start: UInt64) -> UInt64? { next(from: start, before: count, invert: 0) }
 
   /// The first clear block at or after `start`.
-  public func nextClear(from start: UInt64) -> UInt64? { next(from: start, invert: ~0) }
+  public func nextClear(from start: UInt64) -> UInt64? { next(from: start, before: count, invert: ~0) }
+
+  /// The first set block in `start..<limit`: the search stops at `limit`,
+  /// so asking about a short range of a huge bitmap costs a short scan.
+  public func nextSet(from start: UInt64, before limit: UInt64) -> UInt64? {
+    next(from: start, before: min(limit, count), invert: 0)
+  }
+
+  /// The first clear block in `start..<limit`.
+  public func nextClear(from start: UInt64, before limit: UInt64) -> UInt64? {
+    next(from: start, before: min(limit, count), invert: ~0)
+  }
 
   @inline(__always)
-  private func next(from start: UInt64, invert: UInt64) -> UInt64? {
-    if start >= count { return nil }
+  private func next(from start: UInt64, before limit: UInt64, invert: UInt64) -> UInt64? {
+    if start >= limit { return nil }
     return words.withUnsafeBufferPointer { w -> UInt64? in
       var i = Int(start >> 6)
+      let lastWord = Int((limit - 1) >> 6)
       var word = (w[i] ^ invert) & (~0 << (start & 63))
       while true {
         if word != 0 {
           let found = UInt64(i) << 6 + UInt64(word.trailingZeroBitCount)
-          return found < count ? found : nil
+          return found < limit ? found : nil
         }
         i += 1
-        if i >= w.count { return nil }
+        if i > lastWord { return nil }
         word = w[i] ^ invert
       }
     }

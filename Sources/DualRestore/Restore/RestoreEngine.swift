@@ -26,6 +26,7 @@
 
 import Dispatch
 import Glibc
+import Synchronization
 
 /// What the engine needs of the backup: an NBD client, or anything alike.
 public protocol BackupLink: AnyObject, Sendable {
@@ -74,7 +75,8 @@ public final class RestoreEngine: @unchecked Sendable {
   private var admittedStreams: Set<ID128> = []
   /// Blocks the merge export was given but left alone: already current.
   public private(set) var mergeSkippedBlocks: UInt64 = 0
-  private var activeRequests = 0
+  /// Client requests being served (hydration yields to them).
+  private let activeRequests = Atomic<Int>(0)
   // Read-ahead of sequential misses, under `state`.
   private var recentMissEnds: [UInt64] = []
   private var aheadUntil: UInt64 = 0
@@ -189,8 +191,8 @@ public final class RestoreEngine: @unchecked Sendable {
       let blocks = activity.blocks(ofRegion: region)
       var b = blocks.lowerBound
       while b < blocks.upperBound {
-        guard let start = current.nextSet(from: b), start < blocks.upperBound else { break }
-        let end = min(current.nextClear(from: start) ?? blocks.upperBound, blocks.upperBound)
+        guard let start = current.nextSet(from: b, before: blocks.upperBound) else { break }
+        let end = current.nextClear(from: start, before: blocks.upperBound) ?? blocks.upperBound
         try copyToBackup(start..<end)
         copied += end - start
         b = end
@@ -245,14 +247,19 @@ public final class RestoreEngine: @unchecked Sendable {
     geometry.blocks(touching: offset, length: length)
   }
 
+  /// Whether every block of `range` is current (without allocating).
+  private func allCurrent(_ range: Range<UInt64>) -> Bool {
+    state.withLock { current.allSet(range) }
+  }
+
   /// Runs of blocks in `range` that are not current.
   private func missingRuns(_ range: Range<UInt64>) -> [Range<UInt64>] {
     state.withLock {
       var runs: [Range<UInt64>] = []
       var b = range.lowerBound
       while b < range.upperBound {
-        guard let start = current.nextClear(from: b), start < range.upperBound else { break }
-        let end = min(current.nextSet(from: start) ?? range.upperBound, range.upperBound)
+        guard let start = current.nextClear(from: b, before: range.upperBound) else { break }
+        let end = current.nextSet(from: start, before: range.upperBound) ?? range.upperBound
         runs.append(start..<end)
         b = end
       }
@@ -260,9 +267,9 @@ public final class RestoreEngine: @unchecked Sendable {
     }
   }
 
-  func beginRequest() { state.withLock { activeRequests += 1 } }
-  func endRequest() { state.withLock { activeRequests -= 1 } }
-  var clientsBusy: Bool { state.withLock { activeRequests > 0 } }
+  func beginRequest() { activeRequests.wrappingAdd(1, ordering: .relaxed) }
+  func endRequest() { activeRequests.wrappingSubtract(1, ordering: .relaxed) }
+  var clientsBusy: Bool { activeRequests.load(ordering: .relaxed) > 0 }
 
   // MARK: Fetching (locks held by the caller)
 
@@ -303,6 +310,9 @@ public final class RestoreEngine: @unchecked Sendable {
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
     let blocks = blockRange(offset, UInt64(buffer.count))
     guard !blocks.isEmpty, let base = buffer.baseAddress else { return }
+    // Current already (a block once current stays so): read without the
+    // block locks, as a reply sent from the page cache is.
+    if allCurrent(blocks) { return try primary.read(into: buffer, at: offset) }
     locks.lock(blocks)
     defer { locks.unlock(blocks) }
     let end = offset + UInt64(buffer.count)
@@ -336,7 +346,7 @@ public final class RestoreEngine: @unchecked Sendable {
   /// already takes no lock.
   public func makeCurrent(offset: UInt64, length: UInt64) throws {
     let blocks = blockRange(offset, length)
-    guard !blocks.isEmpty, !missingRuns(blocks).isEmpty else { return }
+    guard !blocks.isEmpty, !allCurrent(blocks) else { return }
     locks.lock(blocks)
     defer { locks.unlock(blocks) }
     for run in missingRuns(blocks) {
@@ -356,7 +366,10 @@ public final class RestoreEngine: @unchecked Sendable {
       let block = position / UInt64(geometry.blockSize)
       let (isCurrent, runEnd) = state.withLock { () -> (Bool, UInt64) in
         let c = current[block]
-        let next = (c ? current.nextClear(from: block) : current.nextSet(from: block)) ?? geometry.blockCount
+        // Looked for only as far as the range goes.
+        let limit = (end - 1) / UInt64(geometry.blockSize) + 1
+        let next =
+          (c ? current.nextClear(from: block, before: limit) : current.nextSet(from: block, before: limit)) ?? limit
         return (c, next)
       }
       // The device may end inside the last block.
@@ -658,7 +671,8 @@ public final class RestoreEngine: @unchecked Sendable {
       guard let start = state.withLock({ current.nextClear(from: position) ?? current.nextClear(from: 0) }) else {
         return
       }
-      let end = state.withLock { min(current.nextSet(from: start) ?? geometry.blockCount, start + batchBlocks) }
+      let limit = min(start + batchBlocks, geometry.blockCount)
+      let end = state.withLock { current.nextSet(from: start, before: limit) ?? limit }
       let run = start..<end
       if locks.tryLock(run) {
         defer { locks.unlock(run) }
