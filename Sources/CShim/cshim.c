@@ -137,17 +137,29 @@ int dr_start_writeback(int fd, uint64_t offset, uint64_t length) {
 #define __NR_cachestat 451
 #endif
 
-long dr_unwritten_pages(int fd) {
+struct dr_cachestat {
+  uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+static int dr_cachestat(int fd, uint64_t offset, uint64_t length, struct dr_cachestat *stat) {
 #ifdef __NR_cachestat
-  struct { uint64_t off, len; } range = {0, 0};
-  struct {
-    uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
-  } stat;
-  if (syscall(__NR_cachestat, fd, &range, &stat, 0) != 0) return -1;
-  return (long)(stat.nr_dirty + stat.nr_writeback);
+  struct { uint64_t off, len; } range = {offset, length};
+  return (int)syscall(__NR_cachestat, fd, &range, stat, 0);
 #else
-  (void)fd;
+  (void)fd; (void)offset; (void)length; (void)stat;
   errno = ENOSYS;
   return -1;
 #endif
+}
+
+long dr_unwritten_pages(int fd) {
+  struct dr_cachestat stat;
+  if (dr_cachestat(fd, 0, 0, &stat) != 0) return -1;
+  return (long)(stat.nr_dirty + stat.nr_writeback);
+}
+
+long dr_cached_pages(int fd, uint64_t offset, uint64_t length) {
+  struct dr_cachestat stat;
+  if (dr_cachestat(fd, offset, length, &stat) != 0) return -1;
+  return (long)stat.nr_cache;
 }

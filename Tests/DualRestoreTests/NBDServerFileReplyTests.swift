@@ -1,10 +1,11 @@
 // READ replies sent from a file (sendfile) by the NBD server: the bytes
 // match the file for every size and alignment around the threshold, a
 // reader sees a file's later writes, and a file that ends before the reply
-// does cuts the client off instead of handing it short or zero-filled data.
+// does gives the client an error, never short or zero-filled data.
 // The server runs in process on a Unix socket; the clients are NBDClient
 // and, when installed, nbdcopy.
 
+import CShim
 import Dispatch
 import Foundation
 import Glibc
@@ -167,7 +168,7 @@ final class NBDServerFileReplyTests: XCTestCase {
     }
   }
 
-  func testAFileEndingBeforeTheReplyCutsTheClientOffWithoutData() throws {
+  func testAFileEndingBeforeTheReplyIsAnErrorNotData() throws {
     let dir = try makeTempDirectory()
     let size = 8 << 20
     let bytes = try makeFile("\(dir)/disk.img", size, seed: testSeed())
@@ -186,9 +187,32 @@ final class NBDServerFileReplyTests: XCTestCase {
     XCTAssert(buffer.allSatisfy { $0 == 0xEE }, "the failed read left data in the buffer")
     // A read straddling the new end: part of the reply exists, yet it fails.
     XCTAssertThrowsError(try client.read(into: buffer, at: UInt64(size / 2 - length / 2)))
-    // What the file still holds reads well on the next connection.
+    // The connection goes on: what the file still holds reads well.
     try client.read(into: buffer, at: 0)
     XCTAssert(same(bytes, 0, buffer))
+  }
+
+  func testOnlyCachedRangesAreSentFromTheFile() throws {
+    let dir = try makeTempDirectory()
+    let bytes = try makeFile("\(dir)/disk.img", 8 << 20, seed: testSeed())
+    let export = try FileBackedExport(path: "\(dir)/disk.img")
+    guard dr_cached_pages(export.device.fd, 0, 4096) >= 0 else { throw XCTSkip("cachestat(2) is not available") }
+    // Out of the page cache: the read goes to the disk before the reply,
+    // so that an error there could still be an error reply.
+    try export.device.sync()
+    XCTAssertEqual(posix_fadvise(export.device.fd, 0, 0, POSIX_FADV_DONTNEED), 0)
+    _ = try serve(export, "\(dir)/s.sock")
+    let client = try NBDClient(uri: "nbd+unix:///file?socket=\(dir)/s.sock", timeout: 10)
+    defer { client.close() }
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+    defer { buffer.deallocate() }
+    try client.read(into: buffer, at: 2 << 20)
+    XCTAssert(same(bytes, 2 << 20, buffer))
+    XCTAssertEqual(export.counts.buffered, 1, "an uncached range was not read through a buffer")
+    // Now cached by that read: sent from the file.
+    try client.read(into: buffer, at: 2 << 20)
+    XCTAssert(same(bytes, 2 << 20, buffer))
+    XCTAssertEqual(export.counts.buffered, 1)
   }
 
   func testAnExportWithoutFileRepliesIsReadThroughItsBuffer() throws {

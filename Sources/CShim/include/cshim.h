@@ -47,4 +47,8 @@ int dr_start_writeback(int fd, uint64_t offset, uint64_t length);
 /// 6.5 and later); -1 with errno set where the call is missing.
 long dr_unwritten_pages(int fd);
 
+/// Pages of a byte range of a file that are in the page cache (cachestat(2),
+/// Linux 6.5 and later); -1 with errno set where the call is missing.
+long dr_cached_pages(int fd, uint64_t offset, uint64_t length);
+
 #endif

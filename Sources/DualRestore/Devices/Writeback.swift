@@ -9,6 +9,7 @@
 // there.
 
 import CShim
+import Dispatch
 import Glibc
 
 public final class EarlyWriteback: @unchecked Sendable {
@@ -20,12 +21,15 @@ public final class EarlyWriteback: @unchecked Sendable {
   private var high: UInt64 = 0
   private var bytes: UInt64 = 0
   private var stopped = false
+  /// The thread starts with the first write-out due, so an owner that
+  /// never writes (or fails to open) has none.
+  private var started = false
+  private let exited = DispatchSemaphore(value: 0)
 
   /// Starts write-out of `device` after every `threshold` bytes written.
   public init(_ device: Device, threshold: UInt64 = 2 << 20) {
     fd = device.pageCacheFD
     self.threshold = threshold
-    startThread { [self] in run() }
   }
 
   /// Notes `length` bytes written at `offset`.
@@ -35,17 +39,27 @@ public final class EarlyWriteback: @unchecked Sendable {
     high = max(high, offset + length)
     bytes += length
     let due = bytes >= threshold
+    let start = due && !started && !stopped
+    if start { started = true }
     monitor.unlock()
+    if start { startThread { [self] in run() } }
     if due { monitor.broadcast() }
   }
 
-  /// Ends the background thread.
+  /// Ends the background thread and waits for it (so the descriptor is not
+  /// used after this returns). Later calls return at once.
   public func stop() {
-    monitor.withLock { stopped = true }
+    let running = monitor.withLock { () -> Bool in
+      defer { stopped = true }
+      return !stopped && started
+    }
+    guard running else { return }
     monitor.broadcast()
+    exited.wait()
   }
 
   private func run() {
+    defer { exited.signal() }
     while true {
       monitor.lock()
       while !stopped && bytes < threshold { monitor.wait() }

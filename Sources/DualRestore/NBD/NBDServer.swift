@@ -27,6 +27,7 @@
 // stay under `maximumBufferedBytes` (a reader waits for room before it
 // takes the next READ or WRITE), so memory is bounded whatever clients send.
 
+import CShim
 import Dispatch
 import Glibc
 
@@ -207,6 +208,9 @@ public final class NBDServer: @unchecked Sendable {
     self.exports = exports
     self.options = options
     self.budget = ByteBudget(limit: max(options.maximumBufferedBytes, NBD.maximumPayload))
+    // A client gone in the middle of a reply must fail the send, not kill
+    // the process: sendfile(2) has no MSG_NOSIGNAL.
+    signal(SIGPIPE, SIG_IGN)
     self.workersPerConnection = workersPerConnection
     self.log = log
   }
@@ -318,6 +322,18 @@ private final class Connection: @unchecked Sendable {
   /// READs at least this long are sent from the file when the export can;
   /// shorter ones cost less copied than spliced.
   static let sendfileMinimum = 32 << 10
+
+  /// Whether all of a span is in the page cache. Only then is it sent with
+  /// sendfile: a read that must go to the disk is done before the reply's
+  /// header, outside the send lock, so that its error is an error reply
+  /// (not a cut connection) and other replies do not wait behind it.
+  /// Where cachestat(2) is missing, no span is taken for cached.
+  static func isCached(_ span: FileSpan, _ length: Int) -> Bool {
+    let page = UInt64(4096)
+    let first = span.offset / page * page
+    let end = (span.offset + UInt64(length) + page - 1) / page * page
+    return dr_cached_pages(span.fd, first, end - first) == Int((end - first) / page)
+  }
   var noZeroes = false
   var export: NBDExport?
   /// NBD_OPT_STRUCTURED_REPLY was agreed: READ (and BLOCK_STATUS) replies
@@ -547,7 +563,9 @@ private final class Connection: @unchecked Sendable {
       return
     }
     // LIST with no query lists every context; SET with none selects none.
-    let selected = queries.contains { $0 == NBD.baseAllocation || $0 == "base:" } || (!set && queries.isEmpty)
+    // A namespace alone ("base:") lists its contexts; SET names them.
+    let selected =
+      queries.contains { $0 == NBD.baseAllocation || (!set && $0 == "base:") } || (!set && queries.isEmpty)
     if set { allocationSelectedFor = selected ? name : nil }
     if selected {
       var reply = [UInt8](repeating: 0, count: 4)
@@ -745,7 +763,8 @@ private final class Connection: @unchecked Sendable {
       switch r.type {
       case NBD.cmdRead:
         if !socket.isTLS, r.length >= Connection.sendfileMinimum,
-          let span = try export.fileSpan(offset: r.offset, length: r.length)
+          let span = try export.fileSpan(offset: r.offset, length: r.length),
+          Connection.isCached(span, r.length)
         {
           r.span = span
         } else {

@@ -91,6 +91,8 @@ public final class RestoreEngine: @unchecked Sendable {
 
   /// Opens the restore of `primary` from `backup` through the map at `mapPath`
   /// (created when missing), recovering from an unclean shutdown if needed.
+  deinit { writeback.stop() }
+
   public init(
     primary: Device, backup: BackupLink, mapPath: String, blockSize: UInt32,
     log: @escaping @Sendable (String) -> Void
@@ -362,7 +364,11 @@ public final class RestoreEngine: @unchecked Sendable {
     var runs: [Extent] = []
     let end = min(offset + UInt64(length), geometry.deviceSize)
     var position = offset
-    while position < end {
+    // Bounded work per request, however the map alternates: a shorter
+    // answer is allowed, and the client asks again from where it ends.
+    var steps = 0
+    while position < end && steps < 4096 {
+      steps += 1
       let block = position / UInt64(geometry.blockSize)
       let (isCurrent, runEnd) = state.withLock { () -> (Bool, UInt64) in
         let c = current[block]

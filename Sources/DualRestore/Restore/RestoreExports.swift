@@ -31,7 +31,9 @@ public final class RestoreExport: NBDExport, @unchecked Sendable {
   }
 
   public func allocation(offset: UInt64, length: UInt32, limit: Int) throws -> [Extent] {
-    engine.allocation(offset: offset, length: length, limit: limit)
+    engine.beginRequest()
+    defer { engine.endRequest() }
+    return engine.allocation(offset: offset, length: length, limit: limit)
   }
 
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {

@@ -51,6 +51,8 @@ public final class TrackingEngine: @unchecked Sendable {
   /// Starts write-out of the device's writes, so a flush waits for little.
   private let writeback: EarlyWriteback
 
+  deinit { writeback.stop() }
+
   public init(
     device: Device, changesPath: String, storePath: String, storeLimit: UInt64?, blockSize: UInt32?,
     log: @escaping @Sendable (String) -> Void
