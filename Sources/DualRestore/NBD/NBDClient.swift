@@ -337,12 +337,22 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
       } catch let f as NBDClientFailure {
         throw failure(command, offset: offset, length: length, serverError: 0, cause: f.cause)
       }
-      guard let slot = c.register(into: command == NBD.cmdRead ? into : nil, length: length) else { continue }
+      // A request that meets a connection the server broke by breaking the
+      // protocol reports that; later requests connect again.
+      guard let slot = c.register(into: command == NBD.cmdRead ? into : nil, length: length) else {
+        if let v = c.protocolViolation {
+          throw failure(command, offset: offset, length: length, serverError: 0, cause: v)
+        }
+        continue
+      }
       if c.send(command, flags: flags, cookie: slot.cookie, offset: offset, length: length, payload: from) {
         return (c, slot)
       }
       // The send failed and failed the connection, which wakes the slot.
       let (_, cause) = c.finish(slot, deadline: deadline, timeout: timeout)
+      if let v = c.protocolViolation {
+        throw failure(command, offset: offset, length: length, serverError: 0, cause: v)
+      }
       if monotonicSeconds() >= deadline {
         throw failure(command, offset: offset, length: length, serverError: 0, cause: cause ?? "the connection broke")
       }
@@ -494,6 +504,9 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   private var freeSlots: [Int] = []
   private var sequence: UInt32 = 0
   private var failure: String?
+  /// Why the server was found breaking the protocol (a reply with a bad
+  /// magic or an unknown cookie), when that is what ended the connection.
+  private var violation: String?
 
   init(socket: Socket) {
     self.socket = socket
@@ -507,6 +520,9 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   }
 
   var isFailed: Bool { lock.withLock { failure != nil } }
+
+  /// The protocol violation that ended this connection, if one did.
+  var protocolViolation: String? { lock.withLock { violation } }
 
   // MARK: Opening
 
@@ -660,6 +676,13 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
     return result
   }
 
+  /// `fail`, for a server that broke the protocol: the requests that meet
+  /// the broken connection report that, rather than a new connection's fate.
+  private func failViolating(_ cause: String) {
+    lock.withLock { if failure == nil { violation = cause } }
+    fail(cause)
+  }
+
   /// Marks the connection broken (the first cause wins), fails the requests
   /// waiting on it and wakes the reader.
   func fail(_ cause: String) {
@@ -737,14 +760,14 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
       let error = reply.loadBE(at: 4, as: UInt32.self)
       let cookie = reply.loadBE(at: 8, as: UInt64.self)
       guard magic == NBD.simpleReplyMagic else {
-        fail("the server sent a reply with a bad magic number 0x\(String(magic, radix: 16))")
+        failViolating("the server sent a reply with a bad magic number 0x\(String(magic, radix: 16))")
         return
       }
       lock.lock()
       let index = Int(truncatingIfNeeded: cookie & 0xffff_ffff)
       guard index < slots.count, slots[index].cookie == cookie, slots[index].state == .waiting else {
         lock.unlock()
-        fail("the server replied to an unknown request (cookie 0x\(String(cookie, radix: 16)))")
+        failViolating("the server replied to an unknown request (cookie 0x\(String(cookie, radix: 16)))")
         return
       }
       let slot = slots[index]
