@@ -60,16 +60,19 @@ private func same(_ bytes: [UInt8], _ offset: Int, _ buffer: UnsafeMutableRawBuf
 }
 
 final class NBDServerFileReplyTests: XCTestCase {
-  private func serve(_ export: NBDExport, _ socket: String) throws -> (NBDServer, Listener) {
-    let listener = try Listener(unixPath: socket)
+  /// Serves `export` on `DIR/s.sock` and connects NBDClient to it; both
+  /// end with the test.
+  private func connect(_ export: NBDExport, _ dir: String, timeout: Double = 10) throws -> NBDClient {
+    let listener = try Listener(unixPath: "\(dir)/s.sock")
     let server = NBDServer(exports: [export], log: { _ in })
-    let thread = Thread { server.serve(listener) }
-    thread.start()
+    Thread { server.serve(listener) }.start()
+    let client = try NBDClient(uri: "nbd+unix:///file?socket=\(dir)/s.sock", timeout: timeout)
     addTeardownBlock {
+      client.close()
       server.beginStop(listener)
       server.stop()
     }
-    return (server, listener)
+    return client
   }
 
   private func makeFile(_ path: String, _ size: Int, seed: UInt64) throws -> [UInt8] {
@@ -85,9 +88,7 @@ final class NBDServerFileReplyTests: XCTestCase {
     let seed = testSeed()
     let bytes = try makeFile("\(dir)/disk.img", size, seed: seed)
     let export = try FileBackedExport(path: "\(dir)/disk.img")
-    _ = try serve(export, "\(dir)/s.sock")
-    let client = try NBDClient(uri: "nbd+unix:///file?socket=\(dir)/s.sock", timeout: 10)
-    defer { client.close() }
+    let client = try connect(export, dir)
     let threshold = 32 << 10
     let lengths = [1, 511, 4096, threshold - 1, threshold, threshold + 1, 256 << 10, 1 << 20, 32 << 20]
     var g = SplitMix64(seed: seed ^ 1)
@@ -111,10 +112,8 @@ final class NBDServerFileReplyTests: XCTestCase {
     let size = 24 << 20
     let bytes = try makeFile("\(dir)/disk.img", size, seed: testSeed())
     let export = try FileBackedExport(path: "\(dir)/disk.img")
-    _ = try serve(export, "\(dir)/s.sock")
+    let client = try connect(export, dir)
     let uri = "nbd+unix:///file?socket=\(dir)/s.sock"
-    let client = try NBDClient(uri: uri, timeout: 10)
-    defer { client.close() }
     // 64 KiB pieces from many threads at once share the connection.
     let piece = 64 << 10
     final class Bad: @unchecked Sendable {
@@ -154,9 +153,7 @@ final class NBDServerFileReplyTests: XCTestCase {
     let dir = try makeTempDirectory()
     _ = try makeFile("\(dir)/disk.img", 4 << 20, seed: testSeed())
     let export = try FileBackedExport(path: "\(dir)/disk.img")
-    _ = try serve(export, "\(dir)/s.sock")
-    let client = try NBDClient(uri: "nbd+unix:///file?socket=\(dir)/s.sock", timeout: 10)
-    defer { client.close() }
+    let client = try connect(export, dir)
     let length = 1 << 20
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 4096)
     defer { buffer.deallocate() }
@@ -173,9 +170,7 @@ final class NBDServerFileReplyTests: XCTestCase {
     let size = 8 << 20
     let bytes = try makeFile("\(dir)/disk.img", size, seed: testSeed())
     let export = try FileBackedExport(path: "\(dir)/disk.img")
-    _ = try serve(export, "\(dir)/s.sock")
-    let client = try NBDClient(uri: "nbd+unix:///file?socket=\(dir)/s.sock", timeout: 5)
-    defer { client.close() }
+    let client = try connect(export, dir, timeout: 5)
     // Someone truncates the file under the server: its last 4 MiB are gone.
     XCTAssertEqual(truncate("\(dir)/disk.img", off_t(size / 2)), 0)
     let length = 1 << 20
@@ -201,9 +196,7 @@ final class NBDServerFileReplyTests: XCTestCase {
     // so that an error there could still be an error reply.
     try export.device.sync()
     XCTAssertEqual(posix_fadvise(export.device.fd, 0, 0, POSIX_FADV_DONTNEED), 0)
-    _ = try serve(export, "\(dir)/s.sock")
-    let client = try NBDClient(uri: "nbd+unix:///file?socket=\(dir)/s.sock", timeout: 10)
-    defer { client.close() }
+    let client = try connect(export, dir)
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
     defer { buffer.deallocate() }
     try client.read(into: buffer, at: 2 << 20)
@@ -219,9 +212,7 @@ final class NBDServerFileReplyTests: XCTestCase {
     let dir = try makeTempDirectory()
     let bytes = try makeFile("\(dir)/disk.img", 2 << 20, seed: testSeed())
     let export = try FileBackedExport(path: "\(dir)/disk.img", sendsFromFile: false)
-    _ = try serve(export, "\(dir)/s.sock")
-    let client = try NBDClient(uri: "nbd+unix:///file?socket=\(dir)/s.sock", timeout: 10)
-    defer { client.close() }
+    let client = try connect(export, dir)
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
     defer { buffer.deallocate() }
     try client.read(into: buffer, at: 1 << 20)

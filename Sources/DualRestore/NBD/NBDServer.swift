@@ -784,7 +784,8 @@ private final class Connection: @unchecked Sendable {
         break
       case NBD.cmdBlockStatus:
         let limit = r.flags & NBD.cmdFlagReqOne != 0 ? 1 : Connection.extentsPerReply
-        r.status = try statusPayload(export.allocation(offset: r.offset, length: UInt32(r.length), limit: limit), r)
+        let extents = try export.allocation(offset: r.offset, length: UInt32(r.length), limit: limit)
+        r.status = try statusPayload(extents, length: r.length, limit: limit)
       default:
         r.error = NBD.errInvalid
       }
@@ -797,12 +798,11 @@ private final class Connection: @unchecked Sendable {
   /// The payload of a BLOCK_STATUS chunk: the context id, then each run's
   /// length and flags. Runs past the request, empty runs, and too many
   /// runs are the export's mistakes: refused, not sent.
-  private func statusPayload(_ extents: [Extent], _ r: Request) throws -> [UInt8] {
-    let limit = r.flags & NBD.cmdFlagReqOne != 0 ? 1 : Connection.extentsPerReply
+  private func statusPayload(_ extents: [Extent], length: Int, limit: Int) throws -> [UInt8] {
     let total = extents.reduce(UInt64(0)) { $0 + UInt64($1.length) }
-    guard !extents.isEmpty, extents.count <= limit, total <= UInt64(r.length), extents.allSatisfy({ $0.length > 0 })
+    guard !extents.isEmpty, extents.count <= limit, total <= UInt64(length), extents.allSatisfy({ $0.length > 0 })
     else {
-      throw NBDError(NBD.errIO, "the export described \(extents.count) run(s) of \(total) bytes for \(r.length)")
+      throw NBDError(NBD.errIO, "the export described \(extents.count) run(s) of \(total) bytes for \(length)")
     }
     var payload = [UInt8](repeating: 0, count: 4 + 8 * extents.count)
     payload.withUnsafeMutableBytes { raw in

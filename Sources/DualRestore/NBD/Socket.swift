@@ -210,9 +210,14 @@ public final class Socket: @unchecked Sendable {
   /// Writes all of `count` bytes.
   public func write(_ buffer: UnsafeRawPointer, count: Int) throws {
     if let tls { return try tls.write(buffer, count: count) }
+    try sendAll(buffer, count, flags: Int32(MSG_NOSIGNAL))
+  }
+
+  /// send(2) until all of `count` bytes are gone (plain connections).
+  private func sendAll(_ buffer: UnsafeRawPointer, _ count: Int, flags: Int32) throws {
     var done = 0
     while done < count {
-      let n = Glibc.send(fd, buffer + done, count - done, Int32(MSG_NOSIGNAL))
+      let n = Glibc.send(fd, buffer + done, count - done, flags)
       if n < 0 {
         if errno == EINTR { continue }
         throw writeError(errno)
@@ -261,15 +266,7 @@ public final class Socket: @unchecked Sendable {
   /// after `head` is sent: the caller must then end the connection.
   public func send(_ head: UnsafeRawBufferPointer, from file: Int32, at offset: UInt64, count: Int) throws {
     precondition(tls == nil, "sendfile on a TLS connection")
-    var done = 0
-    while done < head.count {
-      let n = Glibc.send(fd, head.baseAddress! + done, head.count - done, Int32(MSG_NOSIGNAL | MSG_MORE))
-      if n < 0 {
-        if errno == EINTR { continue }
-        throw writeError(errno)
-      }
-      done += n
-    }
+    try sendAll(head.baseAddress!, head.count, flags: Int32(MSG_NOSIGNAL | MSG_MORE))
     var position = off_t(offset)
     var left = count
     while left > 0 {

@@ -89,10 +89,10 @@ public final class RestoreEngine: @unchecked Sendable {
   private let readAheadUnit: UInt64
   private let readAheadWindow: UInt64
 
-  /// Opens the restore of `primary` from `backup` through the map at `mapPath`
-  /// (created when missing), recovering from an unclean shutdown if needed.
   deinit { writeback.stop() }
 
+  /// Opens the restore of `primary` from `backup` through the map at `mapPath`
+  /// (created when missing), recovering from an unclean shutdown if needed.
   public init(
     primary: Device, backup: BackupLink, mapPath: String, blockSize: UInt32,
     log: @escaping @Sendable (String) -> Void
@@ -367,15 +367,16 @@ public final class RestoreEngine: @unchecked Sendable {
     // Bounded work per request, however the map alternates: a shorter
     // answer is allowed, and the client asks again from where it ends.
     var steps = 0
+    // Blocks are looked at only as far as the range goes.
+    let endBlock = (end + UInt64(geometry.blockSize) - 1) / UInt64(geometry.blockSize)
     while position < end && steps < 4096 {
       steps += 1
       let block = position / UInt64(geometry.blockSize)
       let (isCurrent, runEnd) = state.withLock { () -> (Bool, UInt64) in
         let c = current[block]
-        // Looked for only as far as the range goes.
-        let limit = (end - 1) / UInt64(geometry.blockSize) + 1
         let next =
-          (c ? current.nextClear(from: block, before: limit) : current.nextSet(from: block, before: limit)) ?? limit
+          (c ? current.nextClear(from: block, before: endBlock) : current.nextSet(from: block, before: endBlock))
+          ?? endBlock
         return (c, next)
       }
       // The device may end inside the last block.
