@@ -163,3 +163,28 @@ long dr_cached_pages(int fd, uint64_t offset, uint64_t length) {
   if (dr_cachestat(fd, offset, length, &stat) != 0) return -1;
   return (long)stat.nr_cache;
 }
+
+long dr_pipe(int fds[2], long size) {
+  if (pipe2(fds, O_CLOEXEC) != 0) return -1;
+  // Larger pipes may be refused (fs.pipe-max-size, per-user limits): keep
+  // whatever capacity there is.
+  (void)fcntl(fds[1], F_SETPIPE_SZ, (int)size);
+  long capacity = fcntl(fds[1], F_GETPIPE_SZ);
+  if (capacity <= 0) {
+    int e = errno;
+    close(fds[0]);
+    close(fds[1]);
+    errno = e;
+    return -1;
+  }
+  return capacity;
+}
+
+long dr_splice_in(int from, int pipe_in, unsigned long length, int wait) {
+  return (long)splice(from, NULL, pipe_in, NULL, length, SPLICE_F_MOVE | (wait ? 0 : SPLICE_F_NONBLOCK));
+}
+
+long dr_splice_out(int pipe_out, int to, uint64_t offset, unsigned long length) {
+  loff_t position = (loff_t)offset;
+  return (long)splice(pipe_out, NULL, to, &position, length, SPLICE_F_MOVE);
+}

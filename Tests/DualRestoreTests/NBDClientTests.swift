@@ -7,6 +7,7 @@
 import Dispatch
 import Foundation
 import Glibc
+import Synchronization
 import XCTest
 
 @testable import DualRestore
@@ -252,6 +253,123 @@ final class NBDClientTests: XCTestCase {
     }
     XCTAssertEqual(try read(client, UInt64(bytes.count - 1), 1), [bytes.last!])
     XCTAssertEqual(client.reconnects, 0)
+  }
+
+  /// READs into a file (spliced from plain connections): random ranges
+  /// land at other offsets of the file, from threads at once, over a Unix
+  /// socket and TCP, split at the server's maximum block size too.
+  func testReadsIntoAFile() throws {
+    _ = try requireTool("nbdkit")
+    let dir = try makeTempDirectory()
+    let seed = testSeed(11)
+    var g = SplitMix64(seed: seed)
+    let image = "\(dir)/disk.img"
+    let bytes = try randomImage(image, size: 6 << 20 + 123, &g)
+    let port: UInt16 = try {
+      let probe = try Listener(host: "127.0.0.1", port: 0)
+      return UInt16(probe.name.split(separator: ":").last!)!
+    }()
+    try nbdkit("\(dir)/u.sock", ["file", image], log: "\(dir)/u.log")
+    try launch(
+      "nbdkit",
+      [
+        "-f", "-p", String(port), "-i", "127.0.0.1", "--filter=blocksize-policy", "file", image,
+        "blocksize-maximum=1M",
+      ],
+      endpoint: .tcp(host: "127.0.0.1", port: port), log: "\(dir)/t.log")
+    for uri in [unixURI("\(dir)/u.sock"), "nbd://127.0.0.1:\(port)/"] {
+      let client = try NBDClient(uri: uri, timeout: 20)
+      defer { client.close() }
+      let target = "\(dir)/target.img"
+      unlink(target)
+      let fd = open(target, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+      XCTAssertGreaterThanOrEqual(fd, 0)
+      defer { close(fd) }
+      // The whole export at a shifted offset, then random ranges.
+      var expected = [UInt8](repeating: 0, count: bytes.count + 5000)
+      try client.read(at: 0, length: bytes.count, toFile: fd, at: 5000)
+      expected.replaceSubrange(5000..<5000 + bytes.count, with: bytes)
+      var ranges: [(offset: Int, count: Int, at: Int)] = []
+      for _ in 0..<60 {
+        let count = Int(g.next() % 3_000_000) + 1
+        let offset = Int(g.next() % UInt64(bytes.count - count + 1))
+        ranges.append((offset, count, Int(g.next() % UInt64(expected.count - count + 1))))
+      }
+      // Ranges that overlap in the file would race: each thread takes its
+      // own, and only non-overlapping ones run at once.
+      var batches: [[(offset: Int, count: Int, at: Int)]] = [[]]
+      for r in ranges {
+        if batches[batches.count - 1].contains(where: { r.at < $0.at + $0.count && $0.at < r.at + r.count }) {
+          batches.append([])
+        }
+        batches[batches.count - 1].append(r)
+      }
+      for batch in batches {
+        let failures = Mutex<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: batch.count) { i in
+          let r = batch[i]
+          do {
+            try client.read(at: UInt64(r.offset), length: r.count, toFile: fd, at: UInt64(r.at))
+          } catch {
+            failures.withLock { $0.append("\(error)") }
+          }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, [], uri)
+        for r in batch { expected.replaceSubrange(r.at..<r.at + r.count, with: bytes[r.offset..<r.offset + r.count]) }
+      }
+      let got = try readFileBytes(target)
+      XCTAssertEqual(got.count, expected.count, uri)
+      XCTAssertTrue(got == expected, "\(uri): the file differs from what was read, seed \(seed)")
+      XCTAssertEqual(client.reconnects, 0, uri)
+    }
+  }
+
+  /// A file that cannot be written: the READ fails with the file's error,
+  /// the reply's data is drained, and the connection goes on.
+  func testAReadIntoAFileThatCannotBeWrittenLeavesTheConnectionWorking() throws {
+    let dir = try makeTempDirectory()
+    var g = SplitMix64(seed: testSeed(12))
+    let image = "\(dir)/disk.img"
+    let bytes = try randomImage(image, size: 8 << 20, &g)
+    try nbdkit("\(dir)/s.sock", ["file", image], log: "\(dir)/s.log")
+    let client = try NBDClient(uri: unixURI("\(dir)/s.sock"), timeout: 10)
+    defer { client.close() }
+    let target = "\(dir)/target.img"
+    try writeDenseFile(target, [UInt8](repeating: 0, count: 1 << 20))
+    let fd = open(target, O_RDONLY | O_CLOEXEC)
+    defer { close(fd) }
+    do {
+      try client.read(at: 4096, length: 5 << 20, toFile: fd, at: 0)
+      XCTFail("a read into a read-only descriptor must fail")
+    } catch let e as NBDFileWriteError {
+      XCTAssertEqual(e.errno, EBADF)
+      XCTAssertEqual(e.offset, 4096)
+      XCTAssertEqual(e.length, 5 << 20)
+    }
+    XCTAssertEqual(try readFileBytes(target), [UInt8](repeating: 0, count: 1 << 20), "nothing written")
+    XCTAssertEqual(try read(client, 3 << 20, 70_000), Array(bytes[3 << 20..<(3 << 20) + 70_000]))
+    XCTAssertEqual(client.reconnects, 0)
+  }
+
+  /// A reply whose data comes in pieces that end inside pages: every byte
+  /// lands where it belongs.
+  func testAReadIntoAFileFromATricklingServer() throws {
+    let dir = try makeTempDirectory()
+    let socket = "\(dir)/fake.sock"
+    let server = try FakeNBDServer(path: socket, script: [.trickle])
+    let client = try NBDClient(uri: unixURI(socket), timeout: 10)
+    defer { client.close() }
+    let target = "\(dir)/target.img"
+    let fd = open(target, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+    defer { close(fd) }
+    for (offset, count, at) in [(0, 300_000, 0), (1000, 70_001, 4096), (9, 5, 999_999), (777, 200_000, 12_345)] {
+      try client.read(at: UInt64(offset), length: count, toFile: fd, at: UInt64(at))
+      var got = [UInt8](repeating: 0, count: count)
+      XCTAssertEqual(pread(fd, &got, count, off_t(at)), count)
+      XCTAssertTrue(got == FakeNBDServer.pattern(offset, count), "\(count) bytes at \(offset) into \(at)")
+    }
+    XCTAssertEqual(client.reconnects, 0)
+    XCTAssertTrue(server.failures.isEmpty, "\(server.failures)")
   }
 
   func testWritesReachTheFile() throws {
@@ -601,7 +719,7 @@ final class NBDClientTests: XCTestCase {
 /// A one-export NBD server that misbehaves as told, one connection per
 /// script step, then stops accepting.
 private final class FakeNBDServer: @unchecked Sendable {
-  enum Step { case correct, unknownCookie, badMagic, goUnsupported, hugeOptionReply }
+  enum Step { case correct, unknownCookie, badMagic, goUnsupported, hugeOptionReply, trickle }
 
   static let size: UInt64 = 1 << 20
   static func pattern(_ offset: Int, _ count: Int) -> [UInt8] {
@@ -685,6 +803,19 @@ private final class FakeNBDServer: @unchecked Sendable {
         try s.write(be(NBD.simpleReplyMagic) + be(UInt32(0)) + be(cookie ^ 0x5555_0000_0000))
       case .badMagic:
         try s.write(be(UInt32(0x1234_5678)) + be(UInt32(0)) + be(cookie))
+      case .trickle where type == NBD.cmdRead:
+        // The data in pieces of odd sizes, with pauses between them.
+        let data = FakeNBDServer.pattern(offset, length)
+        try s.write(be(NBD.simpleReplyMagic) + be(UInt32(0)) + be(cookie))
+        var sent = 0
+        var piece = 1
+        while sent < data.count {
+          let n = min(piece, data.count - sent)
+          try s.write(Array(data[sent..<sent + n]))
+          sent += n
+          piece = piece * 7 + 3
+          usleep(2000)
+        }
       default:
         let data = type == NBD.cmdRead ? FakeNBDServer.pattern(offset, length) : []
         try s.write(be(NBD.simpleReplyMagic) + be(UInt32(0)) + be(cookie) + data)

@@ -51,4 +51,17 @@ long dr_unwritten_pages(int fd);
 /// Linux 6.5 and later); -1 with errno set where the call is missing.
 long dr_cached_pages(int fd, uint64_t offset, uint64_t length);
 
+/// A pipe (close-on-exec) of at least `size` bytes where the system allows,
+/// for moving data between descriptors with splice(2). Returns the pipe's
+/// capacity, or -1 with errno set.
+long dr_pipe(int fds[2], long size);
+
+/// splice(2) from a socket (or any descriptor read from its position) into
+/// a pipe's write end: at most `length` bytes, whatever is there; unless
+/// `wait`, -1 with EAGAIN when there is nothing or the pipe is full.
+long dr_splice_in(int from, int pipe_in, unsigned long length, int wait);
+
+/// splice(2) from a pipe's read end into a file at `offset`.
+long dr_splice_out(int pipe_out, int to, uint64_t offset, unsigned long length);
+
 #endif

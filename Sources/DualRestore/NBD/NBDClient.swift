@@ -6,9 +6,14 @@
 //   nothing on the heap once the slot table has grown to the concurrency.
 // - One reader thread per connection reads simple replies and hands each to
 //   the request waiting on its cookie; a READ's data lands straight in the
-//   caller's buffer. A caller's buffer is touched by the reader only while
-//   its slot is `.receiving`, and the caller does not return before that
-//   state has ended.
+//   caller's buffer, or, for a READ into a file, goes from the socket to the
+//   file through a pipe (splice(2): not copied through memory here; over
+//   TLS, through the reader's buffer). A caller's buffer is touched by the
+//   reader only while its slot is `.receiving`, and the caller does not
+//   return before that state has ended.
+// - A READ into a file whose write fails still takes the reply's data off
+//   the connection (discarded), so the connection goes on; the caller gets
+//   NBDFileWriteError.
 // - A connection that breaks (end of input, a socket error, a reply with a
 //   bad magic or an unknown cookie, a request that timed out) fails every
 //   request waiting on it and is never used again. The next request
@@ -25,6 +30,7 @@
 //   offer TLS is refused, never used in the clear. The TLS context is loaded
 //   once per client and used by every connection made again.
 
+import CShim
 import Dispatch
 import Glibc
 
@@ -152,6 +158,18 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
     try transfer(NBD.cmdRead, flags: 0, offset: offset, length: buffer.count, into: base, from: nil)
   }
 
+  /// Reads `length` bytes at `offset` into the file `fd` at `fileOffset`,
+  /// straight from the connection (see the invariants). A failed write to
+  /// the file throws NBDFileWriteError; what the file holds of the range is
+  /// then unknown.
+  public func read(at offset: UInt64, length: Int, toFile fd: Int32, at fileOffset: UInt64) throws {
+    guard length > 0 else { return }
+    try checkRange(NBD.cmdRead, offset: offset, length: length)
+    try transfer(
+      NBD.cmdRead, flags: 0, offset: offset, length: length, into: nil, from: nil,
+      file: FileTarget(fd: fd, offset: fileOffset))
+  }
+
   /// Writes all of `buffer` at `offset`; with `fua`, durably before returning.
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool = false) throws {
     guard let base = buffer.baseAddress, buffer.count > 0 else { return }
@@ -260,10 +278,10 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   /// A READ or WRITE, split at `maximumRequest` with a few chunks in flight.
   private func transfer(
     _ command: UInt16, flags: UInt16, offset: UInt64, length: Int,
-    into: UnsafeMutableRawPointer?, from: UnsafeRawPointer?
+    into: UnsafeMutableRawPointer?, from: UnsafeRawPointer?, file: FileTarget? = nil
   ) throws {
     if length <= maximumRequest {
-      try request(command, flags: flags, offset: offset, length: length, into: into, from: from)
+      try request(command, flags: flags, offset: offset, length: length, into: into, from: from, file: file)
       return
     }
     var inFlight:
@@ -279,7 +297,8 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
         do {
           let (c, slot) = try submit(
             command, flags: flags, offset: offset + UInt64(done), length: n,
-            into: into.map { $0 + done }, from: from.map { $0 + done }, deadline: deadline)
+            into: into.map { $0 + done }, from: from.map { $0 + done },
+            file: file.map { FileTarget(fd: $0.fd, offset: $0.offset + UInt64(done)) }, deadline: deadline)
           inFlight.append((c, slot, deadline, offset + UInt64(done), n))
         } catch {
           firstError = error
@@ -290,10 +309,9 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
       if head == inFlight.count { break }
       let entry = inFlight[head]
       head += 1
-      let (serverError, cause) = entry.connection.finish(entry.slot, deadline: entry.deadline, timeout: timeout)
-      if firstError == nil && (serverError != 0 || cause != nil) {
-        firstError = failure(
-          command, offset: entry.offset, length: entry.length, serverError: serverError, cause: cause)
+      let outcome = entry.connection.finish(entry.slot, deadline: entry.deadline, timeout: timeout)
+      if firstError == nil, let error = failure(command, offset: entry.offset, length: entry.length, outcome) {
+        firstError = error
       }
     }
     if let firstError { throw firstError }
@@ -312,15 +330,26 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   /// One request on the wire, waited for.
   private func request(
     _ command: UInt16, flags: UInt16, offset: UInt64, length: Int,
-    into: UnsafeMutableRawPointer?, from: UnsafeRawPointer?
+    into: UnsafeMutableRawPointer?, from: UnsafeRawPointer?, file: FileTarget? = nil
   ) throws {
     let deadline = monotonicSeconds() + timeout
     let (c, slot) = try submit(
-      command, flags: flags, offset: offset, length: length, into: into, from: from, deadline: deadline)
-    let (serverError, cause) = c.finish(slot, deadline: deadline, timeout: timeout)
-    if serverError != 0 || cause != nil {
-      throw failure(command, offset: offset, length: length, serverError: serverError, cause: cause)
+      command, flags: flags, offset: offset, length: length, into: into, from: from, file: file,
+      deadline: deadline)
+    if let error = failure(
+      command, offset: offset, length: length, c.finish(slot, deadline: deadline, timeout: timeout))
+    {
+      throw error
     }
+  }
+
+  /// The error a finished request ends with, if any.
+  private func failure(_ command: UInt16, offset: UInt64, length: Int, _ outcome: NBDClientOutcome) -> Error? {
+    if outcome.serverError != 0 || outcome.cause != nil {
+      return failure(command, offset: offset, length: length, serverError: outcome.serverError, cause: outcome.cause)
+    }
+    if outcome.fileErrno != 0 { return NBDFileWriteError(errno: outcome.fileErrno, offset: offset, length: length) }
+    return nil
   }
 
   /// Registers and sends one request, connecting again first when the
@@ -328,7 +357,7 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   /// seen by the server and is sent again on the next connection.
   private func submit(
     _ command: UInt16, flags: UInt16, offset: UInt64, length: Int,
-    into: UnsafeMutableRawPointer?, from: UnsafeRawPointer?, deadline: Double
+    into: UnsafeMutableRawPointer?, from: UnsafeRawPointer?, file: FileTarget? = nil, deadline: Double
   ) throws -> (NBDClientConnection, NBDClientSlot) {
     while true {
       let c: NBDClientConnection
@@ -339,7 +368,10 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
       }
       // A request that meets a connection the server broke by breaking the
       // protocol reports that; later requests connect again.
-      guard let slot = c.register(into: command == NBD.cmdRead ? into : nil, length: length) else {
+      guard
+        let slot = c.register(
+          into: command == NBD.cmdRead ? into : nil, file: command == NBD.cmdRead ? file : nil, length: length)
+      else {
         if let v = c.protocolViolation {
           throw failure(command, offset: offset, length: length, serverError: 0, cause: v)
         }
@@ -349,7 +381,7 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
         return (c, slot)
       }
       // The send failed and failed the connection, which wakes the slot.
-      let (_, cause) = c.finish(slot, deadline: deadline, timeout: timeout)
+      let cause = c.finish(slot, deadline: deadline, timeout: timeout).cause
       if let v = c.protocolViolation {
         throw failure(command, offset: offset, length: length, serverError: 0, cause: v)
       }
@@ -471,6 +503,31 @@ fileprivate struct NBDClientExport {
   var maximum: UInt32?
 }
 
+/// A READ's data could not be written to the file it was read into (the
+/// connection to the server is unharmed).
+public struct NBDFileWriteError: Error, CustomStringConvertible {
+  public let errno: Int32
+  /// The export's range whose data was being written.
+  public let offset: UInt64
+  public let length: Int
+
+  public var description: String { "cannot write \(length) bytes read at \(offset): \(Errno(errno))" }
+}
+
+/// Where a READ's data goes when not to memory: a file, at an offset.
+fileprivate struct FileTarget {
+  let fd: Int32
+  let offset: UInt64
+}
+
+/// How a request ended: the server's error, why it got no reply, and the
+/// error of writing a READ's data to its file (0 when none).
+fileprivate struct NBDClientOutcome {
+  var serverError: UInt32 = 0
+  var cause: String?
+  var fileErrno: Int32 = 0
+}
+
 fileprivate enum NBDClientSlotState {
   case free, waiting, receiving, done, abandoned
 }
@@ -483,9 +540,11 @@ fileprivate final class NBDClientSlot {
   var cookie: UInt64 = 0
   var state = NBDClientSlotState.free
   var buffer: UnsafeMutableRawPointer?
+  var file: FileTarget?
   var length = 0
   var serverError: UInt32 = 0
   var failure: String?
+  var fileErrno: Int32 = 0
 
   init(index: Int) { self.index = index }
 }
@@ -497,6 +556,12 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   private let header = UnsafeMutableRawPointer.allocate(byteCount: NBD.requestLength, alignment: 8)
   /// The reader thread's.
   private let reply = UnsafeMutableRawPointer.allocate(byteCount: NBD.simpleReplyLength, alignment: 8)
+  /// The reader's, for READs into files: a pipe (read end, write end, and
+  /// its capacity; none over TLS or when the system has none to give), and
+  /// a buffer for what cannot be spliced or is discarded.
+  private var pipe: (out: Int32, in: Int32, capacity: Int)?
+  private var scratch: UnsafeMutableRawPointer?
+  private static let scratchSize = 256 << 10
 
   // Guarded by `lock`.
   private let lock = Monitor()
@@ -517,6 +582,11 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   deinit {
     header.deallocate()
     reply.deallocate()
+    scratch?.deallocate()
+    if let pipe {
+      close(pipe.out)
+      close(pipe.in)
+    }
   }
 
   var isFailed: Bool { lock.withLock { failure != nil } }
@@ -553,7 +623,7 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   // MARK: Requests
 
   /// A slot for a new request, or nil when the connection has failed.
-  func register(into buffer: UnsafeMutableRawPointer?, length: Int) -> NBDClientSlot? {
+  func register(into buffer: UnsafeMutableRawPointer?, file: FileTarget? = nil, length: Int) -> NBDClientSlot? {
     lock.lock()
     defer { lock.unlock() }
     if failure != nil { return nil }
@@ -568,9 +638,11 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
     slot.cookie = UInt64(sequence) << 32 | UInt64(slot.index)
     slot.state = .waiting
     slot.buffer = buffer
-    slot.length = buffer == nil ? 0 : length
+    slot.file = file
+    slot.length = buffer == nil && file == nil ? 0 : length
     slot.serverError = 0
     slot.failure = nil
+    slot.fileErrno = 0
     return slot
   }
 
@@ -646,7 +718,7 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
 
   /// Waits for a registered request's reply and frees its slot: the
   /// server's error number, or why the request got no reply.
-  func finish(_ slot: NBDClientSlot, deadline: Double, timeout: Double) -> (UInt32, String?) {
+  func finish(_ slot: NBDClientSlot, deadline: Double, timeout: Double) -> NBDClientOutcome {
     let remaining = max(0, deadline - monotonicSeconds())
     if slot.semaphore.wait(timeout: .now() + remaining) == .timedOut {
       let cause = "no reply within \(formatSeconds(timeout)) s"
@@ -657,9 +729,10 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
         // unknown from now on, and the connection is dropped anyway.
         slot.state = .abandoned
         slot.buffer = nil
+        slot.file = nil
         lock.unlock()
         fail(cause)
-        return (0, cause)
+        return NBDClientOutcome(cause: cause)
       }
       lock.unlock()
       // The reply is arriving into the caller's buffer: cut it short and
@@ -668,9 +741,10 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
       slot.semaphore.wait()
     }
     lock.lock()
-    let result = (slot.serverError, slot.failure)
+    let result = NBDClientOutcome(serverError: slot.serverError, cause: slot.failure, fileErrno: slot.fileErrno)
     slot.state = .free
     slot.buffer = nil
+    slot.file = nil
     freeSlots.append(slot.index)
     lock.unlock()
     return result
@@ -748,6 +822,115 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
 
   // MARK: The reader thread
 
+  /// A READ reply's data, into a file: spliced through the pipe, or read
+  /// into the scratch buffer and written. After a failed write the rest is
+  /// read and discarded. Returns why the connection broke, if it did, and
+  /// the file's errno (0 when every byte was written).
+  private func receive(_ length: Int, into file: FileTarget) -> (String?, Int32) {
+    if scratch == nil {
+      scratch = UnsafeMutableRawPointer.allocate(byteCount: NBDClientConnection.scratchSize, alignment: 4096)
+      if !socket.isTLS {
+        var fds: [Int32] = [-1, -1]
+        let capacity = dr_pipe(&fds, 1 << 20)
+        if capacity >= 4096 { pipe = (fds[0], fds[1], capacity) }
+      }
+    }
+    let scratch = scratch!
+    var remaining = length
+    var position = file.offset
+    var fileErrno: Int32 = 0
+    guard let pipe, !socket.isTLS else {
+      while remaining > 0 {
+        let n = min(remaining, NBDClientConnection.scratchSize)
+        do {
+          try socket.read(into: scratch, count: n)
+        } catch {
+          return ("the connection broke (\(error))", fileErrno)
+        }
+        if fileErrno == 0, case .failure(let e) = pwriteFull(file.fd, scratch, n, position) { fileErrno = e.rawValue }
+        remaining -= n
+        position += UInt64(n)
+      }
+      return (nil, fileErrno)
+    }
+    let page: UInt64 = 4096
+    while remaining > 0 {
+      // The pipe is empty here, so the splice cannot wait for room in it.
+      var n = dr_splice_in(socket.fd, pipe.in, UInt(min(remaining, pipe.capacity)), 1)
+      if n < 0 && errno == EINTR { continue }
+      if n < 0 { return ("the connection broke (\(Errno(errno)))", fileErrno) }
+      if n == 0 { return ("the connection broke (\(socket.peer): connection closed)", fileErrno) }
+      remaining -= n
+      // Then what else has arrived, as far as the pipe takes it, without
+      // waiting: fewer, longer writes.
+      while remaining > 0 && n < pipe.capacity {
+        let m = dr_splice_in(socket.fd, pipe.in, UInt(min(remaining, pipe.capacity - n)), 0)
+        if m < 0 && errno == EINTR { continue }
+        if m < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { break }
+        if m < 0 { return ("the connection broke (\(Errno(errno)))", fileErrno) }
+        if m == 0 { return ("the connection broke (\(socket.peer): connection closed)", fileErrno) }
+        n += m
+        remaining -= m
+      }
+      // Into the file up to a page boundary (all of it at the reply's end):
+      // a write ending inside a page that is not cached has the page read
+      // from the device first.
+      let end = position + UInt64(n)
+      let whole = remaining == 0 ? end : max(position, end & ~(page - 1))
+      if let cause = splice(Int(whole - position), from: pipe.out, to: file, at: &position, fileErrno: &fileErrno) {
+        return (cause, fileErrno)
+      }
+      let tail = Int(end - whole)
+      guard tail > 0 else { continue }
+      // The start of a page: from the pipe into memory; the rest of the
+      // page from the socket, and the page written whole.
+      let more = min(Int(page - (end & (page - 1))), remaining)
+      switch readFull(pipe.out, scratch, tail) {
+      case .success(let got) where got == tail: break
+      case .success: return ("the connection broke (its pipe ended)", fileErrno)
+      case .failure(let e): return ("the connection broke (its pipe: \(e))", fileErrno)
+      }
+      do {
+        try socket.read(into: scratch + tail, count: more)
+      } catch {
+        return ("the connection broke (\(error))", fileErrno)
+      }
+      remaining -= more
+      if fileErrno == 0, case .failure(let e) = pwriteFull(file.fd, scratch, tail + more, position) {
+        fileErrno = e.rawValue
+      }
+      position += UInt64(tail + more)
+    }
+    return (nil, fileErrno)
+  }
+
+  /// Moves `count` bytes from the pipe into the file at `position`; once
+  /// the file has failed (`fileErrno`), reads them and drops them. Returns
+  /// why the connection must end, if the pipe itself failed.
+  private func splice(
+    _ count: Int, from pipe: Int32, to file: FileTarget, at position: inout UInt64, fileErrno: inout Int32
+  ) -> String? {
+    var left = count
+    while left > 0 {
+      if fileErrno == 0 {
+        let m = dr_splice_out(pipe, file.fd, position, UInt(left))
+        if m > 0 {
+          left -= m
+          position += UInt64(m)
+          continue
+        }
+        if m < 0 && errno == EINTR { continue }
+        fileErrno = m < 0 ? errno : EIO
+      }
+      let m = Glibc.read(pipe, scratch!, min(left, NBDClientConnection.scratchSize))
+      if m < 0 && errno == EINTR { continue }
+      if m <= 0 { return "the connection broke (its pipe: \(Errno(m < 0 ? errno : EIO)))" }
+      left -= m
+      position += UInt64(m)
+    }
+    return nil
+  }
+
   private func readReplies() {
     while true {
       do {
@@ -773,19 +956,26 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
       let slot = slots[index]
       slot.state = .receiving
       let buffer = slot.buffer
+      let file = slot.file
       let length = slot.length
       lock.unlock()
 
       var broken: String?
-      if error == 0, let buffer, length > 0 {
-        do {
-          try socket.read(into: buffer, count: length)
-        } catch {
-          broken = "the connection broke (\(error))"
+      var fileErrno: Int32 = 0
+      if error == 0, length > 0 {
+        if let file {
+          (broken, fileErrno) = receive(length, into: file)
+        } else if let buffer {
+          do {
+            try socket.read(into: buffer, count: length)
+          } catch {
+            broken = "the connection broke (\(error))"
+          }
         }
       }
       lock.lock()
       if let b = broken { slot.failure = failure ?? b }
+      slot.fileErrno = fileErrno
       slot.serverError = error
       slot.state = .done
       lock.unlock()

@@ -1,7 +1,11 @@
 // An NBD client plays two roles: the backup link of a restore, and a merge
 // target (the `merge` export of a running restore-read-through).
 
-extension NBDClient: BackupLink {}
+extension NBDClient: BackupLink {
+  public func read(at offset: UInt64, length: Int, toFile fd: Int32) throws {
+    try read(at: offset, length: length, toFile: fd, at: offset)
+  }
+}
 
 extension NBDClient: BlockTarget {
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
@@ -67,6 +71,10 @@ public final class MultiConnectionLink: BackupLink, @unchecked Sendable {
 
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
     try run(pick()) { try $0.read(into: buffer, at: offset) }
+  }
+
+  public func read(at offset: UInt64, length: Int, toFile fd: Int32) throws {
+    try run(pick()) { try $0.read(at: offset, length: length, toFile: fd, at: offset) }
   }
 
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {

@@ -34,6 +34,9 @@ public protocol BackupLink: AnyObject, Sendable {
   var size: UInt64 { get }
   var maximumRequest: Int { get }
   func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
+  /// Reads a range into the file `fd` at the same offset, not necessarily
+  /// through memory; a failed write to the file is NBDFileWriteError.
+  func read(at offset: UInt64, length: Int, toFile fd: Int32) throws
   func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws
   func flush() throws
   func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws
@@ -58,9 +61,10 @@ public final class RestoreEngine: @unchecked Sendable {
   private let locks = BlockLocks()
   private let flushLock = Monitor()
   let activity: ActivityLog
-  /// Fetch buffers: as many as requests in flight at the backup, so that a
-  /// cold read does not fault in and zero a new buffer every time.
-  private let buffers = BufferPool(keepCount: 64, keepSize: 4 << 20, keepBytes: 32 << 20)
+  /// Buffers for copying current blocks to the backup (recovery, owed
+  /// blocks); fetched blocks go from the backup's connection into the
+  /// primary without one.
+  private let buffers = BufferPool(keepCount: 4, keepSize: 4 << 20, keepBytes: 16 << 20)
   private let zeros: AlignedBuffer
   /// Starts write-out of the clients' writes (and merged blocks), which a
   /// FLUSH waits for, so that it waits for little (EarlyWriteback). Fetched
@@ -275,29 +279,29 @@ public final class RestoreEngine: @unchecked Sendable {
 
   // MARK: Fetching (locks held by the caller)
 
-  /// Brings `blocks` from the backup to the primary and marks them current.
+  /// Brings `blocks` from the backup to the primary and marks them current:
+  /// into the caller's buffer and from there to the primary when the
+  /// caller holds the whole run (a cold read answered from memory), else
+  /// straight from the backup's connection into the primary.
   private func fetch(_ blocks: Range<UInt64>, into destination: UnsafeMutableRawPointer? = nil) throws {
     let (offset, length) = geometry.byteRange(blocks: blocks.lowerBound, count: UInt64(blocks.count))
-    let step = UInt64(min(backup.maximumRequest, 4 << 20))
-    // Straight into the caller's buffer when it holds the whole run (a
-    // cold read), else through a pooled one.
-    let pooled = destination == nil ? buffers.get(Int(min(step, length))) : nil
-    defer { if let pooled { buffers.put(pooled) } }
     state.withLock { fetchesInFlight += 1 }
     defer { state.withLock { fetchesInFlight -= 1 } }
-    var done: UInt64 = 0
-    while done < length {
-      let n = Int(min(step, length - done))
-      let target =
-        destination.map { UnsafeMutableRawBufferPointer(start: $0 + Int(done), count: n) }
-        ?? pooled!.slice(0, n)
-      do {
-        try backup.read(into: target, at: offset + done)
-      } catch {
-        throw NBDError(NBD.errIO, "cannot fetch \(n) bytes at \(offset + done) from the backup: \(error)")
+    do {
+      if let destination {
+        try backup.read(into: UnsafeMutableRawBufferPointer(start: destination, count: Int(length)), at: offset)
+      } else {
+        try backup.read(at: offset, length: Int(length), toFile: primary.pageCacheFD)
       }
-      try primary.write(UnsafeRawBufferPointer(target), at: offset + done)
-      done += UInt64(n)
+    } catch let e as NBDFileWriteError {
+      throw NBDError(
+        NBD.errIO,
+        "\(primary.path): cannot write the \(length) bytes at \(offset) fetched from the backup: \(Errno(e.errno))")
+    } catch {
+      throw NBDError(NBD.errIO, "cannot fetch \(length) bytes at \(offset) from the backup: \(error)")
+    }
+    if let destination {
+      try primary.write(UnsafeRawBufferPointer(start: destination, count: Int(length)), at: offset)
     }
     state.withLock {
       current.set(blocks)

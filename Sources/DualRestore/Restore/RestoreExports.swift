@@ -21,8 +21,8 @@ public final class RestoreExport: NBDExport, @unchecked Sendable {
   }
 
   /// Replies go from the primary's page cache once the range is current:
-  /// a cold read's data is copied twice here (from the backup, into the
-  /// primary), not three times (and to the client).
+  /// a cold read's data is copied once here (from the backup's connection
+  /// into the primary, spliced), not through a buffer and to the client.
   public func fileSpan(offset: UInt64, length: Int) throws -> FileSpan? {
     engine.beginRequest()
     defer { engine.endRequest() }
