@@ -43,6 +43,10 @@ struct RestoreReadThrough: ParsableCommand {
       background, yielding to client I/O; when every block is current the \
       log says the restore is complete.
 
+      Up to 32 requests of each client connection are served at once, so \
+      that reads waiting for the backup overlap; the backup is read over \
+      --backup-connections connections.
+
       When the backup cannot be reached, blocks already current are still \
       served; a read of a block that is not fails with EIO after \
       --backup-timeout, never with zeros; writes are kept on PRIMARY and the \
@@ -133,8 +137,13 @@ struct RestoreReadThrough: ParsableCommand {
     let engine = try RestoreEngine(
       primary: device, backup: link, mapPath: map, blockSize: blockSize.value, log: log)
 
+    // Each client request that misses waits a round trip to the backup:
+    // serving more of a client's requests at once hides that latency
+    // (nbdcopy keeps 64 in flight per connection; nbdkit and qemu-nbd
+    // serve 16, which suits a local disk).
     let server = NBDServer(
       exports: [RestoreExport(engine: engine), MergeExport(engine: engine)],
+      workersPerConnection: 32,
       options: limits.serverOptions(tls: serverTLS), log: log)
     let stopping = AtomicFlag()
 
