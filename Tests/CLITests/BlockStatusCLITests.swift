@@ -207,6 +207,8 @@ final class BlockStatusCLITests: XCTestCase {
       print("set", [(t, d) for t, d in sl] == [(4, struct.pack(">I", 1) + b"base:allocation"), (1, b"")])
       go = opt(7, struct.pack(">I", 7) + b"primary" + struct.pack(">H", 0))
       print("go", go[-1][0] == 1)
+      tflags = lambda replies: [struct.unpack(">H", d[10:12])[0] for t, d in replies if t == 3 and d[:2] == b"\\0\\0"][0]
+      print("df offered", tflags(go) & 0x80 != 0)
       def req(t, off, n, f=0, cookie=1):
           s.sendall(struct.pack(">IHHQQI", 0x25609513, f, t, cookie, off, n))
       def chunk():
@@ -217,6 +219,13 @@ final class BlockStatusCLITests: XCTestCase {
           req(0, 65536, n, cookie=n)
           m, fl, ty, ck, p = chunk()
           print("read", n, m == 0x668e33ef and fl == 1 and ty == 1 and ck == n and p[:8] == struct.pack(">Q", 65536) and p[8:] == backup[65536:65536 + n])
+      # DF: the data in one chunk (as always); on other commands refused.
+      req(0, 12345, 70000, f=4, cookie=6)
+      m, fl, ty, ck, p = chunk()
+      print("read df", fl == 1 and ty == 1 and ck == 6 and p[8:] == backup[12345:12345 + 70000])
+      req(3, 0, 0, f=4, cookie=6)
+      magic, err, ck = struct.unpack(">IIQ", rd(16))
+      print("flush df", magic == 0x67446698 and err == 22)
       req(0, (16 << 20) - 1024, 4096, cookie=7)
       m, fl, ty, ck, p = chunk()
       print("error", ty == 0x8001 and fl == 1 and ck == 7 and struct.unpack(">I", p[:4])[0] == 22)
@@ -248,12 +257,21 @@ final class BlockStatusCLITests: XCTestCase {
       m, fl, ty, ck, p = chunk()
       print("elsewhere", ty == 0x8001 and struct.unpack(">I", p[:4])[0] == 22)
       s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))
+      # Without structured replies DF is neither offered nor taken.
+      s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+      rd(18); s.sendall(struct.pack(">I", 3))
+      go = opt(7, struct.pack(">I", 7) + b"primary" + struct.pack(">H", 0))
+      print("df simple", tflags(go) & 0x80 == 0)
+      req(0, 0, 4096, f=4, cookie=14)
+      magic, err, ck = struct.unpack(">IIQ", rd(16))
+      print("read df simple", magic == 0x67446698 and err == 22 and ck == 14)
+      s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))
       """
     let res = try RRTCommand.run("/usr/bin/python3", ["-c", script, r.socket, r.backupPath], timeout: 60)
     XCTAssertEqual(res.status, 0, res.summary)
     let expected = [
-      "early", "sr", "list", "unknown", "malformed", "set", "go", "read 4096", "read 1048576", "error", "empty",
-      "reqone", "status", "badflag", "flush", "elsewhere",
+      "early", "sr", "list", "unknown", "malformed", "set", "go", "df offered", "read 4096", "read 1048576", "read df",
+      "flush df", "error", "empty", "reqone", "status", "badflag", "flush", "elsewhere", "df simple", "read df simple",
     ]
     for key in expected {
       XCTAssertTrue(res.lines.contains("\(key) True"), "\(key): \(res.stdout)\n\(res.stderr)")

@@ -71,6 +71,8 @@ public enum NBD {
   public static let flagSendFUA: UInt16 = 1 << 3
   public static let flagSendTrim: UInt16 = 1 << 5
   public static let flagSendWriteZeroes: UInt16 = 1 << 6
+  /// Offered once structured replies are agreed: READ takes NBD_CMD_FLAG_DF.
+  public static let flagSendDF: UInt16 = 1 << 7
   public static let flagCanMultiConn: UInt16 = 1 << 8
 
   // Commands and their flags.
@@ -84,6 +86,8 @@ public enum NBD {
   public static let cmdBlockStatus: UInt16 = 7
   public static let cmdFlagFUA: UInt16 = 1 << 0
   public static let cmdFlagNoHole: UInt16 = 1 << 1
+  /// "Don't fragment": a READ's data in one chunk (ours always are).
+  public static let cmdFlagDF: UInt16 = 1 << 2
   public static let cmdFlagReqOne: UInt16 = 1 << 3
   public static let cmdFlagFastZero: UInt16 = 1 << 4
 

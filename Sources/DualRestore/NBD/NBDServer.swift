@@ -596,7 +596,7 @@ private final class Connection: @unchecked Sendable {
   }
 
   private func transmissionFlags(_ export: NBDExport) -> UInt16 {
-    NBD.flagHasFlags | export.flags
+    NBD.flagHasFlags | export.flags | (structuredReplies ? NBD.flagSendDF : 0)
   }
 
   private func optionReply(_ option: UInt32, _ type: UInt32, _ data: [UInt8]) throws {
@@ -732,9 +732,12 @@ private final class Connection: @unchecked Sendable {
 
   /// Checks a request before any I/O; returns an NBD error number or 0.
   func validate(_ r: Request, _ export: NBDExport) -> UInt32 {
-    let knownFlags = NBD.cmdFlagFUA | NBD.cmdFlagNoHole | NBD.cmdFlagFastZero | NBD.cmdFlagReqOne
+    let knownFlags = NBD.cmdFlagFUA | NBD.cmdFlagNoHole | NBD.cmdFlagFastZero | NBD.cmdFlagReqOne | NBD.cmdFlagDF
     if r.flags & ~knownFlags != 0 { return NBD.errInvalid }
     if r.flags & NBD.cmdFlagReqOne != 0 && r.type != NBD.cmdBlockStatus { return NBD.errInvalid }
+    // DF only where offered (structured replies agreed), and only on READ,
+    // whose data goes in one chunk anyway.
+    if r.flags & NBD.cmdFlagDF != 0 && (!structuredReplies || r.type != NBD.cmdRead) { return NBD.errInvalid }
     switch r.type {
     case NBD.cmdBlockStatus:
       // Only with base:allocation selected for this export.
