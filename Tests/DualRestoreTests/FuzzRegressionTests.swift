@@ -415,8 +415,10 @@ final class FuzzRegressionTests: XCTestCase {
   /// The client's error less the URI it starts with. The client's time
   /// limit is 1 s, longer than the fuzz target's, so that a busy machine does
   /// not turn an error into a timeout; a failed request is retried that long.
-  func refused(_ bytes: [UInt8]) -> String {
-    guard let e = FuzzEntryPoints.negotiateNBD(bytes, timeout: 1) else { return "accepted" }
+  /// `repliesFrom`: where the replies to requests start (held back until
+  /// the client has sent one).
+  func refused(_ bytes: [UInt8], repliesFrom: Int? = nil) -> String {
+    guard let e = FuzzEntryPoints.negotiateNBD(bytes, timeout: 1, repliesFrom: repliesFrom) else { return "accepted" }
     let uri = "nbd+unix:///disk?socket=\(FuzzRegressionTests.peer): "
     return e.hasPrefix(uri) ? String(e.dropFirst(uri.count)) : e
   }
@@ -449,16 +451,21 @@ final class FuzzRegressionTests: XCTestCase {
     let hello = greeting() + export + optionReply(NBD.repAck, [])
     func reply(_ error: UInt32, _ cookie: UInt64) -> [UInt8] { be32(NBD.simpleReplyMagic) + be32(error) + be64(cookie) }
     // The first READ's cookie is sequence 1, slot 0.
+    // Replies wait for the request: one read before it would be a reply
+    // to no request.
+    let at = hello.count
     XCTAssertNil(
-      FuzzEntryPoints.negotiateNBD(hello + reply(0, 1 << 32) + [UInt8](repeating: 7, count: 4096), timeout: 1))
+      FuzzEntryPoints.negotiateNBD(
+        hello + reply(0, 1 << 32) + [UInt8](repeating: 7, count: 4096), timeout: 1, repliesFrom: at))
     let read = "read of 4096 bytes at 0 failed: "
-    XCTAssertEqual(refused(hello + reply(0, 99)), read + "the server replied to an unknown request (cookie 0x63)")
     XCTAssertEqual(
-      refused(hello + be32(0x1234_5678) + be32(0) + be64(1 << 32)),
+      refused(hello + reply(0, 99), repliesFrom: at), read + "the server replied to an unknown request (cookie 0x63)")
+    XCTAssertEqual(
+      refused(hello + be32(0x1234_5678) + be32(0) + be64(1 << 32), repliesFrom: at),
       read + "the server sent a reply with a bad magic number 0x12345678")
     XCTAssertEqual(
-      refused(hello + reply(0, 1 << 32) + [1, 2, 3]),
+      refused(hello + reply(0, 1 << 32) + [1, 2, 3], repliesFrom: at),
       read + "the connection broke (\(FuzzRegressionTests.peer): connection closed)")
-    XCTAssertEqual(refused(hello + reply(5, 1 << 32)), read + "Input/output error")
+    XCTAssertEqual(refused(hello + reply(5, 1 << 32), repliesFrom: at), read + "Input/output error")
   }
 }

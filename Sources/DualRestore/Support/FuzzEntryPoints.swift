@@ -211,9 +211,11 @@ public enum FuzzEntryPoints {
   /// writes them back. Returns the client's error, nil when all worked.
   /// `timeout` is the client's: a request that fails is retried (on new
   /// connections, which the peer closes at once) until it has passed.
-  public static func negotiateNBD(_ bytes: [UInt8], timeout: Double = 0.2) -> String? {
+  /// With `repliesFrom`, the bytes from there on are held back until the
+  /// client has sent a request (a reply cannot come before it).
+  public static func negotiateNBD(_ bytes: [UInt8], timeout: Double = 0.2, repliesFrom: Int? = nil) -> String? {
     let peer = FuzzNBDPeer.shared
-    peer.serve(bytes)
+    peer.serve(bytes, repliesFrom: repliesFrom)
     do {
       let client = try NBDClient(uri: "nbd+unix:///disk?socket=\(peer.path)", timeout: timeout)
       defer { client.close() }
@@ -234,7 +236,7 @@ public enum FuzzEntryPoints {
   /// blocking on either (the peer may write replies before it reads
   /// everything); returns the bytes read. Traps after `limit` seconds: the
   /// peer must end the connection.
-  static func exchange(_ fd: Int32, _ bytes: [UInt8], limit: Double) -> Int {
+  static func exchange(_ fd: Int32, _ bytes: [UInt8], limit: Double, holdFrom: Int? = nil) -> Int {
     _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
     let deadline = monotonicSeconds() + limit
     var sent = 0
@@ -245,12 +247,17 @@ public enum FuzzEntryPoints {
       writing = false
     }
     var scratch = [UInt8](repeating: 0, count: 1 << 16)
+    // Held back until a request's magic number has been received.
+    var held = holdFrom.map { min($0, bytes.count) }
+    var seen: [UInt8] = []
     while true {
       precondition(monotonicSeconds() < deadline, "the peer did not end the connection within \(limit) s")
-      var p = pollfd(fd: fd, events: Int16(POLLIN) | (writing ? Int16(POLLOUT) : 0), revents: 0)
+      let canSend = writing && sent < (held ?? bytes.count)
+      var p = pollfd(fd: fd, events: Int16(POLLIN) | (canSend ? Int16(POLLOUT) : 0), revents: 0)
       _ = poll(&p, 1, 100)
-      if writing && p.revents & Int16(POLLOUT | POLLERR | POLLHUP) != 0 {
-        let n = bytes.withUnsafeBytes { send(fd, $0.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL)) }
+      if canSend && p.revents & Int16(POLLOUT | POLLERR | POLLHUP) != 0 {
+        let stop = held ?? bytes.count
+        let n = bytes.withUnsafeBytes { send(fd, $0.baseAddress! + sent, stop - sent, Int32(MSG_NOSIGNAL)) }
         if n > 0 { sent += n }
         if n < 0 && errno != EAGAIN && errno != EINTR { writing = false }
         if sent == bytes.count {
@@ -262,6 +269,13 @@ public enum FuzzEntryPoints {
         let n = scratch.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
         if n > 0 {
           received += n
+          if held != nil {
+            seen += scratch[0..<n]
+            let magic: [UInt8] = [0x25, 0x60, 0x95, 0x13]
+            if seen.count >= 4 && (0...(seen.count - 4)).contains(where: { Array(seen[$0..<$0 + 4]) == magic }) {
+              held = nil
+            }
+          }
         } else if n == 0 || (errno != EAGAIN && errno != EINTR) {
           return received
         }
@@ -389,6 +403,7 @@ private final class FuzzNBDPeer: @unchecked Sendable {
   let path: String
   private let lock = Monitor()
   private var pending: [UInt8]?
+  private var repliesFrom: Int?
 
   private init() {
     path = "/tmp/dualrestore-fuzz-\(getpid())-client.sock"
@@ -401,9 +416,9 @@ private final class FuzzNBDPeer: @unchecked Sendable {
     atexit { unlink("/tmp/dualrestore-fuzz-\(getpid())-client.sock") }
     startThread { [self] in
       while let socket = try? listener.accept() {
-        let bytes = lock.withLock {
+        let (bytes, hold) = lock.withLock {
           defer { pending = nil }
-          return pending
+          return (pending, repliesFrom)
         }
         guard let bytes else {
           socket.shutdown()
@@ -411,10 +426,15 @@ private final class FuzzNBDPeer: @unchecked Sendable {
         }
         // Everything the client sends is read and dropped; the replies are
         // the bytes given, whatever it asked.
-        startThread { _ = FuzzEntryPoints.exchange(socket.fd, bytes, limit: 30) }
+        startThread { _ = FuzzEntryPoints.exchange(socket.fd, bytes, limit: 30, holdFrom: hold) }
       }
     }
   }
 
-  func serve(_ bytes: [UInt8]) { lock.withLock { pending = bytes } }
+  func serve(_ bytes: [UInt8], repliesFrom: Int? = nil) {
+    lock.withLock {
+      pending = bytes
+      self.repliesFrom = repliesFrom
+    }
+  }
 }
