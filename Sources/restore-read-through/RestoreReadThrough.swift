@@ -40,8 +40,10 @@ struct RestoreReadThrough: ParsableCommand {
       where MAP says not current, under the same per-block locks as client \
       I/O, and marks those blocks current; they are not sent back to the \
       backup. With --hydrate the remaining blocks are copied in the \
-      background, yielding to client I/O; when every block is current the \
-      log says the restore is complete.
+      background, yielding to client I/O; where the backup reports \
+      base:allocation (block status), runs it says read as zeros are zeroed \
+      on PRIMARY (a hole in an image file) instead of copied. When every \
+      block is current the log says the restore is complete.
 
       Up to 32 requests of each client connection are served at once, so \
       that reads waiting for the backup overlap; the backup is read over \
@@ -156,7 +158,11 @@ struct RestoreReadThrough: ParsableCommand {
       let rate = hydrateRate?.value ?? 0
       startThread {
         engine.hydrate(rate: rate, shouldStop: { stopping.isSet })
-        if engine.isComplete { log("hydration done") }
+        if engine.isComplete {
+          log(
+            "hydration done: \(engine.fetchedBlocks) block(s) fetched from the backup, \(engine.zeroedBlocks) "
+              + "zeroed without copying (the backup said they read as zeros)")
+        }
       }
     }
     if progressInterval > 0 {
@@ -216,7 +222,8 @@ struct RestoreReadThrough: ParsableCommand {
       let (now, total) = engine.progress
       log(
         "stopped cleanly; the map and the backup are up to date: \(now) of \(total) blocks current, "
-          + "\(engine.fetchedBlocks) fetched from the backup, \(engine.mergedBlocks) merged, "
+          + "\(engine.fetchedBlocks) fetched from the backup, \(engine.zeroedBlocks) zeroed as the backup's zeros, "
+          + "\(engine.mergedBlocks) merged, "
           + "\(engine.mergeSkippedBlocks) skipped by merges as current")
     } catch let exit as ExitCode {
       throw exit

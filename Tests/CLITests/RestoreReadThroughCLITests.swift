@@ -723,6 +723,65 @@ final class RestoreReadThroughCLITests: XCTestCase {
     XCTAssertEqual(try r.mapStats()["set_blocks"] as? Int, r.blockCount)
   }
 
+  /// --hydrate over a sparse backup: what the backup says reads as zeros
+  /// (base:allocation) is zeroed on the primary, not copied; the primary
+  /// ends equal to the backup, and sparse where the backup is.
+  func testHydrationDoesNotCopyTheBackupsZeros() throws {
+    try require("nbdkit")
+    let size = 64 << 20
+    var image = Data(count: size)
+    // Data in a few places (blocks of 64 KiB): partial blocks, a run, the end.
+    let pieces = [(70_000, 5000), (3 << 20, 1 << 20), (40 << 20 + 65536 * 3, 65536), (size - 100, 100)]
+    for (i, (offset, count)) in pieces.enumerated() {
+      image.replaceSubrange(offset..<offset + count, with: RRTBytes.random(count, seed: 700 + UInt64(i)))
+    }
+    let r = try RRTRig(size: size, seed: 70, backup: image)
+    rigs.append(r)
+    // The backup image sparse: holes where it is zero.
+    unlink(r.backupPath)
+    try r.makeSparse(r.backupPath, size: size)
+    let h = try FileHandle(forWritingTo: URL(fileURLWithPath: r.backupPath))
+    for (offset, count) in pieces {
+      try h.seek(toOffset: UInt64(offset))
+      try h.write(contentsOf: image[offset..<offset + count])
+    }
+    try h.synchronize()
+    try h.close()
+    try r.startBackup(.nbdkit(filters: ["log"], parameters: []))
+    try r.startServer(["--hydrate", "--progress-interval", "0"])
+    var done = false
+    let end = RRTEnv.monotonic() + 60
+    while !done && RRTEnv.monotonic() < end {
+      done = r.log.contains("hydration done")
+      if !done { RRTEnv.sleep(0.1) }
+    }
+    XCTAssertTrue(done, "hydration did not finish in 60 s:\n\(r.log)")
+    r.stopServer()
+    RRTBytes.assertEqual(try r.primaryData(), image, "the primary after hydration")
+    XCTAssertEqual(try r.mapStats()["set_blocks"] as? Int, r.blockCount)
+    // Only blocks holding data crossed the link.
+    let B = r.blockSize
+    var dataBlocks = Set<Int>()
+    for (offset, count) in pieces { for b in offset / B...(offset + count - 1) / B { dataBlocks.insert(b) } }
+    let requests = try String(contentsOfFile: try XCTUnwrap(r.backupRequestLog), encoding: .utf8)
+    var readBytes = 0
+    for line in requests.split(separator: "\n") where line.contains(" Read id=") {
+      if let c = line.split(separator: " ").first(where: { $0.hasPrefix("count=0x") }) {
+        readBytes += Int(c.dropFirst(8), radix: 16) ?? 0
+      }
+    }
+    XCTAssertGreaterThanOrEqual(readBytes, dataBlocks.count * B - (B - size % B) % B, requests)
+    XCTAssertLessThanOrEqual(readBytes, dataBlocks.count * B, "zeros were copied: \(readBytes) bytes read")
+    XCTAssertTrue(
+      r.log.contains(
+        "hydration done: \(dataBlocks.count) block(s) fetched from the backup, "
+          + "\(r.blockCount - dataBlocks.count) zeroed without copying"), r.log)
+    // The primary is sparse where the backup is.
+    var st = stat()
+    XCTAssertEqual(stat(r.primaryPath, &st), 0)
+    XCTAssertLessThan(Int(st.st_blocks) * 512, 8 << 20, "the primary's zeros take space")
+  }
+
   // MARK: 9. kill -9
 
   /// The byte at `q` of write `w`'s data (the writer's pattern: 16-byte

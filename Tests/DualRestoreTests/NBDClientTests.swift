@@ -372,6 +372,65 @@ final class NBDClientTests: XCTestCase {
     XCTAssertTrue(server.failures.isEmpty, "\(server.failures)")
   }
 
+  /// base:allocation over a client opened for it, from nbdkit and
+  /// qemu-nbd, against SEEK_HOLE on the image: every run said to read as
+  /// zeros is a hole, every byte of data is reported as data.
+  func testAllocationFromNbdkitAndQemuNbd() throws {
+    _ = try requireTool("nbdkit")
+    let dir = try makeTempDirectory()
+    let image = "\(dir)/sparse.img"
+    let size: UInt64 = 16 << 20
+    try createSparseFile(image, size: size)
+    var g = SplitMix64(seed: testSeed(13))
+    let data: [(UInt64, Int)] = [(1 << 20, 65536), (5 << 20 + 4096, 1 << 20), (size - 4096, 4096), (9 << 20, 1)]
+    for (offset, count) in data { try writeBytes(image, g.bytes(count), at: offset) }
+    let holes = try holeRanges(image)
+    XCTAssertFalse(holes.isEmpty, "the file system keeps no holes here")
+    try nbdkit("\(dir)/k.sock", ["file", image], log: "\(dir)/k.log")
+    var uris = [unixURI("\(dir)/k.sock")]
+    if toolPath("qemu-nbd") != nil {
+      try launch(
+        "qemu-nbd", ["-f", "raw", "-r", "-k", "\(dir)/q.sock", image], endpoint: .unix(path: "\(dir)/q.sock"),
+        log: "\(dir)/q.log")
+      uris.append(unixURI("\(dir)/q.sock"))
+    }
+    for uri in uris {
+      let client = try NBDClient(uri: uri, timeout: 10, allocation: true)
+      defer { client.close() }
+      XCTAssertTrue(client.hasAllocation, uri)
+      var zeroRuns: [Range<UInt64>] = []
+      var position: UInt64 = 0
+      while position < size {
+        let runs = try client.allocation(offset: position, length: UInt32(min(size - position, 7 << 20)))
+        XCTAssertFalse(runs.isEmpty)
+        for r in runs {
+          if r.flags & NBD.stateZero != 0 { zeroRuns.append(position..<position + UInt64(r.length)) }
+          position += UInt64(r.length)
+        }
+      }
+      XCTAssertEqual(position, size, uri)
+      for z in zeroRuns { XCTAssertTrue(isInside(z, holes), "\(uri): \(z) reported zero is not a hole") }
+      for (offset, count) in data {
+        XCTAssertFalse(
+          zeroRuns.contains { $0.overlaps(offset..<offset + UInt64(count)) }, "\(uri): data at \(offset) reported zero")
+      }
+      XCTAssertGreaterThan(zeroRuns.reduce(0) { $0 + $1.count }, Int(size / 2), "\(uri): holes reported")
+      // Data requests do not go over it.
+      assertThrows(try read(client, 0, 512), containing: ["block status"])
+      XCTAssertEqual(client.reconnects, 0)
+    }
+    // A server without structured replies: no allocation, and no harm.
+    try nbdkit("\(dir)/n.sock", ["--no-sr", "file", image], log: "\(dir)/n.log")
+    let plain = try NBDClient(uri: unixURI("\(dir)/n.sock"), timeout: 10, allocation: true)
+    defer { plain.close() }
+    XCTAssertFalse(plain.hasAllocation)
+    assertThrows(try plain.allocation(offset: 0, length: 4096), containing: ["does not report base:allocation"])
+    // A data client refuses BLOCK_STATUS work.
+    let data0 = try NBDClient(uri: unixURI("\(dir)/k.sock"), timeout: 10)
+    defer { data0.close() }
+    XCTAssertFalse(data0.hasAllocation)
+  }
+
   func testWritesReachTheFile() throws {
     let dir = try makeTempDirectory()
     let seed = testSeed(4)

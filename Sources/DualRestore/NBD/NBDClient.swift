@@ -14,6 +14,11 @@
 // - A READ into a file whose write fails still takes the reply's data off
 //   the connection (discarded), so the connection goes on; the caller gets
 //   NBDFileWriteError.
+// - A client opened for allocation negotiates structured replies and the
+//   base:allocation metadata context, and sends only BLOCK_STATUS: its
+//   reader takes structured chunks (block status, errors, none) until the
+//   one marked done; any other chunk breaks the protocol. Data requests go
+//   over clients with simple replies, whose reader stays as above.
 // - A connection that breaks (end of input, a socket error, a reply with a
 //   bad magic or an unknown cookie, a request that timed out) fails every
 //   request waiting on it and is never used again. The next request
@@ -55,6 +60,10 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   public let timeout: Double
   /// The certificates of an nbds URI, for every connection.
   private let tlsContext: TLSClientContext?
+  /// Opened for BLOCK_STATUS (structured replies, base:allocation asked for).
+  public let forAllocation: Bool
+  /// The server gave base:allocation on the first connection.
+  public let hasAllocation: Bool
 
   public var isReadOnly: Bool { flags & NBD.flagReadOnly != 0 }
   public var canFlush: Bool { flags & NBD.flagSendFlush != 0 }
@@ -104,7 +113,10 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   /// Connects to `uri` (nbd://HOST[:PORT]/EXPORT,
   /// nbd+unix:///EXPORT?socket=PATH, or the nbds forms, over TLS) and
   /// negotiates the export.
-  public init(uri text: String, timeout: Double = 30) throws {
+  /// With `allocation`, the client asks for structured replies and the
+  /// base:allocation context and serves `allocation(offset:length:)` only
+  /// (`hasAllocation` says whether the server gave it).
+  public init(uri text: String, timeout: Double = 30, allocation: Bool = false) throws {
     let uri = try NBDURI(text)
     guard timeout > 0, timeout.isFinite else { throw ToolkitError("\(text): the time limit must be positive") }
     let tlsContext = uri.tls ? try TLSClientContext(certificates: uri.tlsCertificates) : nil
@@ -112,7 +124,7 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
     let export: NBDClientExport
     do {
       (connection, export) = try NBDClientConnection.open(
-        uri, tls: tlsContext, deadline: monotonicSeconds() + timeout, timeout: timeout)
+        uri, tls: tlsContext, allocation: allocation, deadline: monotonicSeconds() + timeout, timeout: timeout)
     } catch let failure as NBDClientFailure {
       throw ToolkitError("\(text): \(failure.cause)")
     }
@@ -120,6 +132,8 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
     self.name = text
     self.timeout = timeout
     self.tlsContext = tlsContext
+    self.forAllocation = allocation
+    self.hasAllocation = export.allocationID != nil
     self.size = export.size
     self.flags = export.flags
     self.exportDescription = export.description
@@ -168,6 +182,33 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
     try transfer(
       NBD.cmdRead, flags: 0, offset: offset, length: length, into: nil, from: nil,
       file: FileTarget(fd: fd, offset: fileOffset))
+  }
+
+  /// base:allocation of `length` bytes at `offset` (NBD_CMD_BLOCK_STATUS):
+  /// runs from `offset` on, covering the range or a first part of it, each
+  /// at least one byte, none past the range. Only on a client opened for
+  /// allocation whose server gave the context.
+  public func allocation(offset: UInt64, length: UInt32) throws -> [Extent] {
+    guard hasAllocation else { throw ToolkitError("\(name): the server does not report base:allocation") }
+    guard length > 0 else { return [] }
+    try checkRange(NBD.cmdBlockStatus, offset: offset, length: Int(length))
+    let deadline = monotonicSeconds() + timeout
+    let (c, slot) = try submit(
+      NBD.cmdBlockStatus, flags: 0, offset: offset, length: Int(length), into: nil, from: nil, deadline: deadline)
+    let outcome = c.finish(slot, deadline: deadline, timeout: timeout)
+    if let error = failure(NBD.cmdBlockStatus, offset: offset, length: Int(length), outcome) { throw error }
+    // Clipped to the range asked for; the first run must be there.
+    var runs: [Extent] = []
+    var left = length
+    for e in outcome.extents where left > 0 && e.length > 0 {
+      let n = min(e.length, left)
+      runs.append(Extent(length: n, flags: e.flags))
+      left -= n
+    }
+    guard !runs.isEmpty else {
+      throw ToolkitError("\(name): the server's block status for \(length) bytes at \(offset) describes nothing")
+    }
+    return runs
   }
 
   /// Writes all of `buffer` at `offset`; with `fua`, durably before returning.
@@ -235,6 +276,7 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
     case NBD.cmdFlush: return "flush"
     case NBD.cmdTrim: return "trim of \(length) bytes at \(offset)"
     case NBD.cmdWriteZeroes: return "write of \(length) zero bytes at \(offset)"
+    case NBD.cmdBlockStatus: return "block status of \(length) bytes at \(offset)"
     default: return "command \(command) of \(length) bytes at \(offset)"
     }
   }
@@ -359,6 +401,13 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
     _ command: UInt16, flags: UInt16, offset: UInt64, length: Int,
     into: UnsafeMutableRawPointer?, from: UnsafeRawPointer?, file: FileTarget? = nil, deadline: Double
   ) throws -> (NBDClientConnection, NBDClientSlot) {
+    // A client opened for allocation gets structured replies: only
+    // BLOCK_STATUS goes over it.
+    guard forAllocation == (command == NBD.cmdBlockStatus) else {
+      throw ToolkitError(
+        "\(name): \(describe(command, offset: offset, length: UInt64(length))) goes over "
+          + (forAllocation ? "a connection for data, not this one for block status" : "a connection for block status"))
+    }
     while true {
       let c: NBDClientConnection
       do {
@@ -368,9 +417,15 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
       }
       // A request that meets a connection the server broke by breaking the
       // protocol reports that; later requests connect again.
+      if command == NBD.cmdBlockStatus && c.allocationID == nil {
+        throw failure(
+          command, offset: offset, length: length, serverError: 0,
+          cause: "the server no longer gives base:allocation since it was connected again")
+      }
       guard
         let slot = c.register(
-          into: command == NBD.cmdRead ? into : nil, file: command == NBD.cmdRead ? file : nil, length: length)
+          into: command == NBD.cmdRead ? into : nil, file: command == NBD.cmdRead ? file : nil, length: length,
+          extents: command == NBD.cmdBlockStatus)
       else {
         if let v = c.protocolViolation {
           throw failure(command, offset: offset, length: length, serverError: 0, cause: v)
@@ -414,7 +469,9 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
       if start > now { sleepSeconds(start - now) }
       let outcome: Result<(NBDClientConnection, NBDClientExport), NBDClientFailure>
       do {
-        outcome = .success(try NBDClientConnection.open(uri, tls: tlsContext, deadline: deadline, timeout: timeout))
+        outcome = .success(
+          try NBDClientConnection.open(
+            uri, tls: tlsContext, allocation: forAllocation, deadline: deadline, timeout: timeout))
       } catch let f as NBDClientFailure {
         outcome = .failure(f)
       } catch {
@@ -501,6 +558,9 @@ fileprivate struct NBDClientExport {
   var minimum: UInt32?
   var preferred: UInt32?
   var maximum: UInt32?
+  /// Structured replies were agreed, and the id base:allocation was given.
+  var structured = false
+  var allocationID: UInt32?
 }
 
 /// A READ's data could not be written to the file it was read into (the
@@ -526,6 +586,8 @@ fileprivate struct NBDClientOutcome {
   var serverError: UInt32 = 0
   var cause: String?
   var fileErrno: Int32 = 0
+  /// A BLOCK_STATUS reply's runs, as the server sent them.
+  var extents: [Extent] = []
 }
 
 fileprivate enum NBDClientSlotState {
@@ -545,6 +607,9 @@ fileprivate final class NBDClientSlot {
   var serverError: UInt32 = 0
   var failure: String?
   var fileErrno: Int32 = 0
+  /// BLOCK_STATUS: its reply is structured chunks, gathered here.
+  var wantsExtents = false
+  var extents: [Extent] = []
 
   init(index: Int) { self.index = index }
 }
@@ -555,13 +620,19 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   private let sendLock = Monitor()
   private let header = UnsafeMutableRawPointer.allocate(byteCount: NBD.requestLength, alignment: 8)
   /// The reader thread's.
-  private let reply = UnsafeMutableRawPointer.allocate(byteCount: NBD.simpleReplyLength, alignment: 8)
+  private let reply = UnsafeMutableRawPointer.allocate(byteCount: NBD.structuredReplyLength, alignment: 8)
+  /// Replies may be structured chunks (a client opened for allocation).
+  let structured: Bool
+  /// The id of base:allocation on this connection, if the server gave it.
+  let allocationID: UInt32?
   /// The reader's, for READs into files: a pipe (read end, write end, and
   /// its capacity; none over TLS or when the system has none to give), and
   /// a buffer for what cannot be spliced or is discarded.
   private var pipe: (out: Int32, in: Int32, capacity: Int)?
   private var scratch: UnsafeMutableRawPointer?
   private static let scratchSize = 256 << 10
+  /// The longest structured reply chunk taken (a million runs of block status).
+  private static let maximumChunk = 8 << 20
 
   // Guarded by `lock`.
   private let lock = Monitor()
@@ -573,8 +644,10 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   /// magic or an unknown cookie), when that is what ended the connection.
   private var violation: String?
 
-  init(socket: Socket) {
+  init(socket: Socket, export: NBDClientExport) {
     self.socket = socket
+    self.structured = export.structured
+    self.allocationID = export.allocationID
     slots.reserveCapacity(64)
     freeSlots.reserveCapacity(64)
   }
@@ -598,7 +671,7 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
 
   /// Connects and negotiates; throws NBDClientFailure.
   static func open(
-    _ uri: NBDURI, tls: TLSClientContext?, deadline: Double, timeout: Double
+    _ uri: NBDURI, tls: TLSClientContext?, allocation: Bool, deadline: Double, timeout: Double
   ) throws -> (NBDClientConnection, NBDClientExport) {
     let remaining = deadline - monotonicSeconds()
     guard remaining > 0 else { throw NBDClientFailure("no time left to connect") }
@@ -608,12 +681,12 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
     } catch {
       throw NBDClientFailure("\(error)")
     }
-    let export = try NBDClientHandshake(socket: socket, uri: uri, tls: tls).run()
+    let export = try NBDClientHandshake(socket: socket, uri: uri, tls: tls, allocation: allocation).run()
     // Replies may be far apart; the reader waits without a limit and the
     // requests time themselves. Sends stay bounded.
     socket.setWriteTimeout(timeout)
     socket.setReadTimeout(0)
-    return (NBDClientConnection(socket: socket), export)
+    return (NBDClientConnection(socket: socket, export: export), export)
   }
 
   func startReader() {
@@ -623,7 +696,9 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   // MARK: Requests
 
   /// A slot for a new request, or nil when the connection has failed.
-  func register(into buffer: UnsafeMutableRawPointer?, file: FileTarget? = nil, length: Int) -> NBDClientSlot? {
+  func register(
+    into buffer: UnsafeMutableRawPointer?, file: FileTarget? = nil, length: Int, extents: Bool = false
+  ) -> NBDClientSlot? {
     lock.lock()
     defer { lock.unlock() }
     if failure != nil { return nil }
@@ -643,6 +718,8 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
     slot.serverError = 0
     slot.failure = nil
     slot.fileErrno = 0
+    slot.wantsExtents = extents
+    slot.extents.removeAll(keepingCapacity: true)
     return slot
   }
 
@@ -741,7 +818,8 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
       slot.semaphore.wait()
     }
     lock.lock()
-    let result = NBDClientOutcome(serverError: slot.serverError, cause: slot.failure, fileErrno: slot.fileErrno)
+    let result = NBDClientOutcome(
+      serverError: slot.serverError, cause: slot.failure, fileErrno: slot.fileErrno, extents: slot.extents)
     slot.state = .free
     slot.buffer = nil
     slot.file = nil
@@ -822,20 +900,116 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
 
   // MARK: The reader thread
 
+  /// One structured reply chunk, whose first 16 bytes are in `reply`: a
+  /// BLOCK_STATUS reply's runs, an error, or the end. Returns the server's
+  /// error number so far for the request (0 when none), or nil when the
+  /// connection has ended.
+  private func receiveChunk() -> UInt32? {
+    do {
+      try socket.read(into: reply + NBD.simpleReplyLength, count: NBD.structuredReplyLength - NBD.simpleReplyLength)
+    } catch {
+      fail("the connection broke (\(error))")
+      return nil
+    }
+    let flags = reply.loadBE(at: 4, as: UInt16.self)
+    let type = reply.loadBE(at: 6, as: UInt16.self)
+    let cookie = reply.loadBE(at: 8, as: UInt64.self)
+    let length = Int(reply.loadBE(at: 16, as: UInt32.self))
+    lock.lock()
+    let index = Int(truncatingIfNeeded: cookie & 0xffff_ffff)
+    guard index < slots.count, slots[index].cookie == cookie, slots[index].state == .waiting else {
+      lock.unlock()
+      failViolating("the server replied to an unknown request (cookie 0x\(String(cookie, radix: 16)))")
+      return nil
+    }
+    let slot = slots[index]
+    guard slot.wantsExtents else {
+      lock.unlock()
+      failViolating("the server sent a structured reply to a request that takes a simple one")
+      return nil
+    }
+    slot.state = .receiving
+    lock.unlock()
+
+    // A long block status (a fragmented file) gets a buffer of its own.
+    let large = length > NBDClientConnection.scratchSize && length <= NBDClientConnection.maximumChunk
+    let payload = large ? UnsafeMutableRawPointer.allocate(byteCount: length, alignment: 8) : scratchBuffer()
+    defer { if large { payload.deallocate() } }
+    var broken: String?
+    var violation: String?
+    if length > NBDClientConnection.maximumChunk {
+      violation = "the server sent a reply chunk of \(length) bytes (at most \(NBDClientConnection.maximumChunk) taken)"
+    } else if length > 0 {
+      do { try socket.read(into: payload, count: length) } catch { broken = "the connection broke (\(error))" }
+    }
+    let last = flags & NBD.replyFlagDone != 0
+    if broken == nil && violation == nil {
+      switch type {
+      case NBD.replyTypeBlockStatus:
+        if length < 12 || (length - 4) % 8 != 0 {
+          violation = "the server sent a malformed block status chunk (\(length) bytes)"
+        } else if payload.loadBE(at: 0, as: UInt32.self) != allocationID {
+          violation = "the server sent block status of a metadata context not asked for"
+        } else {
+          for i in stride(from: 4, to: length, by: 8) {
+            slot.extents.append(
+              Extent(length: payload.loadBE(at: i, as: UInt32.self), flags: payload.loadBE(at: i + 4, as: UInt32.self)))
+          }
+        }
+      case NBD.replyTypeNone:
+        if length != 0 || !last { violation = "the server sent a malformed closing chunk" }
+      case let t where t & 0x8000 != 0:
+        if length < 6 || 6 + Int(payload.loadBE(at: 4, as: UInt16.self)) > length {
+          violation = "the server sent a malformed error chunk"
+        } else {
+          let e = payload.loadBE(at: 0, as: UInt32.self)
+          slot.serverError = e == 0 ? NBD.errIO : e
+        }
+      default:
+        violation = "the server sent a reply chunk of type \(type) to BLOCK_STATUS"
+      }
+    }
+    lock.lock()
+    if let cause = broken ?? violation {
+      slot.failure = failure ?? cause
+      slot.state = .done
+    } else {
+      slot.state = last ? .done : .waiting
+    }
+    let finished = slot.state == .done
+    let error = slot.serverError
+    lock.unlock()
+    if finished { slot.semaphore.signal() }
+    if let broken {
+      fail(broken)
+      return nil
+    }
+    if let violation {
+      failViolating(violation)
+      return nil
+    }
+    return error
+  }
+
+  /// The reader's buffer, made on first use.
+  private func scratchBuffer() -> UnsafeMutableRawPointer {
+    if let scratch { return scratch }
+    let b = UnsafeMutableRawPointer.allocate(byteCount: NBDClientConnection.scratchSize, alignment: 4096)
+    scratch = b
+    return b
+  }
+
   /// A READ reply's data, into a file: spliced through the pipe, or read
   /// into the scratch buffer and written. After a failed write the rest is
   /// read and discarded. Returns why the connection broke, if it did, and
   /// the file's errno (0 when every byte was written).
   private func receive(_ length: Int, into file: FileTarget) -> (String?, Int32) {
-    if scratch == nil {
-      scratch = UnsafeMutableRawPointer.allocate(byteCount: NBDClientConnection.scratchSize, alignment: 4096)
-      if !socket.isTLS {
-        var fds: [Int32] = [-1, -1]
-        let capacity = dr_pipe(&fds, 1 << 20)
-        if capacity >= 4096 { pipe = (fds[0], fds[1], capacity) }
-      }
+    if scratch == nil && !socket.isTLS {
+      var fds: [Int32] = [-1, -1]
+      let capacity = dr_pipe(&fds, 1 << 20)
+      if capacity >= 4096 { pipe = (fds[0], fds[1], capacity) }
     }
-    let scratch = scratch!
+    let scratch = scratchBuffer()
     var remaining = length
     var position = file.offset
     var fileErrno: Int32 = 0
@@ -940,6 +1114,15 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
         return
       }
       let magic = reply.loadBE(at: 0, as: UInt32.self)
+      if structured && magic == NBD.structuredReplyMagic {
+        guard let error = receiveChunk() else { return }
+        if error == NBD.errShutdown { beginSoftDisconnect() }
+        if lock.withLock({ failure != nil }) && !hasWaiting {
+          sendDisconnectAndClose()
+          return
+        }
+        continue
+      }
       let error = reply.loadBE(at: 4, as: UInt32.self)
       let cookie = reply.loadBE(at: 8, as: UInt64.self)
       guard magic == NBD.simpleReplyMagic else {
@@ -954,6 +1137,11 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
         return
       }
       let slot = slots[index]
+      if slot.wantsExtents && error == 0 {
+        lock.unlock()
+        failViolating("the server answered BLOCK_STATUS without block status")
+        return
+      }
       slot.state = .receiving
       let buffer = slot.buffer
       let file = slot.file
@@ -1001,6 +1189,8 @@ fileprivate struct NBDClientHandshake {
   let socket: Socket
   let uri: NBDURI
   let tls: TLSClientContext?
+  /// Ask for structured replies and base:allocation.
+  let allocation: Bool
 
   var exportName: String { uri.exportName }
 
@@ -1026,6 +1216,45 @@ fileprivate struct NBDClientHandshake {
 
     let name = Array(exportName.utf8)
     guard name.count <= 4096 else { throw NBDClientFailure("the export name is longer than 4096 bytes") }
+    let (structured, allocationID) = allocation ? try askForAllocation(name) : (false, nil)
+    var export = try go(name, noZeroes: noZeroes)
+    export.structured = structured
+    export.allocationID = allocationID
+    return export
+  }
+
+  /// NBD_OPT_STRUCTURED_REPLY, then NBD_OPT_SET_META_CONTEXT for
+  /// base:allocation: whether structured replies were agreed, and the
+  /// context's id if it was given. A server without either is no error.
+  private func askForAllocation(_ name: [UInt8]) throws -> (Bool, UInt32?) {
+    try sendOption(NBD.optStructuredReply, [])
+    let (type, _) = try receiveOptionReply(NBD.optStructuredReply)
+    guard type == NBD.repAck else {
+      if type & 0x8000_0000 != 0 { return (false, nil) }
+      throw NBDClientFailure("the server sent an unexpected reply \(type) to NBD_OPT_STRUCTURED_REPLY")
+    }
+    let context = Array(NBD.baseAllocation.utf8)
+    try sendOption(
+      NBD.optSetMetaContext,
+      bytesBE(UInt32(name.count)) + name + bytesBE(UInt32(1)) + bytesBE(UInt32(context.count)) + context)
+    var id: UInt32?
+    while true {
+      let (type, data) = try receiveOptionReply(NBD.optSetMetaContext)
+      switch type {
+      case NBD.repMetaContext:
+        guard data.count >= 4 else { throw NBDClientFailure("the server sent a malformed metadata context reply") }
+        if Array(data.dropFirst(4)) == context { id = loadBE(data, 0, as: UInt32.self) }
+      case NBD.repAck:
+        return (true, id)
+      default:
+        if type & 0x8000_0000 != 0 { return (true, nil) }
+        throw NBDClientFailure("the server sent an unexpected reply \(type) to NBD_OPT_SET_META_CONTEXT")
+      }
+    }
+  }
+
+  /// NBD_OPT_GO (or NBD_OPT_EXPORT_NAME for a server without it).
+  private func go(_ name: [UInt8], noZeroes: Bool) throws -> NBDClientExport {
     // NBD_OPT_GO: name length, name, one information request.
     var go = bytesBE(UInt32(name.count))
     go += name

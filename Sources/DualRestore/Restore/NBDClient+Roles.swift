@@ -5,6 +5,10 @@ extension NBDClient: BackupLink {
   public func read(at offset: UInt64, length: Int, toFile fd: Int32) throws {
     try read(at: offset, length: length, toFile: fd, at: offset)
   }
+
+  public func backupAllocation(offset: UInt64, length: UInt32) throws -> [Extent]? {
+    hasAllocation ? try allocation(offset: offset, length: length) : nil
+  }
 }
 
 extension NBDClient: BlockTarget {
@@ -38,10 +42,20 @@ public final class MultiConnectionLink: BackupLink, @unchecked Sendable {
   private let next = Monitor()
   private var index = 0
 
+  private let uri: String
+  private let timeout: Double
+  /// A connection of its own for block status, opened when first asked
+  /// for (hydration): nil when the backup does not give base:allocation.
+  private let statusLock = Monitor()
+  private var status: NBDClient?
+  private var statusTried = false
+
   public init(uri: String, timeout: Double, count: Int) throws {
     var list: [NBDClient] = []
     for _ in 0..<max(1, count) { list.append(try NBDClient(uri: uri, timeout: timeout)) }
     connections = list
+    self.uri = uri
+    self.timeout = timeout
   }
 
   public var name: String { connections[0].name }
@@ -83,6 +97,19 @@ public final class MultiConnectionLink: BackupLink, @unchecked Sendable {
 
   public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
     try run(pick()) { try $0.writeZeroes(offset: offset, length: length, fua: fua) }
+  }
+
+  public func backupAllocation(offset: UInt64, length: UInt32) throws -> [Extent]? {
+    let client = statusLock.withLock { () -> NBDClient? in
+      if !statusTried {
+        statusTried = true
+        if let c = try? NBDClient(uri: uri, timeout: timeout, allocation: true) {
+          if c.hasAllocation { status = c } else { c.close() }
+        }
+      }
+      return status
+    }
+    return try client.map { try $0.allocation(offset: offset, length: length) }
   }
 
   /// A completed write may have gone over any connection: flush them all.

@@ -40,6 +40,9 @@ public protocol BackupLink: AnyObject, Sendable {
   func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws
   func flush() throws
   func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws
+  /// base:allocation of a byte range (runs from `offset` on, covering it or
+  /// a first part of it), or nil when the backup does not say.
+  func backupAllocation(offset: UInt64, length: UInt32) throws -> [Extent]?
 }
 
 public final class RestoreEngine: @unchecked Sendable {
@@ -74,6 +77,9 @@ public final class RestoreEngine: @unchecked Sendable {
   // Counters, under `state`.
   public private(set) var fetchedBlocks: UInt64 = 0
   public private(set) var fetchedBytes: UInt64 = 0
+  /// Blocks made current by zeroing them on the primary, because the
+  /// backup said they read as zeros (hydration).
+  public private(set) var zeroedBlocks: UInt64 = 0
   public private(set) var mergedBlocks: UInt64 = 0
   /// Streams whose merge was admitted since the server started.
   private var admittedStreams: Set<ID128> = []
@@ -81,6 +87,10 @@ public final class RestoreEngine: @unchecked Sendable {
   public private(set) var mergeSkippedBlocks: UInt64 = 0
   /// Client requests being served (hydration yields to them).
   private let activeRequests = Atomic<Int>(0)
+  /// Writes that reached the backup but not the primary. What the backup
+  /// said of its blocks before such a write may no longer hold for blocks
+  /// that are not current: hydration does not use it then.
+  private let divergentWrites = Atomic<Int>(0)
   // Read-ahead of sequential misses, under `state`.
   private var recentMissEnds: [UInt64] = []
   private var aheadUntil: UInt64 = 0
@@ -453,6 +463,8 @@ public final class RestoreEngine: @unchecked Sendable {
       job?.wait()
       // The primary failed: the blocks that were current may hold part of
       // the change; owe them to the backup so the two sides agree again.
+      // (Counted before the block locks are let go.)
+      if sendToBackup { divergentWrites.wrappingAdd(1, ordering: .sequentiallyConsistent) }
       state.withLock {
         for b in blocks where current[b] { backupLacks.insert(b) }
         activity.pin(blocks)
@@ -667,13 +679,18 @@ public final class RestoreEngine: @unchecked Sendable {
   // MARK: Background copy
 
   /// Copies the blocks not yet current from the backup, yielding to client
-  /// requests, at most `rate` bytes a second (0: no limit). Returns when
-  /// every block is current or `shouldStop` says so.
+  /// requests, at most `rate` bytes a second (0: no limit). Where the
+  /// backup reports base:allocation, runs it says read as zeros are zeroed
+  /// on the primary (a hole in an image file) instead of copied. Returns
+  /// when every block is current or `shouldStop` says so.
   public func hydrate(rate: UInt64, shouldStop: () -> Bool) {
     let batchBlocks = UInt64(max(1, (1 << 20) / Int(geometry.blockSize)))
+    // One block status request covers this many blocks (64 MiB).
+    let windowBlocks = max(batchBlocks, UInt64((64 << 20) / Int(geometry.blockSize)))
     var position: UInt64 = 0
     let started = Instant.now()
     var copied: UInt64 = 0
+    var allocation = HydrationAllocation()
     while !shouldStop() {
       if clientsBusy {
         usleep(5000)
@@ -685,17 +702,24 @@ public final class RestoreEngine: @unchecked Sendable {
       let limit = min(start + batchBlocks, geometry.blockCount)
       let end = state.withLock { current.nextSet(from: start, before: limit) ?? limit }
       let run = start..<end
+      if allocation.available && !allocation.window.contains(start) {
+        allocation.ask(self, from: start, blocks: windowBlocks)
+      }
       if locks.tryLock(run) {
         defer { locks.unlock(run) }
-        let missing = missingRuns(run)
+        // What the backup said holds unless a write reached it and not the
+        // primary since it was asked (such a write ends before its block
+        // locks are let go, so it is counted by now).
+        let zeroRuns =
+          allocation.generation == divergentWrites.load(ordering: .sequentiallyConsistent) ? allocation.zeroRuns : []
         do {
-          for m in missing { try fetch(m) }
+          for m in missingRuns(run) { copied += try fetchOrZero(m, zeroRuns: zeroRuns) }
         } catch {
           log("hydration: \(error); retrying in 1 s")
+          allocation.forget()
           sleep(1)
           continue
         }
-        copied += geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count)).length
       }
       position = end >= geometry.blockCount ? 0 : end
       if rate > 0 {
@@ -704,5 +728,98 @@ public final class RestoreEngine: @unchecked Sendable {
         if due > elapsed { usleep(UInt32(min(1.0, due - elapsed) * 1e6)) }
       }
     }
+  }
+
+  /// Brings `blocks` (locked by the caller) from the backup, except the
+  /// parts of `zeroRuns` among them, which are zeroed on the primary.
+  /// Returns the bytes that crossed the link.
+  private func fetchOrZero(_ blocks: Range<UInt64>, zeroRuns: [Range<UInt64>]) throws -> UInt64 {
+    var fetched: UInt64 = 0
+    var b = blocks.lowerBound
+    func fetchUpTo(_ stop: UInt64) throws {
+      guard stop > b else { return }
+      try fetch(b..<stop)
+      fetched += geometry.byteRange(blocks: b, count: stop - b).length
+    }
+    for z in zeroRuns where z.upperBound > b && z.lowerBound < blocks.upperBound {
+      let zero = max(z.lowerBound, b)..<min(z.upperBound, blocks.upperBound)
+      try fetchUpTo(zero.lowerBound)
+      let (offset, length) = geometry.byteRange(blocks: zero.lowerBound, count: UInt64(zero.count))
+      try Merger.writeZeros(primary, offset: offset, length: length, zeros: zeros)
+      state.withLock {
+        current.set(zero)
+        dirty = true
+        zeroedBlocks += UInt64(zero.count)
+      }
+      b = zero.upperBound
+    }
+    try fetchUpTo(blocks.upperBound)
+    return fetched
+  }
+
+  /// Whole blocks of a window that the backup says read as zeros.
+  fileprivate func zeroBlocks(in runs: [Extent], from firstBlock: UInt64) -> [Range<UInt64>] {
+    var out: [Range<UInt64>] = []
+    let size = UInt64(geometry.blockSize)
+    var position = firstBlock * size
+    for r in runs {
+      let end = position + UInt64(r.length)
+      if r.flags & NBD.stateZero != 0 {
+        let first = (position + size - 1) / size
+        // The device's last block may be partial.
+        let last = end >= geometry.deviceSize ? geometry.blockCount : end / size
+        if first < last {
+          if let l = out.last, l.upperBound == first {
+            out[out.count - 1] = l.lowerBound..<last
+          } else {
+            out.append(first..<last)
+          }
+        }
+      }
+      position = end
+    }
+    return out
+  }
+
+  var divergentWriteCount: Int { divergentWrites.load(ordering: .sequentiallyConsistent) }
+}
+
+/// What hydration knows of the backup's zeros: the window last asked
+/// about, its zero runs, and the count of divergent writes when asked.
+private struct HydrationAllocation {
+  var available = true
+  var window: Range<UInt64> = 0..<0
+  var zeroRuns: [Range<UInt64>] = []
+  var generation = -1
+
+  mutating func ask(_ engine: RestoreEngine, from start: UInt64, blocks: UInt64) {
+    let end = min(start + blocks, engine.geometry.blockCount)
+    let (offset, length) = engine.geometry.byteRange(blocks: start, count: end - start)
+    generation = engine.divergentWriteCount
+    do {
+      guard let runs = try engine.backup.backupAllocation(offset: offset, length: UInt32(length)) else {
+        available = false
+        engine.log("the backup gives no block status (base:allocation): hydration copies every block")
+        forget()
+        return
+      }
+      // The runs may cover only the start of the window: the rest is
+      // asked about when hydration gets there.
+      let covered = runs.reduce(UInt64(0)) { $0 + UInt64($1.length) }
+      let coveredEnd =
+        (offset + covered) >= engine.geometry.deviceSize
+        ? engine.geometry.blockCount : (offset + covered) / UInt64(engine.geometry.blockSize)
+      window = start..<max(start + 1, min(end, coveredEnd))
+      zeroRuns = engine.zeroBlocks(in: runs, from: start)
+    } catch {
+      // Asked again for the next window; meanwhile everything is copied.
+      forget()
+      window = start..<end
+    }
+  }
+
+  mutating func forget() {
+    window = 0..<0
+    zeroRuns = []
   }
 }
