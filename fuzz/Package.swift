@@ -7,6 +7,7 @@ import PackageDescription
 
 let targets = [
   "stream", "stream-encrypted", "map", "ddrescue", "signature", "nbd-server", "nbd-client",
+  "nbd-client-status",
 ]
 
 let package = Package(

@@ -468,4 +468,57 @@ final class FuzzRegressionTests: XCTestCase {
       read + "the connection broke (\(FuzzRegressionTests.peer): connection closed)")
     XCTAssertEqual(refused(hello + reply(5, 1 << 32), repliesFrom: at), read + "Input/output error")
   }
+
+  // MARK: NBD, a client opened for allocation
+
+  func testAllocationClientRefusesBadChunks() {
+    let export = optionReply(NBD.repInfo, be16(0) + be64(1 << 20) + be16(NBD.flagHasFlags | NBD.flagReadOnly))
+    let go = export + optionReply(NBD.repAck, [])
+    let context = optionReply(
+      NBD.repMetaContext, be32(7) + Array("base:allocation".utf8), option: NBD.optSetMetaContext)
+    let hello =
+      greeting() + optionReply(NBD.repAck, [], option: NBD.optStructuredReply) + context
+      + optionReply(NBD.repAck, [], option: NBD.optSetMetaContext) + go
+    func chunk(_ flags: UInt16, _ type: UInt16, _ data: [UInt8], length: UInt32? = nil) -> [UInt8] {
+      be32(NBD.structuredReplyMagic) + be16(flags) + be16(type) + be64(1 << 32) + be32(length ?? UInt32(data.count))
+        + data
+    }
+    let status = be32(7) + be32(65536) + be32(3) + be32(983_040) + be32(0)
+    func outcome(_ replies: [UInt8], _ start: [UInt8] = hello) -> String {
+      guard let e = FuzzEntryPoints.negotiateNBDAllocation(start + replies, timeout: 1, repliesFrom: start.count)
+      else { return "accepted" }
+      let prefix = "nbd+unix:///disk?socket=\(FuzzRegressionTests.peer): block status of 1048576 bytes at 0 failed: "
+      return e.hasPrefix(prefix) ? String(e.dropFirst(prefix.count)) : e
+    }
+    XCTAssertEqual(outcome(chunk(1, NBD.replyTypeBlockStatus, status)), "accepted")
+    XCTAssertEqual(
+      outcome(chunk(0, NBD.replyTypeBlockStatus, status) + chunk(1, NBD.replyTypeNone, [])), "accepted")
+    XCTAssertEqual(
+      outcome(chunk(1, NBD.replyTypeBlockStatus, be32(8) + be32(4096) + be32(0))),
+      "the server sent block status of a metadata context not asked for")
+    XCTAssertEqual(
+      outcome(chunk(1, NBD.replyTypeBlockStatus, be32(7) + be32(4096))),
+      "the server sent a malformed block status chunk (8 bytes)")
+    XCTAssertEqual(
+      outcome(chunk(1, NBD.replyTypeOffsetData, be64(0) + [1, 2, 3])),
+      "the server sent a reply chunk of type 1 to BLOCK_STATUS")
+    XCTAssertEqual(outcome(chunk(0, NBD.replyTypeNone, [])), "the server sent a malformed closing chunk")
+    XCTAssertEqual(outcome(chunk(1, NBD.replyTypeError, be32(5) + be16(4) + Array("oops".utf8))), "Input/output error")
+    XCTAssertEqual(
+      outcome(chunk(1, NBD.replyTypeError, be32(5) + be16(9) + Array("oops".utf8))),
+      "the server sent a malformed error chunk")
+    XCTAssertEqual(
+      outcome(chunk(1, NBD.replyTypeBlockStatus, [], length: 0xFFFF_FFFF)),
+      "the server sent a reply chunk of 4294967295 bytes (at most 8388608 taken)")
+    XCTAssertEqual(
+      outcome(be32(NBD.simpleReplyMagic) + be32(0) + be64(1 << 32)),
+      "the server answered BLOCK_STATUS without block status")
+    // Structured replies or the context refused: no block status, no error.
+    let noStructured = greeting() + optionReply(NBD.repErrUnsupported, [], option: NBD.optStructuredReply) + go
+    XCTAssertEqual(outcome([], noStructured), "accepted")
+    let noContext =
+      greeting() + optionReply(NBD.repAck, [], option: NBD.optStructuredReply)
+      + optionReply(NBD.repAck, [], option: NBD.optSetMetaContext) + go
+    XCTAssertEqual(outcome([], noContext), "accepted")
+  }
 }

@@ -232,6 +232,30 @@ public enum FuzzEntryPoints {
     }
   }
 
+  /// As negotiateNBD, for a client opened for allocation: it asks for
+  /// structured replies and base:allocation and, when given them, the
+  /// block status of the first MiB. Returns the client's error, nil when
+  /// all worked.
+  public static func negotiateNBDAllocation(_ bytes: [UInt8], timeout: Double = 0.2, repliesFrom: Int? = nil)
+    -> String?
+  {
+    let peer = FuzzNBDPeer.shared
+    peer.serve(bytes, repliesFrom: repliesFrom)
+    do {
+      let client = try NBDClient(
+        uri: "nbd+unix:///disk?socket=\(peer.path)", timeout: timeout, allocation: true)
+      defer { client.close() }
+      if client.hasAllocation && client.size > 0 {
+        let runs = try client.allocation(offset: 0, length: UInt32(min(client.size, 1 << 20)))
+        let total = runs.reduce(UInt64(0)) { $0 + UInt64($1.length) }
+        precondition(!runs.isEmpty && total <= min(client.size, 1 << 20), "block status outside the range asked")
+      }
+      return nil
+    } catch {
+      return "\(error)"
+    }
+  }
+
   /// Writes `bytes` to the socket and reads until end of input, without
   /// blocking on either (the peer may write replies before it reads
   /// everything); returns the bytes read. Traps after `limit` seconds: the

@@ -22,6 +22,7 @@ public enum FuzzTarget: String, Sendable {
   case signature
   case nbdServer = "nbd-server"
   case nbdClient = "nbd-client"
+  case nbdClientStatus = "nbd-client-status"
 }
 
 /// The key the encrypted stream seeds are made with (scripts/fuzz writes it).
@@ -81,5 +82,7 @@ public func runOnce(_ target: FuzzTarget, _ bytes: [UInt8]) {
     _ = FuzzEntryPoints.serveNBD(bytes)
   case .nbdClient:
     _ = FuzzEntryPoints.negotiateNBD(bytes)
+  case .nbdClientStatus:
+    _ = FuzzEntryPoints.negotiateNBDAllocation(bytes)
   }
 }
