@@ -494,6 +494,9 @@ final class FuzzRegressionTests: XCTestCase {
     XCTAssertEqual(
       outcome(chunk(0, NBD.replyTypeBlockStatus, status) + chunk(1, NBD.replyTypeNone, [])), "accepted")
     XCTAssertEqual(
+      outcome(chunk(0, NBD.replyTypeBlockStatus, status) + chunk(1, NBD.replyTypeBlockStatus, status)),
+      "the server sent block status twice for one request")
+    XCTAssertEqual(
       outcome(chunk(1, NBD.replyTypeBlockStatus, be32(8) + be32(4096) + be32(0))),
       "the server sent block status of a metadata context not asked for")
     XCTAssertEqual(

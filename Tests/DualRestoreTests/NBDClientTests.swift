@@ -351,6 +351,28 @@ final class NBDClientTests: XCTestCase {
     XCTAssertEqual(client.reconnects, 0)
   }
 
+  /// A file that takes no splice (opened O_APPEND: splice(2) says EINVAL)
+  /// gets the data through the buffer instead, then and afterwards.
+  func testAReadIntoAFileThatRefusesSpliceGoesThroughMemory() throws {
+    let dir = try makeTempDirectory()
+    var g = SplitMix64(seed: testSeed(14))
+    let image = "\(dir)/disk.img"
+    let bytes = try randomImage(image, size: 4 << 20, &g)
+    try nbdkit("\(dir)/s.sock", ["file", image], log: "\(dir)/s.log")
+    let client = try NBDClient(uri: unixURI("\(dir)/s.sock"), timeout: 10)
+    defer { client.close() }
+    let target = "\(dir)/target.img"
+    let fd = open(target, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+    XCTAssertGreaterThanOrEqual(fd, 0)
+    defer { close(fd) }
+    // Appended in order: the file is the two ranges back to back.
+    try client.read(at: 12_345, length: 1 << 20, toFile: fd, at: 0)
+    try client.read(at: 3 << 20, length: 70_000, toFile: fd, at: 1 << 20)
+    let expected = Array(bytes[12_345..<12_345 + (1 << 20)]) + Array(bytes[(3 << 20)..<(3 << 20) + 70_000])
+    XCTAssertTrue(try readFileBytes(target) == expected, "the file differs from what was read")
+    XCTAssertEqual(client.reconnects, 0)
+  }
+
   /// A reply whose data comes in pieces that end inside pages: every byte
   /// lands where it belongs.
   func testAReadIntoAFileFromATricklingServer() throws {

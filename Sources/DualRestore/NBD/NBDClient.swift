@@ -189,6 +189,7 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
   /// at least one byte, none past the range. Only on a client opened for
   /// allocation whose server gave the context.
   public func allocation(offset: UInt64, length: UInt32) throws -> [Extent] {
+    guard forAllocation else { throw ToolkitError("\(name): this client was not opened for block status") }
     guard hasAllocation else { throw ToolkitError("\(name): the server does not report base:allocation") }
     guard length > 0 else { return [] }
     try checkRange(NBD.cmdBlockStatus, offset: offset, length: Int(length))
@@ -610,6 +611,8 @@ fileprivate final class NBDClientSlot {
   /// BLOCK_STATUS: its reply is structured chunks, gathered here.
   var wantsExtents = false
   var extents: [Extent] = []
+  /// The connection's file-writing time when the request was registered.
+  var fileWriteMark = 0.0
 
   init(index: Int) { self.index = index }
 }
@@ -629,6 +632,9 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   /// its capacity; none over TLS or when the system has none to give), and
   /// a buffer for what cannot be spliced or is discarded.
   private var pipe: (out: Int32, in: Int32, capacity: Int)?
+  private var pipeTried = false
+  /// The file refused splice (EINVAL): replies go through the buffer.
+  private var spliceRefused = false
   private var scratch: UnsafeMutableRawPointer?
   private static let scratchSize = 256 << 10
   /// The longest structured reply chunk taken (a million runs of block status).
@@ -643,6 +649,10 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   /// Why the server was found breaking the protocol (a reply with a bad
   /// magic or an unknown cookie), when that is what ended the connection.
   private var violation: String?
+  /// Seconds the reader has spent writing READ replies into files: the
+  /// replies behind it wait for the local disk, not for the server, and
+  /// that time does not count against their limit.
+  private var fileWriteSeconds = 0.0
 
   init(socket: Socket, export: NBDClientExport) {
     self.socket = socket
@@ -720,6 +730,7 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
     slot.fileErrno = 0
     slot.wantsExtents = extents
     slot.extents.removeAll(keepingCapacity: true)
+    slot.fileWriteMark = fileWriteSeconds
     return slot
   }
 
@@ -796,10 +807,20 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   /// Waits for a registered request's reply and frees its slot: the
   /// server's error number, or why the request got no reply.
   func finish(_ slot: NBDClientSlot, deadline: Double, timeout: Double) -> NBDClientOutcome {
-    let remaining = max(0, deadline - monotonicSeconds())
-    if slot.semaphore.wait(timeout: .now() + remaining) == .timedOut {
+    var deadline = deadline
+    var excused = 0.0
+    while slot.semaphore.wait(timeout: .now() + max(0, deadline - monotonicSeconds())) == .timedOut {
       let cause = "no reply within \(formatSeconds(timeout)) s"
       lock.lock()
+      // Time the reader spent writing files since the request began is
+      // the local disk's, not the server's: it is added to the limit.
+      let writing = fileWriteSeconds - slot.fileWriteMark
+      if writing > excused + 0.001 {
+        deadline += writing - excused
+        excused = writing
+        lock.unlock()
+        continue
+      }
       let state = slot.state
       if state == .waiting {
         // The reader will never touch this slot again: its cookie is
@@ -816,6 +837,7 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
       // wait for the reader to let go of the buffer.
       if state == .receiving { fail(cause) }
       slot.semaphore.wait()
+      break
     }
     lock.lock()
     let result = NBDClientOutcome(
@@ -950,6 +972,9 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
           violation = "the server sent a malformed block status chunk (\(length) bytes)"
         } else if payload.loadBE(at: 0, as: UInt32.self) != allocationID {
           violation = "the server sent block status of a metadata context not asked for"
+        } else if !slot.extents.isEmpty {
+          // One context asked for: one block status chunk.
+          violation = "the server sent block status twice for one request"
         } else {
           for i in stride(from: 4, to: length, by: 8) {
             slot.extents.append(
@@ -970,7 +995,9 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
       }
     }
     lock.lock()
-    if let cause = broken ?? violation {
+    if let cause = broken ?? violation ?? failure {
+      // Broken here, or failed meanwhile (a caller's time ran out): the
+      // request ends now rather than waiting for chunks never read.
       slot.failure = failure ?? cause
       slot.state = .done
     } else {
@@ -1004,16 +1031,22 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   /// read and discarded. Returns why the connection broke, if it did, and
   /// the file's errno (0 when every byte was written).
   private func receive(_ length: Int, into file: FileTarget) -> (String?, Int32) {
-    if scratch == nil && !socket.isTLS {
+    if !pipeTried && !socket.isTLS {
+      pipeTried = true
       var fds: [Int32] = [-1, -1]
       let capacity = dr_pipe(&fds, 1 << 20)
-      if capacity >= 4096 { pipe = (fds[0], fds[1], capacity) }
+      if capacity >= 4096 {
+        pipe = (fds[0], fds[1], capacity)
+      } else if capacity > 0 {
+        close(fds[0])
+        close(fds[1])
+      }
     }
     let scratch = scratchBuffer()
     var remaining = length
     var position = file.offset
     var fileErrno: Int32 = 0
-    guard let pipe, !socket.isTLS else {
+    guard let pipe, !socket.isTLS, !spliceRefused else {
       while remaining > 0 {
         let n = min(remaining, NBDClientConnection.scratchSize)
         do {
@@ -1021,7 +1054,9 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
         } catch {
           return ("the connection broke (\(error))", fileErrno)
         }
-        if fileErrno == 0, case .failure(let e) = pwriteFull(file.fd, scratch, n, position) { fileErrno = e.rawValue }
+        if fileErrno == 0, case .failure(let e) = writingFile({ pwriteFull(file.fd, scratch, n, position) }) {
+          fileErrno = e.rawValue
+        }
         remaining -= n
         position += UInt64(n)
       }
@@ -1035,8 +1070,9 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
       if n < 0 { return ("the connection broke (\(Errno(errno)))", fileErrno) }
       if n == 0 { return ("the connection broke (\(socket.peer): connection closed)", fileErrno) }
       remaining -= n
-      // Then what else has arrived, as far as the pipe takes it, without
-      // waiting: fewer, longer writes.
+      // Then more of the reply, as far as the pipe takes it, without
+      // waiting for room in the pipe (a TCP socket may still wait for the
+      // rest of the reply, which is on its way): fewer, longer writes.
       while remaining > 0 && n < pipe.capacity {
         let m = dr_splice_in(socket.fd, pipe.in, UInt(min(remaining, pipe.capacity - n)), 0)
         if m < 0 && errno == EINTR { continue }
@@ -1070,7 +1106,7 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
         return ("the connection broke (\(error))", fileErrno)
       }
       remaining -= more
-      if fileErrno == 0, case .failure(let e) = pwriteFull(file.fd, scratch, tail + more, position) {
+      if fileErrno == 0, case .failure(let e) = writingFile({ pwriteFull(file.fd, scratch, tail + more, position) }) {
         fileErrno = e.rawValue
       }
       position += UInt64(tail + more)
@@ -1079,30 +1115,52 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   }
 
   /// Moves `count` bytes from the pipe into the file at `position`; once
-  /// the file has failed (`fileErrno`), reads them and drops them. Returns
-  /// why the connection must end, if the pipe itself failed.
+  /// the file has failed (`fileErrno`), reads them and drops them. A file
+  /// that takes no splice (EINVAL) gets them through the scratch buffer,
+  /// and later replies on this connection too. Returns why the connection
+  /// must end, if the pipe itself failed.
   private func splice(
     _ count: Int, from pipe: Int32, to file: FileTarget, at position: inout UInt64, fileErrno: inout Int32
   ) -> String? {
     var left = count
     while left > 0 {
-      if fileErrno == 0 {
-        let m = dr_splice_out(pipe, file.fd, position, UInt(left))
+      if fileErrno == 0 && !spliceRefused {
+        let (m, error) = writingFile { () -> (Int, Int32) in
+          let m = dr_splice_out(pipe, file.fd, position, UInt(left))
+          return (m, m < 0 ? errno : EIO)
+        }
         if m > 0 {
           left -= m
           position += UInt64(m)
           continue
         }
-        if m < 0 && errno == EINTR { continue }
-        fileErrno = m < 0 ? errno : EIO
+        let e = error
+        if e == EINTR { continue }
+        if e == EINVAL || e == ENOSYS || e == EOPNOTSUPP {
+          spliceRefused = true
+        } else {
+          fileErrno = e
+        }
       }
       let m = Glibc.read(pipe, scratch!, min(left, NBDClientConnection.scratchSize))
       if m < 0 && errno == EINTR { continue }
       if m <= 0 { return "the connection broke (its pipe: \(Errno(m < 0 ? errno : EIO)))" }
+      if fileErrno == 0, case .failure(let e) = writingFile({ pwriteFull(file.fd, scratch!, m, position) }) {
+        fileErrno = e.rawValue
+      }
       left -= m
       position += UInt64(m)
     }
     return nil
+  }
+
+  /// Runs a write to a file, counting its time in `fileWriteSeconds`.
+  private func writingFile<T>(_ body: () -> T) -> T {
+    let start = monotonicSeconds()
+    let result = body()
+    let spent = monotonicSeconds() - start
+    lock.withLock { fileWriteSeconds += spent }
+    return result
   }
 
   private func readReplies() {

@@ -78,6 +78,7 @@ public final class MultiConnectionLink: BackupLink, @unchecked Sendable {
     } catch {
       if c.takeShutdownSeen() {
         for other in connections { other.disconnectWhenIdle() }
+        statusLock.withLock { status }?.disconnectWhenIdle()
       }
       throw error
     }
@@ -99,17 +100,19 @@ public final class MultiConnectionLink: BackupLink, @unchecked Sendable {
     try run(pick()) { try $0.writeZeroes(offset: offset, length: length, fua: fua) }
   }
 
+  /// Throws when the status connection cannot be made (it is tried again
+  /// at the next call); nil when the backup gives no base:allocation.
   public func backupAllocation(offset: UInt64, length: UInt32) throws -> [Extent]? {
-    let client = statusLock.withLock { () -> NBDClient? in
+    let client = try statusLock.withLock { () throws -> NBDClient? in
       if !statusTried {
+        let c = try NBDClient(uri: uri, timeout: timeout, allocation: true)
         statusTried = true
-        if let c = try? NBDClient(uri: uri, timeout: timeout, allocation: true) {
-          if c.hasAllocation { status = c } else { c.close() }
-        }
+        if c.hasAllocation { status = c } else { c.close() }
       }
       return status
     }
-    return try client.map { try $0.allocation(offset: offset, length: length) }
+    guard let client else { return nil }
+    return try run(client) { try $0.allocation(offset: offset, length: length) }
   }
 
   /// A completed write may have gone over any connection: flush them all.

@@ -762,22 +762,26 @@ public final class RestoreEngine: @unchecked Sendable {
     var out: [Range<UInt64>] = []
     let size = UInt64(geometry.blockSize)
     var position = firstBlock * size
-    for r in runs {
-      let end = position + UInt64(r.length)
-      if r.flags & NBD.stateZero != 0 {
-        let first = (position + size - 1) / size
-        // The device's last block may be partial.
-        let last = end >= geometry.deviceSize ? geometry.blockCount : end / size
-        if first < last {
-          if let l = out.last, l.upperBound == first {
-            out[out.count - 1] = l.lowerBound..<last
-          } else {
-            out.append(first..<last)
-          }
-        }
-      }
-      position = end
+    // Zero runs next to each other are joined before they are cut to whole
+    // blocks, so a block they share is not lost.
+    var zeroStart: UInt64?
+    func close(_ end: UInt64) {
+      guard let start = zeroStart else { return }
+      zeroStart = nil
+      let first = (start + size - 1) / size
+      // The device's last block may be partial.
+      let last = end >= geometry.deviceSize ? geometry.blockCount : end / size
+      if first < last { out.append(first..<last) }
     }
+    for r in runs {
+      if r.flags & NBD.stateZero != 0 {
+        if zeroStart == nil { zeroStart = position }
+      } else {
+        close(position)
+      }
+      position += UInt64(r.length)
+    }
+    close(position)
     return out
   }
 
@@ -813,6 +817,7 @@ private struct HydrationAllocation {
       zeroRuns = engine.zeroBlocks(in: runs, from: start)
     } catch {
       // Asked again for the next window; meanwhile everything is copied.
+      engine.log("hydration: no block status from the backup for now (\(error)); copying these blocks")
       forget()
       window = start..<end
     }
