@@ -40,7 +40,8 @@ struct RestoreReadThrough: ParsableCommand {
       where MAP says not current, under the same per-block locks as client \
       I/O, and marks those blocks current; they are not sent back to the \
       backup. With --hydrate the remaining blocks are copied in the \
-      background, yielding to client I/O; where the backup reports \
+      background, 16 runs of up to 1 MiB at a time, yielding to client I/O \
+      (and, with --hydrate-rate, paced); where the backup reports \
       base:allocation (block status), runs it says read as zeros are zeroed \
       on PRIMARY (a hole in an image file) instead of copied. When every \
       block is current the log says the restore is complete.

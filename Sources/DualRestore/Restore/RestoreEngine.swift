@@ -679,53 +679,57 @@ public final class RestoreEngine: @unchecked Sendable {
   // MARK: Background copy
 
   /// Copies the blocks not yet current from the backup, yielding to client
-  /// requests, at most `rate` bytes a second (0: no limit). Where the
-  /// backup reports base:allocation, runs it says read as zeros are zeroed
-  /// on the primary (a hole in an image file) instead of copied. Returns
-  /// when every block is current or `shouldStop` says so.
-  public func hydrate(rate: UInt64, shouldStop: () -> Bool) {
-    let batchBlocks = UInt64(max(1, (1 << 20) / Int(geometry.blockSize)))
-    // One block status request covers this many blocks (64 MiB).
-    let windowBlocks = max(batchBlocks, UInt64((64 << 20) / Int(geometry.blockSize)))
-    var position: UInt64 = 0
-    let started = Instant.now()
-    var copied: UInt64 = 0
-    var allocation = HydrationAllocation()
+  /// requests, at most `rate` bytes a second (0: no limit), with `workers`
+  /// runs of up to 1 MiB in flight (a round trip to the backup each). Where
+  /// the backup reports base:allocation, runs it says read as zeros are
+  /// zeroed on the primary (a hole in an image file) instead of copied.
+  /// Returns when every block is current or `shouldStop` says so.
+  public func hydrate(rate: UInt64, workers: Int = 16, shouldStop: @escaping @Sendable () -> Bool) {
+    let plan = HydrationPlan(engine: self, rate: rate)
+    let done = DispatchSemaphore(value: 0)
+    let count = max(1, workers)
+    for _ in 0..<count {
+      startThread { [self] in
+        hydrationWorker(plan, shouldStop: shouldStop)
+        done.signal()
+      }
+    }
+    for _ in 0..<count { done.wait() }
+  }
+
+  /// One worker of `hydrate`: takes the next run not current, skips it if a
+  /// client holds any of its blocks (it is met again on the next pass).
+  private func hydrationWorker(_ plan: HydrationPlan, shouldStop: () -> Bool) {
     while !shouldStop() {
       if clientsBusy {
         usleep(5000)
         continue
       }
-      guard let start = state.withLock({ current.nextClear(from: position) ?? current.nextClear(from: 0) }) else {
-        return
+      guard let (run, zeroRuns, generation) = plan.next() else { return }
+      // The run's bytes are counted against the rate before it is fetched
+      // (what is zeroed instead, or not fetched at all, is given back).
+      let length = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count)).length
+      plan.admit(length, shouldStop: shouldStop)
+      guard locks.tryLock(run) else {
+        // Being fetched by another worker, or held by a client.
+        plan.giveBack(length)
+        usleep(1000)
+        continue
       }
-      let limit = min(start + batchBlocks, geometry.blockCount)
-      let end = state.withLock { current.nextSet(from: start, before: limit) ?? limit }
-      let run = start..<end
-      if allocation.available && !allocation.window.contains(start) {
-        allocation.ask(self, from: start, blocks: windowBlocks)
-      }
-      if locks.tryLock(run) {
-        defer { locks.unlock(run) }
-        // What the backup said holds unless a write reached it and not the
-        // primary since it was asked (such a write ends before its block
-        // locks are let go, so it is counted by now).
-        let zeroRuns =
-          allocation.generation == divergentWrites.load(ordering: .sequentiallyConsistent) ? allocation.zeroRuns : []
-        do {
-          for m in missingRuns(run) { copied += try fetchOrZero(m, zeroRuns: zeroRuns) }
-        } catch {
-          log("hydration: \(error); retrying in 1 s")
-          allocation.forget()
-          sleep(1)
-          continue
-        }
-      }
-      position = end >= geometry.blockCount ? 0 : end
-      if rate > 0 {
-        let elapsed = started.secondsAgo
-        let due = Double(copied) / Double(rate)
-        if due > elapsed { usleep(UInt32(min(1.0, due - elapsed) * 1e6)) }
+      defer { locks.unlock(run) }
+      // What the backup said holds unless a write reached it and not the
+      // primary since it was asked (such a write ends before its block
+      // locks are let go, so it is counted by now).
+      let zeros = generation == divergentWrites.load(ordering: .sequentiallyConsistent) ? zeroRuns : []
+      var copied: UInt64 = 0
+      do {
+        for m in missingRuns(run) { copied += try fetchOrZero(m, zeroRuns: zeros) }
+        plan.giveBack(length - copied)
+      } catch {
+        plan.giveBack(length - copied)
+        log("hydration: \(error); retrying in 1 s")
+        plan.forget()
+        sleep(1)
       }
     }
   }
@@ -786,25 +790,85 @@ public final class RestoreEngine: @unchecked Sendable {
   }
 
   var divergentWriteCount: Int { divergentWrites.load(ordering: .sequentiallyConsistent) }
+
+  /// The first run of blocks not current from `position` on (else from the
+  /// start), at most `maximum` blocks: (first, end).
+  fileprivate func nextMissingRun(from position: UInt64, maximum: UInt64) -> (UInt64, UInt64)? {
+    state.withLock {
+      guard let start = current.nextClear(from: position) ?? current.nextClear(from: 0) else { return nil }
+      let limit = min(start + maximum, geometry.blockCount)
+      return (start, current.nextSet(from: start, before: limit) ?? limit)
+    }
+  }
 }
 
-/// What hydration knows of the backup's zeros: the window last asked
-/// about, its zero runs, and the count of divergent writes when asked.
-private struct HydrationAllocation {
-  var available = true
-  var window: Range<UInt64> = 0..<0
-  var zeroRuns: [Range<UInt64>] = []
-  var generation = -1
+/// Hydration's shared state: where the next run starts, what the backup
+/// said of its zeros in the window last asked about (and the count of
+/// divergent writes then), and the bytes copied, for the rate.
+private final class HydrationPlan: @unchecked Sendable {
+  let engine: RestoreEngine
+  let rate: UInt64
+  private let lock = Monitor()
+  private let batchBlocks: UInt64
+  /// One block status request covers this many blocks (64 MiB).
+  private let windowBlocks: UInt64
+  private var position: UInt64 = 0
+  private var available = true
+  private var window: Range<UInt64> = 0..<0
+  private var zeroRuns: [Range<UInt64>] = []
+  private var generation = -1
+  private let started = Instant.now()
+  private var copiedBytes: UInt64 = 0
 
-  mutating func ask(_ engine: RestoreEngine, from start: UInt64, blocks: UInt64) {
-    let end = min(start + blocks, engine.geometry.blockCount)
+  init(engine: RestoreEngine, rate: UInt64) {
+    self.engine = engine
+    self.rate = rate
+    batchBlocks = UInt64(max(1, (1 << 20) / Int(engine.geometry.blockSize)))
+    windowBlocks = max(batchBlocks, UInt64((64 << 20) / Int(engine.geometry.blockSize)))
+  }
+
+  /// The next run to hydrate, with the zero runs known around it and the
+  /// generation they were asked at; nil when every block is current.
+  func next() -> (Range<UInt64>, [Range<UInt64>], Int)? {
+    lock.lock()
+    defer { lock.unlock() }
+    guard let (start, end) = engine.nextMissingRun(from: position, maximum: batchBlocks) else { return nil }
+    position = end >= engine.geometry.blockCount ? 0 : end
+    if available && !window.contains(start) { ask(from: start) }
+    return (start..<end, window.contains(start) ? zeroRuns : [], generation)
+  }
+
+  /// Counts `bytes` about to be copied against the rate, and waits until
+  /// they are due.
+  func admit(_ bytes: UInt64, shouldStop: () -> Bool) {
+    guard rate > 0 else { return }
+    let due = lock.withLock { () -> Double in
+      copiedBytes += bytes
+      return Double(copiedBytes) / Double(rate)
+    }
+    while !shouldStop() {
+      let wait = due - started.secondsAgo
+      if wait <= 0 { return }
+      usleep(UInt32(min(0.5, wait) * 1e6))
+    }
+  }
+
+  /// Bytes admitted but not copied after all (zeroed, or not fetched).
+  func giveBack(_ bytes: UInt64) {
+    guard rate > 0, bytes > 0 else { return }
+    lock.withLock { copiedBytes -= min(bytes, copiedBytes) }
+  }
+
+  /// Asks the backup about the window from `start` (the lock held).
+  private func ask(from start: UInt64) {
+    let end = min(start + windowBlocks, engine.geometry.blockCount)
     let (offset, length) = engine.geometry.byteRange(blocks: start, count: end - start)
     generation = engine.divergentWriteCount
     do {
       guard let runs = try engine.backup.backupAllocation(offset: offset, length: UInt32(length)) else {
         available = false
         engine.log("the backup gives no block status (base:allocation): hydration copies every block")
-        forget()
+        forgetLocked()
         return
       }
       // The runs may cover only the start of the window: the rest is
@@ -818,12 +882,14 @@ private struct HydrationAllocation {
     } catch {
       // Asked again for the next window; meanwhile everything is copied.
       engine.log("hydration: no block status from the backup for now (\(error)); copying these blocks")
-      forget()
+      forgetLocked()
       window = start..<end
     }
   }
 
-  mutating func forget() {
+  func forget() { lock.withLock { forgetLocked() } }
+
+  private func forgetLocked() {
     window = 0..<0
     zeroRuns = []
   }
