@@ -782,6 +782,36 @@ final class RestoreReadThroughCLITests: XCTestCase {
     XCTAssertLessThan(Int(st.st_blocks) * 512, 8 << 20, "the primary's zeros take space")
   }
 
+  /// Hydration meets a backup that fails every read for a while: it says
+  /// so in a few lines (not one per worker and second), copies nothing
+  /// wrong, and completes once the backup answers again.
+  func testHydrationRidesOutBackupErrors() throws {
+    try require("nbdkit")
+    let r = try RRTRig(size: 16 << 20, seed: 12)
+    rigs.append(r)
+    let trigger = r.s.path("error.trigger")
+    _ = FileManager.default.createFile(atPath: trigger, contents: Data())
+    try r.startBackup(.nbdkit(filters: ["error"], parameters: ["error-rate=100%", "error-file=\(trigger)"]))
+    try r.startServer(["--hydrate", "--progress-interval", "0"])
+    RRTEnv.sleep(3)
+    let failing = r.log
+    let lines = failing.split(separator: "\n").filter { $0.contains("hydration: ") }
+    XCTAssertGreaterThanOrEqual(lines.count, 1, "no failure said:\n\(failing)")
+    XCTAssertLessThanOrEqual(lines.count, 2, "a line per failure:\n\(failing)")
+    XCTAssertFalse(failing.contains("hydration done"), failing)
+    try FileManager.default.removeItem(atPath: trigger)
+    var done = false
+    let end = RRTEnv.monotonic() + 60
+    while !done && RRTEnv.monotonic() < end {
+      done = r.log.contains("hydration done")
+      if !done { RRTEnv.sleep(0.1) }
+    }
+    XCTAssertTrue(done, "hydration did not finish after the backup recovered:\n\(r.log)")
+    r.stopServer()
+    RRTBytes.assertEqual(try r.primaryData(), r.original, "the primary after hydration through errors")
+    XCTAssertEqual(try r.mapStats()["set_blocks"] as? Int, r.blockCount)
+  }
+
   // MARK: 9. kill -9
 
   /// The byte at `q` of write `w`'s data (the writer's pattern: 16-byte

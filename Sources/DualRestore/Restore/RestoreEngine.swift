@@ -727,7 +727,11 @@ public final class RestoreEngine: @unchecked Sendable {
         plan.giveBack(length - copied)
       } catch {
         plan.giveBack(length - copied)
-        log("hydration: \(error); retrying in 1 s")
+        if let more = plan.failureToLog() {
+          log(
+            "hydration: \(error)\(more > 0 ? " (and \(more) other failure(s) since the last such line)" : ""); retrying"
+          )
+        }
         plan.forget()
         sleep(1)
       }
@@ -819,6 +823,9 @@ private final class HydrationPlan: @unchecked Sendable {
   private var generation = -1
   private let started = Instant.now()
   private var copiedBytes: UInt64 = 0
+  /// Failures are logged at most every 10 s (16 workers fail together).
+  private var lastFailureLogged: Double?
+  private var failuresNotLogged = 0
 
   init(engine: RestoreEngine, rate: UInt64) {
     self.engine = engine
@@ -853,6 +860,21 @@ private final class HydrationPlan: @unchecked Sendable {
     }
   }
 
+  /// Whether a failure gets a log line, and how many went unlogged since
+  /// the last: nil when it is too soon.
+  func failureToLog() -> Int? { lock.withLock { failureToLogLocked() } }
+
+  private func failureToLogLocked() -> Int? {
+    let now = monotonicSeconds()
+    if let last = lastFailureLogged, now - last < 10 {
+      failuresNotLogged += 1
+      return nil
+    }
+    lastFailureLogged = now
+    defer { failuresNotLogged = 0 }
+    return failuresNotLogged
+  }
+
   /// Bytes admitted but not copied after all (zeroed, or not fetched).
   func giveBack(_ bytes: UInt64) {
     guard rate > 0, bytes > 0 else { return }
@@ -881,7 +903,11 @@ private final class HydrationPlan: @unchecked Sendable {
       zeroRuns = engine.zeroBlocks(in: runs, from: start)
     } catch {
       // Asked again for the next window; meanwhile everything is copied.
-      engine.log("hydration: no block status from the backup for now (\(error)); copying these blocks")
+      if let more = failureToLogLocked() {
+        engine.log(
+          "hydration: no block status from the backup for now (\(error))"
+            + (more > 0 ? " (and \(more) other failure(s) since the last such line)" : "") + "; copying these blocks")
+      }
       forgetLocked()
       window = start..<end
     }
