@@ -782,6 +782,50 @@ final class RestoreReadThroughCLITests: XCTestCase {
     XCTAssertLessThan(Int(st.st_blocks) * 512, 8 << 20, "the primary's zeros take space")
   }
 
+  /// kill -9 during hydration of a sparse backup onto a disk full of old
+  /// bytes, several times, then a run to the end: the zeros are zeros,
+  /// the data is the backup's, the map full.
+  func testKillDuringSparseHydrationThenRestart() throws {
+    try require("nbdkit")
+    let size = 32 << 20
+    var image = Data(count: size)
+    let pieces = [(65536 * 5 + 100, 70_000), (9 << 20, 2 << 20), (size - 65536, 65536)]
+    for (i, (offset, count)) in pieces.enumerated() {
+      image.replaceSubrange(offset..<offset + count, with: RRTBytes.random(count, seed: 800 + UInt64(i)))
+    }
+    let r = try RRTRig(size: size, seed: 80, backup: image)
+    rigs.append(r)
+    unlink(r.backupPath)
+    try r.makeSparse(r.backupPath, size: size)
+    let h = try FileHandle(forWritingTo: URL(fileURLWithPath: r.backupPath))
+    for (offset, count) in pieces {
+      try h.seek(toOffset: UInt64(offset))
+      try h.write(contentsOf: image[offset..<offset + count])
+    }
+    try h.close()
+    // The replacement disk still holds old bytes everywhere.
+    try RRTBytes.random(size, seed: 81).write(to: URL(fileURLWithPath: r.primaryPath))
+    try r.startBackup(.nbdkit(filters: ["delay"], parameters: ["delay-read=20ms"]))
+    // Paced, so that each kill meets the copy under way.
+    for (round, pause) in [0.08, 0.23, 0.15].enumerated() {
+      try r.startServer(round == 0 ? ["--hydrate", "--hydrate-rate", "1M", "--progress-interval", "0"] : [])
+      RRTEnv.sleep(pause)
+      r.killServer()
+      XCTAssertFalse(r.log.contains("hydration done"), "round \(round) ended before the kill:\n\(r.log)")
+    }
+    try r.startServer()
+    var done = false
+    let end = RRTEnv.monotonic() + 60
+    while !done && RRTEnv.monotonic() < end {
+      done = r.log.contains("hydration done") || r.log.contains("every block is current")
+      if !done { RRTEnv.sleep(0.1) }
+    }
+    XCTAssertTrue(done, "hydration did not finish after the restarts:\n\(r.allLogs)")
+    r.stopServer()
+    RRTBytes.assertEqual(try r.primaryData(), image, "the primary after hydration with kills")
+    XCTAssertEqual(try r.mapStats()["set_blocks"] as? Int, r.blockCount)
+  }
+
   /// Hydration meets a backup that fails every read for a while: it says
   /// so in a few lines (not one per worker and second), copies nothing
   /// wrong, and completes once the backup answers again.

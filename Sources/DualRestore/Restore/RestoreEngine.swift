@@ -706,9 +706,13 @@ public final class RestoreEngine: @unchecked Sendable {
         continue
       }
       guard let (run, zeroRuns, generation) = plan.next() else { return }
-      // The run's bytes are counted against the rate before it is fetched
-      // (what is zeroed instead, or not fetched at all, is given back).
-      let length = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count)).length
+      // The bytes the run should bring over the link (less what the backup
+      // said is zeros) are counted against the rate before it is fetched;
+      // what does not come after all is given back.
+      let zeroed = zeroRuns.reduce(UInt64(0)) {
+        $0 + UInt64(max(0, Int64(min($1.upperBound, run.upperBound)) - Int64(max($1.lowerBound, run.lowerBound))))
+      }
+      let length = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count) - zeroed).length
       plan.admit(length, shouldStop: shouldStop)
       guard locks.tryLock(run) else {
         // Being fetched by another worker, or held by a client.
@@ -724,9 +728,9 @@ public final class RestoreEngine: @unchecked Sendable {
       var copied: UInt64 = 0
       do {
         for m in missingRuns(run) { copied += try fetchOrZero(m, zeroRuns: zeros) }
-        plan.giveBack(length - copied)
+        plan.giveBack(length - min(copied, length))
       } catch {
-        plan.giveBack(length - copied)
+        plan.giveBack(length - min(copied, length))
         if let more = plan.failureToLog() {
           log(
             "hydration: \(error)\(more > 0 ? " (and \(more) other failure(s) since the last such line)" : ""); retrying"
