@@ -59,6 +59,28 @@ final class RestoreReadThroughCLITests: XCTestCase {
     )
   }
 
+  /// A rig whose backup image is sparse: zeros but for `pieces` (offset,
+  /// length) of seeded random bytes, which are holes in the file. Returns
+  /// the rig and the backup's content.
+  func sparseBackupRig(size: Int, seed: UInt64, pieces: [(Int, Int)]) throws -> (RRTRig, Data) {
+    var image = Data(count: size)
+    for (i, (offset, count)) in pieces.enumerated() {
+      image.replaceSubrange(offset..<offset + count, with: RRTBytes.random(count, seed: seed * 10 + UInt64(i)))
+    }
+    let r = try RRTRig(size: size, seed: seed, backup: image)
+    rigs.append(r)
+    unlink(r.backupPath)
+    try r.makeSparse(r.backupPath, size: size)
+    let h = try FileHandle(forWritingTo: URL(fileURLWithPath: r.backupPath))
+    for (offset, count) in pieces {
+      try h.seek(toOffset: UInt64(offset))
+      try h.write(contentsOf: image[offset..<offset + count])
+    }
+    try h.synchronize()
+    try h.close()
+    return (r, image)
+  }
+
   /// The expected image: `base` with writes applied.
   func applying(_ writes: [(Int, Data)], to base: Data) -> Data {
     var d = base
@@ -706,15 +728,7 @@ final class RestoreReadThroughCLITests: XCTestCase {
       print('OK')
       """)
     XCTAssertEqual(w.status, 0, "\(w.summary)\nlog:\n\(r.log)")
-    var complete = false
-    let end = RRTEnv.monotonic() + 60
-    while RRTEnv.monotonic() < end {
-      if r.log.contains("every block is current") || r.log.contains("hydration done") {
-        complete = true
-        break
-      }
-      RRTEnv.sleep(0.1)
-    }
+    let complete = r.waitForLog("every block is current", "hydration done")
     XCTAssertTrue(complete, "hydration did not finish in 60 s:\n\(r.log)")
     r.stopServer()
     let expected = applying(writes, to: r.original)
@@ -729,33 +743,12 @@ final class RestoreReadThroughCLITests: XCTestCase {
   func testHydrationDoesNotCopyTheBackupsZeros() throws {
     try require("nbdkit")
     let size = 64 << 20
-    var image = Data(count: size)
     // Data in a few places (blocks of 64 KiB): partial blocks, a run, the end.
     let pieces = [(70_000, 5000), (3 << 20, 1 << 20), (40 << 20 + 65536 * 3, 65536), (size - 100, 100)]
-    for (i, (offset, count)) in pieces.enumerated() {
-      image.replaceSubrange(offset..<offset + count, with: RRTBytes.random(count, seed: 700 + UInt64(i)))
-    }
-    let r = try RRTRig(size: size, seed: 70, backup: image)
-    rigs.append(r)
-    // The backup image sparse: holes where it is zero.
-    unlink(r.backupPath)
-    try r.makeSparse(r.backupPath, size: size)
-    let h = try FileHandle(forWritingTo: URL(fileURLWithPath: r.backupPath))
-    for (offset, count) in pieces {
-      try h.seek(toOffset: UInt64(offset))
-      try h.write(contentsOf: image[offset..<offset + count])
-    }
-    try h.synchronize()
-    try h.close()
+    let (r, image) = try sparseBackupRig(size: size, seed: 70, pieces: pieces)
     try r.startBackup(.nbdkit(filters: ["log"], parameters: []))
     try r.startServer(["--hydrate", "--progress-interval", "0"])
-    var done = false
-    let end = RRTEnv.monotonic() + 60
-    while !done && RRTEnv.monotonic() < end {
-      done = r.log.contains("hydration done")
-      if !done { RRTEnv.sleep(0.1) }
-    }
-    XCTAssertTrue(done, "hydration did not finish in 60 s:\n\(r.log)")
+    XCTAssertTrue(r.waitForLog("hydration done"), "hydration did not finish in 60 s:\n\(r.log)")
     r.stopServer()
     RRTBytes.assertEqual(try r.primaryData(), image, "the primary after hydration")
     XCTAssertEqual(try r.mapStats()["set_blocks"] as? Int, r.blockCount)
@@ -788,21 +781,8 @@ final class RestoreReadThroughCLITests: XCTestCase {
   func testKillDuringSparseHydrationThenRestart() throws {
     try require("nbdkit")
     let size = 32 << 20
-    var image = Data(count: size)
     let pieces = [(65536 * 5 + 100, 70_000), (9 << 20, 2 << 20), (size - 65536, 65536)]
-    for (i, (offset, count)) in pieces.enumerated() {
-      image.replaceSubrange(offset..<offset + count, with: RRTBytes.random(count, seed: 800 + UInt64(i)))
-    }
-    let r = try RRTRig(size: size, seed: 80, backup: image)
-    rigs.append(r)
-    unlink(r.backupPath)
-    try r.makeSparse(r.backupPath, size: size)
-    let h = try FileHandle(forWritingTo: URL(fileURLWithPath: r.backupPath))
-    for (offset, count) in pieces {
-      try h.seek(toOffset: UInt64(offset))
-      try h.write(contentsOf: image[offset..<offset + count])
-    }
-    try h.close()
+    let (r, image) = try sparseBackupRig(size: size, seed: 80, pieces: pieces)
     // The replacement disk still holds old bytes everywhere.
     try RRTBytes.random(size, seed: 81).write(to: URL(fileURLWithPath: r.primaryPath))
     try r.startBackup(.nbdkit(filters: ["delay"], parameters: ["delay-read=20ms"]))
@@ -814,12 +794,7 @@ final class RestoreReadThroughCLITests: XCTestCase {
       XCTAssertFalse(r.log.contains("hydration done"), "round \(round) ended before the kill:\n\(r.log)")
     }
     try r.startServer()
-    var done = false
-    let end = RRTEnv.monotonic() + 60
-    while !done && RRTEnv.monotonic() < end {
-      done = r.log.contains("hydration done") || r.log.contains("every block is current")
-      if !done { RRTEnv.sleep(0.1) }
-    }
+    let done = r.waitForLog("hydration done", "every block is current")
     XCTAssertTrue(done, "hydration did not finish after the restarts:\n\(r.allLogs)")
     r.stopServer()
     RRTBytes.assertEqual(try r.primaryData(), image, "the primary after hydration with kills")
@@ -844,13 +819,7 @@ final class RestoreReadThroughCLITests: XCTestCase {
     XCTAssertLessThanOrEqual(lines.count, 2, "a line per failure:\n\(failing)")
     XCTAssertFalse(failing.contains("hydration done"), failing)
     try FileManager.default.removeItem(atPath: trigger)
-    var done = false
-    let end = RRTEnv.monotonic() + 60
-    while !done && RRTEnv.monotonic() < end {
-      done = r.log.contains("hydration done")
-      if !done { RRTEnv.sleep(0.1) }
-    }
-    XCTAssertTrue(done, "hydration did not finish after the backup recovered:\n\(r.log)")
+    XCTAssertTrue(r.waitForLog("hydration done"), "hydration did not finish after the backup recovered:\n\(r.log)")
     r.stopServer()
     RRTBytes.assertEqual(try r.primaryData(), r.original, "the primary after hydration through errors")
     XCTAssertEqual(try r.mapStats()["set_blocks"] as? Int, r.blockCount)

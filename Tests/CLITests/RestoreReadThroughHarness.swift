@@ -377,6 +377,17 @@ final class RRTRig {
     }
   }
 
+  /// Waits up to `seconds` for the latest start's log to say one of `texts`.
+  func waitForLog(_ texts: String..., seconds: Double = 60) -> Bool {
+    let end = RRTEnv.monotonic() + seconds
+    while true {
+      let text = log
+      if texts.contains(where: { text.contains($0) }) { return true }
+      if RRTEnv.monotonic() >= end { return false }
+      RRTEnv.sleep(0.1)
+    }
+  }
+
   func killServer() {
     server?.kill9()
     server = nil

@@ -485,7 +485,8 @@ final class FuzzRegressionTests: XCTestCase {
     }
     let status = be32(7) + be32(65536) + be32(3) + be32(983_040) + be32(0)
     func outcome(_ replies: [UInt8], _ start: [UInt8] = hello) -> String {
-      guard let e = FuzzEntryPoints.negotiateNBDAllocation(start + replies, timeout: 1, repliesFrom: start.count)
+      guard
+        let e = FuzzEntryPoints.negotiateNBD(start + replies, timeout: 1, repliesFrom: start.count, allocation: true)
       else { return "accepted" }
       let prefix = "nbd+unix:///disk?socket=\(FuzzRegressionTests.peer): block status of 1048576 bytes at 0 failed: "
       return e.hasPrefix(prefix) ? String(e.dropFirst(prefix.count)) : e

@@ -38,6 +38,7 @@
 import CShim
 import Dispatch
 import Glibc
+import Synchronization
 
 public final class NBDClient: BlockSource, @unchecked Sendable {
   public let uri: NBDURI
@@ -193,11 +194,8 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
     guard hasAllocation else { throw ToolkitError("\(name): the server does not report base:allocation") }
     guard length > 0 else { return [] }
     try checkRange(NBD.cmdBlockStatus, offset: offset, length: Int(length))
-    let deadline = monotonicSeconds() + timeout
-    let (c, slot) = try submit(
-      NBD.cmdBlockStatus, flags: 0, offset: offset, length: Int(length), into: nil, from: nil, deadline: deadline)
-    let outcome = c.finish(slot, deadline: deadline, timeout: timeout)
-    if let error = failure(NBD.cmdBlockStatus, offset: offset, length: Int(length), outcome) { throw error }
+    let outcome = try request(
+      NBD.cmdBlockStatus, flags: 0, offset: offset, length: Int(length), into: nil, from: nil)
     // Clipped to the range asked for; the first run must be there.
     var runs: [Extent] = []
     var left = length
@@ -370,20 +368,19 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
     }
   }
 
-  /// One request on the wire, waited for.
+  /// One request on the wire, waited for; how it ended, when it worked.
+  @discardableResult
   private func request(
     _ command: UInt16, flags: UInt16, offset: UInt64, length: Int,
     into: UnsafeMutableRawPointer?, from: UnsafeRawPointer?, file: FileTarget? = nil
-  ) throws {
+  ) throws -> NBDClientOutcome {
     let deadline = monotonicSeconds() + timeout
     let (c, slot) = try submit(
       command, flags: flags, offset: offset, length: length, into: into, from: from, file: file,
       deadline: deadline)
-    if let error = failure(
-      command, offset: offset, length: length, c.finish(slot, deadline: deadline, timeout: timeout))
-    {
-      throw error
-    }
+    let outcome = c.finish(slot, deadline: deadline, timeout: timeout)
+    if let error = failure(command, offset: offset, length: length, outcome) { throw error }
+    return outcome
   }
 
   /// The error a finished request ends with, if any.
@@ -612,7 +609,7 @@ fileprivate final class NBDClientSlot {
   var wantsExtents = false
   var extents: [Extent] = []
   /// The connection's file-writing time when the request was registered.
-  var fileWriteMark = 0.0
+  var fileWriteMark: UInt64 = 0
 
   init(index: Int) { self.index = index }
 }
@@ -649,10 +646,10 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
   /// Why the server was found breaking the protocol (a reply with a bad
   /// magic or an unknown cookie), when that is what ended the connection.
   private var violation: String?
-  /// Seconds the reader has spent writing READ replies into files: the
+  /// Time the reader has spent writing READ replies into files: the
   /// replies behind it wait for the local disk, not for the server, and
   /// that time does not count against their limit.
-  private var fileWriteSeconds = 0.0
+  private let fileWriteNanoseconds = Atomic<UInt64>(0)
 
   init(socket: Socket, export: NBDClientExport) {
     self.socket = socket
@@ -730,7 +727,7 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
     slot.fileErrno = 0
     slot.wantsExtents = extents
     slot.extents.removeAll(keepingCapacity: true)
-    slot.fileWriteMark = fileWriteSeconds
+    slot.fileWriteMark = fileWriteNanoseconds.load(ordering: .relaxed)
     return slot
   }
 
@@ -814,7 +811,7 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
       lock.lock()
       // Time the reader spent writing files since the request began is
       // the local disk's, not the server's: it is added to the limit.
-      let writing = fileWriteSeconds - slot.fileWriteMark
+      let writing = Double(fileWriteNanoseconds.load(ordering: .relaxed) &- slot.fileWriteMark) / 1e9
       if writing > excused + 0.001 {
         deadline += writing - excused
         excused = writing
@@ -1154,12 +1151,11 @@ fileprivate final class NBDClientConnection: @unchecked Sendable {
     return nil
   }
 
-  /// Runs a write to a file, counting its time in `fileWriteSeconds`.
+  /// Runs a write to a file, counting its time in `fileWriteNanoseconds`.
   private func writingFile<T>(_ body: () -> T) -> T {
-    let start = monotonicSeconds()
+    let start = DispatchTime.now().uptimeNanoseconds
     let result = body()
-    let spent = monotonicSeconds() - start
-    lock.withLock { fileWriteSeconds += spent }
+    fileWriteNanoseconds.wrappingAdd(DispatchTime.now().uptimeNanoseconds &- start, ordering: .relaxed)
     return result
   }
 

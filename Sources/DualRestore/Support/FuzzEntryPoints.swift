@@ -212,13 +212,27 @@ public enum FuzzEntryPoints {
   /// `timeout` is the client's: a request that fails is retried (on new
   /// connections, which the peer closes at once) until it has passed.
   /// With `repliesFrom`, the bytes from there on are held back until the
-  /// client has sent a request (a reply cannot come before it).
-  public static func negotiateNBD(_ bytes: [UInt8], timeout: Double = 0.2, repliesFrom: Int? = nil) -> String? {
+  /// client has sent a request (a reply cannot come before it). With
+  /// `allocation`, the client is opened for block status (structured
+  /// replies, base:allocation) and, when given it, asks for that of the
+  /// first MiB instead.
+  public static func negotiateNBD(
+    _ bytes: [UInt8], timeout: Double = 0.2, repliesFrom: Int? = nil, allocation: Bool = false
+  ) -> String? {
     let peer = FuzzNBDPeer.shared
     peer.serve(bytes, repliesFrom: repliesFrom)
     do {
-      let client = try NBDClient(uri: "nbd+unix:///disk?socket=\(peer.path)", timeout: timeout)
+      let client = try NBDClient(
+        uri: "nbd+unix:///disk?socket=\(peer.path)", timeout: timeout, allocation: allocation)
       defer { client.close() }
+      if allocation {
+        if client.hasAllocation && client.size > 0 {
+          let runs = try client.allocation(offset: 0, length: UInt32(min(client.size, 1 << 20)))
+          let total = runs.reduce(UInt64(0)) { $0 + UInt64($1.length) }
+          precondition(!runs.isEmpty && total <= min(client.size, 1 << 20), "block status outside the range asked")
+        }
+        return nil
+      }
       let length = Int(min(client.size, 4096))
       if length > 0 {
         let buffer = AlignedBuffer(count: length)
@@ -226,30 +240,6 @@ public enum FuzzEntryPoints {
         if !client.isReadOnly { try client.write(UnsafeRawBufferPointer(buffer.buffer), at: 0) }
       }
       if client.canFlush { try client.flush() }
-      return nil
-    } catch {
-      return "\(error)"
-    }
-  }
-
-  /// As negotiateNBD, for a client opened for allocation: it asks for
-  /// structured replies and base:allocation and, when given them, the
-  /// block status of the first MiB. Returns the client's error, nil when
-  /// all worked.
-  public static func negotiateNBDAllocation(_ bytes: [UInt8], timeout: Double = 0.2, repliesFrom: Int? = nil)
-    -> String?
-  {
-    let peer = FuzzNBDPeer.shared
-    peer.serve(bytes, repliesFrom: repliesFrom)
-    do {
-      let client = try NBDClient(
-        uri: "nbd+unix:///disk?socket=\(peer.path)", timeout: timeout, allocation: true)
-      defer { client.close() }
-      if client.hasAllocation && client.size > 0 {
-        let runs = try client.allocation(offset: 0, length: UInt32(min(client.size, 1 << 20)))
-        let total = runs.reduce(UInt64(0)) { $0 + UInt64($1.length) }
-        precondition(!runs.isEmpty && total <= min(client.size, 1 << 20), "block status outside the range asked")
-      }
       return nil
     } catch {
       return "\(error)"

@@ -83,6 +83,6 @@ public func runOnce(_ target: FuzzTarget, _ bytes: [UInt8]) {
   case .nbdClient:
     _ = FuzzEntryPoints.negotiateNBD(bytes)
   case .nbdClientStatus:
-    _ = FuzzEntryPoints.negotiateNBDAllocation(bytes)
+    _ = FuzzEntryPoints.negotiateNBD(bytes, allocation: true)
   }
 }
