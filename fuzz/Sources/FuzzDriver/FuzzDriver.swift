@@ -3,7 +3,7 @@
 // libFuzzer cannot provide main itself), and one function per target that
 // runs an input through the library's fuzz entry points.
 
-import DualRestore
+import DualRestoreFuzz
 import Glibc
 
 @_silgen_name("LLVMFuzzerRunDriver")
