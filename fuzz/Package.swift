@@ -1,6 +1,7 @@
 // swift-tools-version:6.0
 // Fuzz targets for the readers of hostile input: block streams (plain and
-// encrypted), maps, ddrescue mapfiles, signatures, and both sides of NBD.
+// encrypted), maps, ddrescue mapfiles, signatures, both sides of NBD, and
+// the merge export's names and report.
 // Built with libFuzzer and AddressSanitizer by scripts/fuzz; not part of the
 // normal build, which never sees this package. The entry points themselves
 // are the DualRestoreFuzz library of the main package (it reaches the
@@ -9,7 +10,7 @@ import PackageDescription
 
 let targets = [
   "stream", "stream-encrypted", "map", "ddrescue", "signature", "nbd-server", "nbd-client",
-  "nbd-client-status",
+  "nbd-client-status", "merge-export",
 ]
 
 let package = Package(

@@ -2,6 +2,7 @@
 // every refusal, and a report cut or damaged at every byte.
 
 import CShim
+import DualRestoreFuzz
 import XCTest
 
 @testable import DualRestore
@@ -13,7 +14,8 @@ final class MergeExportFormatTests: XCTestCase {
   func testNamesRoundTrip() throws {
     let names: [MergeExportName] = [
       .any,
-      .admit(MergeAdmission(stream: id, base: .none, started: Instant(nanosecondsSinceEpoch: 1), skew: 0, force: false)),
+      .admit(
+        MergeAdmission(stream: id, base: .none, started: Instant(nanosecondsSinceEpoch: 1), skew: 0, force: false)),
       .admit(
         MergeAdmission(
           stream: id, base: base, started: Instant(nanosecondsSinceEpoch: -5), skew: 1_000_000_000, force: true)),
@@ -30,7 +32,8 @@ final class MergeExportFormatTests: XCTestCase {
     let parsed = try MergeExportName(parsing: "merge;started=42;stream=\(id)")
     XCTAssertEqual(
       parsed,
-      .admit(MergeAdmission(stream: id, base: .none, started: Instant(nanosecondsSinceEpoch: 42), skew: 0, force: false)))
+      .admit(
+        MergeAdmission(stream: id, base: .none, started: Instant(nanosecondsSinceEpoch: 42), skew: 0, force: false)))
   }
 
   func testNamesRefused() {
@@ -95,5 +98,23 @@ final class MergeExportFormatTests: XCTestCase {
     XCTAssertThrowsError(try MergeReport(decoding: bytes[...])) { error in
       XCTAssertTrue("\(error)".contains("version 2"), "\(error)")
     }
+  }
+
+  /// The fuzz target's checks hold for what the encoders make, and its
+  /// checksum repair makes a damaged report reach the checks behind it.
+  func testFuzzEntryPoints() {
+    XCTAssertNil(FuzzEntryPoints.parseMergeExportName(Array(MergeExportName.complete(id).encoded.utf8)))
+    XCTAssertEqual(
+      FuzzEntryPoints.parseMergeExportName(Array("merge;x".utf8)), "'x' in the export name is not KEY=VALUE")
+    var report = MergeReport(stream: id)
+    report.dataBlocks = 3
+    XCTAssertNil(FuzzEntryPoints.decodeMergeReport(report.encoded))
+    var damaged = report.encoded
+    damaged[10] = 71
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMergeReport(damaged), "its CRC-32C does not match: it is damaged")
+    XCTAssertEqual(
+      FuzzEntryPoints.decodeMergeReport(FuzzEntryPoints.repairMergeReportChecksum(damaged)),
+      "it says it has 71 bytes, not 72")
   }
 }

@@ -77,7 +77,9 @@ public enum MergeExportName: Equatable, Sendable {
     var fields: [Substring: Substring] = [:]
     for part in parts {
       let kv = part.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-      guard kv.count == 2, !kv[0].isEmpty else { throw .init("'\(part.prefix(64))' in the export name is not KEY=VALUE") }
+      guard kv.count == 2, !kv[0].isEmpty else {
+        throw .init("'\(part.prefix(64))' in the export name is not KEY=VALUE")
+      }
       guard fields.updateValue(kv[1], forKey: kv[0]) == nil else {
         throw .init("\(kv[0].prefix(64)) is given twice in the export name")
       }

@@ -23,6 +23,7 @@ public enum FuzzTarget: String, Sendable {
   case nbdServer = "nbd-server"
   case nbdClient = "nbd-client"
   case nbdClientStatus = "nbd-client-status"
+  case mergeExport = "merge-export"
 }
 
 /// The key the encrypted stream seeds are made with (scripts/fuzz writes it).
@@ -84,5 +85,9 @@ public func runOnce(_ target: FuzzTarget, _ bytes: [UInt8]) {
     _ = FuzzEntryPoints.negotiateNBD(bytes)
   case .nbdClientStatus:
     _ = FuzzEntryPoints.negotiateNBD(bytes, allocation: true)
+  case .mergeExport:
+    _ = FuzzEntryPoints.parseMergeExportName(bytes)
+    _ = FuzzEntryPoints.decodeMergeReport(bytes)
+    _ = FuzzEntryPoints.decodeMergeReport(FuzzEntryPoints.repairMergeReportChecksum(bytes))
   }
 }
