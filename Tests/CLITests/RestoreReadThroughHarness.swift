@@ -1,8 +1,9 @@
-// The harness of RestoreReadThroughCLITests: long-running peers (nbdkit,
-// qemu-nbd, restore-read-through, nbdfuse) as child processes that are always
-// stopped, commands with a time limit (a hung server fails a test instead of
-// hanging the suite), nbdsh snippets, and byte comparisons that say where
-// two images differ.
+// The harness of the restore-read-through tests (RestoreCLITestCase and the
+// Restore*CLITests that inherit it): long-running peers (nbdkit, qemu-nbd,
+// restore-read-through, nbdfuse) as child processes that are always stopped,
+// commands with a time limit (a hung server fails a test instead of hanging
+// the suite), nbdsh snippets, and byte comparisons that say where two images
+// differ.
 
 import Foundation
 import Glibc
