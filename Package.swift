@@ -92,8 +92,11 @@ let package = Package(
     // Times map operations for bench/run; not installed.
     .executableTarget(name: "map-bench", dependencies: ["DualRestore"], path: "bench/map-bench"),
 
-    .testTarget(name: "DualRestoreTests", dependencies: ["DualRestore", "DualRestoreFuzz"]),
-    .testTarget(name: "CLITests", dependencies: ["DualRestore"]),
+    // What both test targets share: the seeded generator, running programs
+    // with a time limit. No product or executable links it.
+    .target(name: "TestSupport", path: "Tests/TestSupport"),
+    .testTarget(name: "DualRestoreTests", dependencies: ["DualRestore", "DualRestoreFuzz", "TestSupport"]),
+    .testTarget(name: "CLITests", dependencies: ["DualRestore", "TestSupport"]),
   ],
   swiftLanguageModes: [.v6]
 )

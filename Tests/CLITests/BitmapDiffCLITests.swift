@@ -2,6 +2,7 @@
 // signatures across files and pipes, loop devices, damaged input.
 
 import Foundation
+import TestSupport
 import XCTest
 
 final class BitmapDiffCLITests: XCTestCase {
@@ -20,48 +21,48 @@ final class BitmapDiffCLITests: XCTestCase {
   func testExitStatusesLikeCmp() throws {
     let s = try Scratch()
     let (a, b) = try makePair(s)
-    let same = try Tools.run("bitmap-diff", ["--extents", a, a])
+    let same = try RRTCommand.run("bitmap-diff", ["--extents", a, a])
     XCTAssertEqual(same.status, 0, same.stderr)
-    XCTAssertEqual(same.text, "")
-    let differ = try Tools.run("bitmap-diff", ["--extents", a, b])
+    XCTAssertEqual(same.stdout, "")
+    let differ = try RRTCommand.run("bitmap-diff", ["--extents", a, b])
     XCTAssertEqual(differ.status, 1, differ.stderr)
     XCTAssertEqual(differ.lines, ["0 65536", "327680 131072", "4128768 65536"])
     assertFails(
-      try Tools.run("bitmap-diff", [a, s.path("missing.img")]), status: 2, mentioning: "missing.img: No such file")
-    let usage = try Tools.run("bitmap-diff", [a])
+      try RRTCommand.run("bitmap-diff", [a, s.path("missing.img")]), status: 2, mentioning: "missing.img: No such file")
+    let usage = try RRTCommand.run("bitmap-diff", [a])
     XCTAssertEqual(usage.status, 2)
     XCTAssertTrue(usage.stderr.contains("give two sources"), usage.stderr)
-    XCTAssertEqual(try Tools.run("bitmap-diff", ["--help"]).status, 0)
+    XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--help"]).status, 0)
   }
 
   func testMapOutputMatchesExtents() throws {
     let s = try Scratch()
     let (a, b) = try makePair(s)
-    let r = try Tools.shell(
-      "bitmap-diff a.img b.img > d.map; echo $? > status; overwrite-map extents d.map", cwd: s.url)
+    let r = try RRTCommand.shell(
+      "bitmap-diff a.img b.img > d.map; echo $? > status; overwrite-map extents d.map", cwd: s.url.path)
     XCTAssertEqual(r.status, 0, r.stderr)
     XCTAssertEqual(String(decoding: try s.read("status"), as: UTF8.self), "1\n")
     XCTAssertEqual(r.lines, ["0 65536", "327680 131072", "4128768 65536"])
-    let stats = try Tools.run("overwrite-map", ["stats", "--json", s.path("d.map")])
-    let o = try XCTUnwrap(JSONSerialization.jsonObject(with: stats.stdout) as? [String: Any])
+    let stats = try RRTCommand.run("overwrite-map", ["stats", "--json", s.path("d.map")])
+    let o = try XCTUnwrap(JSONSerialization.jsonObject(with: stats.data) as? [String: Any])
     XCTAssertEqual(o["meaning"] as? String, "differs")
     XCTAssertEqual(o["device_name"] as? String, "b.img", "the second source, named as given")
     XCTAssertEqual(o["set_blocks"] as? Int, 4)
     // -o FILE gives the same map bits.
-    XCTAssertEqual(try Tools.run("bitmap-diff", ["-o", s.path("o.map"), a, b]).status, 1)
-    XCTAssertEqual(try Tools.run("overwrite-map", ["extents", s.path("o.map")]).lines, r.lines)
+    XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["-o", s.path("o.map"), a, b]).status, 1)
+    XCTAssertEqual(try RRTCommand.run("overwrite-map", ["extents", s.path("o.map")]).lines, r.lines)
   }
 
   func testBlockSizesAndPartialLastBlock() throws {
     let s = try Scratch()
     let (a, b) = try makePair(s, size: 1_000_000, changed: [15])
     // Block 15 at 64 KiB is the partial last block (983040..1000000).
-    XCTAssertEqual(try Tools.run("bitmap-diff", ["--extents", a, b]).lines, ["983040 16960"])
-    XCTAssertEqual(try Tools.run("bitmap-diff", ["--extents", "--block-size", "4K", a, b]).lines, ["983040 4096"])
-    XCTAssertEqual(try Tools.run("bitmap-diff", ["--extents", "--block-size", "512", a, b]).lines, ["983040 512"])
-    XCTAssertEqual(try Tools.run("bitmap-diff", ["--block-size", "1000", a, b]).status, 2)
+    XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--extents", a, b]).lines, ["983040 16960"])
+    XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--extents", "--block-size", "4K", a, b]).lines, ["983040 4096"])
+    XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--extents", "--block-size", "512", a, b]).lines, ["983040 512"])
+    XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--block-size", "1000", a, b]).status, 2)
     // O_DIRECT reads the aligned blocks directly and the partial tail buffered.
-    let direct = try Tools.run("bitmap-diff", ["--direct", "--extents", a, b])
+    let direct = try RRTCommand.run("bitmap-diff", ["--direct", "--extents", a, b])
     if direct.stderr.contains("not supported here") { return }  // a file system without O_DIRECT
     XCTAssertEqual(direct.lines, ["983040 16960"], direct.stderr)
   }
@@ -72,11 +73,11 @@ final class BitmapDiffCLITests: XCTestCase {
     var longer = try s.read("a.img")
     longer.append(Data(repeating: 7, count: 100_000))
     let b = try s.file("b.img", longer)
-    assertFails(try Tools.run("bitmap-diff", [a, b]), status: 2, mentioning: "--allow-size-change")
-    let grown = try Tools.run("bitmap-diff", ["--extents", "--allow-size-change", a, b])
+    assertFails(try RRTCommand.run("bitmap-diff", [a, b]), status: 2, mentioning: "--allow-size-change")
+    let grown = try RRTCommand.run("bitmap-diff", ["--extents", "--allow-size-change", a, b])
     XCTAssertEqual(grown.status, 1)
     XCTAssertEqual(grown.lines, ["1048576 100000"])
-    let shrunk = try Tools.run("bitmap-diff", ["--extents", "--allow-size-change", b, a])
+    let shrunk = try RRTCommand.run("bitmap-diff", ["--extents", "--allow-size-change", b, a])
     XCTAssertEqual(shrunk.status, 1, "the lost tail counts as a difference")
     XCTAssertEqual(shrunk.lines, [])
   }
@@ -87,13 +88,13 @@ final class BitmapDiffCLITests: XCTestCase {
     let sparse = s.path("sparse.img")
     let dense = s.path("dense.img")
     XCTAssertEqual(
-      try Tools.shell("truncate -s 8M sparse.img && head -c 8M /dev/zero > dense.img", cwd: s.url).status, 0)
+      try RRTCommand.shell("truncate -s 8M sparse.img && head -c 8M /dev/zero > dense.img", cwd: s.url.path).status, 0)
     try s.patch("sparse.img", at: 3 << 20, Array(repeating: 9, count: 1000))
     try s.patch("dense.img", at: 3 << 20, Array(repeating: 9, count: 1000))
-    XCTAssertEqual(try Tools.run("bitmap-diff", [sparse, dense, "-o", s.path("m")]).status, 0)
+    XCTAssertEqual(try RRTCommand.run("bitmap-diff", [sparse, dense, "-o", s.path("m")]).status, 0)
     try s.patch("sparse.img", at: 7 << 20, [1])
-    XCTAssertEqual(try Tools.run("bitmap-diff", ["--extents", sparse, dense]).lines, ["7340032 65536"])
-    XCTAssertEqual(try Tools.run("bitmap-diff", ["--extents", dense, sparse]).lines, ["7340032 65536"])
+    XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--extents", sparse, dense]).lines, ["7340032 65536"])
+    XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--extents", dense, sparse]).lines, ["7340032 65536"])
   }
 
   func testSignatureGivesTheSameMapAsTheData() throws {
@@ -103,16 +104,16 @@ final class BitmapDiffCLITests: XCTestCase {
       let size = [4 << 20, 1_000_000, 65536 * 3, 12345][round]
       let changed = (0..<Int(rng.next() % 6)).map { _ in Int(rng.next() % UInt64(max(1, size / 65536 + 1))) }
       let (a, b) = try makePair(s, size: size, changed: changed)
-      let direct = try Tools.run("bitmap-diff", ["--extents", a, b])
-      XCTAssertEqual(try Tools.run("bitmap-diff", ["--signature", "-o", s.path("a.sig"), a]).status, 0)
-      XCTAssertEqual(try Tools.run("bitmap-diff", ["--signature", "-o", s.path("b.sig"), b]).status, 0)
+      let direct = try RRTCommand.run("bitmap-diff", ["--extents", a, b])
+      XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--signature", "-o", s.path("a.sig"), a]).status, 0)
+      XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--signature", "-o", s.path("b.sig"), b]).status, 0)
       for pair in [[s.path("a.sig"), b], [a, s.path("b.sig")], [s.path("a.sig"), s.path("b.sig")]] {
-        let viaSig = try Tools.run("bitmap-diff", ["--extents"] + pair)
+        let viaSig = try RRTCommand.run("bitmap-diff", ["--extents"] + pair)
         XCTAssertEqual(viaSig.status, direct.status, "\(pair): \(viaSig.stderr)")
         XCTAssertEqual(viaSig.lines, direct.lines, "round \(round) \(pair)")
       }
       // The signature streams through a pipe, as over ssh.
-      let piped = try Tools.shell("bitmap-diff --signature a.img | bitmap-diff --extents - b.img", cwd: s.url)
+      let piped = try RRTCommand.shell("bitmap-diff --signature a.img | bitmap-diff --extents - b.img", cwd: s.url.path)
       XCTAssertEqual(piped.lines, direct.lines, piped.stderr)
     }
   }
@@ -121,7 +122,7 @@ final class BitmapDiffCLITests: XCTestCase {
     let s = try Scratch()
     let (a, b) = try makePair(s)
     XCTAssertEqual(
-      try Tools.run(
+      try RRTCommand.run(
         "bitmap-diff", ["--signature", "--digest", "sha512", "--block-size", "4K", "-o", s.path("a.sig"), a]
       ).status, 0)
     // 1024 blocks of 64-byte digests plus header and checksum.
@@ -129,13 +130,13 @@ final class BitmapDiffCLITests: XCTestCase {
     XCTAssertGreaterThan(size, 1024 * 64)
     XCTAssertLessThan(size, 1024 * 64 + 400)
     XCTAssertEqual(
-      try Tools.run("bitmap-diff", ["--extents", s.path("a.sig"), b]).lines,
+      try RRTCommand.run("bitmap-diff", ["--extents", s.path("a.sig"), b]).lines,
       ["0 4096", "327680 4096", "393216 4096", "4128768 4096"])
     assertFails(
-      try Tools.run("bitmap-diff", ["--block-size", "64K", s.path("a.sig"), b]), status: 2,
+      try RRTCommand.run("bitmap-diff", ["--block-size", "64K", s.path("a.sig"), b]), status: 2,
       mentioning: "made with block size 4096, not 65536")
     assertFails(
-      try Tools.run("bitmap-diff", ["--signature", "--digest", "nosuch", "-o", s.path("x.sig"), a]), status: 2,
+      try RRTCommand.run("bitmap-diff", ["--signature", "--digest", "nosuch", "-o", s.path("x.sig"), a]), status: 2,
       mentioning: "digest nosuch is not known")
     XCTAssertFalse(FileManager.default.fileExists(atPath: s.path("x.sig")))
   }
@@ -143,11 +144,11 @@ final class BitmapDiffCLITests: XCTestCase {
   func testDamagedSignaturesAreRefused() throws {
     let s = try Scratch()
     let (a, b) = try makePair(s, size: 1 << 20)
-    try Tools.run("bitmap-diff", ["--signature", "-o", s.path("a.sig"), a])
+    try RRTCommand.run("bitmap-diff", ["--signature", "-o", s.path("a.sig"), a])
     let good = try s.read("a.sig")
     for cut in [0, 5, 40, 100, good.count / 2, good.count - 32, good.count - 1] {
       try s.file("cut.sig", good.prefix(cut))
-      let r = try Tools.run("bitmap-diff", [s.path("cut.sig"), b, "-o", s.path("out.map")])
+      let r = try RRTCommand.run("bitmap-diff", [s.path("cut.sig"), b, "-o", s.path("out.map")])
       XCTAssertEqual(r.status, cut < 8 ? 2 : 2, "cut at \(cut): \(r.stderr)")
       XCTAssertFalse(r.stderr.isEmpty)
       XCTAssertFalse(
@@ -157,8 +158,8 @@ final class BitmapDiffCLITests: XCTestCase {
       var bad = good
       bad[offset] ^= 0x01
       try s.file("bad.sig", bad)
-      let r = try Tools.run("bitmap-diff", ["--extents", s.path("bad.sig"), a])
-      XCTAssertEqual(r.status, 2, "flip at \(offset) accepted: \(r.text)")
+      let r = try RRTCommand.run("bitmap-diff", ["--extents", s.path("bad.sig"), a])
+      XCTAssertEqual(r.status, 2, "flip at \(offset) accepted: \(r.stdout)")
       XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
     }
   }
@@ -168,35 +169,36 @@ final class BitmapDiffCLITests: XCTestCase {
     let image = try s.randomFile("disk.img", size: 8 << 20, seed: 21)
     let copy = try s.file("copy.img", try s.read("disk.img"))
     try LoopDevice.with(image: image) { device in
-      XCTAssertEqual(try Tools.run("bitmap-diff", ["--extents", device, copy]).status, 0)
+      XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--extents", device, copy]).status, 0)
       // Write through the block device, then compare again.
-      let w = try Tools.shell(
+      let w = try RRTCommand.shell(
         "printf 'changed' | dd of=\(device) bs=1 seek=\(5 << 20) conv=notrunc,fsync status=none")
       XCTAssertEqual(w.status, 0, w.stderr)
-      let r = try Tools.run("bitmap-diff", ["--extents", copy, device])
+      let r = try RRTCommand.run("bitmap-diff", ["--extents", copy, device])
       XCTAssertEqual(r.status, 1, r.stderr)
       XCTAssertEqual(r.lines, ["5242880 65536"])
       // The same through O_DIRECT, with a block size below the page size.
-      let direct = try Tools.run("bitmap-diff", ["--direct", "--block-size", "512", "--extents", copy, device])
+      let direct = try RRTCommand.run("bitmap-diff", ["--direct", "--block-size", "512", "--extents", copy, device])
       XCTAssertEqual(direct.status, 1, direct.stderr)
       XCTAssertEqual(direct.lines, ["5242880 512"])
       // A signature of the device compares with the image file.
-      XCTAssertEqual(try Tools.run("bitmap-diff", ["--signature", "-o", s.path("dev.sig"), device]).status, 0)
-      XCTAssertEqual(try Tools.run("bitmap-diff", ["--extents", s.path("dev.sig"), copy]).lines, ["5242880 65536"])
+      XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--signature", "-o", s.path("dev.sig"), device]).status, 0)
+      XCTAssertEqual(
+        try RRTCommand.run("bitmap-diff", ["--extents", s.path("dev.sig"), copy]).lines, ["5242880 65536"])
     }
   }
 
   func testNeverWritesBinaryToATerminal() throws {
-    guard Tools.have("script") else { throw XCTSkip("script(1) from util-linux is needed to get a terminal") }
+    guard RRTEnv.have("script") else { throw XCTSkip("script(1) from util-linux is needed to get a terminal") }
     let s = try Scratch()
     _ = try makePair(s)
     let bin = Tools.path("bitmap-diff")
-    let map = try Tools.shell("script -qec '\(bin) a.img b.img' /dev/null", cwd: s.url)
-    XCTAssertTrue(map.text.contains("refusing to write a binary map to a terminal"), map.text)
-    let sig = try Tools.shell("script -qec '\(bin) --signature a.img' /dev/null", cwd: s.url)
-    XCTAssertTrue(sig.text.contains("refusing to write a binary signature to a terminal"), sig.text)
+    let map = try RRTCommand.shell("script -qec '\(bin) a.img b.img' /dev/null", cwd: s.url.path)
+    XCTAssertTrue(map.stdout.contains("refusing to write a binary map to a terminal"), map.stdout)
+    let sig = try RRTCommand.shell("script -qec '\(bin) --signature a.img' /dev/null", cwd: s.url.path)
+    XCTAssertTrue(sig.stdout.contains("refusing to write a binary signature to a terminal"), sig.stdout)
     // --extents is text and goes to the terminal.
-    let text = try Tools.shell("script -qec '\(bin) --quiet --extents a.img b.img' /dev/null", cwd: s.url)
-    XCTAssertTrue(text.text.contains("327680 131072"), text.text)
+    let text = try RRTCommand.shell("script -qec '\(bin) --quiet --extents a.img b.img' /dev/null", cwd: s.url.path)
+    XCTAssertTrue(text.stdout.contains("327680 131072"), text.stdout)
   }
 }

@@ -12,6 +12,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 final class BlockStatusCLITests: XCTestCase {

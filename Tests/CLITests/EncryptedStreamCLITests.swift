@@ -12,6 +12,7 @@
 
 import CShim
 import Foundation
+import TestSupport
 import XCTest
 
 final class EncryptedStreamCLITests: XCTestCase {
@@ -38,11 +39,11 @@ final class EncryptedStreamCLITests: XCTestCase {
     try s.file("k.key", Data((Self.hexKey + "\n").utf8))
     try s.file("pw", Data("the passphrase of these tests\n".utf8))
     // An overwrite map that started tracking before the stream was read.
-    let created = try Tools.run("overwrite-map", ["create", "--like", "b.img", "m0.map"], cwd: s.url)
+    let created = try RRTCommand.run("overwrite-map", ["create", "--like", "b.img", "m0.map"], cwd: s.url.path)
     XCTAssertEqual(created.status, 0, created.stderr)
     let keyOption = passphrase ? ["--passphrase-file", "pw"] : ["--key-file", "k.key"]
-    let r = try Tools.run(
-      "snapshot", ["--quiet", "--encrypt"] + keyOption + ["-o", "good.stream", "a.img"], cwd: s.url)
+    let r = try RRTCommand.run(
+      "snapshot", ["--quiet", "--encrypt"] + keyOption + ["-o", "good.stream", "a.img"], cwd: s.url.path)
     XCTAssertEqual(r.status, 0, r.stderr)
     let good = [UInt8](try s.read("good.stream"))
     let ranges = Self.recordRanges(good)
@@ -82,14 +83,14 @@ final class EncryptedStreamCLITests: XCTestCase {
   ) throws {
     try t.s.file("bad.stream", Data(stream))
     try t.s.file("b.img", t.b0)
-    let check = try Tools.run("merge-snapshot", ["--check"] + key + ["-i", "bad.stream"], cwd: t.s.url)
+    let check = try RRTCommand.run("merge-snapshot", ["--check"] + key + ["-i", "bad.stream"], cwd: t.s.url.path)
     assertFails(check, status: 1, mentioning: fragment, file: file, line: line)
     var args = key + ["-i", "bad.stream", "b.img"]
     if map {
       try t.s.file("m.map", try t.s.read("m0.map"))
       args = ["--map", "m.map"] + args
     }
-    let r = try Tools.run("merge-snapshot", args, cwd: t.s.url)
+    let r = try RRTCommand.run("merge-snapshot", args, cwd: t.s.url.path)
     assertFails(r, status: 1, mentioning: fragment, file: file, line: line)
     XCTAssertEqual(
       r.stderr.split(separator: "\n").count, 1, "one sentence: \(r.stderr.debugDescription)", file: file, line: line)
@@ -124,19 +125,22 @@ final class EncryptedStreamCLITests: XCTestCase {
     for (i, key) in [["--key-file", "hex.key"], ["--key-file", "raw.key"], ["--passphrase-file", "pw"]].enumerated() {
       try s.randomFile("b.img", size: a.count, seed: 100 + UInt64(i))
       let k = key.joined(separator: " ")
-      let r = try Tools.shell("snapshot --quiet --encrypt \(k) a.img | merge-snapshot --quiet \(k) b.img", cwd: s.url)
+      let r = try RRTCommand.shell(
+        "snapshot --quiet --encrypt \(k) a.img | merge-snapshot --quiet \(k) b.img", cwd: s.url.path)
       XCTAssertEqual(r.status, 0, r.stderr)
       XCTAssertEqual(r.stderr, "", "--quiet prints nothing")
       XCTAssertTrue(try s.read("b.img") == a, "\(k): the target differs from the source")
       // Through -o and -i, with --check first; --json says it is encrypted.
-      let snap = try Tools.run("snapshot", ["--json", "--encrypt"] + key + ["-o", "e.stream", "a.img"], cwd: s.url)
+      let snap = try RRTCommand.run(
+        "snapshot", ["--json", "--encrypt"] + key + ["-o", "e.stream", "a.img"], cwd: s.url.path)
       XCTAssertEqual(snap.status, 0, snap.stderr)
-      XCTAssertTrue(snap.text.contains("\"encrypted\": true"), snap.text)
-      let check = try Tools.run("merge-snapshot", ["--check"] + key + ["-i", "e.stream"], cwd: s.url)
+      XCTAssertTrue(snap.stdout.contains("\"encrypted\": true"), snap.stdout)
+      let check = try RRTCommand.run("merge-snapshot", ["--check"] + key + ["-i", "e.stream"], cwd: s.url.path)
       XCTAssertEqual(check.status, 0, check.stderr)
       XCTAssertTrue(check.stderr.contains("verified"), check.stderr)
       try s.randomFile("c.img", size: a.count, seed: 200 + UInt64(i))
-      let merge = try Tools.run("merge-snapshot", ["--quiet"] + key + ["-i", "e.stream", "c.img"], cwd: s.url)
+      let merge = try RRTCommand.run(
+        "merge-snapshot", ["--quiet"] + key + ["-i", "e.stream", "c.img"], cwd: s.url.path)
       XCTAssertEqual(merge.status, 0, merge.stderr)
       XCTAssertTrue(try s.read("c.img") == a, "\(k) through -o and -i")
       // Compressed before it is encrypted: the text and zeros shrink it.
@@ -144,24 +148,25 @@ final class EncryptedStreamCLITests: XCTestCase {
     }
     // Uncompressed, and only the blocks that differ (bitmap-diff's map).
     try s.randomFile("e.img", size: a.count, seed: 400)
-    let uncompressed = try Tools.shell(
+    let uncompressed = try RRTCommand.shell(
       "snapshot --quiet --encrypt --no-compress --key-file hex.key a.img | merge-snapshot --quiet --key-file hex.key e.img",
-      cwd: s.url)
+      cwd: s.url.path)
     XCTAssertEqual(uncompressed.status, 0, uncompressed.stderr)
     XCTAssertTrue(try s.read("e.img") == a, "--no-compress")
     var f = a
     f.replaceSubrange(70000..<70100, with: Data(repeating: 0xAB, count: 100))
     f.replaceSubrange((3 << 20)..<((3 << 20) + 10), with: Data(repeating: 0xCD, count: 10))
     try s.file("f.img", f)
-    let diff = try Tools.shell(
+    let diff = try RRTCommand.shell(
       "bitmap-diff --quiet -o d.map f.img a.img; snapshot --quiet --map d.map --encrypt --key-file hex.key a.img "
-        + "| merge-snapshot --json --key-file hex.key f.img", cwd: s.url)
+        + "| merge-snapshot --json --key-file hex.key f.img", cwd: s.url.path)
     XCTAssertEqual(diff.status, 0, diff.stderr)
     XCTAssertTrue(try s.read("f.img") == a, "the differing blocks, encrypted")
-    XCTAssertTrue(diff.text.contains("\"written_blocks\": 2") && diff.text.contains("\"encrypted\": true"), diff.text)
+    XCTAssertTrue(
+      diff.stdout.contains("\"written_blocks\": 2") && diff.stdout.contains("\"encrypted\": true"), diff.stdout)
     // The plaintext stream still reads as before, without a key.
     try s.randomFile("d.img", size: a.count, seed: 300)
-    let plain = try Tools.shell("snapshot --quiet a.img | merge-snapshot --quiet d.img", cwd: s.url)
+    let plain = try RRTCommand.shell("snapshot --quiet a.img | merge-snapshot --quiet d.img", cwd: s.url.path)
     XCTAssertEqual(plain.status, 0, plain.stderr)
     XCTAssertTrue(try s.read("d.img") == a)
   }
@@ -180,7 +185,8 @@ final class EncryptedStreamCLITests: XCTestCase {
       t, t.good, "the stream is encrypted with a key file, not a passphrase; give --key-file FILE", firstUnwritten: 0,
       key: ["--passphrase-file", "pw"])
     // A key for a plaintext stream is refused.
-    XCTAssertEqual(try Tools.run("snapshot", ["--quiet", "-o", "plain.stream", "a.img"], cwd: t.s.url).status, 0)
+    XCTAssertEqual(
+      try RRTCommand.run("snapshot", ["--quiet", "-o", "plain.stream", "a.img"], cwd: t.s.url.path).status, 0)
     try assertRefused(
       t, [UInt8](try t.s.read("plain.stream")),
       "the stream is not encrypted, so nothing in it is authenticated; refusing it because --key-file was given",
@@ -198,8 +204,8 @@ final class EncryptedStreamCLITests: XCTestCase {
       key: [])
     // The right one merges it.
     try t.s.file("b.img", t.b0)
-    let r = try Tools.run(
-      "merge-snapshot", ["--quiet", "--passphrase-file", "pw", "-i", "good.stream", "b.img"], cwd: t.s.url)
+    let r = try RRTCommand.run(
+      "merge-snapshot", ["--quiet", "--passphrase-file", "pw", "-i", "good.stream", "b.img"], cwd: t.s.url.path)
     XCTAssertEqual(r.status, 0, r.stderr)
     XCTAssertTrue(try t.s.read("b.img") == t.a)
   }
@@ -257,9 +263,9 @@ final class EncryptedStreamCLITests: XCTestCase {
     // Every block came before the END, verified; the stream is not recorded as merged.
     try assertRefused(
       t, bad, at(t, 18) + ": checksum mismatch: the record is damaged", firstUnwritten: Self.blocks, map: true)
-    let stats = try Tools.run("overwrite-map", ["stats", "--json", "m.map"], cwd: t.s.url)
-    XCTAssertTrue(stats.text.contains("\"last_merged_stream\": null"), stats.text)
-    XCTAssertTrue(stats.text.contains("\"set_blocks\": \(Self.blocks)"), stats.text)
+    let stats = try RRTCommand.run("overwrite-map", ["stats", "--json", "m.map"], cwd: t.s.url.path)
+    XCTAssertTrue(stats.stdout.contains("\"last_merged_stream\": null"), stats.stdout)
+    XCTAssertTrue(stats.stdout.contains("\"set_blocks\": \(Self.blocks)"), stats.stdout)
     Self.fixCRC(&bad, end)
     try assertRefused(t, bad, at(t, 18) + ": authentication failed", firstUnwritten: Self.blocks, map: true)
     // The END's record count, forged with a right CRC, fails its tag too.
@@ -300,8 +306,8 @@ final class EncryptedStreamCLITests: XCTestCase {
   func testRecordSplicedFromAnotherStreamUnderTheSameKey() throws {
     let t = try setup()
     try t.s.randomFile("c.img", size: Self.blocks * Self.blockSize, seed: 3)
-    let r = try Tools.run(
-      "snapshot", ["--quiet", "--encrypt", "--key-file", "k.key", "-o", "c.stream", "c.img"], cwd: t.s.url)
+    let r = try RRTCommand.run(
+      "snapshot", ["--quiet", "--encrypt", "--key-file", "k.key", "-o", "c.stream", "c.img"], cwd: t.s.url.path)
     XCTAssertEqual(r.status, 0, r.stderr)
     let other = [UInt8](try t.s.read("c.stream"))
     let otherRanges = Self.recordRanges(other)
@@ -317,8 +323,8 @@ final class EncryptedStreamCLITests: XCTestCase {
     try assertRefused(
       t, Array(t.good[..<t.ranges[7].lowerBound]) + end, at(t, 7) + ": authentication failed", firstUnwritten: 5)
     // The same stream made again (same source, same key) does not lend its records either.
-    let again = try Tools.run(
-      "snapshot", ["--quiet", "--encrypt", "--key-file", "k.key", "-o", "a2.stream", "a.img"], cwd: t.s.url)
+    let again = try RRTCommand.run(
+      "snapshot", ["--quiet", "--encrypt", "--key-file", "k.key", "-o", "a2.stream", "a.img"], cwd: t.s.url.path)
     XCTAssertEqual(again.status, 0, again.stderr)
     let a2 = [UInt8](try t.s.read("a2.stream"))
     let same = Array(t.good[..<t.ranges[7].lowerBound] + a2[t.ranges[7]] + t.good[t.ranges[7].upperBound...])
@@ -357,7 +363,7 @@ final class EncryptedStreamCLITests: XCTestCase {
     try s.file("k.key", Data(Self.hexKey.utf8))
     try s.file("empty", Data("\n".utf8))
     func refused(_ tool: String, _ args: [String], _ fragment: String, status: Int32 = 1, line: UInt = #line) throws {
-      let r = try Tools.run(tool, args, cwd: s.url)
+      let r = try RRTCommand.run(tool, args, cwd: s.url.path)
       assertFails(r, status: status, mentioning: fragment, line: line)
       XCTAssertFalse(FileManager.default.fileExists(atPath: s.path("out.stream")), "no stream written", line: line)
     }
@@ -384,8 +390,8 @@ final class EncryptedStreamCLITests: XCTestCase {
       "give one of --key-file and --passphrase-file, not both", status: 64)
     // The help says where keys come from.
     for tool in ["snapshot", "merge-snapshot"] {
-      let help = try Tools.run(tool, ["--help"])
-      let flat = help.text.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+      let help = try RRTCommand.run(tool, ["--help"])
+      let flat = help.stdout.split(whereSeparator: \.isWhitespace).joined(separator: " ")
       XCTAssertTrue(flat.contains("never from the command line or the environment"), "\(tool) --help: \(flat)")
       XCTAssertTrue(flat.contains("--key-file <file>") && flat.contains("--passphrase-file <file>"), tool)
     }

@@ -5,6 +5,7 @@
 // warning from groff or mandoc, and as the command is typed.
 
 import Foundation
+import TestSupport
 import XCTest
 
 final class InstallCLITests: XCTestCase {
@@ -30,15 +31,15 @@ final class InstallCLITests: XCTestCase {
 
   /// Every regular file and symbolic link under `root`, as paths relative to it.
   static func files(under root: URL) throws -> Set<String> {
-    let found = try Tools.shell("cd '\(root.path)' && find . -type f -o -type l")
+    let found = try RRTCommand.shell("cd '\(root.path)' && find . -type f -o -type l")
     XCTAssertEqual(found.status, 0, found.stderr)
     return Set(found.lines.map { String($0.dropFirst(2)) })
   }
 
-  func install(_ arguments: [String], destdir: String, prefix: String = "/usr") throws -> ToolResult {
+  func install(_ arguments: [String], destdir: String, prefix: String = "/usr") throws -> RRTCommand.Result {
     let script = Self.repository.appendingPathComponent("scripts/install").path
-    return try Tools.runProcess(
-      "/usr/bin/env", ["DESTDIR=\(destdir)", "PREFIX=\(prefix)", script] + arguments, stdin: nil, cwd: nil)
+    return try RRTCommand.run(
+      "/usr/bin/env", ["DESTDIR=\(destdir)", "PREFIX=\(prefix)", script] + arguments)
   }
 
   func testInstallPutsEveryCommandPageAndCompletionInPlaceAndUninstallRemovesExactlyThem() throws {
@@ -82,23 +83,24 @@ final class InstallCLITests: XCTestCase {
 
     // Each command runs from the installed bin directory.
     for command in commands {
-      let help = try Tools.runProcess(
-        prefix.appendingPathComponent("bin/\(command)").path, ["--help"], stdin: nil, cwd: nil)
+      let help = try RRTCommand.run(
+        prefix.appendingPathComponent("bin/\(command)").path, ["--help"])
       XCTAssertEqual(help.status, 0, "\(command) --help: \(help.stderr)")
-      XCTAssertTrue(help.text.contains("USAGE: \(command)"), "\(command) --help: \(help.text)")
+      XCTAssertTrue(help.stdout.contains("USAGE: \(command)"), "\(command) --help: \(help.stdout)")
     }
     // man finds each page in the installed tree, by section and name.
     let manpath = prefix.appendingPathComponent("share/man").path
     for page in pages {
       let name = String(page[..<(page.lastIndex(of: ".") ?? page.endIndex)])
       let section = String(page[page.index(after: page.lastIndex(of: ".") ?? page.startIndex)...])
-      let found = try Tools.shell("man -M '\(manpath)' -w \(section) \(name)")
+      let found = try RRTCommand.shell("man -M '\(manpath)' -w \(section) \(name)")
       XCTAssertEqual(found.status, 0, "man -w \(section) \(name): \(found.stderr)")
       XCTAssertEqual(
-        found.text.trimmingCharacters(in: .whitespacesAndNewlines), "\(manpath)/man\(section)/\(page)")
-      let shown = try Tools.shell("MANWIDTH=80 man -M '\(manpath)' \(section) \(name)")
+        found.stdout.trimmingCharacters(in: .whitespacesAndNewlines), "\(manpath)/man\(section)/\(page)")
+      let shown = try RRTCommand.shell("MANWIDTH=80 man -M '\(manpath)' \(section) \(name)")
       XCTAssertEqual(shown.status, 0, "man \(section) \(name): \(shown.stderr)")
-      XCTAssertTrue(shown.text.contains("NAME") && shown.text.contains(name), "man \(section) \(name): \(shown.text)")
+      XCTAssertTrue(
+        shown.stdout.contains("NAME") && shown.stdout.contains(name), "man \(section) \(name): \(shown.stdout)")
     }
 
     // Uninstall takes back what install put there, and nothing else: the
@@ -108,7 +110,7 @@ final class InstallCLITests: XCTestCase {
     let removed = try install(["--uninstall"], destdir: destdir)
     XCTAssertEqual(removed.status, 0, removed.stderr)
     XCTAssertEqual(try Self.files(under: URL(fileURLWithPath: destdir)), ["usr/bin/someone-else"])
-    let directories = try Tools.shell("cd '\(destdir)' && find . -mindepth 1 -type d")
+    let directories = try RRTCommand.shell("cd '\(destdir)' && find . -mindepth 1 -type d")
     XCTAssertEqual(
       Set(directories.lines.map { String($0.dropFirst(2)) }), ["usr", "usr/bin", "usr/share", "usr/share/man"])
   }
@@ -127,17 +129,18 @@ final class InstallCLITests: XCTestCase {
   }
 
   func testEveryManPageLintsCleanAndShowsTheCommandAsTyped() throws {
-    let lint = try Tools.runProcess(
-      Self.repository.appendingPathComponent("scripts/generate-docs").path, ["--lint"], stdin: nil, cwd: nil)
+    let lint = try RRTCommand.run(
+      Self.repository.appendingPathComponent("scripts/generate-docs").path, ["--lint"])
     XCTAssertEqual(lint.status, 0, "scripts/generate-docs --lint:\n\(lint.stderr)")
-    XCTAssertTrue(lint.text.contains("man lint: \(try Self.pages().count) passed, 0 failed"), lint.text + lint.stderr)
+    XCTAssertTrue(
+      lint.stdout.contains("man lint: \(try Self.pages().count) passed, 0 failed"), lint.stdout + lint.stderr)
 
     let withSubcommands: Set<String> = ["overwrite-map", "tracking-server"]
     for command in try Self.commands() {
       let page = Self.repository.appendingPathComponent("man/\(command).1").path
-      let shown = try Tools.shell("MANWIDTH=200 man -l '\(page)'")
+      let shown = try RRTCommand.shell("MANWIDTH=200 man -l '\(page)'")
       XCTAssertEqual(shown.status, 0, shown.stderr)
-      XCTAssertFalse(shown.text.contains("`"), "\(command).1 shows a backtick")
+      XCTAssertFalse(shown.stdout.contains("`"), "\(command).1 shows a backtick")
       guard let heading = shown.lines.firstIndex(of: "SYNOPSIS"), heading + 1 < shown.lines.count else {
         XCTFail("\(command).1 has no SYNOPSIS")
         continue

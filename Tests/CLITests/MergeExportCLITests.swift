@@ -4,6 +4,7 @@
 // (dualrestore-merge(5)), never the client's guess.
 
 import Foundation
+import TestSupport
 import XCTest
 
 final class MergeExportCLITests: XCTestCase {

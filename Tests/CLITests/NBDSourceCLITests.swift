@@ -2,6 +2,7 @@
 // nbdkit, as they would read a live export or a remote backup.
 
 import Foundation
+import TestSupport
 import XCTest
 
 final class NBDSourceCLITests: XCTestCase {
@@ -16,7 +17,7 @@ final class NBDSourceCLITests: XCTestCase {
 
   /// Serves `image` with nbdkit on a private socket; returns its URI.
   func serve(_ image: String, in s: Scratch) throws -> String {
-    guard Tools.have("nbdkit"), Tools.have("nbdinfo") else {
+    guard RRTEnv.have("nbdkit"), RRTEnv.have("nbdinfo") else {
       throw XCTSkip("nbdkit and nbdinfo (libnbd-bin) are needed")
     }
     let socket = s.path("nbd.sock")
@@ -28,7 +29,7 @@ final class NBDSourceCLITests: XCTestCase {
     server = p
     let uri = "nbd+unix:///?socket=\(socket)"
     for _ in 0..<100 {
-      if try Tools.shell("nbdinfo '\(uri)' >/dev/null 2>&1").status == 0 { return uri }
+      if try RRTCommand.shell("nbdinfo '\(uri)' >/dev/null 2>&1").status == 0 { return uri }
       usleep(100_000)
     }
     XCTFail("nbdkit did not answer")
@@ -44,23 +45,24 @@ final class NBDSourceCLITests: XCTestCase {
     copy[5 << 20] ^= 1
     try s.file("copy.img", copy)
 
-    let diff = try Tools.run("bitmap-diff", ["--quiet", "--extents", uri, s.path("copy.img")])
+    let diff = try RRTCommand.run("bitmap-diff", ["--quiet", "--extents", uri, s.path("copy.img")])
     XCTAssertEqual(diff.status, 1, diff.stderr)
     XCTAssertEqual(diff.lines, ["5242880 65536"])
 
-    let sig = try Tools.shell(
-      "bitmap-diff --quiet --signature '\(uri)' | bitmap-diff --quiet --extents - copy.img", cwd: s.url)
+    let sig = try RRTCommand.shell(
+      "bitmap-diff --quiet --signature '\(uri)' | bitmap-diff --quiet --extents - copy.img", cwd: s.url.path)
     XCTAssertEqual(sig.lines, ["5242880 65536"], sig.stderr)
 
-    let merged = try Tools.shell(
+    let merged = try RRTCommand.shell(
       "truncate -s 6M target.img && snapshot --quiet '\(uri)' | merge-snapshot --quiet target.img && cmp target.img backup.img",
-      cwd: s.url)
-    XCTAssertEqual(merged.status, 0, merged.stderr + merged.text)
+      cwd: s.url.path)
+    XCTAssertEqual(merged.status, 0, merged.stderr + merged.stdout)
 
     assertFails(
-      try Tools.run("bitmap-diff", ["--direct", uri, s.path("copy.img")]), status: 2,
+      try RRTCommand.run("bitmap-diff", ["--direct", uri, s.path("copy.img")]), status: 2,
       mentioning: "--direct applies to files and block devices")
     assertFails(
-      try Tools.run("snapshot", ["nbd+unix:///?socket=\(s.path("nobody.sock"))"]), status: 1, mentioning: "nobody.sock")
+      try RRTCommand.run("snapshot", ["nbd+unix:///?socket=\(s.path("nobody.sock"))"]), status: 1,
+      mentioning: "nobody.sock")
   }
 }

@@ -7,6 +7,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 final class RestoreBackupFaultsCLITests: RestoreCLITestCase {

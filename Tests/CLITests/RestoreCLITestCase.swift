@@ -15,6 +15,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 class RestoreCLITestCase: XCTestCase {

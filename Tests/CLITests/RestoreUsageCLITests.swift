@@ -5,6 +5,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 final class RestoreUsageCLITests: RestoreCLITestCase {

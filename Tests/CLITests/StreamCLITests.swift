@@ -8,6 +8,7 @@
 // bytes (N the source name's length), DATA records of 16 + 16 + payload + 4.
 
 import Foundation
+import TestSupport
 import XCTest
 
 final class StreamCLITests: XCTestCase {
@@ -26,17 +27,19 @@ final class StreamCLITests: XCTestCase {
 
   /// `overwrite-map stats --json MAP`.
   func mapStats(_ map: String, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {
-    let r = try Tools.run("overwrite-map", ["stats", "--json", map])
+    let r = try RRTCommand.run("overwrite-map", ["stats", "--json", map])
     XCTAssertEqual(r.status, 0, r.stderr, file: file, line: line)
-    return try json(r.stdout, file: file, line: line)
+    return try json(r.data, file: file, line: line)
   }
 
-  func extents(_ map: String) throws -> [String] { try Tools.run("overwrite-map", ["extents", map]).lines }
+  func extents(_ map: String) throws -> [String] { try RRTCommand.run("overwrite-map", ["extents", map]).lines }
 
   /// Runs a shell script in the scratch directory and asserts it succeeded.
   @discardableResult
-  func sh(_ s: Scratch, _ script: String, file: StaticString = #filePath, line: UInt = #line) throws -> ToolResult {
-    let r = try Tools.shell(script, cwd: s.url)
+  func sh(_ s: Scratch, _ script: String, file: StaticString = #filePath, line: UInt = #line) throws
+    -> RRTCommand.Result
+  {
+    let r = try RRTCommand.shell(script, cwd: s.url.path)
     XCTAssertEqual(r.status, 0, "\(script): \(r.stderr)", file: file, line: line)
     return r
   }
@@ -49,9 +52,9 @@ final class StreamCLITests: XCTestCase {
   )
     throws -> String
   {
-    let r = try Tools.run("snapshot", extra + ["--json", "-o", s.path(stream), source], cwd: s.url)
+    let r = try RRTCommand.run("snapshot", extra + ["--json", "-o", s.path(stream), source], cwd: s.url.path)
     XCTAssertEqual(r.status, 0, r.stderr, file: file, line: line)
-    let id = try json(r.stdout, file: file, line: line)["stream_id"] as? String
+    let id = try json(r.data, file: file, line: line)["stream_id"] as? String
     XCTAssertEqual(id?.count, 32, file: file, line: line)
     return id ?? ""
   }
@@ -108,11 +111,11 @@ final class StreamCLITests: XCTestCase {
       let r = try sh(s, "snapshot --quiet --block-size \(bs) a.img | merge-snapshot --quiet b.img")
       XCTAssertEqual(r.stderr, "", "--quiet prints nothing")
       XCTAssertTrue(try s.read("b.img") == a, "block size \(bs): the target differs from the source")
-      let diff = try Tools.run("bitmap-diff", ["--extents", s.path("a.img"), s.path("b.img")])
-      XCTAssertEqual(diff.status, 0, "block size \(bs): \(diff.text) \(diff.stderr)")
+      let diff = try RRTCommand.run("bitmap-diff", ["--extents", s.path("a.img"), s.path("b.img")])
+      XCTAssertEqual(diff.status, 0, "block size \(bs): \(diff.stdout) \(diff.stderr)")
     }
     // Into a sparse target of the right size, without compression, through -i and -o.
-    XCTAssertEqual(try Tools.shell("truncate -s \(size) c.img", cwd: s.url).status, 0)
+    XCTAssertEqual(try RRTCommand.shell("truncate -s \(size) c.img", cwd: s.url.path).status, 0)
     try sh(s, "snapshot --quiet --no-compress -o full.stream a.img && merge-snapshot --quiet -i full.stream c.img")
     XCTAssertTrue(try s.read("c.img") == a)
     // The uncompressed stream carries every non-zero byte; the compressed one less.
@@ -145,13 +148,13 @@ final class StreamCLITests: XCTestCase {
       s,
       "mkfifo pipe && { timeout 20 cat pipe > copy.stream & } && snapshot --quiet -o pipe a.img && wait && test -p pipe"
     )
-    let r = try Tools.run("merge-snapshot", ["--quiet", "--check", "-i", s.path("copy.stream")])
+    let r = try RRTCommand.run("merge-snapshot", ["--quiet", "--check", "-i", s.path("copy.stream")])
     XCTAssertEqual(r.status, 0, r.stderr)
-    XCTAssertEqual(try Tools.shell("truncate -s 1M b.img", cwd: s.url).status, 0)
+    XCTAssertEqual(try RRTCommand.shell("truncate -s 1M b.img", cwd: s.url.path).status, 0)
     try sh(s, "merge-snapshot --quiet -i copy.stream b.img")
     XCTAssertTrue(try s.read("b.img") == a)
-    let leftovers = try Tools.shell("ls -a | grep -c '^\\.pipe\\.' || true", cwd: s.url)
-    XCTAssertEqual(leftovers.text.trimmingCharacters(in: .whitespacesAndNewlines), "0", "no temporary file left")
+    let leftovers = try RRTCommand.shell("ls -a | grep -c '^\\.pipe\\.' || true", cwd: s.url.path)
+    XCTAssertEqual(leftovers.stdout.trimmingCharacters(in: .whitespacesAndNewlines), "0", "no temporary file left")
   }
 
   /// A mirror's first merge creates its map; catch-ups then chain on the
@@ -159,9 +162,10 @@ final class StreamCLITests: XCTestCase {
   func testMirrorMergeCreatesItsMapAndChainsCatchUps() throws {
     let s = try Scratch()
     let a = try makeImage(s, "a.img", size: 4 << 20, seed: 21)
-    XCTAssertEqual(try Tools.shell("truncate -s 4M m.img", cwd: s.url).status, 0)
+    XCTAssertEqual(try RRTCommand.shell("truncate -s 4M m.img", cwd: s.url.path).status, 0)
     let first = try snapshot(s, "a.img", to: "s1.stream")
-    let r = try Tools.run("merge-snapshot", ["--mirror", "--map", "m.map", "-i", "s1.stream", "m.img"], cwd: s.url)
+    let r = try RRTCommand.run(
+      "merge-snapshot", ["--mirror", "--map", "m.map", "-i", "s1.stream", "m.img"], cwd: s.url.path)
     XCTAssertEqual(r.status, 0, r.stderr)
     XCTAssertTrue(r.stderr.contains("creating the mirror's map m.map"), r.stderr)
     XCTAssertTrue(try s.read("m.img") == a)
@@ -173,11 +177,13 @@ final class StreamCLITests: XCTestCase {
     let changed = try s.read("a.img")
     try sh(s, "bitmap-diff --quiet a.img m.img > d.map || true")
     try sh(s, "snapshot --quiet --map d.map --base \(first) -o c1.stream a.img")
-    let c = try Tools.run("merge-snapshot", ["--mirror", "--map", "m.map", "-i", "c1.stream", "m.img"], cwd: s.url)
+    let c = try RRTCommand.run(
+      "merge-snapshot", ["--mirror", "--map", "m.map", "-i", "c1.stream", "m.img"], cwd: s.url.path)
     XCTAssertEqual(c.status, 0, c.stderr)
     XCTAssertTrue(try s.read("m.img") == changed)
     // The same catch-up again no longer fits: its base is not the last merged.
-    let again = try Tools.run("merge-snapshot", ["--mirror", "--map", "m.map", "-i", "c1.stream", "m.img"], cwd: s.url)
+    let again = try RRTCommand.run(
+      "merge-snapshot", ["--mirror", "--map", "m.map", "-i", "c1.stream", "m.img"], cwd: s.url.path)
     XCTAssertEqual(again.status, 1, again.stderr)
     XCTAssertTrue(again.stderr.contains("but the last stream merged into this device is"), again.stderr)
   }
@@ -192,9 +198,9 @@ final class StreamCLITests: XCTestCase {
     data += Data((0..<65536).map { UInt8(ascii: "a") + UInt8($0 % 7) })
     data += Data((0..<65536 + 100).map { _ in UInt8(truncatingIfNeeded: rng.next()) })
     try s.file("a.img", data)
-    let r = try Tools.run("snapshot", ["--json", "-o", s.path("a.stream"), "a.img"], cwd: s.url)
+    let r = try RRTCommand.run("snapshot", ["--json", "-o", s.path("a.stream"), "a.img"], cwd: s.url.path)
     XCTAssertEqual(r.status, 0, r.stderr)
-    let o = try json(r.stdout)
+    let o = try json(r.data)
     XCTAssertEqual(o["block_size"] as? Int, 65536)
     XCTAssertEqual(o["device_size"] as? Int, 5 * 65536 + 100)
     XCTAssertEqual(o["covered_blocks"] as? Int, 6)
@@ -206,7 +212,7 @@ final class StreamCLITests: XCTestCase {
     XCTAssertEqual(o["source"] as? String, "a.img")
     XCTAssertTrue(o["base_stream_id"] is NSNull)
     // The JSON goes to stderr when the stream is on stdout.
-    let piped = try Tools.shell("snapshot --json a.img > p.stream", cwd: s.url)
+    let piped = try RRTCommand.shell("snapshot --json a.img > p.stream", cwd: s.url.path)
     XCTAssertEqual(piped.status, 0, piped.stderr)
     XCTAssertEqual(try json(piped.stderr)["data_blocks"] as? Int, 4)
   }
@@ -224,13 +230,13 @@ final class StreamCLITests: XCTestCase {
       s,
       "{ bitmap-diff a.img b.img; test $? -eq 1; } | snapshot --quiet --map - a.img | tee delta.stream | merge-snapshot --json b.img"
     )
-    let o = try json(r.stdout)
+    let o = try json(r.data)
     XCTAssertEqual(o["written_blocks"] as? Int, changed.count)
     XCTAssertEqual(o["zero_blocks"] as? Int, 0)
     XCTAssertEqual(o["complete"] as? Bool, true)
     XCTAssertTrue(try s.read("b.img") == s.read("a.img"))
     XCTAssertEqual(
-      try Tools.run("bitmap-diff", [s.path("a.img"), s.path("b.img"), "-o", s.path("after.map")]).status, 0)
+      try RRTCommand.run("bitmap-diff", [s.path("a.img"), s.path("b.img"), "-o", s.path("after.map")]).status, 0)
     try sh(s, "snapshot --quiet a.img > full.stream")
     let delta = try s.read("delta.stream").count
     let full = try s.read("full.stream").count
@@ -240,7 +246,7 @@ final class StreamCLITests: XCTestCase {
     // A map of another block size than --block-size is refused.
     try sh(s, "bitmap-diff --block-size 4K a.img a.img > m4k.map")
     assertFails(
-      try Tools.run("snapshot", ["--map", "m4k.map", "--block-size", "64K", "a.img"], cwd: s.url), status: 1,
+      try RRTCommand.run("snapshot", ["--map", "m4k.map", "--block-size", "64K", "a.img"], cwd: s.url.path), status: 1,
       mentioning: "block size 4096")
   }
 
@@ -260,7 +266,8 @@ final class StreamCLITests: XCTestCase {
       try s.patch(image, at: (seedBlock - 1) * bs, Array(content(label)))
     }
     func markCurrent(_ seedBlock: Int) throws {
-      let r = try Tools.run("overwrite-map", ["set", s.path("primary.map"), String((seedBlock - 1) * bs), String(bs)])
+      let r = try RRTCommand.run(
+        "overwrite-map", ["set", s.path("primary.map"), String((seedBlock - 1) * bs), String(bs)])
       XCTAssertEqual(r.status, 0, r.stderr)
     }
     /// A write request of the primary system: to both sites, marked current at the primary.
@@ -302,7 +309,7 @@ final class StreamCLITests: XCTestCase {
 
     // T2: merge the snapshot through the overwrite map.
     let r = try sh(s, "merge-snapshot --json --map primary.map primary.img < snap.stream")
-    let o = try json(r.stdout)
+    let o = try json(r.data)
     XCTAssertEqual(o["written_blocks"] as? Int, 2, "only blocks 2 and 5")
     XCTAssertEqual(o["skipped_current_blocks"] as? Int, 4, "blocks 1, 3, 4, 6 are current")
     XCTAssertEqual(o["zero_blocks"] as? Int, 0)
@@ -323,7 +330,7 @@ final class StreamCLITests: XCTestCase {
     // Mirrored again: the primary equals the backup, and every block is current.
     XCTAssertTrue(primary == (try s.read("backup.img")))
     XCTAssertEqual(
-      try Tools.run("bitmap-diff", ["--block-size", "4K", s.path("primary.img"), s.path("backup.img")]).status, 0)
+      try RRTCommand.run("bitmap-diff", ["--block-size", "4K", s.path("primary.img"), s.path("backup.img")]).status, 0)
     let stats = try mapStats(s.path("primary.map"))
     XCTAssertEqual(stats["set_blocks"] as? Int, 6)
     XCTAssertEqual(stats["last_merged_stream"] as? String, snapID)
@@ -357,29 +364,32 @@ final class StreamCLITests: XCTestCase {
 
     // A target of another size, with and without a map.
     assertFails(
-      try Tools.shell("merge-snapshot c.img < a.stream", cwd: s.url), status: 1,
+      try RRTCommand.shell("merge-snapshot c.img < a.stream", cwd: s.url.path), status: 1,
       mentioning: "\(size)-byte device but c.img has \(size + 65536) bytes")
     assertFails(
-      try Tools.shell("merge-snapshot --force c.img < a.stream", cwd: s.url), status: 1, mentioning: "c.img has")
+      try RRTCommand.shell("merge-snapshot --force c.img < a.stream", cwd: s.url.path), status: 1,
+      mentioning: "c.img has")
     assertFails(
-      try Tools.shell("merge-snapshot --map other-size.map c.img < a.stream", cwd: s.url), status: 1,
+      try RRTCommand.shell("merge-snapshot --map other-size.map c.img < a.stream", cwd: s.url.path), status: 1,
       mentioning: "bytes")
     XCTAssertTrue(try s.read("c.img") == c0)
     // A map of another size or block size; --force does not override sizes.
     for force in [[], ["--force"]] {
       assertFails(
-        try Tools.run("merge-snapshot", force + ["--map", "other-size.map", "-i", "a.stream", "b.img"], cwd: s.url),
+        try RRTCommand.run(
+          "merge-snapshot", force + ["--map", "other-size.map", "-i", "a.stream", "b.img"], cwd: s.url.path),
         status: 1,
         mentioning: "describes \(size + 65536) bytes")
       assertFails(
-        try Tools.run("merge-snapshot", force + ["--map", "other-bs.map", "-i", "a.stream", "b.img"], cwd: s.url),
+        try RRTCommand.run(
+          "merge-snapshot", force + ["--map", "other-bs.map", "-i", "a.stream", "b.img"], cwd: s.url.path),
         status: 1,
         mentioning: "block size 4096")
     }
     // A stream in other blocks than the map: 4 KiB stream, 64 KiB map.
     try snapshot(s, "a.img", to: "a4k.stream", ["--block-size", "4K"])
     assertFails(
-      try Tools.run("merge-snapshot", ["--map", "m.map", "-i", "a4k.stream", "b.img"], cwd: s.url), status: 1,
+      try RRTCommand.run("merge-snapshot", ["--map", "m.map", "-i", "a4k.stream", "b.img"], cwd: s.url.path), status: 1,
       mentioning: "block size 65536")
     XCTAssertTrue(try s.read("b.img") == b0, "a refused merge wrote the target")
     XCTAssertEqual(try maps.map { try s.read($0) }, before, "a refused merge changed a map")
@@ -399,7 +409,7 @@ final class StreamCLITests: XCTestCase {
     usleep(2000)
     try sh(s, "overwrite-map create --like b.img m.map")
     let map0 = try s.read("m.map")
-    let refused = try Tools.shell("merge-snapshot --map m.map b.img < early.stream", cwd: s.url)
+    let refused = try RRTCommand.shell("merge-snapshot --map m.map b.img < early.stream", cwd: s.url.path)
     assertFails(refused, status: 1, mentioning: "before the map started tracking")
     XCTAssertTrue(refused.stderr.contains("--force"), refused.stderr)
     XCTAssertTrue(try s.read("b.img") == b0)
@@ -407,12 +417,13 @@ final class StreamCLITests: XCTestCase {
     // A later stream, but not later by the allowed clock skew.
     let late = try snapshot(s, "a.img", to: "late.stream")
     assertFails(
-      try Tools.shell("merge-snapshot --clock-skew 3600 --map m.map b.img < late.stream", cwd: s.url), status: 1,
+      try RRTCommand.shell("merge-snapshot --clock-skew 3600 --map m.map b.img < late.stream", cwd: s.url.path),
+      status: 1,
       mentioning: "clock skew")
     XCTAssertTrue(try s.read("b.img") == b0)
     XCTAssertEqual(try s.read("m.map"), map0)
     // --force merges the early stream, with a warning.
-    let forced = try Tools.shell("merge-snapshot --force --json --map m.map b.img < early.stream", cwd: s.url)
+    let forced = try RRTCommand.shell("merge-snapshot --force --json --map m.map b.img < early.stream", cwd: s.url.path)
     XCTAssertEqual(forced.status, 0, forced.stderr)
     XCTAssertTrue(forced.stderr.contains("warning"), forced.stderr)
     XCTAssertTrue(forced.stderr.contains("before the map started tracking"), forced.stderr)
@@ -436,12 +447,13 @@ final class StreamCLITests: XCTestCase {
     let map0 = try s.read("m.map")
 
     // Nothing merged yet: the incremental stream has no base here.
-    let refused = try Tools.shell("merge-snapshot --map m.map b.img < inc.stream", cwd: s.url)
+    let refused = try RRTCommand.shell("merge-snapshot --map m.map b.img < inc.stream", cwd: s.url.path)
     assertFails(refused, status: 1, mentioning: "applies on top of stream \(full)")
     XCTAssertTrue(refused.stderr.contains("none"), refused.stderr)
     // Without a map its base cannot be checked at all.
     assertFails(
-      try Tools.shell("merge-snapshot b.img < inc.stream", cwd: s.url), status: 1, mentioning: "without --map")
+      try RRTCommand.shell("merge-snapshot b.img < inc.stream", cwd: s.url.path), status: 1, mentioning: "without --map"
+    )
     XCTAssertTrue(try s.read("b.img") == b0)
     XCTAssertEqual(try s.read("m.map"), map0)
 
@@ -451,12 +463,12 @@ final class StreamCLITests: XCTestCase {
     // A stream on another base is still refused; the map is unchanged.
     let map1 = try s.read("m.map")
     assertFails(
-      try Tools.shell("merge-snapshot --map m.map b.img < stray.stream", cwd: s.url), status: 1,
+      try RRTCommand.shell("merge-snapshot --map m.map b.img < stray.stream", cwd: s.url.path), status: 1,
       mentioning: "the last stream merged into this device is \(full)")
     XCTAssertEqual(try s.read("m.map"), map1)
     // The incremental stream on that base is accepted and becomes the last merged one.
     let r = try sh(s, "merge-snapshot --json --map m.map b.img < inc.stream")
-    let o = try json(r.stdout)
+    let o = try json(r.data)
     XCTAssertEqual(o["base_stream_id"] as? String, full)
     XCTAssertEqual(o["complete"] as? Bool, true)
     XCTAssertEqual(try mapStats(s.path("m.map"))["last_merged_stream"] as? String, inc)
@@ -486,7 +498,7 @@ final class StreamCLITests: XCTestCase {
     bad[damagedAt + 16 + 16 + 1000] ^= 0x20
     try s.file("bad.stream", bad)
 
-    let r = try Tools.shell("merge-snapshot --map m.map b.img < bad.stream", cwd: s.url)
+    let r = try RRTCommand.shell("merge-snapshot --map m.map b.img < bad.stream", cwd: s.url.path)
     assertFails(r, status: 1, mentioning: "record 31 at byte \(damagedAt)")
     XCTAssertTrue(r.stderr.contains("record") && r.stderr.contains("byte"), r.stderr)
     XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "one sentence: \(r.stderr)")
@@ -501,7 +513,7 @@ final class StreamCLITests: XCTestCase {
 
     // The good copy: skips what is current, writes the rest.
     let again = try sh(s, "merge-snapshot --json --map m.map b.img < good.stream")
-    let o = try json(again.stdout)
+    let o = try json(again.data)
     XCTAssertEqual(o["skipped_current_blocks"] as? Int, 30)
     XCTAssertEqual(o["written_blocks"] as? Int, 34)
     XCTAssertEqual(o["complete"] as? Bool, true)
@@ -516,7 +528,7 @@ final class StreamCLITests: XCTestCase {
     let (a, b0, id, good) = try damageSetup(s)
     let cut = dataRecordStart(20, nameLength: 5)  // a record boundary: blocks 0-19 complete
     try s.file("cut.stream", good.prefix(cut))
-    let r = try Tools.shell("merge-snapshot --map m.map b.img < cut.stream", cwd: s.url)
+    let r = try RRTCommand.shell("merge-snapshot --map m.map b.img < cut.stream", cwd: s.url.path)
     assertFails(r, status: 1, mentioning: "truncated")
     XCTAssertTrue(r.stderr.contains("record 21 at byte \(cut)"), r.stderr)
     let b1 = try s.read("b.img")
@@ -529,13 +541,14 @@ final class StreamCLITests: XCTestCase {
     for at in [cut + 100, good.count - 1, good.count - 84] {
       try s.file("cut2.stream", good.prefix(at))
       assertFails(
-        try Tools.shell("merge-snapshot --map m.map b.img < cut2.stream", cwd: s.url), status: 1,
+        try RRTCommand.shell("merge-snapshot --map m.map b.img < cut2.stream", cwd: s.url.path), status: 1,
         mentioning: "truncated")
       XCTAssertTrue(try mapStats(s.path("m.map"))["last_merged_stream"] is NSNull, "cut at \(at)")
     }
     // Empty input.
     assertFails(
-      try Tools.shell("merge-snapshot --map m.map b.img < /dev/null", cwd: s.url), status: 1, mentioning: "empty input")
+      try RRTCommand.shell("merge-snapshot --map m.map b.img < /dev/null", cwd: s.url.path), status: 1,
+      mentioning: "empty input")
     // The whole stream completes it.
     try sh(s, "merge-snapshot --quiet --map m.map b.img < good.stream")
     stats = try mapStats(s.path("m.map"))
@@ -547,7 +560,7 @@ final class StreamCLITests: XCTestCase {
     let s = try Scratch()
     let (_, b0, id, good) = try damageSetup(s)
     let ok = try sh(s, "merge-snapshot --check --json < good.stream")
-    let o = try json(ok.stdout)
+    let o = try json(ok.data)
     XCTAssertEqual(o["mode"] as? String, "check")
     XCTAssertEqual(o["complete"] as? Bool, true)
     XCTAssertEqual(o["written_blocks"] as? Int, 64)
@@ -559,21 +572,24 @@ final class StreamCLITests: XCTestCase {
     bad[damagedAt + 5000] ^= 0x01
     try s.file("bad.stream", bad)
     assertFails(
-      try Tools.run("merge-snapshot", ["--check", "-i", "bad.stream"], cwd: s.url), status: 1,
+      try RRTCommand.run("merge-snapshot", ["--check", "-i", "bad.stream"], cwd: s.url.path), status: 1,
       mentioning: "record 41 at byte \(damagedAt)")
     try s.file("cut.stream", good.prefix(dataRecordStart(10, nameLength: 5)))
     assertFails(
-      try Tools.run("merge-snapshot", ["--check", "-i", "cut.stream"], cwd: s.url), status: 1, mentioning: "truncated")
+      try RRTCommand.run("merge-snapshot", ["--check", "-i", "cut.stream"], cwd: s.url.path), status: 1,
+      mentioning: "truncated")
     // The END record's digest: one byte of the preamble's reserved field only the SHA-256 covers.
     var reserved = good
     reserved[14] ^= 0x01
     try s.file("reserved.stream", reserved)
     assertFails(
-      try Tools.run("merge-snapshot", ["--check", "-i", "reserved.stream"], cwd: s.url), status: 1, mentioning: "digest"
+      try RRTCommand.run("merge-snapshot", ["--check", "-i", "reserved.stream"], cwd: s.url.path), status: 1,
+      mentioning: "digest"
     )
     // Not a stream at all.
     assertFails(
-      try Tools.run("merge-snapshot", ["--check", "-i", "b.img"], cwd: s.url), status: 1, mentioning: "bad magic")
+      try RRTCommand.run("merge-snapshot", ["--check", "-i", "b.img"], cwd: s.url.path), status: 1,
+      mentioning: "bad magic")
     XCTAssertTrue(try s.read("b.img") == b0)
   }
 
@@ -593,7 +609,7 @@ final class StreamCLITests: XCTestCase {
     let map0 = try s.read("m.map")
 
     let dry = try sh(s, "merge-snapshot --dry-run --json --map m.map b.img < a.stream")
-    let o = try json(dry.stdout)
+    let o = try json(dry.data)
     XCTAssertEqual(o["mode"] as? String, "dry-run")
     XCTAssertEqual(o["written_blocks"] as? Int, 59, "61 data blocks less 2 current")
     XCTAssertEqual(o["zero_blocks"] as? Int, 2, "3 zero blocks less 1 current")
@@ -609,7 +625,7 @@ final class StreamCLITests: XCTestCase {
 
     // The real merge does what the dry run said.
     let real = try sh(s, "merge-snapshot --json --map m.map b.img < a.stream")
-    let r = try json(real.stdout)
+    let r = try json(real.data)
     for key in ["written_blocks", "zero_blocks", "skipped_current_blocks", "bytes_written"] {
       XCTAssertEqual(r[key] as? Int, o[key] as? Int, key)
     }
@@ -628,17 +644,17 @@ final class StreamCLITests: XCTestCase {
     try s.randomFile("a.img", size: 1 << 20, seed: 14)
     try s.randomFile("b.img", size: 1 << 20, seed: 15)
     let b0 = try s.read("b.img")
-    if Tools.have("script") {
-      let snap = try Tools.shell("script -qec '\(Tools.path("snapshot")) a.img' /dev/null", cwd: s.url)
-      XCTAssertTrue(snap.text.contains("refusing to write a binary stream to a terminal"), snap.text)
-      XCTAssertLessThan(snap.stdout.count, 1000, "stream bytes reached the terminal")
+    if RRTEnv.have("script") {
+      let snap = try RRTCommand.shell("script -qec '\(Tools.path("snapshot")) a.img' /dev/null", cwd: s.url.path)
+      XCTAssertTrue(snap.stdout.contains("refusing to write a binary stream to a terminal"), snap.stdout)
+      XCTAssertLessThan(snap.data.count, 1000, "stream bytes reached the terminal")
       XCTAssertNotEqual(snap.status, 0)
-      let merge = try Tools.shell("script -qec '\(Tools.path("merge-snapshot")) b.img' /dev/null", cwd: s.url)
-      XCTAssertTrue(merge.text.contains("refusing to read a binary stream from a terminal"), merge.text)
+      let merge = try RRTCommand.shell("script -qec '\(Tools.path("merge-snapshot")) b.img' /dev/null", cwd: s.url.path)
+      XCTAssertTrue(merge.stdout.contains("refusing to read a binary stream from a terminal"), merge.stdout)
       // -o FILE is fine from a terminal.
-      let toFile = try Tools.shell(
-        "script -qec '\(Tools.path("snapshot")) --quiet -o t.stream a.img' /dev/null", cwd: s.url)
-      XCTAssertEqual(toFile.status, 0, toFile.text)
+      let toFile = try RRTCommand.shell(
+        "script -qec '\(Tools.path("snapshot")) --quiet -o t.stream a.img' /dev/null", cwd: s.url.path)
+      XCTAssertEqual(toFile.status, 0, toFile.stdout)
       XCTAssertGreaterThan(try s.read("t.stream").count, 1 << 20)
     }
     try sh(s, "snapshot --quiet a.img > a.stream")
@@ -651,20 +667,21 @@ final class StreamCLITests: XCTestCase {
       (["--clock-skew", "-5", "b.img"], "clock-skew"),
     ]
     for (args, fragment) in usage {
-      let r = try Tools.run("merge-snapshot", args, stdin: try s.read("a.stream"), cwd: s.url)
+      let r = try RRTCommand.run("merge-snapshot", args, stdin: try s.read("a.stream"), cwd: s.url.path)
       XCTAssertEqual(r.status, 64, "\(args): \(r.stderr)")
       XCTAssertTrue(r.stderr.contains(fragment), "\(args): \(r.stderr)")
     }
     XCTAssertTrue(try s.read("b.img") == b0)
-    XCTAssertEqual(try Tools.run("snapshot", ["--threads", "0", "a.img"]).status, 64)
-    XCTAssertEqual(try Tools.run("snapshot", ["--base", "xyz", "a.img"]).status, 64)
-    XCTAssertEqual(try Tools.run("snapshot", ["--block-size", "1000", "a.img"]).status, 64)
+    XCTAssertEqual(try RRTCommand.run("snapshot", ["--threads", "0", "a.img"]).status, 64)
+    XCTAssertEqual(try RRTCommand.run("snapshot", ["--base", "xyz", "a.img"]).status, 64)
+    XCTAssertEqual(try RRTCommand.run("snapshot", ["--block-size", "1000", "a.img"]).status, 64)
     assertFails(
-      try Tools.run("snapshot", ["-o", s.path("x.stream"), s.path("missing.img")]), status: 1, mentioning: "missing.img"
+      try RRTCommand.run("snapshot", ["-o", s.path("x.stream"), s.path("missing.img")]), status: 1,
+      mentioning: "missing.img"
     )
     XCTAssertFalse(FileManager.default.fileExists(atPath: s.path("x.stream")))
     assertFails(
-      try Tools.run("merge-snapshot", ["-i", s.path("a.stream"), s.path("missing.img")]), status: 1,
+      try RRTCommand.run("merge-snapshot", ["-i", s.path("a.stream"), s.path("missing.img")]), status: 1,
       mentioning: "missing.img")
   }
 
@@ -723,7 +740,7 @@ final class StreamCLITests: XCTestCase {
     ]
     for (name, bytes, position) in cases {
       try s.file("adv.stream", Data(bytes))
-      let r = try Tools.run("merge-snapshot", ["--check", "-i", "adv.stream"], cwd: s.url)
+      let r = try RRTCommand.run("merge-snapshot", ["--check", "-i", "adv.stream"], cwd: s.url.path)
       let crash = r.stderr.split(separator: "\n").first { $0.contains("runtime failure") || $0.contains("Fatal error") }
       if let crash {
         XCTFail("\(name): merge-snapshot crashed (status \(r.status)) instead of refusing the stream: \(crash)")
@@ -746,7 +763,7 @@ final class StreamCLITests: XCTestCase {
     let bad = record(2, seq: 2, body: le(1, 8) + le(4096, 4) + [1, 0, 0, 0] + garbage)
     try s.file("lz4.stream", Data(header + first + bad))
     let badAt = 135 + first.count
-    let check = try Tools.run("merge-snapshot", ["--check", "-i", "lz4.stream"], cwd: s.url)
+    let check = try RRTCommand.run("merge-snapshot", ["--check", "-i", "lz4.stream"], cwd: s.url.path)
     assertFails(check, status: 1, mentioning: "block 1 does not decompress")
     XCTAssertTrue(
       check.stderr.contains("record 2 at byte \(badAt)"),
@@ -754,7 +771,7 @@ final class StreamCLITests: XCTestCase {
     // Merging: block 0 (before the damage) is applied, block 1 is not.
     let target = Data(repeating: 0xEE, count: 8192)
     try s.file("t.img", target)
-    let merge = try Tools.run("merge-snapshot", ["-i", "lz4.stream", "t.img"], cwd: s.url)
+    let merge = try RRTCommand.run("merge-snapshot", ["-i", "lz4.stream", "t.img"], cwd: s.url.path)
     assertFails(merge, status: 1, mentioning: "does not decompress")
     let t = try s.read("t.img")
     XCTAssertEqual(Array(t.prefix(4096)), raw)
@@ -769,13 +786,13 @@ final class StreamCLITests: XCTestCase {
     var bad = good
     bad[13] ^= 0x01  // the preamble's reserved bytes: only the SHA-256 covers them
     try s.file("bad.stream", bad)
-    let r = try Tools.shell("merge-snapshot --map m.map b.img < bad.stream", cwd: s.url)
+    let r = try RRTCommand.shell("merge-snapshot --map m.map b.img < bad.stream", cwd: s.url.path)
     assertFails(r, status: 1, mentioning: "digest does not match")
     XCTAssertTrue(try mapStats(s.path("m.map"))["last_merged_stream"] is NSNull)
     // Trailing bytes after a good END record are refused too.
     try s.file("tail.stream", good + Data([0]))
     assertFails(
-      try Tools.run("merge-snapshot", ["--check", "-i", "tail.stream"], cwd: s.url), status: 1,
+      try RRTCommand.run("merge-snapshot", ["--check", "-i", "tail.stream"], cwd: s.url.path), status: 1,
       mentioning: "after the END record")
   }
 
@@ -788,10 +805,10 @@ final class StreamCLITests: XCTestCase {
     try s.randomFile("t.img", size: size, seed: 17)
     try LoopDevice.with(image: s.path("t.img")) { device in
       let r = try sh(s, "snapshot --quiet --block-size 4K a.img | merge-snapshot --json \(device)")
-      let o = try json(r.stdout)
+      let o = try json(r.data)
       XCTAssertEqual(o["complete"] as? Bool, true)
       XCTAssertGreaterThan(o["zero_blocks"] as? Int ?? 0, 0, "the zero run and the hole are zeroed on the device")
-      XCTAssertEqual(try Tools.run("bitmap-diff", [s.path("a.img"), device]).status, 0)
+      XCTAssertEqual(try RRTCommand.run("bitmap-diff", [s.path("a.img"), device]).status, 0)
       // The device as a source, into an image file.
       try s.randomFile("c.img", size: size, seed: 18)
       try sh(s, "snapshot --quiet \(device) | merge-snapshot --quiet c.img")
@@ -800,7 +817,7 @@ final class StreamCLITests: XCTestCase {
       try sh(s, "overwrite-map create --like \(device) dev.map")
       try s.randomFile("d.img", size: size, seed: 19)
       try sh(s, "snapshot --quiet -o d.stream d.img && merge-snapshot --quiet --map dev.map -i d.stream \(device)")
-      XCTAssertEqual(try Tools.run("bitmap-diff", [s.path("d.img"), device]).status, 0)
+      XCTAssertEqual(try RRTCommand.run("bitmap-diff", [s.path("d.img"), device]).status, 0)
       XCTAssertEqual(try mapStats(s.path("dev.map"))["set_blocks"] as? Int, 64)
     }
     XCTAssertTrue(try s.read("t.img") == (try s.read("d.img")), "the backing file holds what was merged")

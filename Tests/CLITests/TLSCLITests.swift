@@ -6,6 +6,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 /// Certificate directories laid out as nbdkit and qemu expect.

@@ -20,6 +20,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 final class ThreeUsesCLITests: XCTestCase {

@@ -1,11 +1,12 @@
 // The harness of ThreeUsesCLITests: images with zero regions, a running
 // tracking-server and its control subcommands, and the client that reads
 // and writes an NBD export all along (nbdsh, in the background) while the
-// tools do their work. Children are RRTChild (RestoreReadThroughHarness.swift):
+// tools do their work. Children are RRTChild (TestSupport/Processes.swift):
 // always stopped, commands with a time limit.
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 /// Skips the test when a program it needs is missing.

@@ -2,10 +2,11 @@
 // directory, tracking-server serving it (always stopped at the end), the
 // control subcommands, nbdsh snippets with shared helpers, and the block
 // sets of change maps and of images that differ. Child processes and
-// commands with a time limit come from RestoreReadThroughHarness.swift.
+// commands with a time limit come from TestSupport/Processes.swift.
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 final class TrackRig {

@@ -19,6 +19,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 final class TrackingServerCLITests: XCTestCase {

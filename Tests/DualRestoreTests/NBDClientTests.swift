@@ -8,18 +8,16 @@ import Dispatch
 import Foundation
 import Glibc
 import Synchronization
+import TestSupport
 import XCTest
 
 @testable import DualRestore
 
 final class NBDClientTests: XCTestCase {
-  private var servers: [Process] = []
+  private var servers: [RRTChild] = []
 
   override func tearDown() {
-    for p in servers where p.isRunning {
-      kill(p.processIdentifier, SIGKILL)
-      p.waitUntilExit()
-    }
+    for p in servers { p.kill9() }
     servers.removeAll()
     super.tearDown()
   }
@@ -42,17 +40,10 @@ final class NBDClientTests: XCTestCase {
 
   /// Starts a server and waits until `endpoint` accepts connections.
   @discardableResult
-  private func launch(_ tool: String, _ arguments: [String], endpoint: NBDURI.Endpoint, log: String) throws -> Process {
+  private func launch(_ tool: String, _ arguments: [String], endpoint: NBDURI.Endpoint, log: String) throws -> RRTChild
+  {
     let executable = try requireTool(tool)
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: executable)
-    p.arguments = arguments
-    _ = FileManager.default.createFile(atPath: log, contents: nil)
-    let output = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-    p.standardOutput = output
-    p.standardError = output
-    p.standardInput = FileHandle.nullDevice
-    try p.run()
+    let p = try RRTChild(name: tool, executable: executable, arguments: arguments, stdout: log, stderr: log)
     servers.append(p)
     let deadline = Date() + 10
     while Date() < deadline && p.isRunning {
@@ -65,15 +56,12 @@ final class NBDClientTests: XCTestCase {
 
   /// nbdkit on a Unix socket; `arguments` follow the socket options.
   @discardableResult
-  private func nbdkit(_ socket: String, _ arguments: [String], log: String) throws -> Process {
+  private func nbdkit(_ socket: String, _ arguments: [String], log: String) throws -> RRTChild {
     try launch(
       "nbdkit", ["-f", "-U", socket] + arguments, endpoint: .unix(path: socket), log: log)
   }
 
-  private func stop(_ p: Process) {
-    kill(p.processIdentifier, SIGKILL)
-    p.waitUntilExit()
-  }
+  private func stop(_ p: RRTChild) { p.kill9() }
 
   private func unixURI(_ socket: String, export: String = "") -> String {
     "nbd+unix:///\(export)?socket=\(socket)"
@@ -82,17 +70,9 @@ final class NBDClientTests: XCTestCase {
   /// What nbdinfo says of the export, or nil without nbdinfo.
   private func nbdinfo(_ uri: String) throws -> [String: Any]? {
     guard let tool = toolPath("nbdinfo") else { return nil }
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: tool)
-    p.arguments = ["--json", uri]
-    let pipe = Pipe()
-    p.standardOutput = pipe
-    p.standardError = FileHandle.nullDevice
-    try p.run()
-    let data = pipe.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    guard p.terminationStatus == 0,
-      let json = try JSONSerialization.jsonObject(with: data) as? [String: Any],
+    let r = try RRTCommand.run(tool, ["--json", uri])
+    guard r.status == 0,
+      let json = try JSONSerialization.jsonObject(with: r.data) as? [String: Any],
       let exports = json["exports"] as? [[String: Any]], let first = exports.first
     else {
       XCTFail("nbdinfo \(uri) failed")

@@ -9,6 +9,7 @@ import CShim
 import Dispatch
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 @testable import DualRestore
@@ -135,12 +136,8 @@ final class NBDServerFileReplyTests: XCTestCase {
     guard let nbdcopy = candidates.first(where: { access($0, X_OK) == 0 }) else {
       throw XCTSkip("nbdcopy is not installed; the NBDClient part passed")
     }
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: nbdcopy)
-    p.arguments = [uri, "\(dir)/copy.img"]
-    try p.run()
-    p.waitUntilExit()
-    XCTAssertEqual(p.terminationStatus, 0)
+    let copied = try RRTCommand.run(nbdcopy, [uri, "\(dir)/copy.img"])
+    XCTAssertEqual(copied.status, 0, copied.summary)
     let copy = try Data(contentsOf: URL(fileURLWithPath: "\(dir)/copy.img"))
     XCTAssertEqual(copy.count, bytes.count)
     let equal = copy.withUnsafeBytes { c in
