@@ -99,7 +99,7 @@ final class BitmapDiffCLITests: XCTestCase {
 
   func testSignatureGivesTheSameMapAsTheData() throws {
     let s = try Scratch()
-    var rng = SeededRandom(seed: 99)
+    var rng = SplitMix64(seed: 99)
     for round in 0..<4 {
       let size = [4 << 20, 1_000_000, 65536 * 3, 12345][round]
       let changed = (0..<Int(rng.next() % 6)).map { _ in Int(rng.next() % UInt64(max(1, size / 65536 + 1))) }

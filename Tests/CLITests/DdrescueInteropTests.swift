@@ -16,7 +16,7 @@ final class DdrescueInteropTests: XCTestCase {
     let s = try Scratch()
     let map = s.path("a.map")
     try RRTCommand.run("overwrite-map", ["create", "--size", "10M", "--block-size", "4K", map])
-    var rng = SeededRandom(seed: 11)
+    var rng = SplitMix64(seed: 11)
     var expected = Set<Int>()
     for _ in 0..<40 {
       let block = Int(rng.next() % 2560)
@@ -36,7 +36,7 @@ final class DdrescueInteropTests: XCTestCase {
 
   func testImportOfAMapfileMadeByDdrescuelog() throws {
     let s = try Scratch()
-    var rng = SeededRandom(seed: 12)
+    var rng = SplitMix64(seed: 12)
     let blocks = Set((0..<60).map { _ in Int(rng.next() % 1000) })
     try s.file("list", Data(blocks.sorted().map { "\($0)\n" }.joined().utf8))
     let made = try RRTCommand.shell(

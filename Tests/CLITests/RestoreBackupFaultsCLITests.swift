@@ -263,7 +263,7 @@ final class RestoreBackupFaultsCLITests: RestoreCLITestCase {
       "SEED = \(seed + 1)\nWBASE = 1000000\nLO = \(half)\nMAXN = 4096\n" + Self.crashWriter, name: "writer-2")
     XCTAssertTrue(writer.waitForOutput("READY", timeout: 20), writer.errors)
     XCTAssertTrue(other.waitForOutput("READY", timeout: 20), other.errors)
-    var rng = SeededRandom(seed: seed)
+    var rng = SplitMix64(seed: seed)
     for _ in 0..<cycles {
       RRTEnv.sleep(0.05 + Double(rng.next() % 100) / 1000)
       _ = FileManager.default.createFile(atPath: trigger, contents: nil)

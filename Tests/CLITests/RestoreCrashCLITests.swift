@@ -16,7 +16,7 @@ final class RestoreCrashCLITests: RestoreCLITestCase {
   /// the server after a seeded random 0.2-1.5 s (and of the backup server
   /// too, with `killBackup`), a restart with the same arguments, and checks.
   func crashRounds(_ r: RRTRig, rounds: Int, seed: UInt64, killBackup: Bool) throws {
-    var rng = SeededRandom(seed: seed)
+    var rng = SplitMix64(seed: seed)
     var nextID: UInt32 = 1
     var uncleanSeen = 0
     for round in 0..<rounds {

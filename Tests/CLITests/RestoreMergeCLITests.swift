@@ -177,7 +177,7 @@ final class RestoreMergeCLITests: RestoreCLITestCase {
     let B = r.blockSize
     let snap = try RRTCommand.shell("snapshot --quiet backup.img > s.stream", cwd: r.dir)
     XCTAssertEqual(snap.status, 0, snap.summary)
-    var rng = SeededRandom(seed: 4400)
+    var rng = SplitMix64(seed: 4400)
     var writes: [(Int, Data)] = []
     var used = Set<Int>()
     while writes.count < 300 {

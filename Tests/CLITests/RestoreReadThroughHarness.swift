@@ -51,7 +51,7 @@ enum RRTBytes {
   }
 
   static func random(_ count: Int, seed: UInt64) -> Data {
-    var rng = SeededRandom(seed: seed)
+    var rng = SplitMix64(seed: seed)
     var d = Data(count: count)
     d.withUnsafeMutableBytes { (raw: UnsafeMutableRawBufferPointer) in
       let words = count / 8

@@ -29,7 +29,7 @@ final class Scratch {
   /// A file of `size` bytes of seeded pseudo-random data.
   @discardableResult
   func randomFile(_ name: String, size: Int, seed: UInt64) throws -> String {
-    var rng = SeededRandom(seed: seed)
+    var rng = SplitMix64(seed: seed)
     var data = Data(count: size)
     data.withUnsafeMutableBytes { raw in
       let words = raw.bindMemory(to: UInt64.self)
@@ -48,18 +48,6 @@ final class Scratch {
   }
 
   func read(_ name: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: path(name))) }
-}
-
-struct SeededRandom: RandomNumberGenerator {
-  var state: UInt64
-  init(seed: UInt64) { state = seed }
-  mutating func next() -> UInt64 {
-    state &+= 0x9E37_79B9_7F4A_7C15
-    var z = state
-    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-    return z ^ (z >> 31)
-  }
 }
 
 /// Asserts a failed run: the status, and one sentence on stderr containing `fragment`.

@@ -64,7 +64,7 @@ final class StreamCLITests: XCTestCase {
   /// when `size` is not a multiple of the block size.
   @discardableResult
   func makeImage(_ s: Scratch, _ name: String, size: Int, seed: UInt64) throws -> Data {
-    var rng = SeededRandom(seed: seed)
+    var rng = SplitMix64(seed: seed)
     var data = Data(count: size)
     data.withUnsafeMutableBytes { raw in
       for i in 0..<(size / 8) { raw.storeBytes(of: rng.next(), toByteOffset: i * 8, as: UInt64.self) }
@@ -192,7 +192,7 @@ final class StreamCLITests: XCTestCase {
     let s = try Scratch()
     // 5 blocks of 64 KiB and 100 bytes: random, zero, zero, text, random, random tail.
     var data = Data()
-    var rng = SeededRandom(seed: 5)
+    var rng = SplitMix64(seed: 5)
     data += Data((0..<65536).map { _ in UInt8(truncatingIfNeeded: rng.next()) })
     data += Data(count: 2 * 65536)
     data += Data((0..<65536).map { UInt8(ascii: "a") + UInt8($0 % 7) })
@@ -257,7 +257,7 @@ final class StreamCLITests: XCTestCase {
     let bs = 4096
     func content(_ label: String) -> Data {
       // A recognisable, incompressible block per version ("3b", "6a", …).
-      var rng = SeededRandom(seed: label.utf8.reduce(UInt64(17)) { $0 &* 31 &+ UInt64($1) })
+      var rng = SplitMix64(seed: label.utf8.reduce(UInt64(17)) { $0 &* 31 &+ UInt64($1) })
       var d = Data(label.utf8)
       while d.count < bs { d.append(UInt8(truncatingIfNeeded: rng.next())) }
       return d
@@ -754,7 +754,7 @@ final class StreamCLITests: XCTestCase {
   /// decode: the merge stops there, naming that record; its block is not written.
   func testUndecodableLZ4BlockNamesItsRecord() throws {
     let s = try Scratch()
-    var rng = SeededRandom(seed: 31)
+    var rng = SplitMix64(seed: 31)
     let garbage = (0..<100).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
     let raw = (0..<4096).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
     let header = handHeader(deviceSize: 8192, blockCount: 2)

@@ -440,7 +440,7 @@ final class TrackingServerCLITests: XCTestCase {
     let r = try running(size: 32 << 20, seed: 15)
     let writer = try r.nbdshChild("SEED = 1501\nWBASE = 1\n" + Self.crashWriter, name: "writer")
     XCTAssertTrue(writer.waitForOutput("\nF ", timeout: 30), writer.errors)
-    var rng = SeededRandom(seed: 0x15_2026)
+    var rng = SplitMix64(seed: 0x15_2026)
     var image = r.original
     var applied = 1  // the writes with smaller ids are in `image`
     func apply(_ w: (id: Int, offset: Int, length: Int, kind: Character)) {
@@ -981,7 +981,7 @@ final class TrackingServerCLITests: XCTestCase {
     try require("nbdinfo", "nbdsh")
     let r = try running(size: 32 << 20, seed: 11)
     let never = Set((0..<r.blockCount).filter { $0 % 4 == 3 })
-    var rng = SeededRandom(seed: 0x11_2026)
+    var rng = SplitMix64(seed: 0x11_2026)
     var nextID = 1
     var touched = Set<Int>()
     var written = 0
@@ -1010,7 +1010,7 @@ final class TrackingServerCLITests: XCTestCase {
     // A device twice the snapshot's read-ahead (4 chunks of 8 MiB) past the
     // largest kill point, so the kill always comes before the last read.
     let r = try running(size: 128 << 20, seed: 12)
-    var rng = SeededRandom(seed: 0x12_2026)
+    var rng = SplitMix64(seed: 0x12_2026)
     var nextID = 1
     var touched = Set<Int>()
     for round in 0..<4 {

@@ -1,6 +1,7 @@
 // Property tests of BlockBitmap against a plain [Bool] model, with counts
 // around word boundaries and ranges at the edges.
 
+import TestSupport
 import XCTest
 
 @testable import DualRestore

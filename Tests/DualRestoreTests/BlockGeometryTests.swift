@@ -1,6 +1,7 @@
 // BlockGeometry: block size validation, block counts with a partial last
 // block, byte ranges, and the exact block ranges of byte ranges.
 
+import TestSupport
 import XCTest
 
 @testable import DualRestore

@@ -2,6 +2,7 @@
 // the line, the block bitmap under whole-block and any-byte rules, and
 // render() → parse() round trips.
 
+import TestSupport
 import XCTest
 
 @testable import DualRestore

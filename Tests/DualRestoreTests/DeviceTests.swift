@@ -3,6 +3,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 @testable import DualRestore

@@ -11,6 +11,7 @@ import CShim
 import DualRestoreFuzz
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 @testable import DualRestore

@@ -1,6 +1,7 @@
 // ID128 and Instant: hex forms, randomness, RFC 3339 rendering.
 
 import Foundation
+import TestSupport
 import XCTest
 
 @testable import DualRestore

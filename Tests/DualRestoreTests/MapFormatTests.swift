@@ -4,6 +4,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 @testable import DualRestore

@@ -1,4 +1,5 @@
-// Helpers shared by the DualRestore unit tests: a seeded generator, temporary
+// Helpers shared by the DualRestore unit tests: the seed of a property test
+// (the generator, SplitMix64, is in the TestSupport target), temporary
 // directories, file construction (sparse and dense) and error assertions.
 
 import Dispatch
@@ -7,37 +8,6 @@ import Glibc
 import XCTest
 
 @testable import DualRestore
-
-/// SplitMix64: small, fast, and fully determined by its seed, so a failing
-/// property test can be replayed with `DR_TEST_SEED=<seed>`.
-struct SplitMix64: RandomNumberGenerator {
-  private(set) var state: UInt64
-
-  init(seed: UInt64) { state = seed }
-
-  mutating func next() -> UInt64 {
-    state &+= 0x9E37_79B9_7F4A_7C15
-    var z = state
-    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-    return z ^ (z >> 31)
-  }
-
-  /// Random bytes.
-  mutating func bytes(_ count: Int) -> [UInt8] {
-    var out = [UInt8](repeating: 0, count: count)
-    var i = 0
-    while i < count {
-      var v = next()
-      for _ in 0..<8 where i < count {
-        out[i] = UInt8(truncatingIfNeeded: v)
-        v >>= 8
-        i += 1
-      }
-    }
-    return out
-  }
-}
 
 /// The seed for a property test: `DR_TEST_SEED` when set (to replay a
 /// failure), otherwise a fresh one. Every failure message names it.

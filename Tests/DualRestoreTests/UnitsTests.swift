@@ -1,5 +1,6 @@
 // Byte counts as people write them and as the tools print them.
 
+import TestSupport
 import XCTest
 
 @testable import DualRestore
