@@ -15,21 +15,7 @@ import Glibc
 import TestSupport
 import XCTest
 
-final class BlockStatusCLITests: XCTestCase {
-  private var rigs: [RRTRig] = []
-
-  override func tearDown() {
-    for r in rigs { r.stopAll() }
-    rigs = []
-    super.tearDown()
-  }
-
-  private func require(_ programs: String...) throws {
-    for p in programs where !RRTEnv.have(p) {
-      throw XCTSkip("\(p) is not installed (needed by this test)")
-    }
-  }
-
+final class BlockStatusCLITests: CLITestCase {
   private func running(size: Int = 16 << 20) throws -> RRTRig {
     let r = try RRTRig(size: size, seed: 7)
     rigs.append(r)

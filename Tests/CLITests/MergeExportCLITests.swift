@@ -7,15 +7,7 @@ import Foundation
 import TestSupport
 import XCTest
 
-final class MergeExportCLITests: XCTestCase {
-  private var rigs: [RRTRig] = []
-
-  override func tearDown() {
-    for r in rigs { r.stopAll() }
-    rigs = []
-    super.tearDown()
-  }
-
+final class MergeExportCLITests: CLITestCase {
   private func running() throws -> RRTRig {
     for p in ["nbdkit", "nbdsh", "nbdcopy"] where !RRTEnv.have(p) {
       throw XCTSkip("\(p) is not installed (needed by this test)")

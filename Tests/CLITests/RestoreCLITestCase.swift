@@ -9,30 +9,16 @@
 // RestoreMergeCLITests, RestoreHydrationCLITests, RestoreCrashCLITests,
 // RestoreBackupFaultsCLITests and RestoreUsageCLITests. What they check is
 // what the tool promises (its --help and the invariants of
-// RestoreEngine.swift). Here: the rigs, and the writer whose log tells which
-// writes were acknowledged, with the checks that find each write's bytes
-// where no later write covers them.
+// RestoreEngine.swift). Here: rigs made and started (CLITestCase stops
+// them), and the writer whose log tells which writes were acknowledged, with
+// the checks that find each write's bytes where no later write covers them.
 
 import Foundation
 import Glibc
 import TestSupport
 import XCTest
 
-class RestoreCLITestCase: XCTestCase {
-  var rigs: [RRTRig] = []
-
-  override func tearDown() {
-    for r in rigs { r.stopAll() }
-    rigs = []
-    super.tearDown()
-  }
-
-  func require(_ programs: String...) throws {
-    for p in programs where !RRTEnv.have(p) {
-      throw XCTSkip("\(p) is not installed (needed by this test)")
-    }
-  }
-
+class RestoreCLITestCase: CLITestCase {
   /// A rig with the backup served and restore-read-through answering.
   func running(
     size: Int = 16 << 20, seed: UInt64 = 1, backup: BackupChoice = .nbdkit, serverArguments: [String] = []

@@ -38,6 +38,23 @@ enum RRTBytes {
 
   static func isZero(_ d: Data) -> Bool { d.allSatisfy { $0 == 0 } }
 
+  /// The blocks of `blockSize` bytes where two images of the same size differ.
+  static func differingBlocks(_ a: Data, _ b: Data, blockSize: Int) -> Set<Int> {
+    precondition(a.count == b.count, "images of \(a.count) and \(b.count) bytes")
+    var out = Set<Int>()
+    a.withUnsafeBytes { (x: UnsafeRawBufferPointer) in
+      b.withUnsafeBytes { (y: UnsafeRawBufferPointer) in
+        var start = 0
+        while start < x.count {
+          let n = min(blockSize, x.count - start)
+          if memcmp(x.baseAddress! + start, y.baseAddress! + start, n) != 0 { out.insert(start / blockSize) }
+          start += n
+        }
+      }
+    }
+    return out
+  }
+
   static func assertEqual(
     _ a: Data, _ b: Data, _ what: @autoclosure () -> String, file: StaticString = #filePath, line: UInt = #line
   ) {
@@ -216,13 +233,6 @@ final class RRTRig {
     assertNoCrash(file: file, line: line)
   }
 
-  func assertNoCrash(file: StaticString = #filePath, line: UInt = #line) {
-    let text = allLogs
-    for bad in ["Fatal error", "fatal error", "Illegal instruction", "Segmentation fault", "crashed"] {
-      XCTAssertFalse(text.contains(bad), "the server log mentions '\(bad)':\n\(text)", file: file, line: line)
-    }
-  }
-
   /// Waits up to `seconds` for the latest start's log to say one of `texts`.
   func waitForLog(_ texts: String..., seconds: Double = 60) -> Bool {
     let end = RRTEnv.monotonic() + seconds
@@ -354,13 +364,6 @@ final class RRTRig {
     try RRTCommand.run("bitmap-diff", ["--extents", a ?? primaryPath, b ?? backupPath], timeout: 60)
   }
 
-  func blockRange(_ b: Int) -> Range<Int> { (b * blockSize)..<min((b + 1) * blockSize, size) }
-
-  /// The blocks a byte range touches.
-  func blocks(_ offset: Int, _ length: Int) -> [Int] {
-    guard length > 0 else { return [] }
-    return Array((offset / blockSize)...((offset + length - 1) / blockSize))
-  }
 }
 
 struct RRTError: Error, CustomStringConvertible {

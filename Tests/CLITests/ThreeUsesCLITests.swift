@@ -23,7 +23,7 @@ import Glibc
 import TestSupport
 import XCTest
 
-final class ThreeUsesCLITests: XCTestCase {
+final class ThreeUsesCLITests: CLITestCase {
   private var children: [RRTChild] = []
   private var scratches: [Scratch] = []
 
@@ -72,8 +72,8 @@ final class ThreeUsesCLITests: XCTestCase {
   }
 
   private func restoreWhileOnline(backup: Use1Backup) throws {
-    try tuRequire("nbdsh", "nbdinfo")
-    if backup == .nbdkit { try tuRequire("nbdkit") }
+    try require("nbdsh", "nbdinfo")
+    if backup == .nbdkit { try require("nbdkit") }
     let s = try scratch()
     let dir = s.url.path
     let size = 64 << 20
@@ -226,7 +226,7 @@ final class ThreeUsesCLITests: XCTestCase {
   /// hydration share the work: the log counts both, says the restore is
   /// complete, and bitmap-diff of the two running exports exits 0.
   func testUse1TheManPageRecipeOverTCPWithHydration() throws {
-    try tuRequire("nbdsh", "nbdinfo")
+    try require("nbdsh", "nbdinfo")
     let s = try scratch()
     let size = 32 << 20
     let blockCount = size / blockSize
@@ -334,7 +334,7 @@ final class ThreeUsesCLITests: XCTestCase {
   /// after a last round with the client paused the source and the mirror
   /// are mirrors.
   func testUse2SeedAMirrorFromShippedMediaAndCatchUpWhileWritesContinue() throws {
-    try tuRequire("nbdsh", "nbdinfo", "qemu-img")
+    try require("nbdsh", "nbdinfo", "qemu-img")
     let s = try scratch()
     let dir = s.url.path
     let size = 64 << 20
@@ -425,7 +425,7 @@ final class ThreeUsesCLITests: XCTestCase {
   /// and neither the mirror nor its map changes; a truncated c1 stops and
   /// records nothing; in order, both apply.
   func testUse2ACatchUpMergedOutOfOrderIsRefusedAndWritesNothing() throws {
-    try tuRequire("nbdsh", "nbdinfo")
+    try require("nbdsh", "nbdinfo")
     let s = try scratch()
     let size = 16 << 20
     try TUImage.make(s.path("source.img"), size: size, seed: 73, holes: [(20 * blockSize)..<(30 * blockSize)])
@@ -550,7 +550,7 @@ final class ThreeUsesCLITests: XCTestCase {
     data[40 * B + 777] ^= 0x5A
     data.replaceSubrange((64 * B + 10)..<(64 * B + 20), with: Data(repeating: 0xEE, count: 10))
     try data.write(to: URL(fileURLWithPath: s.path(b)))
-    return TUImage.differingBlocks(try TUImage.read(s.path(a)), data, blockSize: B)
+    return RRTBytes.differingBlocks(try TUImage.read(s.path(a)), data, blockSize: B).sorted()
   }
 
   private func extentLines(_ blocks: [Int]) -> [String] {
@@ -616,7 +616,7 @@ final class ThreeUsesCLITests: XCTestCase {
   /// overwrite-map export | ddrescuelog, and a mapfile that GNU ddrescue
   /// itself uses to copy only the blocks a restore still has to bring.
   func testUse3OverwriteMapAndDdrescueMapfilesRoundTrip() throws {
-    try tuRequire("ddrescue", "ddrescuelog")
+    try require("ddrescue", "ddrescuelog")
     let s = try scratch()
     let B = blockSize
     let size = 8 << 20

@@ -9,13 +9,6 @@ import Glibc
 import TestSupport
 import XCTest
 
-/// Skips the test when a program it needs is missing.
-func tuRequire(_ programs: String...) throws {
-  for p in programs where !RRTEnv.have(p) {
-    throw XCTSkip("\(p) is not installed (needed by this test)")
-  }
-}
-
 /// A JSON object printed by a tool.
 func tuJSON(_ text: String, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {
   try XCTUnwrap(
@@ -78,23 +71,6 @@ enum TUImage {
   }
 
   static func read(_ path: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: path)) }
-
-  /// The blocks of `blockSize` where two equal-length contents differ.
-  static func differingBlocks(_ a: Data, _ b: Data, blockSize: Int) -> [Int] {
-    precondition(a.count == b.count)
-    var out: [Int] = []
-    a.withUnsafeBytes { (x: UnsafeRawBufferPointer) in
-      b.withUnsafeBytes { (y: UnsafeRawBufferPointer) in
-        var off = 0
-        while off < x.count {
-          let n = min(blockSize, x.count - off)
-          if memcmp(x.baseAddress! + off, y.baseAddress! + off, n) != 0 { out.append(off / blockSize) }
-          off += n
-        }
-      }
-    }
-    return out
-  }
 }
 
 /// `overwrite-map` figures of a map, through `stats --json`.

@@ -95,13 +95,6 @@ final class TrackRig {
     server = nil
   }
 
-  func assertNoCrash(file: StaticString = #filePath, line: UInt = #line) {
-    let text = allLogs
-    for bad in ["Fatal error", "fatal error", "Illegal instruction", "Segmentation fault", "crashed"] {
-      XCTAssertFalse(text.contains(bad), "the server log mentions '\(bad)':\n\(text)", file: file, line: line)
-    }
-  }
-
   func stopAll() {
     for c in others.reversed() { c.stop(grace: 5) }
     others = []
@@ -207,31 +200,6 @@ final class TrackRig {
       for b in (parts[0] / bs)...((parts[0] + parts[1] - 1) / bs) { blocks.insert(b) }
     }
     return blocks
-  }
-
-  /// The blocks a byte range touches.
-  func blocks(_ offset: Int, _ length: Int) -> [Int] {
-    guard length > 0 else { return [] }
-    return Array((offset / blockSize)...((offset + length - 1) / blockSize))
-  }
-
-  func blockRange(_ b: Int) -> Range<Int> { (b * blockSize)..<min((b + 1) * blockSize, size) }
-
-  /// The blocks where two images of the same size differ.
-  static func differingBlocks(_ a: Data, _ b: Data, blockSize: Int) -> Set<Int> {
-    precondition(a.count == b.count, "images of \(a.count) and \(b.count) bytes")
-    var out = Set<Int>()
-    a.withUnsafeBytes { (x: UnsafeRawBufferPointer) in
-      b.withUnsafeBytes { (y: UnsafeRawBufferPointer) in
-        var start = 0
-        while start < x.count {
-          let n = min(blockSize, x.count - start)
-          if memcmp(x.baseAddress! + start, y.baseAddress! + start, n) != 0 { out.insert(start / blockSize) }
-          start += n
-        }
-      }
-    }
-    return out
   }
 
   /// The data of write `w` of `n` bytes, as the snippets' `pattern(w, n)`.

@@ -22,21 +22,7 @@ import Glibc
 import TestSupport
 import XCTest
 
-final class TrackingServerCLITests: XCTestCase {
-  private var rigs: [TrackRig] = []
-
-  override func tearDown() {
-    for r in rigs { r.stopAll() }
-    rigs = []
-    super.tearDown()
-  }
-
-  func require(_ programs: String...) throws {
-    for p in programs where !RRTEnv.have(p) {
-      throw XCTSkip("\(p) is not installed (needed by this test)")
-    }
-  }
-
+final class TrackingServerCLITests: CLITestCase {
   /// A rig with tracking-server answering.
   func running(size: Int = 16 << 20, seed: UInt64 = 1, arguments: [String] = []) throws -> TrackRig {
     let r = try TrackRig(size: size, seed: seed)
@@ -159,7 +145,7 @@ final class TrackingServerCLITests: XCTestCase {
       XCTAssertTrue(TrackRig.holds(device, want, at: o), "op \(i) (\(kind) \(o)+\(n)) is not on the device")
     }
     let untouched = Set(0..<r.blockCount).subtracting(expected)
-    let changed = TrackRig.differingBlocks(r.original, device, blockSize: B)
+    let changed = RRTBytes.differingBlocks(r.original, device, blockSize: B)
     XCTAssertTrue(changed.isDisjoint(with: untouched), "untouched blocks changed: \(changed.intersection(untouched))")
   }
 
@@ -380,7 +366,7 @@ final class TrackingServerCLITests: XCTestCase {
     let reference = try r.deviceData()
     try reference.write(to: URL(fileURLWithPath: r.s.path("ref.img")))
     // The generation ended at the freeze: g0.map covers what writer1 changed.
-    let before = TrackRig.differingBlocks(r.original, reference, blockSize: B)
+    let before = RRTBytes.differingBlocks(r.original, reference, blockSize: B)
     XCTAssertFalse(before.isEmpty)
     let g0 = try r.setBlocks(r.s.path("g0.map"))
     XCTAssertTrue(before.isSubset(of: g0), "changed before the freeze, not in g0.map: \(before.subtracting(g0).brief)")
@@ -419,7 +405,7 @@ final class TrackingServerCLITests: XCTestCase {
 
     // The live device moved on, and the new generation covers it.
     let now = try r.deviceData()
-    let after = TrackRig.differingBlocks(reference, now, blockSize: B)
+    let after = RRTBytes.differingBlocks(reference, now, blockSize: B)
     XCTAssertFalse(after.isEmpty, "writer2 changed nothing")
     let d = try r.control("drop")
     XCTAssertEqual(d.status, 0, d.summary)
@@ -479,7 +465,7 @@ final class TrackingServerCLITests: XCTestCase {
       }
       let detail =
         cut == nil
-        ? "differs in blocks \(TrackRig.differingBlocks(view, image, blockSize: r.blockSize).brief) from the image after write \(applied - 1)"
+        ? "differs in blocks \(RRTBytes.differingBlocks(view, image, blockSize: r.blockSize).brief) from the image after write \(applied - 1)"
         : ""
       XCTAssertNotNil(
         cut, "round \(round): the view frozen between writes \(before) and \(after) is no cut of them: \(detail)")
@@ -954,7 +940,7 @@ final class TrackingServerCLITests: XCTestCase {
       lostWrites, [],
       "round \(round): flushed writes missing after kill -9 (flushed through \(wl.flushedThrough))\nlog:\n\(r.allLogs)")
     let map = try r.setBlocks()
-    let changed = TrackRig.differingBlocks(r.original, device, blockSize: r.blockSize)
+    let changed = RRTBytes.differingBlocks(r.original, device, blockSize: r.blockSize)
     XCTAssertTrue(
       changed.isSubset(of: map),
       "round \(round): blocks changed since the generation began but not in the change map: \(changed.subtracting(map).brief)"
@@ -1103,7 +1089,7 @@ final class TrackingServerCLITests: XCTestCase {
     XCTAssertEqual(map.count, 20000, r.log)
     XCTAssertTrue(written.isSubset(of: map), "written, not in the map: \(written.subtracting(map).brief)\n\(r.log)")
     let device = try r.deviceData()
-    let changed = TrackRig.differingBlocks(r.original, device, blockSize: r.blockSize)
+    let changed = RRTBytes.differingBlocks(r.original, device, blockSize: r.blockSize)
     XCTAssertEqual(changed, written, "the blocks holding new data")
     let block = Data(repeating: 0x5A, count: r.blockSize)
     let lost = written.filter { !TrackRig.holds(device, block, at: $0 * r.blockSize) }
@@ -1181,7 +1167,7 @@ final class TrackingServerCLITests: XCTestCase {
       XCTAssertEqual(try r.run("overwrite-map", ["create", "--like", "ref.img", "m.map"]).status, 0)
       XCTAssertEqual(try r.run("/usr/bin/truncate", ["-s", String(r.size), "out.img"]).status, 0)
       let merge = try r.run("merge-snapshot", ["--mirror", "--map", "m.map", "-i", "out.stream", "out.img"])
-      let differ = TrackRig.differingBlocks(
+      let differ = RRTBytes.differingBlocks(
         try r.s.read("ref.img"), try r.s.read("out.img"), blockSize: r.blockSize)
       XCTFail(
         "the snapshot of the first view ended with status 0 after the server restarted and froze another view; "
