@@ -43,6 +43,9 @@ public protocol BackupLink: AnyObject, Sendable {
   /// base:allocation of a byte range (runs from `offset` on, covering it or
   /// a first part of it), or nil when the backup does not say.
   func backupAllocation(offset: UInt64, length: UInt32) throws -> [Extent]?
+  /// Ends every connection to the backup (NBD_CMD_DISC), once nothing is
+  /// in flight on them; later requests fail.
+  func close()
 }
 
 public final class RestoreEngine: @unchecked Sendable {
@@ -98,6 +101,15 @@ public final class RestoreEngine: @unchecked Sendable {
   /// requests in flight; one that keeps many is its own read-ahead.
   private var fetchesInFlight = 0
   private let readAhead = Handoff<Range<UInt64>?>()
+  private static let readAheadThreads = 4
+  /// Signalled by each read-ahead thread as it ends.
+  private let readAheadEnded = DispatchSemaphore(value: 0)
+  /// Set when the engine closes: read-ahead fetches nothing more.
+  private let closing = AtomicFlag()
+  /// The periodic work (hydration, progress, completion, checkpoints),
+  /// once started.
+  private let backgroundLock = Monitor()
+  private var background: RestoreBackground?
   /// Runs the backup's half of a write while the caller does the primary's.
   private let offload = Offload(threads: 32)
   private let readAheadUnit: UInt64
@@ -157,9 +169,10 @@ public final class RestoreEngine: @unchecked Sendable {
     readAheadWindow = readAheadUnit * 8
     if !activity.recovered.isEmpty { try recover() }
     if pathExists(owedMarker) { unlink(owedMarker) }
-    for _ in 0..<4 {
+    for _ in 0..<Self.readAheadThreads {
       startThread { [self] in
         while let item = readAhead.take(), let range = item { prefetch(range) }
+        readAheadEnded.signal()
       }
     }
   }
@@ -167,7 +180,7 @@ public final class RestoreEngine: @unchecked Sendable {
   /// Fetches a range ahead of a sequential reader, unless it is current or
   /// being worked on already. Errors are left for the reader's own request.
   private func prefetch(_ range: Range<UInt64>) {
-    guard !missingRuns(range).isEmpty, locks.tryLock(range) else { return }
+    guard !closing.isSet, !missingRuns(range).isEmpty, locks.tryLock(range) else { return }
     defer { locks.unlock(range) }
     for run in missingRuns(range) {
       do { try fetch(run) } catch { return }
@@ -660,12 +673,21 @@ public final class RestoreEngine: @unchecked Sendable {
     }
   }
 
-  /// A clean stop: everything flushed, the activity log emptied. Returns
-  /// the number of blocks still owed to an unreachable backup (their
-  /// regions stay in the activity log for the next start).
+  /// A clean stop: the periodic work and read-ahead stopped (their reads
+  /// from the backup answered), everything flushed, the activity log
+  /// emptied, and the backup's connections ended with NBD_CMD_DISC. Call
+  /// it once no client request is in flight. Returns the number of blocks
+  /// still owed to an unreachable backup (their regions stay in the
+  /// activity log for the next start).
   @discardableResult
   public func close() throws -> Int {
+    backgroundLock.withLock { background }?.stop()
+    if closing.setOnce() {
+      for _ in 0..<Self.readAheadThreads { readAhead.put(nil) }
+      for _ in 0..<Self.readAheadThreads { readAheadEnded.wait() }
+    }
     writeback.stop()
+    defer { backup.close() }
     try flush()
     let owed = backupDebt.blocks
     if owed == 0 {
@@ -674,6 +696,27 @@ public final class RestoreEngine: @unchecked Sendable {
       try writeFileAtomically(owedMarker, [])
     }
     return owed
+  }
+
+  // MARK: Periodic work
+
+  /// Starts the periodic work of a running restore (RestoreBackground):
+  /// hydration when `schedule` asks for it, progress lines, the completion
+  /// line and the checkpoints. close() stops it; beginStop() asks it to.
+  public func start(_ schedule: RestoreSchedule) {
+    let work = RestoreBackground(engine: self, schedule: schedule)
+    let started = backgroundLock.withLock { () -> Bool in
+      guard background == nil else { return false }
+      background = work
+      return true
+    }
+    if started { work.start() }
+  }
+
+  /// Asks the periodic work to stop (hydration takes no new run), without
+  /// waiting: for a signal handler. close() waits for it.
+  public func beginStop() {
+    backgroundLock.withLock { background }?.beginStop()
   }
 
   // MARK: Background copy
@@ -713,7 +756,7 @@ public final class RestoreEngine: @unchecked Sendable {
         $0 + UInt64(max(0, Int64(min($1.upperBound, run.upperBound)) - Int64(max($1.lowerBound, run.lowerBound))))
       }
       let length = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count) - zeroed).length
-      plan.admit(length, shouldStop: shouldStop)
+      guard plan.admit(length, shouldStop: shouldStop) else { return }
       guard locks.tryLock(run) else {
         // Being fetched by another worker, or held by a client.
         plan.giveBack(length)
@@ -737,7 +780,8 @@ public final class RestoreEngine: @unchecked Sendable {
           )
         }
         plan.forget()
-        sleep(1)
+        // A second before retrying, unless hydration stops meanwhile.
+        for _ in 0..<10 where !shouldStop() { usleep(100_000) }
       }
     }
   }
@@ -850,18 +894,20 @@ private final class HydrationPlan: @unchecked Sendable {
   }
 
   /// Counts `bytes` about to be copied against the rate, and waits until
-  /// they are due.
-  func admit(_ bytes: UInt64, shouldStop: () -> Bool) {
-    guard rate > 0 else { return }
+  /// they are due; false (nothing counted) when `shouldStop` says so first.
+  func admit(_ bytes: UInt64, shouldStop: () -> Bool) -> Bool {
+    guard rate > 0 else { return !shouldStop() }
     let due = lock.withLock { () -> Double in
       copiedBytes += bytes
       return Double(copiedBytes) / Double(rate)
     }
     while !shouldStop() {
       let wait = due - started.secondsAgo
-      if wait <= 0 { return }
+      if wait <= 0 { return true }
       usleep(UInt32(min(0.5, wait) * 1e6))
     }
+    giveBack(bytes)
+    return false
   }
 
   /// Whether a failure gets a log line, and how many went unlogged since
