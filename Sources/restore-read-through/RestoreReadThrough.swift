@@ -41,9 +41,13 @@ struct RestoreReadThrough: ParsableCommand {
       background, 16 runs of up to 1 MiB at a time, yielding to client I/O \
       (and, with --hydrate-rate, paced); where the backup reports \
       base:allocation (block status), runs it says read as zeros are zeroed \
-      on PRIMARY (a hole in an image file) instead of copied. When every \
-      block is current the map is committed, and then the log says the \
-      restore is complete.
+      on PRIMARY (a hole in an image file) instead of copied. With \
+      --hydrate-rate RATE, hydration reads at most T times RATE bytes from the \
+      backup in any T seconds, plus a burst of one second's worth (or of one \
+      run, 1 MiB, when that is more): the time it spends yielding to \
+      clients is not made up later at the link's speed. When every block is \
+      current the map is committed, and then the log says the restore is \
+      complete.
 
       Up to 32 requests of each client connection are served at once, so \
       that reads waiting for the backup overlap; the backup is read over \
@@ -106,7 +110,8 @@ struct RestoreReadThrough: ParsableCommand {
 
   @Option(
     help: ArgumentHelp(
-      "Limit the background copy to this many bytes a second (K, M, G: powers of 1024).", valueName: "bytes"))
+      "Limit the background copy to this many bytes a second, in any few seconds but for a burst of one second's "
+        + "worth, or of one 1 MiB run if more (K, M, G: powers of 1024).", valueName: "bytes"))
   var hydrateRate: ByteCount?
 
   @Option(

@@ -1,8 +1,8 @@
-// restore-read-through's background work, measured at the real backup: a
-// stop while hydration has reads in flight (nbdkit's log filter and its -v
-// debug lines say how each connection ended), the completion line against
-// the map on disk, and the progress line against what crossed the link
-// (nbdkit's log filter).
+// restore-read-through's background work, measured at the real backup:
+// hydration's pacing (bytes read per window, from nbdkit's log filter), a
+// stop while hydration has reads in flight (nbdkit's log and its -v debug
+// lines say how each connection ended), the completion line against the map
+// on disk, and the progress line against what crossed the link.
 //
 // The rigs are RRTRig (RestoreReadThroughHarness.swift); every child is
 // stopped in tearDown.
@@ -30,6 +30,80 @@ final class RestoreBackgroundCLITests: XCTestCase {
     let r = try RRTRig(size: size, seed: seed)
     rigs.append(r)
     return r
+  }
+
+  // MARK: Hydration's pace
+
+  /// --hydrate-rate holds over every window of a few seconds, during and
+  /// after a busy client: the time hydration yielded to it is not credit
+  /// to be spent at the link's speed later. Counted at the backup (nbdkit's
+  /// log filter) with the burst the manual allows: one second at the rate,
+  /// or one run of 1 MiB, whichever is more.
+  func testHydrateRateHoldsInEveryWindowAroundABusyClient() throws {
+    try require("nbdkit", "nbdinfo", "nbdsh")
+    let rate = 4 << 20
+    let burst = max(rate, 1 << 20)
+    let r = try rig(size: 96 << 20, seed: 171)
+    // The client's writes take 10 ms at the backup, so its requests are in
+    // flight all the time and hydration yields; the log is outside the
+    // delay, so it sees requests as they arrive. The writes are of whole
+    // blocks, so every READ at the backup is hydration's.
+    try r.startBackup(.nbdkit(filters: ["log", "delay"], parameters: ["delay-write=10ms"]))
+    try r.startServer(["--hydrate", "--hydrate-rate", "4M", "--progress-interval", "0"])
+    let busySeconds = 10.0
+    let client = try r.nbdshChild(
+      """
+      h.connect_uri(URI)
+      end = time.monotonic() + \(busySeconds)
+      data = nbd.Buffer.from_bytearray(bytearray(b'w' * B))
+      n = 0
+      cookies = []
+      while time.monotonic() < end:
+          while h.aio_in_flight() < 16:
+              cookies.append(h.aio_pwrite(data, (n % 16) * B))
+              n += 1
+          h.poll(-1)
+          cookies = [c for c in cookies if not h.aio_command_completed(c)]
+      while h.aio_in_flight() > 0:
+          h.poll(-1)
+      print('WROTE', n, flush=True)
+      """, name: "busy-client")
+    XCTAssertEqual(client.wait(timeout: busySeconds + 30), 0, "the busy client: \(client.output) \(client.errors)")
+    let busyEnd = Date().timeIntervalSince1970
+    let measured = 8.0
+    RRTEnv.sleep(measured)
+    let reads = BackupRequestLog(try String(contentsOfFile: try XCTUnwrap(r.backupRequestLog), encoding: .utf8))
+      .requests.filter { $0.kind == "Read" }
+    r.stopServer()
+    XCTAssertFalse(r.log.contains("hydration done"), "hydration ended within the test:\n\(r.log)")
+    // The most bytes in any 5 s window, from the start to the end of the
+    // measured period.
+    let window = 5.0
+    var most = 0
+    var mostAt = 0.0
+    var after = 0
+    for (i, start) in reads.enumerated() {
+      let bytes = reads[i...].prefix(while: { $0.time < start.time + window }).reduce(0) { $0 + $1.count }
+      if bytes > most {
+        most = bytes
+        mostAt = start.time - busyEnd
+      }
+      if start.time >= busyEnd { after = max(after, bytes) }
+    }
+    var perSecond: [Int: Int] = [:]
+    for q in reads { perSecond[Int((q.time - busyEnd).rounded(.down)), default: 0] += q.count }
+    let profile = perSecond.sorted { $0.key < $1.key }.map { "\($0.key) s: \($0.value >> 10) KiB" }
+    let cap = Double(rate) * window * 1.1 + Double(burst)
+    let summary =
+      "most read from the backup in any \(window) s: \(most) bytes, "
+      + "\(String(format: "%.2f", Double(most) / window / Double(1 << 20))) MiB/s, from \(String(format: "%.1f", mostAt)) s "
+      + "after the busy client (\(client.output.trimmingCharacters(in: .whitespacesAndNewlines))); after it, \(after) "
+      + "bytes; the cap \(rate) B/s allows \(Int(cap)); bytes per second from the client's end: "
+      + profile.joined(separator: ", ")
+    print(summary)
+    XCTAssertLessThanOrEqual(Double(most), cap, summary + "\nlog:\n\(r.log)")
+    // Hydration did go on after the client (the test measured something).
+    XCTAssertGreaterThanOrEqual(Double(after), Double(rate) * window * 0.5, summary)
   }
 
   // MARK: A stop during hydration

@@ -11,6 +11,8 @@
 //   in flight get their replies, and stop() returns only when every thread
 //   here has ended, so the engine's final flush is the last request the
 //   backup sees from it.
+// - Hydration's pace holds over every window (HydrationPace): at most
+//   rate × T + max(rate × 1 s, one run) bytes in any T seconds.
 // - A progress line gives the total fetched and what was fetched in the
 //   interval it covers, with that interval as measured, not as asked for.
 

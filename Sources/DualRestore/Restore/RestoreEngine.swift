@@ -740,7 +740,8 @@ public final class RestoreEngine: @unchecked Sendable {
     for _ in 0..<count { done.wait() }
   }
 
-  /// One worker of `hydrate`: takes the next run not current, skips it if a
+  /// One worker of `hydrate`: takes the next run not current, waits for
+  /// its turn under the rate and for clients to be idle, skips it if a
   /// client holds any of its blocks (it is met again on the next pass).
   private func hydrationWorker(_ plan: HydrationPlan, shouldStop: () -> Bool) {
     while !shouldStop() {
@@ -756,7 +757,14 @@ public final class RestoreEngine: @unchecked Sendable {
         $0 + UInt64(max(0, Int64(min($1.upperBound, run.upperBound)) - Int64(max($1.lowerBound, run.lowerBound))))
       }
       let length = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count) - zeroed).length
-      guard plan.admit(length, shouldStop: shouldStop) else { return }
+      // A client that came while the run waited for its turn goes first:
+      // the turn is given back and taken again once the client is idle.
+      while true {
+        guard plan.admit(length, shouldStop: shouldStop) else { return }
+        if !clientsBusy { break }
+        plan.giveBack(length)
+        while clientsBusy && !shouldStop() { usleep(5000) }
+      }
       guard locks.tryLock(run) else {
         // Being fetched by another worker, or held by a client.
         plan.giveBack(length)
@@ -856,7 +864,7 @@ public final class RestoreEngine: @unchecked Sendable {
 
 /// Hydration's shared state: where the next run starts, what the backup
 /// said of its zeros in the window last asked about (and the count of
-/// divergent writes then), and the bytes copied, for the rate.
+/// divergent writes then), and the pace under the rate.
 private final class HydrationPlan: @unchecked Sendable {
   let engine: RestoreEngine
   let rate: UInt64
@@ -869,8 +877,7 @@ private final class HydrationPlan: @unchecked Sendable {
   private var window: Range<UInt64> = 0..<0
   private var zeroRuns: [Range<UInt64>] = []
   private var generation = -1
-  private let started = Instant.now()
-  private var copiedBytes: UInt64 = 0
+  private var pace: HydrationPace
   /// Failures are logged at most every 10 s (16 workers fail together).
   private var lastFailureLogged: Double?
   private var failuresNotLogged = 0
@@ -880,6 +887,8 @@ private final class HydrationPlan: @unchecked Sendable {
     self.rate = rate
     batchBlocks = UInt64(max(1, (1 << 20) / Int(engine.geometry.blockSize)))
     windowBlocks = max(batchBlocks, UInt64((64 << 20) / Int(engine.geometry.blockSize)))
+    pace = HydrationPace(
+      rate: rate, longestRun: batchBlocks * UInt64(engine.geometry.blockSize), now: monotonicSeconds())
   }
 
   /// The next run to hydrate, with the zero runs known around it and the
@@ -893,20 +902,15 @@ private final class HydrationPlan: @unchecked Sendable {
     return (start..<end, window.contains(start) ? zeroRuns : [], generation)
   }
 
-  /// Counts `bytes` about to be copied against the rate, and waits until
-  /// they are due; false (nothing counted) when `shouldStop` says so first.
+  /// Counts `bytes` about to be copied against the rate, waiting until the
+  /// pace allows them; false (nothing counted) when `shouldStop` says so
+  /// first.
   func admit(_ bytes: UInt64, shouldStop: () -> Bool) -> Bool {
     guard rate > 0 else { return !shouldStop() }
-    let due = lock.withLock { () -> Double in
-      copiedBytes += bytes
-      return Double(copiedBytes) / Double(rate)
-    }
     while !shouldStop() {
-      let wait = due - started.secondsAgo
-      if wait <= 0 { return true }
-      usleep(UInt32(min(0.5, wait) * 1e6))
+      guard let wait = lock.withLock({ pace.take(bytes, now: monotonicSeconds()) }) else { return true }
+      usleep(UInt32(min(0.1, max(0.001, wait)) * 1e6))
     }
-    giveBack(bytes)
     return false
   }
 
@@ -928,7 +932,7 @@ private final class HydrationPlan: @unchecked Sendable {
   /// Bytes admitted but not copied after all (zeroed, or not fetched).
   func giveBack(_ bytes: UInt64) {
     guard rate > 0, bytes > 0 else { return }
-    lock.withLock { copiedBytes -= min(bytes, copiedBytes) }
+    lock.withLock { pace.giveBack(bytes, now: monotonicSeconds()) }
   }
 
   /// Asks the backup about the window from `start` (the lock held).
