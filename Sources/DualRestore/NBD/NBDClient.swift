@@ -141,7 +141,8 @@ public final class NBDClient: BlockSource, @unchecked Sendable {
     self.minimumBlockSize = Int(export.minimum ?? 1)
     self.preferredBlockSize = Int(export.preferred ?? 4096)
     self.maximumBlockSize = export.maximum.map { Int($0) }
-    var limit = min(maximumBlockSize ?? NBD.maximumPayload, NBD.maximumPayload)
+    // Without an advertised maximum, the protocol's interoperable 32 MiB.
+    var limit = min(maximumBlockSize ?? NBD.defaultMaximumPayload, NBD.maximumPayload)
     if limit >= minimumBlockSize { limit -= limit % minimumBlockSize }
     self.maximumRequest = max(limit, 1)
     self.connection = connection

@@ -116,8 +116,13 @@ public enum NBD {
 
   public static let requestLength = 28
   public static let simpleReplyLength = 16
-  /// The largest READ or WRITE this toolkit sends or accepts.
-  public static let maximumPayload = 32 << 20
+  /// The largest READ or WRITE payload the servers accept (advertised in
+  /// NBD_INFO_BLOCK_SIZE, as nbdkit's) and the clients send to a server that
+  /// advertises at least as much.
+  public static let maximumPayload = 64 << 20
+  /// The largest READ or WRITE sent to a server that advertises no maximum:
+  /// the protocol's limit for a client that wants to work with any server.
+  public static let defaultMaximumPayload = 32 << 20
   /// Longest export name or option payload accepted in the handshake.
   public static let maximumOptionLength = 65536
 }

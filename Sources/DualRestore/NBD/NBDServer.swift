@@ -747,7 +747,9 @@ private final class Connection: @unchecked Sendable {
     case NBD.cmdRead, NBD.cmdWrite, NBD.cmdTrim, NBD.cmdWriteZeroes, NBD.cmdCache:
       let (end, overflow) = r.offset.addingReportingOverflow(UInt64(r.length))
       if overflow || end > export.size { return r.type == NBD.cmdWrite ? NBD.errNoSpace : NBD.errInvalid }
-      if r.type == NBD.cmdRead && r.length > NBD.maximumPayload { return NBD.errOverflow }
+      // Too long: EINVAL (EOVERFLOW is kept for a READ with DF that cannot
+      // go in one chunk, which never happens here).
+      if r.type == NBD.cmdRead && r.length > NBD.maximumPayload { return NBD.errInvalid }
       if r.type != NBD.cmdRead && r.type != NBD.cmdCache && export.flags & NBD.flagReadOnly != 0 {
         return NBD.errPerm
       }
