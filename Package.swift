@@ -1,9 +1,12 @@
 // swift-tools-version:6.0
+// dualrestore builds for Linux only: it rests on splice, sendfile, cachestat,
+// O_DIRECT and the NBD ioctls, which no other system has. No `platforms:` is
+// declared, since SwiftPM's list names only Apple systems; a build anywhere
+// else stops at the #error in Sources/DualRestore/Support/Platform.swift.
 import PackageDescription
 
 let package = Package(
   name: "dualrestore",
-  platforms: [.macOS(.v13)],
   products: [
     .executable(name: "overwrite-map", targets: ["overwrite-map"]),
     .executable(name: "bitmap-diff", targets: ["bitmap-diff"]),
@@ -12,6 +15,8 @@ let package = Package(
     .executable(name: "restore-read-through", targets: ["restore-read-through"]),
     .executable(name: "tracking-server", targets: ["tracking-server"]),
     .library(name: "DualRestore", targets: ["DualRestore"]),
+    // For the fuzz package in fuzz/ only; no tool links it.
+    .library(name: "DualRestoreFuzz", targets: ["DualRestoreFuzz"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
@@ -31,6 +36,13 @@ let package = Package(
     .target(
       name: "DualRestore",
       dependencies: ["CShim", "COpenSSL", "CLZ4"]),
+    // The fuzz targets' entry points (fuzz/, scripts/fuzz) and their
+    // regression tests: kept out of the library the tools link. They reach
+    // the library's internals through `package` access, which the fuzz
+    // package (a package of its own) cannot, so it goes through this one.
+    .target(
+      name: "DualRestoreFuzz",
+      dependencies: ["DualRestore", "CShim"]),
     // What the executables share: option types, error reporting.
     .target(
       name: "ToolSupport",
@@ -80,7 +92,7 @@ let package = Package(
     // Times map operations for bench/run; not installed.
     .executableTarget(name: "map-bench", dependencies: ["DualRestore"], path: "bench/map-bench"),
 
-    .testTarget(name: "DualRestoreTests", dependencies: ["DualRestore"]),
+    .testTarget(name: "DualRestoreTests", dependencies: ["DualRestore", "DualRestoreFuzz"]),
     .testTarget(name: "CLITests", dependencies: ["DualRestore"]),
   ],
   swiftLanguageModes: [.v6]

@@ -1,21 +1,23 @@
 // swift-tools-version:6.0
 // Fuzz targets for the readers of hostile input: block streams (plain and
-// encrypted), maps, ddrescue mapfiles, signatures, and both sides of NBD.
+// encrypted), maps, ddrescue mapfiles, signatures, both sides of NBD, and
+// the merge export's names and report.
 // Built with libFuzzer and AddressSanitizer by scripts/fuzz; not part of the
-// normal build, which never sees this package.
+// normal build, which never sees this package. The entry points themselves
+// are the DualRestoreFuzz library of the main package (it reaches the
+// library's `package` internals, which another package cannot).
 import PackageDescription
 
 let targets = [
   "stream", "stream-encrypted", "map", "ddrescue", "signature", "nbd-server", "nbd-client",
-  "nbd-client-status",
+  "nbd-client-status", "merge-export",
 ]
 
 let package = Package(
   name: "dualrestore-fuzz",
-  platforms: [.macOS(.v13)],
   dependencies: [.package(name: "dualrestore", path: "..")],
   targets: [
-    .target(name: "FuzzDriver", dependencies: [.product(name: "DualRestore", package: "dualrestore")])
+    .target(name: "FuzzDriver", dependencies: [.product(name: "DualRestoreFuzz", package: "dualrestore")])
   ]
     + targets.map { name in
       .executableTarget(

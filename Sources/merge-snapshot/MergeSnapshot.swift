@@ -22,7 +22,10 @@ struct MergeSnapshot: ParsableCommand {
       stream's. Every block written is then marked current; the target is \
       made durable (fdatasync) before the map records it, at checkpoints and \
       at the end, and a complete stream is recorded as the map's last merged \
-      stream.
+      stream. Into the merge export, the server admits the stream, counts \
+      what it does with its blocks, records a complete stream and reports \
+      its counts at the end (dualrestore-merge(5)); the summary gives them, \
+      beside what was sent.
 
       With --mirror, TARGET is a mirror being seeded from shipped media: \
       nothing writes it but merges. Every block of the stream is written and \
@@ -95,7 +98,12 @@ struct MergeSnapshot: ParsableCommand {
 
   @OptionGroup var reporting: ProgressOptions
 
-  @Flag(help: "Print the summary as one JSON object on standard output.")
+  @Flag(
+    help: ArgumentHelp(
+      "Print the summary as one JSON object on standard output.",
+      discussion:
+        "Into the merge export, written_blocks, zero_blocks, skipped_current_blocks and bytes_written are the server's counts, and sent_blocks, sent_zero_blocks and bytes_sent what was sent; a server that does not report leaves the first four out."
+    ))
   var json = false
 
   @Argument(help: ArgumentHelp("The image file or block device to write.", valueName: "target"))
@@ -139,21 +147,22 @@ struct MergeSnapshot: ParsableCommand {
     }
     defer { if fd != 0 { close(fd) } }
 
+    var options = Merger.Options()
+    options.mode = check ? .check : (dryRun ? .dryRun : .merge)
+    options.force = force
+    options.mirror = mirror
+    options.clockSkewAllowance = Int64(clockSkew * 1e9)
+    options.progress = reporting.show
+
     var loaded: BlockMap? = nil
-    var connect: ((StreamFormat.Header) throws -> BlockTarget)? = nil
-    var makeMap: ((StreamFormat.Header) throws -> BlockMap)? = nil
     if let map, mirror, !pathExists(map), let target {
       // A mirror's first merge creates its map, with the stream's blocks.
-      let device = canonicalPath(target)
-      makeMap = { header in
-        try header.geometry.checkMappable()
-        printError("merge-snapshot: creating the mirror's map \(map)")
-        return BlockMap(geometry: header.geometry, meaning: .current, deviceName: device)
-      }
+      options.newMapDevice = canonicalPath(target)
     } else if let map {
       loaded = try MapFile.load(map)
     }
-    let device: BlockTarget?
+    var device: BlockTarget? = nil
+    var session: MergeSession? = nil
     if let target, NBDURI.isURI(target) {
       // The `merge` export of a running restore-read-through: the server
       // keeps the overwrite map and decides, under its block locks, which
@@ -162,19 +171,8 @@ struct MergeSnapshot: ParsableCommand {
         throw ToolkitError(
           "\(target) is an NBD export; the server there keeps the overwrite map, so drop --map and --mirror")
       }
-      if try NBDURI(target).exportName == "merge" {
-        // The server checks the stream against its map when it is named.
-        device = nil
-        let skew = Int64(clockSkew * 1e9)
-        let force = force
-        connect = { header in
-          let base = header.isIncremental ? header.baseStreamID.description : "none"
-          let named = MergeSnapshot.withExportParameters(
-            target,
-            "stream=\(header.streamID);base=\(base);started=\(header.started.nanosecondsSinceEpoch);skew=\(skew);force=\(force ? 1 : 0)"
-          )
-          return try MergeSnapshot.connect(named, shownAs: target)
-        }
+      if try MergeExportClient.names(target) {
+        session = MergeExportClient(uri: target)
       } else {
         device = try NBDClient(uri: target, timeout: 60)
       }
@@ -184,49 +182,18 @@ struct MergeSnapshot: ParsableCommand {
         throw ToolkitError("\(map ?? "") describes \(m.geometry.deviceSize) bytes but \(target) has \(d.size) bytes")
       }
       device = d
-    } else {
-      device = nil
     }
 
-    var options = Merger.Options()
-    options.mode = check ? .check : (dryRun ? .dryRun : .merge)
-    options.force = force
-    options.mirror = mirror
-    options.clockSkewAllowance = Int64(clockSkew * 1e9)
-    options.progress = reporting.show
     let reader = StreamReader(fd: fd, name: name, secret: secret)
     let s = try Merger.merge(
-      reader, into: device, map: &loaded, mapPath: map, options: options, connect: connect, makeMap: makeMap,
+      reader, into: device, map: &loaded, mapPath: map, options: options, session: session,
       warn: { printError("merge-snapshot: \($0)") })
-    if connect != nil, s.complete, !dryRun, let target, let id = s.header?.streamID {
-      // The whole stream is in: the server records it as the last merged.
-      _ = try MergeSnapshot.connect(MergeSnapshot.withExportParameters(target, "complete=\(id)"), shownAs: target)
-    }
-    try report(s)
+    try report(s, server: session != nil)
   }
 
-  /// The URI with `;PARAMETERS` after its export name.
-  static func withExportParameters(_ uri: String, _ parameters: String) -> String {
-    guard let q = uri.firstIndex(of: "?") else { return uri + ";" + parameters }
-    return String(uri[..<q]) + ";" + parameters + String(uri[q...])
-  }
-
-  /// Connects to a parametrised export; a refusal is the server's sentence.
-  static func connect(_ uri: String, shownAs target: String) throws -> NBDClient {
-    do {
-      return try NBDClient(uri: uri, timeout: 60)
-    } catch {
-      let text = "\(error)"
-      if let r = text.firstRange(of: "(the server says: ") {
-        var said = text[r.upperBound...]
-        if said.hasSuffix(")") { said = said.dropLast() }
-        throw ToolkitError("\(target): \(said)")
-      }
-      throw ToolkitError("\(target): \(text.replacing(uri, with: target))")
-    }
-  }
-
-  func report(_ s: Merger.Summary) throws {
+  /// `server`: the target was the merge export, which keeps its own map and
+  /// alone knows which blocks it wrote; its report says (nil: it cannot).
+  func report(_ s: Merger.Summary, server: Bool) throws {
     let verb = check ? "verified" : (dryRun ? "would write" : "wrote")
     if json {
       var o = JSONObject()
@@ -237,10 +204,25 @@ struct MergeSnapshot: ParsableCommand {
       o.add("source", s.header?.sourceName)
       o.add("block_size", UInt64(s.header?.geometry.blockSize ?? 0))
       o.add("device_size", s.header?.geometry.deviceSize ?? 0)
-      o.add("written_blocks", s.written)
-      o.add("zero_blocks", s.zero)
-      o.add("skipped_current_blocks", s.skippedCurrent)
-      o.add("bytes_written", s.bytesWritten)
+      if !server {
+        o.add("written_blocks", s.written)
+        o.add("zero_blocks", s.zero)
+        o.add("skipped_current_blocks", s.skippedCurrent)
+        o.add("bytes_written", s.bytesWritten)
+      } else if !dryRun {
+        // What was sent, and what the server did with it; counts the
+        // server did not give are left out, never guessed.
+        o.add("sent_blocks", s.written)
+        o.add("sent_zero_blocks", s.zero)
+        o.add("bytes_sent", s.bytesWritten)
+        if let r = s.report {
+          o.add("written_blocks", r.dataBlocks)
+          o.add("zero_blocks", r.zeroBlocks)
+          o.add("skipped_current_blocks", r.skippedCurrent)
+          o.add("bytes_written", r.bytesWritten)
+          o.add("recorded", r.recorded)
+        }
+      }
       o.add("stream_bytes", s.streamBytes)
       o.add("complete", s.complete)
       // A key is refused for a plaintext stream, so a stream read with one was encrypted.
@@ -259,11 +241,15 @@ struct MergeSnapshot: ParsableCommand {
           + "\(formatBytes(s.bytesWritten)) of blocks in \(formatBytes(s.streamBytes)) of stream, complete")
       return
     }
-    if let target, NBDURI.isURI(target) {
+    if server, let target {
+      let outcome =
+        s.report.map {
+          "the server wrote \($0.dataBlocks) blocks and \($0.zeroBlocks) zero blocks "
+            + "(\(formatBytes($0.bytesWritten))) and skipped \($0.skippedCurrent) current blocks"
+        } ?? "the server writes those its map does not mark current"
       printError(
         "merge-snapshot: stream \(id): sent \(s.written) blocks and \(s.zero) zero blocks "
-          + "(\(formatBytes(s.bytesWritten))) to \(target); the server writes those its map does not mark current, "
-          + "\(formatFixed(s.seconds, digits: 2)) s")
+          + "(\(formatBytes(s.bytesWritten))) to \(target); \(outcome), \(formatFixed(s.seconds, digits: 2)) s")
       return
     }
     printError(

@@ -8,6 +8,7 @@
 
 import COpenSSL
 import CShim
+import DualRestoreFuzz
 import Foundation
 import Glibc
 import XCTest

@@ -7,6 +7,7 @@
 // counts that overflow), or written out as bytes.
 
 import CLZ4
+import DualRestoreFuzz
 import XCTest
 
 @testable import DualRestore

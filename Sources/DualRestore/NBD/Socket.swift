@@ -303,7 +303,7 @@ public final class Socket: @unchecked Sendable {
     }
   }
 
-  static func unixAddress(_ path: String) throws -> sockaddr_un {
+  package static func unixAddress(_ path: String) throws -> sockaddr_un {
     var address = sockaddr_un()
     address.sun_family = sa_family_t(AF_UNIX)
     let bytes = Array(path.utf8)

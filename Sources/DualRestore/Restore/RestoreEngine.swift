@@ -81,8 +81,9 @@ public final class RestoreEngine: @unchecked Sendable {
   /// backup said they read as zeros (hydration).
   public private(set) var zeroedBlocks: UInt64 = 0
   public private(set) var mergedBlocks: UInt64 = 0
-  /// Streams whose merge was admitted since the server started.
-  private var admittedStreams: Set<ID128> = []
+  /// Streams whose merge was admitted since the server started, with what
+  /// the merge export did with their blocks since the last admission.
+  private var admittedStreams: [ID128: MergeReport] = [:]
   /// Blocks the merge export was given but left alone: already current.
   public private(set) var mergeSkippedBlocks: UInt64 = 0
   /// Client requests being served (hydration yields to them).
@@ -534,22 +535,30 @@ public final class RestoreEngine: @unchecked Sendable {
   /// started reading after the map started tracking (plus the clock skew
   /// allowed), and an incremental stream must apply on top of the last
   /// stream merged. `force` turns a failed check into a warning in the log.
-  public func admitMerge(stream: ID128, base: ID128, started: Instant, skew: Int64, force: Bool) throws {
+  public func admitMerge(_ a: MergeAdmission) throws {
     flushLock.lock()
     defer { flushLock.unlock() }
-    let problems = Merger.identityProblems(started: started, base: base, map: map, clockSkew: skew)
-    if let first = problems.first, !force { throw NBDError(NBD.errInvalid, first + " (--force merges it anyway)") }
-    for p in problems { log("merge of stream \(stream) forced: \(p)") }
-    _ = state.withLock { admittedStreams.insert(stream) }
-    log("merging stream \(stream) through the merge export")
+    let problems = Merger.identityProblems(started: a.started, base: a.base, map: map, clockSkew: a.skew)
+    if let first = problems.first, !a.force { throw NBDError(NBD.errInvalid, first + " (--force merges it anyway)") }
+    for p in problems { log("merge of stream \(a.stream) forced: \(p)") }
+    // Counted afresh: a re-run after a stop reports what it did itself.
+    state.withLock { admittedStreams[a.stream] = MergeReport(stream: a.stream) }
+    log("merging stream \(a.stream) through the merge export")
+  }
+
+  /// What the merge export did with the blocks of `stream` since its merge
+  /// was last admitted; refused for a stream that was not admitted.
+  public func mergeReport(stream: ID128) throws -> MergeReport {
+    guard let report = state.withLock({ admittedStreams[stream] }) else {
+      throw NBDError(NBD.errInvalid, "stream \(stream) was not merged through this server")
+    }
+    return report
   }
 
   /// Records `stream`, admitted earlier and now merged whole, as the last
   /// merged stream, after everything it wrote is durable and committed.
-  public func recordMerged(stream: ID128) throws {
-    guard state.withLock({ admittedStreams.contains(stream) }) else {
-      throw NBDError(NBD.errInvalid, "stream \(stream) was not merged through this server")
-    }
+  public func recordMerged(stream: ID128) throws -> MergeReport {
+    _ = try mergeReport(stream: stream)
     try flush()
     flushLock.lock()
     defer { flushLock.unlock() }
@@ -557,20 +566,32 @@ public final class RestoreEngine: @unchecked Sendable {
     m.lastMergedStream = stream
     try MapFile.save(m, to: mapPath)
     map = m
-    log("stream \(stream) is merged whole: recorded as the last merged stream")
+    let report = state.withLock {
+      admittedStreams[stream]?.recorded = true
+      return admittedStreams[stream] ?? MergeReport(stream: stream)
+    }
+    log(
+      "stream \(stream) is merged whole: recorded as the last merged stream; \(report.dataBlocks + report.zeroBlocks) "
+        + "block(s) merged, \(report.skippedCurrent) skipped as current")
+    return report
   }
 
   /// Writes whole blocks of a merged snapshot where the map says not current;
-  /// current blocks are left alone. Nothing is sent to the backup.
-  public func mergeWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+  /// current blocks are left alone. Nothing is sent to the backup. The
+  /// blocks count toward `stream`'s report when one is given.
+  public func mergeWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, stream: ID128? = nil) throws {
     try checkWholeBlocks(offset, UInt64(buffer.count))
     let blocks = blockRange(offset, UInt64(buffer.count))
     guard !blocks.isEmpty else { return }
     locks.lock(blocks)
     defer { locks.unlock(blocks) }
+    var written: UInt64 = 0
+    var skipped: UInt64 = 0
+    var bytes: UInt64 = 0
+    defer { tally(stream, data: written, zero: 0, skipped: skipped, bytes: bytes) }
     for b in blocks {
       if isCurrent(b) {
-        state.withLock { mergeSkippedBlocks += 1 }
+        skipped += 1
         continue
       }
       let start = Int(geometry.offset(ofBlock: b) - offset)
@@ -578,27 +599,43 @@ public final class RestoreEngine: @unchecked Sendable {
       try primary.write(UnsafeRawBufferPointer(rebasing: buffer[start..<start + n]), at: geometry.offset(ofBlock: b))
       writeback.written(geometry.offset(ofBlock: b), UInt64(n))
       markCurrent(b..<b + 1)
-      state.withLock { mergedBlocks += 1 }
+      written += 1
+      bytes += UInt64(n)
     }
   }
 
-  public func mergeZeroes(offset: UInt64, length: UInt64) throws {
+  public func mergeZeroes(offset: UInt64, length: UInt64, stream: ID128? = nil) throws {
     try checkWholeBlocks(offset, length)
     let blocks = blockRange(offset, length)
     guard !blocks.isEmpty else { return }
     locks.lock(blocks)
     defer { locks.unlock(blocks) }
+    let runs = missingRuns(blocks)
+    let skipped = UInt64(blocks.count) - runs.reduce(0) { $0 + UInt64($1.count) }
     var written: UInt64 = 0
-    for run in missingRuns(blocks) {
+    var bytes: UInt64 = 0
+    defer { tally(stream, data: 0, zero: written, skipped: skipped, bytes: bytes) }
+    for run in runs {
       let (o, l) = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count))
       try Merger.writeZeros(primary, offset: o, length: l, zeros: zeros)
       markCurrent(run)
       written += UInt64(run.count)
+      bytes += l
     }
-    let skipped = UInt64(blocks.count) - written
+  }
+
+  /// Counts what one merge request did, also when it failed part way: in
+  /// the totals, and in `stream`'s report.
+  private func tally(_ stream: ID128?, data: UInt64, zero: UInt64, skipped: UInt64, bytes: UInt64) {
     state.withLock {
-      mergedBlocks += written
+      mergedBlocks += data + zero
       mergeSkippedBlocks += skipped
+      if let stream, admittedStreams[stream] != nil {
+        admittedStreams[stream]?.dataBlocks += data
+        admittedStreams[stream]?.zeroBlocks += zero
+        admittedStreams[stream]?.skippedCurrent += skipped
+        admittedStreams[stream]?.bytesWritten += bytes
+      }
     }
   }
 

@@ -59,7 +59,9 @@ public final class RestoreExport: NBDExport, @unchecked Sendable {
 
 public final class MergeExport: NBDExport, @unchecked Sendable {
   let engine: RestoreEngine
-  public let name = "merge"
+  /// The stream this connection merges, once admitted (dualrestore-merge(5)).
+  let stream: ID128?
+  public let name = MergeExportName.exportName
   public var description: String {
     "merge a snapshot into \(engine.primary.path) where the overwrite map says not current"
   }
@@ -67,38 +69,38 @@ public final class MergeExport: NBDExport, @unchecked Sendable {
   public var flags: UInt16 { NBD.flagSendFlush | NBD.flagSendWriteZeroes | NBD.flagSendTrim }
   public var preferredBlockSize: UInt32 { engine.geometry.blockSize }
 
-  public init(engine: RestoreEngine) { self.engine = engine }
+  public init(engine: RestoreEngine) {
+    self.engine = engine
+    self.stream = nil
+  }
+
+  init(engine: RestoreEngine, stream: ID128) {
+    self.engine = engine
+    self.stream = stream
+  }
 
   /// `merge` alone takes blocks from any writer. merge-snapshot names the
-  /// stream it merges so the server can make the checks a map allows:
-  /// `merge;stream=ID;base=ID;started=NS;skew=NS;force=0|1` before the
-  /// merge (refused when the stream does not fit), and
-  /// `merge;complete=ID` after a whole stream, to record it.
+  /// stream it merges so the server can make the checks a map allows,
+  /// counts what it does with the stream's blocks, and after a whole stream
+  /// records it and says what it did (MergeExportName).
   public func bind(name: String) throws -> NBDExport {
-    guard name != self.name else { return self }
-    var fields: [String: String] = [:]
-    for part in name.split(separator: ";").dropFirst() {
-      let kv = part.split(separator: "=", maxSplits: 1)
-      guard kv.count == 2 else { throw NBDError(NBD.errInvalid, "'\(part)' in the export name is not KEY=VALUE") }
-      fields[String(kv[0])] = String(kv[1])
+    let asked: MergeExportName
+    do {
+      asked = try MergeExportName(parsing: name)
+    } catch {
+      throw NBDError(NBD.errInvalid, error.description)
     }
-    func id(_ key: String) throws -> ID128 {
-      guard let text = fields[key] else { return .none }
-      if text == "none" { return .none }
-      guard let v = ID128(hex: text) else { throw NBDError(NBD.errInvalid, "\(key)=\(text) is not a stream id") }
-      return v
-    }
-    if fields["complete"] != nil {
-      try engine.recordMerged(stream: try id("complete"))
+    switch asked {
+    case .any:
       return self
+    case .admit(let admission):
+      try engine.admitMerge(admission)
+      return MergeExport(engine: engine, stream: admission.stream)
+    case .report(let id):
+      return MergeReportExport(report: try engine.mergeReport(stream: id))
+    case .complete(let id):
+      return MergeReportExport(report: try engine.recordMerged(stream: id))
     }
-    guard fields["stream"] != nil, let started = fields["started"].flatMap({ Int64($0) }) else {
-      throw NBDError(NBD.errInvalid, "the merge export takes stream=ID and started=NS, or complete=ID")
-    }
-    try engine.admitMerge(
-      stream: try id("stream"), base: try id("base"), started: Instant(nanosecondsSinceEpoch: started),
-      skew: fields["skew"].flatMap { Int64($0) } ?? 0, force: fields["force"] == "1")
-    return self
   }
 
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
@@ -106,7 +108,7 @@ public final class MergeExport: NBDExport, @unchecked Sendable {
   }
 
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
-    try engine.mergeWrite(buffer, at: offset)
+    try engine.mergeWrite(buffer, at: offset, stream: stream)
     if fua { try engine.flush() }
   }
 
@@ -119,11 +121,39 @@ public final class MergeExport: NBDExport, @unchecked Sendable {
   }
 
   public func trim(offset: UInt64, length: UInt64, fua: Bool) throws {
-    try engine.mergeZeroes(offset: offset, length: length)
+    try engine.mergeZeroes(offset: offset, length: length, stream: stream)
   }
 
   public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
-    try engine.mergeZeroes(offset: offset, length: length)
+    try engine.mergeZeroes(offset: offset, length: length, stream: stream)
     if fua { try engine.flush() }
   }
+}
+
+/// The server's report on one stream's merge (`merge;report=ID`,
+/// `merge;complete=ID`): a read-only export whose bytes are the report.
+final class MergeReportExport: NBDExport, @unchecked Sendable {
+  let bytes: [UInt8]
+  let name = MergeExportName.exportName
+  var description: String { "what the merge export did with the blocks of one stream" }
+  var size: UInt64 { UInt64(bytes.count) }
+  var flags: UInt16 { NBD.flagReadOnly }
+  var preferredBlockSize: UInt32 { 512 }
+
+  init(report: MergeReport) { bytes = report.encoded }
+
+  func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    guard offset <= size, UInt64(buffer.count) <= size - offset else {
+      throw NBDError(NBD.errInvalid, "the report has \(size) bytes")
+    }
+    bytes.withUnsafeBytes { all in
+      buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: all[Int(offset)..<Int(offset) + buffer.count]))
+    }
+  }
+
+  private func readOnly() -> NBDError { NBDError(NBD.errPerm, "the merge report is read-only") }
+  func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws { throw readOnly() }
+  func flush() throws {}
+  func trim(offset: UInt64, length: UInt64, fua: Bool) throws { throw readOnly() }
+  func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws { throw readOnly() }
 }

@@ -41,6 +41,9 @@ public enum Merger {
     /// streams merged (for the base check of incremental streams) but holds
     /// no block back, so a catch-up stream replaces what earlier ones wrote.
     public var mirror = false
+    /// With no map given: a mirror's first merge, which creates the map at
+    /// `mapPath` from the stream's geometry, for the device named here.
+    public var newMapDevice: String?
     public init() {}
   }
 
@@ -54,17 +57,19 @@ public enum Merger {
     public var complete = false
     public var warnings: [String] = []
     public var seconds: Double = 0
+    /// What a target that keeps its own map did with the blocks sent
+    /// (`session`); nil when there is none, or it cannot say.
+    public var report: MergeReport?
   }
 
   /// Merges the stream from `reader` into `target` (nil with `.check`),
   /// through `map` saved at `mapPath` (both nil without a map).
-  /// With `connect`, the target is opened once the header is known (and may
-  /// refuse the stream then): the `merge` export of a running server checks
-  /// the stream's identity against its own map.
+  /// With `session` instead of a target, the target keeps its own map: it
+  /// is opened once the header is known (and may refuse the stream then),
+  /// and says at the end what it did with the blocks.
   public static func merge(
     _ reader: StreamReader, into target: BlockTarget?, map: inout BlockMap?, mapPath: String?, options: Options,
-    connect: ((StreamFormat.Header) throws -> BlockTarget)? = nil,
-    makeMap: ((StreamFormat.Header) throws -> BlockMap)? = nil, warn: (String) -> Void
+    session: MergeSession? = nil, warn: (String) -> Void
   ) throws -> Summary {
     var target = target
     let started = Instant.now()
@@ -80,10 +85,14 @@ public enum Merger {
     guard let header else { throw ToolkitError("\(reader.name): no header") }
     summary.header = header
     // A map made now, from the stream's geometry (a mirror's first merge).
-    if map == nil, let makeMap { map = try makeMap(header) }
+    if map == nil, let device = options.newMapDevice, let mapPath {
+      try header.geometry.checkMappable()
+      warn("creating the mirror's map \(mapPath)")
+      map = BlockMap(geometry: header.geometry, meaning: .current, deviceName: device)
+    }
     var serverChecks = false
-    if let connect, target == nil {
-      target = try connect(header)
+    if let session, target == nil {
+      target = try session.open(for: header, options: options)
       serverChecks = true
     }
     try checkFits(
@@ -200,6 +209,9 @@ public enum Merger {
       throw error
     }
     try checkpoint(final: true)
+    if let session, writing {
+      summary.report = try session.finish(stream: header.streamID, complete: summary.complete)
+    }
     meter.finish(reader.bytesRead)
     summary.streamBytes = reader.bytesRead
     summary.seconds = started.secondsAgo
@@ -289,6 +301,18 @@ public enum Merger {
       done += UInt64(n)
     }
   }
+}
+
+/// A merge target that keeps its own overwrite map and decides itself which
+/// blocks are current: the `merge` export of a running restore-read-through.
+public protocol MergeSession: AnyObject {
+  /// The target for the stream `header` describes; throws the sentence the
+  /// far end refused the stream with (its identity does not fit its map).
+  func open(for header: StreamFormat.Header, options: Merger.Options) throws -> BlockTarget
+  /// After every block was sent and made durable: what the far end did with
+  /// them (nil when it cannot say); with `complete`, the whole stream was
+  /// sent and is recorded there as the last merged stream first.
+  func finish(stream: ID128, complete: Bool) throws -> MergeReport?
 }
 
 /// What a merge writes to: an image file or block device, or an NBD export

@@ -463,7 +463,7 @@ public final class RecordCipher: @unchecked Sendable {
 
   /// A whole encrypted record from a plaintext body: framing, ciphertext,
   /// tag, CRC-32C.
-  func sealedRecord(_ type: StreamFormat.RecordType, sequence: UInt64, body: [UInt8]) -> [UInt8] {
+  package func sealedRecord(_ type: StreamFormat.RecordType, sequence: UInt64, body: [UInt8]) -> [UInt8] {
     let bodyLength = body.count + StreamCrypto.tagLength
     let header = StreamFormat.recordHeaderLength
     var out = [UInt8](repeating: 0, count: header + bodyLength + StreamFormat.recordTrailerLength)

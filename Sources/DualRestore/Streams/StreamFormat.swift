@@ -64,7 +64,7 @@ public enum StreamFormat {
   static let headerFixedLength = 98
   static let dataFixedLength = 16
   static let zeroBodyLength = 16
-  static let endBodyLength = 64
+  package static let endBodyLength = 64
 
   public enum RecordType: UInt16, Sendable {
     case header = 1

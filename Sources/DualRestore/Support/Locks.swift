@@ -3,11 +3,11 @@
 import Glibc
 
 /// pthread mutex and condition variable (on the monotonic clock).
-final class Monitor: @unchecked Sendable {
+package final class Monitor: @unchecked Sendable {
   private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
   private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
-  init() {
+  package init() {
     pthread_mutex_init(mutex, nil)
     var attributes = pthread_condattr_t()
     pthread_condattr_init(&attributes)
@@ -23,15 +23,15 @@ final class Monitor: @unchecked Sendable {
     mutex.deallocate()
   }
 
-  @inline(__always) func lock() { pthread_mutex_lock(mutex) }
-  @inline(__always) func unlock() { pthread_mutex_unlock(mutex) }
+  @inline(__always) package func lock() { pthread_mutex_lock(mutex) }
+  @inline(__always) package func unlock() { pthread_mutex_unlock(mutex) }
   /// Waits for a broadcast; call with the lock held.
-  func wait() { pthread_cond_wait(condition, mutex) }
-  func broadcast() { pthread_cond_broadcast(condition) }
+  package func wait() { pthread_cond_wait(condition, mutex) }
+  package func broadcast() { pthread_cond_broadcast(condition) }
 
   /// With the lock held: waits for a broadcast or `deadline` (monotonic
   /// seconds); false when the deadline passed first.
-  func wait(until deadline: Double) -> Bool {
+  package func wait(until deadline: Double) -> Bool {
     let remaining = deadline - monotonicSeconds()
     if remaining <= 0 { return false }
     var ts = timespec()
@@ -41,7 +41,7 @@ final class Monitor: @unchecked Sendable {
     return pthread_cond_timedwait(condition, mutex, &target) != ETIMEDOUT
   }
 
-  @inline(__always) func withLock<R>(_ body: () throws -> R) rethrows -> R {
+  @inline(__always) package func withLock<R>(_ body: () throws -> R) rethrows -> R {
     lock()
     defer { unlock() }
     return try body()
@@ -80,7 +80,7 @@ final class BlockLocks: @unchecked Sendable {
 }
 
 /// Seconds on the monotonic clock, for deadlines.
-func monotonicSeconds() -> Double {
+package func monotonicSeconds() -> Double {
   var ts = timespec()
   clock_gettime(CLOCK_MONOTONIC, &ts)
   return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9

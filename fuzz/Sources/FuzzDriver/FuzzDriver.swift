@@ -3,7 +3,7 @@
 // libFuzzer cannot provide main itself), and one function per target that
 // runs an input through the library's fuzz entry points.
 
-import DualRestore
+import DualRestoreFuzz
 import Glibc
 
 @_silgen_name("LLVMFuzzerRunDriver")
@@ -23,6 +23,7 @@ public enum FuzzTarget: String, Sendable {
   case nbdServer = "nbd-server"
   case nbdClient = "nbd-client"
   case nbdClientStatus = "nbd-client-status"
+  case mergeExport = "merge-export"
 }
 
 /// The key the encrypted stream seeds are made with (scripts/fuzz writes it).
@@ -84,5 +85,9 @@ public func runOnce(_ target: FuzzTarget, _ bytes: [UInt8]) {
     _ = FuzzEntryPoints.negotiateNBD(bytes)
   case .nbdClientStatus:
     _ = FuzzEntryPoints.negotiateNBD(bytes, allocation: true)
+  case .mergeExport:
+    _ = FuzzEntryPoints.parseMergeExportName(bytes)
+    _ = FuzzEntryPoints.decodeMergeReport(bytes)
+    _ = FuzzEntryPoints.decodeMergeReport(FuzzEntryPoints.repairMergeReportChecksum(bytes))
   }
 }

@@ -2,8 +2,9 @@
 // the regression tests of what they find. Each takes bytes as a damaged
 // file or a hostile peer would give them and runs the code a tool runs on
 // them: it returns nil when the input was accepted, or the one sentence it
-// was refused with. A trap, a sanitizer report or a hang is a bug. No tool
-// calls these; they are public only so that the fuzz package can.
+// was refused with. A trap, a sanitizer report or a hang is a bug. They live
+// in a module of their own, which no tool links; the library's internals they
+// use are `package`, not public.
 //
 // The `repair…` functions recompute what a mutated input gets wrong at once
 // (record CRCs, the stream digest, a map's or signature's closing SHA-256),
@@ -11,6 +12,7 @@
 
 import CShim
 import Dispatch
+import DualRestore
 import Glibc
 
 public enum FuzzEntryPoints {
