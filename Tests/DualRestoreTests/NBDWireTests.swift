@@ -46,7 +46,8 @@ final class NBDWireTests: XCTestCase {
     let requests = [
       NBDRequest(flags: 0, type: NBD.cmdRead, cookie: 1 << 32, offset: 0, length: 4096),
       NBDRequest(flags: NBD.cmdFlagFUA, type: NBD.cmdWrite, cookie: .max, offset: .max - 7, length: .max),
-      NBDRequest(flags: NBD.cmdFlagReqOne, type: NBD.cmdBlockStatus, cookie: 0x0102_0304_0506_0708, offset: 1, length: 1),
+      NBDRequest(
+        flags: NBD.cmdFlagReqOne, type: NBD.cmdBlockStatus, cookie: 0x0102_0304_0506_0708, offset: 1, length: 1),
       NBDRequest(flags: 0, type: NBD.cmdDisconnect, cookie: 0, offset: 0, length: 0),
     ]
     var stream: [UInt8] = []
@@ -128,7 +129,9 @@ final class NBDWireTests: XCTestCase {
     XCTAssertEqual(seen[0].0, .simple(error: 0, cookie: 1))
     XCTAssertEqual(seen[1].0, .simple(error: NBD.errIO, cookie: 2))
     XCTAssertEqual(
-      seen[2].0, .chunk(NBDChunkHeader(flags: NBD.replyFlagDone, type: NBD.replyTypeOffsetData, cookie: 3, payloadLength: 8 + 4096)))
+      seen[2].0,
+      .chunk(
+        NBDChunkHeader(flags: NBD.replyFlagDone, type: NBD.replyTypeOffsetData, cookie: 3, payloadLength: 8 + 4096)))
     XCTAssertEqual(Array(seen[2].1[0..<8]), be(UInt64(1 << 40)))
     XCTAssertEqual(seen[3].0, .chunk(NBDChunkHeader(flags: 1, type: NBD.replyTypeError, cookie: 4, payloadLength: 6)))
     let error = try seen[3].1.withUnsafeBytes { try NBDErrorChunk.decode($0) }
@@ -252,8 +255,11 @@ final class NBDWireTests: XCTestCase {
       _ = try (Array("NBDMAGIC".utf8) + be(NBD.oldstyleMagic) + be(UInt16(0))).withUnsafeBytes(NBDGreeting.decode)
     }
     let long = be(NBD.optionMagic) + be(NBD.optGo) + be(UInt32(0xFFFF_FFFF))
-    assertWireError(.optionTooLong(option: 7, length: 0xFFFF_FFFF)) { _ = try long.withUnsafeBytes(NBDOptionHeader.decode) }
-    XCTAssertEqual(NBDWireError.optionTooLong(option: 7, length: 4_294_967_295).description,
+    assertWireError(.optionTooLong(option: 7, length: 0xFFFF_FFFF)) {
+      _ = try long.withUnsafeBytes(NBDOptionHeader.decode)
+    }
+    XCTAssertEqual(
+      NBDWireError.optionTooLong(option: 7, length: 4_294_967_295).description,
       "option 7 of 4294967295 bytes is too long")
     let badOption = be(UInt64(0x1234)) + be(NBD.optGo) + be(UInt32(0))
     assertWireError(.badOptionMagic) { _ = try badOption.withUnsafeBytes(NBDOptionHeader.decode) }

@@ -255,7 +255,8 @@ extension NBDClientConnection {
       return (nil, fileErrno)
     }
     let page: UInt64 = 4096
-    let closed = NBDClientFailure("the connection broke (\(transport.peer): connection closed)", kind: .connectionClosed)
+    let closed = NBDClientFailure(
+      "the connection broke (\(transport.peer): connection closed)", kind: .connectionClosed)
     while remaining > 0 {
       // The pipe is empty here, so the splice cannot wait for room in it.
       var n = dr_splice_in(socket, pipe.in, UInt(min(remaining, pipe.capacity)), 1)

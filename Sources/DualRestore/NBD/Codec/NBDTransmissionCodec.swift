@@ -84,7 +84,8 @@ public enum NBDReplyHeader: Equatable, Sendable {
     }
     guard structured && magic == NBD.structuredReplyMagic else { throw NBDWireError.badReplyMagic(magic) }
     guard bytes.count >= NBDChunkHeader.length else { return nil }
-    let header = NBDChunkHeader(flags: r.read(), type: r.read(), cookie: r.read(), payloadLength: Int(r.read(UInt32.self)))
+    let header = NBDChunkHeader(
+      flags: r.read(), type: r.read(), cookie: r.read(), payloadLength: Int(r.read(UInt32.self)))
     return (.chunk(header), NBDChunkHeader.length)
   }
 }

@@ -41,7 +41,8 @@ public enum NBDWireError: Error, Equatable, Sendable, CustomStringConvertible {
     case .badOptionReplyMagic: return "the server sent an option reply with a bad magic number"
     case .optionReplyTooLong(let length):
       return "the server sent an option reply of \(length) bytes (at most \(NBD.maximumOptionLength) accepted)"
-    case .badReplyMagic(let magic): return "the server sent a reply with a bad magic number 0x\(String(magic, radix: 16))"
+    case .badReplyMagic(let magic):
+      return "the server sent a reply with a bad magic number 0x\(String(magic, radix: 16))"
     case .malformed(let what): return "the server sent a malformed \(what)"
     case .badOptionMagic: return "bad option magic from the client"
     case .optionTooLong(let option, let length): return "option \(option) of \(length) bytes is too long"
