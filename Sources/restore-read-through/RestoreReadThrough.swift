@@ -1,7 +1,5 @@
 import ArgumentParser
-import Dispatch
 import DualRestore
-import Glibc
 import ToolSupport
 
 @main
@@ -43,8 +41,13 @@ struct RestoreReadThrough: ParsableCommand {
       background, 16 runs of up to 1 MiB at a time, yielding to client I/O \
       (and, with --hydrate-rate, paced); where the backup reports \
       base:allocation (block status), runs it says read as zeros are zeroed \
-      on PRIMARY (a hole in an image file) instead of copied. When every \
-      block is current the log says the restore is complete.
+      on PRIMARY (a hole in an image file) instead of copied. With \
+      --hydrate-rate RATE, hydration reads at most T times RATE bytes from the \
+      backup in any T seconds, plus a burst of one second's worth (or of one \
+      run, 1 MiB, when that is more): the time it spends yielding to \
+      clients is not made up later at the link's speed. When every block is \
+      current the map is committed, and then the log says the restore is \
+      complete.
 
       Up to 32 requests of each client connection are served at once, so \
       that reads waiting for the backup overlap; the backup is read over \
@@ -75,8 +78,14 @@ struct RestoreReadThrough: ParsableCommand {
       larger than 64 MiB are refused, and the buffers of all clients stay \
       under 512 MiB.
 
+      Every --progress-interval seconds the log gives the blocks current, \
+      the bytes fetched from the backup in all, and those fetched since the \
+      line before, with the seconds that covers and their rate.
+
       SIGINT or SIGTERM stops the server cleanly: requests in flight are \
-      answered, everything is flushed and the activity log emptied.
+      answered, hydration's reads in flight too, everything is flushed, the \
+      activity log emptied, and each connection to the backup ended with \
+      NBD_CMD_DISC.
       """)
 
   @Option(
@@ -101,7 +110,8 @@ struct RestoreReadThrough: ParsableCommand {
 
   @Option(
     help: ArgumentHelp(
-      "Limit the background copy to this many bytes a second (K, M, G: powers of 1024).", valueName: "bytes"))
+      "Limit the background copy to this many bytes a second, in any few seconds but for a burst of one second's "
+        + "worth, or of one 1 MiB run if more (K, M, G: powers of 1024).", valueName: "bytes"))
   var hydrateRate: ByteCount?
 
   @Option(
@@ -148,65 +158,19 @@ struct RestoreReadThrough: ParsableCommand {
       exports: [RestoreExport(engine: engine), MergeExport(engine: engine)],
       workersPerConnection: 32,
       options: limits.serverOptions(tls: serverTLS), log: log)
-    let stopping = AtomicFlag()
 
     let (now, total) = engine.progress
     log(
       "serving \(primary) (\(formatBytes(device.size))) on \(listener.name)\(tls.tls == .off ? "" : " (TLS \(tls.tls.rawValue))"), backup \(backup); "
         + "\(now) of \(total) blocks current")
 
-    if hydrate {
-      let rate = hydrateRate?.value ?? 0
-      startThread {
-        engine.hydrate(rate: rate, shouldStop: { stopping.isSet })
-        if engine.isComplete {
-          log(
-            "hydration done: \(engine.fetchedBlocks) block(s) fetched from the backup, \(engine.zeroedBlocks) "
-              + "zeroed without copying (the backup said they read as zeros)")
-        }
-      }
-    }
-    if progressInterval > 0 {
-      let interval = progressInterval
-      startThread {
-        var lastFetched = engine.fetchedBytes
-        while !stopping.isSet {
-          usleep(UInt32(interval * 1e6))
-          if stopping.isSet { return }
-          let (now, total) = engine.progress
-          let fetched = engine.fetchedBytes
-          let rate = Double(fetched - lastFetched) / interval
-          lastFetched = fetched
-          let percent = total == 0 ? 100 : Double(now) * 100 / Double(total)
-          log(
-            "progress: \(now) of \(total) blocks current (\(formatFixed(percent, digits: 1))%), "
-              + "fetched \(formatBytes(fetched)) (\(formatBytes(UInt64(rate)))/s), merged \(engine.mergedBlocks) blocks"
-          )
-        }
-      }
-    }
-    // The restore's completion is said whether or not progress is logged.
-    startThread {
-      var wasComplete = engine.isComplete
-      while !stopping.isSet {
-        usleep(500_000)
-        let complete = engine.isComplete
-        if complete && !wasComplete { log("every block is current: the restore is complete") }
-        wasComplete = complete
-      }
-    }
-    // A checkpoint every few seconds, so a long run without client FLUSH
-    // (hydration, merges) still commits its progress to the map.
-    startThread {
-      while !stopping.isSet {
-        sleep(5)
-        if stopping.isSet { return }
-        do { try engine.flush() } catch { log("checkpoint: \(error)") }
-      }
-    }
+    // Hydration, progress lines, the completion line and the checkpoints:
+    // the engine's, until it closes.
+    engine.start(
+      RestoreSchedule(hydrate: hydrate, hydrateRate: hydrateRate?.value ?? 0, progressInterval: progressInterval))
     signals.onSignal { received in
       log("stopping on signal \(received)")
-      stopping.set()
+      engine.beginStop()
       server.beginStop(listener)
     }
 

@@ -165,7 +165,6 @@ extension TrackingServer {
     func run() throws {
       let signals = StopSignals()
       let log: @Sendable (String) -> Void = { printError("tracking-server: \($0)") }
-      let stopping = AtomicFlag()
       let serverTLS = try tls.serverTLS()
       let d = try Device(path: device, options: .readWrite)
       let storePath = store ?? changes + ".store"
@@ -180,28 +179,22 @@ extension TrackingServer {
       let server = NBDServer(
         exports: [TrackedExport(engine: engine), ViewExport(engine: engine)],
         options: limits.serverOptions(tls: serverTLS), log: log)
-      ControlSocket.serve(controlListener) { words in
-        Serve.answer(words, engine: engine)
-      }
+      let service = TrackingService(engine: engine)
+      ControlSocket.serve(controlListener) { words in service.answer(words) }
       signals.onSignal { received in
         log("stopping on signal \(received)")
-        stopping.set()
+        service.beginStop()
         controlListener.shutdown()
         server.beginStop(listener)
       }
-      startThread {
-        while !stopping.isSet {
-          sleep(5)
-          if stopping.isSet { return }
-          do { try engine.checkpoint() } catch { log("checkpoint: \(error)") }
-        }
-      }
+      service.start()
       let s = engine.status
       log(
         "serving \(device) (\(formatBytes(d.size))) on \(listener.name)\(tls.tls == .off ? "" : " (TLS \(tls.tls.rawValue))"), control \(controlPath); "
           + "generation \(s.generation), \(s.changedBlocks) block(s) changed")
       server.serve(listener)
       server.stop()
+      service.stop()
       do {
         try engine.close()
       } catch {
@@ -209,63 +202,6 @@ extension TrackingServer {
         throw ExitCode(1)
       }
       log("stopped cleanly")
-    }
-
-    static func answer(_ words: [String], engine: TrackingEngine) -> ControlAnswer {
-      guard let command = words.first else { return .error("an empty request") }
-      var arguments: [String: String] = [:]
-      for w in words.dropFirst() {
-        guard let eq = w.firstIndex(of: "=") else { return .error("'\(w)' is not KEY=VALUE") }
-        arguments[String(w[..<eq])] = ControlSocket.decode(String(w[w.index(after: eq)...]))
-      }
-      do {
-        switch command {
-        case "status":
-          return .ok(fields(engine.status))
-        case "freeze":
-          let (view, change) = try engine.freeze(changesOutput: arguments["changes-out"])
-          var f = viewFields(view)
-          if let change { f += generationFields(change) }
-          return .ok(f)
-        case "drop":
-          return .ok(viewFields(try engine.dropView()))
-        case "new-generation":
-          guard let out = arguments["changes-out"] else { return .error("new-generation needs changes-out=FILE") }
-          return .ok(generationFields(try engine.newGeneration(output: out)))
-        default:
-          return .error("unknown request '\(command)'")
-        }
-      } catch {
-        return .error("\(error)")
-      }
-    }
-
-    static func fields(_ s: TrackingEngine.Status) -> [(String, String)] {
-      var f: [(String, String)] = [
-        ("generation", s.generation.description), ("generation_started", s.generationStarted.description),
-        ("changed_blocks", String(s.changedBlocks)),
-      ]
-      if let v = s.view { f += viewFields(v) }
-      return f
-    }
-
-    /// `view_lost` is true or false; `view_lost_reason` is there when true.
-    static func viewFields(_ v: TrackingEngine.ViewStatus) -> [(String, String)] {
-      var f = [
-        ("view", v.id.description), ("frozen", v.frozen.description), ("preserved_blocks", String(v.preservedBlocks)),
-        ("store_bytes", String(v.storeBytes)), ("store_limit", String(v.storeLimit)),
-        ("view_lost", v.lost == nil ? "false" : "true"),
-      ]
-      if let lost = v.lost { f.append(("view_lost_reason", lost)) }
-      return f
-    }
-
-    static func generationFields(_ c: TrackingEngine.GenerationChange) -> [(String, String)] {
-      [
-        ("ended_generation", c.ended.description), ("ended_generation_started", c.endedStarted.description),
-        ("ended_changed_blocks", String(c.endedBlocks)), ("generation", c.started.description),
-        ("generation_started", c.instant.description),
-      ]
     }
   }
 

@@ -119,4 +119,13 @@ public final class MultiConnectionLink: BackupLink, @unchecked Sendable {
   public func flush() throws {
     for c in connections { try run(c) { try $0.flush() } }
   }
+
+  /// Ends every connection, the block status one too, with NBD_CMD_DISC.
+  public func close() {
+    for c in connections { c.close() }
+    statusLock.withLock {
+      statusTried = true
+      return status
+    }?.close()
+  }
 }

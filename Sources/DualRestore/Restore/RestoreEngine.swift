@@ -43,6 +43,9 @@ public protocol BackupLink: AnyObject, Sendable {
   /// base:allocation of a byte range (runs from `offset` on, covering it or
   /// a first part of it), or nil when the backup does not say.
   func backupAllocation(offset: UInt64, length: UInt32) throws -> [Extent]?
+  /// Ends every connection to the backup (NBD_CMD_DISC), once nothing is
+  /// in flight on them; later requests fail.
+  func close()
 }
 
 public final class RestoreEngine: @unchecked Sendable {
@@ -99,6 +102,15 @@ public final class RestoreEngine: @unchecked Sendable {
   /// requests in flight; one that keeps many is its own read-ahead.
   private var fetchesInFlight = 0
   private let readAhead = Handoff<Range<UInt64>?>()
+  private static let readAheadThreads = 4
+  /// Signalled by each read-ahead thread as it ends.
+  private let readAheadEnded = DispatchSemaphore(value: 0)
+  /// Set when the engine closes: read-ahead fetches nothing more.
+  private let closing = AtomicFlag()
+  /// The periodic work (hydration, progress, completion, checkpoints),
+  /// once started.
+  private let backgroundLock = Monitor()
+  private var background: RestoreBackground?
   /// Runs the backup's half of a write while the caller does the primary's.
   private let offload = Offload(threads: 32)
   private let readAheadUnit: UInt64
@@ -158,9 +170,10 @@ public final class RestoreEngine: @unchecked Sendable {
     readAheadWindow = readAheadUnit * 8
     if !activity.recovered.isEmpty { try recover() }
     if pathExists(owedMarker) { unlink(owedMarker) }
-    for _ in 0..<4 {
+    for _ in 0..<Self.readAheadThreads {
       startThread { [self] in
         while let item = readAhead.take(), let range = item { prefetch(range) }
+        readAheadEnded.signal()
       }
     }
   }
@@ -168,7 +181,7 @@ public final class RestoreEngine: @unchecked Sendable {
   /// Fetches a range ahead of a sequential reader, unless it is current or
   /// being worked on already. Errors are left for the reader's own request.
   private func prefetch(_ range: Range<UInt64>) {
-    guard !missingRuns(range).isEmpty, locks.tryLock(range) else { return }
+    guard !closing.isSet, !missingRuns(range).isEmpty, locks.tryLock(range) else { return }
     defer { locks.unlock(range) }
     for run in missingRuns(range) {
       do { try fetch(run) } catch { return }
@@ -697,12 +710,21 @@ public final class RestoreEngine: @unchecked Sendable {
     }
   }
 
-  /// A clean stop: everything flushed, the activity log emptied. Returns
-  /// the number of blocks still owed to an unreachable backup (their
-  /// regions stay in the activity log for the next start).
+  /// A clean stop: the periodic work and read-ahead stopped (their reads
+  /// from the backup answered), everything flushed, the activity log
+  /// emptied, and the backup's connections ended with NBD_CMD_DISC. Call
+  /// it once no client request is in flight. Returns the number of blocks
+  /// still owed to an unreachable backup (their regions stay in the
+  /// activity log for the next start).
   @discardableResult
   public func close() throws -> Int {
+    backgroundLock.withLock { background }?.stop()
+    if closing.setOnce() {
+      for _ in 0..<Self.readAheadThreads { readAhead.put(nil) }
+      for _ in 0..<Self.readAheadThreads { readAheadEnded.wait() }
+    }
     writeback.stop()
+    defer { backup.close() }
     try flush()
     let owed = backupDebt.blocks
     if owed == 0 {
@@ -711,6 +733,27 @@ public final class RestoreEngine: @unchecked Sendable {
       try writeFileAtomically(owedMarker, [])
     }
     return owed
+  }
+
+  // MARK: Periodic work
+
+  /// Starts the periodic work of a running restore (RestoreBackground):
+  /// hydration when `schedule` asks for it, progress lines, the completion
+  /// line and the checkpoints. close() stops it; beginStop() asks it to.
+  public func start(_ schedule: RestoreSchedule) {
+    let work = RestoreBackground(engine: self, schedule: schedule)
+    let started = backgroundLock.withLock { () -> Bool in
+      guard background == nil else { return false }
+      background = work
+      return true
+    }
+    if started { work.start() }
+  }
+
+  /// Asks the periodic work to stop (hydration takes no new run), without
+  /// waiting: for a signal handler. close() waits for it.
+  public func beginStop() {
+    backgroundLock.withLock { background }?.beginStop()
   }
 
   // MARK: Background copy
@@ -734,7 +777,8 @@ public final class RestoreEngine: @unchecked Sendable {
     for _ in 0..<count { done.wait() }
   }
 
-  /// One worker of `hydrate`: takes the next run not current, skips it if a
+  /// One worker of `hydrate`: takes the next run not current, waits for
+  /// its turn under the rate and for clients to be idle, skips it if a
   /// client holds any of its blocks (it is met again on the next pass).
   private func hydrationWorker(_ plan: HydrationPlan, shouldStop: () -> Bool) {
     while !shouldStop() {
@@ -750,7 +794,14 @@ public final class RestoreEngine: @unchecked Sendable {
         $0 + UInt64(max(0, Int64(min($1.upperBound, run.upperBound)) - Int64(max($1.lowerBound, run.lowerBound))))
       }
       let length = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count) - zeroed).length
-      plan.admit(length, shouldStop: shouldStop)
+      // A client that came while the run waited for its turn goes first:
+      // the turn is given back and taken again once the client is idle.
+      while true {
+        guard plan.admit(length, shouldStop: shouldStop) else { return }
+        if !clientsBusy { break }
+        plan.giveBack(length)
+        while clientsBusy && !shouldStop() { usleep(5000) }
+      }
       guard locks.tryLock(run) else {
         // Being fetched by another worker, or held by a client.
         plan.giveBack(length)
@@ -774,7 +825,8 @@ public final class RestoreEngine: @unchecked Sendable {
           )
         }
         plan.forget()
-        sleep(1)
+        // A second before retrying, unless hydration stops meanwhile.
+        for _ in 0..<10 where !shouldStop() { usleep(100_000) }
       }
     }
   }
@@ -849,7 +901,7 @@ public final class RestoreEngine: @unchecked Sendable {
 
 /// Hydration's shared state: where the next run starts, what the backup
 /// said of its zeros in the window last asked about (and the count of
-/// divergent writes then), and the bytes copied, for the rate.
+/// divergent writes then), and the pace under the rate.
 private final class HydrationPlan: @unchecked Sendable {
   let engine: RestoreEngine
   let rate: UInt64
@@ -862,8 +914,7 @@ private final class HydrationPlan: @unchecked Sendable {
   private var window: Range<UInt64> = 0..<0
   private var zeroRuns: [Range<UInt64>] = []
   private var generation = -1
-  private let started = Instant.now()
-  private var copiedBytes: UInt64 = 0
+  private var pace: HydrationPace
   /// Failures are logged at most every 10 s (16 workers fail together).
   private var lastFailureLogged: Double?
   private var failuresNotLogged = 0
@@ -873,6 +924,8 @@ private final class HydrationPlan: @unchecked Sendable {
     self.rate = rate
     batchBlocks = UInt64(max(1, (1 << 20) / Int(engine.geometry.blockSize)))
     windowBlocks = max(batchBlocks, UInt64((64 << 20) / Int(engine.geometry.blockSize)))
+    pace = HydrationPace(
+      rate: rate, longestRun: batchBlocks * UInt64(engine.geometry.blockSize), now: monotonicSeconds())
   }
 
   /// The next run to hydrate, with the zero runs known around it and the
@@ -886,19 +939,16 @@ private final class HydrationPlan: @unchecked Sendable {
     return (start..<end, window.contains(start) ? zeroRuns : [], generation)
   }
 
-  /// Counts `bytes` about to be copied against the rate, and waits until
-  /// they are due.
-  func admit(_ bytes: UInt64, shouldStop: () -> Bool) {
-    guard rate > 0 else { return }
-    let due = lock.withLock { () -> Double in
-      copiedBytes += bytes
-      return Double(copiedBytes) / Double(rate)
-    }
+  /// Counts `bytes` about to be copied against the rate, waiting until the
+  /// pace allows them; false (nothing counted) when `shouldStop` says so
+  /// first.
+  func admit(_ bytes: UInt64, shouldStop: () -> Bool) -> Bool {
+    guard rate > 0 else { return !shouldStop() }
     while !shouldStop() {
-      let wait = due - started.secondsAgo
-      if wait <= 0 { return }
-      usleep(UInt32(min(0.5, wait) * 1e6))
+      guard let wait = lock.withLock({ pace.take(bytes, now: monotonicSeconds()) }) else { return true }
+      usleep(UInt32(min(0.1, max(0.001, wait)) * 1e6))
     }
+    return false
   }
 
   /// Whether a failure gets a log line, and how many went unlogged since
@@ -919,7 +969,7 @@ private final class HydrationPlan: @unchecked Sendable {
   /// Bytes admitted but not copied after all (zeroed, or not fetched).
   func giveBack(_ bytes: UInt64) {
     guard rate > 0, bytes > 0 else { return }
-    lock.withLock { copiedBytes -= min(bytes, copiedBytes) }
+    lock.withLock { pace.giveBack(bytes, now: monotonicSeconds()) }
   }
 
   /// Asks the backup about the window from `start` (the lock held).

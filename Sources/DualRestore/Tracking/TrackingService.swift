@@ -1,0 +1,122 @@
+// What a running tracking-server does beside serving NBD: the periodic
+// checkpoint of its change map, and the answers on its control socket
+// (ControlSocket: `status`, `freeze [changes-out=FILE]`, `drop`,
+// `new-generation changes-out=FILE`, each answered with KEY VALUE lines).
+//
+// Invariants:
+// - A checkpoint runs every few seconds until stop() returns; stop() waits
+//   for the one in progress, so the engine's close() is the last writer of
+//   the change map.
+// - An answer's fields are the ones documented in tracking-server(1): the
+//   subcommands that print them, in this or another version of the tool,
+//   read them by name.
+
+import Glibc
+
+public final class TrackingService: @unchecked Sendable {
+  public let engine: TrackingEngine
+  private let checkpointInterval: Double
+  // Guarded by `lock`.
+  private let lock = Monitor()
+  private var stopping = false
+  private var running = false
+
+  public init(engine: TrackingEngine, checkpointInterval: Double = 5) {
+    self.engine = engine
+    self.checkpointInterval = checkpointInterval
+  }
+
+  /// Starts the periodic checkpoint.
+  public func start() {
+    lock.withLock { running = true }
+    startThread { [self] in
+      defer {
+        lock.withLock {
+          running = false
+          lock.broadcast()
+        }
+      }
+      while lock.withLock({ () -> Bool in
+        let deadline = monotonicSeconds() + checkpointInterval
+        while !stopping && lock.wait(until: deadline) {}
+        return !stopping
+      }) {
+        do { try engine.checkpoint() } catch { engine.log("checkpoint: \(error)") }
+      }
+    }
+  }
+
+  /// Asks the checkpoint to end, without waiting (from a signal handler).
+  public func beginStop() {
+    lock.withLock {
+      stopping = true
+      lock.broadcast()
+    }
+  }
+
+  /// Ends the checkpoint and waits for it.
+  public func stop() {
+    beginStop()
+    lock.withLock {
+      while running { lock.wait() }
+    }
+  }
+
+  /// The answer to one control request.
+  public func answer(_ words: [String]) -> ControlAnswer {
+    guard let command = words.first else { return .error("an empty request") }
+    var arguments: [String: String] = [:]
+    for w in words.dropFirst() {
+      guard let eq = w.firstIndex(of: "=") else { return .error("'\(w)' is not KEY=VALUE") }
+      arguments[String(w[..<eq])] = ControlSocket.decode(String(w[w.index(after: eq)...]))
+    }
+    do {
+      switch command {
+      case "status":
+        return .ok(Self.fields(engine.status))
+      case "freeze":
+        let (view, change) = try engine.freeze(changesOutput: arguments["changes-out"])
+        var f = Self.viewFields(view)
+        if let change { f += Self.generationFields(change) }
+        return .ok(f)
+      case "drop":
+        return .ok(Self.viewFields(try engine.dropView()))
+      case "new-generation":
+        guard let out = arguments["changes-out"] else { return .error("new-generation needs changes-out=FILE") }
+        return .ok(Self.generationFields(try engine.newGeneration(output: out)))
+      default:
+        return .error("unknown request '\(command)'")
+      }
+    } catch {
+      return .error("\(error)")
+    }
+  }
+
+  static func fields(_ s: TrackingEngine.Status) -> [(String, String)] {
+    var f: [(String, String)] = [
+      ("generation", s.generation.description), ("generation_started", s.generationStarted.description),
+      ("changed_blocks", String(s.changedBlocks)),
+    ]
+    if let v = s.view { f += viewFields(v) }
+    return f
+  }
+
+  /// `view_lost` is true or false; `view_lost_reason` is there when true.
+  static func viewFields(_ v: TrackingEngine.ViewStatus) -> [(String, String)] {
+    var f = [
+      ("view", v.id.description), ("frozen", v.frozen.description), ("preserved_blocks", String(v.preservedBlocks)),
+      ("store_bytes", String(v.storeBytes)), ("store_limit", String(v.storeLimit)),
+      ("view_lost", v.lost == nil ? "false" : "true"),
+    ]
+    if let lost = v.lost { f.append(("view_lost_reason", lost)) }
+    return f
+  }
+
+  static func generationFields(_ c: TrackingEngine.GenerationChange) -> [(String, String)] {
+    [
+      ("ended_generation", c.ended.description), ("ended_generation_started", c.endedStarted.description),
+      ("ended_changed_blocks", String(c.endedBlocks)), ("generation", c.started.description),
+      ("generation_started", c.instant.description),
+    ]
+  }
+}
