@@ -42,10 +42,7 @@ final class RestoreBackground: @unchecked Sendable {
   let engine: RestoreEngine
   let schedule: RestoreSchedule
   private let log: @Sendable (String) -> Void
-  // Guarded by `lock`.
-  private let lock = Monitor()
-  private var stopping = false
-  private var threads = 0
+  private let threads = StoppableThreads()
   /// Serialises the completion check (the watcher and hydration's end).
   private let completion = Monitor()
   private var completionSaid = false
@@ -66,49 +63,20 @@ final class RestoreBackground: @unchecked Sendable {
   }
 
   func start() {
-    if schedule.hydrate { run { [self] in hydrate() } }
-    if schedule.progressInterval > 0 { run { [self] in reportProgress() } }
-    run { [self] in watch() }
+    if schedule.hydrate { threads.start { [self] in hydrate() } }
+    if schedule.progressInterval > 0 { threads.start { [self] in reportProgress() } }
+    threads.start { [self] in watch() }
   }
 
   /// Asks every thread to end, without waiting.
-  func beginStop() {
-    lock.withLock {
-      stopping = true
-      lock.broadcast()
-    }
-  }
+  func beginStop() { threads.beginStop() }
 
   /// Ends every thread and waits until they have ended.
-  func stop() {
-    lock.lock()
-    stopping = true
-    lock.broadcast()
-    while threads > 0 { lock.wait() }
-    lock.unlock()
-  }
+  func stop() { threads.stop() }
 
-  var isStopping: Bool { lock.withLock { stopping } }
+  var isStopping: Bool { threads.isStopping }
 
-  private func run(_ body: @escaping @Sendable () -> Void) {
-    lock.withLock { threads += 1 }
-    startThread { [self] in
-      body()
-      lock.withLock {
-        threads -= 1
-        lock.broadcast()
-      }
-    }
-  }
-
-  /// Waits `seconds` unless a stop comes first; false when stopping.
-  private func pause(_ seconds: Double) -> Bool {
-    let deadline = monotonicSeconds() + seconds
-    lock.lock()
-    defer { lock.unlock() }
-    while !stopping && lock.wait(until: deadline) {}
-    return !stopping
-  }
+  private func pause(_ seconds: Double) -> Bool { threads.pause(seconds) }
 
   // MARK: The threads
 

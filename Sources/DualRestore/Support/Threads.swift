@@ -136,3 +136,54 @@ public final class AtomicFlag: @unchecked Sendable {
     return true
   }
 }
+
+/// Threads that run until told to stop, each pausing between rounds of its
+/// work: a server's periodic jobs (checkpoints, progress lines, hydration).
+/// stop() returns only once every thread started here has ended.
+package final class StoppableThreads: @unchecked Sendable {
+  // Guarded by `lock`.
+  private let lock = Monitor()
+  private var stopping = false
+  private var running = 0
+
+  package init() {}
+
+  /// Runs `body` on a thread of its own.
+  package func start(_ body: @escaping @Sendable () -> Void) {
+    lock.withLock { running += 1 }
+    startThread { [self] in
+      body()
+      lock.withLock {
+        running -= 1
+        lock.broadcast()
+      }
+    }
+  }
+
+  /// Waits `seconds` unless a stop comes first; false when stopping.
+  package func pause(_ seconds: Double) -> Bool {
+    let deadline = monotonicSeconds() + seconds
+    return lock.withLock {
+      while !stopping && lock.wait(until: deadline) {}
+      return !stopping
+    }
+  }
+
+  package var isStopping: Bool { lock.withLock { stopping } }
+
+  /// Asks every thread to end, without waiting (from a signal handler).
+  package func beginStop() {
+    lock.withLock {
+      stopping = true
+      lock.broadcast()
+    }
+  }
+
+  /// Ends every thread and waits until they have ended.
+  package func stop() {
+    beginStop()
+    lock.withLock {
+      while running > 0 { lock.wait() }
+    }
+  }
+}

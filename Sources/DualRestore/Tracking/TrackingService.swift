@@ -16,10 +16,7 @@ import Glibc
 public final class TrackingService: @unchecked Sendable {
   public let engine: TrackingEngine
   private let checkpointInterval: Double
-  // Guarded by `lock`.
-  private let lock = Monitor()
-  private var stopping = false
-  private var running = false
+  private let threads = StoppableThreads()
 
   public init(engine: TrackingEngine, checkpointInterval: Double = 5) {
     self.engine = engine
@@ -28,39 +25,18 @@ public final class TrackingService: @unchecked Sendable {
 
   /// Starts the periodic checkpoint.
   public func start() {
-    lock.withLock { running = true }
-    startThread { [self] in
-      defer {
-        lock.withLock {
-          running = false
-          lock.broadcast()
-        }
-      }
-      while lock.withLock({ () -> Bool in
-        let deadline = monotonicSeconds() + checkpointInterval
-        while !stopping && lock.wait(until: deadline) {}
-        return !stopping
-      }) {
+    threads.start { [self] in
+      while threads.pause(checkpointInterval) {
         do { try engine.checkpoint() } catch { engine.log("checkpoint: \(error)") }
       }
     }
   }
 
   /// Asks the checkpoint to end, without waiting (from a signal handler).
-  public func beginStop() {
-    lock.withLock {
-      stopping = true
-      lock.broadcast()
-    }
-  }
+  public func beginStop() { threads.beginStop() }
 
   /// Ends the checkpoint and waits for it.
-  public func stop() {
-    beginStop()
-    lock.withLock {
-      while running { lock.wait() }
-    }
-  }
+  public func stop() { threads.stop() }
 
   /// The answer to one control request.
   public func answer(_ words: [String]) -> ControlAnswer {
