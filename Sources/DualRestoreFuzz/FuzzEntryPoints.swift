@@ -182,50 +182,49 @@ public enum FuzzEntryPoints {
   }
 
   // MARK: NBD
+  //
+  // Both ends run on the input in memory (MemoryTransport): the server's
+  // handshake and transmission, or the client's handshake and reply
+  // reader, on the calling thread, with no socket, pipe or thread per
+  // input.
 
-  /// Connects to a server (an in-memory export of 1 MiB, `disk`, and a
-  /// second one, `other`), sends `bytes` as the client's whole side of the
-  /// connection (handshake, then requests), closes its side and takes every
-  /// reply until the server ends the connection. Returns what the server
-  /// logged about the connection, nil when nothing.
+  /// Serves `bytes` as the client's whole side of a connection (handshake,
+  /// then requests) to a server of two in-memory exports of 1 MiB, `disk`
+  /// and `other`, until the input ends. Returns what the server logged
+  /// about the connection, nil when nothing.
   public static func serveNBD(_ bytes: [UInt8]) -> String? {
     let server = FuzzNBDServer.shared
     server.log.clear()
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    precondition(fd >= 0, "cannot create a socket: \(Errno.current)")
-    defer { close(fd) }
-    guard var address = try? Socket.unixAddress(server.path) else { fatalError("the fuzz server's path is too long") }
-    let rc = withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-        connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-      }
-    }
-    precondition(rc == 0, "cannot connect to the fuzz server: \(Errno.current)")
-    let replies = exchange(fd, bytes, limit: 30)
-    precondition(replies >= 18, "the server sent no greeting")
+    let connection = MemoryTransport(bytes, peer: "client of the fuzz server")
+    server.server.serve(connection)
+    precondition(connection.bytesWritten >= NBDGreeting.length, "the server sent no greeting")
     let lines = server.log.take()
     return lines.isEmpty ? nil : lines.joined(separator: "\n")
   }
+
+  /// Where the client believes the server is: the name its sentences give.
+  public static let nbdPeer = "/tmp/dualrestore-fuzz-\(getpid())-client.sock"
 
   /// Serves `bytes` as a server's whole side of a connection (greeting,
   /// option replies, then transmission replies) to the client, which
   /// negotiates an export and, if that works, reads its first 4 KiB and
   /// writes them back. Returns the client's error, nil when all worked.
-  /// `timeout` is the client's: a request that fails is retried (on new
-  /// connections, which the peer closes at once) until it has passed.
-  /// With `repliesFrom`, the bytes from there on are held back until the
-  /// client has sent a request (a reply cannot come before it). With
-  /// `allocation`, the client is opened for block status (structured
-  /// replies, base:allocation) and, when given it, asks for that of the
-  /// first MiB instead.
+  /// `timeout` is the client's; a connection made again (after the server
+  /// said it is shutting down) meets a peer that closes it at once. The
+  /// client reads each reply after sending its request, so a reply never
+  /// comes before it (`repliesFrom`, where the replies start, is for the
+  /// callers' own bookkeeping). With `allocation`, the client is opened
+  /// for block status (structured replies, base:allocation) and, when given
+  /// it, asks for that of the first MiB instead.
   public static func negotiateNBD(
-    _ bytes: [UInt8], timeout: Double = 0.2, repliesFrom: Int? = nil, allocation: Bool = false
+    _ bytes: [UInt8], timeout: Double = 0.05, repliesFrom: Int? = nil, allocation: Bool = false
   ) -> String? {
-    let peer = FuzzNBDPeer.shared
-    peer.serve(bytes, repliesFrom: repliesFrom)
+    let peer = nbdPeer
+    let first = FirstConnection(bytes)
+    let connector = NBDConnector.memory { MemoryTransport(first.take() ?? [], peer: peer) }
     do {
       let client = try NBDClient(
-        uri: "nbd+unix:///disk?socket=\(peer.path)", timeout: timeout, allocation: allocation)
+        uri: "nbd+unix:///disk?socket=\(peer)", timeout: timeout, allocation: allocation, connector: connector)
       defer { client.close() }
       if allocation {
         if client.hasAllocation && client.size > 0 {
@@ -247,55 +246,19 @@ public enum FuzzEntryPoints {
       return "\(error)"
     }
   }
+}
 
-  /// Writes `bytes` to the socket and reads until end of input, without
-  /// blocking on either (the peer may write replies before it reads
-  /// everything); returns the bytes read. Traps after `limit` seconds: the
-  /// peer must end the connection.
-  static func exchange(_ fd: Int32, _ bytes: [UInt8], limit: Double, holdFrom: Int? = nil) -> Int {
-    _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
-    let deadline = monotonicSeconds() + limit
-    var sent = 0
-    var received = 0
-    var writing = true
-    if bytes.isEmpty {
-      _ = shutdown(fd, Int32(SHUT_WR))
-      writing = false
-    }
-    var scratch = [UInt8](repeating: 0, count: 1 << 16)
-    // Held back until a request's magic number has been received.
-    var held = holdFrom.map { min($0, bytes.count) }
-    var seen: [UInt8] = []
-    while true {
-      precondition(monotonicSeconds() < deadline, "the peer did not end the connection within \(limit) s")
-      let canSend = writing && sent < (held ?? bytes.count)
-      var p = pollfd(fd: fd, events: Int16(POLLIN) | (canSend ? Int16(POLLOUT) : 0), revents: 0)
-      _ = poll(&p, 1, 100)
-      if canSend && p.revents & Int16(POLLOUT | POLLERR | POLLHUP) != 0 {
-        let stop = held ?? bytes.count
-        let n = bytes.withUnsafeBytes { send(fd, $0.baseAddress! + sent, stop - sent, Int32(MSG_NOSIGNAL)) }
-        if n > 0 { sent += n }
-        if n < 0 && errno != EAGAIN && errno != EINTR { writing = false }
-        if sent == bytes.count {
-          _ = shutdown(fd, Int32(SHUT_WR))
-          writing = false
-        }
-      }
-      if p.revents & Int16(POLLIN | POLLERR | POLLHUP) != 0 {
-        let n = scratch.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-        if n > 0 {
-          received += n
-          if held != nil {
-            seen += scratch[0..<n]
-            let magic: [UInt8] = [0x25, 0x60, 0x95, 0x13]
-            if seen.count >= 4 && (0...(seen.count - 4)).contains(where: { Array(seen[$0..<$0 + 4]) == magic }) {
-              held = nil
-            }
-          }
-        } else if n == 0 || (errno != EAGAIN && errno != EINTR) {
-          return received
-        }
-      }
+/// The input of a client's first connection; later ones get nothing.
+private final class FirstConnection: @unchecked Sendable {
+  private let lock = Monitor()
+  private var bytes: [UInt8]?
+
+  init(_ bytes: [UInt8]) { self.bytes = bytes }
+
+  func take() -> [UInt8]? {
+    lock.withLock {
+      defer { bytes = nil }
+      return bytes
     }
   }
 }
@@ -386,71 +349,18 @@ private final class MemoryExport: NBDExport, @unchecked Sendable {
   }
 }
 
-/// The server `FuzzEntryPoints.serveNBD` talks to, one per process, on a Unix socket.
+/// The server `FuzzEntryPoints.serveNBD` runs its inputs through, one per
+/// process; one worker, which is the calling thread.
 private final class FuzzNBDServer: Sendable {
   static let shared = FuzzNBDServer()
-  let path: String
   let log = LogLines()
   let server: NBDServer
 
   private init() {
-    path = "/tmp/dualrestore-fuzz-\(getpid())-server.sock"
     let log = self.log
     server = NBDServer(
-      exports: [MemoryExport(name: "disk"), MemoryExport(name: "other")], workersPerConnection: 2,
+      exports: [MemoryExport(name: "disk"), MemoryExport(name: "other")], workersPerConnection: 1,
       options: NBDServerOptions(handshakeTimeout: 10, stallTimeout: 10, maximumBufferedBytes: 64 << 20),
       log: { log.add($0) })
-    let listener: Listener
-    do {
-      listener = try Listener(unixPath: path)
-    } catch {
-      fatalError("cannot listen for the fuzz server: \(error)")
-    }
-    atexit { unlink("/tmp/dualrestore-fuzz-\(getpid())-server.sock") }
-    let server = self.server
-    startThread { server.serve(listener) }
-  }
-}
-
-/// The peer `FuzzEntryPoints.negotiateNBD` connects to: it gives the first
-/// connection after `serve` the bytes, and closes later ones at once.
-private final class FuzzNBDPeer: @unchecked Sendable {
-  static let shared = FuzzNBDPeer()
-  let path: String
-  private let lock = Monitor()
-  private var pending: [UInt8]?
-  private var repliesFrom: Int?
-
-  private init() {
-    path = "/tmp/dualrestore-fuzz-\(getpid())-client.sock"
-    let listener: Listener
-    do {
-      listener = try Listener(unixPath: path)
-    } catch {
-      fatalError("cannot listen for the fuzz client: \(error)")
-    }
-    atexit { unlink("/tmp/dualrestore-fuzz-\(getpid())-client.sock") }
-    startThread { [self] in
-      while let socket = try? listener.accept() {
-        let (bytes, hold) = lock.withLock {
-          defer { pending = nil }
-          return (pending, repliesFrom)
-        }
-        guard let bytes else {
-          socket.shutdown()
-          continue
-        }
-        // Everything the client sends is read and dropped; the replies are
-        // the bytes given, whatever it asked.
-        startThread { _ = FuzzEntryPoints.exchange(socket.fd, bytes, limit: 30, holdFrom: hold) }
-      }
-    }
-  }
-
-  func serve(_ bytes: [UInt8], repliesFrom: Int? = nil) {
-    lock.withLock {
-      pending = bytes
-      self.repliesFrom = repliesFrom
-    }
   }
 }

@@ -75,7 +75,7 @@ struct RestoreReadThrough: ParsableCommand {
       arrive; a client that does not finish the handshake within \
       --handshake-timeout, pauses inside a request for --stall-timeout, or \
       (when given) stays silent for --idle-timeout is disconnected. Requests \
-      larger than 32 MiB are refused, and the buffers of all clients stay \
+      larger than 64 MiB are refused, and the buffers of all clients stay \
       under 512 MiB.
 
       Every --progress-interval seconds the log gives the blocks current, \

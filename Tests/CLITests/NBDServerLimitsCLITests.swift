@@ -214,8 +214,8 @@ final class NBDServerLimitsCLITests: XCTestCase {
           errors[cookie % 4] = errors.get(cookie % 4, set()) | {err}
       sender.join()
       print("flood", sorted((k, sorted(v)) for k, v in errors.items()))
-      request(s, 0, 0, (32 << 20) + 4096, cookie=9); print("oversized read", reply(s))
-      request(s, 1, 0, (32 << 20) + 4096, cookie=10); print("oversized write", reply(s))
+      request(s, 0, 0, (64 << 20) + 4096, cookie=9); print("oversized read", reply(s))
+      request(s, 1, 0, (64 << 20) + 4096, cookie=10); print("oversized write", reply(s))
       s, size = session(); s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n" + b"\\xff" * 12)
       print("garbage", reply(s))
       s = connect(); greet(s); s.sendall(struct.pack(">QII", OPT, 3, 1 << 20))
@@ -224,11 +224,11 @@ final class NBDServerLimitsCLITests: XCTestCase {
     XCTAssertEqual(
       r.lines,
       [
-        "flood [(0, [0]), (1, [22]), (2, [22]), (3, [22])]", "oversized read (75, 9)", "oversized write None",
+        "flood [(0, [0]), (1, [22]), (2, [22]), (3, [22])]", "oversized read (22, 9)", "oversized write None",
         "garbage None", "huge option True",
       ], r.summary)
     let log = rig.log
-    XCTAssertTrue(log.contains("WRITE of 33558528 bytes exceeds the limit"), log)
+    XCTAssertTrue(log.contains("WRITE of 67112960 bytes exceeds the limit"), log)
     XCTAssertTrue(log.contains("bad request magic"), log)
     XCTAssertTrue(log.contains("is too long"), log)
     rig.stopServer()

@@ -410,14 +410,14 @@ final class FuzzRegressionTests: XCTestCase {
     be64(NBD.optionReplyMagic) + be32(option) + be32(type) + be32(UInt32(data.count)) + data
   }
 
-  /// The socket FuzzEntryPoints.negotiateNBD serves the bytes on.
+  /// The peer FuzzEntryPoints.negotiateNBD's client names (the bytes are
+  /// served in memory, not on this socket).
   static let peer = "/tmp/dualrestore-fuzz-\(getpid())-client.sock"
 
   /// The client's error less the URI it starts with. The client's time
   /// limit is 1 s, longer than the fuzz target's, so that a busy machine does
-  /// not turn an error into a timeout; a failed request is retried that long.
-  /// `repliesFrom`: where the replies to requests start (held back until
-  /// the client has sent one).
+  /// not turn an error into a timeout. `repliesFrom`: where the replies to
+  /// requests start.
   func refused(_ bytes: [UInt8], repliesFrom: Int? = nil) -> String {
     guard let e = FuzzEntryPoints.negotiateNBD(bytes, timeout: 1, repliesFrom: repliesFrom) else { return "accepted" }
     let uri = "nbd+unix:///disk?socket=\(FuzzRegressionTests.peer): "

@@ -1,14 +1,25 @@
 // The NBD protocol's wire constants and fixed layouts, in one place
 // (NetworkBlockDevice/nbd doc/proto.md). Everything on the wire is
-// big-endian. Only the fixed newstyle handshake is spoken.
+// big-endian. Only the fixed newstyle handshake is spoken. The messages are
+// encoded and decoded in Codec/ (the only code that knows where a field
+// sits); this file names the numbers and draws the layouts.
 //
 // Handshake, server first:
-//   S: "NBDMAGIC" (8) | "IHAVEOPT" (8) | handshake flags (u16)
+//   S: "NBDMAGIC" (8) | "IHAVEOPT" (8) | handshake flags (u16)  = 18 bytes
 //   C: client flags (u32)
-//   C: "IHAVEOPT" (8) | option (u32) | length (u32) | data
-//   S: 0x3e889045565a9 (u64) | option (u32) | reply type (u32) | length (u32) | data
+//   C: "IHAVEOPT" (8) | option (u32) | length (u32) | data     = 16 + data
+//   S: 0x3e889045565a9 (u64) | option (u32) | reply type (u32) | length (u32)
+//      | data                                                  = 20 + data
 //   ... until EXPORT_NAME (answered by size u64, transmission flags u16 and,
 //   without NO_ZEROES, 124 zero bytes) or an acknowledged GO.
+//   GO and INFO data: name length (u32) | name | count (u16) | info (u16)...
+//   NBD_REP_INFO data: info (u16) | EXPORT: size (u64), flags (u16)
+//                                 | BLOCK_SIZE: minimum, preferred, maximum (u32)
+//                                 | DESCRIPTION, NAME: text
+//   LIST_META_CONTEXT and SET_META_CONTEXT data: name length (u32) | name |
+//      query count (u32) | (query length (u32) | query)...
+//   NBD_REP_META_CONTEXT data: context id (u32) | context name
+//   NBD_REP_SERVER data: name length (u32) | name
 // Transmission:
 //   C: request magic 0x25609513 (u32) | command flags (u16) | type (u16) |
 //      cookie (u64) | offset (u64) | length (u32)             = 28 bytes
@@ -18,12 +29,18 @@
 //      (followed by `length` bytes of data for a successful READ)
 //   S: structured reply chunk, once NBD_OPT_STRUCTURED_REPLY is agreed:
 //      magic 0x668e33ef (u32) | flags (u16) | type (u16) | cookie (u64) |
-//      length (u32) = 20 bytes, followed by `length` bytes of payload
+//      length (u32) = 20 bytes, followed by `length` bytes of payload:
+//      OFFSET_DATA: offset (u64) | data
+//      BLOCK_STATUS: context id (u32) | (length (u32) | flags (u32))...
+//      ERROR: error (u32) | message length (u16) | message
+//      NONE: nothing
 
 public enum NBD {
   public static let initMagic: UInt64 = 0x4e42_444d_4147_4943  // "NBDMAGIC"
   public static let optionMagic: UInt64 = 0x4948_4156_454f_5054  // "IHAVEOPT"
   public static let optionReplyMagic: UInt64 = 0x3_e889_0455_65a9
+  /// Where an oldstyle server sends "IHAVEOPT".
+  public static let oldstyleMagic: UInt64 = 0x0042_0281_8612_53
   public static let requestMagic: UInt32 = 0x2560_9513
   public static let simpleReplyMagic: UInt32 = 0x6744_6698
   public static let structuredReplyMagic: UInt32 = 0x668e_33ef
@@ -57,6 +74,11 @@ public enum NBD {
   public static let repErrUnknown: UInt32 = 0x8000_0006
   public static let repErrTLSRequired: UInt32 = 0x8000_0005
   public static let repErrShutdown: UInt32 = 0x8000_0007
+  public static let repErrPlatform: UInt32 = 0x8000_0004
+  public static let repErrBlockSizeRequired: UInt32 = 0x8000_0008
+  public static let repErrTooBig: UInt32 = 0x8000_0009
+  /// Set in every error reply type.
+  public static let repErrorBit: UInt32 = 0x8000_0000
 
   // NBD_REP_INFO kinds.
   public static let infoExport: UInt16 = 0
@@ -97,6 +119,8 @@ public enum NBD {
   public static let replyTypeOffsetData: UInt16 = 1
   public static let replyTypeBlockStatus: UInt16 = 5
   public static let replyTypeError: UInt16 = 0x8001
+  /// Set in every error chunk type.
+  public static let replyTypeErrorBit: UInt16 = 0x8000
   public static let structuredReplyLength = 20
   public static let baseAllocation = "base:allocation"
   /// The context id this server gives base:allocation.
@@ -116,137 +140,13 @@ public enum NBD {
 
   public static let requestLength = 28
   public static let simpleReplyLength = 16
-  /// The largest READ or WRITE this toolkit sends or accepts.
-  public static let maximumPayload = 32 << 20
+  /// The largest READ or WRITE payload the servers accept (advertised in
+  /// NBD_INFO_BLOCK_SIZE, as nbdkit's) and the clients send to a server that
+  /// advertises at least as much.
+  public static let maximumPayload = 64 << 20
+  /// The largest READ or WRITE sent to a server that advertises no maximum:
+  /// the protocol's limit for a client that wants to work with any server.
+  public static let defaultMaximumPayload = 32 << 20
   /// Longest export name or option payload accepted in the handshake.
   public static let maximumOptionLength = 65536
-}
-
-/// Big-endian loads and stores for the wire layouts.
-extension UnsafeMutableRawPointer {
-  @inline(__always) func storeBE<T: FixedWidthInteger>(_ value: T, at offset: Int) {
-    storeBytes(of: value.bigEndian, toByteOffset: offset, as: T.self)
-  }
-}
-
-extension UnsafeRawPointer {
-  @inline(__always) func loadBE<T: FixedWidthInteger>(at offset: Int, as: T.Type) -> T {
-    T(bigEndian: loadUnaligned(fromByteOffset: offset, as: T.self))
-  }
-}
-
-extension UnsafeMutableRawPointer {
-  @inline(__always) func loadBE<T: FixedWidthInteger>(at offset: Int, as: T.Type) -> T {
-    T(bigEndian: loadUnaligned(fromByteOffset: offset, as: T.self))
-  }
-}
-
-/// An NBD URI: `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`,
-/// and their TLS forms `nbds://` and `nbds+unix://`, which may name the
-/// certificate directory as libnbd does: `?tls-certificates=DIR`.
-public struct NBDURI: Equatable, Sendable, CustomStringConvertible {
-  public enum Endpoint: Equatable, Sendable {
-    case tcp(host: String, port: UInt16)
-    case unix(path: String)
-  }
-
-  public var endpoint: Endpoint
-  public var exportName: String
-  /// Whether the connection must run over TLS (nbds, nbds+unix).
-  public var tls: Bool
-  /// DIR with ca-cert.pem (and client-cert.pem, client-key.pem); nil: the
-  /// system's CA store.
-  public var tlsCertificates: String?
-  public let text: String
-
-  public var description: String { text }
-
-  /// Whether `text` looks like an NBD URI rather than a path.
-  public static func isURI(_ text: String) -> Bool {
-    text.hasPrefix("nbd://") || text.hasPrefix("nbd+unix://") || text.hasPrefix("nbds://")
-      || text.hasPrefix("nbds+unix://")
-  }
-
-  public init(_ text: String) throws {
-    self.text = text
-    func fail(_ why: String) -> ToolkitError { ToolkitError("\(text): \(why)") }
-    let scheme = ["nbds+unix", "nbd+unix", "nbds", "nbd"].first { text.hasPrefix($0 + "://") } ?? ""
-    guard ["nbd", "nbds", "nbd+unix", "nbds+unix"].contains(scheme) else {
-      throw fail("not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
-    }
-    tls = scheme.hasPrefix("nbds")
-    let isUnix = scheme.hasSuffix("+unix")
-    var rest = Substring(text.dropFirst(scheme.count + 3))
-    // The query: socket= for Unix sockets, tls-certificates= for TLS.
-    var socket: String?
-    var certificates: String?
-    if let q = rest.firstIndex(of: "?") {
-      for pair in rest[rest.index(after: q)...].split(separator: "&") {
-        let kv = pair.split(separator: "=", maxSplits: 1)
-        let key = String(kv[0])
-        let value = kv.count == 2 ? NBDURI.percentDecode(String(kv[1])) : ""
-        switch key {
-        case "socket": socket = value
-        case "tls-certificates": certificates = value
-        case "tls-verify-peer", "tls-username", "tls-psk-file", "tls-hostname":
-          throw fail("the query parameter \(key) is not supported (only tls-certificates=DIR is)")
-        default: break
-        }
-      }
-      rest = rest[..<q]
-    }
-    if let certificates {
-      guard tls else { throw fail("tls-certificates= needs an nbds:// or nbds+unix:// URI") }
-      guard !certificates.isEmpty else { throw fail("tls-certificates= names no directory") }
-    }
-    tlsCertificates = certificates
-    if isUnix {
-      // An authority is not allowed: nbd+unix:///export?socket=PATH
-      guard rest.hasPrefix("/") else { throw fail("expected \(scheme):///EXPORT?socket=PATH") }
-      guard let socket, !socket.isEmpty else { throw fail("the socket=PATH query is missing") }
-      endpoint = .unix(path: socket)
-      exportName = NBDURI.percentDecode(String(rest.dropFirst()))
-      return
-    }
-    let slash = rest.firstIndex(of: "/") ?? rest.endIndex
-    var authority = rest[..<slash]
-    let export = slash < rest.endIndex ? String(rest[rest.index(after: slash)...]) : ""
-    var port = NBD.defaultPort
-    var host: Substring
-    if authority.hasPrefix("[") {
-      guard let close = authority.firstIndex(of: "]") else { throw fail("unclosed [ in the host") }
-      host = authority[authority.index(after: authority.startIndex)..<close]
-      authority = authority[authority.index(after: close)...]
-      if authority.hasPrefix(":") {
-        guard let p = UInt16(authority.dropFirst()) else { throw fail("bad port") }
-        port = p
-      }
-    } else if let colon = authority.lastIndex(of: ":") {
-      host = authority[..<colon]
-      guard let p = UInt16(authority[authority.index(after: colon)...]) else { throw fail("bad port") }
-      port = p
-    } else {
-      host = authority
-    }
-    guard !host.isEmpty else { throw fail("the host is missing") }
-    endpoint = .tcp(host: String(host), port: port)
-    exportName = NBDURI.percentDecode(export)
-  }
-
-  static func percentDecode(_ s: String) -> String {
-    var out: [UInt8] = []
-    var bytes = Array(s.utf8)[...]
-    while let b = bytes.first {
-      bytes = bytes.dropFirst()
-      if b == UInt8(ascii: "%"), bytes.count >= 2,
-        let v = UInt8(String(decoding: bytes.prefix(2), as: UTF8.self), radix: 16)
-      {
-        out.append(v)
-        bytes = bytes.dropFirst(2)
-      } else {
-        out.append(b)
-      }
-    }
-    return String(decoding: out, as: UTF8.self)
-  }
 }

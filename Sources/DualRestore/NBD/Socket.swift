@@ -1,7 +1,8 @@
 // Stream sockets for NBD: Unix domain and TCP, connect and listen, with full
 // reads and writes and optional time limits. TCP listens on 127.0.0.1 unless
 // told otherwise. After NBD_OPT_STARTTLS a socket's reads and writes go
-// through its TLS session (TLS.swift).
+// through its TLS session (TLS.swift). A read or write that waited too long
+// throws with cause .timedOut, one whose peer went away .connectionClosed.
 
 import Glibc
 
@@ -119,9 +120,9 @@ public final class Socket: @unchecked Sendable {
     if deadline > 0 { return try readBeforeDeadline(buffer, count) }
     switch readFull(fd, buffer, count) {
     case .success(let n) where n == count: return
-    case .success: throw ToolkitError("\(peer): connection closed")
+    case .success: throw Socket.closed(peer)
     case .failure(let e) where e.rawValue == EAGAIN || e.rawValue == EWOULDBLOCK:
-      throw ToolkitError("\(peer): timed out")
+      throw Socket.timedOut(peer)
     case .failure(let e): throw ToolkitError("\(peer): \(e)")
     }
   }
@@ -135,7 +136,7 @@ public final class Socket: @unchecked Sendable {
       if n > 0 {
         done += n
       } else if n == 0 {
-        throw ToolkitError("\(peer): connection closed")
+        throw Socket.closed(peer)
       } else if errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK {
         throw ToolkitError("\(peer): \(Errno.current)")
       }
@@ -147,7 +148,7 @@ public final class Socket: @unchecked Sendable {
   func waitLimit(_ timeout: Double) throws -> Double {
     guard deadline > 0 else { return timeout }
     let left = deadline - monotonicSeconds()
-    if left <= 0 { throw ToolkitError("\(peer): timed out") }
+    if left <= 0 { throw Socket.timedOut(peer) }
     return timeout > 0 ? min(timeout, left) : left
   }
 
@@ -157,7 +158,7 @@ public final class Socket: @unchecked Sendable {
       let limit = try waitLimit(readTimeout)
       let rc = poll(&p, 1, limit > 0 ? Int32(min(limit * 1000, 2e9).rounded(.up)) : -1)
       if rc > 0 { return }
-      if rc == 0 { throw ToolkitError("\(peer): timed out") }
+      if rc == 0 { throw Socket.timedOut(peer) }
       if errno != EINTR { throw ToolkitError("\(peer): \(Errno.current)") }
     }
   }
@@ -183,7 +184,7 @@ public final class Socket: @unchecked Sendable {
         waitingSince = 0
         continue
       }
-      if n == 0 { throw ToolkitError("\(peer): connection closed") }
+      if n == 0 { throw Socket.closed(peer) }
       let e = errno
       if e == EINTR { continue }
       guard e == EAGAIN || e == EWOULDBLOCK else { throw ToolkitError("\(peer): \(Errno(e))") }
@@ -201,6 +202,14 @@ public final class Socket: @unchecked Sendable {
       throw ToolkitError("\(peer): stopped in the middle of a request for \(Socket.seconds(limit)) s; disconnected")
     }
     throw ToolkitError("\(peer): idle for \(Socket.seconds(limit)) s; disconnected")
+  }
+
+  /// A wait for `peer` that ran out of time.
+  static func timedOut(_ peer: String) -> ToolkitError { ToolkitError("\(peer): timed out", cause: .timedOut) }
+
+  /// `peer` closed the connection.
+  static func closed(_ peer: String) -> ToolkitError {
+    ToolkitError("\(peer): connection closed", cause: .connectionClosed)
   }
 
   static func seconds(_ s: Double) -> String {
@@ -282,8 +291,8 @@ public final class Socket: @unchecked Sendable {
 
   /// A failed send: a peer that went away has closed the connection.
   private func writeError(_ code: Int32) -> ToolkitError {
-    if code == EAGAIN || code == EWOULDBLOCK { return ToolkitError("\(peer): timed out") }
-    if code == EPIPE || code == ECONNRESET { return ToolkitError("\(peer): connection closed") }
+    if code == EAGAIN || code == EWOULDBLOCK { return Socket.timedOut(peer) }
+    if code == EPIPE || code == ECONNRESET { return Socket.closed(peer) }
     return ToolkitError("\(peer): \(Errno(code))")
   }
 

@@ -160,7 +160,7 @@ public final class TLSServerContext: @unchecked Sendable {
           "\(socket.peer): TLS handshake failed: the client's certificate was not accepted (\(TLSText.verifyText(result)))"
         )
       }
-      throw ToolkitError("\(socket.peer): TLS handshake failed: \(e.reason)")
+      throw ToolkitError("\(socket.peer): TLS handshake failed: \(e.reason)", cause: e.timedOut ? .timedOut : nil)
     }
     socket.tls = session
   }
@@ -226,7 +226,7 @@ public final class TLSClientContext: @unchecked Sendable {
         throw ToolkitError(
           "the server's TLS certificate was not accepted (\(TLSText.verifyText(result)))")
       }
-      throw ToolkitError("the TLS handshake failed (\(e.reason))")
+      throw ToolkitError("the TLS handshake failed (\(e.reason))", cause: e.timedOut ? .timedOut : nil)
     }
     socket.tls = session
   }
@@ -244,9 +244,20 @@ nonisolated(unsafe) private let socketMethod: OpaquePointer? = dr_bio_method_new
 
 /// One TLS connection over a socket's (now non-blocking) descriptor.
 final class TLSSession: @unchecked Sendable {
-  struct HandshakeFailure: Error { let reason: String }
+  struct HandshakeFailure: Error {
+    let reason: String
+    var timedOut = false
+  }
   /// A wait for the socket ran out of time.
   struct TimedOut: Error {}
+  /// An SSL call or a wait failed: OpenSSL's reasons (`tls`) or the system's.
+  struct CallFailure: Error {
+    let reason: String
+    let tls: Bool
+
+    /// The sentence for the connection to `peer`.
+    func error(_ peer: String) -> ToolkitError { ToolkitError("\(peer): \(tls ? "TLS: " : "")\(reason)") }
+  }
 
   private let ssl: OpaquePointer
   private let fd: Int32
@@ -285,11 +296,9 @@ final class TLSSession: @unchecked Sendable {
     do {
       _ = try drive(timeout: timeout) { SSL_do_handshake($0) }
     } catch is TimedOut {
-      throw HandshakeFailure(reason: "timed out")
-    } catch let e as ToolkitError {
-      var reason = Substring(e.message)
-      for prefix in ["\(peer): ", "TLS: "] where reason.hasPrefix(prefix) { reason = reason.dropFirst(prefix.count) }
-      throw HandshakeFailure(reason: String(reason))
+      throw HandshakeFailure(reason: "timed out", timedOut: true)
+    } catch let e as CallFailure {
+      throw HandshakeFailure(reason: e.reason)
     }
   }
 
@@ -309,9 +318,11 @@ final class TLSSession: @unchecked Sendable {
       do {
         n = try drive(timeout: socket.readTimeout) { SSL_read($0, buffer + done, chunk) }
       } catch is TimedOut {
-        throw ToolkitError("\(peer): timed out")
+        throw Socket.timedOut(peer)
+      } catch let e as CallFailure {
+        throw e.error(peer)
       }
-      if n <= 0 { throw ToolkitError("\(peer): connection closed") }
+      if n <= 0 { throw Socket.closed(peer) }
       done += Int(n)
     }
   }
@@ -334,8 +345,10 @@ final class TLSSession: @unchecked Sendable {
         try socket.checkPause(
           now - waitingSince, begun: midRequest || done > 0, idleLimit: idleLimit, stallLimit: stallLimit)
         continue
+      } catch let e as CallFailure {
+        throw e.error(peer)
       }
-      if n <= 0 { throw ToolkitError("\(peer): connection closed") }
+      if n <= 0 { throw Socket.closed(peer) }
       done += Int(n)
       waitingSince = 0
     }
@@ -374,9 +387,11 @@ final class TLSSession: @unchecked Sendable {
       do {
         n = try drive(timeout: socket.writeTimeout) { SSL_write($0, buffer + done, chunk) }
       } catch is TimedOut {
-        throw ToolkitError("\(peer): timed out")
+        throw Socket.timedOut(peer)
+      } catch let e as CallFailure {
+        throw e.error(peer)
       }
-      if n <= 0 { throw ToolkitError("\(peer): connection closed") }
+      if n <= 0 { throw Socket.closed(peer) }
       done += Int(n)
     }
   }
@@ -393,7 +408,7 @@ final class TLSSession: @unchecked Sendable {
 
   /// Runs one SSL call until it completes: under the lock, and waiting for
   /// the socket outside it. Returns the call's result, or 0 when the peer
-  /// closed the connection.
+  /// closed the connection; throws TimedOut or CallFailure.
   @inline(__always)
   private func drive(timeout: Double, _ call: (OpaquePointer) -> Int32) throws -> Int32 {
     while true {
@@ -411,12 +426,12 @@ final class TLSSession: @unchecked Sendable {
       case SSL_ERROR_WANT_WRITE: try wait(for: Int16(POLLOUT), timeout: timeout)
       case SSL_ERROR_ZERO_RETURN: return 0
       case SSL_ERROR_SYSCALL:
-        if !detail.isEmpty { throw ToolkitError("\(peer): TLS: \(detail)") }
+        if !detail.isEmpty { throw CallFailure(reason: detail, tls: true) }
         if savedErrno == 0 || savedErrno == EPIPE || savedErrno == ECONNRESET { return 0 }
         if savedErrno == EINTR { continue }
-        throw ToolkitError("\(peer): \(Errno(savedErrno))")
+        throw CallFailure(reason: Errno(savedErrno).description, tls: false)
       default:
-        throw ToolkitError("\(peer): TLS: \(detail.isEmpty ? "error \(kind)" : detail)")
+        throw CallFailure(reason: detail.isEmpty ? "error \(kind)" : detail, tls: true)
       }
     }
   }
@@ -432,7 +447,7 @@ final class TLSSession: @unchecked Sendable {
       if rc > 0 { return }
       if rc == 0 { throw TimedOut() }
       if errno == EINTR { continue }
-      throw ToolkitError("\(peer): \(Errno.current)")
+      throw CallFailure(reason: Errno.current.description, tls: false)
     }
   }
 }

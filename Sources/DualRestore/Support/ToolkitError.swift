@@ -1,13 +1,20 @@
 // One error type for the library: a single sentence that names the object
 // (a path, a field, a record) and the cause or the limit that was crossed.
-// Executables print `description` to stderr as it is.
+// Executables print `description` to stderr as it is. Where a caller
+// decides on the kind of failure (a peer that timed out or went away, an
+// NBD server's refusal or error number), `cause` says it: no caller reads
+// the sentence to tell.
 
 /// An error that describes itself in one sentence.
 public struct ToolkitError: Error, CustomStringConvertible, Equatable, Sendable {
   public var message: String
+  /// The kind of failure, for callers that act on it; nil when the sentence
+  /// is all there is.
+  public var cause: Cause?
 
-  public init(_ message: String) {
+  public init(_ message: String, cause: Cause? = nil) {
     self.message = message
+    self.cause = cause
   }
 
   public var description: String { message }

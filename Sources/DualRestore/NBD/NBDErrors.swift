@@ -1,0 +1,61 @@
+// The NBD layer's errors, typed where a caller decides on them. Sentences
+// stay what they were; decisions read `ToolkitError.cause`, the NBD error
+// number of NBDError, or the type of NBDFileWriteError, never the text.
+//
+// - A socket (plain or TLS) that waited too long, or whose peer went away,
+//   says so in `cause` (.timedOut, .connectionClosed): the server rewords a
+//   handshake that took too long and ends quietly when a client leaves.
+// - A client's failed request carries the server's error number
+//   (.serverError), and a refused handshake the option reply's error and
+//   the server's words (.refused), so that a tool can show those instead of
+//   the client's sentence.
+
+extension ToolkitError {
+  /// The kinds of failure callers act on.
+  public enum Cause: Equatable, Sendable {
+    /// A wait for a peer ran out of time.
+    case timedOut
+    /// The peer closed the connection (end of input, a reset, a broken pipe).
+    case connectionClosed
+    /// An NBD server refused the export or an option: its NBD_REP_ERR_*
+    /// reply type and its message, when it sent one.
+    case refused(code: UInt32, serverSays: String?)
+    /// An NBD server answered a request with this error number (NBD_E*).
+    case serverError(UInt32)
+  }
+
+  /// What an NBD server said in refusing, when it said something.
+  public var serverSays: String? {
+    if case .refused(_, let words) = cause { return words }
+    return nil
+  }
+}
+
+/// An error to send to an NBD client: an NBD error number and, for the log,
+/// why. Exports throw it; any other error is sent as EIO.
+public struct NBDError: Error, CustomStringConvertible {
+  public var code: UInt32
+  public var message: String
+  public init(_ code: UInt32, _ message: String) {
+    self.code = code
+    self.message = message
+  }
+  public var description: String { message }
+
+  /// The NBD error number for any error a handler throws.
+  static func code(for error: Error) -> UInt32 {
+    if let e = error as? NBDError { return e.code }
+    return NBD.errIO
+  }
+}
+
+/// A READ's data could not be written to the file it was read into (the
+/// connection to the server is unharmed).
+public struct NBDFileWriteError: Error, CustomStringConvertible {
+  public let errno: Int32
+  /// The export's range whose data was being written.
+  public let offset: UInt64
+  public let length: Int
+
+  public var description: String { "cannot write \(length) bytes read at \(offset): \(Errno(errno))" }
+}
