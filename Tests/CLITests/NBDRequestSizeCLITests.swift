@@ -8,6 +8,7 @@
 
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 final class NBDRequestSizeCLITests: XCTestCase {

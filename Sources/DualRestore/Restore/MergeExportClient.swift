@@ -51,14 +51,12 @@ public final class MergeExportClient: MergeSession {
     let named = Self.uri(uri, naming: name)
     do {
       return try NBDClient(uri: named, timeout: timeout)
-    } catch {
-      let text = "\(error)"
-      if let r = text.firstRange(of: "(the server says: ") {
-        var said = text[r.upperBound...]
-        if said.hasSuffix(")") { said = said.dropLast() }
-        throw ToolkitError("\(uri): \(said)")
+    } catch let error as ToolkitError {
+      // The server's own sentence, when it refused the name with one.
+      if case .refused(let code, let words?) = error.cause, code != NBD.repErrUnknown {
+        throw ToolkitError("\(uri): \(words)")
       }
-      throw ToolkitError("\(uri): \(text.replacing(named, with: uri))")
+      throw ToolkitError("\(uri): \(error.message.replacing(named, with: uri))")
     }
   }
 
