@@ -161,7 +161,7 @@ struct MergeSnapshot: ParsableCommand {
     } else if let map {
       loaded = try MapFile.load(map)
     }
-    var device: BlockTarget? = nil
+    var device: BlockDevice? = nil
     var session: MergeSession? = nil
     if let target, NBDURI.isURI(target) {
       // The `merge` export of a running restore-read-through: the server

@@ -11,7 +11,7 @@ import XCTest
 @testable import DualRestore
 
 /// An in-memory source with declared holes, recording every read.
-private final class FakeSource: BlockSource, @unchecked Sendable {
+private final class FakeSource: BlockDevice, @unchecked Sendable {
   let name: String
   let content: [UInt8]
   /// Sorted, disjoint, non-adjacent byte ranges that are holes (zeros).

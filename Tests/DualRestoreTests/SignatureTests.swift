@@ -383,7 +383,7 @@ final class SignatureTests: XCTestCase {
 }
 
 /// A source whose reads fail at one offset; everything else reads as 0x42.
-private final class FailingSource: BlockSource, @unchecked Sendable {
+private final class FailingSource: BlockDevice, @unchecked Sendable {
   let name = "failing source"
   let size: UInt64
   let failAt: UInt64

@@ -49,7 +49,7 @@ public final class ChunkReader: @unchecked Sendable {
     }
   }
 
-  public let source: BlockSource
+  public let source: BlockDevice
   public let geometry: BlockGeometry
   public let blocksPerChunk: Int
   /// Only these blocks are read, when set.
@@ -68,7 +68,7 @@ public final class ChunkReader: @unchecked Sendable {
   /// Starts reading `source` (cut by `geometry`) in the background.
   /// Chunks hold about `chunkBytes` bytes, and at least one block.
   public init(
-    source: BlockSource, geometry: BlockGeometry, chunkBytes: Int = 4 << 20, depth: Int = 3,
+    source: BlockDevice, geometry: BlockGeometry, chunkBytes: Int = 4 << 20, depth: Int = 3,
     skipHoles: Bool = true, selection: BlockBitmap? = nil
   ) {
     precondition(selection == nil || selection?.count == geometry.blockCount)

@@ -205,13 +205,71 @@ extension Device {
     while position < end {
       let (isData, regionEnd) = dataRegion(at: position)
       let stop = regionEnd > position ? min(regionEnd, end) : end
-      let flags = isData ? 0 : NBD.stateHole | NBD.stateZero
+      let flags = isData ? 0 : Extent.hole | Extent.zero
       guard runs.append(joining: Extent(length: UInt32(stop - position), flags: flags), limit: limit) else { break }
       position = stop
     }
     return runs
   }
 }
+
+extension Device: BlockDevice {
+  public var name: String { path }
+
+  /// Zeros are made by the file system or the device (punched holes,
+  /// BLKZEROOUT), written only where neither works.
+  public var capabilities: DeviceCapabilities {
+    var c: DeviceCapabilities = [.flush, .writeZeroes]
+    if options.writable { c.insert(.writable) }
+    if !isBlockDevice { c.insert(.reportsHoles) }
+    return c
+  }
+
+  public var maximumRequest: Int { 1 << 30 }
+
+  /// Writes all of `buffer` at `offset`; with `fua`, then makes the writes
+  /// durable (fdatasync).
+  public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+    try write(buffer, at: offset)
+    if fua { try sync() }
+  }
+
+  public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
+    try writeZeros(offset: offset, length: length, scratch: zeroBuffer)
+    if fua { try sync() }
+  }
+
+  /// Zeros a byte range: a hole punched in an image file, BLKZEROOUT on a
+  /// block device, or zeros written from `scratch` where neither works.
+  public func writeZeros(offset: UInt64, length: UInt64, scratch: AlignedBuffer) throws {
+    guard options.writable else { throw ToolkitError.path(path, "opened read-only") }
+    if isBlockDevice {
+      if dr_block_zero_out(fd, offset, length) == 0 { return }
+    } else if dr_punch_hole(fd, offset, length) == 0 {
+      return
+    }
+    var done: UInt64 = 0
+    while done < length {
+      let n = Int(min(UInt64(scratch.count), length - done))
+      try write(UnsafeRawBufferPointer(scratch.slice(0, n)), at: offset + done)
+      done += UInt64(n)
+    }
+  }
+
+  public func flush() throws { try sync() }
+
+  /// Holes of an image file; nil for a block device, which does not say.
+  public func allocation(from offset: UInt64, length: UInt32) throws -> [Extent]? {
+    isBlockDevice ? nil : allocation(offset: offset, length: length, limit: Int.max)
+  }
+}
+
+/// Zeros to write from where a device cannot zero by itself; never written to.
+private let zeroBuffer: AlignedBuffer = {
+  let b = AlignedBuffer(count: 1 << 20)
+  b.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+  return b
+}()
 
 /// Memory aligned for O_DIRECT, allocated once and reused.
 public final class AlignedBuffer: @unchecked Sendable {

@@ -26,7 +26,7 @@ public enum Comparison {
 
   /// Compares two sources.
   public static func compare(
-    _ a: BlockSource, _ b: BlockSource, blockSize: UInt32, allowSizeChange: Bool, progress: Bool
+    _ a: BlockDevice, _ b: BlockDevice, blockSize: UInt32, allowSizeChange: Bool, progress: Bool
   ) throws -> ComparisonReport {
     try checkSizes(a.name, a.size, b.name, b.size, allowSizeChange)
     let geometryA = try BlockGeometry(blockSize: blockSize, deviceSize: a.size)
@@ -78,7 +78,7 @@ public enum Comparison {
   /// Compares a source with a signature of the other side. `signatureIsA`
   /// says which argument the signature was, for the map's orientation.
   public static func compare(
-    signature: SignatureReader, _ b: BlockSource, signatureIsA: Bool, allowSizeChange: Bool, progress: Bool,
+    signature: SignatureReader, _ b: BlockDevice, signatureIsA: Bool, allowSizeChange: Bool, progress: Bool,
     workers: Int = BlockHasher.defaultWorkers
   ) throws -> ComparisonReport {
     let header = signature.header

@@ -10,7 +10,7 @@ public enum Signer {
   }
 
   public static func sign(
-    _ source: BlockSource, algorithm: DigestAlgorithm, blockSize: UInt32, to target: OutputTarget,
+    _ source: BlockDevice, algorithm: DigestAlgorithm, blockSize: UInt32, to target: OutputTarget,
     progress: Bool, workers: Int = BlockHasher.defaultWorkers
   ) throws -> Summary {
     let geometry = try BlockGeometry(blockSize: blockSize, deviceSize: source.size)

@@ -20,7 +20,7 @@ public final class MergeExportClient: MergeSession {
     self.timeout = timeout
   }
 
-  public func open(for header: StreamFormat.Header, options: Merger.Options) throws -> BlockTarget {
+  public func open(for header: StreamFormat.Header, options: Merger.Options) throws -> BlockDevice {
     let admission = MergeAdmission(
       stream: header.streamID, base: header.isIncremental ? header.baseStreamID : .none, started: header.started,
       skew: options.clockSkewAllowance, force: options.force)

@@ -1,43 +1,31 @@
-// An NBD client plays two roles: the backup link of a restore, and a merge
-// target (the `merge` export of a running restore-read-through).
+// An NBD client as a block device: the backup of a restore, a merge target
+// (the `merge` export of a running restore-read-through), a source to read.
 
-extension NBDClient: BackupLink {
+extension NBDClient {
+  public var capabilities: DeviceCapabilities {
+    var c: DeviceCapabilities = [.splicesIntoFile]
+    if !isReadOnly { c.insert(.writable) }
+    if canFlush { c.insert(.flush) }
+    if canFUA { c.insert(.fua) }
+    if canTrim { c.insert(.trim) }
+    if canWriteZeroes { c.insert(.writeZeroes) }
+    if hasAllocation { c.insert(.reportsHoles) }
+    return c
+  }
+
   public func read(at offset: UInt64, length: Int, toFile fd: Int32) throws {
     try read(at: offset, length: length, toFile: fd, at: offset)
   }
 
-  public func backupAllocation(offset: UInt64, length: UInt32) throws -> [Extent]? {
+  public func allocation(from offset: UInt64, length: UInt32) throws -> [Extent]? {
     hasAllocation ? try allocation(offset: offset, length: length) : nil
-  }
-}
-
-extension NBDClient: BlockTarget {
-  public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
-    try write(buffer, at: offset, fua: false)
-  }
-
-  public func writeZeros(offset: UInt64, length: UInt64, scratch: AlignedBuffer) throws {
-    if canWriteZeroes {
-      try writeZeroes(offset: offset, length: length, fua: false)
-      return
-    }
-    var done: UInt64 = 0
-    while done < length {
-      let n = Int(min(UInt64(scratch.count), length - done))
-      try write(UnsafeRawBufferPointer(scratch.slice(0, n)), at: offset + done, fua: false)
-      done += UInt64(n)
-    }
-  }
-
-  public func sync() throws {
-    if canFlush { try flush() }
   }
 }
 
 /// Several connections to one backup export, used in turn, so that more
 /// requests are in flight at the backup than one connection's server
 /// threads take (NBD multi-conn). Flushes go to every connection.
-public final class MultiConnectionLink: BackupLink, @unchecked Sendable {
+public final class MultiConnectionLink: BlockDevice, @unchecked Sendable {
   public let connections: [NBDClient]
   private let next = Monitor()
   private var index = 0
@@ -61,6 +49,10 @@ public final class MultiConnectionLink: BackupLink, @unchecked Sendable {
   public var name: String { connections[0].name }
   public var size: UInt64 { connections[0].size }
   public var maximumRequest: Int { connections[0].maximumRequest }
+  /// The connections' own, and holes when a connection for block status
+  /// can be made (`allocation(from:length:)` is nil when the backup gives
+  /// no base:allocation).
+  public var capabilities: DeviceCapabilities { connections[0].capabilities.union(.reportsHoles) }
 
   private func pick() -> NBDClient {
     next.withLock {
@@ -100,9 +92,13 @@ public final class MultiConnectionLink: BackupLink, @unchecked Sendable {
     try run(pick()) { try $0.writeZeroes(offset: offset, length: length, fua: fua) }
   }
 
+  public func trim(offset: UInt64, length: UInt64) throws {
+    try run(pick()) { try $0.trim(offset: offset, length: length) }
+  }
+
   /// Throws when the status connection cannot be made (it is tried again
   /// at the next call); nil when the backup gives no base:allocation.
-  public func backupAllocation(offset: UInt64, length: UInt32) throws -> [Extent]? {
+  public func allocation(from offset: UInt64, length: UInt32) throws -> [Extent]? {
     let client = try statusLock.withLock { () throws -> NBDClient? in
       if !statusTried {
         let c = try NBDClient(uri: uri, timeout: timeout, allocation: true)

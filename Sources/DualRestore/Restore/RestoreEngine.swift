@@ -28,29 +28,9 @@ import Dispatch
 import Glibc
 import Synchronization
 
-/// What the engine needs of the backup: an NBD client, or anything alike.
-public protocol BackupLink: AnyObject, Sendable {
-  var name: String { get }
-  var size: UInt64 { get }
-  var maximumRequest: Int { get }
-  func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
-  /// Reads a range into the file `fd` at the same offset, not necessarily
-  /// through memory; a failed write to the file is NBDFileWriteError.
-  func read(at offset: UInt64, length: Int, toFile fd: Int32) throws
-  func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws
-  func flush() throws
-  func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws
-  /// base:allocation of a byte range (runs from `offset` on, covering it or
-  /// a first part of it), or nil when the backup does not say.
-  func backupAllocation(offset: UInt64, length: UInt32) throws -> [Extent]?
-  /// Ends every connection to the backup (NBD_CMD_DISC), once nothing is
-  /// in flight on them; later requests fail.
-  func close()
-}
-
 public final class RestoreEngine: @unchecked Sendable {
   public let primary: Device
-  public let backup: BackupLink
+  public let backup: BlockDevice
   public let geometry: BlockGeometry
   public let mapPath: String
   let log: @Sendable (String) -> Void
@@ -121,7 +101,7 @@ public final class RestoreEngine: @unchecked Sendable {
   /// Opens the restore of `primary` from `backup` through the map at `mapPath`
   /// (created when missing), recovering from an unclean shutdown if needed.
   public init(
-    primary: Device, backup: BackupLink, mapPath: String, blockSize: UInt32,
+    primary: Device, backup: BlockDevice, mapPath: String, blockSize: UInt32,
     log: @escaping @Sendable (String) -> Void
   ) throws {
     self.primary = primary
@@ -435,7 +415,7 @@ public final class RestoreEngine: @unchecked Sendable {
   public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
     try modify(
       offset: offset, length: length, fua: fua,
-      local: { try Merger.writeZeros(primary, offset: offset, length: length, zeros: zeros) },
+      local: { try primary.writeZeros(offset: offset, length: length, scratch: zeros) },
       remote: { [backup] in try backup.writeZeroes(offset: offset, length: length, fua: fua) })
   }
 
@@ -630,7 +610,7 @@ public final class RestoreEngine: @unchecked Sendable {
     defer { tally(stream, data: 0, zero: written, skipped: skipped, bytes: bytes) }
     for run in runs {
       let (o, l) = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count))
-      try Merger.writeZeros(primary, offset: o, length: l, zeros: zeros)
+      try primary.writeZeros(offset: o, length: l, scratch: zeros)
       markCurrent(run)
       written += UInt64(run.count)
       bytes += l
@@ -846,7 +826,7 @@ public final class RestoreEngine: @unchecked Sendable {
       let zero = max(z.lowerBound, b)..<min(z.upperBound, blocks.upperBound)
       try fetchUpTo(zero.lowerBound)
       let (offset, length) = geometry.byteRange(blocks: zero.lowerBound, count: UInt64(zero.count))
-      try Merger.writeZeros(primary, offset: offset, length: length, zeros: zeros)
+      try primary.writeZeros(offset: offset, length: length, scratch: zeros)
       state.withLock {
         current.set(zero)
         dirty = true
@@ -978,7 +958,7 @@ private final class HydrationPlan: @unchecked Sendable {
     let (offset, length) = engine.geometry.byteRange(blocks: start, count: end - start)
     generation = engine.divergentWriteCount
     do {
-      guard let runs = try engine.backup.backupAllocation(offset: offset, length: UInt32(length)) else {
+      guard let runs = try engine.backup.allocation(from: offset, length: UInt32(length)) else {
         available = false
         engine.log("the backup gives no block status (base:allocation): hydration copies every block")
         forgetLocked()

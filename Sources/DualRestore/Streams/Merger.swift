@@ -68,7 +68,7 @@ public enum Merger {
   /// is opened once the header is known (and may refuse the stream then),
   /// and says at the end what it did with the blocks.
   public static func merge(
-    _ reader: StreamReader, into target: BlockTarget?, map: inout BlockMap?, mapPath: String?, options: Options,
+    _ reader: StreamReader, into target: BlockDevice?, map: inout BlockMap?, mapPath: String?, options: Options,
     session: MergeSession? = nil, warn: (String) -> Void
   ) throws -> Summary {
     var target = target
@@ -110,6 +110,21 @@ public enum Merger {
     let writing = options.mode == .merge
     let meter = ProgressMeter(label: "merge", total: geometry.deviceSize, enabled: options.progress)
 
+    // Zeros by the target itself (punched holes, BLKZEROOUT, WRITE_ZEROES)
+    // where it can, else written from `zeros`.
+    func zero(_ target: BlockDevice, offset: UInt64, length: UInt64) throws {
+      if target.capabilities.contains(.writeZeroes) {
+        try target.writeZeroes(offset: offset, length: length, fua: false)
+        return
+      }
+      var done: UInt64 = 0
+      while done < length {
+        let n = Int(min(UInt64(zeros.count), length - done))
+        try target.write(UnsafeRawBufferPointer(zeros.slice(0, n)), at: offset + done, fua: false)
+        done += UInt64(n)
+      }
+    }
+
     func note(_ range: Range<UInt64>) {
       if let last = pending.last, last.upperBound == range.lowerBound {
         pending[pending.count - 1] = last.lowerBound..<range.upperBound
@@ -121,7 +136,7 @@ public enum Merger {
     // Durable first, then recorded.
     func checkpoint(final: Bool) throws {
       guard writing, let target else { return }
-      try target.sync()
+      try target.flush()
       if var m = map, let mapPath {
         if !options.mirror {
           for range in pending { m.bits.set(range) }
@@ -163,7 +178,8 @@ public enum Merger {
             continue
           }
           if writing, let target {
-            try target.write(UnsafeRawBufferPointer(start: data, count: length), at: geometry.offset(ofBlock: index))
+            try target.write(
+              UnsafeRawBufferPointer(start: data, count: length), at: geometry.offset(ofBlock: index), fua: false)
             note(index..<index + 1)
           }
           summary.written += 1
@@ -182,7 +198,7 @@ public enum Merger {
             while runEnd < end && !isCurrent(runEnd) { runEnd += 1 }
             let (offset, length) = geometry.byteRange(blocks: b, count: runEnd - b)
             if writing, let target {
-              try target.writeZeros(offset: offset, length: length, scratch: zeros)
+              try zero(target, offset: offset, length: length)
               note(b..<runEnd)
             }
             summary.zero += runEnd - b
@@ -220,7 +236,7 @@ public enum Merger {
 
   /// Size, time and base checks, before anything is written.
   static func checkFits(
-    _ header: StreamFormat.Header, reader: StreamReader, target: BlockTarget?, map: BlockMap?, options: Options,
+    _ header: StreamFormat.Header, reader: StreamReader, target: BlockDevice?, map: BlockMap?, options: Options,
     serverChecks: Bool = false, summary: inout Summary, warn: (String) -> Void
   ) throws {
     if let target, target.size != header.geometry.deviceSize {
@@ -285,22 +301,6 @@ public enum Merger {
     }
     return problems
   }
-
-  /// Zeros a byte range: a hole punched in an image file, BLKZEROOUT on a
-  /// block device, or written zeros where neither works.
-  static func writeZeros(_ target: Device, offset: UInt64, length: UInt64, zeros: AlignedBuffer) throws {
-    if target.isBlockDevice {
-      if dr_block_zero_out(target.fd, offset, length) == 0 { return }
-    } else if dr_punch_hole(target.fd, offset, length) == 0 {
-      return
-    }
-    var done: UInt64 = 0
-    while done < length {
-      let n = Int(min(UInt64(zeros.count), length - done))
-      try target.write(UnsafeRawBufferPointer(zeros.slice(0, n)), at: offset + done)
-      done += UInt64(n)
-    }
-  }
 }
 
 /// A merge target that keeps its own overwrite map and decides itself which
@@ -308,27 +308,9 @@ public enum Merger {
 public protocol MergeSession: AnyObject {
   /// The target for the stream `header` describes; throws the sentence the
   /// far end refused the stream with (its identity does not fit its map).
-  func open(for header: StreamFormat.Header, options: Merger.Options) throws -> BlockTarget
+  func open(for header: StreamFormat.Header, options: Merger.Options) throws -> BlockDevice
   /// After every block was sent and made durable: what the far end did with
   /// them (nil when it cannot say); with `complete`, the whole stream was
   /// sent and is recorded there as the last merged stream first.
   func finish(stream: ID128, complete: Bool) throws -> MergeReport?
-}
-
-/// What a merge writes to: an image file or block device, or an NBD export
-/// (such as the `merge` export of a running restore-read-through).
-public protocol BlockTarget: AnyObject {
-  var name: String { get }
-  var size: UInt64 { get }
-  func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws
-  /// Zeros a byte range; `scratch` is a buffer of zeros to write from.
-  func writeZeros(offset: UInt64, length: UInt64, scratch: AlignedBuffer) throws
-  /// Makes every completed write durable.
-  func sync() throws
-}
-
-extension Device: BlockTarget {
-  public func writeZeros(offset: UInt64, length: UInt64, scratch: AlignedBuffer) throws {
-    try Merger.writeZeros(self, offset: offset, length: length, zeros: scratch)
-  }
 }

@@ -106,7 +106,7 @@ public enum SnapshotWriter {
     }
   }
 
-  public static func write(_ source: BlockSource, to sink: OutputSink, options: Options) throws -> Summary {
+  public static func write(_ source: BlockDevice, to sink: OutputSink, options: Options) throws -> Summary {
     let started = Instant.now()
     let geometry = try BlockGeometry(blockSize: options.blockSize, deviceSize: source.size)
     var coverage = StreamFormat.Coverage.all

@@ -30,7 +30,7 @@
 
 import Glibc
 
-public final class NBDClient: BlockSource, @unchecked Sendable {
+public final class NBDClient: BlockDevice, @unchecked Sendable {
   public let uri: NBDURI
   /// The URI as given.
   public let name: String

@@ -1,6 +1,6 @@
 // What an NBD server serves: the NBDExport protocol an export implements
 // (the restore's exports, the tracking server's device and views), the runs
-// of base:allocation it describes, and the file spans a READ may be sent
+// of base:allocation it describes (`Extent`, from Devices), and the file spans a READ may be sent
 // from without a copy.
 
 /// What the server exports. Handlers are called from several threads at once.
@@ -37,30 +37,6 @@ public protocol NBDExport: AnyObject, Sendable {
   /// most `length` bytes (at least the first one), at most `limit` runs.
   /// A run said to be zero must read as zeros: clients skip it.
   func allocation(offset: UInt64, length: UInt32, limit: Int) throws -> [Extent]
-}
-
-/// A run of the base:allocation context.
-public struct Extent: Equatable, Sendable {
-  public var length: UInt32
-  public var flags: UInt32
-  public init(length: UInt32, flags: UInt32) {
-    self.length = length
-    self.flags = flags
-  }
-}
-
-extension Array where Element == Extent {
-  /// Appends `run`, joined to the last run when their flags agree; false
-  /// (nothing appended) when that would make more than `limit` runs.
-  mutating func append(joining run: Extent, limit: Int) -> Bool {
-    if let last = self.last, last.flags == run.flags {
-      self[count - 1].length += run.length
-      return true
-    }
-    guard count < limit else { return false }
-    append(run)
-    return true
-  }
 }
 
 /// Bytes of a file an export's READ is served from.
