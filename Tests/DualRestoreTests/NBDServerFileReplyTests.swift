@@ -41,7 +41,7 @@ private final class FileBackedExport: NBDExport, @unchecked Sendable {
     try device.read(into: buffer, at: offset)
   }
 
-  func fileSpan(offset: UInt64, length: Int) throws -> FileSpan? {
+  func makeReadableInFile(offset: UInt64, length: Int) throws -> FileSpan? {
     guard sendsFromFile else { return nil }
     lock.withLock { spans += 1 }
     return FileSpan(fd: device.pageCacheFD, offset: offset)

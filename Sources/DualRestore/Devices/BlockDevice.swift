@@ -48,7 +48,7 @@ public protocol BlockDevice: AnyObject, Sendable {
   func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
   /// Reads `length` bytes at `offset` into the file `fd` at the same offset,
   /// spliced where the device `splicesIntoFile`, else through a buffer. A
-  /// failed write to the file is NBDFileWriteError or names the device.
+  /// failed write to the file is FileWriteError; the device is unharmed.
   func read(at offset: UInt64, length: Int, toFile fd: Int32) throws
   /// Writes all of `buffer` at `offset`; with `fua`, durably before returning.
   func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws
@@ -105,7 +105,7 @@ extension BlockDevice {
       let at = offset + UInt64(done)
       try read(into: buffer.slice(0, n), at: at)
       if case .failure(let e) = pwriteFull(fd, buffer.pointer, n, at) {
-        throw DeviceError(name, .io(e.rawValue), "copying \(n) bytes at \(at) into a file")
+        throw FileWriteError(errno: e.rawValue, offset: at, length: n)
       }
       done += n
     }
@@ -155,6 +155,33 @@ public struct DeviceError: Error, CustomStringConvertible, Equatable, Sendable {
     if let doing { return "\(device): \(doing): \(what)" }
     return "\(device): \(what)"
   }
+}
+
+/// An error that stands for a cause of the seam, so that an adapter (the NBD
+/// server's) maps it to its own codes without knowing its type.
+public protocol DeviceFailure: Error {
+  var deviceCause: DeviceError.Cause { get }
+}
+
+extension DeviceError: DeviceFailure {
+  public var deviceCause: Cause { cause }
+}
+
+/// A range read from a device could not be written to the file it was read
+/// into (`read(at:length:toFile:)`); the device is unharmed.
+public struct FileWriteError: Error, CustomStringConvertible, Sendable {
+  public let errno: Int32
+  /// The device's range whose data was being written.
+  public let offset: UInt64
+  public let length: Int
+
+  public init(errno: Int32, offset: UInt64, length: Int) {
+    self.errno = errno
+    self.offset = offset
+    self.length = length
+  }
+
+  public var description: String { "cannot write \(length) bytes read at \(offset): \(Errno(errno))" }
 }
 
 /// A run of base:allocation: `length` bytes with the same flags.

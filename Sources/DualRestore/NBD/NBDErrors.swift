@@ -1,6 +1,7 @@
 // The NBD layer's errors, typed where a caller decides on them. Sentences
 // stay what they were; decisions read `ToolkitError.cause`, the NBD error
 // number of NBDError, or the type of NBDFileWriteError, never the text.
+// Errors thrown by exports become wire codes in `NBDError.code(for:)`.
 //
 // - A socket (plain or TLS) that waited too long, or whose peer went away,
 //   says so in `cause` (.timedOut, .connectionClosed): the server rewords a
@@ -9,6 +10,8 @@
 //   (.serverError), and a refused handshake the option reply's error and
 //   the server's words (.refused), so that a tool can show those instead of
 //   the client's sentence.
+
+import Glibc
 
 extension ToolkitError {
   /// The kinds of failure callers act on.
@@ -42,10 +45,30 @@ public struct NBDError: Error, CustomStringConvertible {
   }
   public var description: String { message }
 
-  /// The NBD error number for any error a handler throws.
+  /// The NBD error number for any error a handler throws: the one place
+  /// errors become wire codes (as nbdkit's server/protocol.c). An engine's
+  /// typed error says its cause at the block-device seam; anything else is
+  /// EIO.
   static func code(for error: Error) -> UInt32 {
     if let e = error as? NBDError { return e.code }
-    return NBD.errIO
+    guard let failure = error as? DeviceFailure else { return NBD.errIO }
+    switch failure.deviceCause {
+    case .io(let errno):
+      switch errno {
+      case EPERM, EROFS: return NBD.errPerm
+      case ENOMEM: return NBD.errNoMem
+      case EINVAL: return NBD.errInvalid
+      case ENOSPC, EDQUOT, EFBIG: return NBD.errNoSpace
+      case EOVERFLOW: return NBD.errOverflow
+      case ENOTSUP: return NBD.errNotSupported
+      case ESHUTDOWN: return NBD.errShutdown
+      default: return NBD.errIO
+      }
+    case .noSpace: return NBD.errNoSpace
+    case .readOnly: return NBD.errPerm
+    case .outOfRange, .invalid: return NBD.errInvalid
+    case .timedOut, .closed, .refused: return NBD.errIO
+    }
   }
 }
 

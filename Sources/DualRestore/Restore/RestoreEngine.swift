@@ -297,12 +297,10 @@ public final class RestoreEngine: @unchecked Sendable {
       } else {
         try backup.read(at: offset, length: Int(length), toFile: primary.pageCacheFD)
       }
-    } catch let e as NBDFileWriteError {
-      throw NBDError(
-        NBD.errIO,
-        "\(primary.path): cannot write the \(length) bytes at \(offset) fetched from the backup: \(Errno(e.errno))")
+    } catch let e as FileWriteError {
+      throw RestoreError.fetchNotKept(primary: primary.path, offset: offset, length: length, errno: e.errno)
     } catch {
-      throw NBDError(NBD.errIO, "cannot fetch \(length) bytes at \(offset) from the backup: \(error)")
+      throw RestoreError.fetchFailed(offset: offset, length: length, cause: error)
     }
     if let destination {
       try primary.write(UnsafeRawBufferPointer(start: destination, count: Int(length)), at: offset)
@@ -463,7 +461,7 @@ public final class RestoreEngine: @unchecked Sendable {
         for b in blocks where current[b] { backupLacks.insert(b) }
         activity.pin(blocks)
       }
-      throw NBDError(NBD.errIO, "\(error)")
+      throw RestoreError.writeFailed(cause: error)
     }
     writeback.written(offset, length)
     markCurrent(blocks)
@@ -532,7 +530,7 @@ public final class RestoreEngine: @unchecked Sendable {
     flushLock.lock()
     defer { flushLock.unlock() }
     let problems = Merger.identityProblems(started: a.started, base: a.base, map: map, clockSkew: a.skew)
-    if let first = problems.first, !a.force { throw NBDError(NBD.errInvalid, first + " (--force merges it anyway)") }
+    if let first = problems.first, !a.force { throw RestoreError.streamRefused(problem: first) }
     for p in problems { log("merge of stream \(a.stream) forced: \(p)") }
     // Counted afresh: a re-run after a stop reports what it did itself.
     state.withLock { admittedStreams[a.stream] = MergeReport(stream: a.stream) }
@@ -543,7 +541,7 @@ public final class RestoreEngine: @unchecked Sendable {
   /// was last admitted; refused for a stream that was not admitted.
   public func mergeReport(stream: ID128) throws -> MergeReport {
     guard let report = state.withLock({ admittedStreams[stream] }) else {
-      throw NBDError(NBD.errInvalid, "stream \(stream) was not merged through this server")
+      throw RestoreError.streamNotAdmitted(stream)
     }
     return report
   }
@@ -636,9 +634,7 @@ public final class RestoreEngine: @unchecked Sendable {
     let mask = UInt64(geometry.blockSize) - 1
     let end = offset + length
     guard offset & mask == 0, end & mask == 0 || end == geometry.deviceSize else {
-      throw NBDError(
-        NBD.errInvalid,
-        "the merge export takes whole blocks of \(geometry.blockSize) bytes; got \(length) bytes at \(offset)")
+      throw RestoreError.partialBlocks(blockSize: geometry.blockSize, offset: offset, length: length)
     }
   }
 
@@ -686,7 +682,7 @@ public final class RestoreEngine: @unchecked Sendable {
       if backupOK { try activity.trim() }
     } catch {
       if wasDirty { state.withLock { dirty = true } }
-      throw NBDError(NBD.errIO, "flush failed: \(error)")
+      throw RestoreError.flushFailed(cause: error)
     }
   }
 
@@ -855,7 +851,7 @@ public final class RestoreEngine: @unchecked Sendable {
       if first < last { out.append(first..<last) }
     }
     for r in runs {
-      if r.flags & NBD.stateZero != 0 {
+      if r.flags & Extent.zero != 0 {
         if zeroStart == nil { zeroStart = position }
       } else {
         close(position)

@@ -31,7 +31,7 @@ public protocol NBDExport: AnyObject, Sendable {
   /// nil when the export reads into a buffer only. The file must stay open
   /// while the export exists; what the range holds may change once this
   /// returns, as with any read beside a write.
-  func fileSpan(offset: UInt64, length: Int) throws -> FileSpan?
+  func makeReadableInFile(offset: UInt64, length: Int) throws -> FileSpan?
   /// base:allocation for NBD_CMD_BLOCK_STATUS: runs of (length, flags)
   /// from `offset` on, with NBD.stateHole and NBD.stateZero, covering at
   /// most `length` bytes (at least the first one), at most `limit` runs.
@@ -51,7 +51,7 @@ public struct FileSpan: Sendable {
 
 extension NBDExport {
   public var isOffered: Bool { true }
-  public func fileSpan(offset: UInt64, length: Int) throws -> FileSpan? { nil }
+  public func makeReadableInFile(offset: UInt64, length: Int) throws -> FileSpan? { nil }
   /// Without better knowledge, everything is data.
   public func allocation(offset: UInt64, length: UInt32, limit: Int) throws -> [Extent] {
     [Extent(length: length, flags: 0)]

@@ -186,7 +186,7 @@ final class NBDServerTransmission: @unchecked Sendable {
       switch r.type {
       case NBD.cmdRead:
         if transport.spliceDescriptor != nil, r.length >= NBDServerTransmission.sendfileMinimum,
-          let span = try export.fileSpan(offset: r.offset, length: r.length),
+          let span = try export.makeReadableInFile(offset: r.offset, length: r.length),
           NBDServerTransmission.isCached(span, r.length)
         {
           r.span = span

@@ -23,7 +23,7 @@ public final class RestoreExport: NBDExport, @unchecked Sendable {
   /// Replies go from the primary's page cache once the range is current:
   /// a cold read's data is copied once here (from the backup's connection
   /// into the primary, spliced), not through a buffer and to the client.
-  public func fileSpan(offset: UInt64, length: Int) throws -> FileSpan? {
+  public func makeReadableInFile(offset: UInt64, length: Int) throws -> FileSpan? {
     engine.beginRequest()
     defer { engine.endRequest() }
     try engine.makeCurrent(offset: offset, length: UInt64(length))

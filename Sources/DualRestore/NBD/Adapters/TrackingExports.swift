@@ -22,7 +22,7 @@ public final class TrackedExport: NBDExport, @unchecked Sendable {
   }
 
   /// Reads of the live device go from its page cache to the client.
-  public func fileSpan(offset: UInt64, length: Int) throws -> FileSpan? {
+  public func makeReadableInFile(offset: UInt64, length: Int) throws -> FileSpan? {
     FileSpan(fd: engine.device.pageCacheFD, offset: offset)
   }
 

@@ -13,8 +13,14 @@ extension NBDClient {
     return c
   }
 
+  /// Spliced from the connection; a failed write to the file is the seam's
+  /// FileWriteError (the connection goes on).
   public func read(at offset: UInt64, length: Int, toFile fd: Int32) throws {
-    try read(at: offset, length: length, toFile: fd, at: offset)
+    do {
+      try read(at: offset, length: length, toFile: fd, at: offset)
+    } catch let e as NBDFileWriteError {
+      throw FileWriteError(errno: e.errno, offset: e.offset, length: e.length)
+    }
   }
 
   public func allocation(from offset: UInt64, length: UInt32) throws -> [Extent]? {
@@ -81,7 +87,7 @@ public final class MultiConnectionLink: BlockDevice, @unchecked Sendable {
   }
 
   public func read(at offset: UInt64, length: Int, toFile fd: Int32) throws {
-    try run(pick()) { try $0.read(at: offset, length: length, toFile: fd, at: offset) }
+    try run(pick()) { try $0.read(at: offset, length: length, toFile: fd) }
   }
 
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
