@@ -63,7 +63,9 @@ final class BlockDeviceTests: XCTestCase {
     let source: BlockDevice = ConstantSource()
     XCTAssertEqual(source.capabilities, [])
     XCTAssertNil(try source.allocation(from: 0, length: 4096))
-    XCTAssertThrowsError(try [UInt8](repeating: 1, count: 512).withUnsafeBytes { try source.write($0, at: 0, fua: false) }) {
+    XCTAssertThrowsError(
+      try [UInt8](repeating: 1, count: 512).withUnsafeBytes { try source.write($0, at: 0, fua: false) }
+    ) {
       XCTAssertEqual($0 as? DeviceError, DeviceError("constant source", .readOnly))
       XCTAssertEqual("\($0)", "constant source: opened read-only")
     }

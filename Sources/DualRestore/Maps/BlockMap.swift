@@ -81,3 +81,30 @@ public struct BlockMap: Equatable, Sendable {
     return count * UInt64(geometry.blockSize)
   }
 }
+
+extension BlockMap {
+  /// Why a stream that started reading at `started`, on top of stream `base`
+  /// (`.none` for a full stream), does not fit this map: it started before the
+  /// map's tracking (plus `clockSkew` nanoseconds), so it could bring back
+  /// data older than writes the map never saw; or it applies on top of
+  /// another stream than the last one merged. Empty when it fits. Used by
+  /// merges into a file and by a running server's merge export alike.
+  public func problems(
+    admittingStreamStarted started: Instant, base: ID128, clockSkew: Int64, checkTime: Bool = true
+  ) -> [String] {
+    let map = self
+    var problems: [String] = []
+    if checkTime && started.nanosecondsSinceEpoch < map.trackingStarted.nanosecondsSinceEpoch + clockSkew {
+      problems.append(
+        "the stream started reading at \(started), before the map started tracking at \(map.trackingStarted)"
+          + (clockSkew > 0 ? " plus the allowed clock skew" : "")
+          + ", so it could bring back data older than writes the map never saw")
+    }
+    if !base.isNone && base != map.lastMergedStream {
+      let last = map.lastMergedStream.isNone ? "none" : map.lastMergedStream.description
+      problems.append(
+        "the stream applies on top of stream \(base), but the last stream merged into this device is \(last)")
+    }
+    return problems
+  }
+}

@@ -1,6 +1,6 @@
 // The NBD layer's errors, typed where a caller decides on them. Sentences
 // stay what they were; decisions read `ToolkitError.cause`, the NBD error
-// number of NBDError, or the type of NBDFileWriteError, never the text.
+// number of NBDError, or the type of FileWriteError, never the text.
 // Errors thrown by exports become wire codes in `NBDError.code(for:)`.
 //
 // - A socket (plain or TLS) that waited too long, or whose peer went away,
@@ -73,12 +73,5 @@ public struct NBDError: Error, CustomStringConvertible {
 }
 
 /// A READ's data could not be written to the file it was read into (the
-/// connection to the server is unharmed).
-public struct NBDFileWriteError: Error, CustomStringConvertible {
-  public let errno: Int32
-  /// The export's range whose data was being written.
-  public let offset: UInt64
-  public let length: Int
-
-  public var description: String { "cannot write \(length) bytes read at \(offset): \(Errno(errno))" }
-}
+/// connection to the server is unharmed): the seam's FileWriteError.
+public typealias NBDFileWriteError = FileWriteError

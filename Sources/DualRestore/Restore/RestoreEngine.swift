@@ -529,7 +529,7 @@ public final class RestoreEngine: @unchecked Sendable {
   public func admitMerge(_ a: MergeAdmission) throws {
     flushLock.lock()
     defer { flushLock.unlock() }
-    let problems = Merger.identityProblems(started: a.started, base: a.base, map: map, clockSkew: a.skew)
+    let problems = map.problems(admittingStreamStarted: a.started, base: a.base, clockSkew: a.skew)
     if let first = problems.first, !a.force { throw RestoreError.streamRefused(problem: first) }
     for p in problems { log("merge of stream \(a.stream) forced: \(p)") }
     // Counted afresh: a re-run after a stop reports what it did itself.

@@ -13,14 +13,10 @@ extension NBDClient {
     return c
   }
 
-  /// Spliced from the connection; a failed write to the file is the seam's
+  /// Spliced from the connection; a failed write to the file is
   /// FileWriteError (the connection goes on).
   public func read(at offset: UInt64, length: Int, toFile fd: Int32) throws {
-    do {
-      try read(at: offset, length: length, toFile: fd, at: offset)
-    } catch let e as NBDFileWriteError {
-      throw FileWriteError(errno: e.errno, offset: e.offset, length: e.length)
-    }
+    try read(at: offset, length: length, toFile: fd, at: offset)
   }
 
   public func allocation(from offset: UInt64, length: UInt32) throws -> [Extent]? {

@@ -175,7 +175,7 @@ public final class NBDClient: BlockDevice, @unchecked Sendable {
   /// Reads `length` bytes at `offset` into the file `fd` at `fileOffset`,
   /// straight from the connection (spliced: not copied through memory
   /// here; over TLS, through the reader's buffer). A failed write to the
-  /// file throws NBDFileWriteError; what the file holds of the range is then
+  /// file throws FileWriteError; what the file holds of the range is then
   /// unknown, and the connection goes on.
   public func read(at offset: UInt64, length: Int, toFile fd: Int32, at fileOffset: UInt64) throws {
     guard length > 0 else { return }

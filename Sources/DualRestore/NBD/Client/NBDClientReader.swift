@@ -10,7 +10,7 @@
 //   the reply's end, so the kernel never reads a page to fill it.
 // - A READ into a file whose write fails still takes the reply's data off
 //   the connection (discarded), so the connection goes on; the caller gets
-//   NBDFileWriteError.
+//   FileWriteError.
 // - A client opened for allocation takes structured chunks (block status,
 //   errors, none) for BLOCK_STATUS until the one marked done; any other
 //   chunk breaks the protocol, as does a reply with a bad magic or a cookie

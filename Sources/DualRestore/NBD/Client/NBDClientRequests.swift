@@ -81,7 +81,7 @@ extension NBDClient {
     if outcome.serverError != 0 || outcome.cause != nil {
       return failure(command, offset: offset, length: length, serverError: outcome.serverError, cause: outcome.cause)
     }
-    if outcome.fileErrno != 0 { return NBDFileWriteError(errno: outcome.fileErrno, offset: offset, length: length) }
+    if outcome.fileErrno != 0 { return FileWriteError(errno: outcome.fileErrno, offset: offset, length: length) }
     return nil
   }
 
