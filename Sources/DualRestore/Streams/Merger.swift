@@ -93,8 +93,15 @@ public enum Merger {
     let geometry = header.geometry
     let blockSize = Int(geometry.blockSize)
     let block = AlignedBuffer(count: blockSize)
-    let zeros = AlignedBuffer(count: min(blockSize * 16, 16 << 20))
-    zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+    // Made at the first zero run written: a check never needs it.
+    var zerosBuffer: AlignedBuffer?
+    func zeros() -> AlignedBuffer {
+      if let zerosBuffer { return zerosBuffer }
+      let made = AlignedBuffer(count: min(blockSize * 16, 16 << 20))
+      made.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+      zerosBuffer = made
+      return made
+    }
     var pending: [Range<UInt64>] = []
     var pendingBytes: UInt64 = 0
     var lastCheckpoint = Instant.now()
@@ -173,7 +180,7 @@ public enum Merger {
             while runEnd < end && !isCurrent(runEnd) { runEnd += 1 }
             let (offset, length) = geometry.byteRange(blocks: b, count: runEnd - b)
             if writing, let target {
-              try target.writeZeros(offset: offset, length: length, scratch: zeros)
+              try target.writeZeros(offset: offset, length: length, scratch: zeros())
               note(b..<runEnd)
             }
             summary.zero += runEnd - b

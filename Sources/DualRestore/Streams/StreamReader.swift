@@ -1,7 +1,9 @@
 // Reads a block stream from a descriptor (a pipe, a file, standard input)
 // through the pure parser. A reading thread (HashingInput) keeps the SHA-256
 // the END record is checked against. Records point into the reader's buffer
-// and stay valid until the next call.
+// and stay valid until the next call. The same reader also takes bytes
+// already in memory (MemoryInput), hashed without a thread: the fuzz
+// targets check one input after another that way.
 //
 // Given a secret, the reader opens encrypted streams (and refuses plaintext
 // ones); their records are authenticated by AES-256-GCM tags chained by
@@ -11,7 +13,7 @@ import Glibc
 
 public final class StreamReader {
   public let name: String
-  private let input: HashingInput
+  private let input: any StreamInput
   private var buffer: UnsafeMutableRawPointer
   private var capacity: Int
   private var start = 0
@@ -25,8 +27,22 @@ public final class StreamReader {
 
   /// Reads from `fd`; `name` is how messages refer to the stream. With
   /// `secret`, the stream must be encrypted with it.
-  public init(fd: Int32, name: String, bufferSize: Int = 4 << 20, secret: StreamSecret? = nil) {
-    input = HashingInput(fd: fd, hashing: secret == nil)
+  public convenience init(fd: Int32, name: String, bufferSize: Int = 4 << 20, secret: StreamSecret? = nil) {
+    self.init(
+      input: HashingInput(fd: fd, hashing: secret == nil), name: name, bufferSize: bufferSize, secret: secret)
+  }
+
+  /// Reads `bytes`, handed over `chunk` bytes at a time as a pipe would.
+  package convenience init(
+    bytes: [UInt8], name: String, bufferSize: Int = 4 << 20, chunk: Int = 1 << 16, secret: StreamSecret? = nil
+  ) {
+    self.init(
+      input: MemoryInput(bytes, hashing: secret == nil, chunk: chunk), name: name, bufferSize: bufferSize,
+      secret: secret)
+  }
+
+  private init(input: any StreamInput, name: String, bufferSize: Int, secret: StreamSecret?) {
+    self.input = input
     parser = StreamParser(secret: secret)
     self.name = name
     capacity = bufferSize
@@ -42,13 +58,17 @@ public final class StreamReader {
   /// Where the next record starts.
   public var position: String { parser.position }
   /// Where the record `next()` returned last starts: "record 12 at byte 65572".
-  public private(set) var recordPosition = "record 0 at byte 0"
+  public var recordPosition: String { "record \(recordSequence) at byte \(recordOffset)" }
+  /// Its sequence number and offset, kept as numbers: a message is made
+  /// only when one is needed, not for every record.
+  private var recordSequence: UInt64 = 0
+  private var recordOffset: UInt64 = 0
 
   /// The next record, or nil after a complete stream (END verified, then end of input).
   public func next() throws -> StreamParser.Record? {
     while true {
       let available = UnsafeRawBufferPointer(start: buffer + start, count: end - start)
-      let here = parser.position
+      let (hereSequence, hereOffset) = (parser.sequence, parser.offset)
       let parsed: (record: StreamParser.Record, consumed: Int)?
       do {
         parsed = try parser.next(available)
@@ -56,11 +76,11 @@ public final class StreamReader {
         throw ToolkitError("\(name): \(error.message)")
       }
       if let (record, consumed) = parsed {
-        recordPosition = here
+        (recordSequence, recordOffset) = (hereSequence, hereOffset)
         if case .end(let e) = record {
           // Checked at the end of input, when the reading thread has hashed
           // everything before this record.
-          pendingEnd = (e, here, bytesRead)
+          pendingEnd = (e, recordPosition, bytesRead)
           start += consumed
           bytesRead += UInt64(consumed)
           continue
