@@ -117,6 +117,10 @@ int dr_punch_hole(int fd, uint64_t offset, uint64_t length) {
   return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
 }
 
+int dr_allocate(int fd, uint64_t offset, uint64_t length) {
+  return fallocate(fd, 0, (off_t)offset, (off_t)length);
+}
+
 int dr_block_zero_out(int fd, uint64_t offset, uint64_t length) {
 #ifdef BLKZEROOUT
   uint64_t range[2] = {offset, length};
