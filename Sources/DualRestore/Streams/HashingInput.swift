@@ -161,6 +161,32 @@ final class HashingInput: StreamInput, @unchecked Sendable {
   }
 }
 
+/// A descriptor read on the caller's thread, straight into the caller's
+/// buffer: for a reader that runs on a thread of its own (RecordPipeline).
+final class DescriptorInput: StreamInput {
+  private let fd: Int32
+  private let hashing: Bool
+  private var digest = WithholdingDigest()
+
+  init(fd: Int32, hashing: Bool = true) {
+    self.fd = fd
+    self.hashing = hashing
+  }
+
+  func read(into: UnsafeMutableRawPointer, count: Int) throws -> Int {
+    switch Sys.read(fd, into, count) {
+    case .failure(let e): throw e
+    case .success(let n):
+      if n > 0 && hashing { digest.update(UnsafeRawBufferPointer(start: into, count: n)) }
+      return n
+    }
+  }
+
+  func digestOfAllButTheEnd() -> (digest: [UInt8], bytes: UInt64) { (digest.finish(), digest.hashed) }
+
+  func cancel() {}
+}
+
 /// Bytes in memory, handed over in reads of at most `chunk` bytes (as a pipe
 /// would) and hashed as they are.
 final class MemoryInput: StreamInput {
