@@ -89,17 +89,111 @@ static uint32_t crc32c_software(uint32_t crc, const unsigned char *p, size_t n) 
 }
 
 #if defined(__x86_64__)
+/* The crc32 instruction takes 3 cycles and one more can start every cycle,
+ * so three independent runs of the same length go three times as fast as
+ * one; their CRCs are then joined by shifting the first over the bytes of
+ * the next (multiplying by x^(8n) modulo the polynomial, by tables made at
+ * start: four of 256 entries per length). As in Mark Adler's crc32c.c. */
+#define CRC32C_LONG 8192
+#define CRC32C_SHORT 256
+static uint32_t crc32c_long[4][256];
+static uint32_t crc32c_short[4][256];
+
+static uint32_t gf2_matrix_times(const uint32_t *mat, uint32_t vec) {
+  uint32_t sum = 0;
+  while (vec) {
+    if (vec & 1) sum ^= *mat;
+    vec >>= 1;
+    mat++;
+  }
+  return sum;
+}
+
+static void gf2_matrix_square(uint32_t *square, const uint32_t *mat) {
+  for (int n = 0; n < 32; n++) square[n] = gf2_matrix_times(mat, mat[n]);
+}
+
+/* The operator that feeds `length` zero bytes (a power of two) to a CRC register. */
+static void crc32c_zeros_op(uint32_t *even, size_t length) {
+  uint32_t odd[32];
+  odd[0] = 0x82F63B78u; /* one zero bit */
+  uint32_t row = 1;
+  for (int n = 1; n < 32; n++) {
+    odd[n] = row;
+    row <<= 1;
+  }
+  gf2_matrix_square(even, odd); /* two zero bits */
+  gf2_matrix_square(odd, even); /* four zero bits */
+  /* Each squaring doubles the zeros: eight bits (one byte) first. */
+  do {
+    gf2_matrix_square(even, odd);
+    length >>= 1;
+    if (length == 0) return;
+    gf2_matrix_square(odd, even);
+    length >>= 1;
+  } while (length);
+  for (int n = 0; n < 32; n++) even[n] = odd[n];
+}
+
+static void crc32c_zeros(uint32_t zeros[][256], size_t length) {
+  uint32_t op[32];
+  crc32c_zeros_op(op, length);
+  for (uint32_t n = 0; n < 256; n++) {
+    zeros[0][n] = gf2_matrix_times(op, n);
+    zeros[1][n] = gf2_matrix_times(op, n << 8);
+    zeros[2][n] = gf2_matrix_times(op, n << 16);
+    zeros[3][n] = gf2_matrix_times(op, n << 24);
+  }
+}
+
+__attribute__((constructor)) static void crc32c_shift_init(void) {
+  crc32c_zeros(crc32c_long, CRC32C_LONG);
+  crc32c_zeros(crc32c_short, CRC32C_SHORT);
+}
+
+static inline uint32_t crc32c_shift(uint32_t zeros[][256], uint32_t crc) {
+  return zeros[0][crc & 0xFF] ^ zeros[1][(crc >> 8) & 0xFF] ^ zeros[2][(crc >> 16) & 0xFF] ^ zeros[3][crc >> 24];
+}
+
 __attribute__((target("sse4.2")))
 static uint32_t crc32c_hardware(uint32_t crc, const unsigned char *p, size_t n) {
-  uint64_t c = crc;
+  uint64_t c0 = crc;
+  while (n > 0 && ((uintptr_t)p & 7) != 0) {
+    c0 = __builtin_ia32_crc32qi((uint32_t)c0, *p++);
+    n--;
+  }
+  /* Three runs at a time, long ones then short ones. */
+  const size_t runs[2] = {CRC32C_LONG, CRC32C_SHORT};
+  for (int k = 0; k < 2; k++) {
+    const size_t run = runs[k];
+    while (n >= 3 * run) {
+      uint64_t c1 = 0, c2 = 0;
+      const unsigned char *end = p + run;
+      do {
+        uint64_t w0, w1, w2;
+        __builtin_memcpy(&w0, p, 8);
+        __builtin_memcpy(&w1, p + run, 8);
+        __builtin_memcpy(&w2, p + 2 * run, 8);
+        c0 = __builtin_ia32_crc32di(c0, w0);
+        c1 = __builtin_ia32_crc32di(c1, w1);
+        c2 = __builtin_ia32_crc32di(c2, w2);
+        p += 8;
+      } while (p < end);
+      uint32_t (*zeros)[256] = k == 0 ? crc32c_long : crc32c_short;
+      c0 = crc32c_shift(zeros, (uint32_t)c0) ^ (uint32_t)c1;
+      c0 = crc32c_shift(zeros, (uint32_t)c0) ^ (uint32_t)c2;
+      p += 2 * run;
+      n -= 3 * run;
+    }
+  }
   while (n >= 8) {
     uint64_t w;
     __builtin_memcpy(&w, p, 8);
-    c = __builtin_ia32_crc32di(c, w);
+    c0 = __builtin_ia32_crc32di(c0, w);
     p += 8;
     n -= 8;
   }
-  uint32_t c32 = (uint32_t)c;
+  uint32_t c32 = (uint32_t)c0;
   while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
   return c32;
 }
@@ -115,6 +209,10 @@ uint32_t dr_crc32c(uint32_t crc, const void *data, size_t length) {
 
 int dr_punch_hole(int fd, uint64_t offset, uint64_t length) {
   return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}
+
+int dr_allocate(int fd, uint64_t offset, uint64_t length) {
+  return fallocate(fd, 0, (off_t)offset, (off_t)length);
 }
 
 int dr_block_zero_out(int fd, uint64_t offset, uint64_t length) {

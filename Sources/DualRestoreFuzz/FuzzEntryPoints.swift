@@ -18,15 +18,18 @@ import Glibc
 public enum FuzzEntryPoints {
   // MARK: Block streams
 
-  /// Reads `bytes` as `merge-snapshot --check` does: the stream reader (its
-  /// reading thread and the digest check) and the merge in check mode, which
-  /// decodes every LZ4 block. With `key`, the stream must be encrypted with it.
+  /// Reads `bytes` as `merge-snapshot --check` does: the stream reader (the
+  /// parser, the CRCs, the tags of an encrypted stream, the digest check)
+  /// and the merge in check mode, which decodes every LZ4 block. The reader
+  /// takes the bytes from memory, hashing them on this thread: the same
+  /// checks as on a pipe, without a reading thread per input. With `key`,
+  /// the stream must be encrypted with it.
   public static func checkStream(_ bytes: [UInt8], key: [UInt8]? = nil) -> String? {
     do {
-      let secret = try key.map { try StreamSecret(key: $0, origin: "the fuzz key") }
-      let file = try MemoryFile(bytes)
-      // A small buffer, so that records larger than it make the reader grow it.
-      let reader = StreamReader(fd: file.fd, name: "fuzz input", bufferSize: 1 << 16, secret: secret)
+      let secret = try key.map { try FuzzKeys.shared.secret($0) }
+      // A small buffer, so that records larger than it make the reader grow
+      // it, filled in reads of odd sizes, so that records straddle them.
+      let reader = StreamReader(bytes: bytes, name: "fuzz input", bufferSize: 4096, chunk: 1500, secret: secret)
       var map: BlockMap? = nil
       var options = Merger.Options()
       options.mode = .check
@@ -42,7 +45,7 @@ public enum FuzzEntryPoints {
   /// returns, then the end-of-input check.
   public static func parseStream(_ bytes: [UInt8], key: [UInt8]? = nil) -> String? {
     do {
-      let secret = try key.map { try StreamSecret(key: $0, origin: "the fuzz key") }
+      let secret = try key.map { try FuzzKeys.shared.secret($0) }
       var parser = StreamParser(secret: secret)
       var offset = 0
       try bytes.withUnsafeBytes { all in
@@ -87,11 +90,18 @@ public enum FuzzEntryPoints {
   /// --encrypt` would: an encrypted preamble, a CRYPTO record, then each
   /// record of `plain` (of a known type) sealed one sequence number later,
   /// an END record counting the CRYPTO record too. Bytes after the last
-  /// whole record are kept as they are.
+  /// whole record are kept as they are. Unlike snapshot, every stream
+  /// sealed with one key in a process has the same salt (the CRYPTO record
+  /// is made once): fuzzing wants the records' tags, not the derivation,
+  /// done per input.
   public static func encryptStream(_ plain: [UInt8], key: [UInt8]) throws -> [UInt8] {
-    let secret = try StreamSecret(key: key, origin: "the fuzz key")
-    let (cryptoBody, cipher) = try StreamCrypto.seal(secret)
+    try FuzzKeys.shared.sealing(key) { cryptoBody, cipher in try encrypt(plain, cryptoBody, cipher) }
+  }
+
+  private static func encrypt(_ plain: [UInt8], _ cryptoBody: [UInt8], _ cipher: RecordCipher) throws -> [UInt8] {
     var out = StreamFormat.preamble(flags: StreamFormat.encryptedFlag)
+    // Room for every record's tag (records are at least 20 bytes) at once.
+    out.reserveCapacity(out.count + 100 + plain.count + plain.count / 20 * StreamCrypto.tagLength)
     out += StreamFormat.record(.crypto, sequence: 0, body: cryptoBody)
     var offset = StreamFormat.preambleLength
     let overhead = StreamFormat.recordHeaderLength + StreamFormat.recordTrailerLength
@@ -147,7 +157,9 @@ public enum FuzzEntryPoints {
       let extents = try DdrescueMapfile.parse(String(decoding: bytes, as: UTF8.self), name: "fuzz input")
       var end: UInt64 = 1
       for e in extents { end = max(end, e.position + e.size) }
-      let geometry = try BlockGeometry(blockSize: 4096, deviceSize: min(end, 1 << 40))
+      // A device of at most 4 GiB: its bitmap (128 KiB) is made twice per
+      // input, and extents past its end are still cut at it.
+      let geometry = try BlockGeometry(blockSize: 4096, deviceSize: min(end, 1 << 32))
       for anyByte in [false, true] {
         let bits = DdrescueMapfile.bitmap(
           extents, geometry: geometry, statuses: ["+", "?"], anyByte: anyByte)
@@ -160,11 +172,12 @@ public enum FuzzEntryPoints {
   }
 
   /// Reads `bytes` as a signature front to back, as `bitmap-diff` reads one
-  /// from a pipe: the header, every digest, then the closing checksum.
+  /// from a pipe: the header, every digest, then the closing checksum. The
+  /// reader takes the bytes from memory, through a small buffer that a long
+  /// header makes it grow.
   public static func readSignature(_ bytes: [UInt8]) -> String? {
     do {
-      let file = try MemoryFile(bytes)
-      let reader = try SignatureReader(path: "/proc/self/fd/\(file.fd)")
+      let reader = try SignatureReader(bytes: bytes, name: "fuzz input", bufferSize: 4096)
       let header = reader.header
       var scratch = [UInt8](repeating: 0, count: header.digestLength * 1000)
       var read: UInt64 = 0
@@ -263,30 +276,37 @@ private final class FirstConnection: @unchecked Sendable {
   }
 }
 
-/// An unnamed file holding some bytes (in /dev/shm when there is one), for
-/// readers that take a descriptor or a path.
-private final class MemoryFile {
-  let fd: Int32
+/// The fuzz key as a StreamSecret, and the start of a stream sealed with
+/// it, made once for the last key asked for rather than per input.
+private final class FuzzKeys: @unchecked Sendable {
+  static let shared = FuzzKeys()
+  private let lock = Monitor()
+  private var key: [UInt8] = []
+  private var made: StreamSecret?
+  private var seal: (cryptoBody: [UInt8], cipher: RecordCipher)?
 
-  init(_ bytes: [UInt8]) throws {
-    let directory = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp"
-    var template = Array("\(directory)/dualrestore-fuzz-XXXXXX".utf8CString)
-    fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-    guard fd >= 0 else { throw ToolkitError("mkstemp failed: \(Errno.current)") }
-    template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
-    var done = 0
-    while done < bytes.count {
-      let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, bytes.count - done) }
-      guard n > 0 else {
-        close(fd)
-        throw ToolkitError("cannot write the memory file: \(Errno.current)")
-      }
-      done += n
-    }
-    lseek(fd, 0, SEEK_SET)
+  func secret(_ key: [UInt8]) throws -> StreamSecret {
+    try lock.withLock { try secretLocked(key) }
   }
 
-  deinit { close(fd) }
+  /// Runs `body` with the CRYPTO record's body and the cipher of the records
+  /// after it, holding the lock: the cipher is one EVP context. It keeps
+  /// nothing between records but its key, so one serves every stream.
+  func sealing<R>(_ key: [UInt8], _ body: ([UInt8], RecordCipher) throws -> R) throws -> R {
+    try lock.withLock {
+      let secret = try secretLocked(key)
+      let made = try seal ?? StreamCrypto.seal(secret)
+      seal = made
+      return try body(made.cryptoBody, made.cipher)
+    }
+  }
+
+  private func secretLocked(_ key: [UInt8]) throws -> StreamSecret {
+    if let made, key == self.key { return made }
+    let secret = try StreamSecret(key: key, origin: "the fuzz key")
+    (self.key, made, seal) = (key, secret, nil)
+    return secret
+  }
 }
 
 /// Lines logged, collected for the caller.

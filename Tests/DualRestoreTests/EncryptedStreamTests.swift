@@ -562,4 +562,46 @@ final class EncryptedStreamTests: XCTestCase {
     XCTAssertEqual(data.count, 6)
     XCTAssertEqual(data.flatMap(\.payload), random)
   }
+
+  /// The records of `bytes` as a RecordPipeline hands them over, with small
+  /// batches, so that they are handed back and refilled many times.
+  func readThroughPipeline(_ bytes: [UInt8], secret: StreamSecret?) -> Parsed {
+    let inner = StreamReader(bytes: bytes, name: "enc-stream", bufferSize: 4096, chunk: 3000, secret: secret)
+    let pipeline = RecordPipeline(inner, batchBytes: 2048, depth: 2)
+    defer { pipeline.cancel() }
+    var p = Parsed()
+    do {
+      while let r = try pipeline.next() { p.records.append(Rec(r)) }
+    } catch {
+      p.error = "\(error)"
+    }
+    return p
+  }
+
+  func testThePipelineHandsOverExactlyWhatTheReaderReturnsAndThenItsError() throws {
+    // 300 blocks of 512 bytes: random, compressible and zero ones in turn.
+    var rng = SplitMix64(seed: testSeed(9))
+    var parts: [(Int, [UInt8])] = []
+    for b in 0..<300 where b % 3 != 2 {
+      parts.append((b * 512, b % 3 == 0 ? rng.bytes(512) : Self.compressible(512)))
+    }
+    let sealed = try snapshot(try makeImage(size: 300 * 512, parts: parts), secret: Self.secret())
+    let direct = Self.parse(sealed, secret: Self.secret())
+    XCTAssertNil(direct.error)
+    let piped = readThroughPipeline(sealed, secret: Self.secret())
+    XCTAssertNil(piped.error)
+    XCTAssertEqual(piped.records.filter { $0.shape != "P" }, direct.records.filter { $0.shape != "P" })
+    XCTAssertGreaterThan(piped.records.filter { $0.shape.hasPrefix("D") }.count, 150)
+    // A tag broken two thirds in: every record before it, then the error.
+    var damaged = sealed
+    let ranges = Self.recordRanges(sealed)
+    let victim = ranges[ranges.count * 2 / 3]
+    damaged[victim.upperBound - 10] ^= 1
+    Self.fixCRC(&damaged, victim)
+    let refused = readThroughPipeline(damaged, secret: Self.secret())
+    let before = Self.parse(damaged, secret: Self.secret())
+    XCTAssertTrue(refused.error?.contains("authentication failed") ?? false, refused.error ?? "accepted")
+    XCTAssertEqual(refused.records.filter { $0.shape != "P" }, before.records.filter { $0.shape != "P" })
+    XCTAssertGreaterThan(refused.records.count, 100)
+  }
 }

@@ -5,6 +5,7 @@
 import Dispatch
 import Foundation
 import Glibc
+import TestSupport
 import XCTest
 
 @testable import DualRestore

@@ -36,6 +36,10 @@ uint32_t dr_crc32c(uint32_t crc, const void *data, size_t length);
 /// fallocate(2) punching a hole (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE).
 int dr_punch_hole(int fd, uint64_t offset, uint64_t length);
 
+/// fallocate(2) with mode 0: allocates the blocks of a byte range (holes
+/// only; data there stays) and extends the file to its end.
+int dr_allocate(int fd, uint64_t offset, uint64_t length);
+
 /// ioctl BLKZEROOUT: zero a byte range of a block device.
 int dr_block_zero_out(int fd, uint64_t offset, uint64_t length);
 

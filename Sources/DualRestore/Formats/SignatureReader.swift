@@ -5,18 +5,30 @@
 
 import Glibc
 
-/// A growable read buffer over a stream descriptor.
+/// A growable read buffer over a stream descriptor, or over bytes already
+/// in memory (handed over as reads of a pipe would be, without a descriptor).
 final class InputBuffer {
   let fd: Int32
   let name: String
   var bytes: [UInt8]
   var start = 0
   var end = 0
+  /// In memory: the bytes, and how many of them were handed over.
+  private let source: [UInt8]?
+  private var sourceOffset = 0
 
   init(fd: Int32, name: String, capacity: Int = 1 << 20) {
     self.fd = fd
     self.name = name
     bytes = [UInt8](repeating: 0, count: capacity)
+    source = nil
+  }
+
+  init(bytes source: [UInt8], name: String, capacity: Int) {
+    fd = -1
+    self.name = name
+    bytes = [UInt8](repeating: 0, count: max(capacity, 1))
+    self.source = source
   }
 
   var available: Int { end - start }
@@ -38,6 +50,20 @@ final class InputBuffer {
     }
     if end == bytes.count { bytes.append(contentsOf: repeatElement(0, count: bytes.count)) }
     let at = end
+    if let source {
+      let n = min(bytes.count - at, source.count - sourceOffset)
+      if n > 0 {
+        let from = sourceOffset
+        bytes.withUnsafeMutableBytes { raw in
+          source.withUnsafeBytes {
+            raw.baseAddress!.advanced(by: at).copyMemory(from: $0.baseAddress! + from, byteCount: n)
+          }
+        }
+      }
+      sourceOffset += n
+      end += n
+      return n
+    }
     let result = bytes.withUnsafeMutableBytes { raw in
       Sys.read(fd, raw.baseAddress! + at, raw.count - at)
     }
@@ -59,20 +85,28 @@ public final class SignatureReader {
   private var digestsRead: UInt64 = 0
 
   /// Opens `path` (or standard input for `-`) and parses the header.
-  public init(path: String) throws {
-    name = path == "-" ? "standard input" : path
-    let fd: Int32
+  public convenience init(path: String) throws {
+    let name = path == "-" ? "standard input" : path
     if path == "-" {
-      fd = 0
-      ownsFD = false
-    } else {
-      switch Sys.open(path, flags: O_RDONLY) {
-      case .success(let d): fd = d
-      case .failure(let e): throw ToolkitError.path(path, e.description)
-      }
-      ownsFD = true
+      try self.init(input: InputBuffer(fd: 0, name: name), ownsFD: false)
+      return
     }
-    let input = InputBuffer(fd: fd, name: name)
+    switch Sys.open(path, flags: O_RDONLY) {
+    case .success(let fd): try self.init(input: InputBuffer(fd: fd, name: name), ownsFD: true)
+    case .failure(let e): throw ToolkitError.path(path, e.description)
+    }
+  }
+
+  /// Reads `bytes` as if from a pipe, through a buffer of `bufferSize`
+  /// bytes to begin with (it grows as a long header needs).
+  package convenience init(bytes: [UInt8], name: String, bufferSize: Int = 1 << 20) throws {
+    try self.init(input: InputBuffer(bytes: bytes, name: name, capacity: bufferSize), ownsFD: false)
+  }
+
+  /// Parses the header from `input`; closes its descriptor on failure when `ownsFD`.
+  private init(input: InputBuffer, ownsFD: Bool) throws {
+    name = input.name
+    self.ownsFD = ownsFD
     self.input = input
     var parsed: (SignatureFormat.Header, Int)?
     do {
@@ -85,7 +119,7 @@ public final class SignatureReader {
         }
       }
     } catch {
-      if ownsFD { Sys.close(fd) }
+      if ownsFD { Sys.close(input.fd) }
       throw error
     }
     guard let (header, digestsStart) = parsed else { throw ToolkitError.path(name, "truncated signature header") }

@@ -1,20 +1,66 @@
-// Reads a stream's bytes ahead on a thread of its own and keeps their
-// SHA-256 there, so the merge's own thread only parses, checks CRCs,
-// decompresses and writes.
+// Where a StreamReader's bytes come from, with the SHA-256 its END record is
+// checked against: a descriptor read ahead on a thread of its own, which
+// keeps the digest there so the merge's own thread only parses, checks CRCs,
+// decompresses and writes; or bytes already in memory, hashed as they are
+// handed over, without a thread (the fuzz targets read one input at a time).
 //
 // The END record's digest covers every byte before the END record, which is
-// always the last 84 bytes of a well-formed stream. The thread therefore
-// hashes everything but the last 84 bytes it has seen; at end of input its
-// digest is the one the END record must carry, and the number of bytes it
-// hashed must equal the END record's offset (anything else means bytes after
-// END, which the parser reports).
+// always the last 84 bytes of a well-formed stream. Both inputs therefore
+// hash everything but the last 84 bytes they have seen (WithholdingDigest);
+// at end of input the digest is the one the END record must carry, and the
+// number of bytes hashed must equal the END record's offset (anything else
+// means bytes after END, which the parser reports).
 
 import Dispatch
 import Glibc
 
-final class HashingInput: @unchecked Sendable {
+/// What a StreamReader reads from.
+protocol StreamInput: AnyObject {
+  /// Copies up to `count` bytes into `into`; 0 at end of input.
+  func read(into: UnsafeMutableRawPointer, count: Int) throws -> Int
+  /// After end of input: the digest of all but the last 84 bytes, and how
+  /// many bytes it covers.
+  func digestOfAllButTheEnd() -> (digest: [UInt8], bytes: UInt64)
+  /// Stops reading; safe to call more than once.
+  func cancel()
+}
+
+/// A SHA-256 of all but the last `withheld` bytes given to it so far.
+struct WithholdingDigest {
   static let withheld = StreamFormat.recordOverhead + StreamFormat.endBodyLength
 
+  private let digest = Digester(DigestAlgorithm.sha256)
+  /// The bytes held back, in order; `tailCount` of them.
+  private var tail = [UInt8](repeating: 0, count: WithholdingDigest.withheld)
+  private var tailCount = 0
+  private(set) var hashed: UInt64 = 0
+
+  /// Hashes all but the last `withheld` bytes seen so far, `bytes` included.
+  mutating func update(_ bytes: UnsafeRawBufferPointer) {
+    let withheld = WithholdingDigest.withheld
+    let count = max(0, tailCount + bytes.count - withheld)
+    let fromTail = min(count, tailCount)
+    let fromBytes = count - fromTail
+    let kept = tailCount - fromTail
+    let taken = bytes.count - fromBytes
+    let digest = self.digest
+    tail.withUnsafeMutableBytes { t in
+      let base = t.baseAddress!
+      if fromTail > 0 { digest.update(UnsafeRawBufferPointer(start: base, count: fromTail)) }
+      if fromBytes > 0 { digest.update(UnsafeRawBufferPointer(rebasing: bytes[0..<fromBytes])) }
+      // The new tail: what is left of the old one, then the rest of the bytes.
+      if fromTail > 0 && kept > 0 { base.copyMemory(from: base + fromTail, byteCount: kept) }
+      if taken > 0 { (base + kept).copyMemory(from: bytes.baseAddress! + fromBytes, byteCount: taken) }
+    }
+    tailCount = kept + taken
+    hashed += UInt64(count)
+  }
+
+  func finish() -> [UInt8] { digest.finish() }
+}
+
+/// Reads a descriptor ahead on a thread of its own, hashing there.
+final class HashingInput: StreamInput, @unchecked Sendable {
   private final class Slot {
     let buffer: AlignedBuffer
     var length = 0
@@ -34,10 +80,7 @@ final class HashingInput: @unchecked Sendable {
   private var holding = false
   private var sawEnd = false
   // Hasher side, read by the consumer only after `finished`.
-  private let digest = Digester(DigestAlgorithm.sha256)
-  private var tail = [UInt8](repeating: 0, count: HashingInput.withheld)
-  private var tailCount = 0
-  private var hashed: UInt64 = 0
+  private var digest = WithholdingDigest()
 
   /// Without `hashing`, only reads ahead (encrypted streams, whose records
   /// are authenticated by their tags).
@@ -56,7 +99,6 @@ final class HashingInput: @unchecked Sendable {
 
   deinit { cancel() }
 
-  /// Stops the reading thread; safe to call more than once.
   func cancel() {
     if stop.setOnce() {
       free.signal()
@@ -81,34 +123,13 @@ final class HashingInput: @unchecked Sendable {
       case .success(let n):
         slot.length = n
         slot.error = nil
-        if n > 0 && hashing { hash(UnsafeRawBufferPointer(start: slot.buffer.pointer, count: n)) }
+        if n > 0 && hashing { digest.update(UnsafeRawBufferPointer(start: slot.buffer.pointer, count: n)) }
         filled.signal()
         if n == 0 { return }
       }
     }
   }
 
-  /// Hashes all but the last `withheld` bytes seen so far.
-  private func hash(_ bytes: UnsafeRawBufferPointer) {
-    let total = tailCount + bytes.count
-    let count = max(0, total - HashingInput.withheld)
-    let fromTail = min(count, tailCount)
-    if fromTail > 0 {
-      tail.withUnsafeBytes { digest.update(UnsafeRawBufferPointer(rebasing: $0[0..<fromTail])) }
-    }
-    let fromBytes = count - fromTail
-    if fromBytes > 0 { digest.update(UnsafeRawBufferPointer(rebasing: bytes[0..<fromBytes])) }
-    hashed += UInt64(count)
-    // The new tail: what is left of the old one, then the rest of the bytes.
-    var newTail = [UInt8]()
-    newTail.reserveCapacity(HashingInput.withheld)
-    newTail.append(contentsOf: tail[fromTail..<tailCount])
-    newTail.append(contentsOf: bytes[fromBytes...])
-    tailCount = newTail.count
-    for (i, b) in newTail.enumerated() { tail[i] = b }
-  }
-
-  /// Copies up to `count` bytes into `into`; 0 at end of input.
   func read(into: UnsafeMutableRawPointer, count: Int) throws -> Int {
     if sawEnd { return 0 }
     if !holding {
@@ -133,11 +154,68 @@ final class HashingInput: @unchecked Sendable {
     return n
   }
 
-  /// After end of input: the digest of all but the last 84 bytes, and how
-  /// many bytes it covers.
   func digestOfAllButTheEnd() -> (digest: [UInt8], bytes: UInt64) {
     finished.wait()
     finished.signal()
-    return (digest.finish(), hashed)
+    return (digest.finish(), digest.hashed)
   }
+}
+
+/// A descriptor read on the caller's thread, straight into the caller's
+/// buffer: for a reader that runs on a thread of its own (RecordPipeline).
+final class DescriptorInput: StreamInput {
+  private let fd: Int32
+  private let hashing: Bool
+  private var digest = WithholdingDigest()
+
+  init(fd: Int32, hashing: Bool = true) {
+    self.fd = fd
+    self.hashing = hashing
+  }
+
+  func read(into: UnsafeMutableRawPointer, count: Int) throws -> Int {
+    switch Sys.read(fd, into, count) {
+    case .failure(let e): throw e
+    case .success(let n):
+      if n > 0 && hashing { digest.update(UnsafeRawBufferPointer(start: into, count: n)) }
+      return n
+    }
+  }
+
+  func digestOfAllButTheEnd() -> (digest: [UInt8], bytes: UInt64) { (digest.finish(), digest.hashed) }
+
+  func cancel() {}
+}
+
+/// Bytes in memory, handed over in reads of at most `chunk` bytes (as a pipe
+/// would) and hashed as they are.
+final class MemoryInput: StreamInput {
+  private let bytes: [UInt8]
+  private let chunk: Int
+  private let hashing: Bool
+  private var offset = 0
+  private var digest = WithholdingDigest()
+
+  init(_ bytes: [UInt8], hashing: Bool = true, chunk: Int = 1 << 16) {
+    self.bytes = bytes
+    self.hashing = hashing
+    self.chunk = max(chunk, 1)
+  }
+
+  func read(into: UnsafeMutableRawPointer, count: Int) throws -> Int {
+    let n = min(count, chunk, bytes.count - offset)
+    guard n > 0 else { return 0 }
+    let from = offset
+    bytes.withUnsafeBytes { all in
+      let part = UnsafeRawBufferPointer(rebasing: all[from..<from + n])
+      into.copyMemory(from: part.baseAddress!, byteCount: n)
+      if hashing { digest.update(part) }
+    }
+    offset += n
+    return n
+  }
+
+  func digestOfAllButTheEnd() -> (digest: [UInt8], bytes: UInt64) { (digest.finish(), digest.hashed) }
+
+  func cancel() {}
 }

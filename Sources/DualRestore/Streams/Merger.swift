@@ -102,8 +102,15 @@ public enum Merger {
     let geometry = header.geometry
     let blockSize = Int(geometry.blockSize)
     let block = AlignedBuffer(count: blockSize)
-    let zeros = AlignedBuffer(count: min(blockSize * 16, 16 << 20))
-    zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+    // Made at the first zero run written: a check never needs it.
+    var zerosBuffer: AlignedBuffer?
+    func zeros() -> AlignedBuffer {
+      if let zerosBuffer { return zerosBuffer }
+      let made = AlignedBuffer(count: min(blockSize * 16, 16 << 20))
+      made.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+      zerosBuffer = made
+      return made
+    }
     var pending: [Range<UInt64>] = []
     var pendingBytes: UInt64 = 0
     var lastCheckpoint = Instant.now()
@@ -111,16 +118,17 @@ public enum Merger {
     let meter = ProgressMeter(label: "merge", total: geometry.deviceSize, enabled: options.progress)
 
     // Zeros by the target itself (punched holes, BLKZEROOUT, WRITE_ZEROES)
-    // where it can, else written from `zeros`.
+    // where it can, else written from `zeros()`.
     func zero(_ target: BlockDevice, offset: UInt64, length: UInt64) throws {
       if target.capabilities.contains(.writeZeroes) {
         try target.writeZeroes(offset: offset, length: length, fua: false)
         return
       }
+      let scratch = zeros()
       var done: UInt64 = 0
       while done < length {
-        let n = Int(min(UInt64(zeros.count), length - done))
-        try target.write(UnsafeRawBufferPointer(zeros.slice(0, n)), at: offset + done, fua: false)
+        let n = Int(min(UInt64(scratch.count), length - done))
+        try target.write(UnsafeRawBufferPointer(scratch.slice(0, n)), at: offset + done, fua: false)
         done += UInt64(n)
       }
     }

@@ -62,6 +62,35 @@ public final class StreamSecret: @unchecked Sendable {
   deinit {
     OPENSSL_cleanse(bytes.baseAddress, bytes.count)
     bytes.deallocate()
+    OPENSSL_cleanse(derived.baseAddress, derived.count)
+    derived.deallocate()
+  }
+
+  /// The record key and the check key derived last from this secret, and
+  /// the CRYPTO fields (parameters and salt) they were derived for: the
+  /// same stream opened again with the same secret (a merge checked, then
+  /// run; the fuzz targets, thousands of times) is not derived again, which
+  /// for a passphrase is a few tenths of a second of scrypt. Wiped with the
+  /// secret.
+  private let derivedLock = Monitor()
+  private let derived = UnsafeMutableRawBufferPointer.allocate(byteCount: 2 * StreamCrypto.keyLength, alignment: 16)
+  private var derivedFor: [UInt8] = []
+
+  func derivedKeys(for fields: [UInt8]) -> (record: [UInt8], check: [UInt8])? {
+    derivedLock.withLock {
+      guard !derivedFor.isEmpty, derivedFor == fields else { return nil }
+      let n = StreamCrypto.keyLength
+      return (Array(derived[0..<n]), Array(derived[n..<2 * n]))
+    }
+  }
+
+  func remember(_ keys: (record: [UInt8], check: [UInt8]), for fields: [UInt8]) {
+    derivedLock.withLock {
+      let n = StreamCrypto.keyLength
+      UnsafeMutableRawBufferPointer(rebasing: derived[0..<n]).copyBytes(from: keys.record)
+      UnsafeMutableRawBufferPointer(rebasing: derived[n..<2 * n]).copyBytes(from: keys.check)
+      derivedFor = fields
+    }
   }
 
   /// A 32-byte key given directly (tests, and callers that hold one).
@@ -251,7 +280,7 @@ public enum StreamCrypto {
       parameters.p = scryptP
     }
     let fields = parameters.fields
-    let keys = try deriveKeys(secret, parameters)
+    let keys = try deriveKeys(secret, parameters, fields: fields)
     let check = keyCheck(
       checkKey: keys.check, preamble: StreamFormat.preamble(flags: StreamFormat.encryptedFlag),
       framing: cryptoFraming(), fields: fields)
@@ -317,9 +346,10 @@ public enum StreamCrypto {
         )
       }
     }
-    let keys = try deriveKeys(secret, parameters)
-    let expected = keyCheck(
-      checkKey: keys.check, preamble: preamble, framing: Array(framing), fields: Array(body[0..<checkedLength]))
+    // With the reserved bytes zero, these are the parameters' fields.
+    let fields = Array(body[0..<checkedLength])
+    let keys = try deriveKeys(secret, parameters, fields: fields)
+    let expected = keyCheck(checkKey: keys.check, preamble: preamble, framing: Array(framing), fields: fields)
     let matches = expected.withUnsafeBytes { e in
       CRYPTO_memcmp(e.baseAddress, body.baseAddress! + checkedLength, 32) == 0
     }
@@ -331,7 +361,20 @@ public enum StreamCrypto {
   }
 
   /// The record key and the check key of a stream.
-  static func deriveKeys(_ secret: StreamSecret, _ p: Parameters) throws -> (record: [UInt8], check: [UInt8]) {
+  /// `fields` are `p.fields`, when the caller has them already.
+  static func deriveKeys(_ secret: StreamSecret, _ p: Parameters, fields: [UInt8]? = nil) throws -> (
+    record: [UInt8], check: [UInt8]
+  ) {
+    let fields = fields ?? p.fields
+    if let keys = secret.derivedKeys(for: fields) { return keys }
+    let keys = try deriveNewKeys(secret, p)
+    secret.remember(keys, for: fields)
+    return keys
+  }
+
+  private static func deriveNewKeys(_ secret: StreamSecret, _ p: Parameters) throws -> (
+    record: [UInt8], check: [UInt8]
+  ) {
     var master = [UInt8](repeating: 0, count: keyLength)
     defer { master.withUnsafeMutableBytes { OPENSSL_cleanse($0.baseAddress, $0.count) } }
     let source = secret.material
@@ -361,7 +404,7 @@ public enum StreamCrypto {
           p.salt.withUnsafeBytes { s in
             info.withUnsafeBytes { i in
               dr_hkdf_sha256(
-                m.baseAddress?.assumingMemoryBound(to: UInt8.self), m.count,
+                hkdfAlgorithm, m.baseAddress?.assumingMemoryBound(to: UInt8.self), m.count,
                 s.baseAddress?.assumingMemoryBound(to: UInt8.self), s.count,
                 i.baseAddress?.assumingMemoryBound(to: UInt8.self), i.count,
                 o.baseAddress?.assumingMemoryBound(to: UInt8.self), o.count)
@@ -378,21 +421,33 @@ public enum StreamCrypto {
     return (try hkdf(recordKeyInfo), try hkdf(checkKeyInfo))
   }
 
+  /// HMAC-SHA256 of the preamble, the CRYPTO framing and its fields. A
+  /// failure inside OpenSSL leaves it all zeros, which no stream carries by
+  /// chance, so the check then fails as a wrong key would.
   static func keyCheck(checkKey: [UInt8], preamble: [UInt8], framing: [UInt8], fields: [UInt8]) -> [UInt8] {
     let message = preamble + framing + fields
     var out = [UInt8](repeating: 0, count: 32)
-    var length = 0
-    _ = out.withUnsafeMutableBytes { o in
+    let ok = out.withUnsafeMutableBytes { o in
       checkKey.withUnsafeBytes { k in
         message.withUnsafeBytes { m in
-          EVP_Q_mac(
-            nil, "HMAC", nil, "SHA256", nil, k.baseAddress, k.count, m.baseAddress?.assumingMemoryBound(to: UInt8.self),
-            m.count, o.baseAddress?.assumingMemoryBound(to: UInt8.self), 32, &length)
+          dr_hmac_sha256(
+            hmacAlgorithm, k.baseAddress?.assumingMemoryBound(to: UInt8.self), k.count,
+            m.baseAddress?.assumingMemoryBound(to: UInt8.self), m.count,
+            o.baseAddress?.assumingMemoryBound(to: UInt8.self))
         }
       }
     }
+    if ok != 1 {
+      ERR_clear_error()
+      return [UInt8](repeating: 0, count: 32)
+    }
     return out
   }
+
+  /// OpenSSL's HKDF and HMAC, fetched once: a fetch searches the providers
+  /// and costs more than the derivation it is for.
+  nonisolated(unsafe) private static let hkdfAlgorithm: OpaquePointer? = EVP_KDF_fetch(nil, "HKDF", nil)
+  nonisolated(unsafe) private static let hmacAlgorithm: OpaquePointer? = EVP_MAC_fetch(nil, "HMAC", nil)
 }
 
 /// AES-256-GCM for the records of one stream: one EVP context, keyed once

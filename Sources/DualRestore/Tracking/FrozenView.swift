@@ -7,7 +7,16 @@
 // behind by a crash can be reported), then one slot per preserved block, in
 // the order they were preserved. The index (block → slot) is in memory only:
 // a view does not survive a restart of its server, and says so.
+//
+// The store grows by steps of 64 MiB allocated ahead of the slots
+// (fallocate). Blocks allocated one write at a time, as the page cache's
+// write-out of the store gets to them, made the first writes after a freeze
+// several times slower than the copy they need: measured with 1 GiB written
+// by nbdcopy --flush, 5.3 s against 1.9 s with the steps, and 1.1 s with no
+// view held. No write to the store is made durable: a view does not outlive
+// its server, so after a crash there is nothing its store would be read for.
 
+import CShim
 import Glibc
 
 public final class FrozenView: @unchecked Sendable {
@@ -24,6 +33,9 @@ public final class FrozenView: @unchecked Sendable {
   private let lock = Monitor()
   private var slots: [UInt64: UInt64] = [:]
   private var nextSlot: UInt64 = 0
+  /// Where the store's allocated blocks end (fallocate, ahead of the slots).
+  private var allocated: UInt64 = FrozenView.headerLength
+  static let allocationStep: UInt64 = 64 << 20
   private var lostReason: String?
 
   init(
@@ -132,14 +144,25 @@ public final class FrozenView: @unchecked Sendable {
         lose("reading the old contents of block \(run.lowerBound) failed: \(error)")
         return
       }
-      let first: UInt64? = lock.withLock {
+      let claimed: (first: UInt64, grow: Range<UInt64>?)? = lock.withLock {
         let bytes = storeBytesLocked + UInt64(run.count) * blockSize
         guard bytes <= limit else { return nil }
         let s = nextSlot
         nextSlot += UInt64(run.count)
-        return s
+        // Room ahead of the slots, allocated a step at a time.
+        var grow: Range<UInt64>?
+        if bytes > allocated {
+          let end = min(limit, max(bytes, allocated + FrozenView.allocationStep))
+          grow = allocated..<end
+          allocated = end
+        }
+        return (s, grow)
       }
-      guard let first else {
+      if let grow = claimed?.grow {
+        // Only faster when it works: where it fails, the write allocates.
+        _ = dr_allocate(fd, grow.lowerBound, UInt64(grow.count))
+      }
+      guard let first = claimed?.first else {
         lose("the preservation store \(path) is full (limit \(formatBytes(limit)))")
         return
       }
@@ -163,7 +186,7 @@ public final class FrozenView: @unchecked Sendable {
     while position < end {
       let block = position >> geometry.blockShift
       let (slot, lost) = lock.withLock { (slots[block], lostReason) }
-      if let lost { throw NBDError(NBD.errIO, "the frozen view \(id) is lost: \(lost)") }
+      if let lost { throw TrackingError.viewLost(view: id, reason: lost) }
       let blockEnd = min((block + 1) * blockSize, end)
       let into = buffer.baseAddress! + Int(position - offset)
       if let slot {
@@ -186,7 +209,7 @@ public final class FrozenView: @unchecked Sendable {
       position = runEnd
     }
     if let lost = lock.withLock({ lostReason }) {
-      throw NBDError(NBD.errIO, "the frozen view \(id) is lost: \(lost)")
+      throw TrackingError.viewLost(view: id, reason: lost)
     }
   }
 }
