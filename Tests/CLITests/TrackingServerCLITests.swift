@@ -1211,4 +1211,32 @@ final class TrackingServerCLITests: CLITestCase {
     XCTAssertTrue(r.log.contains("it is lost"), "the start after a stop with a view held:\n\(r.log)")
     r.stop()
   }
+
+  func testAFullFileSystemUnderTheDeviceIsENOSPCToItsClient() throws {
+    // The device on 1 MiB of tmpfs: a sparse 8 MiB image whose holes cannot
+    // all be filled. A client is told ENOSPC, as by nbdkit's file plugin,
+    // and the server goes on.
+    let r = try TrackRig(size: 8 << 20)
+    defer { r.stopAll() }
+    let small = r.s.path("small")
+    try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
+    let m = try RRTCommand.shell("mount -t tmpfs -o size=1m tmpfs '\(small)'")
+    guard m.status == 0 else { throw XCTSkip("cannot mount a tmpfs here: \(m.stderr)") }
+    defer { _ = try? RRTCommand.shell("umount '\(small)'") }
+    XCTAssertEqual(try RRTCommand.shell("truncate -s 8M '\(small)/device.img'").status, 0)
+    r.served = "\(small)/device.img"
+    try r.start()
+    let out = try r.nbdsh(
+      """
+      h.connect_uri(URI)
+      try:
+          h.pwrite(pattern(1, 4 << 20), 0)
+          print('written')
+      except nbd.Error as e:
+          print(e.errno)
+      print(h.pread(4096, 0) == pattern(1, 4096))
+      """)
+    XCTAssertEqual(out.status, 0, out.stderr)
+    XCTAssertEqual(out.stdout, "ENOSPC\nTrue\n", "a write past the room of the device's file system; log:\n\(r.log)")
+  }
 }

@@ -95,11 +95,18 @@ final class BlockDeviceTests: XCTestCase {
       (DeviceError("d", .timedOut), NBD.errIO),
       (NBDError(NBD.errPerm, "the frozen view is read-only"), NBD.errPerm),
       (ToolkitError("anything else"), NBD.errIO),
+      // A file or device's failed system call keeps its errno.
+      (ToolkitError.path("p.img", "write at 0", errno: Errno(ENOSPC)), NBD.errNoSpace),
+      (ToolkitError.path("p.img", "write at 0", errno: Errno(EROFS)), NBD.errPerm),
+      (ToolkitError("a peer", cause: .timedOut), NBD.errIO),
     ]
     for (error, code) in cases {
       XCTAssertEqual(NBDError.code(for: error), code, "\(error)")
     }
     // The sentences clients and logs see stay what they were.
+    XCTAssertEqual(
+      "\(ToolkitError.path("p.img", "write at 0", errno: Errno(ENOSPC)))",
+      "p.img: write at 0: \(String(cString: strerror(ENOSPC)))")
     XCTAssertEqual(
       "\(RestoreError.streamNotAdmitted(id))", "stream \(id) was not merged through this server")
     XCTAssertEqual(

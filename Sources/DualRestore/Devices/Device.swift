@@ -148,7 +148,7 @@ public final class Device: @unchecked Sendable {
     case .success(let n):
       throw ToolkitError.path(path, "unexpected end of data at \(offset + UInt64(n)) (size changed?)")
     case .failure(let e):
-      throw ToolkitError.path(path, "read at \(offset): \(e)")
+      throw ToolkitError.path(path, "read at \(offset)", errno: e)
     }
   }
 
@@ -160,14 +160,14 @@ public final class Device: @unchecked Sendable {
       throw ToolkitError.path(path, "write of \(buffer.count) bytes at \(offset) is past the end (size \(size))")
     }
     if case .failure(let e) = pwriteFull(descriptor(base, buffer.count, offset), base, buffer.count, offset) {
-      throw ToolkitError.path(path, "write at \(offset): \(e)")
+      throw ToolkitError.path(path, "write at \(offset)", errno: e)
     }
   }
 
   /// Makes every completed write durable (fdatasync).
   public func sync() throws {
     if case .failure(let e) = Sys.fdatasync(bufferedFD ?? fd) {
-      throw ToolkitError.path(path, "cannot make writes durable: \(e)")
+      throw ToolkitError.path(path, "cannot make writes durable", errno: e)
     }
   }
 

@@ -6,6 +6,9 @@
 // - A socket (plain or TLS) that waited too long, or whose peer went away,
 //   says so in `cause` (.timedOut, .connectionClosed): the server rewords a
 //   handshake that took too long and ends quietly when a client leaves.
+// - A file or device whose system call failed carries the errno (.system),
+//   so that a tracking server's client sees ENOSPC for a full disk, as
+//   from nbdkit's file plugin, rather than EIO.
 // - A client's failed request carries the server's error number
 //   (.serverError), and a refused handshake the option reply's error and
 //   the server's words (.refused), so that a tool can show those instead of
@@ -25,12 +28,27 @@ extension ToolkitError {
     case refused(code: UInt32, serverSays: String?)
     /// An NBD server answered a request with this error number (NBD_E*).
     case serverError(UInt32)
+    /// A system call on a file or device failed with this errno.
+    case system(Int32)
   }
 
   /// What an NBD server said in refusing, when it said something.
   public var serverSays: String? {
     if case .refused(_, let words) = cause { return words }
     return nil
+  }
+}
+
+/// ToolkitError crosses the block-device seam too (a file or device's
+/// failure): its cause says which.
+extension ToolkitError: DeviceFailure {
+  public var deviceCause: DeviceError.Cause {
+    switch cause {
+    case .system(let errno): return .io(errno)
+    case .timedOut: return .timedOut
+    case .connectionClosed: return .closed
+    case .refused, .serverError, nil: return .io(EIO)
+    }
   }
 }
 

@@ -23,4 +23,10 @@ public struct ToolkitError: Error, CustomStringConvertible, Equatable, Sendable 
   public static func path(_ path: String, _ cause: String) -> ToolkitError {
     ToolkitError("\(path): \(cause)")
   }
+
+  /// `path: doing: errno's words`, for a system call on a file or device
+  /// that failed; `cause` keeps the errno.
+  public static func path(_ path: String, _ doing: String, errno: Errno) -> ToolkitError {
+    ToolkitError("\(path): \(doing): \(errno)", cause: .system(errno.rawValue))
+  }
 }
