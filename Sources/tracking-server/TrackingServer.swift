@@ -65,25 +65,30 @@ func absolute(_ path: String) -> String {
   return (cwd == "/" ? "" : cwd) + "/" + path
 }
 
-func printFields(_ fields: [(String, String)], json: Bool, text: (([String: String]) -> String)) throws {
-  if json {
-    var o = JSONObject()
-    for (k, v) in fields {
-      if let n = UInt64(v) {
-        o.add(k, n)
-      } else if v == "true" || v == "false" {
-        o.add(k, v == "true")
-      } else {
-        o.add(k, v)
+extension ControlOptions {
+  /// Sends `words` to the server and prints its answer: one JSON object with
+  /// `json`, else the line `text` makes of the answer's fields.
+  func request(_ words: [String], json: Bool, text: (([String: String]) -> String)) throws {
+    let fields = try ControlSocket.request(path, words)
+    if json {
+      var o = JSONObject()
+      for (k, v) in fields {
+        if let n = UInt64(v) {
+          o.add(k, n)
+        } else if v == "true" || v == "false" {
+          o.add(k, v == "true")
+        } else {
+          o.add(k, v)
+        }
       }
+      let out = TextOutput()
+      try out.line(o.render())
+      try out.flush()
+    } else {
+      let out = TextOutput()
+      try out.line(text(Dictionary(fields, uniquingKeysWith: { $1 })))
+      try out.flush()
     }
-    let out = TextOutput()
-    try out.line(o.render())
-    try out.flush()
-  } else {
-    let out = TextOutput()
-    try out.line(text(Dictionary(fields, uniquingKeysWith: { $1 })))
-    try out.flush()
   }
 }
 
@@ -230,8 +235,7 @@ extension TrackingServer {
     func run() throws {
       var words = ["freeze"]
       if let changesOut { words.append("changes-out=" + ControlSocket.encode(absolute(changesOut))) }
-      let f = try ControlSocket.request(server.path, words)
-      try printFields(f, json: json) { d in
+      try server.request(words, json: json) { d in
         var s = "froze view \(d["view"] ?? "?") at \(d["frozen"] ?? "?")"
         if let ended = d["ended_generation"] {
           s +=
@@ -252,8 +256,7 @@ extension TrackingServer {
     var json = false
 
     func run() throws {
-      let f = try ControlSocket.request(server.path, ["drop"])
-      try printFields(f, json: json) { d in
+      try server.request(["drop"], json: json) { d in
         "dropped view \(d["view"] ?? "?") (\(d["preserved_blocks"] ?? "?") block(s) preserved)"
       }
     }
@@ -273,9 +276,8 @@ extension TrackingServer {
     var json = false
 
     func run() throws {
-      let f = try ControlSocket.request(
-        server.path, ["new-generation", "changes-out=" + ControlSocket.encode(absolute(changesOut))])
-      try printFields(f, json: json) { d in
+      let words = ["new-generation", "changes-out=" + ControlSocket.encode(absolute(changesOut))]
+      try server.request(words, json: json) { d in
         "generation \(d["ended_generation"] ?? "?") ended with \(d["ended_changed_blocks"] ?? "?") changed block(s) in \(changesOut); generation \(d["generation"] ?? "?") began"
       }
     }
@@ -291,8 +293,7 @@ extension TrackingServer {
     var json = false
 
     func run() throws {
-      let f = try ControlSocket.request(server.path, ["status"])
-      try printFields(f, json: json) { d in
+      try server.request(["status"], json: json) { d in
         var s =
           "generation \(d["generation"] ?? "?") since \(d["generation_started"] ?? "?"): \(d["changed_blocks"] ?? "?") block(s) changed"
         if let view = d["view"] {

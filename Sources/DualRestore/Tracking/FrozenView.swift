@@ -24,7 +24,6 @@ import Synchronization
 public final class FrozenView: @unchecked Sendable {
   public let id = ID128.random()
   public let frozen: Instant
-  public let generation: ID128
   public let geometry: BlockGeometry
   public let limit: UInt64
   let path: String
@@ -44,6 +43,9 @@ public final class FrozenView: @unchecked Sendable {
   static let allocationStep: UInt64 = 64 << 20
   private var lostReason: String?
 
+  /// Creates the store at `path`. `generation`, the change map's at the
+  /// freeze, is only named in the store's header, for whoever finds a store
+  /// left behind.
   init(
     path: String, geometry: BlockGeometry, limit: UInt64, instant: Instant, generation: ID128,
     log: @escaping @Sendable (String) -> Void
@@ -52,7 +54,6 @@ public final class FrozenView: @unchecked Sendable {
     self.geometry = geometry
     self.limit = limit
     self.frozen = instant
-    self.generation = generation
     self.log = log
     switch Sys.open(path, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600) {
     case .success(let d): fd = d

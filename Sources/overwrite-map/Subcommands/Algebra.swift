@@ -10,13 +10,22 @@ struct OutputOption: ParsableArguments {
   var output: String?
 }
 
-/// Loads two maps that must describe the same blocks; at most one from stdin.
-func loadPair(_ a: String, _ b: String) throws -> (BlockMap, BlockMap) {
-  if a == "-" && b == "-" { throw ValidationError("only one map can come from standard input") }
-  let ma = try MapFile.load(a)
-  let mb = try MapFile.load(b)
-  try ma.check(matches: mb, a == "-" ? "standard input" : a, b == "-" ? "standard input" : b)
-  return (ma, mb)
+/// The operands of union, intersect and subtract: two maps that must
+/// describe the same blocks (at most one from stdin), and where the result goes.
+struct MapPairArguments: ParsableArguments {
+  @Argument(help: "First map (- for standard input).") var a: String
+  @Argument(help: "Second map (- for standard input).") var b: String
+  @OptionGroup var out: OutputOption
+
+  /// Loads both maps, applies `combine` to A's bits with B's, saves A.
+  func combine(_ combine: (inout BlockBitmap, BlockBitmap) -> Void) throws {
+    if a == "-" && b == "-" { throw ValidationError("only one map can come from standard input") }
+    var ma = try MapFile.load(a)
+    let mb = try MapFile.load(b)
+    try ma.check(matches: mb, inputName(a), inputName(b))
+    combine(&ma.bits, mb.bits)
+    try MapFile.save(ma, to: out.output ?? "-")
+  }
 }
 
 private let identityNote =
@@ -25,46 +34,25 @@ private let identityNote =
 struct Union: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Blocks set in A or in B.", discussion: identityNote)
-  @Argument(help: "First map (- for standard input).") var a: String
-  @Argument(help: "Second map (- for standard input).") var b: String
-  @OptionGroup var out: OutputOption
+  @OptionGroup var maps: MapPairArguments
 
-  func run() throws {
-    var (ma, mb) = try loadPair(a, b)
-    ma.bits.formUnion(mb.bits)
-    mb = ma
-    try MapFile.save(mb, to: out.output ?? "-")
-  }
+  func run() throws { try maps.combine { $0.formUnion($1) } }
 }
 
 struct Intersect: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Blocks set in both A and B.", discussion: identityNote)
-  @Argument(help: "First map (- for standard input).") var a: String
-  @Argument(help: "Second map (- for standard input).") var b: String
-  @OptionGroup var out: OutputOption
+  @OptionGroup var maps: MapPairArguments
 
-  func run() throws {
-    var (ma, mb) = try loadPair(a, b)
-    ma.bits.formIntersection(mb.bits)
-    mb = ma
-    try MapFile.save(mb, to: out.output ?? "-")
-  }
+  func run() throws { try maps.combine { $0.formIntersection($1) } }
 }
 
 struct Subtract: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Blocks set in A and not in B.", discussion: identityNote)
-  @Argument(help: "First map (- for standard input).") var a: String
-  @Argument(help: "Second map (- for standard input).") var b: String
-  @OptionGroup var out: OutputOption
+  @OptionGroup var maps: MapPairArguments
 
-  func run() throws {
-    var (ma, mb) = try loadPair(a, b)
-    ma.bits.subtract(mb.bits)
-    mb = ma
-    try MapFile.save(mb, to: out.output ?? "-")
-  }
+  func run() throws { try maps.combine { $0.subtract($1) } }
 }
 
 struct Invert: ParsableCommand {

@@ -13,28 +13,13 @@ struct Import: ParsableCommand {
       give --name, or --like, to record one.
       """)
 
-  @Option(help: ArgumentHelp("Size of the device in bytes.", valueName: "bytes"))
-  var size: ByteCount?
-
-  @Option(help: ArgumentHelp("Take the size and name from this image file or block device.", valueName: "device"))
-  var like: String?
-
-  @OptionGroup var blockSize: BlockSizeOption
+  @OptionGroup var device: NewMapOptions
 
   @Option(help: "ddrescue status characters that set a block (from ?*/-+).")
   var status: String = "+"
 
   @Flag(help: "Set a block when any byte of it has a selected status.")
   var anyByte = false
-
-  @Option(help: "Name of the device, for people.")
-  var name: String?
-
-  @Option(
-    name: .customLong("meaning"),
-    help: ArgumentHelp("What a set bit means (default: current).", valueName: "meaning"))
-  var meaningOption: MapMeaning?
-  var meaning: MapMeaning { meaningOption ?? .current }
 
   @Argument(help: ArgumentHelp("The ddrescue mapfile, or - for standard input.", valueName: "mapfile"))
   var mapfile: String
@@ -43,7 +28,7 @@ struct Import: ParsableCommand {
   var map: String
 
   func validate() throws {
-    if size != nil && like != nil { throw ValidationError("give at most one of --size and --like") }
+    if device.size != nil && device.like != nil { throw ValidationError("give at most one of --size and --like") }
     if status.isEmpty || !status.allSatisfy({ "?*/-+".contains($0) }) {
       throw ValidationError("--status takes characters from ?*/-+, not '\(status)'")
     }
@@ -51,27 +36,21 @@ struct Import: ParsableCommand {
   }
 
   func run() throws {
-    let sourceName = mapfile == "-" ? "standard input" : mapfile
+    let sourceName = inputName(mapfile)
     let text = String(decoding: try readWholeFile(mapfile, limit: 1 << 30), as: UTF8.self)
     let extents = try DdrescueMapfile.parse(text, name: sourceName)
-    var deviceName = name ?? ""
     let deviceSize: UInt64
-    if let like {
-      deviceSize = try Device(path: like).size
-      if name == nil { deviceName = like }
-    } else if let size {
-      deviceSize = size.value
+    if let given = try device.givenSize() {
+      deviceSize = given
     } else {
       guard let last = extents.last else {
         throw ToolkitError.path(sourceName, "has no extents; give the device size with --size")
       }
       deviceSize = last.position + last.size
     }
-    let geometry = try BlockGeometry(blockSize: blockSize.value, deviceSize: deviceSize)
-    try geometry.checkMappable()
-    let bits = DdrescueMapfile.bitmap(
-      extents, geometry: geometry, statuses: Set(status), anyByte: anyByte)
-    try MapFile.save(BlockMap(geometry: geometry, meaning: meaning, deviceName: deviceName, bits: bits), to: map)
+    try device.save(deviceSize: deviceSize, to: map) {
+      DdrescueMapfile.bitmap(extents, geometry: $0, statuses: Set(status), anyByte: anyByte)
+    }
   }
 }
 
@@ -91,8 +70,7 @@ struct Export: ParsableCommand {
   @Option(help: "Status character of clear blocks.")
   var clearStatus: String = "?"
 
-  @Argument(help: ArgumentHelp("The map, or - for standard input.", valueName: "map"))
-  var map: String
+  @OptionGroup var input: MapInput
 
   @Argument(help: ArgumentHelp("The mapfile to write (default: standard output).", valueName: "mapfile"))
   var mapfile: String?
@@ -106,7 +84,7 @@ struct Export: ParsableCommand {
   }
 
   func run() throws {
-    let m = try MapFile.load(map)
+    let m = try input.load()
     let text = DdrescueMapfile.render(
       m, setStatus: setStatus.first ?? "+", clearStatus: clearStatus.first ?? "?", tool: "overwrite-map export")
     try OutputTarget(mapfile).write(text: text)

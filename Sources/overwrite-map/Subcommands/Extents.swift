@@ -11,11 +11,10 @@ struct Extents: ParsableCommand {
       covers a partial last block. Nothing else is written to standard output.
       """)
 
-  @Argument(help: ArgumentHelp("The map, or - for standard input.", valueName: "map"))
-  var map: String
+  @OptionGroup var input: MapInput
 
   func run() throws {
-    let m = try MapFile.load(map)
+    let m = try input.load()
     let out = TextOutput()
     for run in m.bits.extents {
       let (offset, length) = m.geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count))

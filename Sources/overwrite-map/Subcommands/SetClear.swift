@@ -22,22 +22,24 @@ struct RangeArguments: ParsableArguments {
     do {
       blocks = try m.geometry.blocks(offset: offset.value, length: length.value)
     } catch let error as ToolkitError {
-      throw ToolkitError.path(map == "-" ? "standard input" : map, error.message)
+      throw ToolkitError.path(inputName(map), error.message)
     }
     change(&m.bits, blocks)
     try MapFile.save(m, to: map)
   }
 }
 
+private let wholeBlocksNote = """
+  The range must cover whole blocks: OFFSET is a multiple of the block \
+  size and OFFSET+LENGTH is one too, or the device end. The map is saved \
+  atomically.
+  """
+
 struct SetBlocks: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "set",
     abstract: "Set the blocks of a byte range.",
-    discussion: """
-      The range must cover whole blocks: OFFSET is a multiple of the block \
-      size and OFFSET+LENGTH is one too, or the device end. The map is saved \
-      atomically.
-      """)
+    discussion: wholeBlocksNote)
 
   @OptionGroup var range: RangeArguments
 
@@ -48,11 +50,7 @@ struct ClearBlocks: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "clear",
     abstract: "Clear the blocks of a byte range.",
-    discussion: """
-      The range must cover whole blocks: OFFSET is a multiple of the block \
-      size and OFFSET+LENGTH is one too, or the device end. The map is saved \
-      atomically.
-      """)
+    discussion: wholeBlocksNote)
 
   @OptionGroup var range: RangeArguments
 

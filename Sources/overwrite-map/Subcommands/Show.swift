@@ -7,18 +7,17 @@ struct Show: ParsableCommand {
     abstract: "Print a summary of a map for people.",
     discussion: "Sizes, identity, and how many blocks are set. For scripts, use stats --json.")
 
-  @Argument(help: ArgumentHelp("The map, or - for standard input.", valueName: "map"))
-  var map: String
+  @OptionGroup var input: MapInput
 
   func run() throws {
-    let m = try MapFile.load(map)
+    let m = try input.load()
     let g = m.geometry
     let set = m.bits.population
     let out = TextOutput()
     func row(_ key: String, _ value: String) throws {
       try out.line(key.padding(to: 20) + value)
     }
-    try row("map:", map == "-" ? "standard input" : map)
+    try row("map:", inputName(input.map))
     try row("device:", m.deviceName.isEmpty ? "(unnamed)" : m.deviceName)
     try row("meaning:", "\(m.meaning) (\(explain(m.meaning)))")
     try row("map id:", "\(m.mapID)")
@@ -52,11 +51,10 @@ struct Stats: ParsableCommand {
   @Flag(help: "Print one JSON object.")
   var json = false
 
-  @Argument(help: ArgumentHelp("The map, or - for standard input.", valueName: "map"))
-  var map: String
+  @OptionGroup var input: MapInput
 
   func run() throws {
-    let m = try MapFile.load(map)
+    let m = try input.load()
     let g = m.geometry
     let set = m.bits.population
     var o = JSONObject()

@@ -33,7 +33,7 @@ import Glibc
 public final class NBDClient: BlockDevice, @unchecked Sendable {
   public let uri: NBDURI
   /// The URI as given.
-  public let name: String
+  public var name: String { uri.text }
   public let size: UInt64
   /// Transmission flags of the first connection.
   public let flags: UInt16
@@ -127,7 +127,6 @@ public final class NBDClient: BlockDevice, @unchecked Sendable {
       throw ToolkitError("\(text): \(failure.text)", cause: failure.kind)
     }
     self.uri = uri
-    self.name = text
     self.timeout = timeout
     self.tlsContext = tlsContext
     self.connector = connector
