@@ -14,6 +14,7 @@ import CShim
 import Dispatch
 import DualRestore
 import Glibc
+import Synchronization
 
 public enum FuzzEntryPoints {
   // MARK: Block streams
@@ -262,14 +263,13 @@ public enum FuzzEntryPoints {
 }
 
 /// The input of a client's first connection; later ones get nothing.
-private final class FirstConnection: @unchecked Sendable {
-  private let lock = Monitor()
-  private var bytes: [UInt8]?
+private final class FirstConnection: Sendable {
+  private let bytes: Mutex<[UInt8]?>
 
-  init(_ bytes: [UInt8]) { self.bytes = bytes }
+  init(_ bytes: [UInt8]) { self.bytes = Mutex(bytes) }
 
   func take() -> [UInt8]? {
-    lock.withLock {
+    bytes.withLock { bytes in
       defer { bytes = nil }
       return bytes
     }
@@ -278,46 +278,47 @@ private final class FirstConnection: @unchecked Sendable {
 
 /// The fuzz key as a StreamSecret, and the start of a stream sealed with
 /// it, made once for the last key asked for rather than per input.
-private final class FuzzKeys: @unchecked Sendable {
+private final class FuzzKeys: Sendable {
   static let shared = FuzzKeys()
-  private let lock = Monitor()
-  private var key: [UInt8] = []
-  private var made: StreamSecret?
-  private var seal: (cryptoBody: [UInt8], cipher: RecordCipher)?
+  private struct Made {
+    var key: [UInt8] = []
+    var secret: StreamSecret?
+    var seal: (cryptoBody: [UInt8], cipher: RecordCipher)?
+  }
+  private let made = Mutex(Made())
 
   func secret(_ key: [UInt8]) throws -> StreamSecret {
-    try lock.withLock { try secretLocked(key) }
+    try made.withLock { try Self.secret(key, &$0) }
   }
 
   /// Runs `body` with the CRYPTO record's body and the cipher of the records
   /// after it, holding the lock: the cipher is one EVP context. It keeps
   /// nothing between records but its key, so one serves every stream.
-  func sealing<R>(_ key: [UInt8], _ body: ([UInt8], RecordCipher) throws -> R) throws -> R {
-    try lock.withLock {
-      let secret = try secretLocked(key)
-      let made = try seal ?? StreamCrypto.seal(secret)
-      seal = made
-      return try body(made.cryptoBody, made.cipher)
+  func sealing<R: Sendable>(_ key: [UInt8], _ body: ([UInt8], RecordCipher) throws -> R) throws -> R {
+    try made.withLock { m in
+      let secret = try Self.secret(key, &m)
+      let seal = try m.seal ?? StreamCrypto.seal(secret)
+      m.seal = seal
+      return try body(seal.cryptoBody, seal.cipher)
     }
   }
 
-  private func secretLocked(_ key: [UInt8]) throws -> StreamSecret {
-    if let made, key == self.key { return made }
+  private static func secret(_ key: [UInt8], _ m: inout Made) throws -> StreamSecret {
+    if let made = m.secret, key == m.key { return made }
     let secret = try StreamSecret(key: key, origin: "the fuzz key")
-    (self.key, made, seal) = (key, secret, nil)
+    (m.key, m.secret, m.seal) = (key, secret, nil)
     return secret
   }
 }
 
 /// Lines logged, collected for the caller.
-private final class LogLines: @unchecked Sendable {
-  private let lock = Monitor()
-  private var lines: [String] = []
+private final class LogLines: Sendable {
+  private let lines = Mutex<[String]>([])
 
-  func add(_ line: String) { lock.withLock { lines.append(line) } }
-  func clear() { lock.withLock { lines.removeAll() } }
+  func add(_ line: String) { lines.withLock { $0.append(line) } }
+  func clear() { lines.withLock { $0.removeAll() } }
   func take() -> [String] {
-    lock.withLock {
+    lines.withLock { lines in
       defer { lines.removeAll() }
       return lines
     }
@@ -325,21 +326,20 @@ private final class LogLines: @unchecked Sendable {
 }
 
 /// An export held in memory.
-private final class MemoryExport: NBDExport, @unchecked Sendable {
+private final class MemoryExport: NBDExport, Sendable {
   let name: String
   let description = "fuzz export"
   let size: UInt64 = 1 << 20
   let flags = NBD.flagSendFlush | NBD.flagSendFUA | NBD.flagSendTrim | NBD.flagSendWriteZeroes
   let preferredBlockSize: UInt32 = 4096
-  private let lock = Monitor()
-  private var bytes = [UInt8](repeating: 0, count: 1 << 20)
+  private let bytes = Mutex([UInt8](repeating: 0, count: 1 << 20))
 
   init(name: String) { self.name = name }
 
   func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
     try check(offset, UInt64(buffer.count))
-    lock.withLock {
-      bytes.withUnsafeBytes {
+    bytes.withLock {
+      $0.withUnsafeBytes {
         buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)...].prefix(buffer.count)))
       }
     }
@@ -347,7 +347,7 @@ private final class MemoryExport: NBDExport, @unchecked Sendable {
 
   func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
     try check(offset, UInt64(buffer.count))
-    lock.withLock { bytes.replaceSubrange(Int(offset)..<Int(offset) + buffer.count, with: buffer) }
+    bytes.withLock { $0.replaceSubrange(Int(offset)..<Int(offset) + buffer.count, with: buffer) }
   }
 
   func flush() throws {}
@@ -358,8 +358,8 @@ private final class MemoryExport: NBDExport, @unchecked Sendable {
 
   func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
     try check(offset, length)
-    lock.withLock {
-      bytes.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
+    bytes.withLock {
+      $0.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
     }
   }
 

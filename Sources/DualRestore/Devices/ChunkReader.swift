@@ -10,6 +10,7 @@
 
 import Dispatch
 
+// @unchecked Sendable: slots pass between producer and consumer by the `filled`/`free` semaphores.
 public final class ChunkReader: @unchecked Sendable {
   public struct Chunk {
     /// Index of the first block of the chunk.

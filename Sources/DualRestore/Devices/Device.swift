@@ -32,6 +32,7 @@ public struct DeviceOpenOptions: Sendable {
   public static let readWrite = DeviceOpenOptions(writable: true)
 }
 
+// @unchecked Sendable: immutable after init; descriptors owned for its life, used with positional I/O only.
 public final class Device: @unchecked Sendable {
   // Immutable after init; the descriptor is used with positional I/O only,
   // which is safe from several threads at once.
@@ -272,6 +273,7 @@ private let zeroBuffer: AlignedBuffer = {
 }()
 
 /// Memory aligned for O_DIRECT, allocated once and reused.
+// @unchecked Sendable: memory owned for its life; one holder at a time reads or writes it.
 public final class AlignedBuffer: @unchecked Sendable {
   public let pointer: UnsafeMutableRawPointer
   public let count: Int

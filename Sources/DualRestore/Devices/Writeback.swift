@@ -12,6 +12,7 @@ import CShim
 import Dispatch
 import Glibc
 
+// @unchecked Sendable: its state is behind `monitor`, which the write-out thread waits on.
 public final class EarlyWriteback: @unchecked Sendable {
   private let fd: Int32
   private let threshold: UInt64

@@ -5,6 +5,7 @@
 import Dispatch
 import Glibc
 
+// @unchecked Sendable: immutable after init; worker `w` alone uses `digesters[w]`.
 public final class BlockHasher: @unchecked Sendable {
   public let algorithm: DigestAlgorithm
   public let geometry: BlockGeometry

@@ -9,6 +9,8 @@
 // sendfile(2) and splice(2) need a plain socket's descriptor
 // (`spliceDescriptor`); without one, data goes through memory.
 
+import Synchronization
+
 /// A byte stream with time limits.
 protocol NBDTransport: AnyObject, Sendable {
   /// Names the peer in errors and the log.
@@ -83,13 +85,15 @@ extension Socket: NBDTransport {
 /// them in order and find the end of input after them; what is written is
 /// counted and dropped. For the fuzz targets and their regression tests,
 /// one connection per input.
-package final class MemoryTransport: NBDTransport, @unchecked Sendable {
+package final class MemoryTransport: NBDTransport, Sendable {
   package let peer: String
-  private let lock = Monitor()
   private let input: [UInt8]
-  private var position = 0
-  private var closed = false
-  private var written = 0
+  private struct Ends {
+    var position = 0
+    var closed = false
+    var written = 0
+  }
+  private let ends = Mutex(Ends())
 
   package init(_ input: [UInt8], peer: String) {
     self.input = input
@@ -97,7 +101,7 @@ package final class MemoryTransport: NBDTransport, @unchecked Sendable {
   }
 
   /// Bytes written so far.
-  package var bytesWritten: Int { lock.withLock { written } }
+  package var bytesWritten: Int { ends.withLock { $0.written } }
 
   var isTLS: Bool { false }
   var spliceDescriptor: Int32? { nil }
@@ -110,16 +114,17 @@ package final class MemoryTransport: NBDTransport, @unchecked Sendable {
   func setWriteTimeout(_ seconds: Double) {}
 
   func read(into buffer: UnsafeMutableRawPointer, count: Int) throws {
-    try lock.withLock {
-      guard !closed, input.count - position >= count else {
+    try ends.withLock { e in
+      guard !e.closed, input.count - e.position >= count else {
         // What there is is taken, as a socket's reader would have.
-        position = input.count
+        e.position = input.count
         throw Socket.closed(peer)
       }
+      let position = e.position
       input.withUnsafeBytes { raw in
         if count > 0, let base = raw.baseAddress { buffer.copyMemory(from: base + position, byteCount: count) }
       }
-      position += count
+      e.position += count
     }
   }
 
@@ -130,16 +135,16 @@ package final class MemoryTransport: NBDTransport, @unchecked Sendable {
   }
 
   func write(_ buffer: UnsafeRawPointer, count: Int) throws {
-    try lock.withLock {
-      if closed { throw Socket.closed(peer) }
-      written += count
+    try ends.withLock { e in
+      if e.closed { throw Socket.closed(peer) }
+      e.written += count
     }
   }
 
   func send(_ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer?) throws {
-    try lock.withLock {
-      if closed { throw Socket.closed(peer) }
-      written += first.count + (second?.count ?? 0)
+    try ends.withLock { e in
+      if e.closed { throw Socket.closed(peer) }
+      e.written += first.count + (second?.count ?? 0)
     }
   }
 
@@ -147,7 +152,7 @@ package final class MemoryTransport: NBDTransport, @unchecked Sendable {
     throw ToolkitError("\(peer): sendfile needs a socket")
   }
 
-  func shutdown() { lock.withLock { closed = true } }
+  func shutdown() { ends.withLock { $0.closed = true } }
 
   func startTLS(server context: TLSServerContext) throws {
     throw ToolkitError("\(peer): TLS needs a socket")

@@ -8,15 +8,19 @@
 // The log is a map file (dualrestore-map(5), meaning "selected") beside the
 // overwrite map, with one bit per region of 4 MiB (or one block, if larger).
 
-final class ActivityLog: @unchecked Sendable {
+import Synchronization
+
+final class ActivityLog: Sendable {
   let path: String
   let geometry: BlockGeometry
   let blockGeometry: BlockGeometry
-  private let monitor = Monitor()
-  private var log: BlockMap
-  private var inFlight: [UInt64: Int] = [:]
-  /// Regions kept in the log until the backup has their blocks.
-  private var pinned: Set<UInt64> = []
+  private struct Regions {
+    var log: BlockMap
+    var inFlight: [UInt64: Int] = [:]
+    /// Regions kept in the log until the backup has their blocks.
+    var pinned: Set<UInt64> = []
+  }
+  private let regions: Mutex<Regions>
 
   /// The regions the log held when it was opened: non-empty after an
   /// unclean shutdown.
@@ -30,10 +34,11 @@ final class ActivityLog: @unchecked Sendable {
     if pathExists(path) {
       let existing = try MapFile.load(path)
       try existing.geometry.check(matches: geometry, path, "the activity log this build keeps")
-      log = existing
+      regions = Mutex(Regions(log: existing))
       recovered = Array(existing.bits.extents.flatMap { $0 })
     } else {
-      log = BlockMap(geometry: geometry, meaning: .selected, deviceName: deviceName)
+      let log = BlockMap(geometry: geometry, meaning: .selected, deviceName: deviceName)
+      regions = Mutex(Regions(log: log))
       recovered = []
       try MapFile.save(log, to: path)
     }
@@ -46,7 +51,7 @@ final class ActivityLog: @unchecked Sendable {
     return first..<min(first + perRegion, blockGeometry.blockCount)
   }
 
-  private func regions(_ blocks: Range<UInt64>) -> ClosedRange<UInt64> {
+  private func regionRange(_ blocks: Range<UInt64>) -> ClosedRange<UInt64> {
     let perRegion = UInt64(geometry.blockSize / blockGeometry.blockSize)
     return (blocks.lowerBound / perRegion)...((blocks.upperBound - 1) / perRegion)
   }
@@ -54,64 +59,64 @@ final class ActivityLog: @unchecked Sendable {
   /// Records writes to `blocks` as in flight; the log is durable on return.
   func enter(_ blocks: Range<UInt64>) throws {
     guard !blocks.isEmpty else { return }
-    try monitor.withLock {
+    try regions.withLock { s in
       var added = false
-      for r in regions(blocks) {
-        inFlight[r, default: 0] += 1
-        if !log.bits[r] {
-          log.bits[r] = true
+      for r in regionRange(blocks) {
+        s.inFlight[r, default: 0] += 1
+        if !s.log.bits[r] {
+          s.log.bits[r] = true
           added = true
         }
       }
-      if added { try MapFile.save(log, to: path) }
+      if added { try MapFile.save(s.log, to: path) }
     }
   }
 
   /// The writes to `blocks` are done (the regions stay logged until a flush).
   func leave(_ blocks: Range<UInt64>) {
     guard !blocks.isEmpty else { return }
-    monitor.withLock {
-      for r in regions(blocks) {
-        if let n = inFlight[r], n > 1 { inFlight[r] = n - 1 } else { inFlight[r] = nil }
+    regions.withLock { s in
+      for r in regionRange(blocks) {
+        if let n = s.inFlight[r], n > 1 { s.inFlight[r] = n - 1 } else { s.inFlight[r] = nil }
       }
     }
   }
 
   /// Keeps the regions of `blocks` logged until `unpin` (the backup lacks them).
   func pin(_ blocks: Range<UInt64>) {
-    monitor.withLock {
-      for r in regions(blocks) { pinned.insert(r) }
+    regions.withLock { s in
+      for r in regionRange(blocks) { s.pinned.insert(r) }
     }
   }
 
   /// Pins exactly the regions of `blocks` (the blocks still owed).
   func repin(_ blocks: Set<UInt64>) {
     let perRegion = UInt64(geometry.blockSize / blockGeometry.blockSize)
-    let regions = Set(blocks.map { $0 / perRegion })
-    monitor.withLock { pinned = regions }
+    let owed = Set(blocks.map { $0 / perRegion })
+    regions.withLock { $0.pinned = owed }
   }
 
   /// After a flush: drops the regions with nothing in flight or pinned.
   func trim() throws {
-    try monitor.withLock {
+    try regions.withLock { s in
       var changed = false
-      var r = log.bits.nextSet(from: 0)
+      var r = s.log.bits.nextSet(from: 0)
       while let region = r {
-        if inFlight[region] == nil && !pinned.contains(region) {
-          log.bits[region] = false
+        if s.inFlight[region] == nil && !s.pinned.contains(region) {
+          s.log.bits[region] = false
           changed = true
         }
-        r = log.bits.nextSet(from: region + 1)
+        r = s.log.bits.nextSet(from: region + 1)
       }
-      if changed { try MapFile.save(log, to: path) }
+      if changed { try MapFile.save(s.log, to: path) }
     }
   }
 
   /// Empties the log (after recovery, or at a clean shutdown).
   func clear() throws {
-    try monitor.withLock {
-      log.bits = BlockBitmap(count: geometry.blockCount)
-      try MapFile.save(log, to: path)
+    try regions.withLock { s in
+      s.log.bits = BlockBitmap(count: geometry.blockCount)
+      try MapFile.save(s.log, to: path)
     }
   }
 }

@@ -18,6 +18,7 @@
 
 import Dispatch
 import Glibc
+import Synchronization
 
 /// What a running restore does in the background.
 public struct RestoreSchedule: Sendable {
@@ -38,18 +39,21 @@ public struct RestoreSchedule: Sendable {
   }
 }
 
-final class RestoreBackground: @unchecked Sendable {
+final class RestoreBackground: Sendable {
   let engine: RestoreEngine
   let schedule: RestoreSchedule
   private let log: @Sendable (String) -> Void
   private let threads = StoppableThreads()
-  /// Serialises the completion check (the watcher and hydration's end).
-  private let completion = Monitor()
-  private var completionSaid = false
-  /// When the completion commit failed, the next time it is tried.
-  private var completionRetry = 0.0
-  /// Said just before the completion line (hydration's summary).
-  private var beforeCompletion: String?
+  /// The completion check's state; its lock serialises the check (the
+  /// watcher and hydration's end).
+  private struct Completion {
+    var said: Bool
+    /// When the completion commit failed, the next time it is tried.
+    var retry = 0.0
+    /// Said just before the completion line (hydration's summary).
+    var before: String?
+  }
+  private let completion: Mutex<Completion>
 
   /// How often the watcher looks for the restore's completion.
   static let completionPoll = 0.2
@@ -59,7 +63,7 @@ final class RestoreBackground: @unchecked Sendable {
     self.schedule = schedule
     self.log = engine.log
     // A restore complete when the server starts was said so before.
-    completionSaid = engine.isComplete
+    completion = Mutex(Completion(said: engine.isComplete))
   }
 
   func start() {
@@ -88,9 +92,9 @@ final class RestoreBackground: @unchecked Sendable {
       + "zeroed without copying (the backup said they read as zeros)"
     // Said with the completion line, after the commit, unless that line
     // came first (the watcher saw the last block).
-    let sayNow = completion.withLock { () -> Bool in
-      if !completionSaid { beforeCompletion = summary }
-      return completionSaid
+    let sayNow = completion.withLock { c -> Bool in
+      if !c.said { c.before = summary }
+      return c.said
     }
     if sayNow { log(summary) }
     checkCompletion()
@@ -113,17 +117,17 @@ final class RestoreBackground: @unchecked Sendable {
   /// Says the restore is complete once every block is current and the map
   /// committed says so.
   private func checkCompletion() {
-    completion.withLock {
-      guard !completionSaid, monotonicSeconds() >= completionRetry, engine.isComplete else { return }
+    completion.withLock { c in
+      guard !c.said, monotonicSeconds() >= c.retry, engine.isComplete else { return }
       do {
         try engine.flush()
       } catch {
         log("every block is current, but the map could not be committed (\(error)); trying again")
-        completionRetry = monotonicSeconds() + schedule.checkpointInterval
+        c.retry = monotonicSeconds() + schedule.checkpointInterval
         return
       }
-      completionSaid = true
-      if let line = beforeCompletion { log(line) }
+      c.said = true
+      if let line = c.before { log(line) }
       log("every block is current: the restore is complete")
     }
   }

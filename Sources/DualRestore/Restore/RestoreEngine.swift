@@ -28,6 +28,7 @@ import Dispatch
 import Glibc
 import Synchronization
 
+// @unchecked Sendable: its maps, debts and counters are behind `state`; flushes run one at a time under `flushLock`.
 public final class RestoreEngine: @unchecked Sendable {
   public let primary: Device
   public let backup: BlockDevice
@@ -89,8 +90,7 @@ public final class RestoreEngine: @unchecked Sendable {
   private let closing = AtomicFlag()
   /// The periodic work (hydration, progress, completion, checkpoints),
   /// once started.
-  private let backgroundLock = Monitor()
-  private var background: RestoreBackground?
+  private let background = Mutex<RestoreBackground?>(nil)
   /// Runs the backup's half of a write while the caller does the primary's.
   private let offload = Offload(threads: 32)
   private let readAheadUnit: UInt64
@@ -694,7 +694,7 @@ public final class RestoreEngine: @unchecked Sendable {
   /// activity log for the next start).
   @discardableResult
   public func close() throws -> Int {
-    backgroundLock.withLock { background }?.stop()
+    background.withLock { $0 }?.stop()
     if closing.setOnce() {
       for _ in 0..<Self.readAheadThreads { readAhead.put(nil) }
       for _ in 0..<Self.readAheadThreads { readAheadEnded.wait() }
@@ -718,7 +718,7 @@ public final class RestoreEngine: @unchecked Sendable {
   /// line and the checkpoints. close() stops it; beginStop() asks it to.
   public func start(_ schedule: RestoreSchedule) {
     let work = RestoreBackground(engine: self, schedule: schedule)
-    let started = backgroundLock.withLock { () -> Bool in
+    let started = background.withLock { background -> Bool in
       guard background == nil else { return false }
       background = work
       return true
@@ -729,7 +729,7 @@ public final class RestoreEngine: @unchecked Sendable {
   /// Asks the periodic work to stop (hydration takes no new run), without
   /// waiting: for a signal handler. close() waits for it.
   public func beginStop() {
-    backgroundLock.withLock { background }?.beginStop()
+    background.withLock { $0 }?.beginStop()
   }
 
   // MARK: Background copy
@@ -878,41 +878,63 @@ public final class RestoreEngine: @unchecked Sendable {
 /// Hydration's shared state: where the next run starts, what the backup
 /// said of its zeros in the window last asked about (and the count of
 /// divergent writes then), and the pace under the rate.
-private final class HydrationPlan: @unchecked Sendable {
+private final class HydrationPlan: Sendable {
   let engine: RestoreEngine
   let rate: UInt64
-  private let lock = Monitor()
   private let batchBlocks: UInt64
   /// One block status request covers this many blocks (64 MiB).
   private let windowBlocks: UInt64
-  private var position: UInt64 = 0
-  private var available = true
-  private var window: Range<UInt64> = 0..<0
-  private var zeroRuns: [Range<UInt64>] = []
-  private var generation = -1
-  private var pace: HydrationPace
-  /// Failures are logged at most every 10 s (16 workers fail together).
-  private var lastFailureLogged: Double?
-  private var failuresNotLogged = 0
+  private struct Plan {
+    var position: UInt64 = 0
+    var available = true
+    var window: Range<UInt64> = 0..<0
+    var zeroRuns: [Range<UInt64>] = []
+    var generation = -1
+    var pace: HydrationPace
+    /// Failures are logged at most every 10 s (16 workers fail together).
+    var lastFailureLogged: Double?
+    var failuresNotLogged = 0
+
+    mutating func forget() {
+      window = 0..<0
+      zeroRuns = []
+    }
+
+    /// Whether a failure gets a log line, and how many went unlogged since
+    /// the last: nil when it is too soon.
+    mutating func failureToLog() -> Int? {
+      let now = monotonicSeconds()
+      if let last = lastFailureLogged, now - last < 10 {
+        failuresNotLogged += 1
+        return nil
+      }
+      lastFailureLogged = now
+      defer { failuresNotLogged = 0 }
+      return failuresNotLogged
+    }
+  }
+  private let plan: Mutex<Plan>
 
   init(engine: RestoreEngine, rate: UInt64) {
     self.engine = engine
     self.rate = rate
     batchBlocks = UInt64(max(1, (1 << 20) / Int(engine.geometry.blockSize)))
     windowBlocks = max(batchBlocks, UInt64((64 << 20) / Int(engine.geometry.blockSize)))
-    pace = HydrationPace(
-      rate: rate, longestRun: batchBlocks * UInt64(engine.geometry.blockSize), now: monotonicSeconds())
+    plan = Mutex(
+      Plan(
+        pace: HydrationPace(
+          rate: rate, longestRun: batchBlocks * UInt64(engine.geometry.blockSize), now: monotonicSeconds())))
   }
 
   /// The next run to hydrate, with the zero runs known around it and the
   /// generation they were asked at; nil when every block is current.
   func next() -> (Range<UInt64>, [Range<UInt64>], Int)? {
-    lock.lock()
-    defer { lock.unlock() }
-    guard let (start, end) = engine.nextMissingRun(from: position, maximum: batchBlocks) else { return nil }
-    position = end >= engine.geometry.blockCount ? 0 : end
-    if available && !window.contains(start) { ask(from: start) }
-    return (start..<end, window.contains(start) ? zeroRuns : [], generation)
+    plan.withLock { p in
+      guard let (start, end) = engine.nextMissingRun(from: p.position, maximum: batchBlocks) else { return nil }
+      p.position = end >= engine.geometry.blockCount ? 0 : end
+      if p.available && !p.window.contains(start) { ask(from: start, &p) }
+      return (start..<end, p.window.contains(start) ? p.zeroRuns : [], p.generation)
+    }
   }
 
   /// Counts `bytes` about to be copied against the rate, waiting until the
@@ -921,7 +943,7 @@ private final class HydrationPlan: @unchecked Sendable {
   func admit(_ bytes: UInt64, shouldStop: () -> Bool) -> Bool {
     guard rate > 0 else { return !shouldStop() }
     while !shouldStop() {
-      guard let wait = lock.withLock({ pace.take(bytes, now: monotonicSeconds()) }) else { return true }
+      guard let wait = plan.withLock({ $0.pace.take(bytes, now: monotonicSeconds()) }) else { return true }
       usleep(UInt32(min(0.1, max(0.001, wait)) * 1e6))
     }
     return false
@@ -929,35 +951,24 @@ private final class HydrationPlan: @unchecked Sendable {
 
   /// Whether a failure gets a log line, and how many went unlogged since
   /// the last: nil when it is too soon.
-  func failureToLog() -> Int? { lock.withLock { failureToLogLocked() } }
-
-  private func failureToLogLocked() -> Int? {
-    let now = monotonicSeconds()
-    if let last = lastFailureLogged, now - last < 10 {
-      failuresNotLogged += 1
-      return nil
-    }
-    lastFailureLogged = now
-    defer { failuresNotLogged = 0 }
-    return failuresNotLogged
-  }
+  func failureToLog() -> Int? { plan.withLock { $0.failureToLog() } }
 
   /// Bytes admitted but not copied after all (zeroed, or not fetched).
   func giveBack(_ bytes: UInt64) {
     guard rate > 0, bytes > 0 else { return }
-    lock.withLock { pace.giveBack(bytes, now: monotonicSeconds()) }
+    plan.withLock { $0.pace.giveBack(bytes, now: monotonicSeconds()) }
   }
 
-  /// Asks the backup about the window from `start` (the lock held).
-  private func ask(from start: UInt64) {
+  /// Asks the backup about the window from `start` (the plan's lock held).
+  private func ask(from start: UInt64, _ p: inout Plan) {
     let end = min(start + windowBlocks, engine.geometry.blockCount)
     let (offset, length) = engine.geometry.byteRange(blocks: start, count: end - start)
-    generation = engine.divergentWriteCount
+    p.generation = engine.divergentWriteCount
     do {
       guard let runs = try engine.backup.allocation(from: offset, length: UInt32(length)) else {
-        available = false
+        p.available = false
         engine.log("the backup gives no block status (base:allocation): hydration copies every block")
-        forgetLocked()
+        p.forget()
         return
       }
       // The runs may cover only the start of the window: the rest is
@@ -966,24 +977,19 @@ private final class HydrationPlan: @unchecked Sendable {
       let coveredEnd =
         (offset + covered) >= engine.geometry.deviceSize
         ? engine.geometry.blockCount : (offset + covered) / UInt64(engine.geometry.blockSize)
-      window = start..<max(start + 1, min(end, coveredEnd))
-      zeroRuns = engine.zeroBlocks(in: runs, from: start)
+      p.window = start..<max(start + 1, min(end, coveredEnd))
+      p.zeroRuns = engine.zeroBlocks(in: runs, from: start)
     } catch {
       // Asked again for the next window; meanwhile everything is copied.
-      if let more = failureToLogLocked() {
+      if let more = p.failureToLog() {
         engine.log(
           "hydration: no block status from the backup for now (\(error))"
             + (more > 0 ? " (and \(more) other failure(s) since the last such line)" : "") + "; copying these blocks")
       }
-      forgetLocked()
-      window = start..<end
+      p.forget()
+      p.window = start..<end
     }
   }
 
-  func forget() { lock.withLock { forgetLocked() } }
-
-  private func forgetLocked() {
-    window = 0..<0
-    zeroRuns = []
-  }
+  func forget() { plan.withLock { $0.forget() } }
 }

@@ -60,6 +60,7 @@ struct WithholdingDigest {
 }
 
 /// Reads a descriptor ahead on a thread of its own, hashing there.
+// @unchecked Sendable: slots pass between reader thread and consumer by semaphores; each side's vars are its own.
 final class HashingInput: StreamInput, @unchecked Sendable {
   private final class Slot {
     let buffer: AlignedBuffer

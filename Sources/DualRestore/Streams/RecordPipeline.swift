@@ -18,6 +18,7 @@
 
 import Glibc
 
+// @unchecked Sendable: its state is behind `monitor`, which both stages wait on.
 final class RecordPipeline: @unchecked Sendable {
   /// A record and where the inner reader was after it.
   struct Entry {

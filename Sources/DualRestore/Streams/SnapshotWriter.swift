@@ -68,6 +68,7 @@ public enum SnapshotWriter {
 
   /// The compressed form of one chunk: what the parallel stage produces and
   /// the writer stage frames. Two of them alternate.
+  // @unchecked Sendable: handed stage to stage through Handoff queues; one stage holds it at a time.
   final class EncodedChunk: @unchecked Sendable {
     let compressed: AlignedBuffer
     let kinds: UnsafeMutableBufferPointer<Kind>
@@ -246,6 +247,7 @@ public enum SnapshotWriter {
 /// chunk's own buffers, and writes them with writev straight from the chunk
 /// and the compressed buffers; `hash` keeps the stream's SHA-256 over the
 /// same vectors, in order, on another thread.
+// @unchecked Sendable: used by the writer stage's one thread; `hash` by one other, ordered by semaphores.
 final class RecordFramer: @unchecked Sendable {
   /// Bytes kept per record after its body: a GCM tag and a CRC-32C.
   static let trailerStride = StreamCrypto.tagLength + StreamFormat.recordTrailerLength

@@ -3,15 +3,17 @@
 // not stay allocated), and a budget of bytes in use that makes a taker wait
 // for room.
 
-import Dispatch
+import Synchronization
 
 /// Reusable request buffers, by size. A few buffers up to `keepSize` are
 /// kept for the next requests, so memory stays bounded: larger or surplus
 /// buffers are freed when given back.
-final class BufferPool: @unchecked Sendable {
-  private let lock = DispatchSemaphore(value: 1)
-  private var free: [AlignedBuffer] = []
-  private var freeBytes = 0
+final class BufferPool: Sendable {
+  private struct Kept {
+    var buffers: [AlignedBuffer] = []
+    var bytes = 0
+  }
+  private let kept = Mutex(Kept())
   let keepCount: Int
   let keepSize: Int
   /// The most bytes kept in all, whatever their count.
@@ -24,30 +26,31 @@ final class BufferPool: @unchecked Sendable {
   }
 
   func get(_ size: Int) -> AlignedBuffer {
-    lock.wait()
-    if let i = free.firstIndex(where: { $0.count >= size && $0.count <= max(size * 4, 1 << 20) }) {
-      let b = free.remove(at: i)
-      freeBytes -= b.count
-      lock.signal()
+    let reused = kept.withLock { kept -> AlignedBuffer? in
+      guard
+        let i = kept.buffers.firstIndex(where: { $0.count >= size && $0.count <= max(size * 4, 1 << 20) })
+      else { return nil }
+      let b = kept.buffers.remove(at: i)
+      kept.bytes -= b.count
       return b
     }
-    lock.signal()
-    return AlignedBuffer(count: max(size, 4096))
+    return reused ?? AlignedBuffer(count: max(size, 4096))
   }
 
   func put(_ buffer: AlignedBuffer) {
-    lock.wait()
-    if free.count < keepCount && buffer.count <= keepSize && freeBytes + buffer.count <= keepBytes {
-      free.append(buffer)
-      freeBytes += buffer.count
+    kept.withLock { kept in
+      if kept.buffers.count < keepCount && buffer.count <= keepSize && kept.bytes + buffer.count <= keepBytes {
+        kept.buffers.append(buffer)
+        kept.bytes += buffer.count
+      }
     }
-    lock.signal()
   }
 }
 
 /// Bytes of request buffers in use across a server's connections. A taker
 /// waits until its bytes fit (one request always fits when nothing else
 /// is taken, so no request waits forever).
+// @unchecked Sendable: `used` is behind `monitor`, which takers wait on for room.
 final class ByteBudget: @unchecked Sendable {
   private let monitor = Monitor()
   private let limit: Int

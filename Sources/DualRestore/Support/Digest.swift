@@ -5,6 +5,7 @@
 import COpenSSL
 
 /// A digest algorithm known to OpenSSL by name (`sha256`, `sha512`, `sha3-256`, …).
+// @unchecked Sendable: immutable after init; an EVP_MD from the default provider is thread-safe for reads.
 public final class DigestAlgorithm: @unchecked Sendable {
   // EVP_MD objects fetched from the default provider are immutable and
   // safe to share between threads.

@@ -1,8 +1,14 @@
 // A mutex with a condition variable, and per-block locks built on them.
+//
+// One lock style: Mutex<State> (Synchronization) for guarded state, so the
+// compiler ties the state to its lock; Monitor only where a thread waits for
+// a condition (wait, broadcast, timed wait). Counters and flags that need no
+// lock are Atomic.
 
 import Glibc
 
 /// pthread mutex and condition variable (on the monotonic clock).
+// @unchecked Sendable: a pthread mutex and condition owned for its life; pthreads makes them thread-safe.
 package final class Monitor: @unchecked Sendable {
   private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
   private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
@@ -51,6 +57,7 @@ package final class Monitor: @unchecked Sendable {
 /// Exclusive locks on ranges of blocks. A range is taken whole or waited
 /// for; ranges are taken one at a time per thread, so there is no lock order
 /// to get wrong.
+// @unchecked Sendable: `busy` is behind `monitor`, which lock() waits on.
 final class BlockLocks: @unchecked Sendable {
   private let monitor = Monitor()
   private var busy: [Range<UInt64>] = []

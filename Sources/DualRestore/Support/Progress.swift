@@ -3,6 +3,7 @@
 
 import Glibc
 
+// @unchecked Sendable: one thread at a time updates it (a stage, joined before finish()).
 public final class ProgressMeter: @unchecked Sendable {
   private let label: String
   private let total: UInt64

@@ -5,6 +5,7 @@
 
 import Dispatch
 import Glibc
+import Synchronization
 
 private final class ThreadBody: Sendable {
   let body: @Sendable () -> Void
@@ -34,7 +35,8 @@ public func startThread(_ body: @escaping @Sendable () -> Void) {
 
 /// A few threads that run blocking jobs handed to them, so that a caller
 /// can overlap two blocking calls (a local write and a network round trip).
-public final class Offload: @unchecked Sendable {
+public final class Offload: Sendable {
+  // @unchecked Sendable: `body` is handed to one worker thread and runs once there; `done` is a semaphore.
   public final class Job: @unchecked Sendable {
     let body: () -> Void
     let done = DispatchSemaphore(value: 0)
@@ -66,62 +68,46 @@ public final class Offload: @unchecked Sendable {
 
 /// A queue between two threads, unbounded (its users bound it by how many
 /// items exist).
-final class Handoff<T>: @unchecked Sendable {
-  private var items: [T] = []
-  private let lock = DispatchSemaphore(value: 1)
+final class Handoff<T: Sendable>: Sendable {
+  private let items = Mutex<[T]>([])
   private let available = DispatchSemaphore(value: 0)
 
   func put(_ item: T) {
-    lock.wait()
-    items.append(item)
-    lock.signal()
+    items.withLock { $0.append(item) }
     available.signal()
   }
 
   func take() -> T? {
     available.wait()
-    lock.wait()
-    defer { lock.signal() }
-    return items.isEmpty ? nil : items.removeFirst()
+    return items.withLock { $0.isEmpty ? nil : $0.removeFirst() }
   }
 }
 
 /// The first error one thread saw, for another to read.
-final class ErrorBox: @unchecked Sendable {
-  private let lock = DispatchSemaphore(value: 1)
-  private var stored: Error?
+final class ErrorBox: Sendable {
+  private let stored = Mutex<Error?>(nil)
 
-  var error: Error? {
-    lock.wait()
-    defer { lock.signal() }
-    return stored
-  }
+  var error: Error? { stored.withLock { $0 } }
 
   func set(_ error: Error) {
-    lock.wait()
-    if stored == nil { stored = error }
-    lock.signal()
+    stored.withLock { if $0 == nil { $0 = error } }
   }
 }
 
 /// Hands a value that is safe by construction to another thread.
+// @unchecked Sendable: the caller vouches that `value` is safe to hand over (no thread shares it after).
 struct Unchecked<T>: @unchecked Sendable {
   let value: T
   init(_ value: T) { self.value = value }
 }
 
 /// A flag set once, readable from any thread.
-public final class AtomicFlag: @unchecked Sendable {
-  private let lock = DispatchSemaphore(value: 1)
-  private var value = false
+public final class AtomicFlag: Sendable {
+  private let value = Mutex(false)
 
   public init() {}
 
-  public var isSet: Bool {
-    lock.wait()
-    defer { lock.signal() }
-    return value
-  }
+  public var isSet: Bool { value.withLock { $0 } }
 
   /// Sets the flag.
   public func set() { _ = setOnce() }
@@ -129,17 +115,18 @@ public final class AtomicFlag: @unchecked Sendable {
   /// Sets the flag; returns true for the call that set it.
   @discardableResult
   func setOnce() -> Bool {
-    lock.wait()
-    defer { lock.signal() }
-    if value { return false }
-    value = true
-    return true
+    value.withLock {
+      if $0 { return false }
+      $0 = true
+      return true
+    }
   }
 }
 
 /// Threads that run until told to stop, each pausing between rounds of its
 /// work: a server's periodic jobs (checkpoints, progress lines, hydration).
 /// stop() returns only once every thread started here has ended.
+// @unchecked Sendable: `stopping` and `running` are behind `lock`, which pause() and stop() wait on.
 package final class StoppableThreads: @unchecked Sendable {
   // Guarded by `lock`.
   private let lock = Monitor()

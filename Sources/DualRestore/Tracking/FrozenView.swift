@@ -21,7 +21,7 @@ import CShim
 import Glibc
 import Synchronization
 
-public final class FrozenView: @unchecked Sendable {
+public final class FrozenView: Sendable {
   public let id = ID128.random()
   public let frozen: Instant
   public let geometry: BlockGeometry
@@ -35,13 +35,16 @@ public final class FrozenView: @unchecked Sendable {
   let log: @Sendable (String) -> Void
   static let headerLength: UInt64 = 4096
 
-  private let lock = Monitor()
-  private var slots: [UInt64: UInt64] = [:]
-  private var nextSlot: UInt64 = 0
-  /// Where the store's allocated blocks end (fallocate, ahead of the slots).
-  private var allocated: UInt64 = FrozenView.headerLength
+  /// The store's slots: which block each holds, and how far they reach.
+  private struct Store {
+    var slots: [UInt64: UInt64] = [:]
+    var nextSlot: UInt64 = 0
+    /// Where the store's allocated blocks end (fallocate, ahead of the slots).
+    var allocated: UInt64 = FrozenView.headerLength
+    var lostReason: String?
+  }
+  private let store = Mutex(Store())
   static let allocationStep: UInt64 = 64 << 20
-  private var lostReason: String?
 
   /// Creates the store at `path`. `generation`, the change map's at the
   /// freeze, is only named in the store's header, for whoever finds a store
@@ -107,26 +110,28 @@ public final class FrozenView: @unchecked Sendable {
   }
 
   public var status: TrackingEngine.ViewStatus {
-    lock.withLock {
+    store.withLock { s in
       TrackingEngine.ViewStatus(
-        id: id, frozen: frozen, preservedBlocks: UInt64(slots.count), storeBytes: storeBytesLocked, storeLimit: limit,
-        lost: lostReason)
+        id: id, frozen: frozen, preservedBlocks: UInt64(s.slots.count), storeBytes: storeBytes(s), storeLimit: limit,
+        lost: s.lostReason)
     }
   }
 
-  public var isLost: Bool { lock.withLock { lostReason != nil } }
+  public var isLost: Bool { store.withLock { $0.lostReason != nil } }
 
-  private var storeBytesLocked: UInt64 { FrozenView.headerLength + nextSlot * UInt64(geometry.blockSize) }
+  private func storeBytes(_ s: borrowing Store) -> UInt64 {
+    FrozenView.headerLength + s.nextSlot * UInt64(geometry.blockSize)
+  }
 
   /// Marks the view lost; its reads fail from now on.
   func close(reason: String) {
-    lock.withLock { if lostReason == nil { lostReason = reason } }
+    store.withLock { if $0.lostReason == nil { $0.lostReason = reason } }
   }
 
   private func lose(_ reason: String) {
-    let first = lock.withLock { () -> Bool in
-      guard lostReason == nil else { return false }
-      lostReason = reason
+    let first = store.withLock { s -> Bool in
+      guard s.lostReason == nil else { return false }
+      s.lostReason = reason
       return true
     }
     if first {
@@ -141,14 +146,14 @@ public final class FrozenView: @unchecked Sendable {
     var b = blocks.lowerBound
     while b < blocks.upperBound {
       // The next run of blocks not yet preserved.
-      let run: Range<UInt64>? = lock.withLock {
-        if lostReason != nil { return nil }
+      let run: Range<UInt64>? = store.withLock { s in
+        if s.lostReason != nil { return nil }
         var start = b
-        while start < blocks.upperBound && slots[start] != nil { start += 1 }
+        while start < blocks.upperBound && s.slots[start] != nil { start += 1 }
         guard start < blocks.upperBound else { return nil }
         var end = start + 1
         let most = max(1, (4 << 20) / blockSize)
-        while end < blocks.upperBound && slots[end] == nil && end - start < most { end += 1 }
+        while end < blocks.upperBound && s.slots[end] == nil && end - start < most { end += 1 }
         return start..<end
       }
       guard let run else { return }
@@ -161,19 +166,19 @@ public final class FrozenView: @unchecked Sendable {
         lose("reading the old contents of block \(run.lowerBound) failed: \(error)")
         return
       }
-      let claimed: (first: UInt64, grow: Range<UInt64>?)? = lock.withLock {
-        let bytes = storeBytesLocked + UInt64(run.count) * blockSize
+      let claimed: (first: UInt64, grow: Range<UInt64>?)? = store.withLock { s in
+        let bytes = storeBytes(s) + UInt64(run.count) * blockSize
         guard bytes <= limit else { return nil }
-        let s = nextSlot
-        nextSlot += UInt64(run.count)
+        let first = s.nextSlot
+        s.nextSlot += UInt64(run.count)
         // Room ahead of the slots, allocated a step at a time.
         var grow: Range<UInt64>?
-        if bytes > allocated {
-          let end = min(limit, max(bytes, allocated + FrozenView.allocationStep))
-          grow = allocated..<end
-          allocated = end
+        if bytes > s.allocated {
+          let end = min(limit, max(bytes, s.allocated + FrozenView.allocationStep))
+          grow = s.allocated..<end
+          s.allocated = end
         }
-        return (s, grow)
+        return (first, grow)
       }
       if let grow = claimed?.grow {
         // Only faster when it works: where it fails, the write allocates.
@@ -188,8 +193,8 @@ public final class FrozenView: @unchecked Sendable {
         lose("writing the preservation store \(path) failed: \(e)")
         return
       }
-      lock.withLock {
-        for (i, block) in run.enumerated() { slots[block] = first + UInt64(i) }
+      store.withLock { s in
+        for (i, block) in run.enumerated() { s.slots[block] = first + UInt64(i) }
       }
       b = run.upperBound
     }
@@ -225,7 +230,7 @@ public final class FrozenView: @unchecked Sendable {
     var position = offset
     while position < end {
       let block = position >> geometry.blockShift
-      let (slot, lost) = lock.withLock { (slots[block], lostReason) }
+      let (slot, lost) = store.withLock { ($0.slots[block], $0.lostReason) }
       if let lost { throw TrackingError.viewLost(view: id, reason: lost) }
       let blockEnd = min((block + 1) * blockSize, end)
       let into = buffer.baseAddress! + Int(position - offset)
@@ -241,14 +246,14 @@ public final class FrozenView: @unchecked Sendable {
       var runEnd = blockEnd
       while runEnd < end {
         let next = runEnd >> geometry.blockShift
-        if lock.withLock({ slots[next] }) != nil { break }
+        if store.withLock({ $0.slots[next] }) != nil { break }
         runEnd = min((next + 1) * blockSize, end)
       }
       try device.read(
         into: UnsafeMutableRawBufferPointer(start: into, count: Int(runEnd - position)), at: position)
       position = runEnd
     }
-    if let lost = lock.withLock({ lostReason }) {
+    if let lost = store.withLock({ $0.lostReason }) {
       throw TrackingError.viewLost(view: id, reason: lost)
     }
   }

@@ -22,6 +22,7 @@
 import Dispatch
 import Glibc
 
+// @unchecked Sendable: its state is behind `state`, which writes and commits wait on (the gate).
 public final class TrackingEngine: @unchecked Sendable {
   public let device: Device
   public let geometry: BlockGeometry

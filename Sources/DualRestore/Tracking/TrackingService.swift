@@ -13,7 +13,7 @@
 
 import Glibc
 
-public final class TrackingService: @unchecked Sendable {
+public final class TrackingService: Sendable {
   public let engine: TrackingEngine
   private let checkpointInterval: Double
   private let threads = StoppableThreads()

@@ -2,7 +2,7 @@
 // mirrored writes), and `merge`, through which merge-snapshot lands a
 // shipped snapshot where the map says not current.
 
-public final class RestoreExport: NBDExport, @unchecked Sendable {
+public final class RestoreExport: NBDExport, Sendable {
   let engine: RestoreEngine
   public let name = "primary"
   public var description: String { "\(canonicalPath(engine.primary.path)), restored from \(engine.backup.name)" }
@@ -57,7 +57,7 @@ public final class RestoreExport: NBDExport, @unchecked Sendable {
   }
 }
 
-public final class MergeExport: NBDExport, @unchecked Sendable {
+public final class MergeExport: NBDExport, Sendable {
   let engine: RestoreEngine
   /// The stream this connection merges, once admitted (dualrestore-merge(5)).
   let stream: ID128?
@@ -132,7 +132,7 @@ public final class MergeExport: NBDExport, @unchecked Sendable {
 
 /// The server's report on one stream's merge (`merge;report=ID`,
 /// `merge;complete=ID`): a read-only export whose bytes are the report.
-final class MergeReportExport: NBDExport, @unchecked Sendable {
+final class MergeReportExport: NBDExport, Sendable {
   let bytes: [UInt8]
   let name = MergeExportName.exportName
   var description: String { "what the merge export did with the blocks of one stream" }

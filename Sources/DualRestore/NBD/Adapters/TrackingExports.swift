@@ -1,7 +1,7 @@
 // The NBD exports of a tracking server: the device itself (reads, tracked
 // writes, flushes) and, while one is frozen, the read-only view.
 
-public final class TrackedExport: NBDExport, @unchecked Sendable {
+public final class TrackedExport: NBDExport, Sendable {
   let engine: TrackingEngine
   public let name = "device"
   /// Absolute paths: a client that reconnects after a restart of the server
@@ -49,7 +49,7 @@ public final class TrackedExport: NBDExport, @unchecked Sendable {
 /// the view held when it connected: once that view is dropped or lost its
 /// reads fail with EIO, never reading another view's (or the live
 /// device's) blocks in its place.
-public final class ViewExport: NBDExport, @unchecked Sendable {
+public final class ViewExport: NBDExport, Sendable {
   let engine: TrackingEngine
   /// The view a connected client reads; nil for the export as listed.
   let view: FrozenView?

@@ -1,6 +1,8 @@
 // An NBD client as a block device: the backup of a restore, a merge target
 // (the `merge` export of a running restore-read-through), a source to read.
 
+import Synchronization
+
 extension NBDClient {
   public var capabilities: DeviceCapabilities {
     var c: DeviceCapabilities = [.splicesIntoFile]
@@ -27,18 +29,20 @@ extension NBDClient {
 /// Several connections to one backup export, used in turn, so that more
 /// requests are in flight at the backup than one connection's server
 /// threads take (NBD multi-conn). Flushes go to every connection.
-public final class MultiConnectionLink: BlockDevice, @unchecked Sendable {
+public final class MultiConnectionLink: BlockDevice, Sendable {
   public let connections: [NBDClient]
-  private let next = Monitor()
-  private var index = 0
+  /// The connection used last.
+  private let index = Mutex(0)
 
   private let uri: String
   private let timeout: Double
   /// A connection of its own for block status, opened when first asked
   /// for (hydration): nil when the backup does not give base:allocation.
-  private let statusLock = Monitor()
-  private var status: NBDClient?
-  private var statusTried = false
+  private struct StatusConnection {
+    var client: NBDClient?
+    var tried = false
+  }
+  private let status = Mutex(StatusConnection())
 
   public init(uri: String, timeout: Double, count: Int) throws {
     var list: [NBDClient] = []
@@ -57,9 +61,9 @@ public final class MultiConnectionLink: BlockDevice, @unchecked Sendable {
   public var capabilities: DeviceCapabilities { connections[0].capabilities.union(.reportsHoles) }
 
   private func pick() -> NBDClient {
-    next.withLock {
-      index = (index + 1) % connections.count
-      return connections[index]
+    index.withLock {
+      $0 = ($0 + 1) % connections.count
+      return connections[$0]
     }
   }
 
@@ -72,7 +76,7 @@ public final class MultiConnectionLink: BlockDevice, @unchecked Sendable {
     } catch {
       if c.takeShutdownSeen() {
         for other in connections { other.disconnectWhenIdle() }
-        statusLock.withLock { status }?.disconnectWhenIdle()
+        status.withLock { $0.client }?.disconnectWhenIdle()
       }
       throw error
     }
@@ -101,13 +105,13 @@ public final class MultiConnectionLink: BlockDevice, @unchecked Sendable {
   /// Throws when the status connection cannot be made (it is tried again
   /// at the next call); nil when the backup gives no base:allocation.
   public func allocation(from offset: UInt64, length: UInt32) throws -> [Extent]? {
-    let client = try statusLock.withLock { () throws -> NBDClient? in
-      if !statusTried {
+    let client = try status.withLock { s throws -> NBDClient? in
+      if !s.tried {
         let c = try NBDClient(uri: uri, timeout: timeout, allocation: true)
-        statusTried = true
-        if c.hasAllocation { status = c } else { c.close() }
+        s.tried = true
+        if c.hasAllocation { s.client = c } else { c.close() }
       }
-      return status
+      return s.client
     }
     guard let client else { return nil }
     return try run(client) { try $0.allocation(offset: offset, length: length) }
@@ -121,9 +125,9 @@ public final class MultiConnectionLink: BlockDevice, @unchecked Sendable {
   /// Ends every connection, the block status one too, with NBD_CMD_DISC.
   public func close() {
     for c in connections { c.close() }
-    statusLock.withLock {
-      statusTried = true
-      return status
+    status.withLock {
+      $0.tried = true
+      return $0.client
     }?.close()
   }
 }

@@ -30,6 +30,7 @@
 
 import Glibc
 
+// @unchecked Sendable: the connection state is behind `state`, which requests wait on for a reconnection.
 public final class NBDClient: BlockDevice, @unchecked Sendable {
   public let uri: NBDURI
   /// The URI as given.

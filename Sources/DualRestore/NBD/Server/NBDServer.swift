@@ -18,6 +18,7 @@
 
 import Dispatch
 import Glibc
+import Synchronization
 
 /// How a server offers TLS.
 public enum NBDServerTLS: Sendable {
@@ -68,7 +69,7 @@ public struct NBDServerOptions: Sendable {
   }
 }
 
-public final class NBDServer: @unchecked Sendable {
+public final class NBDServer: Sendable {
   public let exports: [NBDExport]
   public let options: NBDServerOptions
   public let log: @Sendable (String) -> Void
@@ -79,12 +80,14 @@ public final class NBDServer: @unchecked Sendable {
   /// be faulted in and zeroed every time) and 48 MiB in all, so the server's
   /// memory stays bounded whatever the number of clients.
   let pool = BufferPool(keepCount: 64, keepSize: 8 << 20, keepBytes: 48 << 20)
-  private let stateLock = DispatchSemaphore(value: 1)
-  private var connections: [ObjectIdentifier: Socket] = [:]
-  private var connectionCount = 0
+  private struct Connections {
+    var open: [ObjectIdentifier: Socket] = [:]
+    var count = 0
+    var stopping = false
+    var lastRefusalLogged = 0.0
+  }
+  private let connections = Mutex(Connections())
   private let idle = DispatchSemaphore(value: 0)
-  private var stopping = false
-  private var lastRefusalLogged = 0.0
   let budget: ByteBudget
 
   public init(
@@ -117,57 +120,53 @@ public final class NBDServer: @unchecked Sendable {
         socket.shutdown()
         return
       }
-      stateLock.wait()
-      if connectionCount >= max(1, options.maximumConnections) {
+      // nil when admitted; else whether to log the refusal, and how many are open.
+      let refusal = connections.withLock { c -> (say: Bool, open: Int)? in
+        if c.count >= max(1, options.maximumConnections) {
+          let now = monotonicSeconds()
+          let say = now - c.lastRefusalLogged >= 1
+          if say { c.lastRefusalLogged = now }
+          return (say, c.count)
+        }
+        c.open[ObjectIdentifier(socket)] = socket
+        c.count += 1
+        return nil
+      }
+      if let refusal {
         // Closed before the greeting: the client sees the connection end.
-        let now = monotonicSeconds()
-        let say = now - lastRefusalLogged >= 1
-        if say { lastRefusalLogged = now }
-        let open = connectionCount
-        stateLock.signal()
         socket.shutdown()
-        if say { log("refused a connection: \(open) connections are open, the most allowed") }
+        if refusal.say { log("refused a connection: \(refusal.open) connections are open, the most allowed") }
         continue
       }
-      connections[ObjectIdentifier(socket)] = socket
-      connectionCount += 1
-      stateLock.signal()
       startThread { [self] in
         NBDServerConnection(server: self, transport: socket).run()
-        stateLock.wait()
-        connections[ObjectIdentifier(socket)] = nil
-        connectionCount -= 1
-        // Only a stop waits for the last connection: a signal while serving
-        // would be left over and let a later stop return too early.
-        let last = connectionCount == 0 && stopping
-        stateLock.signal()
+        let last = connections.withLock { c in
+          c.open[ObjectIdentifier(socket)] = nil
+          c.count -= 1
+          // Only a stop waits for the last connection: a signal while serving
+          // would be left over and let a later stop return too early.
+          return c.count == 0 && c.stopping
+        }
         if last { idle.signal() }
       }
     }
   }
 
-  var isStopping: Bool {
-    stateLock.wait()
-    defer { stateLock.signal() }
-    return stopping
-  }
+  var isStopping: Bool { connections.withLock { $0.stopping } }
 
   /// Makes `serve` return: no new connections are accepted.
   public func beginStop(_ listener: Listener) {
-    stateLock.wait()
-    stopping = true
-    stateLock.signal()
+    connections.withLock { $0.stopping = true }
     listener.shutdown()
   }
 
   /// Stops serving: open connections are shut down once their requests in
   /// flight are answered; returns when all have ended.
   public func stop() {
-    stateLock.wait()
-    stopping = true
-    let open = Array(connections.values)
-    let count = connectionCount
-    stateLock.signal()
+    let (open, count) = connections.withLock { c in
+      c.stopping = true
+      return (Array(c.open.values), c.count)
+    }
     for s in open { s.shutdown() }
     if count > 0 { idle.wait() }
   }

@@ -4,7 +4,7 @@
 // away between requests ends normally. Over TLS, close_notify goes out
 // before the descriptor closes.
 
-final class NBDServerConnection: @unchecked Sendable {
+final class NBDServerConnection: Sendable {
   let server: NBDServer
   let transport: NBDTransport
 

@@ -11,6 +11,7 @@
 // the client never takes what it got for data.
 
 import CShim
+import Synchronization
 
 extension NBDServerTransmission {
   /// READs at least this long are sent from the file when the export can;
@@ -64,21 +65,23 @@ extension NBDServerTransmission {
       if r.type == NBD.cmdRead && r.error == 0, let b = r.buffer {
         data = UnsafeRawBufferPointer(start: b.pointer, count: r.length)
       }
-      sendLock.wait()
-      defer { sendLock.signal() }
-      do {
-        if r.error == 0, let span = r.span {
-          try transport.send(header, from: span.fd, at: span.offset, count: r.length)
-        } else if r.error == 0, let status = r.status {
-          try status.withUnsafeBytes { try transport.send(header, $0) }
-        } else {
-          try transport.send(header, data)
+      sendLock.withLock { _ in
+        do {
+          if r.error == 0, let span = r.span {
+            try transport.send(header, from: span.fd, at: span.offset, count: r.length)
+          } else if r.error == 0, let status = r.status {
+            try status.withUnsafeBytes { try transport.send(header, $0) }
+          } else {
+            try transport.send(header, data)
+          }
+        } catch {
+          // The reply is cut short (its header may be gone already): the
+          // client must not take what it got for data, so it is cut off.
+          if r.span != nil {
+            server.log("READ of \(r.length) bytes at \(r.offset): \(error); disconnecting the client")
+          }
+          transport.shutdown()
         }
-      } catch {
-        // The reply is cut short (its header may be gone already): the
-        // client must not take what it got for data, so it is cut off.
-        if r.span != nil { server.log("READ of \(r.length) bytes at \(r.offset): \(error); disconnecting the client") }
-        transport.shutdown()
       }
     }
   }

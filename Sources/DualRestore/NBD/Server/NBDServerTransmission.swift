@@ -17,13 +17,14 @@
 // (`NBDError.code(for:)`).
 
 import Dispatch
+import Synchronization
 
-final class NBDServerTransmission: @unchecked Sendable {
+final class NBDServerTransmission: Sendable {
   let server: NBDServer
   let transport: NBDTransport
   let session: NBDServerSession
   /// Replies are written whole under this lock, in completion order.
-  let sendLock = DispatchSemaphore(value: 1)
+  let sendLock = Mutex(())
 
   init(server: NBDServer, transport: NBDTransport, session: NBDServerSession) {
     self.server = server
@@ -76,22 +77,31 @@ final class NBDServerTransmission: @unchecked Sendable {
   }
 
   /// The read side of a connection, shared by its workers.
-  final class RequestReader: @unchecked Sendable {
+  final class RequestReader: Sendable {
     let transmission: NBDServerTransmission
-    private let lock = Monitor()
-    private let header = AlignedBuffer(count: NBDRequest.length)
-    private var closed = false
-    private(set) var failure: Error?
+    /// The read side: taken by one worker at a time for a whole request.
+    private struct ReadSide {
+      let header = AlignedBuffer(count: NBDRequest.length)
+      var closed = false
+      var failure: Error?
+    }
+    private let readSide = Mutex(ReadSide())
 
     init(transmission: NBDServerTransmission) {
       self.transmission = transmission
     }
 
+    /// Why the connection ended, unless the client said goodbye.
+    var failure: Error? { readSide.withLock { $0.failure } }
+
     /// Reads the next request under the read lock; nil when the connection is over.
     func next() -> Request? {
-      lock.lock()
-      defer { lock.unlock() }
-      if closed { return nil }
+      readSide.withLock { side in next(&side) }
+    }
+
+    private func next(_ side: inout ReadSide) -> Request? {
+      let header = side.header
+      if side.closed { return nil }
       do {
         let t = transmission
         let server = t.server
@@ -106,7 +116,7 @@ final class NBDServerTransmission: @unchecked Sendable {
           flags: wire.flags, type: wire.type, cookie: wire.cookie, offset: wire.offset, length: Int(wire.length),
           buffer: nil, span: nil, status: nil, error: 0, budgeted: 0)
         if request.type == NBD.cmdDisconnect {
-          closed = true
+          side.closed = true
           return nil
         }
         if request.type == NBD.cmdWrite {
@@ -137,8 +147,8 @@ final class NBDServerTransmission: @unchecked Sendable {
         }
         return request
       } catch {
-        closed = true
-        failure = error
+        side.closed = true
+        side.failure = error
         return nil
       }
     }
