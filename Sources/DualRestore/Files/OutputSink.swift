@@ -105,32 +105,10 @@ public final class OutputSink {
 
   /// Writes the buffers in order with as few system calls as it can.
   public func write(vectors: UnsafeMutableBufferPointer<iovec>) throws {
-    var index = 0
-    let count = vectors.count
-    while index < count {
-      let batch = Int32(min(count - index, 1024))
-      let n = writev(fd, vectors.baseAddress! + index, batch)
-      if n < 0 {
-        if errno == EINTR { continue }
-        throw ToolkitError("\(target.name): \(Errno.current)")
-      }
-      if n == 0 { throw ToolkitError("\(target.name): \(Errno(EIO))") }
-      bytesWritten += UInt64(n)
-      // Skip what was written; a pipe may take part of a vector.
-      var left = n
-      while left > 0 {
-        let length = vectors[index].iov_len
-        if left >= length {
-          left -= length
-          index += 1
-        } else {
-          vectors[index].iov_base = vectors[index].iov_base! + left
-          vectors[index].iov_len -= left
-          left = 0
-        }
-      }
-      while index < count && vectors[index].iov_len == 0 { index += 1 }
+    let result = writingAllVectors(vectors, written: &bytesWritten) { first, count in
+      Sys.writev(fd, first, min(count, 1024))
     }
+    if case .failure(let e) = result { throw ToolkitError("\(target.name): \(e)") }
   }
 
   /// Completes the output: a file is made durable and renamed into place.

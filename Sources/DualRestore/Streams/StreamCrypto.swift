@@ -175,22 +175,20 @@ public final class StreamSecret: @unchecked Sendable {
   /// The whole of a small file (a regular file, or a pipe such as /dev/fd/3),
   /// refused when longer than `limit`.
   private static func readSmallFile(_ path: String, limit: Int) throws -> UnsafeMutableRawBufferPointer {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { throw ToolkitError.path(path, String(cString: strerror(errno))) }
-    defer { close(fd) }
+    let fd: Int32
+    switch Sys.open(path, flags: O_RDONLY) {
+    case .success(let d): fd = d
+    case .failure(let e): throw ToolkitError.path(path, e.description)
+    }
+    defer { Sys.close(fd) }
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: limit + 1, alignment: 16)
-    var have = 0
-    while have <= limit {
-      let n = read(fd, buffer.baseAddress! + have, limit + 1 - have)
-      if n < 0 && errno == EINTR { continue }
-      if n < 0 {
-        let why = String(cString: strerror(errno))
-        OPENSSL_cleanse(buffer.baseAddress, buffer.count)
-        buffer.deallocate()
-        throw ToolkitError.path(path, why)
-      }
-      if n == 0 { break }
-      have += n
+    let have: Int
+    switch readFull(fd, buffer.baseAddress!, limit + 1) {
+    case .success(let n): have = n
+    case .failure(let e):
+      OPENSSL_cleanse(buffer.baseAddress, buffer.count)
+      buffer.deallocate()
+      throw ToolkitError.path(path, e.description)
     }
     if have > limit {
       OPENSSL_cleanse(buffer.baseAddress, buffer.count)

@@ -248,22 +248,14 @@ final class NBDClientConnection: @unchecked Sendable {
         return describeSendFailure(error)
       }
     }
-    var done = 0
     let flags = Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0)
-    while done < count {
-      let n = Glibc.send(fd, buffer + done, count - done, flags)
-      if n < 0 {
-        let e = errno
-        if e == EINTR { continue }
-        if e == EAGAIN || e == EWOULDBLOCK {
-          return NBDClientFailure("the server did not take the request in time", kind: .timedOut)
-        }
-        let closed = e == EPIPE || e == ECONNRESET
-        return NBDClientFailure("the connection broke (\(Errno(e)))", kind: closed ? .connectionClosed : nil)
-      }
-      done += n
+    guard case .failure(let e) = sendFull(fd, buffer, count, flags: flags) else { return nil }
+    let code = e.rawValue
+    if code == EAGAIN || code == EWOULDBLOCK {
+      return NBDClientFailure("the server did not take the request in time", kind: .timedOut)
     }
-    return nil
+    let closed = code == EPIPE || code == ECONNRESET
+    return NBDClientFailure("the connection broke (\(e))", kind: closed ? .connectionClosed : nil)
   }
 
   /// Waits for a registered request's reply and frees its slot: the

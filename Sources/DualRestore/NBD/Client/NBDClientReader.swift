@@ -259,22 +259,25 @@ extension NBDClientConnection {
       "the connection broke (\(transport.peer): connection closed)", kind: .connectionClosed)
     while remaining > 0 {
       // The pipe is empty here, so the splice cannot wait for room in it.
-      var n = dr_splice_in(socket, pipe.in, UInt(min(remaining, pipe.capacity)), 1)
-      if n < 0 && errno == EINTR { continue }
-      if n < 0 { return (NBDClientFailure("the connection broke (\(Errno(errno)))"), fileErrno) }
-      if n == 0 { return (closed, fileErrno) }
+      var n: Int
+      switch Sys.spliceIn(socket, pipe.in, min(remaining, pipe.capacity), wait: true) {
+      case .success(0): return (closed, fileErrno)
+      case .success(let m): n = m
+      case .failure(let e): return (NBDClientFailure("the connection broke (\(e))"), fileErrno)
+      }
       remaining -= n
       // Then more of the reply, as far as the pipe takes it, without
       // waiting for room in the pipe (a TCP socket may still wait for the
       // rest of the reply, which is on its way): fewer, longer writes.
-      while remaining > 0 && n < pipe.capacity {
-        let m = dr_splice_in(socket, pipe.in, UInt(min(remaining, pipe.capacity - n)), 0)
-        if m < 0 && errno == EINTR { continue }
-        if m < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { break }
-        if m < 0 { return (NBDClientFailure("the connection broke (\(Errno(errno)))"), fileErrno) }
-        if m == 0 { return (closed, fileErrno) }
-        n += m
-        remaining -= m
+      more: while remaining > 0 && n < pipe.capacity {
+        switch Sys.spliceIn(socket, pipe.in, min(remaining, pipe.capacity - n), wait: false) {
+        case .success(0): return (closed, fileErrno)
+        case .success(let m):
+          n += m
+          remaining -= m
+        case .failure(let e) where e.rawValue == EAGAIN || e.rawValue == EWOULDBLOCK: break more
+        case .failure(let e): return (NBDClientFailure("the connection broke (\(e))"), fileErrno)
+        }
       }
       // Into the file up to a page boundary (all of it at the reply's end):
       // a write ending inside a page that is not cached has the page read
@@ -320,26 +323,27 @@ extension NBDClientConnection {
     var left = count
     while left > 0 {
       if fileErrno == 0 && !spliceRefused {
-        let (m, error) = writingFile { () -> (Int, Int32) in
-          let m = dr_splice_out(pipe, file.fd, position, UInt(left))
-          return (m, m < 0 ? errno : EIO)
-        }
-        if m > 0 {
+        let e: Int32
+        switch writingFile({ Sys.spliceOut(pipe, file.fd, position, left) }) {
+        case .success(0): e = EIO
+        case .success(let m):
           left -= m
           position += UInt64(m)
           continue
+        case .failure(let error): e = error.rawValue
         }
-        let e = error
-        if e == EINTR { continue }
         if e == EINVAL || e == ENOSYS || e == EOPNOTSUPP {
           spliceRefused = true
         } else {
           fileErrno = e
         }
       }
-      let m = Glibc.read(pipe, scratch, min(left, NBDClientConnection.scratchSize))
-      if m < 0 && errno == EINTR { continue }
-      if m <= 0 { return "the connection broke (its pipe: \(Errno(m < 0 ? errno : EIO)))" }
+      let m: Int
+      switch Sys.read(pipe, scratch, min(left, NBDClientConnection.scratchSize)) {
+      case .success(0): return "the connection broke (its pipe: \(Errno(EIO)))"
+      case .success(let got): m = got
+      case .failure(let e): return "the connection broke (its pipe: \(e))"
+      }
       if fileErrno == 0, case .failure(let e) = writingFile({ pwriteFull(file.fd, scratch, m, position) }) {
         fileErrno = e.rawValue
       }
