@@ -9,30 +9,30 @@
 
 import CShim
 import Glibc
+import Synchronization
 
 public final class OutputSink {
   /// Temporary files of outputs not finished yet, removed at exit: a tool
   /// that fails exits while its writer threads may still hold the sink.
-  nonisolated(unsafe) private static var unfinished: Set<String> = []
-  nonisolated(unsafe) private static var registered = false
-  private static let registry = Monitor()
+  /// And whether the exit handler that removes them is installed.
+  private static let registry = Mutex<(unfinished: Set<String>, registered: Bool)>(([], false))
 
   private static func track(_ path: String) {
     registry.withLock {
-      unfinished.insert(path)
-      if !registered {
-        registered = true
+      $0.unfinished.insert(path)
+      if !$0.registered {
+        $0.registered = true
         atexit { OutputSink.removeUnfinished() }
       }
     }
   }
 
-  private static func untrack(_ path: String) { _ = registry.withLock { unfinished.remove(path) } }
+  private static func untrack(_ path: String) { _ = registry.withLock { $0.unfinished.remove(path) } }
 
   private static func removeUnfinished() {
     registry.withLock {
-      for path in unfinished { unlink(path) }
-      unfinished.removeAll()
+      for path in $0.unfinished { unlink(path) }
+      $0.unfinished.removeAll()
     }
   }
 

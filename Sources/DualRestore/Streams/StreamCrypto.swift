@@ -27,9 +27,11 @@
 import COpenSSL
 import CShim
 import Glibc
+import Synchronization
 
 /// A key or passphrase read from a file, held in memory that is wiped when
 /// released. Keys are never taken from the command line or the environment.
+// @unchecked Sendable: the secret's bytes never change after init; `derived` is touched only under `derivedFor`'s lock.
 public final class StreamSecret: @unchecked Sendable {
   public enum Kind: UInt8, Sendable {
     /// 32 bytes used as the master key.
@@ -72,12 +74,12 @@ public final class StreamSecret: @unchecked Sendable {
   /// run; the fuzz targets, thousands of times) is not derived again, which
   /// for a passphrase is a few tenths of a second of scrypt. Wiped with the
   /// secret.
-  private let derivedLock = Monitor()
+  /// The fields the keys in `derived` were derived for; its lock guards both.
+  private let derivedFor = Mutex<[UInt8]>([])
   private let derived = UnsafeMutableRawBufferPointer.allocate(byteCount: 2 * StreamCrypto.keyLength, alignment: 16)
-  private var derivedFor: [UInt8] = []
 
   func derivedKeys(for fields: [UInt8]) -> (record: [UInt8], check: [UInt8])? {
-    derivedLock.withLock {
+    derivedFor.withLock { derivedFor in
       guard !derivedFor.isEmpty, derivedFor == fields else { return nil }
       let n = StreamCrypto.keyLength
       return (Array(derived[0..<n]), Array(derived[n..<2 * n]))
@@ -85,7 +87,7 @@ public final class StreamSecret: @unchecked Sendable {
   }
 
   func remember(_ keys: (record: [UInt8], check: [UInt8]), for fields: [UInt8]) {
-    derivedLock.withLock {
+    derivedFor.withLock { derivedFor in
       let n = StreamCrypto.keyLength
       UnsafeMutableRawBufferPointer(rebasing: derived[0..<n]).copyBytes(from: keys.record)
       UnsafeMutableRawBufferPointer(rebasing: derived[n..<2 * n]).copyBytes(from: keys.check)
@@ -451,6 +453,7 @@ public enum StreamCrypto {
 /// AES-256-GCM for the records of one stream: one EVP context, keyed once
 /// and reused for every record (only the nonce changes), so sealing and
 /// opening allocate nothing. One thread uses it at a time.
+// @unchecked Sendable: handed between threads, used by one at a time (the stream's reader or writer owns it).
 public final class RecordCipher: @unchecked Sendable {
   nonisolated(unsafe) private static let algorithm: OpaquePointer? = EVP_CIPHER_fetch(nil, "AES-256-GCM", nil)
 
