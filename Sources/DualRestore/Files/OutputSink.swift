@@ -132,8 +132,7 @@ public final class OutputSink {
         throw ToolkitError.path(path, "cannot replace the file: \(error)")
       }
       let (directory, _) = splitPath(path)
-      let dfd = Glibc.open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-      if dfd >= 0 {
+      if case .success(let dfd) = Sys.open(directory, flags: O_RDONLY | O_DIRECTORY) {
         _ = Sys.fsync(dfd)
         Sys.close(dfd)
       }

@@ -48,11 +48,10 @@ public final class Socket: @unchecked Sendable {
       var address = try unixAddress(path)
       let rc = withUnsafePointer(to: &address) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-          Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+          Sys.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
         }
       }
-      if rc != 0 {
-        let e = Errno.current
+      if case .failure(let e) = rc {
         Glibc.close(fd)
         throw ToolkitError.path(path, "cannot connect: \(e)")
       }
@@ -75,15 +74,17 @@ public final class Socket: @unchecked Sendable {
         let fd = socket(
           ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
         if fd >= 0 {
-          if Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 {
+          switch Sys.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) {
+          case .success:
             var one: Int32 = 1
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
             let s = Socket(fd: fd, peer: "\(host):\(port)")
             if let timeout { s.setTimeout(timeout) }
             return s
+          case .failure(let e):
+            lastError = e
+            Glibc.close(fd)
           }
-          lastError = .current
-          Glibc.close(fd)
         }
         entry = ai.pointee.ai_next
       }
@@ -348,10 +349,13 @@ public final class Listener: @unchecked Sendable {
     defer { Glibc.close(fd) }
     let rc = withUnsafePointer(to: &address) {
       $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-        Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+        Sys.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
       }
     }
-    return rc == 0 ? 0 : errno
+    switch rc {
+    case .success: return 0
+    case .failure(let e): return e.rawValue
+    }
   }
 
   /// Listens on TCP `host:port` (host 127.0.0.1 when empty; port 0 picks one).

@@ -144,6 +144,21 @@ enum Sys {
     retryingInterrupts { dr_splice_out(pipe, to, offset, UInt(count)) }
   }
 
+  /// Connects a socket. Calls `connect(2)`. An interrupted connect goes on
+  /// in the background, so it is not called again: its end is waited for
+  /// (poll, no limit, as connect itself waits) and its result taken
+  /// (SO_ERROR).
+  static func connect(_ fd: Int32, _ address: UnsafePointer<sockaddr>, _ length: socklen_t) -> Result<Void, Errno> {
+    if Glibc.connect(fd, address, length) == 0 { return .success(()) }
+    guard errno == EINTR else { return .failure(.current) }
+    var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+    if case .failure(let e) = poll(&p, limit: { 0 }) { return .failure(e) }
+    var error: Int32 = 0
+    var size = socklen_t(MemoryLayout<Int32>.size)
+    guard getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &size) == 0 else { return .failure(.current) }
+    return error == 0 ? .success(()) : .failure(Errno(error))
+  }
+
   /// Takes the next connection on a listening socket. Calls `accept(2)`.
   static func accept(_ fd: Int32) -> Result<Int32, Errno> {
     retryingInterrupts { Glibc.accept(fd, nil, nil) }
