@@ -34,15 +34,9 @@ public enum ToolMain {
 public func printError(_ message: String) {
   var line = message
   if !line.hasSuffix("\n") { line += "\n" }
-  var bytes = Array(line.utf8)
-  bytes.withUnsafeMutableBytes { raw in
-    var done = 0
-    while done < raw.count {
-      let n = write(2, raw.baseAddress! + done, raw.count - done)
-      if n < 0 && errno == EINTR { continue }
-      if n <= 0 { return }
-      done += n
-    }
+  line.withUTF8 { raw in
+    // Nothing is left to tell of a standard error that fails.
+    if let base = raw.baseAddress { _ = writeFull(2, base, raw.count) }
   }
 }
 
@@ -65,14 +59,8 @@ public final class TextOutput {
 
   public func flush() throws {
     guard !buffer.isEmpty else { return }
-    var done = 0
-    try buffer.withUnsafeBytes { raw in
-      while done < raw.count {
-        let n = write(fd, raw.baseAddress! + done, raw.count - done)
-        if n < 0 && errno == EINTR { continue }
-        if n <= 0 { throw ToolkitError("standard output: \(String(cString: strerror(errno)))") }
-        done += n
-      }
+    if case .failure(let e) = buffer.withUnsafeBytes({ writeFull(fd, $0.baseAddress!, $0.count) }) {
+      throw ToolkitError("standard output: \(e)")
     }
     buffer.removeAll(keepingCapacity: true)
   }

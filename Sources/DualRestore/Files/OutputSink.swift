@@ -9,30 +9,30 @@
 
 import CShim
 import Glibc
+import Synchronization
 
 public final class OutputSink {
   /// Temporary files of outputs not finished yet, removed at exit: a tool
   /// that fails exits while its writer threads may still hold the sink.
-  nonisolated(unsafe) private static var unfinished: Set<String> = []
-  nonisolated(unsafe) private static var registered = false
-  private static let registry = Monitor()
+  /// And whether the exit handler that removes them is installed.
+  private static let registry = Mutex<(unfinished: Set<String>, registered: Bool)>(([], false))
 
   private static func track(_ path: String) {
     registry.withLock {
-      unfinished.insert(path)
-      if !registered {
-        registered = true
+      $0.unfinished.insert(path)
+      if !$0.registered {
+        $0.registered = true
         atexit { OutputSink.removeUnfinished() }
       }
     }
   }
 
-  private static func untrack(_ path: String) { _ = registry.withLock { unfinished.remove(path) } }
+  private static func untrack(_ path: String) { _ = registry.withLock { $0.unfinished.remove(path) } }
 
   private static func removeUnfinished() {
     registry.withLock {
-      for path in unfinished { unlink(path) }
-      unfinished.removeAll()
+      for path in $0.unfinished { unlink(path) }
+      $0.unfinished.removeAll()
     }
   }
 
@@ -105,32 +105,10 @@ public final class OutputSink {
 
   /// Writes the buffers in order with as few system calls as it can.
   public func write(vectors: UnsafeMutableBufferPointer<iovec>) throws {
-    var index = 0
-    let count = vectors.count
-    while index < count {
-      let batch = Int32(min(count - index, 1024))
-      let n = writev(fd, vectors.baseAddress! + index, batch)
-      if n < 0 {
-        if errno == EINTR { continue }
-        throw ToolkitError("\(target.name): \(Errno.current)")
-      }
-      if n == 0 { throw ToolkitError("\(target.name): \(Errno(EIO))") }
-      bytesWritten += UInt64(n)
-      // Skip what was written; a pipe may take part of a vector.
-      var left = n
-      while left > 0 {
-        let length = vectors[index].iov_len
-        if left >= length {
-          left -= length
-          index += 1
-        } else {
-          vectors[index].iov_base = vectors[index].iov_base! + left
-          vectors[index].iov_len -= left
-          left = 0
-        }
-      }
-      while index < count && vectors[index].iov_len == 0 { index += 1 }
+    let result = writingAllVectors(vectors, written: &bytesWritten) { first, count in
+      Sys.writev(fd, first, min(count, 1024))
     }
+    if case .failure(let e) = result { throw ToolkitError("\(target.name): \(e)") }
   }
 
   /// Completes the output: a file is made durable and renamed into place.
@@ -154,8 +132,7 @@ public final class OutputSink {
         throw ToolkitError.path(path, "cannot replace the file: \(error)")
       }
       let (directory, _) = splitPath(path)
-      let dfd = Glibc.open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-      if dfd >= 0 {
+      if case .success(let dfd) = Sys.open(directory, flags: O_RDONLY | O_DIRECTORY) {
         _ = Sys.fsync(dfd)
         Sys.close(dfd)
       }

@@ -6,6 +6,7 @@
 
 import Glibc
 
+// @unchecked Sendable: fd and peer never change; tls, the timeouts and the deadline are set before threads share it.
 public final class Socket: @unchecked Sendable {
   public let fd: Int32
   public let peer: String
@@ -47,11 +48,10 @@ public final class Socket: @unchecked Sendable {
       var address = try unixAddress(path)
       let rc = withUnsafePointer(to: &address) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-          Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+          Sys.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
         }
       }
-      if rc != 0 {
-        let e = Errno.current
+      if case .failure(let e) = rc {
         Glibc.close(fd)
         throw ToolkitError.path(path, "cannot connect: \(e)")
       }
@@ -74,15 +74,17 @@ public final class Socket: @unchecked Sendable {
         let fd = socket(
           ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
         if fd >= 0 {
-          if Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 {
+          switch Sys.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) {
+          case .success:
             var one: Int32 = 1
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
             let s = Socket(fd: fd, peer: "\(host):\(port)")
             if let timeout { s.setTimeout(timeout) }
             return s
+          case .failure(let e):
+            lastError = e
+            Glibc.close(fd)
           }
-          lastError = .current
-          Glibc.close(fd)
         }
         entry = ai.pointee.ai_next
       }
@@ -132,13 +134,11 @@ public final class Socket: @unchecked Sendable {
     var done = 0
     while done < count {
       try waitReadable()
-      let n = Glibc.recv(fd, buffer + done, count - done, Int32(MSG_DONTWAIT))
-      if n > 0 {
-        done += n
-      } else if n == 0 {
-        throw Socket.closed(peer)
-      } else if errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK {
-        throw ToolkitError("\(peer): \(Errno.current)")
+      switch Sys.recv(fd, buffer + done, count - done, Int32(MSG_DONTWAIT)) {
+      case .success(0): throw Socket.closed(peer)
+      case .success(let n): done += n
+      case .failure(let e) where e.rawValue == EAGAIN || e.rawValue == EWOULDBLOCK: continue
+      case .failure(let e): throw ToolkitError("\(peer): \(e)")
       }
     }
   }
@@ -154,12 +154,10 @@ public final class Socket: @unchecked Sendable {
 
   private func waitReadable() throws {
     var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-    while true {
-      let limit = try waitLimit(readTimeout)
-      let rc = poll(&p, 1, limit > 0 ? Int32(min(limit * 1000, 2e9).rounded(.up)) : -1)
-      if rc > 0 { return }
-      if rc == 0 { throw Socket.timedOut(peer) }
-      if errno != EINTR { throw ToolkitError("\(peer): \(Errno.current)") }
+    switch try Sys.poll(&p, limit: { try waitLimit(readTimeout) }) {
+    case .success(0): throw Socket.timedOut(peer)
+    case .success: return
+    case .failure(let e): throw ToolkitError("\(peer): \(e)")
     }
   }
 
@@ -178,16 +176,15 @@ public final class Socket: @unchecked Sendable {
     var done = 0
     var waitingSince = 0.0
     while done < count {
-      let n = Glibc.recv(fd, buffer + done, count - done, 0)
-      if n > 0 {
+      switch Sys.recv(fd, buffer + done, count - done, 0) {
+      case .success(0): throw Socket.closed(peer)
+      case .success(let n):
         done += n
         waitingSince = 0
         continue
+      case .failure(let e) where e.rawValue == EAGAIN || e.rawValue == EWOULDBLOCK: break
+      case .failure(let e): throw ToolkitError("\(peer): \(e)")
       }
-      if n == 0 { throw Socket.closed(peer) }
-      let e = errno
-      if e == EINTR { continue }
-      guard e == EAGAIN || e == EWOULDBLOCK else { throw ToolkitError("\(peer): \(Errno(e))") }
       let now = monotonicSeconds()
       if waitingSince == 0 { waitingSince = now - readTimeout }
       try checkPause(now - waitingSince, begun: midRequest || done > 0, idleLimit: idleLimit, stallLimit: stallLimit)
@@ -224,49 +221,24 @@ public final class Socket: @unchecked Sendable {
 
   /// send(2) until all of `count` bytes are gone (plain connections).
   private func sendAll(_ buffer: UnsafeRawPointer, _ count: Int, flags: Int32) throws {
-    var done = 0
-    while done < count {
-      let n = Glibc.send(fd, buffer + done, count - done, flags)
-      if n < 0 {
-        if errno == EINTR { continue }
-        throw writeError(errno)
-      }
-      done += n
-    }
+    if case .failure(let e) = sendFull(fd, buffer, count, flags: flags) { throw writeError(e) }
   }
 
   /// Sends `first` and then `second` with as few system calls as it can.
   public func send(_ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer?) throws {
     if let tls { return try tls.send(first, second) }
-    var vectors = [
-      iovec(iov_base: UnsafeMutableRawPointer(mutating: first.baseAddress), iov_len: first.count),
-      iovec(iov_base: UnsafeMutableRawPointer(mutating: second?.baseAddress), iov_len: second?.count ?? 0),
-    ]
-    var index = 0
     let count = second == nil || second?.count == 0 ? 1 : 2
-    while index < count {
-      let n = vectors.withUnsafeMutableBufferPointer { v -> Int in
-        var message = msghdr()
-        message.msg_iov = v.baseAddress! + index
-        message.msg_iovlen = count - index
-        return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
-      }
-      if n < 0 {
-        if errno == EINTR { continue }
-        throw writeError(errno)
-      }
-      var left = n
-      while left > 0 && index < count {
-        if left >= vectors[index].iov_len {
-          left -= vectors[index].iov_len
-          index += 1
-        } else {
-          vectors[index].iov_base = vectors[index].iov_base! + left
-          vectors[index].iov_len -= left
-          left = 0
-        }
+    // The vectors live on the stack: a reply allocates nothing.
+    let result = withUnsafeTemporaryAllocation(of: iovec.self, capacity: 2) { vectors in
+      vectors[0] = iovec(iov_base: UnsafeMutableRawPointer(mutating: first.baseAddress), iov_len: first.count)
+      vectors[1] = iovec(
+        iov_base: UnsafeMutableRawPointer(mutating: second?.baseAddress), iov_len: second?.count ?? 0)
+      var written: UInt64 = 0
+      return writingAllVectors(UnsafeMutableBufferPointer(rebasing: vectors[0..<count]), written: &written) {
+        Sys.sendmsg(fd, $0, $1, Int32(MSG_NOSIGNAL))
       }
     }
+    if case .failure(let e) = result { throw writeError(e) }
   }
 
   /// Sends `head`, then `count` bytes of the file `file` at `offset` straight
@@ -279,10 +251,10 @@ public final class Socket: @unchecked Sendable {
     var position = off_t(offset)
     var left = count
     while left > 0 {
-      let n = sendfile(fd, file, &position, left)
-      if n < 0 {
-        if errno == EINTR { continue }
-        throw writeError(errno)
+      let n: Int
+      switch Sys.sendfile(fd, file, &position, left) {
+      case .success(let m): n = m
+      case .failure(let e): throw writeError(e)
       }
       if n == 0 { throw ToolkitError("\(peer): the file ended \(left) bytes short of the reply") }
       left -= n
@@ -290,10 +262,11 @@ public final class Socket: @unchecked Sendable {
   }
 
   /// A failed send: a peer that went away has closed the connection.
-  private func writeError(_ code: Int32) -> ToolkitError {
+  private func writeError(_ e: Errno) -> ToolkitError {
+    let code = e.rawValue
     if code == EAGAIN || code == EWOULDBLOCK { return Socket.timedOut(peer) }
     if code == EPIPE || code == ECONNRESET { return Socket.closed(peer) }
-    return ToolkitError("\(peer): \(Errno(code))")
+    return ToolkitError("\(peer): \(e)")
   }
 
   public func write(_ bytes: [UInt8]) throws {
@@ -318,6 +291,7 @@ public final class Socket: @unchecked Sendable {
 }
 
 /// A listening socket.
+// @unchecked Sendable: every field is set once by init; accept and shutdown are plain system calls.
 public final class Listener: @unchecked Sendable {
   public let fd: Int32
   public let name: String
@@ -375,10 +349,13 @@ public final class Listener: @unchecked Sendable {
     defer { Glibc.close(fd) }
     let rc = withUnsafePointer(to: &address) {
       $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-        Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+        Sys.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
       }
     }
-    return rc == 0 ? 0 : errno
+    switch rc {
+    case .success: return 0
+    case .failure(let e): return e.rawValue
+    }
   }
 
   /// Listens on TCP `host:port` (host 127.0.0.1 when empty; port 0 picks one).
@@ -429,15 +406,15 @@ public final class Listener: @unchecked Sendable {
   /// Waits for the next connection.
   public func accept() throws -> Socket {
     while true {
-      let c = Glibc.accept(fd, nil, nil)
-      if c >= 0 {
+      switch Sys.accept(fd) {
+      case .success(let c):
         _ = fcntl(c, F_SETFD, FD_CLOEXEC)
         var one: Int32 = 1
         setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         return Socket(fd: c, peer: "client of \(name)")
+      case .failure(let e) where e.rawValue == ECONNABORTED: continue
+      case .failure(let e): throw ToolkitError("\(name): accept failed: \(e)")
       }
-      if errno == EINTR || errno == ECONNABORTED { continue }
-      throw ToolkitError("\(name): accept failed: \(Errno.current)")
     }
   }
 }

@@ -17,6 +17,7 @@
 
 import COpenSSL
 import Glibc
+import Synchronization
 
 /// Whether a server offers TLS: not at all, to clients that ask, or to
 /// every client (nothing but NBD_OPT_STARTTLS and NBD_OPT_ABORT before it).
@@ -108,6 +109,7 @@ enum TLSFiles {
 
 /// A server's certificate, key and (with peer verification) CA, loaded
 /// once and shared by every connection.
+// @unchecked Sendable: set up by init and never changed; OpenSSL allows an SSL_CTX to be shared by threads.
 public final class TLSServerContext: @unchecked Sendable {
   let context: OpaquePointer
   public let directory: String
@@ -168,6 +170,7 @@ public final class TLSServerContext: @unchecked Sendable {
 
 /// What a client trusts and shows: the CA (DIR/ca-cert.pem, or the
 /// system's store) and, when DIR has them, client-cert.pem and client-key.pem.
+// @unchecked Sendable: set up by init and never changed; OpenSSL allows an SSL_CTX to be shared by threads.
 public final class TLSClientContext: @unchecked Sendable {
   let context: OpaquePointer
   public let directory: String?
@@ -243,6 +246,7 @@ public final class TLSClientContext: @unchecked Sendable {
 nonisolated(unsafe) private let socketMethod: OpaquePointer? = dr_bio_method_new()
 
 /// One TLS connection over a socket's (now non-blocking) descriptor.
+// @unchecked Sendable: the SSL object is used only under `sslLock`, the staging buffer only under `writeLock`.
 final class TLSSession: @unchecked Sendable {
   struct HandshakeFailure: Error {
     let reason: String
@@ -263,28 +267,28 @@ final class TLSSession: @unchecked Sendable {
   private let fd: Int32
   private let peer: String
   private unowned let socket: Socket
-  /// Guards every SSL call; never held while waiting for the socket.
-  private let sslLock = Monitor()
+  /// Guards every SSL call on `ssl`; never held while waiting for the socket.
+  private let sslLock = Mutex<Void>(())
   /// Serialises whole messages and guards `staging`.
-  private let writeLock = Monitor()
+  private let writeLock = Mutex<Void>(())
   /// A header and the start of its payload go out in one record.
   private let staging: UnsafeMutableRawPointer
   static let recordSize = 16384
 
   init(ssl: OpaquePointer, socket: Socket) throws {
-    self.ssl = ssl
-    self.fd = socket.fd
-    self.peer = socket.peer
-    self.socket = socket
-    staging = UnsafeMutableRawPointer.allocate(byteCount: TLSSession.recordSize, alignment: 64)
+    let fd = socket.fd
     let flags = fcntl(fd, F_GETFL)
     guard flags >= 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0, let method = socketMethod,
       dr_ssl_attach(ssl, method, fd) == 1
     else {
       SSL_free(ssl)
-      staging.deallocate()
       throw ToolkitError("\(socket.peer): cannot start TLS: \(Errno.current)")
     }
+    self.ssl = ssl
+    self.fd = fd
+    self.peer = socket.peer
+    self.socket = socket
+    staging = UnsafeMutableRawPointer.allocate(byteCount: TLSSession.recordSize, alignment: 64)
   }
 
   deinit {
@@ -311,19 +315,8 @@ final class TLSSession: @unchecked Sendable {
 
   /// Reads exactly `count` bytes, as `Socket.read`.
   func read(into buffer: UnsafeMutableRawPointer, count: Int) throws {
-    var done = 0
-    while done < count {
-      let chunk = Int32(min(count - done, Int(Int32.max)))
-      let n: Int32
-      do {
-        n = try drive(timeout: socket.readTimeout) { SSL_read($0, buffer + done, chunk) }
-      } catch is TimedOut {
-        throw Socket.timedOut(peer)
-      } catch let e as CallFailure {
-        throw e.error(peer)
-      }
-      if n <= 0 { throw Socket.closed(peer) }
-      done += Int(n)
+    try transferAll(count, most: Int(Int32.max), timeout: socket.readTimeout) {
+      SSL_read($0, buffer + $1, $2)
     }
   }
 
@@ -357,35 +350,47 @@ final class TLSSession: @unchecked Sendable {
   /// Writes `first` and then `second` as one message: no other message
   /// starts in between.
   func send(_ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer?) throws {
-    writeLock.lock()
-    defer { writeLock.unlock() }
-    let firstCount = first.count
-    let secondCount = second?.count ?? 0
-    if firstCount > 0 && firstCount < TLSSession.recordSize && secondCount > 0, let s = second?.baseAddress {
-      let lead = min(secondCount, TLSSession.recordSize - firstCount)
-      staging.copyMemory(from: first.baseAddress!, byteCount: firstCount)
-      (staging + firstCount).copyMemory(from: s, byteCount: lead)
-      try writeAll(UnsafeRawPointer(staging), firstCount + lead)
-      if secondCount > lead { try writeAll(s + lead, secondCount - lead) }
-      return
+    try writeLock.withLock { _ in
+      let firstCount = first.count
+      let secondCount = second?.count ?? 0
+      if firstCount > 0 && firstCount < TLSSession.recordSize && secondCount > 0, let s = second?.baseAddress {
+        let lead = min(secondCount, TLSSession.recordSize - firstCount)
+        staging.copyMemory(from: first.baseAddress!, byteCount: firstCount)
+        (staging + firstCount).copyMemory(from: s, byteCount: lead)
+        try writeAll(UnsafeRawPointer(staging), firstCount + lead)
+        if secondCount > lead { try writeAll(s + lead, secondCount - lead) }
+        return
+      }
+      if let f = first.baseAddress, firstCount > 0 { try writeAll(f, firstCount) }
+      if let s = second?.baseAddress, secondCount > 0 { try writeAll(s, secondCount) }
     }
-    if let f = first.baseAddress, firstCount > 0 { try writeAll(f, firstCount) }
-    if let s = second?.baseAddress, secondCount > 0 { try writeAll(s, secondCount) }
   }
 
   func write(_ buffer: UnsafeRawPointer, count: Int) throws {
-    writeLock.lock()
-    defer { writeLock.unlock() }
-    try writeAll(buffer, count)
+    try writeLock.withLock { _ in try writeAll(buffer, count) }
   }
 
+  /// The TLS write loop: SSL_write until all of `count` bytes are written.
   private func writeAll(_ buffer: UnsafeRawPointer, _ count: Int) throws {
+    try transferAll(count, most: 1 << 30, timeout: socket.writeTimeout) {
+      SSL_write($0, buffer + $1, $2)
+    }
+  }
+
+  /// Runs `call(ssl, done, chunk)` (SSL_read or SSL_write of `chunk` bytes,
+  /// at most `most`, from `done` bytes in) until all of `count` are moved.
+  /// Errors as a plain socket's: a wait past `timeout` throws with cause
+  /// .timedOut, a peer gone away .connectionClosed.
+  @inline(__always)
+  private func transferAll(
+    _ count: Int, most: Int, timeout: Double, _ call: (OpaquePointer, Int, Int32) -> Int32
+  ) throws {
     var done = 0
     while done < count {
-      let chunk = Int32(min(count - done, 1 << 30))
+      let chunk = Int32(min(count - done, most))
       let n: Int32
       do {
-        n = try drive(timeout: socket.writeTimeout) { SSL_write($0, buffer + done, chunk) }
+        n = try drive(timeout: timeout) { [done] in call($0, done, chunk) }
       } catch is TimedOut {
         throw Socket.timedOut(peer)
       } catch let e as CallFailure {
@@ -399,27 +404,30 @@ final class TLSSession: @unchecked Sendable {
   /// Sends close_notify if it can without waiting; the socket is shut down
   /// by the caller.
   func closeNotify() {
-    sslLock.lock()
-    ERR_clear_error()
-    if SSL_is_init_finished(ssl) == 1 { _ = SSL_shutdown(ssl) }
-    ERR_clear_error()
-    sslLock.unlock()
+    sslLock.withLock { _ in
+      ERR_clear_error()
+      if SSL_is_init_finished(ssl) == 1 { _ = SSL_shutdown(ssl) }
+      ERR_clear_error()
+    }
   }
 
   /// Runs one SSL call until it completes: under the lock, and waiting for
   /// the socket outside it. Returns the call's result, or 0 when the peer
-  /// closed the connection; throws TimedOut or CallFailure.
+  /// closed the connection; throws TimedOut or CallFailure. An interrupted
+  /// send or receive never shows here: the socket BIO reports EINTR as a
+  /// retry (WANT_READ, WANT_WRITE), and the wait is `Sys.poll`.
   @inline(__always)
   private func drive(timeout: Double, _ call: (OpaquePointer) -> Int32) throws -> Int32 {
     while true {
-      sslLock.lock()
-      ERR_clear_error()
-      let rc = call(ssl)
-      let kind = rc > 0 ? SSL_ERROR_NONE : SSL_get_error(ssl, rc)
-      let savedErrno = errno
-      var detail = ""
-      if kind == SSL_ERROR_SSL || kind == SSL_ERROR_SYSCALL { detail = TLSText.drainErrors() }
-      sslLock.unlock()
+      let (rc, kind, savedErrno, detail) = sslLock.withLock { _ -> (Int32, Int32, Int32, String) in
+        ERR_clear_error()
+        let rc = call(ssl)
+        let kind = rc > 0 ? SSL_ERROR_NONE : SSL_get_error(ssl, rc)
+        let savedErrno = errno
+        var detail = ""
+        if kind == SSL_ERROR_SSL || kind == SSL_ERROR_SYSCALL { detail = TLSText.drainErrors() }
+        return (rc, kind, savedErrno, detail)
+      }
       switch kind {
       case SSL_ERROR_NONE: return rc
       case SSL_ERROR_WANT_READ: try wait(for: Int16(POLLIN), timeout: timeout)
@@ -428,7 +436,6 @@ final class TLSSession: @unchecked Sendable {
       case SSL_ERROR_SYSCALL:
         if !detail.isEmpty { throw CallFailure(reason: detail, tls: true) }
         if savedErrno == 0 || savedErrno == EPIPE || savedErrno == ECONNRESET { return 0 }
-        if savedErrno == EINTR { continue }
         throw CallFailure(reason: Errno(savedErrno).description, tls: false)
       default:
         throw CallFailure(reason: detail.isEmpty ? "error \(kind)" : detail, tls: true)
@@ -440,14 +447,13 @@ final class TLSSession: @unchecked Sendable {
   /// (but never past the socket's deadline).
   private func wait(for events: Int16, timeout: Double) throws {
     var p = pollfd(fd: fd, events: events, revents: 0)
-    while true {
-      let limit: Double
-      do { limit = try socket.waitLimit(timeout) } catch { throw TimedOut() }
-      let rc = poll(&p, 1, limit > 0 ? Int32(min(limit * 1000, 2e9).rounded(.up)) : -1)
-      if rc > 0 { return }
-      if rc == 0 { throw TimedOut() }
-      if errno == EINTR { continue }
-      throw CallFailure(reason: Errno.current.description, tls: false)
+    let waited = try Sys.poll(&p) {
+      do { return try socket.waitLimit(timeout) } catch { throw TimedOut() }
+    }
+    switch waited {
+    case .success(0): throw TimedOut()
+    case .success: return
+    case .failure(let e): throw CallFailure(reason: e.description, tls: false)
     }
   }
 }

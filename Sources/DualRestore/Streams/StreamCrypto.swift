@@ -27,9 +27,11 @@
 import COpenSSL
 import CShim
 import Glibc
+import Synchronization
 
 /// A key or passphrase read from a file, held in memory that is wiped when
 /// released. Keys are never taken from the command line or the environment.
+// @unchecked Sendable: the secret's bytes never change after init; `derived` is touched only under `derivedFor`'s lock.
 public final class StreamSecret: @unchecked Sendable {
   public enum Kind: UInt8, Sendable {
     /// 32 bytes used as the master key.
@@ -72,12 +74,12 @@ public final class StreamSecret: @unchecked Sendable {
   /// run; the fuzz targets, thousands of times) is not derived again, which
   /// for a passphrase is a few tenths of a second of scrypt. Wiped with the
   /// secret.
-  private let derivedLock = Monitor()
+  /// The fields the keys in `derived` were derived for; its lock guards both.
+  private let derivedFor = Mutex<[UInt8]>([])
   private let derived = UnsafeMutableRawBufferPointer.allocate(byteCount: 2 * StreamCrypto.keyLength, alignment: 16)
-  private var derivedFor: [UInt8] = []
 
   func derivedKeys(for fields: [UInt8]) -> (record: [UInt8], check: [UInt8])? {
-    derivedLock.withLock {
+    derivedFor.withLock { derivedFor in
       guard !derivedFor.isEmpty, derivedFor == fields else { return nil }
       let n = StreamCrypto.keyLength
       return (Array(derived[0..<n]), Array(derived[n..<2 * n]))
@@ -85,7 +87,7 @@ public final class StreamSecret: @unchecked Sendable {
   }
 
   func remember(_ keys: (record: [UInt8], check: [UInt8]), for fields: [UInt8]) {
-    derivedLock.withLock {
+    derivedFor.withLock { derivedFor in
       let n = StreamCrypto.keyLength
       UnsafeMutableRawBufferPointer(rebasing: derived[0..<n]).copyBytes(from: keys.record)
       UnsafeMutableRawBufferPointer(rebasing: derived[n..<2 * n]).copyBytes(from: keys.check)
@@ -175,22 +177,20 @@ public final class StreamSecret: @unchecked Sendable {
   /// The whole of a small file (a regular file, or a pipe such as /dev/fd/3),
   /// refused when longer than `limit`.
   private static func readSmallFile(_ path: String, limit: Int) throws -> UnsafeMutableRawBufferPointer {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { throw ToolkitError.path(path, String(cString: strerror(errno))) }
-    defer { close(fd) }
+    let fd: Int32
+    switch Sys.open(path, flags: O_RDONLY) {
+    case .success(let d): fd = d
+    case .failure(let e): throw ToolkitError.path(path, e.description)
+    }
+    defer { Sys.close(fd) }
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: limit + 1, alignment: 16)
-    var have = 0
-    while have <= limit {
-      let n = read(fd, buffer.baseAddress! + have, limit + 1 - have)
-      if n < 0 && errno == EINTR { continue }
-      if n < 0 {
-        let why = String(cString: strerror(errno))
-        OPENSSL_cleanse(buffer.baseAddress, buffer.count)
-        buffer.deallocate()
-        throw ToolkitError.path(path, why)
-      }
-      if n == 0 { break }
-      have += n
+    let have: Int
+    switch readFull(fd, buffer.baseAddress!, limit + 1) {
+    case .success(let n): have = n
+    case .failure(let e):
+      OPENSSL_cleanse(buffer.baseAddress, buffer.count)
+      buffer.deallocate()
+      throw ToolkitError.path(path, e.description)
     }
     if have > limit {
       OPENSSL_cleanse(buffer.baseAddress, buffer.count)
@@ -453,6 +453,7 @@ public enum StreamCrypto {
 /// AES-256-GCM for the records of one stream: one EVP context, keyed once
 /// and reused for every record (only the nonce changes), so sealing and
 /// opening allocate nothing. One thread uses it at a time.
+// @unchecked Sendable: handed between threads, used by one at a time (the stream's reader or writer owns it).
 public final class RecordCipher: @unchecked Sendable {
   nonisolated(unsafe) private static let algorithm: OpaquePointer? = EVP_CIPHER_fetch(nil, "AES-256-GCM", nil)
 

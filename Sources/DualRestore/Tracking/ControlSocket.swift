@@ -47,9 +47,9 @@ public enum ControlSocket {
     var bytes: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 4096)
     while bytes.count < maximumLine {
-      let n = chunk.withUnsafeMutableBytes { Glibc.read(socket.fd, $0.baseAddress, $0.count) }
-      if n < 0 && errno == EINTR { continue }
-      if n <= 0 { break }
+      guard case .success(let n) = chunk.withUnsafeMutableBytes({ Sys.read(socket.fd, $0.baseAddress!, $0.count) }),
+        n > 0
+      else { break }
       bytes += chunk[0..<n]
     }
     let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\n").map(String.init)
@@ -66,9 +66,7 @@ public enum ControlSocket {
     var bytes: [UInt8] = []
     var byte: UInt8 = 0
     while bytes.count < maximumLine {
-      let n = Glibc.read(fd, &byte, 1)
-      if n < 0 && errno == EINTR { continue }
-      if n <= 0 { return nil }
+      guard case .success(let n) = Sys.read(fd, &byte, 1), n > 0 else { return nil }
       if byte == UInt8(ascii: "\n") { return String(decoding: bytes, as: UTF8.self) }
       bytes.append(byte)
     }

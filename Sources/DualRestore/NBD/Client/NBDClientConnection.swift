@@ -57,10 +57,11 @@ enum NBDClientSlotState {
 }
 
 /// One request in flight; reused for later requests once its waiter is done.
-final class NBDClientSlot {
+// @unchecked Sendable: shared by a request and the reader; its fields change only under the connection's `state` lock.
+final class NBDClientSlot: @unchecked Sendable {
   let index: Int
   let semaphore = DispatchSemaphore(value: 0)
-  // Guarded by the connection's lock.
+  // Guarded by the connection's `state` lock.
   var cookie: UInt64 = 0
   var state = NBDClientSlotState.free
   var buffer: UnsafeMutableRawPointer?
@@ -78,13 +79,14 @@ final class NBDClientSlot {
   init(index: Int) { self.index = index }
 }
 
+// @unchecked Sendable: the slot table is in a Mutex, requests go out under `sendLock`, and the rest is the reader's.
 final class NBDClientConnection: @unchecked Sendable {
   let transport: NBDTransport
   /// A request reads the replies itself (no reader thread): a connection
   /// in memory.
   let readsInline: Bool
   /// Serialises requests on the wire; guards `header`.
-  private let sendLock = Monitor()
+  private let sendLock = Mutex<Void>(())
   private let header = UnsafeMutableRawPointer.allocate(byteCount: NBDRequest.length, alignment: 8)
   /// The reader's: a reply's header.
   let reply = UnsafeMutableRawPointer.allocate(byteCount: NBDChunkHeader.length, alignment: 8)
@@ -104,15 +106,18 @@ final class NBDClientConnection: @unchecked Sendable {
   /// The longest structured reply chunk taken (a million runs of block status).
   static let maximumChunk = 8 << 20
 
-  // Guarded by `lock`.
-  let lock = Monitor()
-  var slots: [NBDClientSlot] = []
-  private var freeSlots: [Int] = []
-  private var sequence: UInt32 = 0
-  var failure: NBDClientFailure?
-  /// Why the server was found breaking the protocol (a reply with a bad
-  /// magic or an unknown cookie), when that is what ended the connection.
-  private var violation: NBDClientFailure?
+  /// The slot table and how the connection failed; its lock also guards
+  /// the slots' fields.
+  struct State {
+    var slots: [NBDClientSlot] = []
+    var freeSlots: [Int] = []
+    var sequence: UInt32 = 0
+    var failure: NBDClientFailure?
+    /// Why the server was found breaking the protocol (a reply with a bad
+    /// magic or an unknown cookie), when that is what ended the connection.
+    var violation: NBDClientFailure?
+  }
+  let state: Mutex<State>
   /// Time the reader has spent writing READ replies into files: the
   /// replies behind it wait for the local disk, not for the server, and
   /// that time does not count against their limit.
@@ -123,8 +128,10 @@ final class NBDClientConnection: @unchecked Sendable {
     self.readsInline = readsInline
     self.structured = export.structured
     self.allocationID = export.allocationID
-    slots.reserveCapacity(64)
-    freeSlots.reserveCapacity(64)
+    var initial = State()
+    initial.slots.reserveCapacity(64)
+    initial.freeSlots.reserveCapacity(64)
+    state = Mutex(initial)
   }
 
   deinit {
@@ -137,10 +144,10 @@ final class NBDClientConnection: @unchecked Sendable {
     }
   }
 
-  var isFailed: Bool { lock.withLock { failure != nil } }
+  var isFailed: Bool { state.withLock { $0.failure != nil } }
 
   /// The protocol violation that ended this connection, if one did.
-  var protocolViolation: NBDClientFailure? { lock.withLock { violation } }
+  var protocolViolation: NBDClientFailure? { state.withLock { $0.violation } }
 
   // MARK: Opening
 
@@ -172,43 +179,43 @@ final class NBDClientConnection: @unchecked Sendable {
   func register(
     into buffer: UnsafeMutableRawPointer?, file: FileTarget? = nil, length: Int, extents: Bool = false
   ) -> NBDClientSlot? {
-    lock.lock()
-    defer { lock.unlock() }
-    if failure != nil { return nil }
-    let slot: NBDClientSlot
-    if let i = freeSlots.popLast() {
-      slot = slots[i]
-    } else {
-      slot = NBDClientSlot(index: slots.count)
-      slots.append(slot)
+    state.withLock { s in
+      if s.failure != nil { return nil }
+      let slot: NBDClientSlot
+      if let i = s.freeSlots.popLast() {
+        slot = s.slots[i]
+      } else {
+        slot = NBDClientSlot(index: s.slots.count)
+        s.slots.append(slot)
+      }
+      s.sequence &+= 1
+      slot.cookie = UInt64(s.sequence) << 32 | UInt64(slot.index)
+      slot.state = .waiting
+      slot.buffer = buffer
+      slot.file = file
+      slot.length = buffer == nil && file == nil ? 0 : length
+      slot.serverError = 0
+      slot.failure = nil
+      slot.fileErrno = 0
+      slot.wantsExtents = extents
+      slot.extents.removeAll(keepingCapacity: true)
+      slot.fileWriteMark = fileWriteNanoseconds.load(ordering: .relaxed)
+      return slot
     }
-    sequence &+= 1
-    slot.cookie = UInt64(sequence) << 32 | UInt64(slot.index)
-    slot.state = .waiting
-    slot.buffer = buffer
-    slot.file = file
-    slot.length = buffer == nil && file == nil ? 0 : length
-    slot.serverError = 0
-    slot.failure = nil
-    slot.fileErrno = 0
-    slot.wantsExtents = extents
-    slot.extents.removeAll(keepingCapacity: true)
-    slot.fileWriteMark = fileWriteNanoseconds.load(ordering: .relaxed)
-    return slot
   }
 
   /// Sends a request whole (a WRITE with its payload); false (and the
   /// connection failed) otherwise.
   func send(_ request: NBDRequest, payload: UnsafeRawPointer?) -> Bool {
-    sendLock.lock()
-    defer { sendLock.unlock() }
-    request.encode(into: UnsafeMutableRawBufferPointer(start: header, count: NBDRequest.length))
-    if let cause = sendRequest(payload: payload, length: Int(request.length)) {
-      // Fail before other senders get the lock: the stream is cut mid-request.
-      fail(cause)
-      return false
+    sendLock.withLock { _ in
+      request.encode(into: UnsafeMutableRawBufferPointer(start: header, count: NBDRequest.length))
+      if let cause = sendRequest(payload: payload, length: Int(request.length)) {
+        // Fail before other senders get the lock: the stream is cut mid-request.
+        fail(cause)
+        return false
+      }
+      return true
     }
-    return true
   }
 
   /// The header (and a WRITE's payload); over TLS, the header shares a
@@ -248,22 +255,14 @@ final class NBDClientConnection: @unchecked Sendable {
         return describeSendFailure(error)
       }
     }
-    var done = 0
     let flags = Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0)
-    while done < count {
-      let n = Glibc.send(fd, buffer + done, count - done, flags)
-      if n < 0 {
-        let e = errno
-        if e == EINTR { continue }
-        if e == EAGAIN || e == EWOULDBLOCK {
-          return NBDClientFailure("the server did not take the request in time", kind: .timedOut)
-        }
-        let closed = e == EPIPE || e == ECONNRESET
-        return NBDClientFailure("the connection broke (\(Errno(e)))", kind: closed ? .connectionClosed : nil)
-      }
-      done += n
+    guard case .failure(let e) = sendFull(fd, buffer, count, flags: flags) else { return nil }
+    let code = e.rawValue
+    if code == EAGAIN || code == EWOULDBLOCK {
+      return NBDClientFailure("the server did not take the request in time", kind: .timedOut)
     }
-    return nil
+    let closed = code == EPIPE || code == ECONNRESET
+    return NBDClientFailure("the connection broke (\(e))", kind: closed ? .connectionClosed : nil)
   }
 
   /// Waits for a registered request's reply and frees its slot: the
@@ -272,49 +271,50 @@ final class NBDClientConnection: @unchecked Sendable {
     if readsInline {
       // No reader thread: read replies until this one's is in (or the
       // connection has ended, which fails every waiting request).
-      while lock.withLock({ slot.state == .waiting }) && receiveReply() {}
+      while state.withLock({ _ in slot.state == .waiting }) && receiveReply() {}
     }
     var deadline = deadline
     var excused = 0.0
     while slot.semaphore.wait(timeout: .now() + max(0, deadline - monotonicSeconds())) == .timedOut {
       let cause = NBDClientFailure("no reply within \(formatSeconds(timeout)) s", kind: .timedOut)
-      lock.lock()
       // Time the reader spent writing files since the request began is
       // the local disk's, not the server's: it is added to the limit.
       let writing = Double(fileWriteNanoseconds.load(ordering: .relaxed) &- slot.fileWriteMark) / 1e9
       if writing > excused + 0.001 {
         deadline += writing - excused
         excused = writing
-        lock.unlock()
         continue
       }
-      let state = slot.state
+      let state = self.state.withLock { _ in
+        let state = slot.state
+        if state == .waiting {
+          // The reader will never touch this slot again: its cookie is
+          // unknown from now on, and the connection is dropped anyway.
+          slot.state = .abandoned
+          slot.buffer = nil
+          slot.file = nil
+        }
+        return state
+      }
       if state == .waiting {
-        // The reader will never touch this slot again: its cookie is
-        // unknown from now on, and the connection is dropped anyway.
-        slot.state = .abandoned
-        slot.buffer = nil
-        slot.file = nil
-        lock.unlock()
         fail(cause)
         return NBDClientOutcome(cause: cause)
       }
-      lock.unlock()
       // The reply is arriving into the caller's buffer: cut it short and
       // wait for the reader to let go of the buffer.
       if state == .receiving { fail(cause) }
       slot.semaphore.wait()
       break
     }
-    lock.lock()
-    let result = NBDClientOutcome(
-      serverError: slot.serverError, cause: slot.failure, fileErrno: slot.fileErrno, extents: slot.extents)
-    slot.state = .free
-    slot.buffer = nil
-    slot.file = nil
-    freeSlots.append(slot.index)
-    lock.unlock()
-    return result
+    return state.withLock { s in
+      let result = NBDClientOutcome(
+        serverError: slot.serverError, cause: slot.failure, fileErrno: slot.fileErrno, extents: slot.extents)
+      slot.state = .free
+      slot.buffer = nil
+      slot.file = nil
+      s.freeSlots.append(slot.index)
+      return result
+    }
   }
 
   // MARK: Failing and leaving
@@ -323,22 +323,22 @@ final class NBDClientConnection: @unchecked Sendable {
   /// the broken connection report that, rather than a new connection's fate.
   func failViolating(_ cause: String) {
     let failure = NBDClientFailure(cause)
-    lock.withLock { if self.failure == nil { violation = failure } }
+    state.withLock { if $0.failure == nil { $0.violation = failure } }
     fail(failure)
   }
 
   /// Marks the connection broken (the first cause wins), fails the requests
   /// waiting on it and wakes the reader.
   func fail(_ cause: NBDClientFailure) {
-    lock.lock()
-    if failure == nil { failure = cause }
-    let reason = failure ?? cause
-    for slot in slots where slot.state == .waiting {
-      slot.state = .done
-      slot.failure = reason
-      slot.semaphore.signal()
+    state.withLock { s in
+      if s.failure == nil { s.failure = cause }
+      let reason = s.failure ?? cause
+      for slot in s.slots where slot.state == .waiting {
+        slot.state = .done
+        slot.failure = reason
+        slot.semaphore.signal()
+      }
     }
-    lock.unlock()
     transport.shutdown()
   }
 
@@ -347,8 +347,8 @@ final class NBDClientConnection: @unchecked Sendable {
   /// the requests in flight get their replies, then NBD_CMD_DISC is sent
   /// and the connection closed (the protocol's soft disconnect).
   func beginSoftDisconnect() {
-    lock.withLock {
-      if failure == nil { failure = NBDClientFailure("the server is shutting down") }
+    state.withLock {
+      if $0.failure == nil { $0.failure = NBDClientFailure("the server is shutting down") }
     }
   }
 
@@ -361,13 +361,11 @@ final class NBDClientConnection: @unchecked Sendable {
   }
 
   var hasWaiting: Bool {
-    lock.withLock { slots.contains { $0.state == .waiting } }
+    state.withLock { $0.slots.contains { $0.state == .waiting } }
   }
 
   func sendDisconnectAndClose() {
-    sendLock.lock()
-    sendDisconnect()
-    sendLock.unlock()
+    sendLock.withLock { _ in sendDisconnect() }
     transport.shutdown()
   }
 
@@ -380,9 +378,7 @@ final class NBDClientConnection: @unchecked Sendable {
 
   /// Sends NBD_CMD_DISC (when the connection still works) and closes.
   func disconnect() {
-    sendLock.lock()
-    if !isFailed { sendDisconnect() }
-    sendLock.unlock()
+    sendLock.withLock { _ in if !isFailed { sendDisconnect() } }
     fail(NBDClientFailure("the client was closed"))
   }
 }

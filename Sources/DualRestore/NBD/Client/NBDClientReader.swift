@@ -19,6 +19,7 @@
 import CShim
 import Dispatch
 import Glibc
+import Synchronization
 
 extension NBDClientConnection {
   func startReader() {
@@ -62,40 +63,46 @@ extension NBDClientConnection {
       error = e
     }
     if error == NBD.errShutdown { beginSoftDisconnect() }
-    if lock.withLock({ failure != nil }) && !hasWaiting {
+    if isFailed && !hasWaiting {
       sendDisconnectAndClose()
       return false
     }
     return true
   }
 
-  /// The waiting slot of `cookie`, marked `.receiving`; nil (and the
-  /// connection failed) when no request waits on it. Called with `lock` held.
-  private func slot(_ cookie: UInt64) -> NBDClientSlot? {
-    let index = Int(truncatingIfNeeded: cookie & 0xffff_ffff)
-    guard index < slots.count, slots[index].cookie == cookie, slots[index].state == .waiting else { return nil }
-    return slots[index]
+  /// The slot waiting on `cookie`, marked `.receiving` unless `refuse`
+  /// finds the reply breaking the protocol; else the violation (the
+  /// connection is failed). `refuse` runs with the state lock held.
+  private func receiving(_ cookie: UInt64, refuse: (NBDClientSlot) -> String?) -> NBDClientSlot? {
+    let found = state.withLock { s -> (NBDClientSlot?, String?) in
+      let index = Int(truncatingIfNeeded: cookie & 0xffff_ffff)
+      guard index < s.slots.count, s.slots[index].cookie == cookie, s.slots[index].state == .waiting else {
+        return (nil, "the server replied to an unknown request (cookie 0x\(String(cookie, radix: 16)))")
+      }
+      let slot = s.slots[index]
+      if let violation = refuse(slot) { return (nil, violation) }
+      slot.state = .receiving
+      return (slot, nil)
+    }
+    if let violation = found.1 { failViolating(violation) }
+    return found.0
   }
 
   /// A simple reply: a READ's data into its buffer or file. False when the
   /// connection has ended.
   private func receiveSimple(_ error: UInt32, _ cookie: UInt64) -> Bool {
-    lock.lock()
-    guard let slot = slot(cookie) else {
-      lock.unlock()
-      failViolating("the server replied to an unknown request (cookie 0x\(String(cookie, radix: 16)))")
-      return false
-    }
-    if slot.wantsExtents && error == 0 {
-      lock.unlock()
-      failViolating("the server answered BLOCK_STATUS without block status")
-      return false
-    }
-    slot.state = .receiving
+    guard
+      let slot = receiving(
+        cookie,
+        refuse: {
+          $0.wantsExtents && error == 0 ? "the server answered BLOCK_STATUS without block status" : nil
+        })
+    else { return false }
+    // The request set these before sending it and leaves them while the
+    // slot is `.receiving`.
     let buffer = slot.buffer
     let file = slot.file
     let length = slot.length
-    lock.unlock()
 
     var broken: NBDClientFailure?
     var fileErrno: Int32 = 0
@@ -110,12 +117,12 @@ extension NBDClientConnection {
         }
       }
     }
-    lock.lock()
-    if let b = broken { slot.failure = failure ?? b }
-    slot.fileErrno = fileErrno
-    slot.serverError = error
-    slot.state = .done
-    lock.unlock()
+    state.withLock { s in
+      if let b = broken { slot.failure = s.failure ?? b }
+      slot.fileErrno = fileErrno
+      slot.serverError = error
+      slot.state = .done
+    }
     slot.semaphore.signal()
     if let broken {
       fail(broken)
@@ -128,19 +135,13 @@ extension NBDClientConnection {
   /// the end. Returns the server's error number so far for the request (0
   /// when none), or nil when the connection has ended.
   private func receiveChunk(_ chunk: NBDChunkHeader) -> UInt32? {
-    lock.lock()
-    guard let slot = slot(chunk.cookie) else {
-      lock.unlock()
-      failViolating("the server replied to an unknown request (cookie 0x\(String(chunk.cookie, radix: 16)))")
-      return nil
-    }
-    guard slot.wantsExtents else {
-      lock.unlock()
-      failViolating("the server sent a structured reply to a request that takes a simple one")
-      return nil
-    }
-    slot.state = .receiving
-    lock.unlock()
+    guard
+      let slot = receiving(
+        chunk.cookie,
+        refuse: {
+          $0.wantsExtents ? nil : "the server sent a structured reply to a request that takes a simple one"
+        })
+    else { return nil }
 
     // A long block status (a fragmented file) gets a buffer of its own.
     let length = chunk.payloadLength
@@ -157,18 +158,17 @@ extension NBDClientConnection {
     if broken == nil && violation == nil {
       violation = take(chunk, UnsafeRawBufferPointer(start: payload, count: length), into: slot)
     }
-    lock.lock()
-    if let cause = broken ?? violation.map({ NBDClientFailure($0) }) ?? failure {
-      // Broken here, or failed meanwhile (a caller's time ran out): the
-      // request ends now rather than waiting for chunks never read.
-      slot.failure = failure ?? cause
-      slot.state = .done
-    } else {
-      slot.state = chunk.isDone ? .done : .waiting
+    let (finished, error) = state.withLock { s in
+      if let cause = broken ?? violation.map({ NBDClientFailure($0) }) ?? s.failure {
+        // Broken here, or failed meanwhile (a caller's time ran out): the
+        // request ends now rather than waiting for chunks never read.
+        slot.failure = s.failure ?? cause
+        slot.state = .done
+      } else {
+        slot.state = chunk.isDone ? .done : .waiting
+      }
+      return (slot.state == .done, slot.serverError)
     }
-    let finished = slot.state == .done
-    let error = slot.serverError
-    lock.unlock()
     if finished { slot.semaphore.signal() }
     if let broken {
       fail(broken)
@@ -259,22 +259,25 @@ extension NBDClientConnection {
       "the connection broke (\(transport.peer): connection closed)", kind: .connectionClosed)
     while remaining > 0 {
       // The pipe is empty here, so the splice cannot wait for room in it.
-      var n = dr_splice_in(socket, pipe.in, UInt(min(remaining, pipe.capacity)), 1)
-      if n < 0 && errno == EINTR { continue }
-      if n < 0 { return (NBDClientFailure("the connection broke (\(Errno(errno)))"), fileErrno) }
-      if n == 0 { return (closed, fileErrno) }
+      var n: Int
+      switch Sys.spliceIn(socket, pipe.in, min(remaining, pipe.capacity), wait: true) {
+      case .success(0): return (closed, fileErrno)
+      case .success(let m): n = m
+      case .failure(let e): return (NBDClientFailure("the connection broke (\(e))"), fileErrno)
+      }
       remaining -= n
       // Then more of the reply, as far as the pipe takes it, without
       // waiting for room in the pipe (a TCP socket may still wait for the
       // rest of the reply, which is on its way): fewer, longer writes.
-      while remaining > 0 && n < pipe.capacity {
-        let m = dr_splice_in(socket, pipe.in, UInt(min(remaining, pipe.capacity - n)), 0)
-        if m < 0 && errno == EINTR { continue }
-        if m < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { break }
-        if m < 0 { return (NBDClientFailure("the connection broke (\(Errno(errno)))"), fileErrno) }
-        if m == 0 { return (closed, fileErrno) }
-        n += m
-        remaining -= m
+      more: while remaining > 0 && n < pipe.capacity {
+        switch Sys.spliceIn(socket, pipe.in, min(remaining, pipe.capacity - n), wait: false) {
+        case .success(0): return (closed, fileErrno)
+        case .success(let m):
+          n += m
+          remaining -= m
+        case .failure(let e) where e.rawValue == EAGAIN || e.rawValue == EWOULDBLOCK: break more
+        case .failure(let e): return (NBDClientFailure("the connection broke (\(e))"), fileErrno)
+        }
       }
       // Into the file up to a page boundary (all of it at the reply's end):
       // a write ending inside a page that is not cached has the page read
@@ -320,26 +323,27 @@ extension NBDClientConnection {
     var left = count
     while left > 0 {
       if fileErrno == 0 && !spliceRefused {
-        let (m, error) = writingFile { () -> (Int, Int32) in
-          let m = dr_splice_out(pipe, file.fd, position, UInt(left))
-          return (m, m < 0 ? errno : EIO)
-        }
-        if m > 0 {
+        let e: Int32
+        switch writingFile({ Sys.spliceOut(pipe, file.fd, position, left) }) {
+        case .success(0): e = EIO
+        case .success(let m):
           left -= m
           position += UInt64(m)
           continue
+        case .failure(let error): e = error.rawValue
         }
-        let e = error
-        if e == EINTR { continue }
         if e == EINVAL || e == ENOSYS || e == EOPNOTSUPP {
           spliceRefused = true
         } else {
           fileErrno = e
         }
       }
-      let m = Glibc.read(pipe, scratch, min(left, NBDClientConnection.scratchSize))
-      if m < 0 && errno == EINTR { continue }
-      if m <= 0 { return "the connection broke (its pipe: \(Errno(m < 0 ? errno : EIO)))" }
+      let m: Int
+      switch Sys.read(pipe, scratch, min(left, NBDClientConnection.scratchSize)) {
+      case .success(0): return "the connection broke (its pipe: \(Errno(EIO)))"
+      case .success(let got): m = got
+      case .failure(let e): return "the connection broke (its pipe: \(e))"
+      }
       if fileErrno == 0, case .failure(let e) = writingFile({ pwriteFull(file.fd, scratch, m, position) }) {
         fileErrno = e.rawValue
       }

@@ -248,9 +248,4 @@ func formatSeconds(_ s: Double) -> String {
   s == s.rounded() && s < 1e9 ? String(Int(s)) : String(s)
 }
 
-func sleepSeconds(_ s: Double) {
-  guard s > 0 else { return }
-  var request = timespec(tv_sec: Int(s), tv_nsec: Int((s - Double(Int(s))) * 1e9))
-  var left = timespec()
-  while nanosleep(&request, &left) != 0 && errno == EINTR { request = left }
-}
+func sleepSeconds(_ s: Double) { Sys.sleep(s) }
