@@ -185,11 +185,12 @@ struct RestoreReadThrough: ParsableCommand {
         throw ExitCode(1)
       }
       let (now, total) = engine.progress
+      let counted = engine.counters
       log(
         "stopped cleanly; the map and the backup are up to date: \(now) of \(total) blocks current, "
-          + "\(engine.fetchedBlocks) fetched from the backup, \(engine.zeroedBlocks) zeroed as the backup's zeros, "
-          + "\(engine.mergedBlocks) merged, "
-          + "\(engine.mergeSkippedBlocks) skipped by merges as current")
+          + "\(counted.fetchedBlocks) fetched from the backup, \(counted.zeroedBlocks) zeroed as the backup's zeros, "
+          + "\(counted.mergedBlocks) merged, "
+          + "\(counted.mergeSkippedBlocks) skipped by merges as current")
     } catch let exit as ExitCode {
       throw exit
     } catch {

@@ -87,8 +87,9 @@ final class RestoreBackground: Sendable {
   private func hydrate() {
     engine.hydrate(rate: schedule.hydrateRate, shouldStop: { [self] in isStopping })
     guard engine.isComplete else { return }
+    let counted = engine.counters
     let summary =
-      "hydration done: \(engine.fetchedBlocks) block(s) fetched from the backup, \(engine.zeroedBlocks) "
+      "hydration done: \(counted.fetchedBlocks) block(s) fetched from the backup, \(counted.zeroedBlocks) "
       + "zeroed without copying (the backup said they read as zeros)"
     // Said with the completion line, after the commit, unless that line
     // came first (the watcher saw the last block).
@@ -133,11 +134,12 @@ final class RestoreBackground: Sendable {
   }
 
   private func reportProgress() {
-    var lastFetched = engine.fetchedBytes
+    var lastFetched = engine.counters.fetchedBytes
     var lastTime = monotonicSeconds()
     while pause(schedule.progressInterval) {
       let (now, total) = engine.progress
-      let fetched = engine.fetchedBytes
+      let counted = engine.counters
+      let fetched = counted.fetchedBytes
       let time = monotonicSeconds()
       let recent = fetched - lastFetched
       let seconds = max(time - lastTime, 1e-3)
@@ -148,7 +150,7 @@ final class RestoreBackground: Sendable {
         "progress: \(now) of \(total) blocks current (\(formatFixed(percent, digits: 1))%), "
           + "fetched \(formatBytes(fetched)) (\(formatBytes(recent)) in the last "
           + "\(formatFixed(seconds, digits: seconds < 10 ? 2 : 1)) s, \(formatBytes(UInt64(Double(recent) / seconds)))/s), "
-          + "merged \(engine.mergedBlocks) blocks")
+          + "merged \(counted.mergedBlocks) blocks")
     }
   }
 }

@@ -58,18 +58,24 @@ public final class RestoreEngine: @unchecked Sendable {
   /// blocks are left to the kernel and the periodic commit: no client waits
   /// for them, and a cold read should not pay for their write-out.
   private let writeback: EarlyWriteback
-  // Counters, under `state`.
-  public private(set) var fetchedBlocks: UInt64 = 0
-  public private(set) var fetchedBytes: UInt64 = 0
-  /// Blocks made current by zeroing them on the primary, because the
-  /// backup said they read as zeros (hydration).
-  public private(set) var zeroedBlocks: UInt64 = 0
-  public private(set) var mergedBlocks: UInt64 = 0
+  /// What the engine has done since it started.
+  public struct Counters: Sendable {
+    public var fetchedBlocks: UInt64 = 0
+    public var fetchedBytes: UInt64 = 0
+    /// Blocks made current by zeroing them on the primary, because the
+    /// backup said they read as zeros (hydration).
+    public var zeroedBlocks: UInt64 = 0
+    public var mergedBlocks: UInt64 = 0
+    /// Blocks the merge export was given but left alone: already current.
+    public var mergeSkippedBlocks: UInt64 = 0
+  }
+  /// Under `state`.
+  private var counted = Counters()
+  /// The counters as they are now (read under `state`).
+  public var counters: Counters { state.withLock { counted } }
   /// Streams whose merge was admitted since the server started, with what
   /// the merge export did with their blocks since the last admission.
   private var admittedStreams: [ID128: MergeReport] = [:]
-  /// Blocks the merge export was given but left alone: already current.
-  public private(set) var mergeSkippedBlocks: UInt64 = 0
   /// Client requests being served (hydration yields to them).
   private let activeRequests = Atomic<Int>(0)
   /// Writes that reached the backup but not the primary. What the backup
@@ -308,8 +314,8 @@ public final class RestoreEngine: @unchecked Sendable {
     state.withLock {
       current.set(blocks)
       dirty = true
-      fetchedBlocks += UInt64(blocks.count)
-      fetchedBytes += length
+      counted.fetchedBlocks += UInt64(blocks.count)
+      counted.fetchedBytes += length
     }
   }
 
@@ -619,8 +625,8 @@ public final class RestoreEngine: @unchecked Sendable {
   /// the totals, and in `stream`'s report.
   private func tally(_ stream: ID128?, data: UInt64, zero: UInt64, skipped: UInt64, bytes: UInt64) {
     state.withLock {
-      mergedBlocks += data + zero
-      mergeSkippedBlocks += skipped
+      counted.mergedBlocks += data + zero
+      counted.mergeSkippedBlocks += skipped
       if let stream, admittedStreams[stream] != nil {
         admittedStreams[stream]?.dataBlocks += data
         admittedStreams[stream]?.zeroBlocks += zero
@@ -826,7 +832,7 @@ public final class RestoreEngine: @unchecked Sendable {
       state.withLock {
         current.set(zero)
         dirty = true
-        zeroedBlocks += UInt64(zero.count)
+        counted.zeroedBlocks += UInt64(zero.count)
       }
       b = zero.upperBound
     }

@@ -115,8 +115,9 @@ public final class MergeExport: NBDExport, Sendable {
   /// A merge flushes at its checkpoints and at its end: say where it stands.
   public func flush() throws {
     try engine.flush()
+    let counted = engine.counters
     engine.log(
-      "merge: \(engine.mergedBlocks) block(s) merged, \(engine.mergeSkippedBlocks) skipped as current (newer than the snapshot)"
+      "merge: \(counted.mergedBlocks) block(s) merged, \(counted.mergeSkippedBlocks) skipped as current (newer than the snapshot)"
     )
   }
 
