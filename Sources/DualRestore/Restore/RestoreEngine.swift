@@ -28,25 +28,40 @@ import Dispatch
 import Glibc
 import Synchronization
 
-// @unchecked Sendable: its maps, debts and counters are behind `state`; flushes run one at a time under `flushLock`.
-public final class RestoreEngine: @unchecked Sendable {
+public final class RestoreEngine: Sendable {
   public let primary: Device
   public let backup: BlockDevice
   public let geometry: BlockGeometry
   public let mapPath: String
   let log: @Sendable (String) -> Void
-  private let state = Monitor()
-  private var map: BlockMap
-  /// Blocks current in memory (a superset of the map's bits on disk).
-  private var current: BlockBitmap
-  /// Current blocks whose latest write the backup has not acknowledged.
-  private var backupLacks: Set<UInt64> = []
-  /// The backup refused or missed a write; writes go to the primary alone
-  /// until every owed block has been sent.
-  private var backupDown = false
-  private var dirty = false
+  /// What client requests, fetches and hydration share. Held for short
+  /// steps only: no I/O under it (the activity log's pins excepted).
+  private struct State {
+    /// Blocks current in memory (a superset of the map's bits on disk).
+    var current: BlockBitmap
+    /// Current blocks whose latest write the backup has not acknowledged.
+    var backupLacks: Set<UInt64> = []
+    /// The backup refused or missed a write; writes go to the primary alone
+    /// until every owed block has been sent.
+    var backupDown = false
+    var dirty = false
+    var counted = Counters()
+    /// Streams whose merge was admitted since the server started, with what
+    /// the merge export did with their blocks since the last admission.
+    var admittedStreams: [ID128: MergeReport] = [:]
+    // Read-ahead of sequential misses.
+    var recentMissEnds: [UInt64] = []
+    var aheadUntil: UInt64 = 0
+    /// Fetches in progress: read-ahead only helps a reader that keeps few
+    /// requests in flight; one that keeps many is its own read-ahead.
+    var fetchesInFlight = 0
+  }
+  private let state: Mutex<State>
+  /// The overwrite map as saved at `mapPath`. Its lock is held through a
+  /// whole flush (and the admission or recording of a merge), I/O included,
+  /// so that flushes run one at a time; client requests never take it.
+  private let map: Mutex<BlockMap>
   private let locks = BlockLocks()
-  private let flushLock = Monitor()
   let activity: ActivityLog
   /// Buffers for copying current blocks to the backup (recovery, owed
   /// blocks); fetched blocks go from the backup's connection into the
@@ -69,25 +84,14 @@ public final class RestoreEngine: @unchecked Sendable {
     /// Blocks the merge export was given but left alone: already current.
     public var mergeSkippedBlocks: UInt64 = 0
   }
-  /// Under `state`.
-  private var counted = Counters()
   /// The counters as they are now (read under `state`).
-  public var counters: Counters { state.withLock { counted } }
-  /// Streams whose merge was admitted since the server started, with what
-  /// the merge export did with their blocks since the last admission.
-  private var admittedStreams: [ID128: MergeReport] = [:]
+  public var counters: Counters { state.withLock { $0.counted } }
   /// Client requests being served (hydration yields to them).
   private let activeRequests = Atomic<Int>(0)
   /// Writes that reached the backup but not the primary. What the backup
   /// said of its blocks before such a write may no longer hold for blocks
   /// that are not current: hydration does not use it then.
   private let divergentWrites = Atomic<Int>(0)
-  // Read-ahead of sequential misses, under `state`.
-  private var recentMissEnds: [UInt64] = []
-  private var aheadUntil: UInt64 = 0
-  /// Fetches in progress: read-ahead only helps a reader that keeps few
-  /// requests in flight; one that keeps many is its own read-ahead.
-  private var fetchesInFlight = 0
   private let readAhead = Handoff<Range<UInt64>?>()
   private static let readAheadThreads = 4
   /// Signalled by each read-ahead thread as it ends.
@@ -145,9 +149,9 @@ public final class RestoreEngine: @unchecked Sendable {
       try MapFile.save(m, to: mapPath)
       log("created the overwrite map \(mapPath): tracking starts now")
     }
-    map = m
+    map = Mutex(m)
     geometry = m.geometry
-    current = m.bits
+    state = Mutex(State(current: m.bits))
     writeback = EarlyWriteback(primary)
     zeros = AlignedBuffer(count: Int(geometry.blockSize))
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
@@ -177,17 +181,17 @@ public final class RestoreEngine: @unchecked Sendable {
   /// Notes a miss; when it continues an earlier one, schedules the blocks
   /// after it so a sequential reader finds them current.
   private func noteMiss(_ run: Range<UInt64>) {
-    let ranges: [Range<UInt64>] = state.withLock {
+    let ranges: [Range<UInt64>] = state.withLock { s in
       let sequential =
-        recentMissEnds.contains(run.lowerBound)
-        || (run.lowerBound < aheadUntil && run.lowerBound + readAheadWindow >= aheadUntil)
-      recentMissEnds.append(run.upperBound)
-      if recentMissEnds.count > 64 { recentMissEnds.removeFirst(recentMissEnds.count - 64) }
-      guard sequential, fetchesInFlight <= 4 else { return [] }
-      let from = max(run.upperBound, aheadUntil)
+        s.recentMissEnds.contains(run.lowerBound)
+        || (run.lowerBound < s.aheadUntil && run.lowerBound + readAheadWindow >= s.aheadUntil)
+      s.recentMissEnds.append(run.upperBound)
+      if s.recentMissEnds.count > 64 { s.recentMissEnds.removeFirst(s.recentMissEnds.count - 64) }
+      guard sequential, s.fetchesInFlight <= 4 else { return [] }
+      let from = max(run.upperBound, s.aheadUntil)
       let to = min(run.upperBound + readAheadWindow, geometry.blockCount)
       guard from < to else { return [] }
-      aheadUntil = to
+      s.aheadUntil = to
       return stride(from: from, to: to, by: Int(readAheadUnit)).map { $0..<min($0 + readAheadUnit, to) }
     }
     for r in ranges { readAhead.put(r) }
@@ -207,11 +211,15 @@ public final class RestoreEngine: @unchecked Sendable {
       let blocks = activity.blocks(ofRegion: region)
       var b = blocks.lowerBound
       while b < blocks.upperBound {
-        guard let start = current.nextSet(from: b, before: blocks.upperBound) else { break }
-        let end = current.nextClear(from: start, before: blocks.upperBound) ?? blocks.upperBound
-        try copyToBackup(start..<end)
-        copied += end - start
-        b = end
+        // The run is looked up under the lock, copied outside it.
+        let run = state.withLock { s -> Range<UInt64>? in
+          guard let start = s.current.nextSet(from: b, before: blocks.upperBound) else { return nil }
+          return start..<(s.current.nextClear(from: start, before: blocks.upperBound) ?? blocks.upperBound)
+        }
+        guard let run else { break }
+        try copyToBackup(run)
+        copied += run.upperBound - run.lowerBound
+        b = run.upperBound
       }
     }
     try backup.flush()
@@ -244,17 +252,17 @@ public final class RestoreEngine: @unchecked Sendable {
   // MARK: State
 
   public var progress: (current: UInt64, total: UInt64) {
-    state.withLock { (current.population, geometry.blockCount) }
+    state.withLock { ($0.current.population, geometry.blockCount) }
   }
 
-  public var isComplete: Bool { state.withLock { current.population == geometry.blockCount } }
+  public var isComplete: Bool { state.withLock { $0.current.population == geometry.blockCount } }
 
-  private func isCurrent(_ b: UInt64) -> Bool { state.withLock { current[b] } }
+  private func isCurrent(_ b: UInt64) -> Bool { state.withLock { $0.current[b] } }
 
   private func markCurrent(_ blocks: Range<UInt64>) {
-    state.withLock {
-      current.set(blocks)
-      dirty = true
+    state.withLock { s in
+      s.current.set(blocks)
+      s.dirty = true
     }
   }
 
@@ -265,17 +273,17 @@ public final class RestoreEngine: @unchecked Sendable {
 
   /// Whether every block of `range` is current (without allocating).
   private func allCurrent(_ range: Range<UInt64>) -> Bool {
-    state.withLock { current.allSet(range) }
+    state.withLock { $0.current.allSet(range) }
   }
 
   /// Runs of blocks in `range` that are not current.
   private func missingRuns(_ range: Range<UInt64>) -> [Range<UInt64>] {
-    state.withLock {
+    state.withLock { s in
       var runs: [Range<UInt64>] = []
       var b = range.lowerBound
       while b < range.upperBound {
-        guard let start = current.nextClear(from: b, before: range.upperBound) else { break }
-        let end = current.nextSet(from: start, before: range.upperBound) ?? range.upperBound
+        guard let start = s.current.nextClear(from: b, before: range.upperBound) else { break }
+        let end = s.current.nextSet(from: start, before: range.upperBound) ?? range.upperBound
         runs.append(start..<end)
         b = end
       }
@@ -295,8 +303,8 @@ public final class RestoreEngine: @unchecked Sendable {
   /// straight from the backup's connection into the primary.
   private func fetch(_ blocks: Range<UInt64>, into destination: UnsafeMutableRawPointer? = nil) throws {
     let (offset, length) = geometry.byteRange(blocks: blocks.lowerBound, count: UInt64(blocks.count))
-    state.withLock { fetchesInFlight += 1 }
-    defer { state.withLock { fetchesInFlight -= 1 } }
+    state.withLock { $0.fetchesInFlight += 1 }
+    defer { state.withLock { $0.fetchesInFlight -= 1 } }
     do {
       if let destination {
         try backup.read(into: UnsafeMutableRawBufferPointer(start: destination, count: Int(length)), at: offset)
@@ -311,11 +319,11 @@ public final class RestoreEngine: @unchecked Sendable {
     if let destination {
       try primary.write(UnsafeRawBufferPointer(start: destination, count: Int(length)), at: offset)
     }
-    state.withLock {
-      current.set(blocks)
-      dirty = true
-      counted.fetchedBlocks += UInt64(blocks.count)
-      counted.fetchedBytes += length
+    state.withLock { s in
+      s.current.set(blocks)
+      s.dirty = true
+      s.counted.fetchedBlocks += UInt64(blocks.count)
+      s.counted.fetchedBytes += length
     }
   }
 
@@ -384,10 +392,10 @@ public final class RestoreEngine: @unchecked Sendable {
     while position < end && steps < 4096 {
       steps += 1
       let block = position / UInt64(geometry.blockSize)
-      let (isCurrent, runEnd) = state.withLock { () -> (Bool, UInt64) in
-        let c = current[block]
+      let (isCurrent, runEnd) = state.withLock { s -> (Bool, UInt64) in
+        let c = s.current[block]
         let next =
-          (c ? current.nextClear(from: block, before: endBlock) : current.nextSet(from: block, before: endBlock))
+          (c ? s.current.nextClear(from: block, before: endBlock) : s.current.nextSet(from: block, before: endBlock))
           ?? endBlock
         return (c, next)
       }
@@ -448,7 +456,7 @@ public final class RestoreEngine: @unchecked Sendable {
     let remoteError = ErrorBox()
     var job: Offload.Job?
     // Decided once: a write either goes to the backup or is owed to it.
-    let sendToBackup = !state.withLock({ backupDown })
+    let sendToBackup = !state.withLock({ $0.backupDown })
     if sendToBackup {
       job = offload.start {
         do { try remote() } catch { remoteError.set(error) }
@@ -463,8 +471,8 @@ public final class RestoreEngine: @unchecked Sendable {
       // the change; owe them to the backup so the two sides agree again.
       // (Counted before the block locks are let go.)
       if sendToBackup { divergentWrites.wrappingAdd(1, ordering: .sequentiallyConsistent) }
-      state.withLock {
-        for b in blocks where current[b] { backupLacks.insert(b) }
+      state.withLock { s in
+        for b in blocks where s.current[b] { s.backupLacks.insert(b) }
         activity.pin(blocks)
       }
       throw RestoreError.writeFailed(cause: error)
@@ -474,7 +482,7 @@ public final class RestoreEngine: @unchecked Sendable {
     var owe = !sendToBackup
     if let error = remoteError.error {
       owe = true
-      state.withLock { backupDown = true }
+      state.withLock { $0.backupDown = true }
       log(
         "the backup did not take a write (\(error)); writes are kept on the primary and owed to the backup "
           + "until it comes back")
@@ -482,8 +490,8 @@ public final class RestoreEngine: @unchecked Sendable {
     if owe {
       // Owed and pinned under one lock, so a resynchronisation that just
       // finished cannot unpin what it did not send.
-      state.withLock {
-        for b in blocks { backupLacks.insert(b) }
+      state.withLock { s in
+        for b in blocks { s.backupLacks.insert(b) }
         activity.pin(blocks)
       }
     }
@@ -491,15 +499,15 @@ public final class RestoreEngine: @unchecked Sendable {
   }
 
   /// Blocks owed to the backup, and whether it is taken as unreachable.
-  public var backupDebt: (blocks: Int, down: Bool) { state.withLock { (backupLacks.count, backupDown) } }
+  public var backupDebt: (blocks: Int, down: Bool) { state.withLock { ($0.backupLacks.count, $0.backupDown) } }
 
   /// Sends the owed blocks to the backup, each under its block lock so no
   /// newer write can be overtaken; when all are sent, writes go to the
   /// backup again. Throws when the backup still cannot take them.
   public func resynchronize() throws {
-    let owed = state.withLock { backupLacks.sorted() }
+    let owed = state.withLock { $0.backupLacks.sorted() }
     if owed.isEmpty {
-      state.withLock { backupDown = false }
+      state.withLock { $0.backupDown = false }
       return
     }
     var i = 0
@@ -510,15 +518,15 @@ public final class RestoreEngine: @unchecked Sendable {
       locks.lock(run)
       defer { locks.unlock(run) }
       try copyToBackup(run)
-      state.withLock { for b in run { backupLacks.remove(b) } }
+      state.withLock { s in for b in run { s.backupLacks.remove(b) } }
       i = j
     }
     try backup.flush()
-    let clear = state.withLock { () -> Bool in
-      if backupLacks.isEmpty { backupDown = false }
+    let clear = state.withLock { s -> Bool in
+      if s.backupLacks.isEmpty { s.backupDown = false }
       // Keep pinned exactly the regions of the blocks still owed.
-      activity.repin(backupLacks)
-      return backupLacks.isEmpty
+      activity.repin(s.backupLacks)
+      return s.backupLacks.isEmpty
     }
     if clear {
       log("the backup is back: sent the \(owed.count) block(s) it lacked")
@@ -533,20 +541,20 @@ public final class RestoreEngine: @unchecked Sendable {
   /// allowed), and an incremental stream must apply on top of the last
   /// stream merged. `force` turns a failed check into a warning in the log.
   public func admitMerge(_ a: MergeAdmission) throws {
-    flushLock.lock()
-    defer { flushLock.unlock() }
-    let problems = map.problems(admittingStreamStarted: a.started, base: a.base, clockSkew: a.skew)
-    if let first = problems.first, !a.force { throw RestoreError.streamRefused(problem: first) }
-    for p in problems { log("merge of stream \(a.stream) forced: \(p)") }
-    // Counted afresh: a re-run after a stop reports what it did itself.
-    state.withLock { admittedStreams[a.stream] = MergeReport(stream: a.stream) }
-    log("merging stream \(a.stream) through the merge export")
+    try map.withLock { saved in
+      let problems = saved.problems(admittingStreamStarted: a.started, base: a.base, clockSkew: a.skew)
+      if let first = problems.first, !a.force { throw RestoreError.streamRefused(problem: first) }
+      for p in problems { log("merge of stream \(a.stream) forced: \(p)") }
+      // Counted afresh: a re-run after a stop reports what it did itself.
+      state.withLock { $0.admittedStreams[a.stream] = MergeReport(stream: a.stream) }
+      log("merging stream \(a.stream) through the merge export")
+    }
   }
 
   /// What the merge export did with the blocks of `stream` since its merge
   /// was last admitted; refused for a stream that was not admitted.
   public func mergeReport(stream: ID128) throws -> MergeReport {
-    guard let report = state.withLock({ admittedStreams[stream] }) else {
+    guard let report = state.withLock({ $0.admittedStreams[stream] }) else {
       throw RestoreError.streamNotAdmitted(stream)
     }
     return report
@@ -557,20 +565,20 @@ public final class RestoreEngine: @unchecked Sendable {
   public func recordMerged(stream: ID128) throws -> MergeReport {
     _ = try mergeReport(stream: stream)
     try flush()
-    flushLock.lock()
-    defer { flushLock.unlock() }
-    var m = map
-    m.lastMergedStream = stream
-    try MapFile.save(m, to: mapPath)
-    map = m
-    let report = state.withLock {
-      admittedStreams[stream]?.recorded = true
-      return admittedStreams[stream] ?? MergeReport(stream: stream)
+    return try map.withLock { saved in
+      var m = saved
+      m.lastMergedStream = stream
+      try MapFile.save(m, to: mapPath)
+      saved = m
+      let report = state.withLock { s in
+        s.admittedStreams[stream]?.recorded = true
+        return s.admittedStreams[stream] ?? MergeReport(stream: stream)
+      }
+      log(
+        "stream \(stream) is merged whole: recorded as the last merged stream; \(report.dataBlocks + report.zeroBlocks) "
+          + "block(s) merged, \(report.skippedCurrent) skipped as current")
+      return report
     }
-    log(
-      "stream \(stream) is merged whole: recorded as the last merged stream; \(report.dataBlocks + report.zeroBlocks) "
-        + "block(s) merged, \(report.skippedCurrent) skipped as current")
-    return report
   }
 
   /// Writes whole blocks of a merged snapshot where the map says not current;
@@ -624,14 +632,14 @@ public final class RestoreEngine: @unchecked Sendable {
   /// Counts what one merge request did, also when it failed part way: in
   /// the totals, and in `stream`'s report.
   private func tally(_ stream: ID128?, data: UInt64, zero: UInt64, skipped: UInt64, bytes: UInt64) {
-    state.withLock {
-      counted.mergedBlocks += data + zero
-      counted.mergeSkippedBlocks += skipped
-      if let stream, admittedStreams[stream] != nil {
-        admittedStreams[stream]?.dataBlocks += data
-        admittedStreams[stream]?.zeroBlocks += zero
-        admittedStreams[stream]?.skippedCurrent += skipped
-        admittedStreams[stream]?.bytesWritten += bytes
+    state.withLock { s in
+      s.counted.mergedBlocks += data + zero
+      s.counted.mergeSkippedBlocks += skipped
+      if let stream, s.admittedStreams[stream] != nil {
+        s.admittedStreams[stream]?.dataBlocks += data
+        s.admittedStreams[stream]?.zeroBlocks += zero
+        s.admittedStreams[stream]?.skippedCurrent += skipped
+        s.admittedStreams[stream]?.bytesWritten += bytes
       }
     }
   }
@@ -648,47 +656,47 @@ public final class RestoreEngine: @unchecked Sendable {
 
   /// Makes every completed write durable on both sides and commits the map.
   public func flush() throws {
-    flushLock.lock()
-    defer { flushLock.unlock() }
-    // Snapshot before synchronising: only what is complete now is committed.
-    let (snapshot, wasDirty) = state.withLock { () -> (BlockBitmap, Bool) in
-      let d = dirty
-      dirty = false
-      return (current, d)
-    }
-    do {
-      // The backup's part, at the same time as the primary's: owed blocks
-      // first, then its own flush. While it is unreachable the flush holds
-      // on the primary alone; the owed blocks stay in the durable activity
-      // log until they are sent.
-      var backupError: Error?
-      let backupPart = offload.start { [self] in
-        do {
-          if state.withLock({ !backupLacks.isEmpty }) { try resynchronize() }
-          if !state.withLock({ backupDown }) { try backup.flush() }
-        } catch {
-          backupError = error
+    try map.withLock { saved in
+      // Snapshot before synchronising: only what is complete now is committed.
+      let (snapshot, wasDirty) = state.withLock { s -> (BlockBitmap, Bool) in
+        let d = s.dirty
+        s.dirty = false
+        return (s.current, d)
+      }
+      do {
+        // The backup's part, at the same time as the primary's: owed blocks
+        // first, then its own flush. While it is unreachable the flush holds
+        // on the primary alone; the owed blocks stay in the durable activity
+        // log until they are sent.
+        var backupError: Error?
+        let backupPart = offload.start { [self] in
+          do {
+            if state.withLock({ !$0.backupLacks.isEmpty }) { try resynchronize() }
+            if !state.withLock({ $0.backupDown }) { try backup.flush() }
+          } catch {
+            backupError = error
+          }
         }
+        var primaryError: Error?
+        do { try primary.sync() } catch { primaryError = error }
+        backupPart.wait()
+        if let primaryError { throw primaryError }
+        let backupOK = backupError == nil
+        if let backupError {
+          state.withLock { $0.backupDown = true }
+          log("flush: the backup is unreachable (\(backupError)); \(backupDebt.blocks) block(s) are owed to it")
+        }
+        if wasDirty {
+          var m = saved
+          m.bits = snapshot
+          try MapFile.save(m, to: mapPath)
+          saved = m
+        }
+        if backupOK { try activity.trim() }
+      } catch {
+        if wasDirty { state.withLock { $0.dirty = true } }
+        throw RestoreError.flushFailed(cause: error)
       }
-      var primaryError: Error?
-      do { try primary.sync() } catch { primaryError = error }
-      backupPart.wait()
-      if let primaryError { throw primaryError }
-      let backupOK = backupError == nil
-      if let backupError {
-        state.withLock { backupDown = true }
-        log("flush: the backup is unreachable (\(backupError)); \(backupDebt.blocks) block(s) are owed to it")
-      }
-      if wasDirty {
-        var m = map
-        m.bits = snapshot
-        try MapFile.save(m, to: mapPath)
-        map = m
-      }
-      if backupOK { try activity.trim() }
-    } catch {
-      if wasDirty { state.withLock { dirty = true } }
-      throw RestoreError.flushFailed(cause: error)
     }
   }
 
@@ -829,10 +837,10 @@ public final class RestoreEngine: @unchecked Sendable {
       try fetchUpTo(zero.lowerBound)
       let (offset, length) = geometry.byteRange(blocks: zero.lowerBound, count: UInt64(zero.count))
       try primary.writeZeros(offset: offset, length: length, scratch: zeros)
-      state.withLock {
-        current.set(zero)
-        dirty = true
-        counted.zeroedBlocks += UInt64(zero.count)
+      state.withLock { s in
+        s.current.set(zero)
+        s.dirty = true
+        s.counted.zeroedBlocks += UInt64(zero.count)
       }
       b = zero.upperBound
     }
@@ -873,10 +881,10 @@ public final class RestoreEngine: @unchecked Sendable {
   /// The first run of blocks not current from `position` on (else from the
   /// start), at most `maximum` blocks: (first, end).
   fileprivate func nextMissingRun(from position: UInt64, maximum: UInt64) -> (UInt64, UInt64)? {
-    state.withLock {
-      guard let start = current.nextClear(from: position) ?? current.nextClear(from: 0) else { return nil }
+    state.withLock { s in
+      guard let start = s.current.nextClear(from: position) ?? s.current.nextClear(from: 0) else { return nil }
       let limit = min(start + maximum, geometry.blockCount)
-      return (start, current.nextSet(from: start, before: limit) ?? limit)
+      return (start, s.current.nextSet(from: start, before: limit) ?? limit)
     }
   }
 }
