@@ -14,7 +14,6 @@ import CShim
 import Dispatch
 import DualRestore
 import Glibc
-import Synchronization
 
 public enum FuzzEntryPoints {
   // MARK: Block streams
@@ -264,9 +263,9 @@ public enum FuzzEntryPoints {
 
 /// The input of a client's first connection; later ones get nothing.
 private final class FirstConnection: Sendable {
-  private let bytes: Mutex<[UInt8]?>
+  private let bytes: Locked<[UInt8]?>
 
-  init(_ bytes: [UInt8]) { self.bytes = Mutex(bytes) }
+  init(_ bytes: [UInt8]) { self.bytes = Locked(bytes) }
 
   func take() -> [UInt8]? {
     bytes.withLock { bytes in
@@ -285,7 +284,7 @@ private final class FuzzKeys: Sendable {
     var secret: StreamSecret?
     var seal: (cryptoBody: [UInt8], cipher: RecordCipher)?
   }
-  private let made = Mutex(Made())
+  private let made = Locked(Made())
 
   func secret(_ key: [UInt8]) throws -> StreamSecret {
     try made.withLock { try Self.secret(key, &$0) }
@@ -313,7 +312,7 @@ private final class FuzzKeys: Sendable {
 
 /// Lines logged, collected for the caller.
 private final class LogLines: Sendable {
-  private let lines = Mutex<[String]>([])
+  private let lines = Locked<[String]>([])
 
   func add(_ line: String) { lines.withLock { $0.append(line) } }
   func clear() { lines.withLock { $0.removeAll() } }
@@ -332,7 +331,7 @@ private final class MemoryExport: NBDExport, Sendable {
   let size: UInt64 = 1 << 20
   let flags = NBD.flagSendFlush | NBD.flagSendFUA | NBD.flagSendTrim | NBD.flagSendWriteZeroes
   let preferredBlockSize: UInt32 = 4096
-  private let bytes = Mutex([UInt8](repeating: 0, count: 1 << 20))
+  private let bytes = Locked([UInt8](repeating: 0, count: 1 << 20))
 
   init(name: String) { self.name = name }
 

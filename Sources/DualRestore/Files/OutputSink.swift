@@ -9,13 +9,12 @@
 
 import CShim
 import Glibc
-import Synchronization
 
 public final class OutputSink {
   /// Temporary files of outputs not finished yet, removed at exit: a tool
   /// that fails exits while its writer threads may still hold the sink.
   /// And whether the exit handler that removes them is installed.
-  private static let registry = Mutex<(unfinished: Set<String>, registered: Bool)>(([], false))
+  private static let registry = Locked<(unfinished: Set<String>, registered: Bool)>(([], false))
 
   private static func track(_ path: String) {
     registry.withLock {

@@ -9,8 +9,6 @@
 // sendfile(2) and splice(2) need a plain socket's descriptor
 // (`spliceDescriptor`); without one, data goes through memory.
 
-import Synchronization
-
 /// A byte stream with time limits.
 protocol NBDTransport: AnyObject, Sendable {
   /// Names the peer in errors and the log.
@@ -93,7 +91,7 @@ package final class MemoryTransport: NBDTransport, Sendable {
     var closed = false
     var written = 0
   }
-  private let ends = Mutex(Ends())
+  private let ends = Locked(Ends())
 
   package init(_ input: [UInt8], peer: String) {
     self.input = input

@@ -17,7 +17,6 @@
 
 import COpenSSL
 import Glibc
-import Synchronization
 
 /// Whether a server offers TLS: not at all, to clients that ask, or to
 /// every client (nothing but NBD_OPT_STARTTLS and NBD_OPT_ABORT before it).
@@ -268,9 +267,9 @@ final class TLSSession: @unchecked Sendable {
   private let peer: String
   private unowned let socket: Socket
   /// Guards every SSL call on `ssl`; never held while waiting for the socket.
-  private let sslLock = Mutex<Void>(())
+  private let sslLock = Locked<Void>(())
   /// Serialises whole messages and guards `staging`.
-  private let writeLock = Mutex<Void>(())
+  private let writeLock = Locked<Void>(())
   /// A header and the start of its payload go out in one record.
   private let staging: UnsafeMutableRawPointer
   static let recordSize = 16384

@@ -8,8 +8,6 @@
 // The log is a map file (dualrestore-map(5), meaning "selected") beside the
 // overwrite map, with one bit per region of 4 MiB (or one block, if larger).
 
-import Synchronization
-
 final class ActivityLog: Sendable {
   let path: String
   let geometry: BlockGeometry
@@ -20,7 +18,7 @@ final class ActivityLog: Sendable {
     /// Regions kept in the log until the backup has their blocks.
     var pinned: Set<UInt64> = []
   }
-  private let regions: Mutex<Regions>
+  private let regions: Locked<Regions>
 
   /// The regions the log held when it was opened: non-empty after an
   /// unclean shutdown.
@@ -34,11 +32,11 @@ final class ActivityLog: Sendable {
     if pathExists(path) {
       let existing = try MapFile.load(path)
       try existing.geometry.check(matches: geometry, path, "the activity log this build keeps")
-      regions = Mutex(Regions(log: existing))
+      regions = Locked(Regions(log: existing))
       recovered = Array(existing.bits.extents.flatMap { $0 })
     } else {
       let log = BlockMap(geometry: geometry, meaning: .selected, deviceName: deviceName)
-      regions = Mutex(Regions(log: log))
+      regions = Locked(Regions(log: log))
       recovered = []
       try MapFile.save(log, to: path)
     }

@@ -18,7 +18,6 @@
 
 import Dispatch
 import Glibc
-import Synchronization
 
 /// What a running restore does in the background.
 public struct RestoreSchedule: Sendable {
@@ -53,7 +52,7 @@ final class RestoreBackground: Sendable {
     /// Said just before the completion line (hydration's summary).
     var before: String?
   }
-  private let completion: Mutex<Completion>
+  private let completion: Locked<Completion>
 
   /// How often the watcher looks for the restore's completion.
   static let completionPoll = 0.2
@@ -63,7 +62,7 @@ final class RestoreBackground: Sendable {
     self.schedule = schedule
     self.log = engine.log
     // A restore complete when the server starts was said so before.
-    completion = Mutex(Completion(said: engine.isComplete))
+    completion = Locked(Completion(said: engine.isComplete))
   }
 
   func start() {

@@ -56,11 +56,11 @@ public final class RestoreEngine: Sendable {
     /// requests in flight; one that keeps many is its own read-ahead.
     var fetchesInFlight = 0
   }
-  private let state: Mutex<State>
+  private let state: Locked<State>
   /// The overwrite map as saved at `mapPath`. Its lock is held through a
   /// whole flush (and the admission or recording of a merge), I/O included,
   /// so that flushes run one at a time; client requests never take it.
-  private let map: Mutex<BlockMap>
+  private let map: Locked<BlockMap>
   private let locks = BlockLocks()
   let activity: ActivityLog
   /// Buffers for copying current blocks to the backup (recovery, owed
@@ -100,7 +100,7 @@ public final class RestoreEngine: Sendable {
   private let closing = AtomicFlag()
   /// The periodic work (hydration, progress, completion, checkpoints),
   /// once started.
-  private let background = Mutex<RestoreBackground?>(nil)
+  private let background = Locked<RestoreBackground?>(nil)
   /// Runs the backup's half of a write while the caller does the primary's.
   private let offload = Offload(threads: 32)
   private let readAheadUnit: UInt64
@@ -149,9 +149,9 @@ public final class RestoreEngine: Sendable {
       try MapFile.save(m, to: mapPath)
       log("created the overwrite map \(mapPath): tracking starts now")
     }
-    map = Mutex(m)
+    map = Locked(m)
     geometry = m.geometry
-    state = Mutex(State(current: m.bits))
+    state = Locked(State(current: m.bits))
     writeback = EarlyWriteback(primary)
     zeros = AlignedBuffer(count: Int(geometry.blockSize))
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
@@ -927,14 +927,14 @@ private final class HydrationPlan: Sendable {
       return failuresNotLogged
     }
   }
-  private let plan: Mutex<Plan>
+  private let plan: Locked<Plan>
 
   init(engine: RestoreEngine, rate: UInt64) {
     self.engine = engine
     self.rate = rate
     batchBlocks = UInt64(max(1, (1 << 20) / Int(engine.geometry.blockSize)))
     windowBlocks = max(batchBlocks, UInt64((64 << 20) / Int(engine.geometry.blockSize)))
-    plan = Mutex(
+    plan = Locked(
       Plan(
         pace: HydrationPace(
           rate: rate, longestRun: batchBlocks * UInt64(engine.geometry.blockSize), now: monotonicSeconds())))

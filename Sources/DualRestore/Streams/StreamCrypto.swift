@@ -27,7 +27,6 @@
 import COpenSSL
 import CShim
 import Glibc
-import Synchronization
 
 /// A key or passphrase read from a file, held in memory that is wiped when
 /// released. Keys are never taken from the command line or the environment.
@@ -75,7 +74,7 @@ public final class StreamSecret: @unchecked Sendable {
   /// for a passphrase is a few tenths of a second of scrypt. Wiped with the
   /// secret.
   /// The fields the keys in `derived` were derived for; its lock guards both.
-  private let derivedFor = Mutex<[UInt8]>([])
+  private let derivedFor = Locked<[UInt8]>([])
   private let derived = UnsafeMutableRawBufferPointer.allocate(byteCount: 2 * StreamCrypto.keyLength, alignment: 16)
 
   func derivedKeys(for fields: [UInt8]) -> (record: [UInt8], check: [UInt8])? {

@@ -3,8 +3,6 @@
 // not stay allocated), and a budget of bytes in use that makes a taker wait
 // for room.
 
-import Synchronization
-
 /// Reusable request buffers, by size. A few buffers up to `keepSize` are
 /// kept for the next requests, so memory stays bounded: larger or surplus
 /// buffers are freed when given back.
@@ -13,7 +11,7 @@ final class BufferPool: Sendable {
     var buffers: [AlignedBuffer] = []
     var bytes = 0
   }
-  private let kept = Mutex(Kept())
+  private let kept = Locked(Kept())
   let keepCount: Int
   let keepSize: Int
   /// The most bytes kept in all, whatever their count.

@@ -69,7 +69,7 @@ public final class Offload: Sendable {
 /// A queue between two threads, unbounded (its users bound it by how many
 /// items exist).
 final class Handoff<T: Sendable>: Sendable {
-  private let items = Mutex<[T]>([])
+  private let items = Locked<[T]>([])
   private let available = DispatchSemaphore(value: 0)
 
   func put(_ item: T) {
@@ -85,7 +85,7 @@ final class Handoff<T: Sendable>: Sendable {
 
 /// The first error one thread saw, for another to read.
 final class ErrorBox: Sendable {
-  private let stored = Mutex<Error?>(nil)
+  private let stored = Locked<Error?>(nil)
 
   var error: Error? { stored.withLock { $0 } }
 
@@ -103,7 +103,7 @@ struct Unchecked<T>: @unchecked Sendable {
 
 /// A flag set once, readable from any thread.
 public final class AtomicFlag: Sendable {
-  private let value = Mutex(false)
+  private let value = Locked(false)
 
   public init() {}
 

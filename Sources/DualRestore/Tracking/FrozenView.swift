@@ -43,7 +43,7 @@ public final class FrozenView: Sendable {
     var allocated: UInt64 = FrozenView.headerLength
     var lostReason: String?
   }
-  private let store = Mutex(Store())
+  private let store = Locked(Store())
   static let allocationStep: UInt64 = 64 << 20
 
   /// Creates the store at `path`. `generation`, the change map's at the

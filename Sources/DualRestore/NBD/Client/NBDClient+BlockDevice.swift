@@ -1,8 +1,6 @@
 // An NBD client as a block device: the backup of a restore, a merge target
 // (the `merge` export of a running restore-read-through), a source to read.
 
-import Synchronization
-
 extension NBDClient {
   public var capabilities: DeviceCapabilities {
     var c: DeviceCapabilities = [.splicesIntoFile]
@@ -32,7 +30,7 @@ extension NBDClient {
 public final class MultiConnectionLink: BlockDevice, Sendable {
   public let connections: [NBDClient]
   /// The connection used last.
-  private let index = Mutex(0)
+  private let index = Locked(0)
 
   private let uri: String
   private let timeout: Double
@@ -42,7 +40,7 @@ public final class MultiConnectionLink: BlockDevice, Sendable {
     var client: NBDClient?
     var tried = false
   }
-  private let status = Mutex(StatusConnection())
+  private let status = Locked(StatusConnection())
 
   public init(uri: String, timeout: Double, count: Int) throws {
     var list: [NBDClient] = []

@@ -79,14 +79,14 @@ final class NBDClientSlot: @unchecked Sendable {
   init(index: Int) { self.index = index }
 }
 
-// @unchecked Sendable: the slot table is in a Mutex, requests go out under `sendLock`, and the rest is the reader's.
+// @unchecked Sendable: the slot table is in a Locked, requests go out under `sendLock`, and the rest is the reader's.
 final class NBDClientConnection: @unchecked Sendable {
   let transport: NBDTransport
   /// A request reads the replies itself (no reader thread): a connection
   /// in memory.
   let readsInline: Bool
   /// Serialises requests on the wire; guards `header`.
-  private let sendLock = Mutex<Void>(())
+  private let sendLock = Locked<Void>(())
   private let header = UnsafeMutableRawPointer.allocate(byteCount: NBDRequest.length, alignment: 8)
   /// The reader's: a reply's header.
   let reply = UnsafeMutableRawPointer.allocate(byteCount: NBDChunkHeader.length, alignment: 8)
@@ -117,7 +117,7 @@ final class NBDClientConnection: @unchecked Sendable {
     /// magic or an unknown cookie), when that is what ended the connection.
     var violation: NBDClientFailure?
   }
-  let state: Mutex<State>
+  let state: Locked<State>
   /// Time the reader has spent writing READ replies into files: the
   /// replies behind it wait for the local disk, not for the server, and
   /// that time does not count against their limit.
@@ -131,7 +131,7 @@ final class NBDClientConnection: @unchecked Sendable {
     var initial = State()
     initial.slots.reserveCapacity(64)
     initial.freeSlots.reserveCapacity(64)
-    state = Mutex(initial)
+    state = Locked(initial)
   }
 
   deinit {

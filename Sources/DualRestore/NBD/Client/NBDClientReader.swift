@@ -19,7 +19,6 @@
 import CShim
 import Dispatch
 import Glibc
-import Synchronization
 
 extension NBDClientConnection {
   func startReader() {

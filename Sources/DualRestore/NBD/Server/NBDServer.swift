@@ -18,7 +18,6 @@
 
 import Dispatch
 import Glibc
-import Synchronization
 
 /// How a server offers TLS.
 public enum NBDServerTLS: Sendable {
@@ -86,7 +85,7 @@ public final class NBDServer: Sendable {
     var stopping = false
     var lastRefusalLogged = 0.0
   }
-  private let connections = Mutex(Connections())
+  private let connections = Locked(Connections())
   private let idle = DispatchSemaphore(value: 0)
   let budget: ByteBudget
 

@@ -11,7 +11,6 @@
 // the client never takes what it got for data.
 
 import CShim
-import Synchronization
 
 extension NBDServerTransmission {
   /// READs at least this long are sent from the file when the export can;

@@ -17,14 +17,13 @@
 // (`NBDError.code(for:)`).
 
 import Dispatch
-import Synchronization
 
 final class NBDServerTransmission: Sendable {
   let server: NBDServer
   let transport: NBDTransport
   let session: NBDServerSession
   /// Replies are written whole under this lock, in completion order.
-  let sendLock = Mutex(())
+  let sendLock = Locked(())
 
   init(server: NBDServer, transport: NBDTransport, session: NBDServerSession) {
     self.server = server
@@ -85,7 +84,7 @@ final class NBDServerTransmission: Sendable {
       var closed = false
       var failure: Error?
     }
-    private let readSide = Mutex(ReadSide())
+    private let readSide = Locked(ReadSide())
 
     init(transmission: NBDServerTransmission) {
       self.transmission = transmission
