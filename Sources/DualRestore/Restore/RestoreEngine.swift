@@ -830,7 +830,11 @@ public final class RestoreEngine: Sendable {
     func fetchUpTo(_ stop: UInt64) throws {
       guard stop > b else { return }
       try fetch(b..<stop)
-      fetched += geometry.byteRange(blocks: b, count: stop - b).length
+      let (offset, length) = geometry.byteRange(blocks: b, count: stop - b)
+      fetched += length
+      // Hydration ends with an fdatasync before it is said done: start the
+      // write-out now, so that it waits for the tail only.
+      writeback.written(offset, length)
     }
     for z in zeroRuns where z.upperBound > b && z.lowerBound < blocks.upperBound {
       let zero = max(z.lowerBound, b)..<min(z.upperBound, blocks.upperBound)
