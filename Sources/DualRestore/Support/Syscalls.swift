@@ -214,7 +214,10 @@ func writingAllVectors(
   guard let base = vectors.baseAddress else { return .success(()) }
   var index = 0
   let count = vectors.count
-  while index < count {
+  while true {
+    // Empty vectors (a reply without payload) are not written.
+    while index < count && vectors[index].iov_len == 0 { index += 1 }
+    guard index < count else { break }
     let n: Int
     switch step(base + index, count - index) {
     case .failure(let e): return .failure(e)
@@ -230,12 +233,11 @@ func writingAllVectors(
         left -= length
         index += 1
       } else {
-        vectors[index].iov_base = vectors[index].iov_base! + left
+        vectors[index].iov_base = vectors[index].iov_base.map { $0 + left }
         vectors[index].iov_len -= left
         left = 0
       }
     }
-    while index < count && vectors[index].iov_len == 0 { index += 1 }
   }
   return .success(())
 }
