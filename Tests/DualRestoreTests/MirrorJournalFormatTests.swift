@@ -20,7 +20,9 @@ final class MirrorJournalFormatTests: XCTestCase {
   }
 
   func scan(_ bytes: [UInt8]) throws(MirrorJournalDamage) -> MirrorJournalScan {
-    let result = bytes.withUnsafeBytes { p in Result { () throws(MirrorJournalDamage) in try MirrorJournalFormat.scan(p) } }
+    let result = bytes.withUnsafeBytes { p in
+      Result { () throws(MirrorJournalDamage) in try MirrorJournalFormat.scan(p) }
+    }
     return try result.get()
   }
 
@@ -28,7 +30,8 @@ final class MirrorJournalFormatTests: XCTestCase {
   func patch(_ bytes: inout [UInt8], at: Int, _ value: UInt64, width: Int, recrc record: Int? = nil) {
     for i in 0..<width { bytes[at + i] = UInt8(truncatingIfNeeded: value >> (8 * UInt64(i))) }
     if let record {
-      let payload = Int(bytes[record + 8]) | Int(bytes[record + 9]) << 8 | Int(bytes[record + 10]) << 16
+      let payload =
+        Int(bytes[record + 8]) | Int(bytes[record + 9]) << 8 | Int(bytes[record + 10]) << 16
         | Int(bytes[record + 11]) << 24
       let checked = MirrorJournalFormat.recordHeaderLength + payload
       let crc = bytes.withUnsafeBytes { dr_crc32c(0, $0.baseAddress! + record, checked) }
@@ -74,12 +77,19 @@ final class MirrorJournalFormatTests: XCTestCase {
       headerRefusal({ $0[44] ^= 1 }, recrc: false), "the mirror journal's header checksum does not match its bytes")
     XCTAssertEqual(
       headerRefusal({ $0[4000] = 1 }), "the mirror journal's header has non-zero bytes after its checksum")
-    XCTAssertEqual(headerRefusal({ $0[52] = 0; $0[53] = 0 }), "the mirror journal's block size is 0")
     XCTAssertEqual(
-      headerRefusal({ $0[52] = 0; $0[53] = 1 }),
+      headerRefusal({
+        $0[52] = 0; $0[53] = 0
+      }), "the mirror journal's block size is 0")
+    XCTAssertEqual(
+      headerRefusal({
+        $0[52] = 0; $0[53] = 1
+      }),
       "the mirror journal's block size 256 is not a power of two of at least 512")
     XCTAssertEqual(
-      headerRefusal({ $0[52] = 0; $0[53] = 0x30 }),
+      headerRefusal({
+        $0[52] = 0; $0[53] = 0x30
+      }),
       "the mirror journal's block size 12288 is not a power of two of at least 512")
     XCTAssertEqual(headerRefusal({ for i in 12..<28 { $0[i] = 0 } }), "the mirror journal's id is zero")
     XCTAssertEqual(
@@ -160,8 +170,10 @@ final class MirrorJournalFormatTests: XCTestCase {
 
   func testEveryRecordRefusal() {
     let write = MirrorJournalFormat.encode(
-      MirrorJournalRecord(type: .write, interval: 1, sequence: 1, offset: 0, length: 8), payload: [1, 2, 3, 4, 5, 6, 7, 8])
-    let zero = MirrorJournalFormat.encode(MirrorJournalRecord(type: .zero, interval: 1, sequence: 1, offset: 0, length: 8))
+      MirrorJournalRecord(type: .write, interval: 1, sequence: 1, offset: 0, length: 8),
+      payload: [1, 2, 3, 4, 5, 6, 7, 8])
+    let zero = MirrorJournalFormat.encode(
+      MirrorJournalRecord(type: .zero, interval: 1, sequence: 1, offset: 0, length: 8))
     let end = MirrorJournalFormat.encode(MirrorJournalRecord(type: .intervalEnd, interval: 1, sequence: 2))
     func patched(_ base: [UInt8], at: Int, _ value: UInt64, width: Int, recrc: Bool = true) -> [UInt8] {
       var b = base
@@ -184,7 +196,8 @@ final class MirrorJournalFormatTests: XCTestCase {
       decode(Array(patched(write, at: 8, 64 << 20, width: 4, recrc: false)[0..<44])),
       .refused(.payloadMismatch(.write, payload: 64 << 20, length: 8)))
     XCTAssertEqual(refused(write, at: 36, 9, width: 8), .refused(.payloadMismatch(.write, payload: 8, length: 9)))
-    XCTAssertEqual(refused(zero, at: 8, 8, width: 4, recrc: false), .refused(.payloadMismatch(.zero, payload: 8, length: 8)))
+    XCTAssertEqual(
+      refused(zero, at: 8, 8, width: 4, recrc: false), .refused(.payloadMismatch(.zero, payload: 8, length: 8)))
     XCTAssertEqual(refused(zero, at: 36, 0, width: 8), .refused(.emptyRange(.zero)))
     XCTAssertEqual(refused(end, at: 28, 4096, width: 8), .refused(.intervalEndWithRange))
     XCTAssertEqual(refused(end, at: 36, 1, width: 8), .refused(.intervalEndWithRange))
@@ -195,7 +208,9 @@ final class MirrorJournalFormatTests: XCTestCase {
       .refused(.beyondDevice(offset: (1 << 20) - 7, length: 8, deviceSize: 1 << 20)))
     XCTAssertEqual(
       decode(patched(zero, at: 28, (1 << 20) - 8, width: 8)),
-      .record(MirrorJournalRecord(type: .zero, interval: 1, sequence: 1, offset: (1 << 20) - 8, length: 8, payload: 44..<44), size: 48))
+      .record(
+        MirrorJournalRecord(type: .zero, interval: 1, sequence: 1, offset: (1 << 20) - 8, length: 8, payload: 44..<44),
+        size: 48))
     XCTAssertEqual(refused(write, at: 44, 0xFF, width: 1, recrc: false), .refused(.badChecksum))
     var padded = MirrorJournalFormat.encode(
       MirrorJournalRecord(type: .write, interval: 1, sequence: 1, offset: 0, length: 1), payload: [7])
@@ -235,7 +250,8 @@ final class MirrorJournalFormatTests: XCTestCase {
     XCTAssertEqual(s.end, bytes.count)
     XCTAssertNil(s.torn)
     XCTAssertEqual(s.intervals.map(\.interval), [1, 2])
-    XCTAssertEqual(s.intervals.map { $0.records.map(\.position) }, [[positions[0], positions[1]], [positions[3], positions[4]]])
+    XCTAssertEqual(
+      s.intervals.map { $0.records.map(\.position) }, [[positions[0], positions[1]], [positions[3], positions[4]]])
     XCTAssertEqual(s.intervals.map(\.endPosition), [positions[2], positions[5]])
     XCTAssertEqual(Array(bytes[s.intervals[0].records[0].record.payload]), [1, 2, 3, 4, 5])
     XCTAssertTrue(s.open.isEmpty)
@@ -245,9 +261,11 @@ final class MirrorJournalFormatTests: XCTestCase {
     var (bytes, _) = journal()
     let good = bytes.count
     // An open interval's good record, then one cut short at every length.
-    let open = MirrorJournalFormat.encode(MirrorJournalRecord(type: .trim, interval: 3, sequence: 7, offset: 0, length: 512))
+    let open = MirrorJournalFormat.encode(
+      MirrorJournalRecord(type: .trim, interval: 3, sequence: 7, offset: 0, length: 512))
     let last = MirrorJournalFormat.encode(
-      MirrorJournalRecord(type: .write, interval: 3, sequence: 8, offset: 0, length: 100), payload: .init(repeating: 4, count: 100))
+      MirrorJournalRecord(type: .write, interval: 3, sequence: 8, offset: 0, length: 100),
+      payload: .init(repeating: 4, count: 100))
     bytes += open
     for cut in 1..<last.count {
       let s = try scan(bytes + last[0..<cut])
@@ -321,7 +339,8 @@ final class MirrorJournalFormatTests: XCTestCase {
       .intervalWentDown(at: positions[1], previous: 2, found: 1))
     // Order damage in the tail is damage too: the records there are good.
     var tail = clean
-    tail += MirrorJournalFormat.encode(MirrorJournalRecord(type: .trim, interval: 3, sequence: 6, offset: 0, length: 512))
+    tail += MirrorJournalFormat.encode(
+      MirrorJournalRecord(type: .trim, interval: 3, sequence: 6, offset: 0, length: 512))
     XCTAssertThrowsError(try scan(tail)) {
       XCTAssertEqual($0 as? MirrorJournalDamage, .sequenceNotIncreasing(at: clean.count, previous: 6, found: 6))
     }

@@ -105,7 +105,8 @@ public struct MirrorJournalHeader: Equatable, Sendable {
     let blockSize = r.u32() ?? 0
     let created = r.i64() ?? 0
     let stored = r.u32() ?? 0
-    let crc = bytes.withContiguousStorageIfAvailable { dr_crc32c(0, $0.baseAddress, Self.checkedLength) }
+    let crc =
+      bytes.withContiguousStorageIfAvailable { dr_crc32c(0, $0.baseAddress, Self.checkedLength) }
       ?? Array(bytes.prefix(Self.checkedLength)).withUnsafeBytes { dr_crc32c(0, $0.baseAddress, $0.count) }
     guard crc == stored else {
       throw ToolkitError("the mirror journal's header checksum does not match its bytes")
@@ -251,7 +252,9 @@ public enum MirrorJournalFormat {
     var header = [UInt8](repeating: 0, count: recordHeaderLength)
     var trailer = [UInt8](repeating: 0, count: checksumLength + alignment - 1)
     let used = payload.withUnsafeBytes { p in
-      header.withUnsafeMutableBytes { h in trailer.withUnsafeMutableBytes { t in frame(record, payload: p, header: h, trailer: t) } }
+      header.withUnsafeMutableBytes { h in
+        trailer.withUnsafeMutableBytes { t in frame(record, payload: p, header: h, trailer: t) }
+      }
     }
     return header + payload + trailer[0..<used]
   }
@@ -376,7 +379,8 @@ public enum MirrorJournalDamage: Error, Equatable, Sendable, CustomStringConvert
     case .badRecord(let at, let e):
       return "the mirror journal is damaged: the record at offset \(at) \(e), and a good interval end follows it"
     case .shortRecord(let at):
-      return "the mirror journal is damaged: the record at offset \(at) is cut short, and a good interval end follows it"
+      return
+        "the mirror journal is damaged: the record at offset \(at) is cut short, and a good interval end follows it"
     case .sequenceNotIncreasing(let at, let p, let f):
       return "the mirror journal is damaged: the record at offset \(at) has sequence \(f), not above \(p)"
     case .intervalWentDown(let at, let p, let f):
@@ -401,7 +405,8 @@ extension MirrorJournalFormat {
     let header: MirrorJournalHeader
     do {
       header = try MirrorJournalHeader(
-        decoding: all.count >= MirrorJournalHeader.length ? Array(all[0..<MirrorJournalHeader.length])[...] : Array(all)[...])
+        decoding: all.count >= MirrorJournalHeader.length
+          ? Array(all[0..<MirrorJournalHeader.length])[...] : Array(all)[...])
     } catch {
       throw .header(error)
     }
