@@ -4,6 +4,7 @@
 // random journal scans back as it was written.
 
 import CShim
+import DualRestoreFuzz
 import TestSupport
 import XCTest
 
@@ -393,6 +394,26 @@ final class MirrorJournalFormatTests: XCTestCase {
         XCTAssertEqual(Array(bytes[record.payload]), payloads[position])
       }
     }
+  }
+
+  func testFuzzEntryPointsScanAndRepair() {
+    let (clean, positions) = journal()
+    XCTAssertNil(FuzzEntryPoints.scanMirrorJournal(clean))
+    // With every checksum zeroed the first record starts a torn tail; the
+    // repair makes the journal whole again.
+    var zeroed = clean
+    for i in 64..<68 { zeroed[i] = 0 }
+    for (n, p) in positions.enumerated() {
+      let end = n + 1 < positions.count ? positions[n + 1] : clean.count
+      let payload = Int(clean[p + 8])
+      let crc = p + 44 + payload
+      XCTAssertLessThanOrEqual(crc + 4, end)
+      for i in crc..<crc + 4 { zeroed[i] = 0 }
+    }
+    XCTAssertNotNil(FuzzEntryPoints.scanMirrorJournal(zeroed))
+    XCTAssertEqual(FuzzEntryPoints.repairMirrorJournalChecksums(zeroed), clean)
+    XCTAssertEqual(
+      FuzzEntryPoints.scanMirrorJournal(clean + [1, 2, 3]), "torn at \(clean.count): needMoreBytes(needed: 44)")
   }
 }
 
