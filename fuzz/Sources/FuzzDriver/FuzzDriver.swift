@@ -24,6 +24,7 @@ public enum FuzzTarget: String, Sendable {
   case nbdClient = "nbd-client"
   case nbdClientStatus = "nbd-client-status"
   case mergeExport = "merge-export"
+  case mirrorJournal = "mirror-journal"
 }
 
 /// The key the encrypted stream seeds are made with (scripts/fuzz writes it).
@@ -89,5 +90,8 @@ public func runOnce(_ target: FuzzTarget, _ bytes: [UInt8]) {
     _ = FuzzEntryPoints.parseMergeExportName(bytes)
     _ = FuzzEntryPoints.decodeMergeReport(bytes)
     _ = FuzzEntryPoints.decodeMergeReport(FuzzEntryPoints.repairMergeReportChecksum(bytes))
+  case .mirrorJournal:
+    _ = FuzzEntryPoints.scanMirrorJournal(bytes)
+    _ = FuzzEntryPoints.scanMirrorJournal(FuzzEntryPoints.repairMirrorJournalChecksums(bytes))
   }
 }
