@@ -22,15 +22,15 @@ extension FuzzEntryPoints {
     precondition((scan.torn == nil) == (scan.end == bytes.count), "a clean scan ends before the bytes do")
     var previous: UInt64? = nil
     let records = scan.intervals.flatMap { i in
-      i.records + [(i.endPosition, MirrorJournalRecord(type: .intervalEnd, interval: i.interval, sequence: 0))]
+      i.records + [(i.endPosition, MirrorJournalRecord.intervalEnd(i.interval, sequence: 0))]
     }
     for (position, record) in records + scan.open {
       precondition(position >= MirrorJournalHeader.length && position % 8 == 0 && position < scan.end)
       let size = MirrorJournalFormat.recordSize(payload: record.payload.count)
       precondition(position + size <= scan.end, "the record at \(position) runs past the good bytes")
       let again = MirrorJournalFormat.encode(
-        MirrorJournalRecord(
-          type: record.type, interval: record.interval,
+        MirrorJournalRecord.change(
+          record.type, interval: record.interval,
           sequence: record.type == .intervalEnd ? readLE(bytes, position + 20) : record.sequence,
           offset: record.offset, length: record.length),
         payload: Array(bytes[record.payload]))

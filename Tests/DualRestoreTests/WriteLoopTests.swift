@@ -53,8 +53,9 @@ final class WriteLoopTests: XCTestCase {
 
   func testAPeerThatTakesNothingIsAnError() {
     var written: UInt64 = 0
-    var byte: UInt8 = 7
-    var vector = iovec(iov_base: &byte, iov_len: 1)
+    let byte = UnsafeMutableRawPointer.allocate(byteCount: 1, alignment: 1)
+    defer { byte.deallocate() }
+    var vector = iovec(iov_base: byte, iov_len: 1)
     let result = withUnsafeMutablePointer(to: &vector) { v in
       writingAllVectors(UnsafeMutableBufferPointer(start: v, count: 1), written: &written) { _, _ in .success(0) }
     }

@@ -56,14 +56,6 @@ public struct MirrorJournalHeader: Equatable, Sendable {
   /// The bytes the CRC-32C covers; the CRC follows them.
   static let checkedLength = 64
 
-  public init(journal: ID128, map: ID128, deviceSize: UInt64, blockSize: UInt32, created: Instant) {
-    self.journal = journal
-    self.map = map
-    self.deviceSize = deviceSize
-    self.blockSize = blockSize
-    self.created = created
-  }
-
   /// The 4096 bytes of the header.
   public var encoded: [UInt8] {
     var w = ByteWriter()
@@ -79,7 +71,9 @@ public struct MirrorJournalHeader: Equatable, Sendable {
     w.zeros(Self.length - w.bytes.count)
     return w.bytes
   }
+}
 
+extension MirrorJournalHeader {
   /// Reads a header; the error names the field that is wrong.
   public init(decoding bytes: ArraySlice<UInt8>) throws(ToolkitError) {
     guard bytes.count >= Self.length else {
@@ -141,21 +135,21 @@ public struct MirrorJournalRecord: Equatable, Sendable {
   public var type: MirrorJournalRecordType
   public var interval: UInt64
   public var sequence: UInt64
-  public var offset: UInt64
-  public var length: UInt64
+  public var offset: UInt64 = 0
+  public var length: UInt64 = 0
   /// Where the payload is in the bytes decoded (empty but for writes).
-  public var payload: Range<Int>
+  public var payload: Range<Int> = 0..<0
 
-  public init(
-    type: MirrorJournalRecordType, interval: UInt64, sequence: UInt64, offset: UInt64 = 0, length: UInt64 = 0,
-    payload: Range<Int> = 0..<0
-  ) {
-    self.type = type
-    self.interval = interval
-    self.sequence = sequence
-    self.offset = offset
-    self.length = length
-    self.payload = payload
+  /// A write, zero or trim of `length` bytes at `offset`.
+  public static func change(
+    _ type: MirrorJournalRecordType, interval: UInt64, sequence: UInt64, offset: UInt64, length: UInt64
+  ) -> MirrorJournalRecord {
+    MirrorJournalRecord(type: type, interval: interval, sequence: sequence, offset: offset, length: length)
+  }
+
+  /// The record that closes `interval`.
+  public static func intervalEnd(_ interval: UInt64, sequence: UInt64) -> MirrorJournalRecord {
+    MirrorJournalRecord(type: .intervalEnd, interval: interval, sequence: sequence, offset: 0, length: 0)
   }
 }
 
