@@ -105,6 +105,8 @@ struct RestoreReadThrough: ParsableCommand {
 
   @OptionGroup var limits: ServerLimitOptions
 
+  @OptionGroup var mirroring: MirrorOptions
+
   @Flag(help: "Copy the blocks not yet current from the backup in the background.")
   var hydrate = false
 
@@ -136,6 +138,9 @@ struct RestoreReadThrough: ParsableCommand {
       throw ValidationError("--backup-connections \(backupConnections) is out of range (1 to 16)")
     }
     if progressInterval < 0 { throw ValidationError("--progress-interval must not be negative") }
+    if case .quorum(let k) = mirroring.ack.value, k > 1 {
+      throw ValidationError("--ack quorum=\(k) needs \(k) far copies; there is one, the backup")
+    }
   }
 
   func run() throws {
@@ -148,7 +153,8 @@ struct RestoreReadThrough: ParsableCommand {
     let device = try Device(path: primary, options: .readWrite)
     let link = try MultiConnectionLink(uri: backup, timeout: backupTimeout, count: backupConnections)
     let engine = try RestoreEngine(
-      primary: device, backup: link, mapPath: map, blockSize: blockSize.value, log: log)
+      primary: device, backup: link, mapPath: map, blockSize: blockSize.value,
+      mirroring: mirroring.settings(mapPath: map), log: log)
 
     // Each client request that misses waits a round trip to the backup:
     // serving more of a client's requests at once hides that latency
@@ -162,7 +168,9 @@ struct RestoreReadThrough: ParsableCommand {
     let (now, total) = engine.progress
     log(
       "serving \(primary) (\(formatBytes(device.size))) on \(listener.name)\(tls.tls == .off ? "" : " (TLS \(tls.tls.rawValue))"), backup \(backup); "
-        + "\(now) of \(total) blocks current")
+        + "\(now) of \(total) blocks current"
+        + (mirroring.ack.value == .all
+          ? "" : "; writes acknowledged \(mirroring.ack), the backup kept up to date from the mirror journal"))
 
     // Hydration, progress lines, the completion line and the checkpoints:
     // the engine's, until it closes.
@@ -178,6 +186,11 @@ struct RestoreReadThrough: ParsableCommand {
     server.stop()
     do {
       let owed = try engine.close()
+      for lag in engine.mirrorLag where lag.intervals > 0 {
+        log(
+          "the far copy \(lag.name) lacks \(lag.intervals) interval(s) (\(formatBytes(lag.bytes))); "
+            + "they stay in the mirror journal and are sent at the next start")
+      }
       if owed > 0 {
         log(
           "stopped; the map and the primary are durable, but the backup is unreachable and lacks \(owed) block(s): "

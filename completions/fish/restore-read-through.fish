@@ -20,7 +20,7 @@ function __restore-read-through_parse_tokens -S
     set -l unparsed_tokens (__restore-read-through_tokens -pc)
     switch $unparsed_tokens[1]
     case 'restore-read-through'
-        __restore-read-through_parse_subcommand 1 'backup=' 'map=' 'socket=' 'listen=' 'block-size=' 'tls=' 'tls-certificates=' 'tls-verify-peer' 'max-connections=' 'handshake-timeout=' 'idle-timeout=' 'stall-timeout=' 'hydrate' 'hydrate-rate=' 'backup-timeout=' 'backup-connections=' 'progress-interval=' 'h/help'
+        __restore-read-through_parse_subcommand 1 'backup=' 'map=' 'socket=' 'listen=' 'block-size=' 'tls=' 'tls-certificates=' 'tls-verify-peer' 'max-connections=' 'handshake-timeout=' 'idle-timeout=' 'stall-timeout=' 'ack=' 'journal=' 'max-lag=+' 'hydrate' 'hydrate-rate=' 'backup-timeout=' 'backup-connections=' 'progress-interval=' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __restore-read-through_parse_subcommand -r 1 
@@ -89,6 +89,9 @@ complete -c 'restore-read-through' -n '__restore-read-through_should_offer_compl
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" handshake-timeout' -l 'handshake-timeout' -d 'Seconds a client has to finish the NBD handshake (TLS included; 0: no limit).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" idle-timeout' -l 'idle-timeout' -d 'Disconnect a client silent this many seconds between requests (0: never, as a mounted disk may idle).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" stall-timeout' -l 'stall-timeout' -d 'Disconnect a client that pauses this many seconds inside a request or in taking a reply (0: never).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" ack' -l 'ack' -d 'When a write is acknowledged: all (once the far copies hold it), local (once the primary and the journal do; the far copies are brought up to date in the background), or quorum=K (as local, and a flush waits until K far copies hold it).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" journal' -l 'journal' -d 'The mirror journal of --ack local or quorum (default: MAP.mirror beside the map).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through"' -l 'max-lag' -d 'Writes wait while the far copies owe this much: bytes of journal (K, M, G; default 1G) or seconds since the oldest change they lack (30s); repeat for both.' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" hydrate' -l 'hydrate' -d 'Copy the blocks not yet current from the backup in the background.'
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" hydrate-rate' -l 'hydrate-rate' -d 'Limit the background copy to this many bytes a second, in any few seconds but for a burst of one second\'s worth, or of one 1 MiB run if more (K, M, G: powers of 1024).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" backup-timeout' -l 'backup-timeout' -d 'Seconds a request to the backup may take before it fails with EIO.' -rfka ''

@@ -1,7 +1,7 @@
 // The mirror journal (dualrestore-journal(5)): the local, crash-safe log that
-// asynchronous mirroring will append every client write, zero and trim to,
-// and an interval-end record at every client flush. Only the format lives
-// here; no command writes a journal yet.
+// asynchronous mirroring appends every client write, zero and trim to, and
+// an interval-end record at every client flush. The format lives here; the
+// journal file as it is kept is MirrorJournal.
 //
 // Invariants the reader keeps: it never reads past the bytes it is given,
 // never trusts a length before checking it against a limit (64 MiB of
@@ -393,8 +393,11 @@ extension MirrorJournalFormat {
   /// Scans a whole journal. Good records up to the last good interval end
   /// must all be good and in order; a bad or short record with no good
   /// interval end after it starts a torn tail, which the scan reports and
-  /// does not count as damage.
-  public static func scan(_ bytes: UnsafeRawBufferPointer) throws(MirrorJournalDamage) -> MirrorJournalScan {
+  /// does not count as damage. Records start at `start` (the header's end
+  /// unless the journal's consumed start was cut away).
+  public static func scan(_ bytes: UnsafeRawBufferPointer, from start: Int = MirrorJournalHeader.length)
+    throws(MirrorJournalDamage) -> MirrorJournalScan
+  {
     let all = UnsafeRawBufferPointer(rebasing: bytes[...])
     let header: MirrorJournalHeader
     do {
@@ -406,7 +409,7 @@ extension MirrorJournalFormat {
     }
     let decoder = MirrorJournalDecoder(deviceSize: header.deviceSize)
     var result = MirrorJournalScan(header: header, intervals: [], open: [], end: all.count, torn: nil)
-    var position = MirrorJournalHeader.length
+    var position = max(start, MirrorJournalHeader.length)
     var lastSequence: UInt64? = nil
     var current: UInt64? = nil  // the interval of the open records, if any
     var ended: UInt64? = nil  // the last interval that ended

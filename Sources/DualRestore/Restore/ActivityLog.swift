@@ -17,6 +17,9 @@ final class ActivityLog: Sendable {
     var inFlight: [UInt64: Int] = [:]
     /// Regions kept in the log until the backup has their blocks.
     var pinned: Set<UInt64> = []
+    /// The count of entries so far, and each region's last entry's number.
+    var generation: UInt64 = 0
+    var entered: [UInt64: UInt64] = [:]
   }
   private let regions: Locked<Regions>
 
@@ -59,7 +62,9 @@ final class ActivityLog: Sendable {
     guard !blocks.isEmpty else { return }
     try regions.withLock { s in
       var added = false
+      s.generation += 1
       for r in regionRange(blocks) {
+        s.entered[r] = s.generation
         s.inFlight[r, default: 0] += 1
         if !s.log.bits[r] {
           s.log.bits[r] = true
@@ -94,19 +99,37 @@ final class ActivityLog: Sendable {
     regions.withLock { $0.pinned = owed }
   }
 
-  /// After a flush: drops the regions with nothing in flight or pinned.
-  func trim() throws {
+  /// The number of the last entry: a flush takes it before it closes
+  /// its interval, and trims only what was entered up to it.
+  func mark() -> UInt64 { regions.withLock { $0.generation } }
+
+  /// After a flush: drops the regions with nothing in flight or pinned
+  /// (and, given `enteredUpTo`, not entered since that mark). With `keep`,
+  /// the log is left alone while it holds at most `keep` regions, and then
+  /// cut to half of that, least recently entered first: a region a client
+  /// keeps writing to stays, and its writes do not each rewrite the log.
+  func trim(enteredUpTo mark: UInt64? = nil, keep: Int = 0) throws {
     try regions.withLock { s in
-      var changed = false
+      if keep > 0 && s.log.bits.population <= UInt64(keep) { return }
+      var candidates: [(UInt64, UInt64)] = []
       var r = s.log.bits.nextSet(from: 0)
       while let region = r {
-        if s.inFlight[region] == nil && !s.pinned.contains(region) {
-          s.log.bits[region] = false
-          changed = true
+        let last = s.entered[region] ?? 0
+        if s.inFlight[region] == nil && !s.pinned.contains(region) && (mark.map { last <= $0 } ?? true) {
+          candidates.append((last, region))
         }
         r = s.log.bits.nextSet(from: region + 1)
       }
-      if changed { try MapFile.save(s.log, to: path) }
+      if keep > 0 {
+        let excess = Int(s.log.bits.population) - keep / 2
+        candidates.sort { $0.0 < $1.0 }
+        candidates = Array(candidates.prefix(max(0, excess)))
+      }
+      for (_, region) in candidates {
+        s.log.bits[region] = false
+        s.entered[region] = nil
+      }
+      if !candidates.isEmpty { try MapFile.save(s.log, to: path) }
     }
   }
 

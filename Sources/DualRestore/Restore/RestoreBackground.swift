@@ -149,7 +149,11 @@ final class RestoreBackground: Sendable {
         "progress: \(now) of \(total) blocks current (\(formatFixed(percent, digits: 1))%), "
           + "fetched \(formatBytes(fetched)) (\(formatBytes(recent)) in the last "
           + "\(formatFixed(seconds, digits: seconds < 10 ? 2 : 1)) s, \(formatBytes(UInt64(Double(recent) / seconds)))/s), "
-          + "merged \(counted.mergedBlocks) blocks")
+          + "merged \(counted.mergedBlocks) blocks"
+          + engine.mirrorLag.map {
+            "; far copy \($0.name) holds interval \($0.interval), lacks \($0.intervals) (\(formatBytes($0.bytes))), "
+              + "oldest \(formatFixed($0.oldestSeconds, digits: 1)) s"
+          }.joined())
     }
   }
 }

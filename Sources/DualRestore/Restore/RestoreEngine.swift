@@ -36,7 +36,7 @@ public final class RestoreEngine: Sendable {
   let log: @Sendable (String) -> Void
   /// What client requests, fetches and hydration share. Held for short
   /// steps only: no I/O under it (the activity log's pins excepted).
-  private struct State {
+  struct State {
     /// Blocks current in memory (a superset of the map's bits on disk).
     var current: BlockBitmap
     /// Current blocks whose latest write the backup has not acknowledged.
@@ -55,24 +55,31 @@ public final class RestoreEngine: Sendable {
     /// Fetches in progress: read-ahead only helps a reader that keeps few
     /// requests in flight; one that keeps many is its own read-ahead.
     var fetchesInFlight = 0
+    /// Asynchronous mirroring: blocks not current that a client wrote part
+    /// of, with the byte ranges (within the block) it wrote; the rest of
+    /// the block is still the backup's.
+    var partial: [UInt64: [Range<Int>]] = [:]
   }
-  private let state: Locked<State>
+  let state: Locked<State>
   /// The overwrite map as saved at `mapPath`. Its lock is held through a
   /// whole flush (and the admission or recording of a merge), I/O included,
   /// so that flushes run one at a time; client requests never take it.
-  private let map: Locked<BlockMap>
-  private let locks = BlockLocks()
+  let map: Locked<BlockMap>
+  let locks = BlockLocks()
   let activity: ActivityLog
+  /// Asynchronous mirroring (--ack local or quorum): the journal and the
+  /// far copies' shippers; nil when writes are mirrored synchronously.
+  let mirror: AsyncMirror?
   /// Buffers for copying current blocks to the backup (recovery, owed
   /// blocks); fetched blocks go from the backup's connection into the
   /// primary without one.
-  private let buffers = BufferPool(keepCount: 4, keepSize: 4 << 20, keepBytes: 16 << 20)
-  private let zeros: AlignedBuffer
+  let buffers = BufferPool(keepCount: 4, keepSize: 4 << 20, keepBytes: 16 << 20)
+  let zeros: AlignedBuffer
   /// Starts write-out of the clients' writes (and merged blocks), which a
   /// FLUSH waits for, so that it waits for little (EarlyWriteback). Fetched
   /// blocks are left to the kernel and the periodic commit: no client waits
   /// for them, and a cold read should not pay for their write-out.
-  private let writeback: EarlyWriteback
+  let writeback: EarlyWriteback
   /// What the engine has done since it started.
   public struct Counters: Sendable {
     public var fetchedBlocks: UInt64 = 0
@@ -97,12 +104,12 @@ public final class RestoreEngine: Sendable {
   /// Signalled by each read-ahead thread as it ends.
   private let readAheadEnded = DispatchSemaphore(value: 0)
   /// Set when the engine closes: read-ahead fetches nothing more.
-  private let closing = AtomicFlag()
+  let closing = AtomicFlag()
   /// The periodic work (hydration, progress, completion, checkpoints),
   /// once started.
   private let background = Locked<RestoreBackground?>(nil)
   /// Runs the backup's half of a write while the caller does the primary's.
-  private let offload = Offload(threads: 32)
+  let offload = Offload(threads: 32)
   private let readAheadUnit: UInt64
   private let readAheadWindow: UInt64
 
@@ -112,7 +119,7 @@ public final class RestoreEngine: Sendable {
   /// (created when missing), recovering from an unclean shutdown if needed.
   public init(
     primary: Device, backup: BlockDevice, mapPath: String, blockSize: UInt32,
-    log: @escaping @Sendable (String) -> Void
+    mirroring: MirrorSettings? = nil, log: @escaping @Sendable (String) -> Void
   ) throws {
     self.primary = primary
     self.backup = backup
@@ -158,8 +165,24 @@ public final class RestoreEngine: Sendable {
     activity = try ActivityLog(path: mapPath + ".al", blockGeometry: m.geometry, deviceName: primary.path)
     readAheadUnit = UInt64(max(1, (1 << 20) / Int(m.geometry.blockSize)))
     readAheadWindow = readAheadUnit * 8
-    if !activity.recovered.isEmpty { try recover() }
+    if let mirroring {
+      var unshipped: [JournaledChange] = []
+      let journal = try MirrorJournal(
+        path: mirroring.journalPath, mapID: m.mapID, geometry: m.geometry, copyNames: [backup.name],
+        bound: mirroring.bound, log: log
+      ) { type, offset, length in
+        unshipped.append(JournaledChange(type: type, offset: offset, length: length, payloadAt: 0))
+      }
+      mirror = AsyncMirror(journal: journal, copies: [backup], settings: mirroring, log: log)
+      for c in unshipped { notePartial(offset: c.offset, length: c.length, enqueue: false) }
+    } else {
+      mirror = nil
+    }
+    if !activity.recovered.isEmpty {
+      if mirror != nil { try recoverIntoJournal() } else { try recover() }
+    }
     if pathExists(owedMarker) { unlink(owedMarker) }
+    if let mirror { startMirroring(mirror) }
     for _ in 0..<Self.readAheadThreads {
       startThread { [self] in
         while let item = readAhead.take(), let range = item { prefetch(range) }
@@ -259,8 +282,10 @@ public final class RestoreEngine: Sendable {
 
   private func isCurrent(_ b: UInt64) -> Bool { state.withLock { $0.current[b] } }
 
-  private func markCurrent(_ blocks: Range<UInt64>) {
+  func markCurrent(_ blocks: Range<UInt64>) {
     state.withLock { s in
+      // Only a change of the bits makes the map dirty (a flush commits it).
+      guard !s.current.allSet(blocks) else { return }
       s.current.set(blocks)
       s.dirty = true
     }
@@ -277,7 +302,7 @@ public final class RestoreEngine: Sendable {
   }
 
   /// Runs of blocks in `range` that are not current.
-  private func missingRuns(_ range: Range<UInt64>) -> [Range<UInt64>] {
+  func missingRuns(_ range: Range<UInt64>) -> [Range<UInt64>] {
     state.withLock { s in
       var runs: [Range<UInt64>] = []
       var b = range.lowerBound
@@ -301,7 +326,10 @@ public final class RestoreEngine: Sendable {
   /// into the caller's buffer and from there to the primary when the
   /// caller holds the whole run (a cold read answered from memory), else
   /// straight from the backup's connection into the primary.
-  private func fetch(_ blocks: Range<UInt64>, into destination: UnsafeMutableRawPointer? = nil) throws {
+  func fetch(_ blocks: Range<UInt64>, into destination: UnsafeMutableRawPointer? = nil) throws {
+    // Blocks a client wrote part of keep what it wrote (asynchronous
+    // mirroring); callers that pass a destination have none among them.
+    if mirror != nil && destination == nil && hasPartial(blocks) { return try fetchAroundPartial(blocks) }
     let (offset, length) = geometry.byteRange(blocks: blocks.lowerBound, count: UInt64(blocks.count))
     state.withLock { $0.fetchesInFlight += 1 }
     defer { state.withLock { $0.fetchesInFlight -= 1 } }
@@ -344,7 +372,7 @@ public final class RestoreEngine: Sendable {
     for run in missingRuns(blocks) {
       noteMiss(run)
       let (start, length) = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count))
-      if start >= offset && start + length <= end {
+      if start >= offset && start + length <= end && !hasPartial(run) {
         try fetch(run, into: base + Int(start - offset))
         served.append(start..<start + length)
       } else {
@@ -416,6 +444,11 @@ public final class RestoreEngine: Sendable {
   }
 
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+    if mirror != nil {
+      return try modifyJournaled(.write, offset: offset, length: UInt64(buffer.count), fua: fua, payload: buffer) {
+        try primary.write(buffer, at: offset)
+      }
+    }
     try modify(
       offset: offset, length: UInt64(buffer.count), fua: fua,
       local: { try primary.write(buffer, at: offset) },
@@ -425,6 +458,11 @@ public final class RestoreEngine: Sendable {
   /// TRIM and WRITE_ZEROES both leave zeros on both sides (a trimmed block
   /// must read the same on the primary and the backup).
   public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
+    if mirror != nil {
+      return try modifyJournaled(.zero, offset: offset, length: length, fua: fua, payload: nil) {
+        try primary.writeZeros(offset: offset, length: length, scratch: zeros)
+      }
+    }
     try modify(
       offset: offset, length: length, fua: fua,
       local: { try primary.writeZeros(offset: offset, length: length, scratch: zeros) },
@@ -595,7 +633,8 @@ public final class RestoreEngine: Sendable {
     var bytes: UInt64 = 0
     defer { tally(stream, data: written, zero: 0, skipped: skipped, bytes: bytes) }
     for b in blocks {
-      if isCurrent(b) {
+      // A block a client wrote part of is newer than any snapshot.
+      if isCurrent(b) || hasPartial(b..<b + 1) {
         skipped += 1
         continue
       }
@@ -615,7 +654,7 @@ public final class RestoreEngine: Sendable {
     guard !blocks.isEmpty else { return }
     locks.lock(blocks)
     defer { locks.unlock(blocks) }
-    let runs = missingRuns(blocks)
+    let runs = withoutPartial(missingRuns(blocks))
     let skipped = UInt64(blocks.count) - runs.reduce(0) { $0 + UInt64($1.count) }
     var written: UInt64 = 0
     var bytes: UInt64 = 0
@@ -656,6 +695,7 @@ public final class RestoreEngine: Sendable {
 
   /// Makes every completed write durable on both sides and commits the map.
   public func flush() throws {
+    if let mirror { return try flushJournaled(mirror) }
     try map.withLock { saved in
       // Snapshot before synchronising: only what is complete now is committed.
       let (snapshot, wasDirty) = state.withLock { s -> (BlockBitmap, Bool) in
@@ -715,6 +755,7 @@ public final class RestoreEngine: Sendable {
     }
     writeback.stop()
     defer { backup.close() }
+    if let mirror { return try closeJournaled(mirror) }
     try flush()
     let owed = backupDebt.blocks
     if owed == 0 {
@@ -824,7 +865,9 @@ public final class RestoreEngine: Sendable {
   /// Brings `blocks` (locked by the caller) from the backup, except the
   /// parts of `zeroRuns` among them, which are zeroed on the primary.
   /// Returns the bytes that crossed the link.
-  private func fetchOrZero(_ blocks: Range<UInt64>, zeroRuns: [Range<UInt64>]) throws -> UInt64 {
+  private func fetchOrZero(_ blocks: Range<UInt64>, zeroRuns given: [Range<UInt64>]) throws -> UInt64 {
+    // Zeroing would wipe what a client wrote of a partial block.
+    let zeroRuns = hasPartial(blocks) ? [] : given
     var fetched: UInt64 = 0
     var b = blocks.lowerBound
     func fetchUpTo(_ stop: UInt64) throws {

@@ -116,6 +116,14 @@ enum Sys {
     retryingInterrupts { Glibc.writev(fd, vectors, Int32(count)) }
   }
 
+  /// Writes the first `count` of `vectors` in order at `offset`. Calls
+  /// `pwritev(2)`.
+  static func pwritev(_ fd: Int32, _ vectors: UnsafePointer<iovec>, _ count: Int, _ offset: UInt64)
+    -> Result<Int, Errno>
+  {
+    retryingInterrupts { Glibc.pwritev(fd, vectors, Int32(count), off_t(offset)) }
+  }
+
   /// Sends the first `count` of `vectors` in order. Calls `sendmsg(2)`.
   static func sendmsg(_ fd: Int32, _ vectors: UnsafeMutablePointer<iovec>, _ count: Int, _ flags: Int32)
     -> Result<Int, Errno>
@@ -263,6 +271,17 @@ func pwriteFull(_ fd: Int32, _ buffer: UnsafeRawPointer, _ count: Int, _ offset:
   -> Result<Void, Errno>
 {
   writingAll(count) { Sys.pwrite(fd, buffer + $0, count - $0, offset + UInt64($0)) }
+}
+
+/// Writes every vector at `offset` on, in order, surviving short transfers.
+func pwritevFull(_ fd: Int32, _ vectors: UnsafeMutableBufferPointer<iovec>, _ offset: UInt64) -> Result<Void, Errno> {
+  var written: UInt64 = 0
+  var done: UInt64 = 0
+  return writingAllVectors(vectors, written: &written) { first, count in
+    let result = Sys.pwritev(fd, first, count, offset + done)
+    if case .success(let n) = result { done += UInt64(n) }
+    return result
+  }
 }
 
 /// Writes all of `count` bytes to a stream descriptor (pipe, socket, file).

@@ -115,8 +115,11 @@ public final class MultiConnectionLink: BlockDevice, Sendable {
     return try run(client) { try $0.allocation(offset: offset, length: length) }
   }
 
-  /// A completed write may have gone over any connection: flush them all.
+  /// A completed write may have gone over any connection: a server that
+  /// offers multi-conn makes a flush on one cover them all (NBD's
+  /// NBD_FLAG_CAN_MULTI_CONN); any other is flushed on each.
   public func flush() throws {
+    if connections[0].flags & NBD.flagCanMultiConn != 0 { return try run(pick()) { try $0.flush() } }
     for c in connections { try run(c) { try $0.flush() } }
   }
 
