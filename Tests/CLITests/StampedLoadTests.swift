@@ -127,6 +127,10 @@ final class StampedLoadTests: CLITestCase {
     let small = StampedLoad(seed: 78, writeSize: 1024, slots: 16, flushEvery: 8)
     let order = try small.apply(image: try copy(baseline, to: s.path("order.img")), upto: 56).applied
     XCTAssertEqual(order.count, 56)
+    for k in 0..<7 {
+      let slots = order.filter { $0.interval == k }.map(\.slot)
+      XCTAssertEqual(Set(slots).count, 8, "interval \(k) repeats a slot: \(slots)")
+    }
     let newer = try XCTUnwrap(order.first { n in n.interval == 5 && order[..<40].contains { $0.slot == n.slot } })
     let older = try XCTUnwrap(order[..<40].last { $0.slot == newer.slot })
     let next = try XCTUnwrap(order.first { $0.interval == 6 && $0.slot != newer.slot })
@@ -146,8 +150,9 @@ final class StampedLoadTests: CLITestCase {
   // MARK: (c) Foreign bytes
 
   /// One flipped byte in a stamp's filler, one in its header, one in a
-  /// slot never written, and a stamp copied into another slot: each fails,
-  /// naming that slot and nothing else.
+  /// slot never written, a stamp's first sector torn back to the
+  /// baseline's, and a stamp copied into another slot: each fails, naming
+  /// that slot and nothing else.
   func testForeignBytesInASlotFail() throws {
     try StampedLoad.require()
     let s = try Scratch()
@@ -172,7 +177,8 @@ final class StampedLoadTests: CLITestCase {
 
     let filler = try damaged("filler.img", at: slot * 2048 + 1500, flipped(slot * 2048 + 1500))
     XCTAssertEqual(filler.status, 1, filler.result.summary)
-    XCTAssertEqual(filler.violations, ["slot \(slot): found foreign bytes (a torn or damaged stamp), expected baseline or a stamp"])
+    XCTAssertEqual(
+      filler.violations, ["slot \(slot): found foreign bytes (a torn or damaged stamp), expected baseline or a stamp"])
 
     // Byte 16 is the low byte of the write's index.
     let header = try damaged("header.img", at: slot * 2048 + 16, flipped(slot * 2048 + 16))
@@ -239,7 +245,8 @@ final class StampedLoadTests: CLITestCase {
     let acked = try load.check(
       image: r.backupPath, baseline: baseline, mode: .acked(l.lastFlushed), maxIndex: stopped.issued)
     XCTAssertEqual(acked.status, 0, acked.result.summary)
-    let consistent = try load.check(image: r.backupPath, baseline: baseline, mode: .consistent, maxIndex: stopped.issued)
+    let consistent = try load.check(
+      image: r.backupPath, baseline: baseline, mode: .consistent, maxIndex: stopped.issued)
     XCTAssertEqual(consistent.status, 0, consistent.result.summary)
     // Writes never issued are not there.
     let beyond = try load.check(
