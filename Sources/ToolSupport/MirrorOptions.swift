@@ -87,6 +87,7 @@ public struct MirrorOptions: ParsableArguments {
     let bytes = maxLag.compactMap(\.bytes).first ?? (1 << 30)
     let seconds = maxLag.compactMap(\.seconds).first ?? 0
     return MirrorSettings(
-      ack: ack.value, journalPath: journal ?? mapPath + ".mirror", bound: MirrorLagBound(bytes: bytes, seconds: seconds))
+      ack: ack.value, journalPath: journal ?? mapPath + ".mirror", bound: MirrorLagBound(bytes: bytes, seconds: seconds)
+    )
   }
 }

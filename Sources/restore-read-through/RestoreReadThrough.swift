@@ -61,6 +61,29 @@ struct RestoreReadThrough: ParsableCommand {
       again. Meanwhile a FLUSH makes data durable on PRIMARY only: the \
       backup's recovery point lags by the owed blocks, which the log says.
 
+      With --ack local the far link is out of every write's path: a \
+      WRITE, WRITE_ZEROES or TRIM is appended to the mirror journal \
+      (MAP.mirror, or --journal PATH; dualrestore-journal(5)), made on \
+      PRIMARY and acknowledged; a FLUSH or FUA write is acknowledged once \
+      the journal and PRIMARY are durable. The backup is brought up to date \
+      in the background, interval by interval (an interval ends at each \
+      client FLUSH): an interval's writes are coalesced (each byte sent once), \
+      sent over the backup's connections at once, the backup is flushed, and \
+      only then does the next interval start, so the backup always holds \
+      what a disk may hold after a power cut. A write into part of a block \
+      that is not current lands on PRIMARY at once; the rest of the block is \
+      fetched in the background, and a read of it in between waits for that. \
+      With --ack quorum=K a FLUSH also waits until K far copies hold it. When \
+      the backup owes more than --max-lag (bytes of journal, default 1G, or \
+      seconds since the oldest change it lacks, 30s), writes wait until it \
+      catches up, and the log says so. The progress line gives, per far \
+      copy, the interval it holds, the intervals and bytes it lacks, and the \
+      age of the oldest change it lacks (its recovery point). A stop leaves \
+      what the backup lacks in the journal; the next start sends it first. \
+      After an unclean shutdown the journal's complete intervals are kept, \
+      its torn tail is cut, and the regions of the activity log are \
+      journaled again from PRIMARY; a damaged journal is refused.
+
       With --tls on or --tls require the server offers NBD over TLS \
       (NBD_OPT_STARTTLS), TLS 1.2 or 1.3, with DIR/server-cert.pem and \
       DIR/server-key.pem from --tls-certificates DIR, laid out as for nbdkit \
@@ -186,7 +209,8 @@ struct RestoreReadThrough: ParsableCommand {
     server.stop()
     do {
       let owed = try engine.close()
-      for lag in engine.mirrorLag where lag.intervals > 0 {
+      let lagging = engine.mirrorLag.filter { $0.intervals > 0 }
+      for lag in lagging {
         log(
           "the far copy \(lag.name) lacks \(lag.intervals) interval(s) (\(formatBytes(lag.bytes))); "
             + "they stay in the mirror journal and are sent at the next start")
@@ -200,7 +224,8 @@ struct RestoreReadThrough: ParsableCommand {
       let (now, total) = engine.progress
       let counted = engine.counters
       log(
-        "stopped cleanly; the map and the backup are up to date: \(now) of \(total) blocks current, "
+        "stopped cleanly; the map and the \(lagging.isEmpty ? "backup are up to date" : "mirror journal are durable"): "
+          + "\(now) of \(total) blocks current, "
           + "\(counted.fetchedBlocks) fetched from the backup, \(counted.zeroedBlocks) zeroed as the backup's zeros, "
           + "\(counted.mergedBlocks) merged, "
           + "\(counted.mergeSkippedBlocks) skipped by merges as current")

@@ -58,8 +58,9 @@ final class AsyncMirror: Sendable {
   static let completionThreads = 4
   let completionsEnded = StoppableThreads()
 
-  init(journal: MirrorJournal, copies: [BlockDevice], settings: MirrorSettings, log: @escaping @Sendable (String) -> Void)
-  {
+  init(
+    journal: MirrorJournal, copies: [BlockDevice], settings: MirrorSettings, log: @escaping @Sendable (String) -> Void
+  ) {
     self.journal = journal
     shippers = copies.enumerated().map {
       FarCopyShipper(journal: journal, index: $0.offset, copy: $0.element, senders: settings.senders, log: log)

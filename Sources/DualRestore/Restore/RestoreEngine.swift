@@ -178,6 +178,9 @@ public final class RestoreEngine: Sendable {
     } else {
       mirror = nil
     }
+    if mirroring == nil && pathExists(mapPath + ".mirror") {
+      try drainLeftoverJournal(mapPath + ".mirror", mapID: m.mapID)
+    }
     if !activity.recovered.isEmpty {
       if mirror != nil { try recoverIntoJournal() } else { try recover() }
     }

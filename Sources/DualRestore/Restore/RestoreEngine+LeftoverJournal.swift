@@ -1,0 +1,43 @@
+// A mirror journal left by an asynchronous run (--ack local) when the next
+// run mirrors synchronously (--ack all): what the backup still lacks from it
+// is sent first, in order, before any write goes to the backup directly and
+// before the activity log's regions are copied, so no interval is skipped
+// and nothing older lands over something newer. Then the journal goes.
+
+import Glibc
+
+extension RestoreEngine {
+  /// Sends what the backup lacks of the journal at `path`, then removes
+  /// the journal and its positions file. Refuses to go on when the backup
+  /// cannot take it now.
+  func drainLeftoverJournal(_ path: String, mapID: ID128) throws {
+    let journal = try MirrorJournal(
+      path: path, mapID: mapID, geometry: geometry, copyNames: [backup.name], bound: MirrorLagBound(bytes: 0, seconds: 0),
+      log: log
+    ) { _, _, _ in }
+    let owed = journal.lag.first ?? MirrorLag(name: backup.name, intervals: 0, bytes: 0, oldestSeconds: 0, interval: 0)
+    if owed.intervals > 0 {
+      log(
+        "\(path) holds \(owed.intervals) interval(s) (\(formatBytes(owed.bytes))) the backup lacks from an "
+          + "asynchronous run: sending them before serving")
+      let shipper = FarCopyShipper(journal: journal, index: 0, copy: backup, senders: 16, log: log)
+      shipper.start()
+      defer {
+        journal.stop()
+        shipper.stop()
+      }
+      while !journal.drained {
+        if shipper.failing {
+          throw ToolkitError(
+            "\(path) holds intervals the backup lacks, and the backup cannot take them now; start again when it "
+              + "can (or with --ack local, which keeps them in the journal)")
+        }
+        usleep(20_000)
+      }
+    }
+    unlink(path)
+    unlink(journal.positionsPath)
+    syncDirectory(of: path)
+    if owed.intervals > 0 { log("the backup holds every interval of \(path); it is removed") }
+  }
+}
