@@ -73,7 +73,15 @@ struct RestoreReadThrough: ParsableCommand {
       what a disk may hold after a power cut. A write into part of a block \
       that is not current lands on PRIMARY at once; the rest of the block is \
       fetched in the background, and a read of it in between waits for that. \
-      With --ack quorum=K a FLUSH also waits until K far copies hold it. When \
+      --backup may be repeated (up to 16 far copies): the first is the \
+      backup reads come from; every copy gets every write. With --ack all \
+      each write and flush goes to all of them at once and waits for the \
+      slowest; with --ack local each copy has its own position in the \
+      journal, which keeps an interval until every copy holds it, and a copy \
+      that cannot be reached does not hold the others back (it resumes from \
+      its position when it answers again). Every copy must answer when the \
+      server starts. With --ack quorum=K a FLUSH also waits until K far \
+      copies hold it (at most 30 s; then the FLUSH fails). When \
       the backup owes more than --max-lag (bytes of journal, default 1G, or \
       seconds since the oldest change it lacks, 30s), writes wait until it \
       catches up, and the log says so. The progress line gives, per far \
@@ -113,9 +121,10 @@ struct RestoreReadThrough: ParsableCommand {
 
   @Option(
     help: ArgumentHelp(
-      "The backup: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds, nbds+unix: over TLS).",
+      "The backup: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds, nbds+unix: over TLS); "
+        + "repeat it for more far copies, which get every write too (the first is read from).",
       valueName: "uri"))
-  var backup: String
+  var backup: [String]
 
   @Option(help: ArgumentHelp("The overwrite map of PRIMARY (created when missing).", valueName: "map"))
   var map: String
@@ -161,8 +170,10 @@ struct RestoreReadThrough: ParsableCommand {
       throw ValidationError("--backup-connections \(backupConnections) is out of range (1 to 16)")
     }
     if progressInterval < 0 { throw ValidationError("--progress-interval must not be negative") }
-    if case .quorum(let k) = mirroring.ack.value, k > 1 {
-      throw ValidationError("--ack quorum=\(k) needs \(k) far copies; there is one, the backup")
+    if backup.count > 16 { throw ValidationError("--backup is given \(backup.count) times; at most 16 far copies") }
+    if Set(backup).count != backup.count { throw ValidationError("--backup names the same far copy twice") }
+    if case .quorum(let k) = mirroring.ack.value, k > backup.count {
+      throw ValidationError("--ack quorum=\(k) needs \(k) far copies; --backup names \(backup.count)")
     }
   }
 
@@ -174,10 +185,19 @@ struct RestoreReadThrough: ParsableCommand {
     // it opens the map or touches the backup.
     let listener = try serving.listener()
     let device = try Device(path: primary, options: .readWrite)
-    let link = try MultiConnectionLink(uri: backup, timeout: backupTimeout, count: backupConnections)
+    let links = try backup.map {
+      try MultiConnectionLink(uri: $0, timeout: backupTimeout, count: backupConnections)
+    }
+    for l in links.dropFirst() where l.size != links[0].size {
+      throw ToolkitError(
+        "the far copy \(l.name) has \(l.size) bytes but the backup \(links[0].name) has \(links[0].size)")
+    }
+    let settings = mirroring.settings(mapPath: map)
+    // Synchronous mirroring sends each write to every copy at once; the
+    // asynchronous kind ships to each from the journal.
     let engine = try RestoreEngine(
-      primary: device, backup: link, mapPath: map, blockSize: blockSize.value,
-      mirroring: mirroring.settings(mapPath: map), log: log)
+      primary: device, backup: settings == nil && links.count > 1 ? FanOutDevice(links) : links[0], mapPath: map,
+      blockSize: blockSize.value, mirroring: settings, farCopies: links, log: log)
 
     // Each client request that misses waits a round trip to the backup:
     // serving more of a client's requests at once hides that latency
@@ -190,7 +210,7 @@ struct RestoreReadThrough: ParsableCommand {
 
     let (now, total) = engine.progress
     log(
-      "serving \(primary) (\(formatBytes(device.size))) on \(listener.name)\(tls.tls == .off ? "" : " (TLS \(tls.tls.rawValue))"), backup \(backup); "
+      "serving \(primary) (\(formatBytes(device.size))) on \(listener.name)\(tls.tls == .off ? "" : " (TLS \(tls.tls.rawValue))"), backup \(backup.joined(separator: ", ")); "
         + "\(now) of \(total) blocks current"
         + (mirroring.ack.value == .all
           ? "" : "; writes acknowledged \(mirroring.ack), the backup kept up to date from the mirror journal"))

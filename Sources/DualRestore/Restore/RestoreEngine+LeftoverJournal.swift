@@ -12,24 +12,30 @@ extension RestoreEngine {
   /// cannot take it now.
   func drainLeftoverJournal(_ path: String, mapID: ID128) throws {
     let journal = try MirrorJournal(
-      path: path, mapID: mapID, geometry: geometry, copyNames: [backup.name], bound: MirrorLagBound(bytes: 0, seconds: 0),
-      log: log
+      path: path, mapID: mapID, geometry: geometry, copyNames: farCopies.map(\.name),
+      bound: MirrorLagBound(bytes: 0, seconds: 0), log: log
     ) { _, _, _ in }
-    let owed = journal.lag.first ?? MirrorLag(name: backup.name, intervals: 0, bytes: 0, oldestSeconds: 0, interval: 0)
+    let lags = journal.lag
+    let owed =
+      lags.max { $0.intervals < $1.intervals }
+      ?? MirrorLag(name: "", intervals: 0, bytes: 0, oldestSeconds: 0, interval: 0)
     if owed.intervals > 0 {
       log(
-        "\(path) holds \(owed.intervals) interval(s) (\(formatBytes(owed.bytes))) the backup lacks from an "
+        "\(path) holds \(owed.intervals) interval(s) (\(formatBytes(owed.bytes))) a far copy lacks from an "
           + "asynchronous run: sending them before serving")
-      let shipper = FarCopyShipper(journal: journal, index: 0, copy: backup, senders: 16, log: log)
-      shipper.start()
+      // Each copy from its own position: none is sent an interval it holds.
+      let shippers = farCopies.enumerated().map {
+        FarCopyShipper(journal: journal, index: $0.offset, copy: $0.element, senders: 16, log: log)
+      }
+      for s in shippers { s.start() }
       defer {
         journal.stop()
-        shipper.stop()
+        for s in shippers { s.stop() }
       }
       while !journal.drained {
-        if shipper.failing {
+        if shippers.contains(where: \.failing) {
           throw ToolkitError(
-            "\(path) holds intervals the backup lacks, and the backup cannot take them now; start again when it "
+            "\(path) holds intervals a far copy lacks, and it cannot take them now; start again when it "
               + "can (or with --ack local, which keeps them in the journal)")
         }
         usleep(20_000)
@@ -38,6 +44,6 @@ extension RestoreEngine {
     unlink(path)
     unlink(journal.positionsPath)
     syncDirectory(of: path)
-    if owed.intervals > 0 { log("the backup holds every interval of \(path); it is removed") }
+    if owed.intervals > 0 { log("every far copy holds every interval of \(path); it is removed") }
   }
 }

@@ -70,6 +70,9 @@ public final class RestoreEngine: Sendable {
   /// Asynchronous mirroring (--ack local or quorum): the journal and the
   /// far copies' shippers; nil when writes are mirrored synchronously.
   let mirror: AsyncMirror?
+  /// The far copies, each on its own: the backup alone, or the copies a
+  /// fan-out backup sends every change to.
+  let farCopies: [BlockDevice]
   /// Buffers for copying current blocks to the backup (recovery, owed
   /// blocks); fetched blocks go from the backup's connection into the
   /// primary without one.
@@ -119,12 +122,13 @@ public final class RestoreEngine: Sendable {
   /// (created when missing), recovering from an unclean shutdown if needed.
   public init(
     primary: Device, backup: BlockDevice, mapPath: String, blockSize: UInt32,
-    mirroring: MirrorSettings? = nil, log: @escaping @Sendable (String) -> Void
+    mirroring: MirrorSettings? = nil, farCopies: [BlockDevice]? = nil, log: @escaping @Sendable (String) -> Void
   ) throws {
     self.primary = primary
     self.backup = backup
     self.mapPath = mapPath
     self.log = log
+    self.farCopies = farCopies ?? [backup]
     guard backup.size == primary.size else {
       throw ToolkitError("the backup \(backup.name) has \(backup.size) bytes but \(primary.path) has \(primary.size)")
     }
@@ -168,12 +172,12 @@ public final class RestoreEngine: Sendable {
     if let mirroring {
       var unshipped: [JournaledChange] = []
       let journal = try MirrorJournal(
-        path: mirroring.journalPath, mapID: m.mapID, geometry: m.geometry, copyNames: [backup.name],
+        path: mirroring.journalPath, mapID: m.mapID, geometry: m.geometry, copyNames: self.farCopies.map(\.name),
         bound: mirroring.bound, log: log
       ) { type, offset, length in
         unshipped.append(JournaledChange(type: type, offset: offset, length: length, payloadAt: 0))
       }
-      mirror = AsyncMirror(journal: journal, copies: [backup], settings: mirroring, log: log)
+      mirror = AsyncMirror(journal: journal, copies: self.farCopies, settings: mirroring, log: log)
       for c in unshipped { notePartial(offset: c.offset, length: c.length, enqueue: false) }
     } else {
       mirror = nil
