@@ -79,8 +79,8 @@ struct RestoreReadThrough: ParsableCommand {
       slowest; with --ack local each copy has its own position in the \
       journal, which keeps an interval until every copy holds it, and a copy \
       that cannot be reached does not hold the others back (it resumes from \
-      its position when it answers again). Every copy must answer when the \
-      server starts. With --ack quorum=K a FLUSH also waits until K far \
+      its position when it answers again); only the first must answer when \
+      the server starts (with --ack all, every copy must). With --ack quorum=K a FLUSH also waits until K far \
       copies hold it (at most 30 s; then the FLUSH fails). When \
       the backup owes more than --max-lag (bytes of journal, default 1G, or \
       seconds since the oldest change it lacks, 30s), writes wait until it \
@@ -185,14 +185,20 @@ struct RestoreReadThrough: ParsableCommand {
     // it opens the map or touches the backup.
     let listener = try serving.listener()
     let device = try Device(path: primary, options: .readWrite)
-    let links = try backup.map {
-      try MultiConnectionLink(uri: $0, timeout: backupTimeout, count: backupConnections)
-    }
-    for l in links.dropFirst() where l.size != links[0].size {
-      throw ToolkitError(
-        "the far copy \(l.name) has \(l.size) bytes but the backup \(links[0].name) has \(links[0].size)")
-    }
     let settings = mirroring.settings(mapPath: map)
+    // The backup must answer now (blocks not current are read from it);
+    // with asynchronous mirroring the other far copies may come later.
+    let first = try MultiConnectionLink(uri: backup[0], timeout: backupTimeout, count: backupConnections)
+    var links: [BlockDevice] = [first]
+    for uri in backup.dropFirst() {
+      links.append(
+        settings == nil
+          ? try MultiConnectionLink(uri: uri, timeout: backupTimeout, count: backupConnections)
+          : try DeferredLink(uri: uri, timeout: backupTimeout, count: backupConnections, size: first.size))
+    }
+    for l in links.dropFirst() where l.size != first.size {
+      throw ToolkitError("the far copy \(l.name) has \(l.size) bytes but the backup \(first.name) has \(first.size)")
+    }
     // Synchronous mirroring sends each write to every copy at once; the
     // asynchronous kind ships to each from the journal.
     let engine = try RestoreEngine(

@@ -127,8 +127,32 @@ extension TrackingServer {
         socket of mode 0600. The limits on clients (--max-connections and \
         the timeouts) are restore-read-through's too.
 
+        With --backup URI (repeatable, up to 16) and --ack local, the \
+        server keeps far copies of DEVICE asynchronously, as \
+        restore-read-through --ack local does: every write, zero and trim is \
+        appended to the mirror journal (MAP.mirror, or --journal PATH; \
+        dualrestore-journal(5)) before it is made on DEVICE, and a FLUSH is \
+        acknowledged once the journal and DEVICE are durable; each far copy \
+        is brought up to date in the background, interval by interval, \
+        coalesced, flushed after each interval, so it is always at a point a \
+        client flushed (or between that point and the next). A far copy need \
+        not answer when the server starts, nor all the time: what it lacks \
+        stays in the journal (MAP.mirror.positions says how far each got) and \
+        it resumes from its own position. With --ack quorum=K a FLUSH also \
+        waits until K far copies hold it. --max-lag bounds what they may owe \
+        (default 1G of journal; or seconds, 30s): beyond it writes wait, and \
+        the log says so. MAP.al, the activity log, names the regions with \
+        writes in flight; after a crash they are journaled again from DEVICE, \
+        so the far copies come to equal it. Every 10 seconds while a copy \
+        lacks something the log says what, and status reports it per copy \
+        (copy_N, copy_N_interval, copy_N_owed_intervals, copy_N_owed_bytes, \
+        copy_N_oldest_seconds). A chain of sites is made of such servers: a \
+        relay is a tracking-server (or restore-read-through) with --ack local \
+        whose far copy is the next hop, and which a primary mirrors to.
+
         SIGINT or SIGTERM stops the server: requests in flight are answered \
-        and the device is synchronised.
+        and the device is synchronised; what the far copies lack stays in \
+        the journal for the next start.
         """)
 
     @Option(help: ArgumentHelp("The change map (created when missing).", valueName: "map"))
@@ -155,6 +179,22 @@ extension TrackingServer {
 
     @OptionGroup var limits: ServerLimitOptions
 
+    @Option(
+      help: ArgumentHelp(
+        "A far copy to keep of the device, asynchronously (with --ack local or quorum=K): "
+          + "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds, nbds+unix: over TLS); repeatable.",
+        valueName: "uri"))
+    var backup: [String] = []
+
+    @Option(help: ArgumentHelp("Connections to each far copy, used together (1 to 16).", valueName: "n"))
+    var backupConnections: Int = 4
+
+    @Option(
+      help: ArgumentHelp("Seconds a request to a far copy may take before it is tried again.", valueName: "seconds"))
+    var backupTimeout: Double = 30
+
+    @OptionGroup var mirroring: MirrorOptions
+
     @Argument(help: ArgumentHelp("The image file or block device to serve.", valueName: "device"))
     var device: String
 
@@ -164,6 +204,24 @@ extension TrackingServer {
       }
       if let storeLimit, storeLimit.value < 1 << 20 {
         throw ValidationError("--store-limit \(storeLimit) is too small (at least 1M)")
+      }
+      if backup.isEmpty && mirroring.ack.value != .all {
+        throw ValidationError("--ack \(mirroring.ack) needs a far copy to keep: give --backup URI")
+      }
+      if !backup.isEmpty && mirroring.ack.value == .all {
+        throw ValidationError(
+          "tracking-server keeps far copies asynchronously: give --ack local or --ack quorum=K with --backup")
+      }
+      if backup.count > 16 { throw ValidationError("--backup is given \(backup.count) times; at most 16 far copies") }
+      if Set(backup).count != backup.count { throw ValidationError("--backup names the same far copy twice") }
+      if case .quorum(let k) = mirroring.ack.value, k > backup.count {
+        throw ValidationError("--ack quorum=\(k) needs \(k) far copies; --backup names \(backup.count)")
+      }
+      if backupConnections < 1 || backupConnections > 16 {
+        throw ValidationError("--backup-connections \(backupConnections) is out of range (1 to 16)")
+      }
+      if backupTimeout <= 0 || backupTimeout > 86400 {
+        throw ValidationError("--backup-timeout \(backupTimeout) is out of range")
       }
     }
 
@@ -177,6 +235,13 @@ extension TrackingServer {
         device: d, changesPath: changes, storePath: storePath, storeLimit: storeLimit?.value,
         blockSize: blockSize.blockSize.map { UInt32($0.value) },
         log: log)
+      if let settings = mirroring.settings(mapPath: changes) {
+        // A far copy that does not answer yet is connected to when it does.
+        let links = try backup.map {
+          try DeferredLink(uri: $0, timeout: backupTimeout, count: backupConnections, size: d.size)
+        }
+        try engine.mirror(to: links, settings: settings)
+      }
       let listener = try serving.listener()
       let controlPath = control ?? (serving.socket ?? "") + ".control"
       let controlListener = try Listener(unixPath: controlPath)
@@ -196,7 +261,11 @@ extension TrackingServer {
       let s = engine.status
       log(
         "serving \(device) (\(formatBytes(d.size))) on \(listener.name)\(tls.tls == .off ? "" : " (TLS \(tls.tls.rawValue))"), control \(controlPath); "
-          + "generation \(s.generation), \(s.changedBlocks) block(s) changed")
+          + "generation \(s.generation), \(s.changedBlocks) block(s) changed"
+          + (backup.isEmpty
+            ? ""
+            : "; writes acknowledged \(mirroring.ack), far copies \(backup.joined(separator: ", ")) kept from "
+              + "the mirror journal"))
       server.serve(listener)
       server.stop()
       service.stop()
@@ -205,6 +274,11 @@ extension TrackingServer {
       } catch {
         log("stopped, but the final synchronisation failed: \(error)")
         throw ExitCode(1)
+      }
+      for lag in engine.mirror?.lag ?? [] where lag.intervals > 0 {
+        log(
+          "the far copy \(lag.name) lacks \(lag.intervals) interval(s) (\(formatBytes(lag.bytes))); "
+            + "they stay in the mirror journal and are sent at the next start")
       }
       log("stopped cleanly")
     }
@@ -302,6 +376,12 @@ extension TrackingServer {
           if d["view_lost"] == "true" { s += "; LOST: \(d["view_lost_reason"] ?? "")" }
         } else {
           s += "; no view frozen"
+        }
+        for i in 0..<(Int(d["copies"] ?? "0") ?? 0) {
+          s +=
+            "; far copy \(d["copy_\(i)"] ?? "?") holds interval \(d["copy_\(i)_interval"] ?? "?"), lacks "
+            + "\(d["copy_\(i)_owed_intervals"] ?? "?") (\(d["copy_\(i)_owed_bytes"] ?? "?") bytes), oldest "
+            + "\(d["copy_\(i)_oldest_seconds"] ?? "?") s"
         }
         return s
       }

@@ -161,9 +161,11 @@ final class FarCopyShipper: Sendable {
     }
     if line {
       let owed = journal.lag[index]
+      // NBD errors name the copy already.
+      let what = "\(error)".hasPrefix(owed.name) ? "far copy \(error)" : "far copy \(owed.name): \(error)"
       log(
-        "far copy \(owed.name): \(error); it lacks \(owed.intervals) interval(s), \(formatBytes(owed.bytes)), "
-          + "kept in the journal; trying again")
+        "\(what); it lacks \(owed.intervals) interval(s), \(formatBytes(owed.bytes)), kept in the journal; "
+          + "trying again")
     }
   }
 

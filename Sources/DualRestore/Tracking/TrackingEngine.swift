@@ -51,6 +51,9 @@ public final class TrackingEngine: @unchecked Sendable {
   private let buffers = BufferPool(keepCount: 16, keepSize: 4 << 20)
   /// Starts write-out of the device's writes, so a flush waits for little.
   private let writeback: EarlyWriteback
+  /// Far copies kept asynchronously (--backup), or nil. Set once, before
+  /// the device is served (`mirror(to:settings:)`), and only read after.
+  public private(set) var mirror: DeviceMirror?
 
   deinit { writeback.stop() }
 
@@ -144,6 +147,8 @@ public final class TrackingEngine: @unchecked Sendable {
     public var generationStarted: Instant
     public var changedBlocks: UInt64
     public var view: ViewStatus?
+    /// What each far copy lacks (empty without --backup).
+    public var mirror: [MirrorLag]
   }
 
   public struct ViewStatus: Sendable {
@@ -160,7 +165,7 @@ public final class TrackingEngine: @unchecked Sendable {
     state.withLock {
       Status(
         generation: changes.mapID, generationStarted: changes.trackingStarted, changedBlocks: changes.bits.population,
-        view: view?.status)
+        view: view?.status, mirror: mirror?.lag ?? [])
     }
   }
 
@@ -168,11 +173,28 @@ public final class TrackingEngine: @unchecked Sendable {
 
   // MARK: Writes
 
+  /// Keeps far copies of the device from now on (before serving).
+  public func mirror(to copies: [BlockDevice], settings: MirrorSettings) throws {
+    let m = try DeviceMirror(
+      device: device, geometry: geometry, activityPath: changesPath + ".al", settings: settings, copies: copies,
+      log: log)
+    state.withLock { mirror = m }
+    m.start()
+  }
+
   /// Writes `buffer` at `offset`, tracked.
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
     let blocks = geometry.blocks(touching: offset, length: UInt64(buffer.count))
     try enter(blocks)
     defer { leave() }
+    if let mirror {
+      try mirror.change(.write, offset: offset, length: UInt64(buffer.count), payload: buffer, blocks: blocks) {
+        try withPreserved(blocks) { try device.write(buffer, at: offset) }
+      }
+      writeback.written(offset, UInt64(buffer.count))
+      if fua { try mirror.sync() }
+      return
+    }
     try withPreserved(blocks) { try device.write(buffer, at: offset) }
     writeback.written(offset, UInt64(buffer.count))
     if fua { try device.sync() }
@@ -183,6 +205,13 @@ public final class TrackingEngine: @unchecked Sendable {
     let blocks = geometry.blocks(touching: offset, length: length)
     try enter(blocks)
     defer { leave() }
+    if let mirror {
+      try mirror.change(.zero, offset: offset, length: length, payload: nil, blocks: blocks) {
+        try withPreserved(blocks) { try device.writeZeros(offset: offset, length: length, scratch: zeros) }
+      }
+      if fua { try mirror.sync() }
+      return
+    }
     try withPreserved(blocks) { try device.writeZeros(offset: offset, length: length, scratch: zeros) }
     if fua { try device.sync() }
   }
@@ -191,7 +220,10 @@ public final class TrackingEngine: @unchecked Sendable {
     try device.read(into: buffer, at: offset)
   }
 
-  public func flush() throws { try device.sync() }
+  public func flush() throws {
+    if let mirror { return try mirror.flush() }
+    try device.sync()
+  }
 
   /// Passes the gate and commits the marks of `blocks` to the change map on
   /// disk before returning.
@@ -427,7 +459,7 @@ public final class TrackingEngine: @unchecked Sendable {
       log("the frozen view \(v.id) is lost with the stop")
       state.withLock { view = nil }
     }
-    try device.sync()
+    if let mirror { try mirror.close() } else { try device.sync() }
     let m = state.withLock { changes }
     try MapFile.save(m, to: changesPath)
     try journal.restart()

@@ -23,11 +23,24 @@ public final class TrackingService: Sendable {
     self.checkpointInterval = checkpointInterval
   }
 
-  /// Starts the periodic checkpoint.
-  public func start() {
+  /// Starts the periodic checkpoint, and with far copies a line every
+  /// `lagInterval` seconds on what each lacks while any lacks something.
+  public func start(lagInterval: Double = 10) {
     threads.start { [self] in
       while threads.pause(checkpointInterval) {
         do { try engine.checkpoint() } catch { engine.log("checkpoint: \(error)") }
+      }
+    }
+    guard let mirror = engine.mirror, lagInterval > 0 else { return }
+    threads.start { [self] in
+      while threads.pause(lagInterval) {
+        let lags = mirror.lag
+        guard lags.contains(where: { $0.intervals > 0 }) else { continue }
+        engine.log(
+          lags.map {
+            "far copy \($0.name) holds interval \($0.interval), lacks \($0.intervals) (\(formatBytes($0.bytes))), "
+              + "oldest \(formatFixed($0.oldestSeconds, digits: 1)) s"
+          }.joined(separator: "; "))
       }
     }
   }
@@ -74,6 +87,23 @@ public final class TrackingService: Sendable {
       ("changed_blocks", String(s.changedBlocks)),
     ]
     if let v = s.view { f += viewFields(v) }
+    return f + mirrorFields(s.mirror)
+  }
+
+  /// `copies` is the number of far copies; for each, `copy_N` (its URI),
+  /// `copy_N_interval` (the last interval it holds), `copy_N_owed_intervals`,
+  /// `copy_N_owed_bytes` and `copy_N_oldest_seconds` (the age of the oldest
+  /// change it lacks: its recovery point).
+  static func mirrorFields(_ lags: [MirrorLag]) -> [(String, String)] {
+    guard !lags.isEmpty else { return [] }
+    var f = [("copies", String(lags.count))]
+    for (i, l) in lags.enumerated() {
+      f += [
+        ("copy_\(i)", l.name), ("copy_\(i)_interval", String(l.interval)),
+        ("copy_\(i)_owed_intervals", String(l.intervals)), ("copy_\(i)_owed_bytes", String(l.bytes)),
+        ("copy_\(i)_oldest_seconds", formatFixed(l.oldestSeconds, digits: 3)),
+      ]
+    }
     return f
   }
 

@@ -132,3 +132,73 @@ public final class MultiConnectionLink: BlockDevice, Sendable {
     }?.close()
   }
 }
+
+/// A far copy that need not answer when the server starts: its connections
+/// are made at its first request, and again at the next request after an
+/// attempt failed. Until then every request fails, which the journal's
+/// shipper takes as the copy being unreachable (it keeps what the copy
+/// lacks and tries again). The copy must have the expected size.
+public final class DeferredLink: BlockDevice, Sendable {
+  public let name: String
+  public let size: UInt64
+  private let uri: String
+  private let timeout: Double
+  private let count: Int
+  private let link = Locked<MultiConnectionLink?>(nil)
+
+  public init(uri: String, timeout: Double, count: Int, size: UInt64) throws {
+    name = try NBDURI(uri).text
+    self.uri = uri
+    self.timeout = timeout
+    self.count = count
+    self.size = size
+  }
+
+  private func connected() throws -> MultiConnectionLink {
+    if let l = link.withLock({ $0 }) { return l }
+    let l = try MultiConnectionLink(uri: uri, timeout: timeout, count: count)
+    guard l.size == size else {
+      l.close()
+      throw ToolkitError("the far copy \(name) has \(l.size) bytes, not the \(size) of the device it copies")
+    }
+    return link.withLock { existing in
+      if let e = existing {
+        l.close()
+        return e
+      }
+      existing = l
+      return l
+    }
+  }
+
+  public var capabilities: DeviceCapabilities { link.withLock { $0 }?.capabilities ?? [.writable, .flush] }
+  public var maximumRequest: Int { link.withLock { $0 }?.maximumRequest ?? (32 << 20) }
+
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    try connected().read(into: buffer, at: offset)
+  }
+
+  public func read(at offset: UInt64, length: Int, toFile fd: Int32) throws {
+    try connected().read(at: offset, length: length, toFile: fd)
+  }
+
+  public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+    try connected().write(buffer, at: offset, fua: fua)
+  }
+
+  public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
+    try connected().writeZeroes(offset: offset, length: length, fua: fua)
+  }
+
+  public func trim(offset: UInt64, length: UInt64) throws {
+    try connected().trim(offset: offset, length: length)
+  }
+
+  public func flush() throws { try connected().flush() }
+
+  public func allocation(from offset: UInt64, length: UInt32) throws -> [Extent]? {
+    try connected().allocation(from: offset, length: length)
+  }
+
+  public func close() { link.withLock { $0 }?.close() }
+}
