@@ -285,37 +285,56 @@ extension RestoreEngine {
   }
 
   /// A FLUSH under asynchronous mirroring: the open interval closed, the
-  /// journal and the primary durable, the map committed, the activity log
-  /// trimmed of what the journal now holds; with a quorum, until enough
-  /// far copies hold the interval.
-  func flushJournaled(_ mirror: AsyncMirror) throws {
+  /// journal and the primary durable, the activity log trimmed of what the
+  /// journal now holds; with a quorum, until enough far copies hold the
+  /// interval. Concurrent flushes run together.
+  ///
+  /// The map is committed only with `commitMap` (checkpoints, merges, the
+  /// stop): a client's flush does not need it, since every change since the
+  /// last commit is in the journal or already on the backup, so a block the
+  /// committed map does not call current reads the same after a crash
+  /// (partial blocks are found again from the journal; others are fetched
+  /// from the backup, which holds what was shipped).
+  func flushJournaled(_ mirror: AsyncMirror, commitMap: Bool) throws {
+    let interval: UInt64
+    do {
+      let mark = activity.mark()
+      interval = try mirror.journal.closeInterval(sync: false)
+      try syncBoth(mirror)
+      try activity.trim(enteredUpTo: mark, keep: 64)
+      if commitMap { try commitJournaledMap() }
+    } catch {
+      throw RestoreError.flushFailed(cause: error)
+    }
+    if mirror.quorum > 0 {
+      let deadline = monotonicSeconds() + quorumTimeout
+      guard mirror.journal.wait(forCopies: mirror.quorum, toHold: interval, until: deadline) else {
+        throw RestoreError.flushFailed(
+          cause: ToolkitError(
+            "fewer than \(mirror.quorum) far copies hold interval \(interval) after \(Int(quorumTimeout)) s"))
+      }
+    }
+  }
+
+  /// Commits the map: its bits taken before the primary is synchronised,
+  /// so a block marked current has its data durable.
+  private func commitJournaledMap() throws {
     try map.withLock { saved in
       let (snapshot, wasDirty) = state.withLock { s -> (BlockBitmap, Bool) in
         let d = s.dirty
         s.dirty = false
         return (s.current, d)
       }
+      guard wasDirty else { return }
       do {
-        let mark = activity.mark()
-        let interval = try mirror.journal.closeInterval(sync: false)
-        try syncBoth(mirror)
-        if wasDirty {
-          var m = saved
-          m.bits = snapshot
-          try MapFile.save(m, to: mapPath)
-          saved = m
-        }
-        try activity.trim(enteredUpTo: mark, keep: 64)
-        if mirror.quorum > 0 {
-          let deadline = monotonicSeconds() + quorumTimeout
-          guard mirror.journal.wait(forCopies: mirror.quorum, toHold: interval, until: deadline) else {
-            throw ToolkitError(
-              "fewer than \(mirror.quorum) far copies hold interval \(interval) after \(Int(quorumTimeout)) s")
-          }
-        }
+        try primary.sync()
+        var m = saved
+        m.bits = snapshot
+        try MapFile.save(m, to: mapPath)
+        saved = m
       } catch {
-        if wasDirty { state.withLock { $0.dirty = true } }
-        throw RestoreError.flushFailed(cause: error)
+        state.withLock { $0.dirty = true }
+        throw error
       }
     }
   }

@@ -700,9 +700,16 @@ public final class RestoreEngine: Sendable {
 
   // MARK: Durability
 
+  /// A client's FLUSH: as flush(), but under asynchronous mirroring without
+  /// committing the map (see flushJournaled).
+  public func clientFlush() throws {
+    if let mirror { return try flushJournaled(mirror, commitMap: false) }
+    try flush()
+  }
+
   /// Makes every completed write durable on both sides and commits the map.
   public func flush() throws {
-    if let mirror { return try flushJournaled(mirror) }
+    if let mirror { return try flushJournaled(mirror, commitMap: true) }
     try map.withLock { saved in
       // Snapshot before synchronising: only what is complete now is committed.
       let (snapshot, wasDirty) = state.withLock { s -> (BlockBitmap, Bool) in

@@ -42,7 +42,7 @@ public final class RestoreExport: NBDExport, Sendable {
     try engine.write(buffer, at: offset, fua: fua)
   }
 
-  public func flush() throws { try engine.flush() }
+  public func flush() throws { try engine.clientFlush() }
 
   public func trim(offset: UInt64, length: UInt64, fua: Bool) throws {
     engine.beginRequest()
