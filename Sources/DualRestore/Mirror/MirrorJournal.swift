@@ -79,8 +79,13 @@ public final class MirrorJournal: @unchecked Sendable {
   /// for work; one this large is closed at once.
   static let autoCloseSeconds = 1.0
   static let autoCloseBytes: UInt64 = 64 << 20
+  /// The consumed start of the journal is punched out in steps this large.
+  static let punchUnit: UInt64 = 64 << 20
 
   private let monitor = Monitor()
+  /// Held while the positions file is written (before the monitor, never
+  /// inside it).
+  private let saving = Locked(0)
   // Guarded by monitor:
   private var end: UInt64
   private var nextSequence: UInt64
@@ -89,7 +94,7 @@ public final class MirrorJournal: @unchecked Sendable {
   private var openChanges = 0
   private var openBytes: UInt64 = 0
   private var openSince = 0.0
-  private var closedIntervals: [ClosedInterval] = []
+  private var closedIntervals = IntervalQueue()
   private var durableEnd: UInt64
   private var copies: [MirrorPosition]
   private var punchedTo: UInt64
@@ -159,7 +164,7 @@ public final class MirrorJournal: @unchecked Sendable {
       end = recovered.end
       nextSequence = recovered.nextSequence
       openInterval = recovered.nextInterval
-      closedIntervals = recovered.closed
+      closedIntervals = IntervalQueue(recovered.closed)
     }
     openStart = end
     durableEnd = end
@@ -444,7 +449,7 @@ public final class MirrorJournal: @unchecked Sendable {
     let deadline = monotonicSeconds() + timeout
     while true {
       if stopping { return .stop }
-      if let c = closedIntervals.first(where: { $0.interval > interval }) {
+      if let c = closedIntervals.first(after: interval) {
         if c.end <= durableEnd { return .ship(c) }
       } else if openChanges > 0 {
         let age = monotonicSeconds() - openSince
@@ -512,28 +517,39 @@ public final class MirrorJournal: @unchecked Sendable {
   // MARK: Positions
 
   /// Records that copy `index` has flushed `closed`: the positions file is
-  /// saved, what every copy has is dropped and punched out of the file,
-  /// and waiters are woken.
+  /// saved, what every copy has (as saved) is dropped and punched out of
+  /// the file, and waiters are woken. The file is written outside the
+  /// monitor, so appends do not wait for it; saves (and the restart, which
+  /// saves too) take turns under `saving`, so an older save never lands
+  /// after a newer one.
   func shipped(copy index: Int, _ closed: ClosedInterval) throws {
-    try monitor.withLock {
+    monitor.withLock {
       copies[index].interval = closed.interval
       copies[index].offset = closed.end
       copies[index].shipped = .now()
-      try savePositions()
-      let all = copies.map(\.interval).min() ?? closed.interval
-      closedIntervals.removeAll { $0.interval <= all }
-      let keepFrom = closedIntervals.first?.start ?? openStart
-      if openChanges == 0 && closedIntervals.isEmpty && end >= Self.restartLength {
-        restart()
-      } else if keepFrom >= punchedTo + (64 << 20) {
-        // Whole 1 MiB units before the oldest kept record.
-        let to = keepFrom & ~UInt64((1 << 20) - 1)
-        if to > punchedTo {
-          _ = dr_punch_hole(fd, punchedTo, to - punchedTo)
-          punchedTo = to
-        }
-      }
       monitor.broadcast()
+    }
+    try saving.withLock { _ in
+      let snapshot = monitor.withLock { positions() }
+      try snapshot.save(to: positionsPath)
+      monitor.withLock {
+        let all = snapshot.copies.map(\.interval).min() ?? 0
+        closedIntervals.drop(through: all)
+        let keepFrom = closedIntervals.first?.start ?? openStart
+        if openChanges == 0 && closedIntervals.isEmpty && end >= Self.restartLength
+          && snapshot.copies.allSatisfy({ $0.interval == openInterval - 1 })
+        {
+          restart()
+        } else if keepFrom >= punchedTo + Self.punchUnit {
+          // Whole 1 MiB units before the oldest kept record.
+          let to = keepFrom & ~UInt64((1 << 20) - 1)
+          if to > punchedTo {
+            _ = dr_punch_hole(fd, punchedTo, to - punchedTo)
+            punchedTo = to
+          }
+        }
+        monitor.broadcast()
+      }
     }
   }
 
@@ -559,11 +575,12 @@ public final class MirrorJournal: @unchecked Sendable {
     punchedTo = start
   }
 
-  private func savePositions() throws {
-    try MirrorPositions(
-      journal: header.journal, nextInterval: openInterval, nextSequence: nextSequence, copies: copies
-    ).save(to: positionsPath)
+  /// The positions as they stand (monitor held).
+  private func positions() -> MirrorPositions {
+    MirrorPositions(journal: header.journal, nextInterval: openInterval, nextSequence: nextSequence, copies: copies)
   }
+
+  private func savePositions() throws { try positions().save(to: positionsPath) }
 
   /// The last interval copy `index` holds.
   func position(of index: Int) -> UInt64 { monitor.withLock { copies[index].interval } }
@@ -588,7 +605,7 @@ public final class MirrorJournal: @unchecked Sendable {
     monitor.withLock {
       let now = monotonicSeconds()
       return copies.map { c in
-        let owed = closedIntervals.filter { $0.interval > c.interval }
+        let owed = closedIntervals.all(after: c.interval)
         let bytes = owed.reduce(UInt64(0)) { $0 + $1.bytes } + openBytes
         let oldest = owed.first?.firstChange ?? (openChanges > 0 ? openSince : nil)
         return MirrorLag(
@@ -616,4 +633,47 @@ func syncDirectory(of path: String) {
   guard case .success(let d) = Sys.open(directory.isEmpty ? "." : directory, flags: O_RDONLY) else { return }
   _ = Sys.fsync(d)
   Sys.close(d)
+}
+
+/// The closed intervals some copy lacks, in order: dropped from the front
+/// in O(1) each and found by binary search, however long the lag.
+struct IntervalQueue {
+  private var items: [ClosedInterval]
+  private var head = 0
+
+  init(_ items: [ClosedInterval] = []) { self.items = items }
+
+  var isEmpty: Bool { head == items.count }
+  var first: ClosedInterval? { isEmpty ? nil : items[head] }
+
+  mutating func append(_ c: ClosedInterval) { items.append(c) }
+
+  /// The first interval above `interval`.
+  func first(after interval: UInt64) -> ClosedInterval? {
+    let i = index(after: interval)
+    return i < items.count ? items[i] : nil
+  }
+
+  /// Every interval above `interval`.
+  func all(after interval: UInt64) -> ArraySlice<ClosedInterval> { items[index(after: interval)...] }
+
+  /// Drops the intervals up to `interval`; the array is compacted once
+  /// most of it is dropped.
+  mutating func drop(through interval: UInt64) {
+    head = index(after: interval)
+    if head > 1024 && head * 2 > items.count {
+      items.removeFirst(head)
+      head = 0
+    }
+  }
+
+  private func index(after interval: UInt64) -> Int {
+    var low = head
+    var high = items.count
+    while low < high {
+      let mid = (low + high) / 2
+      if items[mid].interval <= interval { low = mid + 1 } else { high = mid }
+    }
+    return low
+  }
 }
