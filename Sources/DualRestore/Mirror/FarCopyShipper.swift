@@ -36,7 +36,9 @@ final class FarCopyShipper: Sendable {
   private struct Health {
     var failing = false
     var failures = 0
-    var lastLogged = 0.0
+    var lastLogged = -1e9
+    /// The failure was logged, so its end is too.
+    var logged = false
     var sentBytes: UInt64 = 0
     var sentIntervals: UInt64 = 0
   }
@@ -107,6 +109,8 @@ final class FarCopyShipper: Sendable {
       if changes.count < Self.batchChanges { break }
       from = next
     }
+    // A failed flush may have lost writes it covered: the whole interval
+    // is sent again (after a pause), never the flush alone.
     try copy.flush()
     health.withLock {
       $0.sentBytes += bytes
@@ -131,16 +135,21 @@ final class FarCopyShipper: Sendable {
             }
             guard i < pieces.count else { return }
             let p = pieces[i]
-            do {
-              if p.zero {
-                try copy.writeZeroes(offset: p.offset, length: p.length, fua: false)
-              } else {
-                let slice = UnsafeMutableRawBufferPointer(start: buffer.pointer, count: Int(p.length))
-                try journal.read(into: slice, at: p.payloadAt)
-                try copy.write(UnsafeRawBufferPointer(slice), at: p.offset, fua: false)
+            // A request the copy refused is sent again at once, twice:
+            // one failed write should not cost the whole batch a pause.
+            for attempt in 1...3 {
+              do {
+                if p.zero {
+                  try copy.writeZeroes(offset: p.offset, length: p.length, fua: false)
+                } else {
+                  let slice = UnsafeMutableRawBufferPointer(start: buffer.pointer, count: Int(p.length))
+                  try journal.read(into: slice, at: p.payloadAt)
+                  try copy.write(UnsafeRawBufferPointer(slice), at: p.offset, fua: false)
+                }
+                break
+              } catch {
+                if attempt == 3 { failure.set(error) }
               }
-            } catch {
-              failure.set(error)
             }
           }
         })
@@ -155,8 +164,10 @@ final class FarCopyShipper: Sendable {
       h.failures += 1
       let first = !h.failing
       h.failing = true
-      guard first || now - h.lastLogged >= 60 else { return false }
+      // A copy that fails now and then is not worth a line each time.
+      guard now - h.lastLogged >= (first ? 10 : 60) else { return false }
       h.lastLogged = now
+      h.logged = true
       return true
     }
     if line {
@@ -174,8 +185,9 @@ final class FarCopyShipper: Sendable {
       defer {
         h.failing = false
         h.failures = 0
+        h.logged = false
       }
-      return h.failing
+      return h.failing && h.logged
     }
     if was {
       let owed = journal.lag[index]
