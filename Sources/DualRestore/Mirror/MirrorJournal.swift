@@ -120,6 +120,9 @@ public final class MirrorJournal: @unchecked Sendable {
     self.positionsPath = path + ".positions"
     self.bound = bound
     self.log = log
+    // Before anything is made: a journal whose positions cannot be saved
+    // could not be opened again.
+    try MirrorPositions.check(names: copyNames)
     let exists = pathExists(path)
     let fd: Int32
     switch Sys.open(path, flags: O_RDWR | (exists ? 0 : O_CREAT | O_EXCL)) {
@@ -338,7 +341,8 @@ public final class MirrorJournal: @unchecked Sendable {
         throw broken!
       }
       throw ToolkitError(
-        "the mirror journal \(path) could not take a change of \(record.length) bytes: \(e)", cause: .system(e.rawValue))
+        "the mirror journal \(path) could not take a change of \(record.length) bytes: \(e)", cause: .system(e.rawValue)
+      )
     }
     end += size
     nextSequence += 1
