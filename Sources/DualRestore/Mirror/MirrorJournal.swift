@@ -303,6 +303,8 @@ public final class MirrorJournal: @unchecked Sendable {
   func append(_ type: MirrorJournalRecordType, offset: UInt64, length: UInt64, payload: UnsafeRawBufferPointer?)
     throws
   {
+    // A record of no bytes is not a good record: recovery would refuse it.
+    guard length > 0 else { return }
     monitor.lock()
     defer { monitor.unlock() }
     try throttle()
