@@ -435,8 +435,9 @@ public final class MirrorJournal: @unchecked Sendable {
   /// What a shipper is given to do next.
   enum Work {
     case ship(ClosedInterval)
-    /// The open interval should be closed (it is old, large, or writers
-    /// wait): call closeInterval(sync: true) and ask again.
+    /// The open interval should be closed, or a closed one made durable
+    /// (it is old, large, or writers wait): call closeInterval(sync: true)
+    /// and ask again.
     case closeOpen
     case stop
   }
@@ -449,10 +450,14 @@ public final class MirrorJournal: @unchecked Sendable {
     let deadline = monotonicSeconds() + timeout
     while true {
       if stopping { return .stop }
-      if let c = closedIntervals.first(where: { $0.interval > interval }) {
-        if c.end <= durableEnd { return .ship(c) }
-      } else if openChanges > 0 {
-        let age = monotonicSeconds() - openSince
+      let closed = closedIntervals.first(where: { $0.interval > interval })
+      if let c = closed, c.end <= durableEnd { return .ship(c) }
+      // A closed interval not yet durable (a flush is syncing it) does not
+      // hold back closing an old or large open one, nor writers waiting:
+      // the close syncs both, where waiting would wait on a sync that may
+      // not come (and, with the open interval old, would spin).
+      if openChanges > 0 || closed != nil {
+        let age = openChanges > 0 ? monotonicSeconds() - openSince : 0
         if waitingWriters > 0 || openBytes >= Self.autoCloseBytes || age >= Self.autoCloseSeconds {
           return .closeOpen
         }
