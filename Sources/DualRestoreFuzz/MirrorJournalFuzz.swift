@@ -1,6 +1,7 @@
 // Fuzz entry points for the mirror journal (dualrestore-journal(5)): a whole
 // journal's bytes as a crash or a damaged disk would leave them, through the
-// scan a restart will run on them.
+// scan a restart will run on them; and its positions file, through the
+// reader a restart loads it with.
 
 import CShim
 import DualRestore
@@ -65,6 +66,30 @@ extension FuzzEntryPoints {
       put(out.withUnsafeBytes { dr_crc32c(0, $0.baseAddress! + p, checked) }, p + checked)
       p += size
     }
+    return out
+  }
+
+  /// Reads `bytes` as a mirror journal's positions file. What it accepts
+  /// must encode back to the very bytes it was read from.
+  public static func decodeMirrorPositions(_ bytes: [UInt8]) -> String? {
+    do {
+      let positions = try MirrorPositions(decoding: bytes, path: "fuzz input")
+      precondition(positions.copies.count <= MirrorPositions.maximumCopies, "more copies than a file holds")
+      precondition(positions.encoded == bytes, "accepted positions encode to other bytes")
+      return nil
+    } catch {
+      return error.message
+    }
+  }
+
+  /// `bytes` with their last four bytes set to the CRC-32C of the bytes
+  /// before them, as a positions file ends, so that mutations reach the
+  /// checks behind the checksum.
+  public static func repairMirrorPositionsChecksum(_ bytes: [UInt8]) -> [UInt8] {
+    guard bytes.count >= 4 else { return bytes }
+    var out = bytes
+    let crc = out.withUnsafeBytes { dr_crc32c(0, $0.baseAddress, out.count - 4) }
+    for i in 0..<4 { out[out.count - 4 + i] = UInt8(truncatingIfNeeded: crc >> (8 * UInt32(i))) }
     return out
   }
 

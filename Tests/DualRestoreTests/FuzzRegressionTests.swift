@@ -526,4 +526,37 @@ final class FuzzRegressionTests: XCTestCase {
       + optionReply(NBD.repAck, [], option: NBD.optSetMetaContext) + go
     XCTAssertEqual(outcome([], noContext), "accepted")
   }
+
+  // MARK: Mirror positions
+
+  func testMirrorPositionsDamage() {
+    let one = MirrorPositions(
+      journal: ID128(high: 1, low: 2), nextInterval: 5, nextSequence: 40,
+      copies: [
+        MirrorPosition(
+          name: "nbd+unix:///disk?socket=/run/far.sock", interval: 4, offset: 8192,
+          shipped: Instant(nanosecondsSinceEpoch: 1_764_000_000_000_000_000))
+      ])
+    let valid = one.encoded
+    let empty = MirrorPositions(journal: one.journal, nextInterval: 1, nextSequence: 1, copies: []).encoded
+    let refused = "fuzz input is not a usable positions file: "
+    func decode(_ bytes: [UInt8]) -> String? { FuzzEntryPoints.decodeMirrorPositions(bytes) }
+    func repair(_ bytes: [UInt8]) -> [UInt8] { FuzzEntryPoints.repairMirrorPositionsChecksum(bytes) }
+    XCTAssertNil(decode(valid))
+    XCTAssertNil(decode(empty))
+    XCTAssertEqual(repair(valid), valid)
+    let zeroed = patched(valid, at: valid.count - 4, [0, 0, 0, 0])
+    XCTAssertEqual(decode(zeroed), refused + "its checksum does not match its bytes")
+    XCTAssertEqual(repair(zeroed), valid)
+    // The name (37 bytes at 74) is followed by one byte of padding, at 111:
+    // not zero, it was accepted and then encoded back otherwise.
+    XCTAssertEqual(
+      decode(repair(patched(valid, at: 111, [1]))), refused + "a copy's name is followed by non-zero padding")
+    XCTAssertEqual(
+      decode(repair(patched(empty, at: 44, le32(.max)))), refused + "it names 4294967295 copies, more than 64")
+    XCTAssertEqual(decode(repair(patched(valid, at: 72, [0xFF, 0x03]))), refused + "it ends inside a field")
+    XCTAssertEqual(decode(repair(patched(valid, at: 72, [0x01, 0x04]))), refused + "a copy's name has 1025 bytes")
+    XCTAssertEqual(decode(Array(valid.prefix(51))), refused + "it has 51 bytes, fewer than the 52 of an empty one")
+    XCTAssertEqual(decode(repair(valid + [0, 0, 0, 0, 0, 0, 0, 0])), refused + "it has bytes after its last copy")
+  }
 }

@@ -125,6 +125,9 @@ public final class MirrorJournal: @unchecked Sendable {
     self.positionsPath = path + ".positions"
     self.bound = bound
     self.log = log
+    // Before anything is made: a journal whose positions cannot be saved
+    // could not be opened again.
+    try MirrorPositions.check(names: copyNames)
     let exists = pathExists(path)
     let fd: Int32
     switch Sys.open(path, flags: O_RDWR | (exists ? 0 : O_CREAT | O_EXCL)) {
@@ -305,6 +308,8 @@ public final class MirrorJournal: @unchecked Sendable {
   func append(_ type: MirrorJournalRecordType, offset: UInt64, length: UInt64, payload: UnsafeRawBufferPointer?)
     throws
   {
+    // A record of no bytes is not a good record: recovery would refuse it.
+    guard length > 0 else { return }
     monitor.lock()
     defer { monitor.unlock() }
     try throttle()
@@ -435,8 +440,9 @@ public final class MirrorJournal: @unchecked Sendable {
   /// What a shipper is given to do next.
   enum Work {
     case ship(ClosedInterval)
-    /// The open interval should be closed (it is old, large, or writers
-    /// wait): call closeInterval(sync: true) and ask again.
+    /// The open interval should be closed, or a closed one made durable
+    /// (it is old, large, or writers wait): call closeInterval(sync: true)
+    /// and ask again.
     case closeOpen
     case stop
   }
@@ -449,10 +455,14 @@ public final class MirrorJournal: @unchecked Sendable {
     let deadline = monotonicSeconds() + timeout
     while true {
       if stopping { return .stop }
-      if let c = closedIntervals.first(after: interval) {
-        if c.end <= durableEnd { return .ship(c) }
-      } else if openChanges > 0 {
-        let age = monotonicSeconds() - openSince
+      let closed = closedIntervals.first(after: interval)
+      if let c = closed, c.end <= durableEnd { return .ship(c) }
+      // A closed interval not yet durable (a flush is syncing it) does not
+      // hold back closing an old or large open one, nor writers waiting:
+      // the close syncs both, where waiting would wait on a sync that may
+      // not come (and, with the open interval old, would spin).
+      if openChanges > 0 || closed != nil {
+        let age = openChanges > 0 ? monotonicSeconds() - openSince : 0
         if waitingWriters > 0 || openBytes >= Self.autoCloseBytes || age >= Self.autoCloseSeconds {
           return .closeOpen
         }

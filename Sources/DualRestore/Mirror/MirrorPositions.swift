@@ -109,7 +109,8 @@ public struct MirrorPositions: Equatable, Sendable {
       guard length >= 1 && Int(length) <= Self.maximumName else {
         throw refuse("a copy's name has \(length) bytes")
       }
-      guard let name = r.take(Int(length)), r.take((8 - (26 + Int(length)) % 8) % 8) != nil else { throw short }
+      guard let name = r.take(Int(length)), let padding = r.take((8 - (26 + Int(length)) % 8) % 8) else { throw short }
+      guard padding.allSatisfy({ $0 == 0 }) else { throw refuse("a copy's name is followed by non-zero padding") }
       guard let text = String(validating: Array(name), as: UTF8.self) else {
         throw refuse("a copy's name is not UTF-8")
       }
@@ -127,8 +128,29 @@ public struct MirrorPositions: Equatable, Sendable {
     return try MirrorPositions(decoding: try readWholeFile(path, limit: 1 << 20), path: path)
   }
 
-  /// Replaces `path` atomically.
+  /// Refuses copy names the file cannot hold: more than 64, an empty or
+  /// too long one, or one twice (positions are found again by name).
+  public static func check(names: [String]) throws(ToolkitError) {
+    guard names.count <= maximumCopies else {
+      throw ToolkitError(
+        "\(names.count) far copies are more than the \(maximumCopies) a mirror journal keeps positions for")
+    }
+    var seen = Set<String>()
+    for name in names {
+      let length = name.utf8.count
+      guard length > 0 else { throw ToolkitError("a far copy's name is empty") }
+      guard length <= maximumName else {
+        throw ToolkitError(
+          "the far copy name \(name.prefix(40))… has \(length) bytes, more than the \(maximumName) "
+            + "a mirror journal's positions file holds")
+      }
+      guard seen.insert(name).inserted else { throw ToolkitError("the far copy \(name) is named twice") }
+    }
+  }
+
+  /// Replaces `path` atomically; refuses copies the file cannot hold.
   public func save(to path: String) throws {
+    try Self.check(names: copies.map(\.name))
     let bytes = encoded
     try bytes.withUnsafeBytes { try writeFileAtomically(path, [$0]) }
   }

@@ -25,6 +25,7 @@ public enum FuzzTarget: String, Sendable {
   case nbdClientStatus = "nbd-client-status"
   case mergeExport = "merge-export"
   case mirrorJournal = "mirror-journal"
+  case mirrorPositions = "mirror-positions"
 }
 
 /// The key the encrypted stream seeds are made with (scripts/fuzz writes it).
@@ -93,5 +94,8 @@ public func runOnce(_ target: FuzzTarget, _ bytes: [UInt8]) {
   case .mirrorJournal:
     _ = FuzzEntryPoints.scanMirrorJournal(bytes)
     _ = FuzzEntryPoints.scanMirrorJournal(FuzzEntryPoints.repairMirrorJournalChecksums(bytes))
+  case .mirrorPositions:
+    _ = FuzzEntryPoints.decodeMirrorPositions(bytes)
+    _ = FuzzEntryPoints.decodeMirrorPositions(FuzzEntryPoints.repairMirrorPositionsChecksum(bytes))
   }
 }
