@@ -109,6 +109,19 @@ extension RestoreEngine {
     do {
       try local()
     } catch {
+      // The journal holds the change the primary may not: journal what the
+      // primary holds there now, so the copies end up agreeing with it.
+      if length <= UInt64(Self.resendLimit) {
+        let buffer = buffers.get(Int(length))
+        defer { buffers.put(buffer) }
+        do {
+          try primary.read(into: buffer.slice(0, Int(length)), at: offset)
+          try mirror.journal.append(
+            .write, offset: offset, length: length, payload: UnsafeRawBufferPointer(buffer.slice(0, Int(length))))
+        } catch {
+          log("a write failed on the primary and what it holds there could not be journaled again: \(error)")
+        }
+      }
       throw RestoreError.writeFailed(cause: error)
     }
     writeback.written(offset, length)
@@ -338,6 +351,10 @@ extension RestoreEngine {
       }
     }
   }
+
+  /// The largest failed write whose range is journaled again from the
+  /// primary (a client's request is at most 64 MiB).
+  static var resendLimit: Int { 64 << 20 }
 
   /// How long a flush waits for its quorum of far copies.
   var quorumTimeout: Double { 30 }
