@@ -77,6 +77,12 @@ extension RestoreEngine {
     for _ in 0..<AsyncMirror.completionThreads {
       mirror.completionsEnded.start { [self] in
         while let item = mirror.completions.take(), let block = item {
+          // A stop leaves the rest partial: what a client wrote of them is
+          // in the journal while a copy lacks it, and on the backup once
+          // not, so a later start (or fetch) still gets them right. Trying
+          // each first would cost a --backup-timeout a block when the
+          // backup is away.
+          if mirror.completionsEnded.isStopping { return }
           completePartial(block, mirror)
         }
       }
