@@ -22,7 +22,14 @@ extension RRTChild {
       if Self.allStopped(pid) { return }
       usleep(2000)
     }
-    XCTFail("\(name) (pid \(pid)) did not stop within 10 s of SIGSTOP", file: file, line: line)
+    let state =
+      isRunning
+      ? "running"
+      : "ended with status \(process.terminationStatus) (\(process.terminationReason == .uncaughtSignal ? "signal" : "exit"))"
+    XCTFail(
+      "\(name) (pid \(pid), \(state)) did not stop within 10 s of SIGSTOP; its output: \(errors.suffix(2000))",
+      file: file,
+      line: line)
   }
 
   func thaw() { signal(SIGCONT) }
@@ -107,9 +114,16 @@ extension RRTRig {
     return Substring(text[utf8.index(utf8.startIndex, offsetBy: mark)...])
   }
 
-  /// The far copy's lag on the last progress line after `mark`.
-  func lastLag(after mark: Int = 0) -> FarCopyLag? {
-    log(after: mark).split(separator: "\n").reversed().lazy.compactMap { FarCopyLag($0) }.first
+  /// Waits until a progress line after `mark` satisfies `test`; returns it.
+  func waitForLag(after mark: Int, seconds: Double = 30, _ test: (FarCopyLag) -> Bool) -> FarCopyLag? {
+    let end = RRTEnv.monotonic() + seconds
+    while true {
+      if let l = log(after: mark).split(separator: "\n").compactMap({ FarCopyLag($0) }).first(where: test) {
+        return l
+      }
+      if RRTEnv.monotonic() >= end { return nil }
+      RRTEnv.sleep(0.05)
+    }
   }
 
   /// Waits until a progress line after `mark` says the far copy lacks
@@ -134,6 +148,29 @@ extension RRTRig {
       if RRTEnv.monotonic() >= end { return false }
       RRTEnv.sleep(0.1)
     }
+  }
+
+  /// nbdkit 1.32 aborts now and then when a client vanishes with requests
+  /// in flight (`raw_send_socket: Assertion \`sock >= 0' failed`), which
+  /// killing restore-read-through does. After such a kill, this waits for
+  /// nbdkit to have seen the connections close and, if it aborted that
+  /// way, starts it again on the same socket and image (its image holds
+  /// what it had written, as after a kill -9 of it). Any other end of it
+  /// fails the test. Returns whether it was started again.
+  @discardableResult
+  func reviveBackupIfItAborted(file: StaticString = #filePath, line: UInt = #line) throws -> Bool {
+    RRTEnv.sleep(0.4)
+    guard let b = backupServer, !b.isRunning else { return false }
+    let text = b.errors
+    guard text.contains("raw_send_socket: Assertion") else {
+      XCTFail("the backup server ended on its own: \(text.suffix(2000))", file: file, line: line)
+      throw RRTError("the backup server ended")
+    }
+    print("nbdkit aborted on a vanished client (raw_send_socket assertion); started again")
+    let log = s.path("backup.log")
+    rename(log, log + ".aborted-\(UUID().uuidString)")
+    try startBackup()
+    return true
   }
 
   /// The end state: the journal drains, the whole export (which makes every
