@@ -364,6 +364,69 @@ final class RestoreMirrorCLITests: RestoreCLITestCase {
     try r.assertDrainedAndEqual("after the stop with the far copy gone")
   }
 
+  /// A start with --ack all (the default) after --ack local left
+  /// intervals owed must not drop them: a whole-block write and a write
+  /// into part of a block not current, flushed while the far copy was
+  /// gone, are either served and sent to the copy, or the start is refused
+  /// in one sentence naming the journal (and --ack local then sends them).
+  func testAStartWithAckAllDoesNotDropWhatTheJournalOwes() throws {
+    try require("nbdkit", "nbdinfo", "nbdsh", "nbdcopy")
+    let r = try mirrored(seed: 110, extra: ["--backup-timeout", "2"])
+    let B = r.blockSize
+    r.backupServer?.kill9()
+    let w = try r.nbdsh(
+      "h.connect_uri(URI)\nh.pwrite(b'A' * B, 50 * B)\nh.pwrite(b'P' * 4096, 60 * B + 4096)\nh.flush()\nprint('OK')")
+    XCTAssertEqual(w.status, 0, "\(w.summary)\nlog:\n\(r.log)")
+    r.server?.stop(grace: 60)
+    r.server = nil
+    XCTAssertTrue(r.log.contains("lacks 1 interval(s)"), r.log)
+    try r.startBackup()
+    var expected = r.original
+    expected.replaceSubrange(50 * B..<51 * B, with: Data(repeating: 0x41, count: B))
+    expected.replaceSubrange(60 * B + 4096..<60 * B + 8192, with: Data(repeating: 0x50, count: 4096))
+
+    var all = r.serverArguments
+    if let i = all.firstIndex(of: "--ack") { all.removeSubrange(i...i + 1) }
+    let child = try RRTChild(
+      name: "restore-read-through --ack all", executable: Tools.path("restore-read-through"), arguments: all,
+      stdout: r.s.path("ack-all.out"), stderr: r.s.path("ack-all.log"))
+    r.others.append(child)
+    let end = RRTEnv.monotonic() + 20
+    var serving = false
+    while child.isRunning && RRTEnv.monotonic() < end {
+      if let a = try? RRTCommand.run("/usr/bin/nbdinfo", ["--size", r.uri], timeout: 5), a.status == 0 {
+        serving = true
+        break
+      }
+      RRTEnv.sleep(0.05)
+    }
+    if serving {
+      let back = try r.readThroughExport([(50 * B, B), (60 * B, B)])
+      for b in [50, 60] {
+        RRTBytes.assertEqual(
+          back[r.blockRange(b)], expected[r.blockRange(b)],
+          "block \(b) served by --ack all after --ack local left it owed; log:\n\(child.errors)")
+      }
+      XCTAssertEqual(child.stop(grace: 30), 0, child.errors)
+      let backup = try r.backupData()
+      for b in [50, 60] {
+        RRTBytes.assertEqual(
+          backup[r.blockRange(b)], expected[r.blockRange(b)], "block \(b) on the far copy after --ack all")
+      }
+    } else {
+      XCTAssertNotNil(child.wait(timeout: 5), "neither served nor refused within 20 s: \(child.errors)")
+      XCTAssertNotEqual(child.process.terminationStatus, 0, child.errors)
+      XCTAssertTrue(child.errors.contains(r.journalPath), "the refusal does not name the journal: \(child.errors)")
+      XCTAssertEqual(child.errors.split(separator: "\n").count, 1, "one sentence: \(child.errors)")
+      try r.startServer()
+      try r.assertDrainedAndEqual("--ack local after --ack all was refused")
+      let backup = try r.backupData()
+      for b in [50, 60] {
+        RRTBytes.assertEqual(backup[r.blockRange(b)], expected[r.blockRange(b)], "block \(b) on the far copy")
+      }
+    }
+  }
+
   // MARK: 5. kill -9 of the server
 
   struct Tally {
