@@ -42,8 +42,7 @@ final class FarCopyShipper: Sendable {
   }
   private let health = Locked(Health())
 
-  init(journal: MirrorJournal, index: Int, copy: BlockDevice, senders: Int, log: @escaping @Sendable (String) -> Void)
-  {
+  init(journal: MirrorJournal, index: Int, copy: BlockDevice, senders: Int, log: @escaping @Sendable (String) -> Void) {
     self.journal = journal
     self.index = index
     self.copy = copy

@@ -338,7 +338,8 @@ public final class MirrorJournal: @unchecked Sendable {
         throw broken!
       }
       throw ToolkitError(
-        "the mirror journal \(path) could not take a change of \(record.length) bytes: \(e)", cause: .system(e.rawValue))
+        "the mirror journal \(path) could not take a change of \(record.length) bytes: \(e)", cause: .system(e.rawValue)
+      )
     }
     end += size
     nextSequence += 1
