@@ -78,6 +78,12 @@ extension RestoreEngine {
     for _ in 0..<AsyncMirror.completionThreads {
       mirror.completionsEnded.start { [self] in
         while let item = mirror.completions.take(), let block = item {
+          // A stop leaves the rest partial: what a client wrote of them is
+          // in the journal while a copy lacks it, and on the backup once
+          // not, so a later start (or fetch) still gets them right. Trying
+          // each first would cost a --backup-timeout a block when the
+          // backup is away.
+          if mirror.completionsEnded.isStopping { return }
           completePartial(block, mirror)
         }
       }
@@ -237,16 +243,30 @@ extension RestoreEngine {
   /// writes to the primary only the bytes no client wrote; the block is
   /// then current.
   private func fetchPartial(_ b: UInt64) throws {
-    let offset = geometry.offset(ofBlock: b)
     let length = geometry.length(ofBlock: b)
     let buffer = buffers.get(length)
     defer { buffers.put(buffer) }
     let whole = buffer.slice(0, length)
+    try readPartial(b, into: whole)
+    try landPartial(b, whole)
+  }
+
+  /// The backup's copy of block `b`.
+  private func readPartial(_ b: UInt64, into whole: UnsafeMutableRawBufferPointer) throws {
+    let offset = geometry.offset(ofBlock: b)
     do {
       try backup.read(into: whole, at: offset)
     } catch {
-      throw RestoreError.fetchFailed(offset: offset, length: UInt64(length), cause: error)
+      throw RestoreError.fetchFailed(offset: offset, length: UInt64(whole.count), cause: error)
     }
+  }
+
+  /// Writes the bytes of `whole` (block `b` as the backup has it) that no
+  /// client wrote to the primary, and marks the block current. The caller
+  /// holds the block's lock.
+  private func landPartial(_ b: UInt64, _ whole: UnsafeMutableRawBufferPointer) throws {
+    let offset = geometry.offset(ofBlock: b)
+    let length = whole.count
     let written = state.withLock { $0.partial[b] } ?? []
     var position = 0
     for r in written + [length..<length] {
@@ -268,16 +288,29 @@ extension RestoreEngine {
     }
   }
 
-  /// A completion thread's turn with one block: done unless a client made
-  /// it current meanwhile; queued again after a pause when the backup
-  /// cannot give it now.
+  /// A completion thread's turn with one block. The backup is read without
+  /// the block's lock, so that a client's write into another part of the
+  /// block lands at once instead of waiting on the far link: every change
+  /// the backup may be sent meanwhile is a client's change to this block,
+  /// made under the lock and so among its written ranges as they are when
+  /// the lock is taken, and those bytes are not copied. Under the lock the
+  /// rest is written, unless a client or a read made the block current
+  /// meanwhile. Queued again after a pause when the backup cannot give it.
   private func completePartial(_ b: UInt64, _ mirror: AsyncMirror) {
-    locks.lock(b..<b + 1)
+    guard hasPartial(b..<b + 1) else { return }
+    let length = geometry.length(ofBlock: b)
+    let buffer = buffers.get(length)
+    defer { buffers.put(buffer) }
+    let whole = buffer.slice(0, length)
     var failed = false
-    if hasPartial(b..<b + 1) {
-      do { try fetchPartial(b) } catch { failed = true }
+    do {
+      try readPartial(b, into: whole)
+      locks.lock(b..<b + 1)
+      defer { locks.unlock(b..<b + 1) }
+      if hasPartial(b..<b + 1) { try landPartial(b, whole) }
+    } catch {
+      failed = true
     }
-    locks.unlock(b..<b + 1)
     guard failed, mirror.completionsEnded.pause(1) else { return }
     mirror.completions.put(b)
   }
