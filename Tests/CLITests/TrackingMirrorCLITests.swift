@@ -23,6 +23,8 @@ import XCTest
 
 final class TrackingMirrorCLITests: CLITestCase {
   static let long = ProcessInfo.processInfo.environment["DUALRESTORE_LONG"] == "1"
+  /// How long a load's backlog may take to drain (the long mode's is large).
+  static let drainSeconds: Double = long ? 900 : 60
 
   /// A 16 MiB device, far copies of the same bytes behind `delays` (one
   /// each), started, and tracking-server keeping them with `--ack ack`.
@@ -259,7 +261,7 @@ final class TrackingMirrorCLITests: CLITestCase {
     XCTAssertGreaterThanOrEqual(checks, 10)
     XCTAssertGreaterThanOrEqual(highest.count, 3, "the copy did not move between checks: \(highest.sorted())")
 
-    try r.waitUntilDrained(seconds: 60)
+    try r.waitUntilDrained(seconds: Self.drainSeconds)
     r.stop()
     far.stop()
     RRTBytes.assertEqual(try far.data(), try r.deviceData(), "the far copy against the device")
@@ -449,9 +451,9 @@ final class TrackingMirrorCLITests: CLITestCase {
 
     let progress = primary.progressLines.count
     XCTAssertTrue(
-      primary.waitUntilDrained(after: progress, seconds: 60),
+      primary.waitUntilDrained(after: progress, seconds: Self.drainSeconds),
       "the primary's copy (the relay) still lacks something: \(primary.progressLines.last ?? "")")
-    try relay.waitUntilDrained(seconds: 60)
+    try relay.waitUntilDrained(seconds: Self.drainSeconds)
     primary.stop()
     try relay.waitUntilDrained()
     relay.stop()
