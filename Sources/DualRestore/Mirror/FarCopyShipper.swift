@@ -65,7 +65,13 @@ final class FarCopyShipper: Sendable {
   }
 
   /// Stops after the batch in flight (the journal must be stopping too).
-  func stop() { threads.stop() }
+  /// With `closingLink`, the copy's connections are ended first, so that a
+  /// request waiting on a copy that does not answer fails now rather than
+  /// at its time limit: a stop is prompt whatever the link does.
+  func stop(closingLink: Bool = false) {
+    if closingLink { copy.close() }
+    threads.stop()
+  }
 
   private func run() {
     while true {
@@ -128,7 +134,7 @@ final class FarCopyShipper: Sendable {
       let buffer = buffers[w]
       jobs.append(
         pool.start { [self] in
-          while failure.error == nil {
+          while failure.error == nil && !journal.isStopping {
             let i = nextPiece.withLock { n -> Int in
               defer { n += 1 }
               return n
@@ -148,7 +154,12 @@ final class FarCopyShipper: Sendable {
                 }
                 break
               } catch {
-                if attempt == 3 { failure.set(error) }
+                // Only a request the copy answered with an error is sent
+                // again; one that found no connection would wait as long.
+                if attempt == 3 || journal.isStopping || !Self.answeredWithError(error) {
+                  failure.set(error)
+                  break
+                }
               }
             }
           }
@@ -156,6 +167,12 @@ final class FarCopyShipper: Sendable {
     }
     for j in jobs { j.wait() }
     if let e = failure.error { throw e }
+  }
+
+  /// Whether `error` is the copy's own answer to a request (NBD_E*).
+  static func answeredWithError(_ error: Error) -> Bool {
+    guard let e = error as? ToolkitError, case .serverError = e.cause else { return false }
+    return true
   }
 
   private func failed(_ error: Error) {

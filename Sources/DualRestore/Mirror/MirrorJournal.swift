@@ -171,7 +171,12 @@ public final class MirrorJournal: @unchecked Sendable {
     }
     openStart = end
     durableEnd = end
-    punchedTo = copies.map(\.offset).min() ?? end
+    // What every copy has is punched out now: a stop (or a crash) may have
+    // come before the last step of it.
+    let consumed = min(copies.map(\.offset).min() ?? end, end) & ~UInt64((1 << 20) - 1)
+    let start = UInt64(MirrorJournalHeader.length)
+    if consumed > start { _ = dr_punch_hole(fd, start, consumed - start) }
+    punchedTo = max(start, consumed)
   }
 
   // MARK: Recovery
@@ -627,6 +632,9 @@ public final class MirrorJournal: @unchecked Sendable {
 
   /// Whether every copy holds every change (nothing open, nothing owed).
   var drained: Bool { monitor.withLock { closedIntervals.isEmpty && openChanges == 0 } }
+
+  /// Whether stop() was called.
+  var isStopping: Bool { monitor.withLock { stopping } }
 
   /// Wakes every waiter; shippers stop, throttled writers go on.
   func stop() {

@@ -446,7 +446,7 @@ extension RestoreEngine {
     mirror.completionsEnded.stop()
     try flush()
     mirror.journal.stop()
-    for s in mirror.shippers { s.stop() }
+    for s in mirror.shippers { s.stop(closingLink: true) }
     try activity.clear()
     return 0
   }

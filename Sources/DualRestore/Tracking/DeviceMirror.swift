@@ -132,7 +132,7 @@ public final class DeviceMirror: Sendable {
   public func close() throws {
     try flush()
     journal.stop()
-    for s in shippers { s.stop() }
+    for s in shippers { s.stop(closingLink: true) }
     try activity.clear()
   }
 }
