@@ -79,6 +79,9 @@ public final class MirrorJournal: @unchecked Sendable {
   /// for work; one this large is closed at once.
   static let autoCloseSeconds = 1.0
   static let autoCloseBytes: UInt64 = 64 << 20
+  /// Room kept free on the journal's file system: writes wait rather than
+  /// take it.
+  static let spaceReserve: UInt64 = 8 << 20
   /// The consumed start of the journal is punched out in steps this large.
   static let punchUnit: UInt64 = 64 << 20
 
@@ -101,15 +104,21 @@ public final class MirrorJournal: @unchecked Sendable {
   private var broken: ToolkitError?
   private var stopping = false
   private var waitingWriters = 0
+  /// The journal's file system had less than `spaceReserve` free when last
+  /// looked at (at journal offset `spaceCheckedAt`).
+  private var lowSpace = false
+  private var spaceCheckedAt: UInt64 = 0
   private var throttleLogged = 0.0
   /// Scratch for framing a record, used under the lock.
   private let frameHeader = UnsafeMutableRawBufferPointer.allocate(
     byteCount: MirrorJournalFormat.recordHeaderLength, alignment: 8)
   private let frameTrailer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 8)
+  private let frameVectors = UnsafeMutableBufferPointer<iovec>.allocate(capacity: 3)
 
   deinit {
     frameHeader.deallocate()
     frameTrailer.deallocate()
+    frameVectors.deallocate()
     Sys.close(fd)
   }
 
@@ -338,13 +347,19 @@ public final class MirrorJournal: @unchecked Sendable {
     let data = payload ?? UnsafeRawBufferPointer(start: nil, count: 0)
     let trailerCount = MirrorJournalFormat.frame(
       record, payload: data, header: frameHeader, trailer: frameTrailer)
-    var vectors = [
-      iovec(iov_base: frameHeader.baseAddress, iov_len: MirrorJournalFormat.recordHeaderLength),
-      iovec(iov_base: UnsafeMutableRawPointer(mutating: data.baseAddress), iov_len: data.count),
-      iovec(iov_base: frameTrailer.baseAddress, iov_len: trailerCount),
-    ]
     let size = UInt64(MirrorJournalFormat.recordHeaderLength + data.count + trailerCount)
-    let result = vectors.withUnsafeMutableBufferPointer { pwritevFull(fd, $0, end) }
+    func write() -> Result<Void, Errno> {
+      frameVectors[0] = iovec(iov_base: frameHeader.baseAddress, iov_len: MirrorJournalFormat.recordHeaderLength)
+      frameVectors[1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: data.baseAddress), iov_len: data.count)
+      frameVectors[2] = iovec(iov_base: frameTrailer.baseAddress, iov_len: trailerCount)
+      return pwritevFull(fd, frameVectors, end)
+    }
+    var result = write()
+    // A full file system: what every copy has is punched out (the file
+    // keeps its length), and the change tried once more.
+    if case .failure(let e) = result, e.rawValue == ENOSPC, ftruncate(fd, off_t(end)) == 0, punchConsumed() {
+      result = write()
+    }
     if case .failure(let e) = result {
       if ftruncate(fd, off_t(end)) != 0 {
         broken = ToolkitError(
@@ -362,7 +377,6 @@ public final class MirrorJournal: @unchecked Sendable {
 
   /// Waits while the copies owe more than the bound (monitor held).
   private func throttle() throws {
-    guard bound.bytes > 0 || bound.seconds > 0 else { return }
     var waited = false
     while !stopping, let reason = overBound() {
       if !waited {
@@ -371,7 +385,7 @@ public final class MirrorJournal: @unchecked Sendable {
         let now = monotonicSeconds()
         if now - throttleLogged >= 10 {
           throttleLogged = now
-          log("writes wait: the far copies owe \(reason); they go on as the copies catch up")
+          log("writes wait: \(reason); they go on as the copies catch up")
         }
         monitor.broadcast()
       }
@@ -385,11 +399,29 @@ public final class MirrorJournal: @unchecked Sendable {
     let owedFrom = copies.map(\.offset).min() ?? end
     let owed = end > owedFrom ? end - owedFrom : 0
     if bound.bytes > 0 && owed >= bound.bytes {
-      return "\(formatBytes(owed)) of journal, at the bound of \(formatBytes(bound.bytes))"
+      return "the far copies owe \(formatBytes(owed)) of journal, at the bound of \(formatBytes(bound.bytes))"
     }
     if bound.seconds > 0, let oldest = oldestOwed() {
       let age = monotonicSeconds() - oldest
-      if age >= bound.seconds { return "changes \(Int(age)) s old, at the bound of \(bound.seconds) s" }
+      if age >= bound.seconds {
+        return "the far copies owe changes \(Int(age)) s old, at the bound of \(bound.seconds) s"
+      }
+    }
+    // The journal's file system keeps room for the largest record and the
+    // positions file: a journal that fills its disk could no longer record
+    // what the copies have, and so never make room again. Looked at every
+    // 256 KiB of journal, and at each turn while it is short.
+    if lowSpace || end >= spaceCheckedAt + (256 << 10) {
+      spaceCheckedAt = end
+      var fs = statvfs()
+      if fstatvfs(fd, &fs) == 0 {
+        let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+        lowSpace = free < Self.spaceReserve
+        if lowSpace {
+          return
+            "the journal's file system has \(formatBytes(free)) free, less than the \(formatBytes(Self.spaceReserve)) kept"
+        }
+      }
     }
     return nil
   }
@@ -555,17 +587,24 @@ public final class MirrorJournal: @unchecked Sendable {
           && snapshot.copies.allSatisfy({ $0.interval == openInterval - 1 })
         {
           restart()
-        } else if keepFrom >= punchedTo + Self.punchUnit {
-          // Whole 1 MiB units before the oldest kept record.
-          let to = keepFrom & ~UInt64((1 << 20) - 1)
-          if to > punchedTo {
-            _ = dr_punch_hole(fd, punchedTo, to - punchedTo)
-            punchedTo = to
-          }
+        } else if keepFrom >= punchedTo + Self.punchUnit || lowSpace {
+          punchConsumed()
         }
         monitor.broadcast()
       }
     }
+  }
+
+  /// Punches out the whole MiBs before the oldest record some copy lacks
+  /// (as the positions file says; monitor held): whether any were.
+  @discardableResult
+  private func punchConsumed() -> Bool {
+    let keepFrom = closedIntervals.first?.start ?? openStart
+    let to = keepFrom & ~UInt64((1 << 20) - 1)
+    guard to > punchedTo else { return false }
+    _ = dr_punch_hole(fd, punchedTo, to - punchedTo)
+    punchedTo = to
+    return true
   }
 
   /// Starts the journal again after its header (monitor held; every copy
