@@ -414,16 +414,9 @@ extension RestoreEngine {
     }
     for region in activity.recovered {
       let blocks = activity.blocks(ofRegion: region)
-      var b = blocks.lowerBound
-      while b < blocks.upperBound {
-        let run = state.withLock { s -> Range<UInt64>? in
-          guard let start = s.current.nextSet(from: b, before: blocks.upperBound) else { return nil }
-          return start..<(s.current.nextClear(from: start, before: blocks.upperBound) ?? blocks.upperBound)
-        }
-        guard let run else { break }
+      try forEachCurrentRun(in: blocks) { run in
         let (offset, length) = geometry.byteRange(blocks: run.lowerBound, count: UInt64(run.count))
         try copy(offset, length)
-        b = run.upperBound
       }
       let partial = state.withLock { s in s.partial.filter { blocks.contains($0.key) } }
       for (block, ranges) in partial.sorted(by: { $0.key < $1.key }) {

@@ -238,18 +238,9 @@ public final class RestoreEngine: Sendable {
   private func recover() throws {
     var copied: UInt64 = 0
     for region in activity.recovered {
-      let blocks = activity.blocks(ofRegion: region)
-      var b = blocks.lowerBound
-      while b < blocks.upperBound {
-        // The run is looked up under the lock, copied outside it.
-        let run = state.withLock { s -> Range<UInt64>? in
-          guard let start = s.current.nextSet(from: b, before: blocks.upperBound) else { return nil }
-          return start..<(s.current.nextClear(from: start, before: blocks.upperBound) ?? blocks.upperBound)
-        }
-        guard let run else { break }
+      try forEachCurrentRun(in: activity.blocks(ofRegion: region)) { run in
         try copyToBackup(run)
         copied += run.upperBound - run.lowerBound
-        b = run.upperBound
       }
     }
     try backup.flush()
@@ -262,6 +253,21 @@ public final class RestoreEngine: Sendable {
       log(
         "unclean shutdown detected: \(activity.recovered.count) region(s) had writes in flight; "
           + "copied their \(copied) current block(s) from the primary to the backup, which now agree")
+    }
+  }
+
+  /// Calls `body` with each run of current blocks in `blocks`, in order;
+  /// each run is looked up under the state's lock, handled outside it.
+  func forEachCurrentRun(in blocks: Range<UInt64>, _ body: (Range<UInt64>) throws -> Void) throws {
+    var b = blocks.lowerBound
+    while b < blocks.upperBound {
+      let run = state.withLock { s -> Range<UInt64>? in
+        guard let start = s.current.nextSet(from: b, before: blocks.upperBound) else { return nil }
+        return start..<(s.current.nextClear(from: start, before: blocks.upperBound) ?? blocks.upperBound)
+      }
+      guard let run else { return }
+      try body(run)
+      b = run.upperBound
     }
   }
 
