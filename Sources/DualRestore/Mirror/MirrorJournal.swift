@@ -396,7 +396,8 @@ public final class MirrorJournal: @unchecked Sendable {
 
   /// Why the copies owe too much, or nil (monitor held).
   private func overBound() -> String? {
-    let owedFrom = copies.map(\.offset).min() ?? end
+    // Every append asks: no array is made for it.
+    let owedFrom = copies.isEmpty ? end : copies.reduce(UInt64.max) { min($0, $1.offset) }
     let owed = end > owedFrom ? end - owedFrom : 0
     if bound.bytes > 0 && owed >= bound.bytes {
       return "the far copies owe \(formatBytes(owed)) of journal, at the bound of \(formatBytes(bound.bytes))"
