@@ -458,6 +458,21 @@ public final class MirrorJournal: @unchecked Sendable {
     return closedUpTo
   }
 
+  /// Makes the journal and `device` durable at once (a FLUSH or FUA under
+  /// asynchronous mirroring): the journal's fdatasync on `offload`, the
+  /// device's on this thread; the device's error first.
+  func sync(together device: Device, on offload: Offload) throws {
+    let journalError = ErrorBox()
+    let job = offload.start { [self] in
+      do { try sync() } catch { journalError.set(error) }
+    }
+    var deviceError: Error?
+    do { try device.sync() } catch { deviceError = error }
+    job.wait()
+    if let deviceError { throw deviceError }
+    if let e = journalError.error { throw e }
+  }
+
   /// Makes the journal durable (a FUA write's part).
   func sync() throws {
     try sync(upTo: monitor.withLock { end })

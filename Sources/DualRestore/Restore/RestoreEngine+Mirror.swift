@@ -319,15 +319,7 @@ extension RestoreEngine {
 
   /// The journal and the primary made durable together.
   private func syncBoth(_ mirror: AsyncMirror) throws {
-    let journalError = ErrorBox()
-    let job = offload.start {
-      do { try mirror.journal.sync() } catch { journalError.set(error) }
-    }
-    var primaryError: Error?
-    do { try primary.sync() } catch { primaryError = error }
-    job.wait()
-    if let primaryError { throw primaryError }
-    if let e = journalError.error { throw e }
+    try mirror.journal.sync(together: primary, on: offload)
   }
 
   /// A FLUSH under asynchronous mirroring: the open interval closed, the

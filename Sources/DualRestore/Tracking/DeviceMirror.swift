@@ -97,17 +97,7 @@ public final class DeviceMirror: Sendable {
   }
 
   /// The journal and the device made durable together (a FUA write).
-  public func sync() throws {
-    let journalError = ErrorBox()
-    let job = offload.start { [journal] in
-      do { try journal.sync() } catch { journalError.set(error) }
-    }
-    var deviceError: Error?
-    do { try device.sync() } catch { deviceError = error }
-    job.wait()
-    if let deviceError { throw deviceError }
-    if let e = journalError.error { throw e }
-  }
+  public func sync() throws { try journal.sync(together: device, on: offload) }
 
   /// A FLUSH: the open interval closed, journal and device durable, the
   /// activity log trimmed; under a quorum, until enough copies hold it.
