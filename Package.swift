@@ -14,6 +14,7 @@ let package = Package(
     .executable(name: "merge-snapshot", targets: ["merge-snapshot"]),
     .executable(name: "restore-read-through", targets: ["restore-read-through"]),
     .executable(name: "tracking-server", targets: ["tracking-server"]),
+    .executable(name: "snapshot-server", targets: ["snapshot-server"]),
     .library(name: "DualRestore", targets: ["DualRestore"]),
     // For the fuzz package in fuzz/ only; no tool links it.
     .library(name: "DualRestoreFuzz", targets: ["DualRestoreFuzz"]),
@@ -84,6 +85,12 @@ let package = Package(
       ]),
     .executableTarget(
       name: "tracking-server",
+      dependencies: [
+        "DualRestore", "ToolSupport",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]),
+    .executableTarget(
+      name: "snapshot-server",
       dependencies: [
         "DualRestore", "ToolSupport",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -220,3 +220,31 @@ final class MemoryInput: StreamInput {
 
   func cancel() {}
 }
+
+/// A stream kept on a device (an image file, an NBD export of an object),
+/// read in order from its start, on the caller's thread, and hashed as it is.
+final class DeviceInput: StreamInput {
+  private let device: BlockDevice
+  private let hashing: Bool
+  private var offset: UInt64 = 0
+  private var digest = WithholdingDigest()
+
+  init(device: BlockDevice, hashing: Bool = true) {
+    self.device = device
+    self.hashing = hashing
+  }
+
+  func read(into: UnsafeMutableRawPointer, count: Int) throws -> Int {
+    let n = Int(min(UInt64(min(count, device.maximumRequest, 8 << 20)), device.size - offset))
+    guard n > 0 else { return 0 }
+    let buffer = UnsafeMutableRawBufferPointer(start: into, count: n)
+    try device.read(into: buffer, at: offset)
+    if hashing { digest.update(UnsafeRawBufferPointer(buffer)) }
+    offset += UInt64(n)
+    return n
+  }
+
+  func digestOfAllButTheEnd() -> (digest: [UInt8], bytes: UInt64) { (digest.finish(), digest.hashed) }
+
+  func cancel() {}
+}

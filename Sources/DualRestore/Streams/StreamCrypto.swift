@@ -458,6 +458,8 @@ public final class RecordCipher: @unchecked Sendable {
 
   private let ctx: OpaquePointer
   private let encrypting: Bool
+  /// The record key, kept to make another cipher for another thread.
+  private let key: [UInt8]
   private let nonce = UnsafeMutableRawPointer.allocate(byteCount: 12, alignment: 16)
   /// Where `open` puts plaintext bodies; grows to the largest record seen.
   private var plain: UnsafeMutableRawPointer
@@ -470,6 +472,7 @@ public final class RecordCipher: @unchecked Sendable {
     }
     self.ctx = ctx
     self.encrypting = encrypting
+    self.key = key
     plainCapacity = 0
     plain = .allocate(byteCount: 1, alignment: 16)
     nonce.initializeMemory(as: UInt8.self, repeating: 0, count: 12)
@@ -489,6 +492,9 @@ public final class RecordCipher: @unchecked Sendable {
     OPENSSL_cleanse(plain, plainCapacity)
     plain.deallocate()
   }
+
+  /// A cipher of its own for another thread, with the same key.
+  package func another() throws -> RecordCipher { try RecordCipher(key: key, encrypting: encrypting) }
 
   /// Starts a record: the nonce from its sequence number, its 16 framing bytes as AAD.
   @inline(__always)

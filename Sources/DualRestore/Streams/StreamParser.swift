@@ -47,6 +47,9 @@ public struct StreamParser {
   private var preambleBytes: [UInt8] = []
   /// Set once the CRYPTO record has been opened.
   private var cipher: RecordCipher?
+  /// The cipher of an encrypted stream, once its CRYPTO record is open: a
+  /// reader of single records makes its own from it (`another()`).
+  package var recordCipher: RecordCipher? { cipher }
   /// Whether the preamble marks the stream encrypted.
   public private(set) var isEncrypted = false
   /// Counts kept to check the END record against.

@@ -42,6 +42,12 @@ public final class StreamReader {
     self.init(input: HashingInput(fd: fd), name: name, bufferSize: bufferSize, secret: nil)
   }
 
+  /// Reads the stream kept on `device`, from its first byte to its last.
+  package convenience init(device: BlockDevice, name: String, bufferSize: Int = 8 << 20, secret: StreamSecret? = nil) {
+    self.init(
+      input: DeviceInput(device: device, hashing: secret == nil), name: name, bufferSize: bufferSize, secret: secret)
+  }
+
   /// Reads `bytes`, handed over `chunk` bytes at a time as a pipe would.
   package convenience init(
     bytes: [UInt8], name: String, bufferSize: Int = 4 << 20, chunk: Int = 1 << 16, secret: StreamSecret? = nil
@@ -78,11 +84,13 @@ public final class StreamReader {
   public var recordPosition: String { "record \(recordSequence) at byte \(recordOffset)" }
   /// Its sequence number and offset, kept as numbers: a message is made
   /// only when one is needed, not for every record.
-  private(set) var recordSequence: UInt64 = 0
-  private(set) var recordOffset: UInt64 = 0
+  package private(set) var recordSequence: UInt64 = 0
+  package private(set) var recordOffset: UInt64 = 0
   /// Where the next record starts, as numbers.
   var nextSequence: UInt64 { pipeline?.last?.nextSequence ?? parser.sequence }
-  var nextOffset: UInt64 { pipeline?.last?.nextOffset ?? parser.offset }
+  package var nextOffset: UInt64 { pipeline?.last?.nextOffset ?? parser.offset }
+  /// The cipher of an encrypted stream read without a pipeline, once open.
+  package var recordCipher: RecordCipher? { parser.recordCipher }
 
   /// The next record, or nil after a complete stream (END verified, then end of input).
   public func next() throws -> StreamParser.Record? {
