@@ -135,7 +135,7 @@ final class InstallCLITests: XCTestCase {
     XCTAssertTrue(
       lint.stdout.contains("man lint: \(try Self.pages().count) passed, 0 failed"), lint.stdout + lint.stderr)
 
-    let withSubcommands: Set<String> = ["overwrite-map", "tracking-server"]
+    let withSubcommands: Set<String> = ["overwrite-map", "tracking-server", "snapshot-server"]
     for command in try Self.commands() {
       let page = Self.repository.appendingPathComponent("man/\(command).1").path
       let shown = try RRTCommand.shell("MANWIDTH=200 man -l '\(page)'")
