@@ -29,7 +29,7 @@ struct SnapshotServer: ParsableCommand {
       range requests through nbdkit's curl plugin \
       (nbdkit -U SOCK curl url=URL), one such export per stream.
       """,
-    subcommands: [Serve.self, Index.self])
+    subcommands: [Serve.self, Index.self, Compact.self])
 
   static func main() { ToolMain.run(Self.self) }
 }
@@ -81,7 +81,9 @@ struct StreamOptions: ParsableArguments {
         let seconds = formatFixed(monotonicSeconds() - started, digits: 2)
         let whereKept = kept.map { ", kept in \($0)" } ?? ", held in memory (give --index-dir to keep it)"
         let records = stream.index.entries.count
-        log("\(location): \(why); indexed \(records) record(s) of \(formatBytes(source.size)) in \(seconds) s\(whereKept)")
+        log(
+          "\(location): \(why); indexed \(records) record(s) of \(formatBytes(source.size)) in \(seconds) s\(whereKept)"
+        )
       }
       return stream
     }
@@ -194,6 +196,70 @@ extension SnapshotServer {
         }
       }
       try out.flush()
+    }
+  }
+
+  struct Compact: ParsableCommand {
+    static let configuration = CommandConfiguration(
+      abstract: "Write a chain of stored streams out as one full stream.",
+      usage: "snapshot-server compact -o FILE [options] STREAM...",
+      discussion: """
+        The streams (a chain, checked as serve checks it: oldest first, a \
+        full stream and the incrementals that follow it, or the oldest part \
+        of a longer chain) are written out as one new full stream equal to \
+        the device at the last stream's end, with that stream's instant. \
+        Each block's newest record is copied as stored (LZ4 or raw), not \
+        decoded and compressed again; every record copied is checked first \
+        (CRC, tag, block number), and a record that fails stops the \
+        compaction with a sentence naming it: the output is written to a \
+        temporary file and renamed into place only when complete and \
+        durable. A chain read with --key-file or --passphrase-file is \
+        written encrypted with the same key, under a fresh salt.
+
+        Deleting the streams a compacted stream makes unnecessary is the \
+        operator's: rm, or aws s3 rm for objects.
+        """)
+
+    @Option(name: .shortAndLong, help: ArgumentHelp("Write the new full stream to this file.", valueName: "file"))
+    var output: String
+    @OptionGroup var reporting: ProgressOptions
+    @Flag(help: "Print the summary as one JSON object on standard output.")
+    var json = false
+    @OptionGroup var streams: StreamOptions
+
+    func run() throws {
+      let log: @Sendable (String) -> Void = { printError("snapshot-server: \($0)") }
+      let chain = try StreamChain(try streams.open(log: log), log: log)
+      for s in chain.streams where samePath(s.name, output) {
+        throw ToolkitError("the output \(output) is one of the streams of the chain")
+      }
+      let secret = try streams.key.load()
+      let sink = try OutputSink(.file(output), what: "stream")
+      let names = chain.streams.map { $0.name }
+      let s = try chain.compact(
+        to: sink, encryption: secret, sourceName: "compacted from " + names.joined(separator: " "),
+        progress: reporting.show)
+      try sink.finish()
+      let speed = s.seconds > 0 ? UInt64(Double(s.bytesRead) / s.seconds) : 0
+      if json {
+        var o = JSONObject()
+        o.add("stream_id", s.header.streamID.description)
+        o.add("output", output)
+        o.add("streams", UInt64(chain.streams.count))
+        o.add("data_blocks", s.dataBlocks)
+        o.add("zero_blocks", s.zeroBlocks)
+        o.add("bytes_read", s.bytesRead)
+        o.add("bytes_out", s.bytesOut)
+        o.add("seconds", number: formatFixed(s.seconds, digits: 3))
+        o.add("encrypted", secret != nil)
+        let out = TextOutput()
+        try out.line(o.render())
+        try out.flush()
+      }
+      printError(
+        "snapshot-server: compacted \(chain.streams.count) stream(s) into \(output) (stream \(s.header.streamID), "
+          + "\(s.dataBlocks) data and \(s.zeroBlocks) zero block(s), \(formatBytes(s.bytesOut)); "
+          + "\(formatBytes(s.bytesRead)) of records read at \(formatBytes(speed))/s)")
     }
   }
 }

@@ -26,6 +26,8 @@ function __snapshot-server_parse_tokens -S
             __snapshot-server_parse_subcommand -r 1 'socket=' 'listen=' 'tls=' 'tls-certificates=' 'tls-verify-peer' 'max-connections=' 'handshake-timeout=' 'idle-timeout=' 'stall-timeout=' 'index-dir=' 'key-file=' 'passphrase-file=' 'h/help'
         case 'index'
             __snapshot-server_parse_subcommand -r 1 'index-dir=' 'key-file=' 'passphrase-file=' 'json' 'h/help'
+        case 'compact'
+            __snapshot-server_parse_subcommand -r 1 'o/output=' 'progress' 'q/quiet' 'json' 'index-dir=' 'key-file=' 'passphrase-file=' 'h/help'
         case 'help'
             __snapshot-server_parse_subcommand -r 1 
         end
@@ -84,6 +86,7 @@ complete -c 'snapshot-server' -f
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server" h help' -s 'h' -l 'help' -d 'Show help information.'
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server" -eq 1' -fa 'serve' -d 'Export a chain of stored streams over NBD, read-only.'
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server" -eq 1' -fa 'index' -d 'Build or check the indexes of stored streams.'
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server" -eq 1' -fa 'compact' -d 'Write a chain of stored streams out as one full stream.'
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server" -eq 1' -fa 'help' -d 'Show subcommand help information.'
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server serve" socket' -l 'socket' -d 'Serve on this Unix socket.' -rfka ''
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server serve" listen' -l 'listen' -d 'Serve on TCP HOST:PORT (HOST defaults to 127.0.0.1).' -rfka ''
@@ -105,3 +108,12 @@ complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server index" -ge 1' -F
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server index" json' -l 'json' -d 'Print one JSON object per stream on standard output.'
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server index" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server compact" o output' -l 'output' -s 'o' -d 'Write the new full stream to this file.' -rfka ''
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server compact" progress' -l 'progress' -d 'Show progress on standard error (default when it is a terminal).'
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server compact" q quiet' -l 'quiet' -s 'q' -d 'Print nothing on standard error but errors and warnings.'
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server compact" json' -l 'json' -d 'Print the summary as one JSON object on standard output.'
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server compact" index-dir' -l 'index-dir' -d 'Keep the indexes in this directory, as STREAM-ID.dridx (default: beside each stream file, as STREAM.dridx; a stream read through NBD then has its index built at each start).' -rfa '(__snapshot-server_complete_directories)'
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server compact" key-file' -l 'key-file' -d 'Read the stream\'s 256-bit key from this file: exactly 32 raw bytes, or 64 hex digits and an optional newline (openssl rand -hex 32 > FILE). Keys are read from files only, never from the command line or the environment.' -rF
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server compact" passphrase-file' -l 'passphrase-file' -d 'Read the passphrase from this file (its content less one trailing newline, 1 to 1024 bytes); the key is derived from it with scrypt. Never from the command line or the environment.' -rF
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server compact" -ge 1' -F
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server compact" h help' -s 'h' -l 'help' -d 'Show help information.'

@@ -151,7 +151,9 @@ public final class StreamChain: Sendable {
         let whole = from == blockStart && to == blockStart + UInt64(blockLength)
         let target = whole ? out + Int(blockStart - offset) : scratch.block(blockLength)
         try decode(records + at, r, stream: s, scratch: scratch, into: target, blockLength: blockLength)
-        if !whole { (out + Int(from - offset)).copyMemory(from: target + Int(from - blockStart), byteCount: Int(to - from)) }
+        if !whole {
+          (out + Int(from - offset)).copyMemory(from: target + Int(from - blockStart), byteCount: Int(to - from))
+        }
         at += Int(r.length)
         position = to
       }
@@ -161,6 +163,11 @@ public final class StreamChain: Sendable {
   /// Where the next block held by a stream newer than `newerThan` starts,
   /// after `block`.
   private func nextHeldOffset(after block: UInt64, newerThan: Int) -> UInt64 {
+    min(geometry.deviceSize, geometry.offset(ofBlock: nextHeldBlock(after: block, newerThan: newerThan)))
+  }
+
+  /// The next block after `block` held by a stream newer than `newerThan`.
+  func nextHeldBlock(after block: UInt64, newerThan: Int) -> UInt64 {
     var next = geometry.blockCount
     for s in streams[(newerThan + 1)...] {
       let entries = s.index.entries
@@ -172,7 +179,7 @@ public final class StreamChain: Sendable {
       }
       if low < entries.count { next = min(next, entries[low].firstBlock) }
     }
-    return min(geometry.deviceSize, geometry.offset(ofBlock: next))
+    return next
   }
 
   /// Checks one DATA record held at `record` against its entry and
@@ -182,78 +189,103 @@ public final class StreamChain: Sendable {
     into target: UnsafeMutableRawPointer, blockLength: Int
   ) throws {
     let stream = streams[s]
-    let body = try open(record, entry, stream: s, scratch: scratch)
-    guard body.count >= StreamFormat.dataFixedLength else { throw fail(stream, entry, "the DATA record is too short") }
+    do {
+      let body = try open(record, entry, stream: s, scratch: scratch)
+      try checkData(body, entry, stream: stream)
+      let payload = body.baseAddress! + StreamFormat.dataFixedLength
+      let payloadLength = body.count - StreamFormat.dataFixedLength
+      if body.loadUnaligned(fromByteOffset: 12, as: UInt32.self) == 0 {
+        target.copyMemory(from: payload, byteCount: blockLength)
+        return
+      }
+      let n = LZ4_decompress_safe(
+        payload.assumingMemoryBound(to: CChar.self), target.assumingMemoryBound(to: CChar.self),
+        Int32(payloadLength), Int32(blockLength))
+      guard n == Int32(blockLength) else { throw RecordFault("the LZ4 block does not decode to \(blockLength) bytes") }
+    } catch let fault as RecordFault {
+      throw fail(stream, entry, fault.why)
+    }
+  }
+
+  /// Checks a DATA body against its entry: the block, its length, the
+  /// encoding and the payload's length.
+  func checkData(_ body: UnsafeRawBufferPointer, _ entry: StreamIndexFormat.Entry, stream: StoredStream) throws {
+    guard body.count >= StreamFormat.dataFixedLength else { throw RecordFault("the DATA record is too short") }
     let block = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
     let length = Int(body.loadUnaligned(fromByteOffset: 8, as: UInt32.self).littleEndian)
     let encoding = body.loadUnaligned(fromByteOffset: 12, as: UInt32.self).littleEndian
-    guard block == entry.firstBlock, length == blockLength else {
-      throw fail(stream, entry, "the record holds block \(block) of \(length) bytes, not block \(entry.firstBlock)")
+    guard block == entry.firstBlock, length == geometry.length(ofBlock: entry.firstBlock) else {
+      throw RecordFault("the record holds block \(block) of \(length) bytes, not block \(entry.firstBlock)")
     }
-    let payload = body.baseAddress! + StreamFormat.dataFixedLength
     let payloadLength = body.count - StreamFormat.dataFixedLength
     switch encoding {
     case UInt32(StreamFormat.DataEncoding.raw.rawValue):
-      guard payloadLength == length else { throw fail(stream, entry, "the raw block has \(payloadLength) bytes") }
-      target.copyMemory(from: payload, byteCount: length)
+      guard payloadLength == length else { throw RecordFault("the raw block has \(payloadLength) bytes") }
     case UInt32(StreamFormat.DataEncoding.lz4.rawValue):
-      let n = LZ4_decompress_safe(
-        payload.assumingMemoryBound(to: CChar.self), target.assumingMemoryBound(to: CChar.self),
-        Int32(payloadLength), Int32(length))
-      guard n == Int32(length) else { throw fail(stream, entry, "the LZ4 block does not decode to \(length) bytes") }
+      guard stream.header.compression == .lz4, payloadLength > 0, payloadLength < length else {
+        throw RecordFault("the LZ4 payload of \(payloadLength) bytes is out of range")
+      }
     default:
-      throw fail(stream, entry, "unknown block encoding \(encoding)")
+      throw RecordFault("unknown block encoding \(encoding)")
     }
   }
 
   /// Checks a record's framing, CRC and sequence number against its entry,
   /// and opens it (decrypts it) when the stream is encrypted: its body.
-  private func open(
+  /// Throws RecordFault.
+  func open(
     _ record: UnsafeMutableRawPointer, _ entry: StreamIndexFormat.Entry, stream s: Int, scratch: ChainReaderScratch
   ) throws -> UnsafeRawBufferPointer {
-    let stream = streams[s]
     let total = Int(entry.length)
     let type = record.loadUnaligned(fromByteOffset: 0, as: UInt16.self).littleEndian
     let bodyLength = Int(record.loadUnaligned(fromByteOffset: 4, as: UInt32.self).littleEndian)
     let sequence = record.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
     guard bodyLength + StreamFormat.recordOverhead == total else {
-      throw fail(stream, entry, "the record is \(bodyLength + StreamFormat.recordOverhead) bytes, not \(total)")
+      throw RecordFault("the record is \(bodyLength + StreamFormat.recordOverhead) bytes, not \(total)")
     }
     let stored = record.loadUnaligned(fromByteOffset: total - 4, as: UInt32.self).littleEndian
     guard dr_crc32c(0, record, total - 4) == stored else {
-      throw fail(stream, entry, "checksum mismatch: the record is damaged")
+      throw RecordFault("checksum mismatch: the record is damaged")
     }
     guard type == entry.type.rawValue, sequence == entry.sequence else {
-      throw fail(stream, entry, "record \(sequence) of type \(type) is not the one the index names")
+      throw RecordFault("record \(sequence) of type \(type) is not the one the index names")
     }
     let body = UnsafeRawBufferPointer(start: record + StreamFormat.recordHeaderLength, count: bodyLength)
-    guard let cipher = try scratch.cipher(for: s, of: stream) else { return body }
+    guard let cipher = try scratch.cipher(for: s, of: streams[s]) else { return body }
     guard let plain = cipher.open(framing: record, body: body) else {
-      throw fail(stream, entry, "authentication failed: the record was altered, moved, or taken from another stream")
+      throw RecordFault("authentication failed: the record was altered, moved, or taken from another stream")
     }
     return plain
   }
 
   /// Reads and checks a ZERO record the first time one of its blocks is read.
-  private func checkZero(_ s: Int, _ e: Int, _ scratch: ChainReaderScratch) throws {
+  func checkZero(_ s: Int, _ e: Int, _ scratch: ChainReaderScratch) throws {
     if checkedZeros[s].withLock({ $0.contains(e) }) { return }
     let stream = streams[s]
     let entry = stream.index.entries[e]
     let record = scratch.records(Int(entry.length))
     do {
-      try stream.source.read(into: UnsafeMutableRawBufferPointer(start: record, count: Int(entry.length)), at: entry.offset)
+      try stream.source.read(
+        into: UnsafeMutableRawBufferPointer(start: record, count: Int(entry.length)), at: entry.offset)
     } catch {
       report(stream, entry, "the stored stream could not be read: \(error)")
       throw DeviceError(name, .io(EIO), "reading \(stream.name)")
     }
-    let body = try open(record, entry, stream: s, scratch: scratch)
-    guard body.count == StreamFormat.zeroBodyLength else { throw fail(stream, entry, "the ZERO record is malformed") }
-    let first = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
-    let count = body.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
-    guard first <= entry.firstBlock, count >= entry.blockCount, entry.firstBlock - first <= count - entry.blockCount
-    else { throw fail(stream, entry, "the zero run of blocks \(first) to \(first &+ count) is not the one the index names") }
+    do {
+      let body = try open(record, entry, stream: s, scratch: scratch)
+      guard body.count == StreamFormat.zeroBodyLength else { throw RecordFault("the ZERO record is malformed") }
+      let first = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
+      let count = body.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
+      guard first <= entry.firstBlock, count >= entry.blockCount, entry.firstBlock - first <= count - entry.blockCount
+      else { throw RecordFault("the zero run of blocks \(first) to \(first &+ count) is not the one the index names") }
+    } catch let fault as RecordFault {
+      throw fail(stream, entry, fault.why)
+    }
     _ = checkedZeros[s].withLock { $0.insert(e) }
   }
+
+  /// "record 12 at byte 65572", for messages.
+  func describe(_ entry: StreamIndexFormat.Entry) -> String { "record \(entry.sequence) at byte \(entry.offset)" }
 
   private func fail(_ stream: StoredStream, _ entry: StreamIndexFormat.Entry, _ why: String) -> DeviceError {
     report(stream, entry, why)
@@ -266,7 +298,7 @@ public final class StreamChain: Sendable {
     guard reported.withLock({ $0.insert(key).inserted }) else { return }
     let blocks =
       entry.blockCount == 1 ? "block \(entry.firstBlock)" : "blocks \(entry.firstBlock) to \(entry.endBlock - 1)"
-    log("\(stream.name): record \(entry.sequence) at byte \(entry.offset): \(why); reads of \(blocks) fail with EIO")
+    log("\(stream.name): \(describe(entry)): \(why); reads of \(blocks) fail with EIO")
   }
 
   // MARK: Block status
@@ -381,4 +413,10 @@ public final class ChainDevice: BlockDevice {
   public func allocation(from offset: UInt64, length: UInt32) throws -> [Extent]? {
     chain.allocation(offset: offset, length: length, limit: Int.max)
   }
+}
+
+/// Why a record read through an index is refused.
+struct RecordFault: Error {
+  let why: String
+  init(_ why: String) { self.why = why }
 }

@@ -227,7 +227,8 @@ public enum StreamIndexFormat {
       guard Int(length) >= StreamFormat.recordOverhead, offset >= UInt64(StreamFormat.preambleLength),
         offset <= identity.streamLength, UInt64(length) <= identity.streamLength - offset
       else {
-        throw ToolkitError("index entry \(i) points at bytes \(offset) to \(offset &+ UInt64(length)), outside the stream")
+        throw ToolkitError(
+          "index entry \(i) points at bytes \(offset) to \(offset &+ UInt64(length)), outside the stream")
       }
       let type: StreamFormat.RecordType
       switch typeRaw {

@@ -1,0 +1,241 @@
+// Compaction: a chain of stored streams written out as one new full stream
+// equal to the device at the chain's end. Each block's newest record is
+// copied, not decoded: its body (the block number, length, encoding and the
+// payload, LZ4 or raw, as stored) is checked as every read checks it (CRC,
+// tag, block number), then framed again with the new stream's sequence
+// numbers, CRC-32C and, when the output is encrypted, sealed under the new
+// stream's key. Zero runs, and blocks no stream holds, become ZERO runs.
+//
+// Invariants:
+// - Nothing unchecked is copied: a record that fails its check stops the
+//   compaction with a sentence naming the stream and the record; the output
+//   file is then never renamed into place (OutputSink).
+// - Memory is fixed: one read buffer of at most StreamChain.joinLimit plus
+//   the largest record, and one output buffer; nothing per block.
+// - The new stream's instant is the newest stream's: it holds the device as
+//   it was then, and a merge checks that instant against the target's map.
+
+import CShim
+import Glibc
+
+extension StreamChain {
+  public struct CompactionSummary: Sendable {
+    public var header: StreamFormat.Header
+    public var dataBlocks: UInt64 = 0
+    public var zeroBlocks: UInt64 = 0
+    /// Bytes of stored records read.
+    public var bytesRead: UInt64 = 0
+    public var bytesOut: UInt64 = 0
+    /// DATA records taken from each stream, oldest first.
+    public var recordsFrom: [UInt64]
+    public var seconds: Double = 0
+  }
+
+  /// Writes the chain's end to `sink` as one full stream, encrypted with
+  /// `encryption` when given.
+  public func compact(
+    to sink: OutputSink, encryption: StreamSecret?, sourceName: String, progress: Bool = false
+  ) throws -> CompactionSummary {
+    let started = Instant.now()
+    let newest = streams[streams.count - 1].header
+    let header = StreamFormat.Header(
+      geometry: geometry, started: newest.started, coverage: .all, coveredBlocks: geometry.blockCount,
+      compression: .lz4, sourceName: sourceName)
+    let emitter = try RecordEmitter(header: header, sink: sink, encryption: encryption)
+    var summary = CompactionSummary(header: header, recordsFrom: Array(repeating: 0, count: streams.count))
+    let scratch = ChainReaderScratch(streams: streams.count)
+    let meter = ProgressMeter(label: "compact", total: geometry.deviceSize, enabled: progress)
+    var zeroStart: UInt64 = 0
+    var zeroCount: UInt64 = 0
+    func flushZeros() throws {
+      guard zeroCount > 0 else { return }
+      try emitter.zero(first: zeroStart, count: zeroCount)
+      summary.zeroBlocks += zeroCount
+      zeroCount = 0
+    }
+    func addZeros(_ first: UInt64, _ count: UInt64) throws {
+      if zeroCount > 0 && zeroStart + zeroCount == first {
+        zeroCount += count
+      } else {
+        try flushZeros()
+        (zeroStart, zeroCount) = (first, count)
+      }
+    }
+
+    var block: UInt64 = 0
+    let count = geometry.blockCount
+    while block < count {
+      guard let (s, e) = locate(block) else {
+        let stop = min(count, nextHeldBlock(after: block, newerThan: -1))
+        try addZeros(block, stop - block)
+        block = stop
+        continue
+      }
+      let stream = streams[s]
+      let entries = stream.index.entries
+      let entry = entries[e]
+      if entry.type == .zero {
+        do {
+          try checkZero(s, e, scratch)
+        } catch {
+          throw ToolkitError("\(stream.name): \(describe(entry)): the zero run cannot be read back; nothing was compacted")
+        }
+        let stop = min(entry.endBlock, nextHeldBlock(after: block, newerThan: s))
+        try addZeros(block, stop - block)
+        block = stop
+        continue
+      }
+      try flushZeros()
+      var last = e
+      var bytes = Int(entry.length)
+      while last + 1 < entries.count {
+        let next = entries[last + 1]
+        let previous = entries[last]
+        guard next.type == .data, next.firstBlock == previous.endBlock,
+          next.offset == previous.offset + UInt64(previous.length), bytes + Int(next.length) <= StreamChain.joinLimit,
+          let (ns, ne) = locate(next.firstBlock), ns == s, ne == last + 1
+        else { break }
+        last += 1
+        bytes += Int(next.length)
+      }
+      let records = scratch.records(bytes)
+      do {
+        try stream.source.read(into: UnsafeMutableRawBufferPointer(start: records, count: bytes), at: entry.offset)
+      } catch {
+        throw ToolkitError("\(stream.name): the stored stream could not be read at byte \(entry.offset): \(error)")
+      }
+      var at = 0
+      for i in e...last {
+        let r = entries[i]
+        let body: UnsafeRawBufferPointer
+        do {
+          body = try open(records + at, r, stream: s, scratch: scratch)
+          try checkData(body, r, stream: stream)
+        } catch let fault as RecordFault {
+          throw ToolkitError("\(stream.name): \(describe(r)): \(fault.why); nothing was compacted")
+        }
+        try emitter.data(body)
+        summary.dataBlocks += 1
+        summary.recordsFrom[s] += 1
+        at += Int(r.length)
+      }
+      summary.bytesRead += UInt64(bytes)
+      block = entries[last].endBlock
+      meter.update(min(geometry.deviceSize, geometry.offset(ofBlock: block)))
+    }
+    try flushZeros()
+    try emitter.finish()
+    meter.finish(geometry.deviceSize)
+    summary.bytesOut = sink.bytesWritten
+    summary.seconds = started.secondsAgo
+    return summary
+  }
+}
+
+/// Frames records into a stream from bodies already encoded: the preamble,
+/// the CRYPTO record and HEADER, then DATA and ZERO records, then END with
+/// its counts and (plaintext) digest. Output goes through one buffer,
+/// written when full.
+// @unchecked Sendable: used by one thread.
+final class RecordEmitter: @unchecked Sendable {
+  private let sink: OutputSink
+  private let cipher: RecordCipher?
+  private let digest = Digester(DigestAlgorithm.sha256)
+  private let buffer: AlignedBuffer
+  private var used = 0
+  private var sequence: UInt64 = 0
+  private let geometry: BlockGeometry
+  private var dataBlocks: UInt64 = 0
+  private var zeroBlocks: UInt64 = 0
+  private var blockBytes: UInt64 = 0
+  private let tagLength: Int
+
+  init(header: StreamFormat.Header, sink: OutputSink, encryption: StreamSecret?) throws {
+    self.sink = sink
+    geometry = header.geometry
+    buffer = AlignedBuffer(count: 8 << 20)
+    let sealed = try encryption.map { try StreamCrypto.seal($0) }
+    cipher = sealed?.cipher
+    tagLength = sealed == nil ? 0 : StreamCrypto.tagLength
+    if let sealed {
+      try put(StreamFormat.preamble(flags: StreamFormat.encryptedFlag))
+      try put(StreamFormat.record(.crypto, sequence: sequence, body: sealed.cryptoBody))
+      sequence += 1
+      try put(sealed.cipher.sealedRecord(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
+    } else {
+      try put(StreamFormat.preamble())
+      try put(StreamFormat.record(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
+    }
+    sequence += 1
+  }
+
+  private func put(_ bytes: [UInt8]) throws {
+    try bytes.withUnsafeBytes { raw in
+      try room(raw.count)
+      (buffer.pointer + used).copyMemory(from: raw.baseAddress!, byteCount: raw.count)
+      used += raw.count
+    }
+  }
+
+  /// Makes room for `count` bytes, writing out what the buffer holds.
+  private func room(_ count: Int) throws {
+    guard used + count > buffer.count else { return }
+    try drain()
+  }
+
+  private func drain() throws {
+    guard used > 0 else { return }
+    let bytes = UnsafeRawBufferPointer(start: buffer.pointer, count: used)
+    if cipher == nil { digest.update(bytes) }
+    try sink.write(bytes)
+    used = 0
+  }
+
+  /// One record of `type` from a plaintext body at `body`.
+  private func record(_ type: StreamFormat.RecordType, _ body: UnsafeRawBufferPointer) throws {
+    let total = StreamFormat.recordOverhead + body.count + tagLength
+    try room(total)
+    let frame = buffer.pointer + used
+    StreamFormat.storeRecordHeader(frame, type: type, bodyLength: body.count + tagLength, sequence: sequence)
+    let out = frame + StreamFormat.recordHeaderLength
+    if let cipher {
+      cipher.begin(framing: frame)
+      cipher.update(body.baseAddress!, out, count: body.count)
+      cipher.seal(tag: out + body.count)
+    } else {
+      out.copyMemory(from: body.baseAddress!, byteCount: body.count)
+    }
+    let crc = dr_crc32c(0, frame, StreamFormat.recordHeaderLength + body.count + tagLength)
+    (out + body.count + tagLength).storeBytes(of: crc.littleEndian, as: UInt32.self)
+    used += total
+    sequence += 1
+  }
+
+  /// A DATA record from a checked plaintext DATA body.
+  func data(_ body: UnsafeRawBufferPointer) throws {
+    try record(.data, body)
+    let block = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
+    dataBlocks += 1
+    blockBytes += UInt64(geometry.length(ofBlock: block))
+  }
+
+  func zero(first: UInt64, count: UInt64) throws {
+    var fields = (first.littleEndian, count.littleEndian)
+    try withUnsafeBytes(of: &fields) { try record(.zero, $0) }
+    zeroBlocks += count
+    blockBytes += geometry.byteRange(blocks: first, count: count).length
+  }
+
+  func finish() throws {
+    try drain()
+    let end = StreamFormat.End(
+      dataBlocks: dataBlocks, zeroBlocks: zeroBlocks, bytes: blockBytes, records: sequence,
+      digest: cipher == nil ? digest.finish() : [UInt8](repeating: 0, count: 32))
+    let body = StreamFormat.endBody(end)
+    if let cipher {
+      try sink.write(cipher.sealedRecord(.end, sequence: sequence, body: body))
+    } else {
+      try sink.write(StreamFormat.record(.end, sequence: sequence, body: body))
+    }
+  }
+}
