@@ -38,8 +38,9 @@ struct SnapshotServer: ParsableCommand {
 struct StreamOptions: ParsableArguments {
   @Option(
     help: ArgumentHelp(
-      "Keep the indexes in this directory, as STREAM-ID.dridx (default: beside each stream file, as STREAM.dridx; "
-        + "a stream read through NBD then has its index built at each start).",
+      "Keep the indexes in this directory: any *.dridx file there is used for the stream it names; new ones are "
+        + "written as STREAM-ID.dridx (default: beside each stream file, as STREAM.dridx; a stream read through NBD "
+        + "then has its index built at each start).",
       valueName: "dir"), completion: .directory)
   var indexDir: String?
 
@@ -55,10 +56,35 @@ struct StreamOptions: ParsableArguments {
     if streams.isEmpty { throw ValidationError("give the streams to serve, oldest first") }
   }
 
-  /// Where the index of the stream at `location` with `header` is kept.
-  func indexPath(_ location: String, _ header: StreamFormat.Header) -> String? {
-    if let indexDir { return indexDir + "/" + header.streamID.description + ".dridx" }
+  /// Where the index of the stream at `location` with `header` is kept:
+  /// in --index-dir, the file that names the stream (`found`), else
+  /// STREAM-ID.dridx there; without it, beside a stream file.
+  func indexPath(_ location: String, _ header: StreamFormat.Header, _ found: [ID128: String]) -> String? {
+    if let indexDir { return found[header.streamID] ?? indexDir + "/" + header.streamID.description + ".dridx" }
     return NBDURI.isURI(location) ? nil : location + ".dridx"
+  }
+
+  /// The *.dridx files of --index-dir, by the stream id their header names
+  /// (an index fetched from beside its stream keeps the stream's name).
+  func indexesInDirectory() throws -> [ID128: String] {
+    guard let indexDir else { return [:] }
+    guard let dir = opendir(indexDir) else {
+      throw ToolkitError("--index-dir \(indexDir): \(Errno.current)")
+    }
+    defer { closedir(dir) }
+    var found: [ID128: String] = [:]
+    while let entry = readdir(dir) {
+      let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+      guard name.hasSuffix(".dridx") else { continue }
+      let path = indexDir + "/" + name
+      guard let head = peekFile(path, count: StreamIndexFormat.headerLength),
+        head.count == StreamIndexFormat.headerLength, Array(head[0..<8]) == StreamIndexFormat.magic
+      else { continue }
+      let id = ID128(bytes: head[16..<32])
+      // Two files for one stream: the one named after its id wins.
+      if found[id] == nil || name == id.description + ".dridx" { found[id] = path }
+    }
+    return found
   }
 
   /// Opens every stream with its index, saying in the log what was done.
@@ -69,12 +95,13 @@ struct StreamOptions: ParsableArguments {
         throw ToolkitError("--index-dir \(indexDir) is not a directory")
       }
     }
+    let found = try indexesInDirectory()
     let secret = try key.load()
     return try streams.map { location in
       let source = try openSource(location)
       let started = monotonicSeconds()
       let stream = try StoredStream(
-        source: source, name: location, secret: secret, indexPath: { indexPath(location, $0) }, log: log)
+        source: source, name: location, secret: secret, indexPath: { indexPath(location, $0, found) }, log: log)
       switch stream.indexOrigin {
       case .loaded: break
       case .built(let kept, let why):

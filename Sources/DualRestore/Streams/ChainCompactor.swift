@@ -78,7 +78,8 @@ extension StreamChain {
         do {
           try checkZero(s, e, scratch)
         } catch {
-          throw ToolkitError("\(stream.name): \(describe(entry)): the zero run cannot be read back; nothing was compacted")
+          throw ToolkitError(
+            "\(stream.name): \(describe(entry)): the zero run cannot be read back; nothing was compacted")
         }
         let stop = min(entry.endBlock, nextHeldBlock(after: block, newerThan: s))
         try addZeros(block, stop - block)
