@@ -30,7 +30,8 @@ final class HTTPRig {
 
   deinit { stopAll() }
 
-  /// Stops every peer by its pid: NBD servers first, then HTTP servers.
+  /// Stops every peer by its pid, in the reverse order of their starts (an
+  /// NBD server before the HTTP server it reads).
   func stopAll() {
     for c in children.reversed() where c.isRunning { c.stop(grace: 10) }
     children = []
