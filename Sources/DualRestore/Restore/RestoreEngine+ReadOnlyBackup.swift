@@ -66,21 +66,18 @@ extension RestoreEngine {
   func modifyPrimaryOnly(
     _ changed: DurableChangeMap, offset: UInt64, length: UInt64, fua: Bool, local: () throws -> Void
   ) throws {
-    let blocks = blockRange(offset, length)
-    guard !blocks.isEmpty else { return }
-    locks.lock(blocks)
-    defer { locks.unlock(blocks) }
-    try fetchPartialEnds(offset: offset, length: length, blocks: blocks)
-    do {
-      try changed.mark(blocks)
-      try local()
-    } catch {
-      throw RestoreError.writeFailed(cause: error)
+    try withChangeLocked(offset: offset, length: length) { blocks in
+      do {
+        try changed.mark(blocks)
+        try local()
+      } catch {
+        throw RestoreError.writeFailed(cause: error)
+      }
+      writeback.written(offset, length)
+      markCurrent(blocks)
+      guard fua else { return }
+      if map.withLock({ $0.bits.allSet(blocks) }) { try primary.sync() } else { try flush() }
     }
-    writeback.written(offset, length)
-    markCurrent(blocks)
-    guard fua else { return }
-    if map.withLock({ $0.bits.allSet(blocks) }) { try primary.sync() } else { try flush() }
   }
 
   /// At the start, when an earlier run left regions in the activity log

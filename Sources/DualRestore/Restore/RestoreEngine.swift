@@ -523,64 +523,66 @@ public final class RestoreEngine: Sendable {
   private func modify(
     offset: UInt64, length: UInt64, fua: Bool, local: () throws -> Void, remote: @escaping () throws -> Void
   ) throws {
+    try withChangeLocked(offset: offset, length: length) { blocks in
+      try activity.enter(blocks)
+      defer { activity.leave(blocks) }
+      // The backup's half runs beside the primary's; the blocks are locked,
+      // so nothing else touches them until both are done.
+      let remoteError = ErrorBox()
+      var job: Offload.Job?
+      // Decided once: a write either goes to the backup or is owed to it.
+      let sendToBackup = !state.withLock({ $0.backupDown })
+      if sendToBackup {
+        job = offload.start {
+          do { try remote() } catch { remoteError.set(error) }
+        }
+      }
+      do {
+        try local()
+        job?.wait()
+      } catch {
+        job?.wait()
+        // The primary failed: the blocks that were current may hold part of
+        // the change; owe them to the backup so the two sides agree again.
+        // (Counted before the block locks are let go.)
+        if sendToBackup { divergentWrites.wrappingAdd(1, ordering: .sequentiallyConsistent) }
+        state.withLock { s in
+          for b in blocks where s.current[b] { s.backupLacks.insert(b) }
+          activity.pin(blocks)
+        }
+        throw RestoreError.writeFailed(cause: error)
+      }
+      writeback.written(offset, length)
+      markCurrent(blocks)
+      var owe = !sendToBackup
+      if let error = remoteError.error {
+        owe = true
+        state.withLock { $0.backupDown = true }
+        log(
+          "the backup did not take a write (\(error)); writes are kept on the primary and owed to the backup "
+            + "until it comes back")
+      }
+      if owe {
+        // Owed and pinned under one lock, so a resynchronisation that just
+        // finished cannot unpin what it did not send.
+        state.withLock { s in
+          for b in blocks { s.backupLacks.insert(b) }
+          activity.pin(blocks)
+        }
+      }
+      if fua { try primary.sync() }
+    }
+  }
+
+  /// Runs `body` with the blocks a change of `[offset, offset+length)`
+  /// touches locked, after bringing the first and last of them from the
+  /// backup when the change covers only part of them and they are not
+  /// current, so that it leaves them whole.
+  func withChangeLocked(offset: UInt64, length: UInt64, _ body: (Range<UInt64>) throws -> Void) throws {
     let blocks = blockRange(offset, length)
     guard !blocks.isEmpty else { return }
     locks.lock(blocks)
     defer { locks.unlock(blocks) }
-    try fetchPartialEnds(offset: offset, length: length, blocks: blocks)
-    try activity.enter(blocks)
-    defer { activity.leave(blocks) }
-    // The backup's half runs beside the primary's; the blocks are locked,
-    // so nothing else touches them until both are done.
-    let remoteError = ErrorBox()
-    var job: Offload.Job?
-    // Decided once: a write either goes to the backup or is owed to it.
-    let sendToBackup = !state.withLock({ $0.backupDown })
-    if sendToBackup {
-      job = offload.start {
-        do { try remote() } catch { remoteError.set(error) }
-      }
-    }
-    do {
-      try local()
-      job?.wait()
-    } catch {
-      job?.wait()
-      // The primary failed: the blocks that were current may hold part of
-      // the change; owe them to the backup so the two sides agree again.
-      // (Counted before the block locks are let go.)
-      if sendToBackup { divergentWrites.wrappingAdd(1, ordering: .sequentiallyConsistent) }
-      state.withLock { s in
-        for b in blocks where s.current[b] { s.backupLacks.insert(b) }
-        activity.pin(blocks)
-      }
-      throw RestoreError.writeFailed(cause: error)
-    }
-    writeback.written(offset, length)
-    markCurrent(blocks)
-    var owe = !sendToBackup
-    if let error = remoteError.error {
-      owe = true
-      state.withLock { $0.backupDown = true }
-      log(
-        "the backup did not take a write (\(error)); writes are kept on the primary and owed to the backup "
-          + "until it comes back")
-    }
-    if owe {
-      // Owed and pinned under one lock, so a resynchronisation that just
-      // finished cannot unpin what it did not send.
-      state.withLock { s in
-        for b in blocks { s.backupLacks.insert(b) }
-        activity.pin(blocks)
-      }
-    }
-    if fua { try primary.sync() }
-  }
-
-  /// Brings from the backup the first and last of `blocks` (locked by the
-  /// caller) when a change of `[offset, offset+length)` covers only part of
-  /// them and they are not current, so that the change leaves them whole.
-  func fetchPartialEnds(offset: UInt64, length: UInt64, blocks: Range<UInt64>) throws {
     let mask = UInt64(geometry.blockSize) - 1
     let end = offset + length
     let first = blocks.lowerBound
@@ -589,6 +591,7 @@ public final class RestoreEngine: Sendable {
     if end & mask != 0 && end != geometry.deviceSize && !isCurrent(last) && (last != first || offset & mask == 0) {
       try fetch(last..<last + 1)
     }
+    try body(blocks)
   }
 
   /// Blocks owed to the backup, and whether it is taken as unreachable.
