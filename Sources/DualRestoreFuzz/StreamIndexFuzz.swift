@@ -42,7 +42,9 @@ extension FuzzEntryPoints {
     for block in blocks {
       let scanned = entries.firstIndex { $0.firstBlock <= block && block < $0.endBlock }
       let found = index.entry(for: block)
-      precondition(found == scanned, "block \(block): the search finds entry \(String(describing: found)), a scan \(String(describing: scanned))")
+      precondition(
+        found == scanned,
+        "block \(block): the search finds entry \(String(describing: found)), a scan \(String(describing: scanned))")
     }
     return nil
   }

@@ -72,9 +72,8 @@ final class StreamIndexFormatTests: XCTestCase {
         }
       }
       let length = UInt32(StreamFormat.recordOverhead) + UInt32(rng.next() % 100_000)
-      let offset =
-        UInt64(StreamFormat.preambleLength) + rng.next() % (streamLength - UInt64(StreamFormat.preambleLength)
-          - UInt64(length) + 1)
+      let preamble = UInt64(StreamFormat.preambleLength)
+      let offset = preamble + rng.next() % (streamLength - preamble - UInt64(length) + 1)
       made.index.entries.append(
         Format.Entry(
           firstBlock: first, blockCount: count, offset: offset, sequence: rng.next() >> (rng.next() % 64),
@@ -309,19 +308,22 @@ final class StreamIndexFormatTests: XCTestCase {
       refusal(with { $0.entries.swapAt(1, 2) }), "index entry 2 (blocks 1 to 4) \(order)")
     // Overlapping: the zero run reaches into the next DATA block.
     XCTAssertEqual(
-      refusal(with { $0.entries[1].blockCount = 6; $0.zeroBlocks = 6 }), "index entry 2 (blocks 6 to 7) \(order)")
+      refusal(with { $0.entries[1].blockCount = 6 }), "index entry 2 (blocks 6 to 7) \(order)")
     XCTAssertEqual(
       refusal(with { $0.entries[2].firstBlock = 0 }), "index entry 2 (blocks 0 to 1) \(order)")
     // No blocks.
     XCTAssertEqual(
-      refusal(with { $0.entries[1].blockCount = 0; $0.zeroBlocks = 0 }), "index entry 1 (blocks 1 to 1) \(order)")
+      refusal(with { $0.entries[1].blockCount = 0 }), "index entry 1 (blocks 1 to 1) \(order)")
     // Past the device's last block (10 blocks), and past 2^64.
     XCTAssertEqual(refusal(with { $0.entries[2].firstBlock = 10 }), "index entry 2 (blocks 10 to 11) \(order)")
     XCTAssertEqual(
-      refusal(with { $0.entries[2].firstBlock = 9; $0.entries[2].blockCount = 2; $0.entries[2].type = .zero }),
+      refusal(
+        with {
+          $0.entries[2] = Format.Entry(firstBlock: 9, blockCount: 2, offset: 4298, sequence: 3, length: 36, type: .zero)
+        }),
       "index entry 2 (blocks 9 to 11) \(order)")
     XCTAssertEqual(
-      refusal(with { $0.entries[1].blockCount = .max; $0.zeroBlocks = .max }),
+      refusal(with { $0.entries[1].blockCount = .max }),
       "index entry 1 (blocks 1 to 0) \(order)")
     // A DATA record of two blocks.
     XCTAssertEqual(

@@ -30,8 +30,8 @@
 // number), so an entry naming another of the stream's records makes its
 // reads fail; but an index that leaves an entry out makes those blocks read
 // from an older stream or as zeros, and in a stream that is not encrypted an
-// entry may name bytes inside a raw block that frame a record of their own
-// (dualrestore-index(5), "Checked, not authenticated").
+// entry may name bytes inside a stored block that frame a record of their
+// own (dualrestore-index(5), "Checked, not authenticated").
 
 import CShim
 
