@@ -106,7 +106,9 @@ struct StreamOptions: ParsableArguments {
       case .loaded: break
       case .built(let kept, let why):
         let seconds = formatFixed(monotonicSeconds() - started, digits: 2)
-        let whereKept = kept.map { ", kept in \($0)" } ?? ", held in memory (give --index-dir to keep it)"
+        // --index-dir is the cure only when it was not given.
+        let held = indexDir == nil ? ", held in memory (give --index-dir to keep it)" : ", held in memory"
+        let whereKept = kept.map { ", kept in \($0)" } ?? held
         let records = stream.index.entries.count
         log(
           "\(location): \(why); indexed \(records) record(s) of \(formatBytes(source.size)) in \(seconds) s\(whereKept)"
