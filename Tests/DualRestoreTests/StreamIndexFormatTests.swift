@@ -131,8 +131,14 @@ final class StreamIndexFormatTests: XCTestCase {
 
   func testTheLayoutIsTheDocumentedOne() throws {
     let index = try Self.smallIndex(encrypted: true)
-    let b = Format.encode(index)
-    XCTAssertEqual(b.count, 128 + 3 * 40 + 4)
+    let key = [UInt8](repeating: 0x5A, count: 32)
+    let b = Format.encode(index, key: key)
+    // Header, three entries, the entries' CRC and, an encrypted stream's
+    // index, the HMAC-SHA256 of all of it under the index key.
+    XCTAssertEqual(b.count, 128 + 3 * 40 + 4 + 32)
+    XCTAssertEqual(Array(b.suffix(32)), StreamCrypto.hmac(key: key, Array(b.dropLast(32))), "HMAC")
+    XCTAssertTrue(b.withUnsafeBytes { Format.authenticate($0, key: key) })
+    XCTAssertFalse(b.withUnsafeBytes { Format.authenticate($0, key: [UInt8](repeating: 0x5B, count: 32)) })
     XCTAssertEqual(Array(b[0..<8]), [0x44, 0x52, 0x49, 0x44, 0x58, 0x0D, 0x0A, 0x1A])
     XCTAssertEqual(le(b, 8, 2), 1, "version")
     XCTAssertEqual(le(b, 10, 2), 1, "flags: encrypted")
@@ -160,9 +166,10 @@ final class StreamIndexFormatTests: XCTestCase {
     XCTAssertEqual(Array(b[e + 36..<e + 40]), [3, 0, 0, 0])
     XCTAssertEqual(b[128 + 36], 2, "DATA")
     XCTAssertEqual(
-      le(b, b.count - 4, 4), UInt64(b.withUnsafeBytes { dr_crc32c(0, $0.baseAddress! + 128, 120) }), "entries CRC")
+      le(b, b.count - 36, 4), UInt64(b.withUnsafeBytes { dr_crc32c(0, $0.baseAddress! + 128, 120) }), "entries CRC")
     // An index of no entries: the trailer is the CRC of nothing.
     var empty = index
+    empty.identity.encrypted = false
     (empty.entries, empty.dataBlocks, empty.zeroBlocks) = ([], 0, 0)
     let none = Format.encode(empty)
     XCTAssertEqual(none.count, 132)
@@ -187,7 +194,8 @@ final class StreamIndexFormatTests: XCTestCase {
       let made = try Self.randomIndex(&rng)
       let index = made.index
       let bytes = Format.encode(index)
-      XCTAssertEqual(bytes.count, 132 + 40 * index.entries.count, "seed \(seed), index \(i)")
+      XCTAssertEqual(
+        bytes.count, 132 + 40 * index.entries.count + (index.identity.encrypted ? 32 : 0), "seed \(seed), index \(i)")
       let decoded: Format.Index
       do {
         decoded = try Format.decode(bytes)
@@ -465,6 +473,9 @@ final class StreamIndexFormatTests: XCTestCase {
       let built = try open()
       XCTAssertEqual(built.indexOrigin, .built(kept: indexPath, why: "there is no index at \(indexPath)"), what)
       let index = built.index
+      // The key of an encrypted stream's index, from the stream's key.
+      let key = built.cipher?.indexKey ?? []
+      XCTAssertEqual(key.isEmpty, !encrypted, what)
       XCTAssertEqual(index.entries, expected.entries, what)
       XCTAssertEqual(index.dataBlocks, expected.end.dataBlocks, what)
       XCTAssertEqual(index.zeroBlocks, expected.end.zeroBlocks, what)
@@ -479,7 +490,8 @@ final class StreamIndexFormatTests: XCTestCase {
       XCTAssertEqual(id.standsFor, .none, what)
       // Kept as documented, and mode 0600 (less the umask).
       let kept = Array(try Data(contentsOf: URL(fileURLWithPath: indexPath)))
-      XCTAssertEqual(kept, Format.encode(index), what)
+      XCTAssertEqual(kept, Format.encode(index, key: key), what)
+      XCTAssertEqual(kept.count, 128 + 40 * index.entries.count + 4 + (encrypted ? 32 : 0), what)
       var st = stat()
       XCTAssertEqual(stat(indexPath, &st), 0)
       XCTAssertEqual(st.st_mode & 0o077, 0, "\(what): the index is private")
@@ -505,7 +517,7 @@ final class StreamIndexFormatTests: XCTestCase {
       // Stale: an index of another stream, its checksums right.
       var other = index
       other.identity.streamID = ID128(high: 1, low: 1)
-      try Data(Format.encode(other)).write(to: URL(fileURLWithPath: indexPath))
+      try Data(Format.encode(other, key: key)).write(to: URL(fileURLWithPath: indexPath))
       let stale = try open()
       XCTAssertEqual(
         stale.indexOrigin,
@@ -525,12 +537,37 @@ final class StreamIndexFormatTests: XCTestCase {
       for (field, change) in changes {
         var wrong = index
         try change(&wrong.identity)
-        try Data(Format.encode(wrong)).write(to: URL(fileURLWithPath: indexPath))
+        try Data(Format.encode(wrong, key: key)).write(to: URL(fileURLWithPath: indexPath))
         guard case .built = try open().indexOrigin else {
           XCTFail("\(what): an index of another \(field) was used")
           continue
         }
         XCTAssertEqual(Array(try Data(contentsOf: URL(fileURLWithPath: indexPath))), kept, "\(what), \(field)")
+      }
+
+      // Edited without the key: an entry left out, the counts and both
+      // CRCs made right again. A plaintext stream's index is checked, not
+      // authenticated, so such an index is taken; an encrypted stream's is
+      // refused for its HMAC and built again.
+      var edited = index
+      let dropped = try XCTUnwrap(edited.entries.firstIndex { $0.type == .data })
+      edited.entries.remove(at: dropped)
+      edited.dataBlocks -= 1
+      try Data(Format.encode(edited, key: encrypted ? Array(repeating: 7, count: 32) : [])).write(
+        to: URL(fileURLWithPath: indexPath))
+      let afterEdit = try open()
+      if encrypted {
+        XCTAssertEqual(
+          afterEdit.indexOrigin,
+          .built(
+            kept: indexPath,
+            why: "the index \(indexPath) is not authenticated by the stream's key (altered, or made for another stream)"
+          ),
+          what)
+        XCTAssertEqual(afterEdit.index, index, what)
+        XCTAssertEqual(Array(try Data(contentsOf: URL(fileURLWithPath: indexPath))), kept, what)
+      } else {
+        XCTAssertEqual(afterEdit.indexOrigin, .loaded(indexPath), what)
       }
     }
   }

@@ -53,15 +53,20 @@ public final class StoredStream: Sendable {
       do {
         let loaded = try StreamIndexFormat.decode(bytes)
         let id = loaded.identity
-        if id.streamID == header.streamID && id.baseStreamID == header.baseStreamID
+        let authentic = cipher.map { c in bytes.withUnsafeBytes { StreamIndexFormat.authenticate($0, key: c.indexKey) }
+        }
+        if authentic == false {
+          why = "the index \(indexPath) is not authenticated by the stream's key (altered, or made for another stream)"
+        } else if id.streamID == header.streamID && id.baseStreamID == header.baseStreamID
           && id.streamLength == source.size && id.endCRC == endCRC && id.geometry == header.geometry
           && id.encrypted == (cipher != nil)
         {
           index = loaded
           indexOrigin = .loaded(indexPath)
           return
+        } else {
+          why = "the index \(indexPath) describes another stream or an older version of it"
         }
-        why = "the index \(indexPath) describes another stream or an older version of it"
       } catch let error as ToolkitError {
         why = "the index \(indexPath) is not usable: \(error.message)"
       }
@@ -73,7 +78,7 @@ public final class StoredStream: Sendable {
     var kept: String? = nil
     if let indexPath {
       do {
-        let bytes = StreamIndexFormat.encode(built)
+        let bytes = StreamIndexFormat.encode(built, key: cipher?.indexKey ?? [])
         try bytes.withUnsafeBytes { try writeFileAtomically(indexPath, [$0]) }
         kept = indexPath
       } catch {

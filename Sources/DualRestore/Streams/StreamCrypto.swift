@@ -283,7 +283,9 @@ public enum StreamCrypto {
     let check = keyCheck(
       checkKey: keys.check, preamble: StreamFormat.preamble(flags: StreamFormat.encryptedFlag),
       framing: cryptoFraming(), fields: fields)
-    return (fields + check, try RecordCipher(key: keys.record, encrypting: true))
+    return (
+      fields + check, try RecordCipher(key: keys.record, encrypting: true, indexKey: indexKey(checkKey: keys.check))
+    )
   }
 
   /// Opens an encrypted stream from its CRYPTO record (whose CRC and place
@@ -356,7 +358,37 @@ public enum StreamCrypto {
       throw ToolkitError(
         "wrong key: \(secret.origin) does not open this stream (or its CRYPTO record was altered)")
     }
-    return try RecordCipher(key: keys.record, encrypting: false)
+    return try RecordCipher(key: keys.record, encrypting: false, indexKey: indexKey(checkKey: keys.check))
+  }
+
+  static let indexKeyInfo = Array("dualrestore-index v1 key".utf8)
+
+  /// The key that authenticates the stream's index (dualrestore-index(5)):
+  /// HMAC-SHA256 of a label under the check key, so an index is bound to
+  /// the stream's key and salt and cannot be made without the key.
+  static func indexKey(checkKey: [UInt8]) -> [UInt8] { hmac(key: checkKey, indexKeyInfo) }
+
+  /// HMAC-SHA256 of `message` under `key`; all zeros if OpenSSL fails,
+  /// which no check matches by chance.
+  package static func hmac(key: [UInt8], _ message: [UInt8]) -> [UInt8] {
+    message.withUnsafeBytes { hmac(key: key, $0) }
+  }
+
+  package static func hmac(key: [UInt8], _ m: UnsafeRawBufferPointer) -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: 32)
+    let ok = out.withUnsafeMutableBytes { o in
+      key.withUnsafeBytes { k in
+        dr_hmac_sha256(
+          hmacAlgorithm, k.baseAddress?.assumingMemoryBound(to: UInt8.self), k.count,
+          m.baseAddress?.assumingMemoryBound(to: UInt8.self), m.count,
+          o.baseAddress?.assumingMemoryBound(to: UInt8.self))
+      }
+    }
+    if ok != 1 {
+      ERR_clear_error()
+      return [UInt8](repeating: 0, count: 32)
+    }
+    return out
   }
 
   /// The record key and the check key of a stream.
@@ -424,23 +456,7 @@ public enum StreamCrypto {
   /// failure inside OpenSSL leaves it all zeros, which no stream carries by
   /// chance, so the check then fails as a wrong key would.
   static func keyCheck(checkKey: [UInt8], preamble: [UInt8], framing: [UInt8], fields: [UInt8]) -> [UInt8] {
-    let message = preamble + framing + fields
-    var out = [UInt8](repeating: 0, count: 32)
-    let ok = out.withUnsafeMutableBytes { o in
-      checkKey.withUnsafeBytes { k in
-        message.withUnsafeBytes { m in
-          dr_hmac_sha256(
-            hmacAlgorithm, k.baseAddress?.assumingMemoryBound(to: UInt8.self), k.count,
-            m.baseAddress?.assumingMemoryBound(to: UInt8.self), m.count,
-            o.baseAddress?.assumingMemoryBound(to: UInt8.self))
-        }
-      }
-    }
-    if ok != 1 {
-      ERR_clear_error()
-      return [UInt8](repeating: 0, count: 32)
-    }
-    return out
+    hmac(key: checkKey, preamble + framing + fields)
   }
 
   /// OpenSSL's HKDF and HMAC, fetched once: a fetch searches the providers
@@ -460,12 +476,14 @@ public final class RecordCipher: @unchecked Sendable {
   private let encrypting: Bool
   /// The record key, kept to make another cipher for another thread.
   private let key: [UInt8]
+  /// The key of the stream's index's HMAC (dualrestore-index(5)).
+  package let indexKey: [UInt8]
   private let nonce = UnsafeMutableRawPointer.allocate(byteCount: 12, alignment: 16)
   /// Where `open` puts plaintext bodies; grows to the largest record seen.
   private var plain: UnsafeMutableRawPointer
   private var plainCapacity: Int
 
-  init(key: [UInt8], encrypting: Bool) throws {
+  init(key: [UInt8], encrypting: Bool, indexKey: [UInt8] = []) throws {
     guard let algorithm = RecordCipher.algorithm, let ctx = EVP_CIPHER_CTX_new() else {
       ERR_clear_error()
       throw ToolkitError("OpenSSL has no AES-256-GCM")
@@ -473,6 +491,7 @@ public final class RecordCipher: @unchecked Sendable {
     self.ctx = ctx
     self.encrypting = encrypting
     self.key = key
+    self.indexKey = indexKey
     plainCapacity = 0
     plain = .allocate(byteCount: 1, alignment: 16)
     nonce.initializeMemory(as: UInt8.self, repeating: 0, count: 12)
@@ -494,7 +513,9 @@ public final class RecordCipher: @unchecked Sendable {
   }
 
   /// A cipher of its own for another thread, with the same key.
-  package func another() throws -> RecordCipher { try RecordCipher(key: key, encrypting: encrypting) }
+  package func another() throws -> RecordCipher {
+    try RecordCipher(key: key, encrypting: encrypting, indexKey: indexKey)
+  }
 
   /// Starts a record: the nonce from its sequence number, its 16 framing bytes as AAD.
   @inline(__always)

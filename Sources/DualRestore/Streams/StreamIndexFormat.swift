@@ -22,17 +22,19 @@
 //   0 8 first block; 8 8 block count (1 for DATA); 16 8 the record's offset
 //   in the stream; 24 8 its sequence number; 32 4 its length (framing, body
 //   and CRC); 36 1 its type (2 DATA, 3 ZERO); 37 3 reserved, 0
-// Trailer: 4 bytes, CRC-32C of every entry byte.
+// Trailer: 4 bytes, CRC-32C of every entry byte; then, for an encrypted
+// stream only, 32 bytes: HMAC-SHA256 of every byte before it under the
+// stream's index key (StreamCrypto.indexKey, from the stream's key and salt).
 //
 // The index holds no block data, but it does say which blocks each record
-// carries. It is checked, not authenticated: a reader checks every record
-// it reads against the entry (type, sequence, length, CRC, tag, block
-// number), so an entry naming another of the stream's records makes its
-// reads fail; but an index that leaves an entry out makes those blocks read
-// from an older stream or as zeros, and in a stream that is not encrypted an
-// entry may name bytes inside a stored block that frame a record of their
-// own (dualrestore-index(5), "Checked, not authenticated").
+// carries. The index of an encrypted stream is authenticated: without the
+// key it cannot be made or altered, and a reader refuses one whose HMAC
+// does not match. The index of a plaintext stream is checked (CRCs) as the
+// stream itself is, against damage, not against someone who may rewrite
+// both. A reader also checks every record it reads against its entry (type,
+// sequence, length, CRC, tag, block number).
 
+import COpenSSL
 import CShim
 
 public enum StreamIndexFormat {
@@ -41,6 +43,8 @@ public enum StreamIndexFormat {
   public static let headerLength = 128
   public static let entryLength = 40
   public static let trailerLength = 4
+  /// The HMAC-SHA256 after the trailer of an encrypted stream's index.
+  public static let authenticatorLength = 32
   static let encryptedFlag: UInt16 = 1
 
   /// One run of blocks and the record that holds it.
@@ -109,7 +113,9 @@ public enum StreamIndexFormat {
 
   // MARK: Writing
 
-  public static func encode(_ index: Index) -> [UInt8] {
+  /// The index's bytes; an encrypted stream's index is authenticated with
+  /// `key`, its index key (StreamCrypto.indexKey).
+  public static func encode(_ index: Index, key: [UInt8] = []) -> [UInt8] {
     let id = index.identity
     var w = ByteWriter()
     w.raw(magic)
@@ -146,7 +152,17 @@ public enum StreamIndexFormat {
       dr_crc32c(0, $0.baseAddress.map { $0 + entriesStart }, out.count - entriesStart)
     }
     appendLE(&out, UInt64(entriesCRC), 4)
+    if id.encrypted { out += StreamCrypto.hmac(key: key, out) }
     return out
+  }
+
+  /// Whether an encrypted stream's index (as decoded) carries the HMAC its
+  /// bytes have under `key`, the stream's index key.
+  public static func authenticate(_ bytes: UnsafeRawBufferPointer, key: [UInt8]) -> Bool {
+    guard bytes.count > authenticatorLength, !key.isEmpty, let base = bytes.baseAddress else { return false }
+    let signed = bytes.count - authenticatorLength
+    let expected = StreamCrypto.hmac(key: key, UnsafeRawBufferPointer(start: base, count: signed))
+    return expected.withUnsafeBytes { CRYPTO_memcmp($0.baseAddress, base + signed, authenticatorLength) == 0 }
   }
 
   private static func appendLE(_ out: inout [UInt8], _ v: UInt64, _ width: Int) {
@@ -186,8 +202,10 @@ public enum StreamIndexFormat {
     }
     guard u32(120) == 0 else { throw ToolkitError("the index header's reserved bytes are not zero") }
     let count = u64(80)
-    guard count <= UInt64(bytes.count - headerLength - trailerLength) / UInt64(entryLength),
-      headerLength + Int(count) * entryLength + trailerLength == bytes.count
+    let tail = trailerLength + (flags & encryptedFlag != 0 ? authenticatorLength : 0)
+    guard bytes.count >= headerLength + tail,
+      count <= UInt64(bytes.count - headerLength - tail) / UInt64(entryLength),
+      headerLength + Int(count) * entryLength + tail == bytes.count
     else {
       throw ToolkitError("the index says \(count) entries but is \(bytes.count) bytes long")
     }
