@@ -137,7 +137,7 @@ extension SnapshotServer {
         Every record read is checked (its CRC, the tag of an encrypted \
         stream, its block number) before anything in it is used. A damaged \
         record makes the reads of its own blocks fail with EIO, and the log \
-        names the stream and the record once; the rest of the device reads \
+        says why once, naming the stream and the record; the rest of the device reads \
         on.
 
         With --tls on or require the export is offered over TLS with the \
@@ -225,6 +225,14 @@ extension SnapshotServer {
         }
       }
       try out.flush()
+      // An index that should have been kept and was not: the command failed at its job.
+      let unkept = opened.filter { s in
+        if case .built(nil, _) = s.indexOrigin { return streams.indexDir != nil || !NBDURI.isURI(s.name) }
+        return false
+      }
+      if !unkept.isEmpty {
+        throw ToolkitError("\(unkept.count) index(es) could not be kept (the log says why): \(unkept[0].name)")
+      }
     }
   }
 
