@@ -407,6 +407,14 @@ final class SnapshotServerCLITests: CLITestCase {
     try assertCopyEquals(server.uri, f.device, in: s)
     server.stop()
 
+    // snapshot-server index, whose job is to keep them, fails and says so.
+    let index = try RRTCommand.run("snapshot-server", ["index", "--index-dir", "/proc/self"] + paths)
+    XCTAssertEqual(index.status, 1, index.stderr)
+    XCTAssertTrue(
+      index.stderr.contains(
+        "snapshot-server: \(paths.count) index(es) could not be kept (the log says why): \(paths[0])"),
+      index.stderr)
+
     // --index-dir naming a file is refused before anything is read.
     try assertRefused(server, ["--index-dir", paths[0]] + paths, "--index-dir \(paths[0]) is not a directory")
   }
