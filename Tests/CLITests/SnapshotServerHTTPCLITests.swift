@@ -567,7 +567,7 @@ final class SnapshotServerHTTPCLITests: CLITestCase {
     XCTAssertFalse(log.contains(damagedFull.uri + ": record"), "the hidden record was read:\n\(log)")
     print(
       "damaged record \(entry.sequence) of \(chain.names[middle]) (block \(victim)): \(failed.count) block failed; "
-        + "hidden record \(hiddenEntry.sequence) of full.stream (block \(hiddenEntry.first)) never read")
+        + "hidden record \(hiddenEntry.sequence) of full.stream (block \(hiddenEntry.first)) flipped too")
     stop(server.child)
   }
 }
