@@ -9,6 +9,7 @@ struct RestoreReadThrough: ParsableCommand {
     abstract: "Serve a primary disk over NBD while it is restored from its backup.",
     usage: """
       restore-read-through --backup URI --map MAP (--socket PATH | --listen HOST:PORT) PRIMARY
+      restore-read-through --backup URI --read-only-backup CHANGES --map MAP (--socket PATH | --listen HOST:PORT) PRIMARY
       """,
     discussion: """
       Channel 1 of the dual-channel restore. PRIMARY (an image file or block \
@@ -92,6 +93,31 @@ struct RestoreReadThrough: ParsableCommand {
       its torn tail is cut, and the regions of the activity log are \
       journaled again from PRIMARY; a damaged journal is refused.
 
+      With --read-only-backup CHANGES the backup takes no writes: a chain \
+      of stored snapshots served read-only, or any export opened read-only \
+      (nbdkit -r, qemu-nbd -r). Blocks not current are still read from it, \
+      but a WRITE, WRITE_ZEROES or TRIM stays on PRIMARY, and every block it \
+      touches is first set in CHANGES, a change map (dualrestore-map(5), the \
+      kind tracking-server --changes keeps) created when missing and \
+      continued when present: the mark is durable before the write is \
+      made, let alone acknowledged (CHANGES.journal holds the marks between \
+      saves of CHANGES, which come every few seconds and at the stop; a \
+      start after a crash replays it). A write into part of \
+      a block not current still brings the rest of the block from the \
+      backup first, and a written block is current in MAP, as with a \
+      writable backup. The backup is never written nor flushed, even when it \
+      would take writes (the log says so); a FLUSH or FUA write makes \
+      PRIMARY and MAP durable. Then snapshot --map CHANGES --base ID of the \
+      export (ID: the last stream of the backup's chain; or of PRIMARY \
+      itself once every block is current) makes the incremental stream \
+      that brings the backup up to date. The option \
+      takes one --backup and --ack all: with the backup out of the write \
+      path there is no far copy to mirror to. The current blocks of the \
+      regions a run with a writable backup left in the activity log (an \
+      unclean stop, blocks owed) are recorded in CHANGES; a mirror journal \
+      still holding changes the backup lacks is refused. Without the \
+      option, a backup exported read-only is refused at the start.
+
       With --tls on or --tls require the server offers NBD over TLS \
       (NBD_OPT_STARTTLS), TLS 1.2 or 1.3, with DIR/server-cert.pem and \
       DIR/server-key.pem from --tls-certificates DIR, laid out as for nbdkit \
@@ -128,6 +154,13 @@ struct RestoreReadThrough: ParsableCommand {
 
   @Option(help: ArgumentHelp("The overwrite map of PRIMARY (created when missing).", valueName: "map"))
   var map: String
+
+  @Option(
+    help: ArgumentHelp(
+      "The backup takes no writes: keep them on PRIMARY and record the blocks they touch in this change map "
+        + "(created when missing, continued when present), for snapshot --map CHANGES --base ID.",
+      valueName: "changes"))
+  var readOnlyBackup: String?
 
   @OptionGroup var serving: ListenOptions
 
@@ -172,6 +205,14 @@ struct RestoreReadThrough: ParsableCommand {
     if progressInterval < 0 { throw ValidationError("--progress-interval must not be negative") }
     if backup.count > 16 { throw ValidationError("--backup is given \(backup.count) times; at most 16 far copies") }
     if Set(backup).count != backup.count { throw ValidationError("--backup names the same far copy twice") }
+    if readOnlyBackup != nil && mirroring.ack.value != .all {
+      throw ValidationError(
+        "--read-only-backup keeps the writes on PRIMARY, so --ack \(mirroring.ack) has no copy to send them to")
+    }
+    if readOnlyBackup != nil && backup.count > 1 {
+      throw ValidationError(
+        "--read-only-backup reads from one backup and writes to none; --backup is given \(backup.count) times")
+    }
     if case .quorum(let k) = mirroring.ack.value, k > backup.count {
       throw ValidationError("--ack quorum=\(k) needs \(k) far copies; --backup names \(backup.count)")
     }
@@ -203,7 +244,10 @@ struct RestoreReadThrough: ParsableCommand {
     // asynchronous kind ships to each from the journal.
     let engine = try RestoreEngine(
       primary: device, backup: settings == nil && links.count > 1 ? FanOutDevice(links) : links[0], mapPath: map,
-      blockSize: blockSize.value, mirroring: settings, farCopies: links, log: log)
+      blockSize: blockSize.value, mirroring: settings, farCopies: links, readOnlyBackup: readOnlyBackup, log: log)
+    if readOnlyBackup != nil && first.capabilities.contains(.writable) {
+      log("the backup \(first.name) takes writes, but with --read-only-backup none is sent to it")
+    }
 
     // Each client request that misses waits a round trip to the backup:
     // serving more of a client's requests at once hides that latency
@@ -216,7 +260,9 @@ struct RestoreReadThrough: ParsableCommand {
 
     let (now, total) = engine.progress
     log(
-      "serving \(primary) (\(formatBytes(device.size))) on \(listener.name)\(tls.tls == .off ? "" : " (TLS \(tls.tls.rawValue))"), backup \(backup.joined(separator: ", ")); "
+      "serving \(primary) (\(formatBytes(device.size))) on \(listener.name)\(tls.tls == .off ? "" : " (TLS \(tls.tls.rawValue))"), backup \(backup.joined(separator: ", "))"
+        + (readOnlyBackup.map { " (read-only: writes stay on the primary, their blocks recorded in \($0))" } ?? "")
+        + "; "
         + "\(now) of \(total) blocks current"
         + (mirroring.ack.value == .all
           ? "" : "; writes acknowledged \(mirroring.ack), the backup kept up to date from the mirror journal"))
@@ -249,8 +295,14 @@ struct RestoreReadThrough: ParsableCommand {
       }
       let (now, total) = engine.progress
       let counted = engine.counters
+      let state =
+        if let (path, blocks) = engine.readOnlyBackupChanges {
+          "the map and \(path) are durable and the backup unchanged: the \(blocks) block(s) written are in \(path); "
+        } else {
+          "the map and the \(lagging.isEmpty ? "backup are up to date" : "mirror journal are durable"): "
+        }
       log(
-        "stopped cleanly; the map and the \(lagging.isEmpty ? "backup are up to date" : "mirror journal are durable"): "
+        "stopped cleanly; \(state)"
           + "\(now) of \(total) blocks current, "
           + "\(counted.fetchedBlocks) fetched from the backup, \(counted.zeroedBlocks) zeroed as the backup's zeros, "
           + "\(counted.mergedBlocks) merged, "

@@ -47,7 +47,7 @@ final class InstallCLITests: XCTestCase {
     let destdir = s.path("stage")
     let commands = try Self.commands()
     let pages = try Self.pages()
-    XCTAssertEqual(commands.count, 6, "executable products: \(commands)")
+    XCTAssertEqual(commands.count, 7, "executable products: \(commands)")
     XCTAssertFalse(commands.contains("map-bench"))
     XCTAssertTrue(pages.contains("dualrestore.7") && pages.contains("dualrestore-stream.5"), "\(pages)")
 

@@ -118,6 +118,8 @@ final class RRTRig {
   var backupKind: BackupKind = .nbdkit()
   /// With nbdkit's log filter: the file listing every request to the backup.
   var backupRequestLog: String?
+  /// Serve the backup read-only (nbdkit -r, qemu-nbd -r).
+  var backupReadOnly = false
 
   enum BackupKind {
     /// nbdkit's file plugin with these filters and their parameters.
@@ -131,6 +133,8 @@ final class RRTRig {
   /// directory unless a test points it elsewhere, e.g. at an nbdfuse file).
   lazy var primaryPath: String = s.path("primary.img")
   var mapPath: String { s.path("p.map") }
+  /// The change map of --read-only-backup, when a test gives it.
+  var changesPath: String { s.path("changes.map") }
   var backupSocket: String { s.path("b.sock") }
   var socket: String { s.path("p.sock") }
   var backupURI: String { "nbd+unix:///?socket=\(backupSocket)" }
@@ -181,10 +185,15 @@ final class RRTRig {
         backupRequestLog = s.path("backup-requests.log")
         extra.append("logfile=\(s.path("backup-requests.log"))")
       }
-      args = ["-f", "-U", backupSocket] + filters.map { "--filter=\($0)" } + ["file", backupPath] + extra
+      args =
+        ["-f"] + (backupReadOnly ? ["-r"] : []) + ["-U", backupSocket] + filters.map { "--filter=\($0)" } + [
+          "file", backupPath,
+        ] + extra
     case .qemuNBD:
       exe = "/usr/bin/qemu-nbd"
-      args = ["-f", "raw", "-k", backupSocket, "--persistent", "--shared=8", "--cache=writeback", backupPath]
+      args =
+        ["-f", "raw", "-k", backupSocket, "--persistent", "--shared=8", "--cache=writeback"]
+        + (backupReadOnly ? ["-r"] : []) + [backupPath]
     }
     backupServer = try RRTChild(
       name: "backup server", executable: exe, arguments: args, stdout: s.path("backup.out"),
@@ -343,7 +352,13 @@ final class RRTRig {
 
   /// The blocks the map on disk marks current.
   func currentBlocks(file: StaticString = #filePath, line: UInt = #line) throws -> Set<Int> {
-    let r = try RRTCommand.run("overwrite-map", ["extents", mapPath])
+    try setBlocks(mapPath, file: file, line: line)
+  }
+
+  /// The blocks a map on disk sets (the overwrite map: current; a change
+  /// map: changed).
+  func setBlocks(_ path: String, file: StaticString = #filePath, line: UInt = #line) throws -> Set<Int> {
+    let r = try RRTCommand.run("overwrite-map", ["extents", path])
     XCTAssertEqual(r.status, 0, r.summary, file: file, line: line)
     var blocks = Set<Int>()
     for l in r.lines {

@@ -527,6 +527,60 @@ final class FuzzRegressionTests: XCTestCase {
     XCTAssertEqual(outcome([], noContext), "accepted")
   }
 
+  // MARK: Stream indexes
+
+  /// The index scripts/fuzz writes as bytes (its seed long-zero-run, there
+  /// with its checksums zero): an encrypted stream of 2^33 blocks of 512
+  /// bytes that stands for another, whose ZERO run of 2^33 - 2 blocks takes
+  /// two entries naming one record, between two DATA records.
+  func longZeroRunIndex() throws -> StreamIndexFormat.Index {
+    let identity = StreamIndexFormat.Identity(
+      streamID: ID128(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210), baseStreamID: .none,
+      streamLength: 1_000_000, endCRC: 0x89AB_CDEF, geometry: try BlockGeometry(blockSize: 512, deviceSize: 1 << 42),
+      started: Instant(nanosecondsSinceEpoch: 1_764_000_000_000_000_000), encrypted: true,
+      standsFor: ID128(high: 0x1032_5476_98BA_DCFE, low: 0xEFCD_AB89_6745_2301))
+    let run = UInt64(UInt32.max)
+    return StreamIndexFormat.Index(
+      identity: identity,
+      entries: [
+        .init(firstBlock: 0, blockCount: 1, offset: 116, sequence: 2, length: 4148, type: .data),
+        .init(firstBlock: 1, blockCount: run, offset: 4264, sequence: 3, length: 52, type: .zero),
+        .init(firstBlock: 1 << 32, blockCount: run, offset: 4264, sequence: 3, length: 52, type: .zero),
+        .init(firstBlock: (1 << 33) - 1, blockCount: 1, offset: 4316, sequence: 4, length: 300, type: .data),
+      ], dataBlocks: 2, zeroBlocks: (1 << 33) - 2)
+  }
+
+  func testStreamIndexDamage() throws {
+    let valid = StreamIndexFormat.encode(try longZeroRunIndex())
+    func decode(_ bytes: [UInt8]) -> String? { FuzzEntryPoints.decodeStreamIndex(bytes) }
+    let repair = FuzzEntryPoints.repairStreamIndexChecksums
+    XCTAssertNil(decode(valid))
+    XCTAssertEqual(repair(valid), valid)
+    // As scripts/fuzz writes it: refused by its checksums, accepted once they are made right.
+    let zeroed = patched(patched(valid, at: 124, le32(0)), at: valid.count - 4, le32(0))
+    XCTAssertEqual(decode(zeroed), "the index header's checksum does not match: the index is damaged")
+    XCTAssertEqual(repair(zeroed), valid)
+    XCTAssertEqual(decode([]), "the index is 0 bytes, shorter than its header")
+    XCTAssertEqual(repair(Array(valid.prefix(131))), Array(valid.prefix(131)))
+    XCTAssertEqual(decode(Array(valid.dropFirst())), "not a dualrestore stream index (bad magic)")
+    // The second zero entry one block longer: over the last DATA block.
+    XCTAssertEqual(
+      decode(repair(patched(valid, at: 128 + 80 + 8, le64(1 << 32)))),
+      "index entry 3 (blocks 8589934591 to 8589934592) is out of order or out of range")
+    // The last DATA block one further: past the device's last block.
+    XCTAssertEqual(
+      decode(repair(patched(valid, at: 128 + 120, le64(1 << 33)))),
+      "index entry 3 (blocks 8589934592 to 8589934593) is out of order or out of range")
+    // The first zero entry reaching into the second.
+    XCTAssertEqual(
+      decode(repair(patched(valid, at: 128 + 40 + 8, le64(1 << 32)))),
+      "index entry 2 (blocks 4294967296 to 8589934591) is out of order or out of range")
+    // The entry count 2^59, whose bytes would overflow a length in bytes.
+    XCTAssertEqual(
+      decode(repair(patched(valid, at: 80, le64(1 << 59)))),
+      "the index says 576460752303423488 entries but is 292 bytes long")
+  }
+
   // MARK: Mirror positions
 
   func testMirrorPositionsDamage() {

@@ -100,15 +100,16 @@ final class RestoreBackground: Sendable {
     checkCompletion()
   }
 
-  /// Looks for the completion often, and commits the map every
-  /// `checkpointInterval` seconds, so a long run without a client's FLUSH
-  /// (hydration, merges) still records its progress.
+  /// Looks for the completion often, and commits the map (and the change
+  /// map of a read-only backup) every `checkpointInterval` seconds, so a
+  /// long run without a client's FLUSH (hydration, merges) still records
+  /// its progress.
   private func watch() {
     var nextCheckpoint = monotonicSeconds() + schedule.checkpointInterval
     while pause(Self.completionPoll) {
       checkCompletion()
       if monotonicSeconds() >= nextCheckpoint {
-        do { try engine.flush() } catch { log("checkpoint: \(error)") }
+        do { try engine.checkpoint() } catch { log("checkpoint: \(error)") }
         nextCheckpoint = monotonicSeconds() + schedule.checkpointInterval
       }
     }
@@ -150,6 +151,7 @@ final class RestoreBackground: Sendable {
           + "fetched \(formatBytes(fetched)) (\(formatBytes(recent)) in the last "
           + "\(formatFixed(seconds, digits: seconds < 10 ? 2 : 1)) s, \(formatBytes(UInt64(Double(recent) / seconds)))/s), "
           + "merged \(counted.mergedBlocks) blocks"
+          + (engine.readOnlyBackupChanges.map { ", \($0.blocks) written (in \($0.path))" } ?? "")
           + engine.mirrorLag.map {
             "; far copy \($0.name) holds interval \($0.interval), lacks \($0.intervals) (\(formatBytes($0.bytes))), "
               + "oldest \(formatFixed($0.oldestSeconds, digits: 1)) s"

@@ -3,6 +3,7 @@
 // is sent first, in order, before any write goes to the backup directly and
 // before the activity log's regions are copied, so no interval is skipped
 // and nothing older lands over something newer. Then the journal goes.
+// A read-only backup cannot take what it lacks: such a journal is refused.
 
 import Glibc
 
@@ -19,6 +20,11 @@ extension RestoreEngine {
     let owed =
       lags.max { $0.intervals < $1.intervals }
       ?? MirrorLag(name: "", intervals: 0, bytes: 0, oldestSeconds: 0, interval: 0)
+    if owed.intervals > 0, changed != nil {
+      throw ToolkitError(
+        "\(path) holds \(owed.intervals) interval(s) a far copy lacks from an asynchronous run, which a read-only "
+          + "backup cannot take; start without --read-only-backup, with the backup writable, until they are sent")
+    }
     if owed.intervals > 0 {
       log(
         "\(path) holds \(owed.intervals) interval(s) (\(formatBytes(owed.bytes))) a far copy lacks from an "

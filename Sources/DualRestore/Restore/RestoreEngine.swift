@@ -23,6 +23,11 @@
 //   log, which is durable) and later writes go to the primary alone until a
 //   resynchronisation has sent every owed block; meanwhile a FLUSH makes
 //   data durable on the primary only, and the backup's recovery point lags.
+// - With a read-only backup (a change map given), nothing is ever written
+//   to the backup: a write's blocks are marked in the change map on disk
+//   before the write is issued on the primary alone (RestoreEngine+
+//   ReadOnlyBackup.swift), so the change map covers every block in which
+//   the primary may differ from the backup.
 
 import Dispatch
 import Glibc
@@ -73,6 +78,9 @@ public final class RestoreEngine: Sendable {
   /// The far copies, each on its own: the backup alone, or the copies a
   /// fan-out backup sends every change to.
   let farCopies: [BlockDevice]
+  /// With a read-only backup: the change map of the blocks clients wrote,
+  /// which the backup never gets; nil when writes go to the backup.
+  let changed: DurableChangeMap?
   /// Buffers for copying current blocks to the backup (recovery, owed
   /// blocks); fetched blocks go from the backup's connection into the
   /// primary without one.
@@ -120,9 +128,14 @@ public final class RestoreEngine: Sendable {
 
   /// Opens the restore of `primary` from `backup` through the map at `mapPath`
   /// (created when missing), recovering from an unclean shutdown if needed.
+  /// With `readOnlyBackup`, the path of a change map (created when
+  /// missing, continued when present), nothing is written to the backup and
+  /// the blocks clients write are recorded there instead; without it a
+  /// backup that refuses writes is refused.
   public init(
     primary: Device, backup: BlockDevice, mapPath: String, blockSize: UInt32,
-    mirroring: MirrorSettings? = nil, farCopies: [BlockDevice]? = nil, log: @escaping @Sendable (String) -> Void
+    mirroring: MirrorSettings? = nil, farCopies: [BlockDevice]? = nil, readOnlyBackup changesPath: String? = nil,
+    log: @escaping @Sendable (String) -> Void
   ) throws {
     self.primary = primary
     self.backup = backup
@@ -132,6 +145,9 @@ public final class RestoreEngine: Sendable {
     guard backup.size == primary.size else {
       throw ToolkitError("the backup \(backup.name) has \(backup.size) bytes but \(primary.path) has \(primary.size)")
     }
+    // Before any file is made: a backup that refuses writes is not found
+    // out at the first client write.
+    try Self.checkBackupMode(self.farCopies, changesPath: changesPath, mapPath: mapPath, mirroring: mirroring)
     var m: BlockMap
     if pathExists(mapPath) {
       m = try MapFile.load(mapPath)
@@ -167,6 +183,9 @@ public final class RestoreEngine: Sendable {
     zeros = AlignedBuffer(count: Int(geometry.blockSize))
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
     activity = try ActivityLog(path: mapPath + ".al", blockGeometry: m.geometry, deviceName: primary.path)
+    changed = try changesPath.map {
+      try DurableChangeMap(path: $0, device: primary, blockSize: m.geometry.blockSize, log: log)
+    }
     readAheadUnit = UInt64(max(1, (1 << 20) / Int(m.geometry.blockSize)))
     readAheadWindow = readAheadUnit * 8
     if let mirroring {
@@ -186,7 +205,13 @@ public final class RestoreEngine: Sendable {
       try drainLeftoverJournal(mapPath + ".mirror", mapID: m.mapID)
     }
     if !activity.recovered.isEmpty {
-      if mirror != nil { try recoverIntoJournal() } else { try recover() }
+      if mirror != nil {
+        try recoverIntoJournal()
+      } else if let changed {
+        try recoverIntoChangeMap(changed)
+      } else {
+        try recover()
+      }
     }
     if pathExists(owedMarker) { unlink(owedMarker) }
     if let mirror { startMirroring(mirror) }
@@ -462,6 +487,11 @@ public final class RestoreEngine: Sendable {
         try primary.write(buffer, at: offset)
       }
     }
+    if let changed {
+      return try modifyPrimaryOnly(changed, offset: offset, length: UInt64(buffer.count), fua: fua) {
+        try primary.write(buffer, at: offset)
+      }
+    }
     try modify(
       offset: offset, length: UInt64(buffer.count), fua: fua,
       local: { try primary.write(buffer, at: offset) },
@@ -473,6 +503,11 @@ public final class RestoreEngine: Sendable {
   public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
     if mirror != nil {
       return try modifyJournaled(.zero, offset: offset, length: length, fua: fua, payload: nil) {
+        try primary.writeZeros(offset: offset, length: length, scratch: zeros)
+      }
+    }
+    if let changed {
+      return try modifyPrimaryOnly(changed, offset: offset, length: length, fua: fua) {
         try primary.writeZeros(offset: offset, length: length, scratch: zeros)
       }
     }
@@ -488,6 +523,62 @@ public final class RestoreEngine: Sendable {
   private func modify(
     offset: UInt64, length: UInt64, fua: Bool, local: () throws -> Void, remote: @escaping () throws -> Void
   ) throws {
+    try withChangeLocked(offset: offset, length: length) { blocks in
+      try activity.enter(blocks)
+      defer { activity.leave(blocks) }
+      // The backup's half runs beside the primary's; the blocks are locked,
+      // so nothing else touches them until both are done.
+      let remoteError = ErrorBox()
+      var job: Offload.Job?
+      // Decided once: a write either goes to the backup or is owed to it.
+      let sendToBackup = !state.withLock({ $0.backupDown })
+      if sendToBackup {
+        job = offload.start {
+          do { try remote() } catch { remoteError.set(error) }
+        }
+      }
+      do {
+        try local()
+        job?.wait()
+      } catch {
+        job?.wait()
+        // The primary failed: the blocks that were current may hold part of
+        // the change; owe them to the backup so the two sides agree again.
+        // (Counted before the block locks are let go.)
+        if sendToBackup { divergentWrites.wrappingAdd(1, ordering: .sequentiallyConsistent) }
+        state.withLock { s in
+          for b in blocks where s.current[b] { s.backupLacks.insert(b) }
+          activity.pin(blocks)
+        }
+        throw RestoreError.writeFailed(cause: error)
+      }
+      writeback.written(offset, length)
+      markCurrent(blocks)
+      var owe = !sendToBackup
+      if let error = remoteError.error {
+        owe = true
+        state.withLock { $0.backupDown = true }
+        log(
+          "the backup did not take a write (\(error)); writes are kept on the primary and owed to the backup "
+            + "until it comes back")
+      }
+      if owe {
+        // Owed and pinned under one lock, so a resynchronisation that just
+        // finished cannot unpin what it did not send.
+        state.withLock { s in
+          for b in blocks { s.backupLacks.insert(b) }
+          activity.pin(blocks)
+        }
+      }
+      if fua { try primary.sync() }
+    }
+  }
+
+  /// Runs `body` with the blocks a change of `[offset, offset+length)`
+  /// touches locked, after bringing the first and last of them from the
+  /// backup when the change covers only part of them and they are not
+  /// current, so that it leaves them whole.
+  func withChangeLocked(offset: UInt64, length: UInt64, _ body: (Range<UInt64>) throws -> Void) throws {
     let blocks = blockRange(offset, length)
     guard !blocks.isEmpty else { return }
     locks.lock(blocks)
@@ -500,53 +591,7 @@ public final class RestoreEngine: Sendable {
     if end & mask != 0 && end != geometry.deviceSize && !isCurrent(last) && (last != first || offset & mask == 0) {
       try fetch(last..<last + 1)
     }
-    try activity.enter(blocks)
-    defer { activity.leave(blocks) }
-    // The backup's half runs beside the primary's; the blocks are locked,
-    // so nothing else touches them until both are done.
-    let remoteError = ErrorBox()
-    var job: Offload.Job?
-    // Decided once: a write either goes to the backup or is owed to it.
-    let sendToBackup = !state.withLock({ $0.backupDown })
-    if sendToBackup {
-      job = offload.start {
-        do { try remote() } catch { remoteError.set(error) }
-      }
-    }
-    do {
-      try local()
-      job?.wait()
-    } catch {
-      job?.wait()
-      // The primary failed: the blocks that were current may hold part of
-      // the change; owe them to the backup so the two sides agree again.
-      // (Counted before the block locks are let go.)
-      if sendToBackup { divergentWrites.wrappingAdd(1, ordering: .sequentiallyConsistent) }
-      state.withLock { s in
-        for b in blocks where s.current[b] { s.backupLacks.insert(b) }
-        activity.pin(blocks)
-      }
-      throw RestoreError.writeFailed(cause: error)
-    }
-    writeback.written(offset, length)
-    markCurrent(blocks)
-    var owe = !sendToBackup
-    if let error = remoteError.error {
-      owe = true
-      state.withLock { $0.backupDown = true }
-      log(
-        "the backup did not take a write (\(error)); writes are kept on the primary and owed to the backup "
-          + "until it comes back")
-    }
-    if owe {
-      // Owed and pinned under one lock, so a resynchronisation that just
-      // finished cannot unpin what it did not send.
-      state.withLock { s in
-        for b in blocks { s.backupLacks.insert(b) }
-        activity.pin(blocks)
-      }
-    }
-    if fua { try primary.sync() }
+    try body(blocks)
   }
 
   /// Blocks owed to the backup, and whether it is taken as unreachable.
@@ -727,19 +772,22 @@ public final class RestoreEngine: Sendable {
         // The backup's part, at the same time as the primary's: owed blocks
         // first, then its own flush. While it is unreachable the flush holds
         // on the primary alone; the owed blocks stay in the durable activity
-        // log until they are sent.
+        // log until they are sent. A read-only backup has no part.
         var backupError: Error?
-        let backupPart = offload.start { [self] in
-          do {
-            if state.withLock({ !$0.backupLacks.isEmpty }) { try resynchronize() }
-            if !state.withLock({ $0.backupDown }) { try backup.flush() }
-          } catch {
-            backupError = error
+        let backupPart =
+          changed != nil
+          ? nil
+          : offload.start { [self] in
+            do {
+              if state.withLock({ !$0.backupLacks.isEmpty }) { try resynchronize() }
+              if !state.withLock({ $0.backupDown }) { try backup.flush() }
+            } catch {
+              backupError = error
+            }
           }
-        }
         var primaryError: Error?
         do { try primary.sync() } catch { primaryError = error }
-        backupPart.wait()
+        backupPart?.wait()
         if let primaryError { throw primaryError }
         let backupOK = backupError == nil
         if let backupError {
@@ -760,6 +808,14 @@ public final class RestoreEngine: Sendable {
     }
   }
 
+  /// The periodic commit: flush() and, with a read-only backup, the change
+  /// map's journal folded into its file (so that overwrite-map show MAP is
+  /// up to date while the server runs).
+  func checkpoint() throws {
+    try flush()
+    try changed?.checkpoint()
+  }
+
   /// A clean stop: the periodic work and read-ahead stopped (their reads
   /// from the backup answered), everything flushed, the activity log
   /// emptied, and the backup's connections ended with NBD_CMD_DISC. Call
@@ -777,6 +833,7 @@ public final class RestoreEngine: Sendable {
     defer { backup.close() }
     if let mirror { return try closeJournaled(mirror) }
     try flush()
+    try changed?.close()
     let owed = backupDebt.blocks
     if owed == 0 {
       try activity.clear()

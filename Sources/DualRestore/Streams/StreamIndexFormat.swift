@@ -25,9 +25,13 @@
 // Trailer: 4 bytes, CRC-32C of every entry byte.
 //
 // The index holds no block data, but it does say which blocks each record
-// carries; a reader checks every record it reads against the entry (type,
-// sequence, length, CRC, tag, block number), so a wrong index can make a
-// read fail, never return another block's bytes.
+// carries. It is checked, not authenticated: a reader checks every record
+// it reads against the entry (type, sequence, length, CRC, tag, block
+// number), so an entry naming another of the stream's records makes its
+// reads fail; but an index that leaves an entry out makes those blocks read
+// from an older stream or as zeros, and in a stream that is not encrypted an
+// entry may name bytes inside a stored block that frame a record of their
+// own (dualrestore-index(5), "Checked, not authenticated").
 
 import CShim
 

@@ -45,7 +45,7 @@ final class MarkJournal {
       let e = Errno.current
       Sys.close(fd)
       if e.rawValue == EWOULDBLOCK {
-        throw ToolkitError("\(path) is locked: another tracking-server serves with this change map")
+        throw ToolkitError("\(path) is locked: another server keeps this change map")
       }
       throw ToolkitError.path(path, "cannot lock the change map's journal: \(e)")
     }

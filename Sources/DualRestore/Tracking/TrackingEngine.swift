@@ -4,9 +4,10 @@
 //
 // Invariants:
 // - Marked before written: a write's blocks are set in the change map *on
-//   disk* before the write is issued (group commit, as dm-era does: one
-//   journal append and fdatasync for all writes waiting), so after a crash
-//   the map and its journal still cover every block that may have changed.
+//   disk* before the write is issued (DurableChangeMap's group commit, as
+//   dm-era does: one journal append and fdatasync for all writes waiting),
+//   so after a crash the map and its journal still cover every block that
+//   may have changed.
 // - A generation ends atomically: writes are held at a gate while the old
 //   map is saved and the new one starts, so every write lands in exactly
 //   one generation.
@@ -32,15 +33,8 @@ public final class TrackingEngine: @unchecked Sendable {
   let log: @Sendable (String) -> Void
 
   private let state = Monitor()
-  /// The change map of the current generation, bits as in memory.
-  private var changes: BlockMap
-  /// The bits known to be on disk (map file and journal).
-  private var committed: BlockBitmap
-  /// Ranges set in `changes` but not yet committed.
-  private var pendingRanges: [Range<UInt64>] = []
-  private var committing = false
-  private var journalHasRecords = false
-  private let journal: MarkJournal
+  /// The change map of the current generation, on disk before each write.
+  private let changes: DurableChangeMap
   /// Writes hold the gate open; a generation change or a freeze closes it
   /// and waits for the writes inside to finish.
   private var gateClosed = false
@@ -66,39 +60,9 @@ public final class TrackingEngine: @unchecked Sendable {
     self.changesPath = changesPath
     self.storePath = storePath
     self.log = log
-    // The journal is locked first: one server per change map.
-    journal = try MarkJournal(path: changesPath + ".journal")
-    let devicePath = canonicalPath(device.path)
-    var m: BlockMap
-    if pathExists(changesPath) {
-      m = try MapFile.load(changesPath)
-      guard m.meaning == .changed else {
-        throw ToolkitError("\(changesPath) is a map of \(m.meaning) blocks, not a change map")
-      }
-      guard m.geometry.deviceSize == device.size else {
-        throw ToolkitError(
-          "\(changesPath) describes \(m.geometry.deviceSize) bytes but \(device.path) has \(device.size)")
-      }
-      if let blockSize, blockSize != m.geometry.blockSize {
-        throw ToolkitError(
-          "\(changesPath) has blocks of \(m.geometry.blockSize) bytes, not \(blockSize): a change map keeps its block size"
-        )
-      }
-      if m.deviceName.isEmpty {
-        m.deviceName = devicePath
-      } else if !samePath(m.deviceName, device.path) {
-        throw ToolkitError("\(changesPath) is the change map of \(m.deviceName), not of \(device.path)")
-      }
-      log(
-        "generation \(m.mapID) since \(m.trackingStarted) goes on: \(m.bits.population) block(s) changed so far")
-    } else {
-      let geometry = try BlockGeometry(blockSize: blockSize ?? BlockGeometry.defaultBlockSize, deviceSize: device.size)
-      try geometry.checkMappable()
-      m = BlockMap(
-        geometry: geometry, meaning: .changed,
-        deviceName: devicePath)
-      log("created the change map \(changesPath): generation \(m.mapID) starts now")
-    }
+    // The change map first (its journal's lock): one server per change map.
+    changes = try DurableChangeMap(path: changesPath, device: device, blockSize: blockSize, log: log)
+    geometry = changes.geometry
     // A store left behind belonged to a view held when the server stopped
     // without dropping it: that view is gone, and whoever streamed it must
     // know. A file there that is not a store is not ours to remove.
@@ -110,21 +74,7 @@ public final class TrackingEngine: @unchecked Sendable {
       unlink(storePath)
       log("the frozen view \(what) did not survive the last stop: it is lost; freeze a new one")
     }
-    // Marks journaled since the map file was last saved belong to it.
-    let replayed = try journal.recovered(for: m.mapID)
-    if !replayed.isEmpty {
-      let before = m.bits.population
-      for r in replayed where r.upperBound <= m.geometry.blockCount { m.bits.set(r) }
-      log(
-        "the last stop was not clean: \(replayed.count) journal record(s) replayed into \(changesPath), "
-          + "\(m.bits.population - before) block(s) added")
-    }
-    try MapFile.save(m, to: changesPath)
-    try journal.restart()
-    changes = m
-    committed = m.bits
-    geometry = m.geometry
-    self.storeLimit = storeLimit ?? TrackingEngine.defaultStoreLimit(storePath: storePath, geometry: m.geometry)
+    self.storeLimit = storeLimit ?? TrackingEngine.defaultStoreLimit(storePath: storePath, geometry: geometry)
     zeros = AlignedBuffer(count: 1 << 20)
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
   }
@@ -163,9 +113,10 @@ public final class TrackingEngine: @unchecked Sendable {
 
   public var status: Status {
     state.withLock {
-      Status(
-        generation: changes.mapID, generationStarted: changes.trackingStarted, changedBlocks: changes.bits.population,
-        view: view?.status, mirror: mirror?.lag ?? [])
+      let (generation, started, blocks) = changes.summary
+      return Status(
+        generation: generation, generationStarted: started, changedBlocks: blocks, view: view?.status,
+        mirror: mirror?.lag ?? [])
     }
   }
 
@@ -228,77 +179,21 @@ public final class TrackingEngine: @unchecked Sendable {
   /// Passes the gate and commits the marks of `blocks` to the change map on
   /// disk before returning.
   private func enter(_ blocks: Range<UInt64>) throws {
-    state.lock()
-    defer { state.unlock() }
-    while gateClosed { state.wait() }
-    writesInside += 1
-    if committed.allSet(blocks) { return }
-    if !changes.bits.allSet(blocks) {
-      changes.bits.set(blocks)
-      pendingRanges.append(blocks)
+    state.withLock {
+      while gateClosed { state.wait() }
+      writesInside += 1
     }
-    // Group commit: one thread makes the marks durable for everyone waiting.
-    while !committed.allSet(blocks) {
-      if committing {
-        state.wait()
-        continue
-      }
-      committing = true
-      let ranges = pendingRanges
-      pendingRanges.removeAll(keepingCapacity: true)
-      let snapshot = changes
-      state.unlock()
-      var failure: Error?
-      do {
-        if journal.hasRoom(ranges.count) {
-          try journal.append(ranges, mapID: snapshot.mapID)
-        } else {
-          try MapFile.save(snapshot, to: changesPath)
-          try journal.restart()
-        }
-      } catch { failure = error }
-      state.lock()
-      committing = false
-      if failure == nil {
-        committed = snapshot.bits
-        journalHasRecords = true
-      } else {
-        pendingRanges = ranges + pendingRanges
-      }
-      state.broadcast()
-      if let failure {
-        writesInside -= 1
-        state.broadcast()
-        throw ToolkitError("the change map cannot be made durable, so the write was not issued: \(failure)")
-      }
+    do {
+      try changes.mark(blocks)
+    } catch {
+      leave()
+      throw error
     }
   }
 
   /// Folds the journal into the map file, so that overwrite-map show MAP is
   /// up to date; called every few seconds.
-  public func checkpoint() throws {
-    state.lock()
-    while committing || gateClosed { state.wait() }
-    guard journalHasRecords else {
-      state.unlock()
-      return
-    }
-    committing = true
-    var snapshot = changes
-    snapshot.bits = committed
-    state.unlock()
-    var failure: Error?
-    do {
-      try MapFile.save(snapshot, to: changesPath)
-      try journal.restart()
-    } catch { failure = error }
-    state.withLock {
-      committing = false
-      if failure == nil { journalHasRecords = false }
-      state.broadcast()
-    }
-    if let failure { throw failure }
-  }
+  public func checkpoint() throws { try changes.checkpoint() }
 
   private func leave() {
     state.withLock {
@@ -322,7 +217,7 @@ public final class TrackingEngine: @unchecked Sendable {
     state.lock()
     while gateClosed { state.wait() }
     gateClosed = true
-    while writesInside > 0 || committing { state.wait() }
+    while writesInside > 0 { state.wait() }
     state.unlock()
     defer {
       state.withLock {
@@ -370,14 +265,7 @@ public final class TrackingEngine: @unchecked Sendable {
   }
 
   private func switchGeneration(output: String, fresh: BlockMap) throws -> GenerationChange {
-    let old = state.withLock { changes }
-    try MapFile.save(old, to: output)
-    try MapFile.save(fresh, to: changesPath)
-    try journal.restart()
-    state.withLock {
-      changes = fresh
-      committed = fresh.bits
-    }
+    let old = try changes.startGeneration(fresh, savingTo: output)
     log(
       "generation \(old.mapID) ended with \(old.bits.population) changed block(s), saved to \(output); "
         + "generation \(fresh.mapID) starts")
@@ -400,7 +288,7 @@ public final class TrackingEngine: @unchecked Sendable {
       let fresh = changesOutput.map { _ in freshGeneration() }
       let v = try FrozenView(
         path: storePath, geometry: geometry, limit: storeLimit, instant: fresh?.trackingStarted ?? .now(),
-        generation: fresh?.mapID ?? state.withLock { changes.mapID }, log: log)
+        generation: fresh?.mapID ?? changes.summary.generation, log: log)
       var change: GenerationChange?
       if let changesOutput, let fresh {
         do {
@@ -460,8 +348,6 @@ public final class TrackingEngine: @unchecked Sendable {
       state.withLock { view = nil }
     }
     if let mirror { try mirror.close() } else { try device.sync() }
-    let m = state.withLock { changes }
-    try MapFile.save(m, to: changesPath)
-    try journal.restart()
+    try changes.close()
   }
 }

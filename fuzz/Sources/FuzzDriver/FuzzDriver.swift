@@ -26,6 +26,7 @@ public enum FuzzTarget: String, Sendable {
   case mergeExport = "merge-export"
   case mirrorJournal = "mirror-journal"
   case mirrorPositions = "mirror-positions"
+  case streamIndex = "stream-index"
 }
 
 /// The key the encrypted stream seeds are made with (scripts/fuzz writes it).
@@ -97,5 +98,8 @@ public func runOnce(_ target: FuzzTarget, _ bytes: [UInt8]) {
   case .mirrorPositions:
     _ = FuzzEntryPoints.decodeMirrorPositions(bytes)
     _ = FuzzEntryPoints.decodeMirrorPositions(FuzzEntryPoints.repairMirrorPositionsChecksum(bytes))
+  case .streamIndex:
+    _ = FuzzEntryPoints.decodeStreamIndex(bytes)
+    _ = FuzzEntryPoints.decodeStreamIndex(FuzzEntryPoints.repairStreamIndexChecksums(bytes))
   }
 }
