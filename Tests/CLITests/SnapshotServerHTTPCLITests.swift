@@ -362,6 +362,127 @@ final class SnapshotServerHTTPCLITests: CLITestCase {
     stop(server.child)
   }
 
+  /// The restore of dualrestore.7 from the chain over HTTP:
+  /// restore-read-through with the chain's export as a read-only backup. The
+  /// hot set read through the restore moves no more than through the chain
+  /// alone; client writes (whole blocks, partial ones into blocks fetched or
+  /// not, zeroes) stay on the primary, the export is the chain's end plus
+  /// the writes, LACKS.map sets exactly the blocks written, and the
+  /// incremental made with it (snapshot --map LACKS.map --base the newest)
+  /// brings the chain to the restored disk.
+  func testRestoreReadThroughFromTheChainOverHTTP() throws {
+    try require("nbdcopy")
+    try HTTPRig.require(nginx: true, nbdkitCurl: true)
+    let chain = try buildChain(encrypted: false, seed: Self.plainSeed)
+    let (_, nginx, nbdkits) = try serveOverHTTP(chain)
+    let idx = try fetchIndexes(chain, from: nginx, into: "idx")
+    let backup = try serve(chain, nbdkits.map { $0.uri }, indexDir: idx, name: "serve-backup")
+
+    let s = chain.s
+    let primary = s.path("primary.img")
+    guard FileManager.default.createFile(atPath: primary, contents: nil) else { throw RRTError("no primary.img") }
+    let ph = try FileHandle(forWritingTo: URL(fileURLWithPath: primary))
+    try ph.truncate(atOffset: UInt64(Self.size))
+    try ph.close()
+    let lacks = s.path("lacks.map")
+    let socket = s.path("restore.sock")
+    let restoreURI = "nbd+unix:///?socket=\(socket)"
+    let rrt = try RRTChild(
+      name: "restore-read-through", executable: Tools.path("restore-read-through"),
+      arguments: [
+        "--backup", backup.uri, "--read-only-backup", lacks, "--map", s.path("restore.map"), "--socket", socket,
+        primary,
+      ], stdout: s.path("restore.out"), stderr: s.path("restore.log"))
+    servers.append(rrt)
+    let end = RRTEnv.monotonic() + 30
+    while (try? RRTCommand.run("/usr/bin/nbdinfo", ["--size", restoreURI], timeout: 10))?.status != 0 {
+      guard rrt.isRunning, RRTEnv.monotonic() < end else {
+        XCTFail("restore-read-through did not answer: \(rrt.errors)")
+        throw RRTError("restore-read-through did not start")
+      }
+      RRTEnv.sleep(0.05)
+    }
+    XCTAssertTrue(rrt.errors.contains("read-only: writes stay on the primary"), rrt.errors)
+
+    let hot = try assertHotSet(chain, through: restoreURI, "restore-read-through", nginx, nbdkits)
+
+    // Writes: blocks out of the hot set (not yet fetched) and one in it.
+    let B = Self.blockSize
+    let cold = (0..<Self.blocks).filter { !hot.contains($0) && !hot.contains($0 + 1) && $0 + 1 < Self.blocks }
+    let w = (0..<6).map { cold[(cold.count / 7) * ($0 + 1)] }
+    var plan: [(offset: Int, length: Int, zero: Bool)] = [
+      (w[0] * B, B, false),  // a whole block
+      (w[1] * B, 2 * B, false),  // two whole blocks
+      (w[2] * B + 8192, 4096, false),  // part of a block not fetched
+      (w[3] * B + 60000, 10000, false),  // across a boundary, part of two
+      (w[4] * B + 4096, 8192, true),  // zeroes into part of a block
+      (w[5] * B, B, true),  // a whole block of zeroes
+      (hot[3] * B + 100, 3000, false),  // part of a block fetched
+    ]
+    plan.sort { $0.offset < $1.offset }
+    var expected = chain.device
+    var written = Set<Int>()
+    var calls: [String] = []
+    for (i, op) in plan.enumerated() {
+      written.formUnion((op.offset / B)...((op.offset + op.length - 1) / B))
+      if op.zero {
+        expected.replaceSubrange(op.offset..<op.offset + op.length, with: Data(count: op.length))
+        calls.append("h.zero(\(op.length), \(op.offset))")
+      } else {
+        let d = RRTBytes.random(op.length, seed: 0x5752_4954 &+ UInt64(i))
+        let path = try s.file("write-\(i).bin", d)
+        expected.replaceSubrange(op.offset..<op.offset + op.length, with: d)
+        calls.append("h.pwrite(open(\(rrtPython(path)), 'rb').read(), \(op.offset))")
+      }
+    }
+    let r = try python(
+      """
+      h = nbd.NBD()
+      h.connect_uri(\(rrtPython(restoreURI)))
+      \(calls.joined(separator: "\n"))
+      h.flush()
+      h.shutdown()
+      """)
+    XCTAssertEqual(r.status, 0, "\(r.summary)\n\(rrt.errors)")
+
+    // The restored disk: the chain's end plus the writes.
+    let copy = s.path("restored.img")
+    let c = try RRTCommand.run("/usr/bin/nbdcopy", [restoreURI, copy], timeout: 120)
+    XCTAssertEqual(c.status, 0, c.summary)
+    RRTBytes.assertEqual(try Data(contentsOf: URL(fileURLWithPath: copy)), expected, "the restored export")
+    stop(rrt)
+
+    // LACKS.map holds exactly the blocks written; the chain is as it was.
+    let extents = try RRTCommand.run("overwrite-map", ["extents", lacks])
+    XCTAssertEqual(extents.status, 0, extents.summary)
+    var lacking = Set<Int>()
+    for l in extents.lines {
+      let parts = l.split(separator: " ").compactMap { Int($0) }
+      guard parts.count == 2, parts[1] > 0 else {
+        XCTFail("an extents line not understood: \(l)")
+        continue
+      }
+      lacking.formUnion((parts[0] / B)...((parts[0] + parts[1] - 1) / B))
+    }
+    XCTAssertEqual(lacking.sorted(), written.sorted(), "LACKS.map must set exactly the blocks written")
+    let unchanged = try RRTCommand.run("bitmap-diff", ["--quiet", backup.uri, chain.devicePath], timeout: 120)
+    XCTAssertEqual(unchanged.status, 0, "the chain changed: \(unchanged.summary)")
+    stop(backup.child)
+
+    // The next incremental carries the writes into the chain.
+    let inc = try RRTCommand.run(
+      "snapshot",
+      ["--quiet", "--map", lacks, "--base", chain.ids[chain.ids.count - 1], "-o", s.path("inc8.stream"), primary],
+      timeout: 120)
+    XCTAssertEqual(inc.status, 0, inc.summary)
+    let longer = try serve(
+      chain, nbdkits.map { $0.uri } + [s.path("inc8.stream")], indexDir: idx, name: "serve-longer")
+    let diff = try RRTCommand.run("bitmap-diff", ["--quiet", longer.uri, copy], timeout: 120)
+    XCTAssertEqual(diff.status, 0, "the chain with the new incremental vs the restored disk: \(diff.summary)")
+    stop(longer.child)
+    print("restore: \(written.count) block(s) written, \(lacking.count) set in LACKS.map: \(lacking.sorted())")
+  }
+
   /// The whole operator flow over nginx: serve, hot set, damage.
   func exercise(encrypted: Bool, seed: UInt64) throws {
     try require("qemu-img", "nbdcopy")
@@ -409,13 +530,23 @@ final class SnapshotServerHTTPCLITests: CLITestCase {
     try assertADamagedRecordFailsItsBlockAlone(chain, nginx, nbdkits, idx)
   }
 
-  /// A fresh server; 4 KiB read inside each of 5% of the blocks (seeded);
-  /// the bytes nbdkit curl read, and nginx sent, against the bytes of the
-  /// newest records of those blocks.
+  /// A fresh server; the hot set read through it.
   func assertTheHotSetReadsItsRecordsOnly(
     _ chain: StoredChain, _ nginx: NginxServer, _ nbdkits: [NbdkitCurl], _ idx: String
   ) throws {
     let server = try serve(chain, nbdkits.map { $0.uri }, indexDir: idx, name: "serve-hot")
+    _ = try assertHotSet(chain, through: server.uri, "snapshot-server", nginx, nbdkits)
+    stop(server.child)
+  }
+
+  /// The hot set: 5% of the blocks (seeded), 4 KiB read inside each, through
+  /// `uri` (the chain's export, or a restore reading from it); the bytes
+  /// nbdkit curl read, and nginx sent, for those reads against the bytes of
+  /// the newest records of those blocks. Returns the blocks read.
+  func assertHotSet(
+    _ chain: StoredChain, through uri: String, _ what: String, _ nginx: NginxServer, _ nbdkits: [NbdkitCurl],
+    file: StaticString = #filePath, line: UInt = #line
+  ) throws -> [Int] {
     let nbdBefore = nbdkits.map { $0.bytesRead() }
     let httpBefore = nginx.requests().count
 
@@ -428,17 +559,18 @@ final class SnapshotServerHTTPCLITests: CLITestCase {
     let r = try python(
       """
       h = nbd.NBD()
-      h.connect_uri(\(rrtPython(server.uri)))
+      h.connect_uri(\(rrtPython(uri)))
       with open(\(rrtPython(out)), 'wb') as f:
           for off in [\(offsets.map(String.init).joined(separator: ", "))]:
               f.write(h.pread(4096, off))
       h.shutdown()
       """)
-    XCTAssertEqual(r.status, 0, r.summary)
+    XCTAssertEqual(r.status, 0, r.summary, file: file, line: line)
     let got = try Data(contentsOf: URL(fileURLWithPath: out))
     for (i, off) in offsets.enumerated() {
       RRTBytes.assertEqual(
-        got.subdata(in: i * 4096..<(i + 1) * 4096), chain.device.subdata(in: off..<off + 4096), "4 KiB at \(off)")
+        got.subdata(in: i * 4096..<(i + 1) * 4096), chain.device.subdata(in: off..<off + 4096),
+        "\(what): 4 KiB at \(off)", file: file, line: line)
     }
 
     // What the newest records of those blocks weigh: each DATA record once,
@@ -459,16 +591,20 @@ final class SnapshotServerHTTPCLITests: CLITestCase {
     let gets = requests.filter { $0.method == "GET" }
     let httpBytes = requests.reduce(0) { $0 + $1.bodyBytes }
     print(
-      "hot set: \(chosen.count) of \(Self.blocks) blocks (\(zeroBlocks) zero), \(records.count) newest records of "
-        + "\(recordBytes) bytes; nbdkit curl read \(nbdBytes) bytes (\(perStream) per stream), nginx sent \(httpBytes) "
-        + "bytes of body in \(gets.count) GETs and \(requests.count - gets.count) other requests; ratio "
-        + String(format: "%.4f", Double(httpBytes) / Double(max(recordBytes, 1))))
-    XCTAssertGreaterThan(recordBytes, chosen.count * 1024, "the hot set holds data records")
-    XCTAssertGreaterThanOrEqual(nbdBytes, recordBytes, "fewer bytes read than the records hold")
-    XCTAssertLessThanOrEqual(Double(nbdBytes), 1.1 * Double(recordBytes), "nbdkit curl read \(nbdBytes) bytes")
+      "hot set through \(what): \(chosen.count) of \(Self.blocks) blocks (\(zeroBlocks) zero), \(records.count) "
+        + "newest records of \(recordBytes) bytes; nbdkit curl read \(nbdBytes) bytes (\(perStream) per stream), "
+        + "nginx sent \(httpBytes) bytes of body in \(gets.count) GETs and \(requests.count - gets.count) other "
+        + "requests; ratio " + String(format: "%.4f", Double(httpBytes) / Double(max(recordBytes, 1))))
+    XCTAssertGreaterThan(recordBytes, chosen.count * 1024, "the hot set holds data records", file: file, line: line)
+    XCTAssertGreaterThanOrEqual(
+      nbdBytes, recordBytes, "\(what): fewer bytes read than the records hold", file: file, line: line)
     XCTAssertLessThanOrEqual(
-      Double(httpBytes), 1.1 * Double(recordBytes) + Double(gets.count), "nginx sent \(httpBytes) bytes: \(requests)")
-    stop(server.child)
+      Double(nbdBytes), 1.1 * Double(recordBytes), "\(what): nbdkit curl read \(nbdBytes) bytes", file: file,
+      line: line)
+    XCTAssertLessThanOrEqual(
+      Double(httpBytes), 1.1 * Double(recordBytes) + Double(gets.count),
+      "\(what): nginx sent \(httpBytes) bytes: \(requests)", file: file, line: line)
+    return chosen
   }
 
   /// One stored record of a block the chain reads from it (the newest
