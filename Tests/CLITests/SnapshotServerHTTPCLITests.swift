@@ -466,7 +466,7 @@ final class SnapshotServerHTTPCLITests: CLITestCase {
     }
     XCTAssertEqual(lacking.sorted(), written.sorted(), "LACKS.map must set exactly the blocks written")
     let unchanged = try RRTCommand.run("bitmap-diff", ["--quiet", backup.uri, chain.devicePath], timeout: 120)
-    XCTAssertEqual(unchanged.status, 0, "the chain changed: \(unchanged.summary)")
+    XCTAssertEqual(unchanged.status, 0, "the chain's export is not the device after the restore: \(unchanged.summary)")
     stop(backup.child)
 
     // The next incremental carries the writes into the chain.
