@@ -8,8 +8,12 @@
 // compare, bitmap-diff); the indexes must be loaded, never rebuilt; a hot
 // set of 5% of the blocks must move over HTTP no more than 1.1 times the
 // bytes of the newest records of those blocks (computed here from the index
-// files, by their documented layout); and a record damaged on the HTTP side
-// must fail the reads of its own block alone, named in the log.
+// files, by their documented layout); a record damaged on the HTTP side
+// must fail the reads of its own block alone, named in the log; and
+// restore-read-through --read-only-backup restoring from the chain's export
+// must fetch no more than the chain alone, keep the writes on the primary
+// and set exactly their blocks in the change map that makes the next
+// incremental.
 
 import CShim
 import Foundation
