@@ -335,8 +335,10 @@ final class NginxServer {
 /// moto_server on a free port of 127.0.0.1, an S3 API server keeping its
 /// buckets in its own memory (objects past a few MiB spill to temporary
 /// files), gone when it stops. `aws` talks to it with fixed test
-/// credentials; objects are read by plain GETs of their path-style URL,
-/// which moto answers without a signature (it checks none), Range honoured.
+/// credentials. moto checks no signature's value, but an object uploaded
+/// in one piece (under aws's 8 MiB multipart threshold) is private: an
+/// unsigned path-style GET of it gets 403 unless it was uploaded public-read.
+/// Presigned URLs read any object; Range is honoured.
 final class MotoS3 {
   let name: String
   let port: Int
@@ -416,7 +418,8 @@ final class MotoS3 {
     return objectURL(bucket: bucket, key: key)
   }
 
-  /// The path-style URL of an object, for unsigned GETs and HEADs.
+  /// The path-style URL of an object, for unsigned GETs and HEADs (of an
+  /// object uploaded public-read or in parts).
   func objectURL(bucket: String, key: String, base: String? = nil) -> String {
     (base ?? endpoint) + "/" + bucket + "/" + key
   }
