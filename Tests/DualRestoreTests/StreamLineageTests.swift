@@ -63,7 +63,8 @@ final class StreamLineageTests: XCTestCase {
     // The END counts it and the digest covers it: the reader checks both.
     XCTAssertNil(P.readWithReader(s).error)
     // The library's encoder produces the table's bytes, framing flags 0.
-    XCTAssertEqual(StreamFormat.record(.lineage, sequence: 1, body: StreamFormat.lineageBody(l)), Self.lineageRecord(seq: 1))
+    XCTAssertEqual(
+      StreamFormat.record(.lineage, sequence: 1, body: StreamFormat.lineageBody(l)), Self.lineageRecord(seq: 1))
     // One stream compacted: it is the one stood for.
     let one = Self.lineageBody(first: Self.standsForBytes, count: 1)
     XCTAssertNil(P.parseWhole(Self.finish(start + Self.lineageRecord(seq: 1, body: one), records: 2)).error)
@@ -87,7 +88,8 @@ final class StreamLineageTests: XCTestCase {
     let p = P.parseWhole(s)
     guard let error = p.error else { return XCTFail("accepted: \(p.records)", file: file, line: line) }
     for n in needles { XCTAssertTrue(error.contains(n), "\"\(error)\" lacks \"\(n)\"", file: file, line: line) }
-    XCTAssertFalse(p.records.contains { $0.shape == "E" }, "a refused stream was taken as whole", file: file, line: line)
+    XCTAssertFalse(
+      p.records.contains { $0.shape == "E" }, "a refused stream was taken as whole", file: file, line: line)
   }
 
   func testEachBadLineageIsRefusedWithASentence() {
@@ -99,7 +101,8 @@ final class StreamLineageTests: XCTestCase {
       Self.finish(start + l + Self.lineageRecord(seq: 2), records: 3),
       ["record 2 at byte \(at + l.count)", "a second LINEAGE record"])
     // After a DATA record.
-    let data = P.record(type: 2, seq: 1, body: P.dataBody(block: 0, length: 4096, payload: P.randomBytes(4096, seed: 1)))
+    let data = P.record(
+      type: 2, seq: 1, body: P.dataBody(block: 0, length: 4096, payload: P.randomBytes(4096, seed: 1)))
     assertRefused(
       start + data + Self.lineageRecord(seq: 2),
       ["record 2 at byte \(at + data.count)", "after other records", "must follow the HEADER directly"])
@@ -107,7 +110,8 @@ final class StreamLineageTests: XCTestCase {
     let zero = P.record(type: 3, seq: 1, body: P.zeroBody(first: 0, count: 1))
     assertRefused(start + zero + Self.lineageRecord(seq: 2), ["record 2", "after other records"])
     // Before the HEADER.
-    assertRefused(P.preamble() + Self.lineageRecord(seq: 0), ["record 0 at byte 16", "the first record is not a HEADER"])
+    assertRefused(
+      P.preamble() + Self.lineageRecord(seq: 0), ["record 0 at byte 16", "the first record is not a HEADER"])
     // In an incremental stream.
     let base = [UInt8](repeating: 0xEE, count: 16)
     let incremental = P.preamble() + P.record(type: 1, seq: 0, body: P.headerBody(deviceSize: 8192, base: base))
@@ -117,7 +121,8 @@ final class StreamLineageTests: XCTestCase {
     // Wrong sizes.
     for body in [Array(Self.lineageBody().dropLast()), Self.lineageBody() + [0], []] {
       assertRefused(
-        start + Self.lineageRecord(seq: 1, body: body), ["record 1 at byte \(at)", "LINEAGE record has \(body.count) bytes, not 48"])
+        start + Self.lineageRecord(seq: 1, body: body),
+        ["record 1 at byte \(at)", "LINEAGE record has \(body.count) bytes, not 48"])
     }
     // The stream's own id, as the stream stood for or the first compacted.
     assertRefused(
@@ -130,7 +135,8 @@ final class StreamLineageTests: XCTestCase {
     assertRefused(start + Self.lineageRecord(seq: 1, body: Self.lineageBody(standsFor: zeros)), ["names no stream"])
     assertRefused(start + Self.lineageRecord(seq: 1, body: Self.lineageBody(first: zeros)), ["names no stream"])
     assertRefused(start + Self.lineageRecord(seq: 1, body: Self.lineageBody(count: 0)), ["compacts 0 streams"])
-    assertRefused(start + Self.lineageRecord(seq: 1, body: Self.lineageBody(count: 1)), ["compacts 1 stream but names two"])
+    assertRefused(
+      start + Self.lineageRecord(seq: 1, body: Self.lineageBody(count: 1)), ["compacts 1 stream but names two"])
     assertRefused(
       start + Self.lineageRecord(seq: 1, body: Self.lineageBody(first: Self.standsForBytes, count: 2)),
       ["compacts 2 streams but the first is the one it stands for"])
@@ -166,7 +172,8 @@ final class StreamLineageTests: XCTestCase {
   }
 
   static let lineage = StreamFormat.Lineage(
-    standsFor: ID128(bytes: standsForBytes[...]), standsForStarted: Instant(nanosecondsSinceEpoch: 1_690_000_000_000_000_007),
+    standsFor: ID128(bytes: standsForBytes[...]),
+    standsForStarted: Instant(nanosecondsSinceEpoch: 1_690_000_000_000_000_007),
     firstCompacted: ID128(bytes: firstBytes[...]), compactedCount: 3)
 
   func testAStreamWrittenWithALineageRoundTripsPlainAndEncrypted() throws {
@@ -391,7 +398,8 @@ final class StreamLineageTests: XCTestCase {
       try Device(path: try image(dir, "s.img", rng.bytes(Self.size)), options: DeviceOpenOptions(writable: true)))
     var map: BlockMap? = nil
     let summary = try Merger.merge(
-      StreamReader(bytes: chain.c.bytes, name: "c.stream"), into: nil, map: &map, mapPath: nil, options: Merger.Options(),
+      StreamReader(bytes: chain.c.bytes, name: "c.stream"), into: nil, map: &map, mapPath: nil,
+      options: Merger.Options(),
       session: session, warn: { _ in })
     XCTAssertTrue(summary.complete)
     XCTAssertEqual(session.admitted?.streamID, chain.i1.header.streamID)
