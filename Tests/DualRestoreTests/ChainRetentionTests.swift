@@ -78,7 +78,10 @@ final class ChainRetentionTests: XCTestCase {
     XCTAssertEqual(names(p.needed), ["c", "i3", "i4"])
     XCTAssertEqual(
       deletions(p),
-      ["f0: replaced by compacted stream c", "i1: replaced by compacted stream c", "i2: replaced by compacted stream c"])
+      [
+        "f0: replaced by compacted stream c", "i1: replaced by compacted stream c",
+        "i2: replaced by compacted stream c",
+      ])
     if case .replacedByCompacted(_, let by) = p.deletable[0].reason { XCTAssertEqual(by, c.id) } else { XCTFail() }
     // Keeping four points: i1 still needs f0; i2 is c alone, shorter than f0, i1, i2.
     let four = ChainRetention.plan(store, rule: .init(keepLast: 4, now: now))
@@ -164,9 +167,10 @@ final class ChainRetentionTests: XCTestCase {
   }
 
   func testTwoFullStreams() {
-    let store = plainChain().prefix(3) + [
-      Self.full("g0", 20, Self.at(hours: 10)), Self.inc("g1", 21, on: 20, Self.at(hours: 11)),
-    ]
+    let store =
+      plainChain().prefix(3) + [
+        Self.full("g0", 20, Self.at(hours: 10)), Self.inc("g1", 21, on: 20, Self.at(hours: 11)),
+      ]
     let now = Self.at(day: 1)
     let p = ChainRetention.plan(Array(store), rule: .init(keepLast: 1, now: now))
     XCTAssertEqual(chains(p), [["g0", "g1"]])
@@ -181,11 +185,12 @@ final class ChainRetentionTests: XCTestCase {
   func testTiesBetweenChainsGoToTheNameThatSortsFirst() {
     let i2 = Self.at(hours: 2)
     // Two compactions of the same part, and a fork: two streams on i1.
-    let store = plainChain().prefix(3) + [
-      Self.compacted("cb", 11, standsFor: 2, at: i2, first: 0, count: 3, Self.at(hours: 8)),
-      Self.compacted("ca", 10, standsFor: 2, at: i2, first: 0, count: 3, Self.at(hours: 9)),
-      Self.inc("k2", 30, on: 1, Self.at(hours: 2)),
-    ]
+    let store =
+      plainChain().prefix(3) + [
+        Self.compacted("cb", 11, standsFor: 2, at: i2, first: 0, count: 3, Self.at(hours: 8)),
+        Self.compacted("ca", 10, standsFor: 2, at: i2, first: 0, count: 3, Self.at(hours: 9)),
+        Self.inc("k2", 30, on: 1, Self.at(hours: 2)),
+      ]
     let p = ChainRetention.plan(Array(store), rule: .init(keepLast: 1, now: Self.at(day: 1)))
     // i2 and k2 started at the same instant: the newest point is the greater id (k2's).
     XCTAssertEqual(chains(p), [["f0", "i1", "k2"]])

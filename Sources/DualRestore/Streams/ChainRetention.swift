@@ -116,7 +116,8 @@ public enum ChainRetention {
       var s = s
       if let l = s.lineage, !s.isFull || l.standsFor == s.id || l.standsFor.isNone {
         let why = s.isFull ? "it stands for itself" : "it is incremental"
-        errors.append("\(s.name): stream \(s.id) has a lineage that does not hold (\(why)); it is taken as a plain stream")
+        errors.append(
+          "\(s.name): stream \(s.id) has a lineage that does not hold (\(why)); it is taken as a plain stream")
         s.lineage = nil
       }
       byID[s.id] = s
