@@ -22,10 +22,13 @@ struct MergeSnapshot: ParsableCommand {
       stream's. Every block written is then marked current; the target is \
       made durable (fdatasync) before the map records it, at checkpoints and \
       at the end, and a complete stream is recorded as the map's last merged \
-      stream. Into the merge export, the server admits the stream, counts \
-      what it does with its blocks, records a complete stream and reports \
-      its counts at the end (dualrestore-merge(5)); the summary gives them, \
-      beside what was sent.
+      stream. A full stream compacted from a chain of streams (its LINEAGE \
+      record) is recorded as the stream whose end it stands for, so the \
+      incremental stream that followed that one merges next; the summary \
+      names it (stands_for in --json). Into the merge export, the server \
+      admits the stream, counts what it does with its blocks, records a \
+      complete stream and reports its counts at the end \
+      (dualrestore-merge(5)); the summary gives them, beside what was sent.
 
       With --mirror, TARGET is a mirror being seeded from shipped media: \
       nothing writes it but merges. Every block of the stream is written and \
@@ -200,6 +203,8 @@ struct MergeSnapshot: ParsableCommand {
       o.add("mode", check ? "check" : (dryRun ? "dry-run" : "merge"))
       o.add("stream_id", s.header?.streamID.description)
       o.add("base_stream_id", (s.header?.isIncremental ?? false) ? s.header?.baseStreamID.description : nil)
+      // A compaction: recorded as the stream whose end it equals.
+      o.add("stands_for", s.lineage?.standsFor.description)
       o.add("started", s.header?.started.description)
       o.add("source", s.header?.sourceName)
       o.add("block_size", UInt64(s.header?.geometry.blockSize ?? 0))
@@ -234,7 +239,7 @@ struct MergeSnapshot: ParsableCommand {
       return
     }
     if reporting.quiet { return }
-    let id = s.header.map { "\($0.streamID)" } ?? "?"
+    let id = (s.header.map { "\($0.streamID)" } ?? "?") + (s.lineage.map { " (standing for \($0.standsFor))" } ?? "")
     if check {
       printError(
         "merge-snapshot: stream \(id) verified: \(s.written) data and \(s.zero) zero blocks, "

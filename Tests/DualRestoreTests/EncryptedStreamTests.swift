@@ -50,6 +50,7 @@ final class EncryptedStreamTests: XCTestCase {
       case .end(let e):
         shape = "E"
         end = e
+      case .lineage: shape = "L"
       case .skipped(let t): shape = "S\(t)"
       }
     }

@@ -8,6 +8,7 @@
 
 import CLZ4
 import DualRestoreFuzz
+import Foundation
 import XCTest
 
 @testable import DualRestore
@@ -18,8 +19,9 @@ final class FuzzRegressionTests: XCTestCase {
 
   /// A valid stream of a 10 KiB device in 4 KiB blocks: a raw block, an
   /// LZ4 block (`lz4` replaces its payload), a zero run of the last
-  /// (partial) block, the END record; and where each record starts.
-  func validStream(lz4: [UInt8]? = nil) throws -> (bytes: [UInt8], at: [Int]) {
+  /// (partial) block, the END record; and where each record starts. With
+  /// `lineage`, a LINEAGE record follows the HEADER.
+  func validStream(lz4: [UInt8]? = nil, lineage: StreamFormat.Lineage? = nil) throws -> (bytes: [UInt8], at: [Int]) {
     let geometry = try BlockGeometry(blockSize: 4096, deviceSize: 10240)
     let header = StreamFormat.Header(
       geometry: geometry, streamID: ID128(high: 1, low: 2), started: Instant(nanosecondsSinceEpoch: 1),
@@ -31,10 +33,12 @@ final class FuzzRegressionTests: XCTestCase {
       out += StreamFormat.record(type, sequence: UInt64(at.count - 1), body: body)
     }
     add(.header, StreamFormat.headerBody(header))
+    if let lineage { add(.lineage, StreamFormat.lineageBody(lineage)) }
     add(.data, dataBody(block: 0, length: 4096, encoding: .raw, (0..<4096).map { UInt8($0 % 251) }))
     add(.data, dataBody(block: 1, length: 4096, encoding: .lz4, lz4 ?? compressedZeros()))
     add(.zero, StreamFormat.zeroBody(first: 2, count: 1))
-    let end = StreamFormat.End(dataBlocks: 2, zeroBlocks: 1, bytes: 10240, records: 4, digest: sha256(out))
+    let end = StreamFormat.End(
+      dataBlocks: 2, zeroBlocks: 1, bytes: 10240, records: UInt64(at.count), digest: sha256(out))
     add(.end, StreamFormat.endBody(end))
     return (out, at)
   }
@@ -75,6 +79,36 @@ final class FuzzRegressionTests: XCTestCase {
     XCTAssertNil(FuzzEntryPoints.parseStream(stream))
     XCTAssertNil(FuzzEntryPoints.checkStream(stream))
     XCTAssertEqual(FuzzEntryPoints.repairStreamChecksums(stream), stream)
+  }
+
+  static let lineage = StreamFormat.Lineage(
+    standsFor: ID128(high: 3, low: 4), standsForStarted: Instant(nanosecondsSinceEpoch: 1),
+    firstCompacted: ID128(high: 5, low: 6),
+    compactedCount: 2)
+
+  /// The seed of a compacted stream in fuzz/seeds: the valid stream with a
+  /// LINEAGE record, plaintext (the encrypted target seals it too) and
+  /// encrypted with the fuzz targets' key.
+  func testTheLineageSeedsAreAcceptedByBothReaders() throws {
+    let stream = try validStream(lineage: Self.lineage).bytes
+    XCTAssertNil(FuzzEntryPoints.parseStream(stream))
+    XCTAssertNil(FuzzEntryPoints.checkStream(stream))
+    let seeds = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+      .deletingLastPathComponent().appendingPathComponent("fuzz/seeds")
+    for target in ["stream", "stream-encrypted"] {
+      let seed = try Data(contentsOf: seeds.appendingPathComponent("\(target)/lineage.stream"))
+      XCTAssertEqual(Array(seed), stream, "fuzz/seeds/\(target)/lineage.stream is the stream built here")
+    }
+    let sealed = Array(try Data(contentsOf: seeds.appendingPathComponent("stream-encrypted/lineage-encrypted.stream")))
+    let key: [UInt8] = (1...32).map { UInt8($0) }
+    XCTAssertNil(FuzzEntryPoints.parseStream(sealed, key: key))
+    XCTAssertNil(FuzzEntryPoints.checkStream(sealed, key: key))
+    // It is the plaintext stream sealed: record 2 is a LINEAGE record (flags
+    // 0) of 48 bytes and a tag, after the CRYPTO record and the HEADER.
+    let crypto = 16 + 80 + 4
+    let header = 16 + 98 + 4 + 16 + 4
+    let lineageAt = 16 + crypto + header
+    XCTAssertEqual(Array(sealed[lineageAt..<lineageAt + 8]), le32(6) + le32(48 + 16))
   }
 
   func testStreamWithBadMagicOrNothing() {

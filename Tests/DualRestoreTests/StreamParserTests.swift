@@ -27,6 +27,7 @@ final class StreamParserTests: XCTestCase {
     case data(block: UInt64, length: Int, encoding: UInt8, payload: [UInt8])
     case zero(first: UInt64, count: UInt64)
     case end(StreamFormat.End)
+    case lineage(StreamFormat.Lineage)
     case skipped(UInt16)
 
     init(_ r: StreamParser.Record) {
@@ -37,6 +38,7 @@ final class StreamParserTests: XCTestCase {
         self = .data(block: block, length: length, encoding: encoding.rawValue, payload: Array(payload))
       case .zero(let first, let count): self = .zero(first: first, count: count)
       case .end(let e): self = .end(e)
+      case .lineage(let l): self = .lineage(l)
       case .skipped(let t): self = .skipped(t)
       }
     }
@@ -48,6 +50,7 @@ final class StreamParserTests: XCTestCase {
       case .data(let b, let l, let e, let p): return "data(\(b), \(l), enc \(e), \(p.count) bytes)"
       case .zero(let f, let c): return "zero(\(f), \(c))"
       case .end(let e): return "end(\(e.dataBlocks), \(e.zeroBlocks), \(e.bytes), \(e.records))"
+      case .lineage(let l): return "lineage(\(l.standsFor))"
       case .skipped(let t): return "skipped(\(t))"
       }
     }
@@ -60,6 +63,7 @@ final class StreamParserTests: XCTestCase {
       case .preamble: return "P"
       case .header: return "H"
       case .end: return "E"
+      case .lineage: return "L"
       case .skipped(let t): return "S\(t)"
       }
     }

@@ -14,7 +14,8 @@
 //   32      8     block count: ceil(device size / block size)
 //   40      8     set blocks (checked against the payload)
 //   48      16    map id
-//   64      16    id of the last stream merged into the device (zeros: none)
+//   64      16    id of the last stream merged into the device (zeros: none);
+//                 for a compacted stream, the stream it stands for
 //   80      8     tracking started: ns since 1970-01-01T00:00:00Z (0: unset)
 //   88      2     device name length N (at most 4096)
 //   90      N     device name, UTF-8 (for people: a path or URI)

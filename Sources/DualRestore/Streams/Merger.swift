@@ -10,7 +10,10 @@
 // - A damaged or truncated stream stops the merge; what was applied before is
 //   made durable and recorded, so a re-run with a good copy skips it.
 // - The map's last merged stream is set only when the END record and the
-//   stream digest have been verified.
+//   stream digest have been verified. A full stream with a LINEAGE record
+//   (a compaction) is recorded as the stream it stands for, whose end it
+//   equals, so that the incremental that followed that stream merges next;
+//   its time check takes the earlier of its own instant and that stream's.
 
 import CLZ4
 import CShim
@@ -49,6 +52,8 @@ public enum Merger {
 
   public struct Summary: Sendable {
     public var header: StreamFormat.Header?
+    /// The stream's LINEAGE record: it was recorded as `lineage.standsFor`.
+    public var lineage: StreamFormat.Lineage?
     public var written: UInt64 = 0
     public var skippedCurrent: UInt64 = 0
     public var zero: UInt64 = 0
@@ -84,6 +89,21 @@ public enum Merger {
     }
     guard let header else { throw ToolkitError("\(reader.name): no header") }
     summary.header = header
+    // A LINEAGE record can only come right after the header; it changes the
+    // checks and what is recorded, so look before anything is decided. The
+    // record read instead is the first the loop below takes (nothing reads
+    // between, so its payload stays where it is).
+    var held: StreamParser.Record?
+    if let record = try reader.next() {
+      if case .lineage(let l) = record { summary.lineage = l } else { held = record }
+    }
+    // What the checks and the map see: a compaction is the stream it stands
+    // for, and its blocks may be as old as that stream's start.
+    var admitted = header
+    if let l = summary.lineage {
+      admitted.streamID = l.standsFor
+      admitted.started = min(header.started, l.standsForStarted)
+    }
     // A map made now, from the stream's geometry (a mirror's first merge).
     if map == nil, let device = options.newMapDevice, let mapPath {
       try header.geometry.checkMappable()
@@ -92,11 +112,11 @@ public enum Merger {
     }
     var serverChecks = false
     if let session, target == nil {
-      target = try session.open(for: header, options: options)
+      target = try session.open(for: admitted, options: options)
       serverChecks = true
     }
     try checkFits(
-      header, reader: reader, target: target, map: map, options: options, serverChecks: serverChecks,
+      admitted, reader: reader, target: target, map: map, options: options, serverChecks: serverChecks,
       summary: &summary, warn: warn)
 
     let geometry = header.geometry
@@ -149,7 +169,7 @@ public enum Merger {
         if !options.mirror {
           for range in pending { m.bits.set(range) }
         }
-        if final && summary.complete { m.lastMergedStream = header.streamID }
+        if final && summary.complete { m.lastMergedStream = admitted.streamID }
         try MapFile.save(m, to: mapPath)
         map = m
       }
@@ -158,13 +178,18 @@ public enum Merger {
       lastCheckpoint = Instant.now()
     }
 
+    func takeHeld() -> StreamParser.Record? {
+      defer { held = nil }
+      return held
+    }
+
     let holdsBack = !options.mirror
     func isCurrent(_ b: UInt64) -> Bool { holdsBack && (map?.bits[b] ?? false) }
 
     do {
-      while let record = try reader.next() {
+      while let record = try takeHeld() ?? reader.next() {
         switch record {
-        case .preamble, .header, .skipped:
+        case .preamble, .header, .lineage, .skipped:
           continue
         case .data(let index, let length, let encoding, let payload):
           // Verify the block before deciding anything about it.
@@ -234,7 +259,7 @@ public enum Merger {
     }
     try checkpoint(final: true)
     if let session, writing {
-      summary.report = try session.finish(stream: header.streamID, complete: summary.complete)
+      summary.report = try session.finish(stream: admitted.streamID, complete: summary.complete)
     }
     meter.finish(reader.bytesRead)
     summary.streamBytes = reader.bytesRead

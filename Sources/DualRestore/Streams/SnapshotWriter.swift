@@ -30,13 +30,18 @@ public enum SnapshotWriter {
     public var progress: Bool
     /// Encrypt the stream with this key or passphrase.
     public var encryption: StreamSecret?
+    /// A compaction's: the LINEAGE record written right after the HEADER,
+    /// saying which stream's end this full stream equals. Only for a full
+    /// stream (no `baseStreamID`).
+    public var lineage: StreamFormat.Lineage?
 
     public init(
       blockSize: UInt32 = BlockGeometry.defaultBlockSize, selection: BlockMap? = nil, baseStreamID: ID128 = .none,
       compress: Bool = true, workers: Int = BlockHasher.defaultWorkers, progress: Bool = false,
-      encryption: StreamSecret? = nil
+      encryption: StreamSecret? = nil, lineage: StreamFormat.Lineage? = nil
     ) {
       self.encryption = encryption
+      self.lineage = lineage
       self.blockSize = blockSize
       self.selection = selection
       self.baseStreamID = baseStreamID
@@ -135,8 +140,18 @@ public enum SnapshotWriter {
     let states = (0..<slices).map { _ in AlignedBuffer(count: Int(LZ4_sizeofState()), alignment: 16) }
     let zeros = AlignedBuffer(count: blockSize)
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+    if let lineage = options.lineage {
+      // The parser's own checks, so that no stream is written that a reader refuses.
+      if header.isIncremental {
+        throw ToolkitError(
+          "a stream on top of stream \(header.baseStreamID) cannot carry a lineage; only a full stream can")
+      }
+      let body = StreamFormat.lineageBody(lineage)
+      try body.withUnsafeBytes { _ = try StreamFormat.decodeLineage($0, header: header) }
+    }
     let framer = try RecordFramer(
-      header: header, sink: sink, encryption: try options.encryption.map { try StreamCrypto.seal($0) })
+      header: header, lineage: options.lineage, sink: sink,
+      encryption: try options.encryption.map { try StreamCrypto.seal($0) })
 
     // The writer stage runs on its own thread, one chunk behind the
     // compression stage, and hands each framed chunk to a hashing thread
@@ -271,7 +286,8 @@ final class RecordFramer: @unchecked Sendable {
   let tail = SnapshotWriter.EncodedChunk(blocks: 1, bound: 0)
 
   init(
-    header: StreamFormat.Header, sink: OutputSink, encryption: (cryptoBody: [UInt8], cipher: RecordCipher)? = nil
+    header: StreamFormat.Header, lineage: StreamFormat.Lineage? = nil, sink: OutputSink,
+    encryption: (cryptoBody: [UInt8], cipher: RecordCipher)? = nil
   ) throws {
     self.sink = sink
     geometry = header.geometry
@@ -287,6 +303,15 @@ final class RecordFramer: @unchecked Sendable {
       try emit(StreamFormat.record(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
     }
     sequence += 1
+    if let lineage {
+      let body = StreamFormat.lineageBody(lineage)
+      if let cipher = encryption?.cipher {
+        try emit(cipher.sealedRecord(.lineage, sequence: sequence, body: body))
+      } else {
+        try emit(StreamFormat.record(.lineage, sequence: sequence, body: body))
+      }
+      sequence += 1
+    }
   }
 
   /// Seals a record whose 16 framing bytes and first 16 body bytes are at

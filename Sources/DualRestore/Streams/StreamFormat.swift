@@ -45,6 +45,15 @@
 //     12 4 reserved; 16 32 salt; 48 32 key check. In an encrypted stream
 //     every later body is AES-256-GCM ciphertext and a 16-byte tag, and the
 //     END record's digest is zeros (the tags take its place).
+//   6 LINEAGE, not critical, at most once, only in a full stream and only
+//     right after the HEADER (L = 48): the full stream is a compaction of a
+//     chain of streams and equals the device at the end of one of them.
+//     0 16 id of the stream whose end this stream equals (the chain end it
+//     stands for); 16 8 that stream's instant, ns, from its HEADER;
+//     24 16 id of the first stream compacted; 40 4 number of streams
+//     compacted, at least 1 (1: the first is the one stood for);
+//     44 4 reserved, 0. A reader that does not know it skips it and merges
+//     the stream as the plain full stream it is.
 //
 // Blocks appear in increasing order, each at most once. A stream without its
 // END record is incomplete and is never taken as whole.
@@ -65,6 +74,7 @@ public enum StreamFormat {
   static let dataFixedLength = 16
   static let zeroBodyLength = 16
   package static let endBodyLength = 64
+  package static let lineageBodyLength = 48
 
   public enum RecordType: UInt16, Sendable {
     case header = 1
@@ -72,6 +82,11 @@ public enum StreamFormat {
     case zero = 3
     case end = 4
     case crypto = 5
+    case lineage = 6
+
+    /// Whether a reader that does not know the type must stop: every type
+    /// but LINEAGE, which only adds to what a full stream already is.
+    public var isCritical: Bool { self != .lineage }
   }
 
   public static let criticalFlag: UInt16 = 1
@@ -118,6 +133,27 @@ public enum StreamFormat {
     public var isIncremental: Bool { !baseStreamID.isNone }
   }
 
+  /// What a LINEAGE record says: this full stream is a compaction of
+  /// `compactedCount` streams, from `firstCompacted` to `standsFor`, and
+  /// equals the device at the end of `standsFor`.
+  public struct Lineage: Equatable, Hashable, Sendable {
+    /// The stream whose end this stream equals: the chain end it stands for.
+    public var standsFor: ID128
+    /// When `standsFor` started reading (its HEADER's instant).
+    public var standsForStarted: Instant
+    /// The oldest stream compacted (a full stream): `standsFor` when only one was.
+    public var firstCompacted: ID128
+    /// How many streams were compacted, at least 1.
+    public var compactedCount: UInt32
+
+    public init(standsFor: ID128, standsForStarted: Instant, firstCompacted: ID128, compactedCount: UInt32) {
+      self.standsFor = standsFor
+      self.standsForStarted = standsForStarted
+      self.firstCompacted = firstCompacted
+      self.compactedCount = compactedCount
+    }
+  }
+
   public struct End: Equatable, Sendable {
     public var dataBlocks: UInt64
     public var zeroBlocks: UInt64
@@ -148,7 +184,8 @@ public enum StreamFormat {
     _ out: UnsafeMutableRawPointer, type: RecordType, bodyLength: Int, sequence: UInt64
   ) {
     out.storeBytes(of: type.rawValue.littleEndian, toByteOffset: 0, as: UInt16.self)
-    out.storeBytes(of: criticalFlag.littleEndian, toByteOffset: 2, as: UInt16.self)
+    let flags = type.isCritical ? criticalFlag : 0
+    out.storeBytes(of: flags.littleEndian, toByteOffset: 2, as: UInt16.self)
     out.storeBytes(of: UInt32(bodyLength).littleEndian, toByteOffset: 4, as: UInt32.self)
     out.storeBytes(of: sequence.littleEndian, toByteOffset: 8, as: UInt64.self)
   }
@@ -189,6 +226,16 @@ public enum StreamFormat {
     var w = ByteWriter()
     w.u64(first)
     w.u64(count)
+    return w.bytes
+  }
+
+  public static func lineageBody(_ l: Lineage) -> [UInt8] {
+    var w = ByteWriter()
+    w.id(l.standsFor)
+    w.i64(l.standsForStarted.nanosecondsSinceEpoch)
+    w.id(l.firstCompacted)
+    w.u32(l.compactedCount)
+    w.u32(0)
     return w.bytes
   }
 
@@ -254,6 +301,35 @@ public enum StreamFormat {
       geometry: geometry, streamID: streamID, baseStreamID: base,
       started: Instant(nanosecondsSinceEpoch: started), coverage: coverage, coveredBlocks: covered,
       compression: compression, sourceName: String(decoding: name, as: UTF8.self))
+  }
+
+  /// The LINEAGE body of a stream whose HEADER is `header`, checked on its own
+  /// (its place in the stream is the parser's to check); the sentence says why not.
+  static func decodeLineage(_ body: UnsafeRawBufferPointer, header: Header) throws(ToolkitError) -> Lineage {
+    guard body.count == lineageBodyLength else {
+      throw ToolkitError("LINEAGE record has \(body.count) bytes, not \(lineageBodyLength)")
+    }
+    var r = ByteReader(ArraySlice(body))
+    guard let standsFor = r.id(), let started = r.i64(), let first = r.id(), let count = r.u32(),
+      let reserved = r.u32()
+    else { throw ToolkitError("LINEAGE record is too short") }
+    guard reserved == 0 else { throw ToolkitError("LINEAGE record has reserved bytes that are not zero") }
+    guard !standsFor.isNone, !first.isNone else {
+      throw ToolkitError("LINEAGE record names no stream (an id of zeros)")
+    }
+    guard standsFor != header.streamID, first != header.streamID else {
+      throw ToolkitError("LINEAGE record names the stream's own id \(header.streamID); a stream cannot compact itself")
+    }
+    guard count >= 1 else { throw ToolkitError("LINEAGE record compacts 0 streams; at least 1 is needed") }
+    guard (count == 1) == (first == standsFor) else {
+      throw ToolkitError(
+        count == 1
+          ? "LINEAGE record compacts 1 stream but names two, \(first) and \(standsFor)"
+          : "LINEAGE record compacts \(count) streams but the first is the one it stands for, \(standsFor)")
+    }
+    return Lineage(
+      standsFor: standsFor, standsForStarted: Instant(nanosecondsSinceEpoch: started), firstCompacted: first,
+      compactedCount: count)
   }
 
   static func decodeEnd(_ body: UnsafeRawBufferPointer) -> End? {

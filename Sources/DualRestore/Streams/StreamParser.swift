@@ -8,7 +8,10 @@
 // Every record is checked before it is returned: framing, a body length
 // within bounds (before anything is allocated), its CRC-32C, its sequence
 // number, its place (HEADER first, END last, nothing after END), and for
-// known types the body's size and fields.
+// known types the body's size and fields. A LINEAGE record is checked like
+// any known type (size, fields, at most once, right after the HEADER, only
+// in a full stream, not naming the stream itself), though it is not
+// critical: a reader that does not know it skips it.
 //
 // An encrypted stream (preamble flag bit 0) is opened with the secret given
 // to `init(secret:)`: its CRYPTO record is checked against the key, and each
@@ -27,6 +30,9 @@ public struct StreamParser {
     /// A block; `payload` is raw or LZ4 as `encoding` says.
     case data(block: UInt64, length: Int, encoding: StreamFormat.DataEncoding, payload: UnsafeRawBufferPointer)
     case zero(first: UInt64, count: UInt64)
+    /// The full stream is a compaction that stands for the end of another
+    /// stream; right after the header, at most once.
+    case lineage(StreamFormat.Lineage)
     case end(StreamFormat.End)
     /// A record with nothing for the consumer: a type this version does not
     /// know and may skip, or the CRYPTO record, which the parser handles.
@@ -38,6 +44,10 @@ public struct StreamParser {
   /// Sequence number of the next record.
   public private(set) var sequence: UInt64 = 0
   public private(set) var header: StreamFormat.Header?
+  /// The LINEAGE record's, once seen.
+  public private(set) var lineage: StreamFormat.Lineage?
+  /// The sequence number of the HEADER, which a LINEAGE record follows.
+  private var headerSequence: UInt64 = 0
   public private(set) var sawEnd = false
   /// The next block a DATA or ZERO record may name (blocks only increase).
   private var nextBlock: UInt64 = 0
@@ -153,6 +163,22 @@ public struct StreamParser {
       guard header == nil else { throw fail("a second HEADER record") }
       record = .header(try StreamFormat.decodeHeader(body, at: position))
       if case .header(let h) = record { header = h }
+      headerSequence = sequence
+    case .lineage:
+      let h = try requireHeader()
+      guard lineage == nil else { throw fail("a second LINEAGE record") }
+      guard sequence == headerSequence + 1 else {
+        throw fail("a LINEAGE record after other records; it must follow the HEADER directly")
+      }
+      guard !h.isIncremental else {
+        throw fail(
+          "a LINEAGE record in an incremental stream (on top of stream \(h.baseStreamID)); only a full stream "
+            + "may stand for another")
+      }
+      let decoded: StreamFormat.Lineage
+      do { decoded = try StreamFormat.decodeLineage(body, header: h) } catch { throw fail(error.message) }
+      lineage = decoded
+      record = .lineage(decoded)
     case .data:
       let h = try requireHeader()
       guard length >= StreamFormat.dataFixedLength else { throw fail("DATA record is too short") }
