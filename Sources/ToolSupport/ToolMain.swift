@@ -79,6 +79,10 @@ public struct JSONObject {
   public mutating func add(_ key: String, _ value: Bool) { fields.append((key, value ? "true" : "false")) }
   public mutating func add(_ key: String, number: String) { fields.append((key, number)) }
   public mutating func add(_ key: String, object: JSONObject) { fields.append((key, object.render())) }
+  /// An array of values already rendered as JSON (objects, quoted strings).
+  public mutating func add(_ key: String, array rendered: [String]) {
+    fields.append((key, "[" + rendered.joined(separator: ", ") + "]"))
+  }
 
   public func render() -> String {
     "{" + fields.map { "\(JSONObject.quote($0.0)): \($0.1)" }.joined(separator: ", ") + "}"

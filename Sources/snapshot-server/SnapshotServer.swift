@@ -29,7 +29,7 @@ struct SnapshotServer: ParsableCommand {
       range requests through nbdkit's curl plugin \
       (nbdkit -U SOCK curl url=URL), one such export per stream.
       """,
-    subcommands: [Serve.self, Index.self, Compact.self])
+    subcommands: [Serve.self, Index.self, Compact.self, Retain.self])
 
   static func main() { ToolMain.run(Self.self) }
 }
@@ -87,8 +87,19 @@ struct StreamOptions: ParsableArguments {
     return found
   }
 
-  /// Opens every stream with its index, saying in the log what was done.
-  func open(log: @escaping @Sendable (String) -> Void) throws -> [StoredStream] {
+  /// The streams' heads (HEADER, LINEAGE), read first: a chain is checked
+  /// before any index is built.
+  func heads() throws -> [(source: BlockDevice, head: StoredStream.Head)] {
+    let secret = try key.load()
+    return try streams.map { location in
+      let source = try openSource(location)
+      return (source, try StoredStream.readHead(source, name: location, secret: secret))
+    }
+  }
+
+  /// Opens every stream with its index, saying in the log what was done;
+  /// with `chain`, the streams must form one, which is checked first.
+  func open(chain: Bool, log: @escaping @Sendable (String) -> Void) throws -> [StoredStream] {
     if let indexDir {
       var st = stat()
       guard stat(indexDir, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
@@ -97,11 +108,16 @@ struct StreamOptions: ParsableArguments {
     }
     let found = try indexesInDirectory()
     let secret = try key.load()
-    return try streams.map { location in
-      let source = try openSource(location)
+    let heads = try heads()
+    if chain {
+      try StreamChain.checkOrder(
+        zip(streams, heads).map { location, h in (location, h.head.header, h.head.standsFor) })
+    }
+    return try zip(streams, heads).map { location, h in
       let started = monotonicSeconds()
       let stream = try StoredStream(
-        source: source, name: location, secret: secret, indexPath: { indexPath(location, $0, found) }, log: log)
+        source: h.source, name: location, head: h.head, secret: secret,
+        indexPath: indexPath(location, h.head.header, found), log: log)
       switch stream.indexOrigin {
       case .loaded: break
       case .built(let kept, let why):
@@ -110,13 +126,13 @@ struct StreamOptions: ParsableArguments {
         let held = indexDir == nil ? ", held in memory (give --index-dir to keep it)" : ", held in memory"
         let whereKept = kept.map { ", kept in \($0)" } ?? held
         let records = stream.index.entries.count
-        log(
-          "\(location): \(why); indexed \(records) record(s) of \(formatBytes(source.size)) in \(seconds) s\(whereKept)"
-        )
+        let size = formatBytes(h.source.size)
+        log("\(location): \(why); indexed \(records) record(s) of \(size) in \(seconds) s\(whereKept)")
       }
       return stream
     }
   }
+
 }
 
 extension SnapshotServer {
@@ -155,7 +171,7 @@ extension SnapshotServer {
       let signals = StopSignals()
       let log: @Sendable (String) -> Void = { printError("snapshot-server: \($0)") }
       let serverTLS = try tls.serverTLS()
-      let chain = try StreamChain(try streams.open(log: log), log: log)
+      let chain = try StreamChain(try streams.open(chain: true, log: log), log: log)
       let listener = try serving.listener()
       let server = NBDServer(
         exports: [ChainExport(device: chain.device())], options: limits.serverOptions(tls: serverTLS), log: log)
@@ -192,7 +208,7 @@ extension SnapshotServer {
 
     func run() throws {
       let log: @Sendable (String) -> Void = { printError("snapshot-server: \($0)") }
-      let opened = try streams.open(log: log)
+      let opened = try streams.open(chain: false, log: log)
       let out = TextOutput()
       for s in opened {
         let id = s.identity
@@ -266,7 +282,7 @@ extension SnapshotServer {
 
     func run() throws {
       let log: @Sendable (String) -> Void = { printError("snapshot-server: \($0)") }
-      let chain = try StreamChain(try streams.open(log: log), log: log)
+      let chain = try StreamChain(try streams.open(chain: true, log: log), log: log)
       for s in chain.streams where samePath(s.name, output) {
         throw ToolkitError("the output \(output) is one of the streams of the chain")
       }
@@ -297,6 +313,95 @@ extension SnapshotServer {
         "snapshot-server: compacted \(chain.streams.count) stream(s) into \(output) (stream \(s.header.streamID), "
           + "\(s.dataBlocks) data and \(s.zeroBlocks) zero block(s), \(formatBytes(s.bytesOut)); "
           + "\(formatBytes(s.bytesRead)) of records read at \(formatBytes(speed))/s)")
+    }
+  }
+
+  struct Retain: ParsableCommand {
+    static let configuration = CommandConfiguration(
+      abstract: "List the stored streams a retention rule no longer needs.",
+      usage: "snapshot-server retain (--keep-last N | --keep-daily D) [options] STREAM...",
+      discussion: """
+        STREAM... are all the streams of a store, in any order: full \
+        streams, incrementals and compacted streams. A point is the state \
+        of the device after a stream; it is kept when it is one of the last \
+        --keep-last N points, or the newest point of one of the last \
+        --keep-daily D days (UTC, counted back from today); the newest point \
+        is always kept. Each kept point needs the shortest chain of streams \
+        that rebuilds it (a compacted stream, made by compact, stands for the \
+        chain it replaced). The streams no kept point needs are listed as \
+        deletable, each with the reason; deleting them is the operator's \
+        (rm, or aws s3 rm for objects). Only the streams' first bytes are \
+        read (the HEADER and LINEAGE records); encrypted streams need the key.
+
+        A stream whose base is not in the store, or whose description does \
+        not hold together, is reported and is in neither list, and the \
+        command exits 1.
+        """)
+
+    @Option(help: ArgumentHelp("Keep the last N points.", valueName: "n"))
+    var keepLast: Int?
+    @Option(help: ArgumentHelp("Keep the newest point of each of the last D days (UTC).", valueName: "days"))
+    var keepDaily: Int?
+    @Flag(help: "Print the plan as one JSON object on standard output.")
+    var json = false
+    @OptionGroup var key: KeyOptions
+    @Argument(help: ArgumentHelp("Every stream of the store, in any order: files or NBD URIs.", valueName: "stream"))
+    var streams: [String] = []
+
+    func validate() throws {
+      if keepLast == nil && keepDaily == nil { throw ValidationError("give --keep-last N or --keep-daily D") }
+      if let keepLast, keepLast < 1 || keepLast > 1_000_000 {
+        throw ValidationError("--keep-last \(keepLast) is out of range (1 to 1000000)")
+      }
+      if let keepDaily, keepDaily < 1 || keepDaily > 100_000 {
+        throw ValidationError("--keep-daily \(keepDaily) is out of range (1 to 100000)")
+      }
+      if streams.isEmpty { throw ValidationError("give the streams of the store") }
+    }
+
+    func run() throws {
+      let secret = try key.load()
+      let described = try streams.map { location -> ChainRetention.Stream in
+        let head = try StoredStream.readHead(try openSource(location), name: location, secret: secret)
+        return ChainRetention.Stream(
+          name: location, id: head.header.streamID, base: head.header.baseStreamID, lineage: head.lineage,
+          started: head.header.started)
+      }
+      let plan = ChainRetention.plan(
+        described, rule: ChainRetention.Rule(keepLast: keepLast ?? 0, keepDaily: keepDaily ?? 0))
+      let out = TextOutput()
+      if json {
+        var o = JSONObject()
+        o.add(
+          "kept_points",
+          array: plan.kept.map { p in
+            var k = JSONObject()
+            k.add("stream_id", p.id.description)
+            k.add("started", p.started.description)
+            k.add("chain", array: p.chain.map { JSONObject.quote($0.name) })
+            return k.render()
+          })
+        o.add("needed", array: plan.needed.map { JSONObject.quote($0.name) })
+        o.add(
+          "deletable",
+          array: plan.deletable.map { d in
+            var k = JSONObject()
+            k.add("stream", d.stream.name)
+            k.add("stream_id", d.stream.id.description)
+            k.add("reason", d.reason.description)
+            return k.render()
+          })
+        o.add("errors", array: plan.errors.map { JSONObject.quote($0) })
+        try out.line(o.render())
+      } else {
+        for p in plan.kept {
+          try out.line("keep point \(p.id) of \(p.started): \(p.chain.map { $0.name }.joined(separator: " "))")
+        }
+        for d in plan.deletable { try out.line("deletable \(d.stream.name): \(d.reason)") }
+      }
+      try out.flush()
+      for e in plan.errors { printError("snapshot-server: \(e)") }
+      if !plan.errors.isEmpty { throw ExitCode(1) }
     }
   }
 }

@@ -28,6 +28,8 @@ function __snapshot-server_parse_tokens -S
             __snapshot-server_parse_subcommand -r 1 'index-dir=' 'key-file=' 'passphrase-file=' 'json' 'h/help'
         case 'compact'
             __snapshot-server_parse_subcommand -r 1 'o/output=' 'progress' 'q/quiet' 'json' 'index-dir=' 'key-file=' 'passphrase-file=' 'h/help'
+        case 'retain'
+            __snapshot-server_parse_subcommand -r 1 'keep-last=' 'keep-daily=' 'json' 'key-file=' 'passphrase-file=' 'h/help'
         case 'help'
             __snapshot-server_parse_subcommand -r 1 
         end
@@ -87,6 +89,7 @@ complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server" -eq 1' -fa 'serve' -d 'Export a chain of stored streams over NBD, read-only.'
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server" -eq 1' -fa 'index' -d 'Build or check the indexes of stored streams.'
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server" -eq 1' -fa 'compact' -d 'Write a chain of stored streams out as one full stream.'
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server" -eq 1' -fa 'retain' -d 'List the stored streams a retention rule no longer needs.'
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server" -eq 1' -fa 'help' -d 'Show subcommand help information.'
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server serve" socket' -l 'socket' -d 'Serve on this Unix socket.' -rfka ''
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server serve" listen' -l 'listen' -d 'Serve on TCP HOST:PORT (HOST defaults to 127.0.0.1).' -rfka ''
@@ -117,3 +120,9 @@ complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server compact" passphrase-file' -l 'passphrase-file' -d 'Read the passphrase from this file (its content less one trailing newline, 1 to 1024 bytes); the key is derived from it with scrypt. Never from the command line or the environment.' -rF
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_positional "snapshot-server compact" -ge 1' -F
 complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server compact" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server retain" keep-last' -l 'keep-last' -d 'Keep the last N points.' -rfka ''
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server retain" keep-daily' -l 'keep-daily' -d 'Keep the newest point of each of the last D days (UTC).' -rfka ''
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server retain" json' -l 'json' -d 'Print the plan as one JSON object on standard output.'
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server retain" key-file' -l 'key-file' -d 'Read the stream\'s 256-bit key from this file: exactly 32 raw bytes, or 64 hex digits and an optional newline (openssl rand -hex 32 > FILE). Keys are read from files only, never from the command line or the environment.' -rF
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server retain" passphrase-file' -l 'passphrase-file' -d 'Read the passphrase from this file (its content less one trailing newline, 1 to 1024 bytes); the key is derived from it with scrypt. Never from the command line or the environment.' -rF
+complete -c 'snapshot-server' -n '__snapshot-server_should_offer_completions_for_flags_or_options "snapshot-server retain" h help' -s 'h' -l 'help' -d 'Show help information.'

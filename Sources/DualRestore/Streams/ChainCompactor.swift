@@ -29,6 +29,8 @@ extension StreamChain {
     /// DATA records taken from each stream, oldest first.
     public var recordsFrom: [UInt64]
     public var seconds: Double = 0
+    /// The LINEAGE record the new stream carries.
+    public var lineage: StreamFormat.Lineage? = nil
   }
 
   /// Writes the chain's end to `sink` as one full stream, encrypted with
@@ -41,8 +43,19 @@ extension StreamChain {
     let header = StreamFormat.Header(
       geometry: geometry, started: newest.started, coverage: .all, coveredBlocks: geometry.blockCount,
       compression: .lz4, sourceName: sourceName)
-    let emitter = try RecordEmitter(header: header, sink: sink, encryption: encryption)
+    // The new stream stands for the chain's end, so that the incrementals
+    // made after it follow it; it compacts every stream the chain's
+    // streams compacted.
+    let first = streams[0]
+    let end = streams[streams.count - 1]
+    let lineage = StreamFormat.Lineage(
+      standsFor: end.lineage?.standsFor ?? end.header.streamID,
+      standsForStarted: end.lineage?.standsForStarted ?? end.header.started,
+      firstCompacted: first.lineage?.firstCompacted ?? first.header.streamID,
+      compactedCount: streams.reduce(0) { $0 + ($1.lineage?.compactedCount ?? 1) })
+    let emitter = try RecordEmitter(header: header, lineage: lineage, sink: sink, encryption: encryption)
     var summary = CompactionSummary(header: header, recordsFrom: Array(repeating: 0, count: streams.count))
+    summary.lineage = lineage
     let scratch = ChainReaderScratch(streams: streams.count)
     let meter = ProgressMeter(label: "compact", total: geometry.deviceSize, enabled: progress)
     var zeroStart: UInt64 = 0
@@ -151,7 +164,13 @@ final class RecordEmitter: @unchecked Sendable {
   private var blockBytes: UInt64 = 0
   private let tagLength: Int
 
-  init(header: StreamFormat.Header, sink: OutputSink, encryption: StreamSecret?) throws {
+  init(
+    header: StreamFormat.Header, lineage: StreamFormat.Lineage?, sink: OutputSink, encryption: StreamSecret?
+  ) throws {
+    if let lineage {
+      // The parser's own checks, so that no stream is written that a reader refuses.
+      try StreamFormat.lineageBody(lineage).withUnsafeBytes { _ = try StreamFormat.decodeLineage($0, header: header) }
+    }
     self.sink = sink
     geometry = header.geometry
     buffer = AlignedBuffer(count: 8 << 20)
@@ -168,6 +187,13 @@ final class RecordEmitter: @unchecked Sendable {
       try put(StreamFormat.record(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
     }
     sequence += 1
+    if let lineage {
+      let body = StreamFormat.lineageBody(lineage)
+      try put(
+        sealed.map { $0.cipher.sealedRecord(.lineage, sequence: sequence, body: body) }
+          ?? StreamFormat.record(.lineage, sequence: sequence, body: body))
+      sequence += 1
+    }
   }
 
   private func put(_ bytes: [UInt8]) throws {

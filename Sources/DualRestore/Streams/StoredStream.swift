@@ -18,6 +18,8 @@ public final class StoredStream: Sendable {
   public let name: String
   public let source: BlockDevice
   public let header: StreamFormat.Header
+  /// The LINEAGE record of a compacted stream.
+  public let lineage: StreamFormat.Lineage?
   public let index: StreamIndexFormat.Index
   /// The cipher of an encrypted stream, as opened from its CRYPTO record;
   /// readers take their own with `another()`.
@@ -33,19 +35,38 @@ public final class StoredStream: Sendable {
   }
   public let indexOrigin: IndexOrigin
 
+  /// What the first bytes of a stream say: its HEADER, the LINEAGE record
+  /// of a compacted stream, and the cipher of an encrypted one.
+  public struct Head: Sendable {
+    public let header: StreamFormat.Header
+    public let lineage: StreamFormat.Lineage?
+    let cipher: RecordCipher?
+    /// The stream whose end this one's stands for besides its own (zeros: none).
+    public var standsFor: ID128 { lineage?.standsFor ?? .none }
+  }
+
   /// Opens the stream on `source`. `indexPath` says, from the stream's
   /// HEADER, where its index is looked for and kept (nil: built and held in
   /// memory only).
-  public init(
+  public convenience init(
     source: BlockDevice, name: String, secret: StreamSecret?,
     indexPath indexPathOf: (StreamFormat.Header) -> String?, log: @Sendable (String) -> Void = { _ in }
   ) throws {
+    let head = try StoredStream.readHead(source, name: name, secret: secret)
+    try self.init(
+      source: source, name: name, head: head, secret: secret, indexPath: indexPathOf(head.header), log: log)
+  }
+
+  /// Opens the stream on `source` whose head has been read.
+  public init(
+    source: BlockDevice, name: String, head: Head, secret: StreamSecret?, indexPath: String?,
+    log: @Sendable (String) -> Void = { _ in }
+  ) throws {
     self.source = source
     self.name = name
-    let head = try StoredStream.readHead(source, name: name, secret: secret)
     header = head.header
+    lineage = head.lineage
     cipher = head.cipher
-    let indexPath = indexPathOf(head.header)
     let endCRC = try StoredStream.endCRC(source, name: name)
 
     var why = "no index was kept"
@@ -59,7 +80,7 @@ public final class StoredStream: Sendable {
           why = "the index \(indexPath) is not authenticated by the stream's key (altered, or made for another stream)"
         } else if id.streamID == header.streamID && id.baseStreamID == header.baseStreamID
           && id.streamLength == source.size && id.endCRC == endCRC && id.geometry == header.geometry
-          && id.encrypted == (cipher != nil)
+          && id.encrypted == (cipher != nil) && id.standsFor == head.standsFor
         {
           index = loaded
           indexOrigin = .loaded(indexPath)
@@ -88,11 +109,9 @@ public final class StoredStream: Sendable {
     indexOrigin = .built(kept: kept, why: why)
   }
 
-  /// The preamble, the CRYPTO record of an encrypted stream and the HEADER,
-  /// parsed from the first bytes of the stream.
-  static func readHead(_ source: BlockDevice, name: String, secret: StreamSecret?) throws -> (
-    header: StreamFormat.Header, cipher: RecordCipher?
-  ) {
+  /// The preamble, the CRYPTO record of an encrypted stream, the HEADER and
+  /// a LINEAGE record after it, parsed from the first bytes of the stream.
+  public static func readHead(_ source: BlockDevice, name: String, secret: StreamSecret?) throws -> Head {
     var parser = StreamParser(secret: secret)
     var want = Int(min(source.size, 16 << 10))
     while true {
@@ -103,16 +122,37 @@ public final class StoredStream: Sendable {
       parser = StreamParser(secret: secret)
       var used = 0
       do {
-        while let (record, consumed) = try parser.next(UnsafeRawBufferPointer(rebasing: window[used...])) {
+        var header: StreamFormat.Header?
+        while true {
+          let rest = UnsafeRawBufferPointer(rebasing: window[used...])
+          guard let (record, consumed) = try parser.next(rest) else {
+            // The record after the HEADER is not all here: a LINEAGE record
+            // (small) is read whole below; any other record says there is none.
+            if let header, rest.count >= 2,
+              rest.loadUnaligned(as: UInt16.self).littleEndian != StreamFormat.RecordType.lineage.rawValue
+            {
+              return Head(header: header, lineage: nil, cipher: parser.recordCipher)
+            }
+            break
+          }
           used += consumed
-          if case .header(let h) = record { return (h, parser.recordCipher) }
+          switch record {
+          case .header(let h): header = h
+          case .lineage(let l):
+            // The parser takes a LINEAGE record only right after the HEADER.
+            if let header { return Head(header: header, lineage: l, cipher: parser.recordCipher) }
+          case .preamble, .skipped: break
+          default:
+            if let header { return Head(header: header, lineage: nil, cipher: parser.recordCipher) }
+          }
         }
-        try parser.finish(leftover: want - used)
+        if want == Int(source.size) { try parser.finish(leftover: want - used) }
       } catch let error as ToolkitError {
         throw ToolkitError("\(name): \(error.message)")
       }
-      // The HEADER is longer than what was read: read as much as it can be.
-      let most = Int(min(source.size, UInt64(StreamFormat.maximumNameLength + 4096)))
+      // The HEADER is longer than what was read: read as much as it and a
+      // LINEAGE record can be.
+      let most = Int(min(source.size, UInt64(StreamFormat.maximumNameLength + 8192)))
       guard want < most else { throw ToolkitError("\(name): the stream has no HEADER record") }
       want = most
     }
@@ -136,6 +176,7 @@ public final class StoredStream: Sendable {
     let reader = StreamReader(device: source, name: name, secret: secret)
     var entries: [StreamIndexFormat.Entry] = []
     var header: StreamFormat.Header?
+    var standsFor = ID128.none
     var data: UInt64 = 0
     var zero: UInt64 = 0
     let maximumRun = UInt64(UInt32.max)
@@ -162,6 +203,7 @@ public final class StoredStream: Sendable {
           at += n
         }
         zero += count
+      case .lineage(let l): standsFor = l.standsFor
       case .preamble, .end, .skipped: break
       }
     }
@@ -171,7 +213,8 @@ public final class StoredStream: Sendable {
     }
     let identity = StreamIndexFormat.Identity(
       streamID: header.streamID, baseStreamID: header.baseStreamID, streamLength: source.size, endCRC: endCRC,
-      geometry: header.geometry, started: header.started, encrypted: reader.recordCipher != nil)
+      geometry: header.geometry, started: header.started, encrypted: reader.recordCipher != nil,
+      standsFor: standsFor)
     return StreamIndexFormat.Index(identity: identity, entries: entries, dataBlocks: data, zeroBlocks: zero)
   }
 }

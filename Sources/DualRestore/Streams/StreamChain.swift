@@ -38,6 +38,20 @@ public final class StreamChain: Sendable {
   /// Checks that `streams` (oldest first) form a chain.
   public init(_ streams: [StoredStream], log: @escaping @Sendable (String) -> Void = { _ in }) throws {
     guard let first = streams.first, let last = streams.last else { throw ToolkitError("no stream to serve") }
+    try StreamChain.checkOrder(streams.map { ($0.name, $0.header, $0.identity.standsFor) })
+    self.streams = streams
+    self.geometry = first.header.geometry
+    self.name = last.name
+    self.log = log
+    self.checkedZeros = streams.map { _ in Locked(Set<Int>()) }
+  }
+
+  /// Checks that streams (oldest first; each a name, its HEADER and the
+  /// stream its end stands for besides its own) form a chain: one
+  /// geometry, a full stream first, each next stream on top of the one
+  /// before it. Throws the sentence that says which does not follow.
+  public static func checkOrder(_ streams: [(name: String, header: StreamFormat.Header, standsFor: ID128)]) throws {
+    guard let first = streams.first else { throw ToolkitError("no stream to serve") }
     guard first.header.baseStreamID.isNone else {
       throw ToolkitError(
         "\(first.name) is an incremental stream on top of stream \(first.header.baseStreamID); "
@@ -61,18 +75,15 @@ public final class StreamChain: Sendable {
       }
       let follows =
         s.header.baseStreamID == before.header.streamID
-        || (!before.identity.standsFor.isNone && s.header.baseStreamID == before.identity.standsFor)
+        || (!before.standsFor.isNone && s.header.baseStreamID == before.standsFor)
       guard follows else {
         throw ToolkitError(
           "\(s.name) applies on top of stream \(s.header.baseStreamID), but the stream before it, \(before.name), "
-            + "is \(before.header.streamID); a stream of the chain is missing or out of order")
+            + "is \(before.header.streamID)"
+            + (before.standsFor.isNone ? "" : " (standing for \(before.standsFor))")
+            + "; a stream of the chain is missing or out of order")
       }
     }
-    self.streams = streams
-    self.geometry = first.header.geometry
-    self.name = last.name
-    self.log = log
-    self.checkedZeros = streams.map { _ in Locked(Set<Int>()) }
   }
 
   /// The newest stream holding `block` and its entry there.
