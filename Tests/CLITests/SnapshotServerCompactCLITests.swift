@@ -10,6 +10,8 @@
 // with nothing written; retain lists what a rule no longer needs, and no
 // stream a kept point's chain needs, the chains served and compared with
 // the device as it was; and compaction's memory stays within its bound.
+// A record damaged right after a stream's HEADER, served, is a known
+// defect: its test runs with DR_KNOWN_DEFECTS set.
 
 import DualRestore
 import Foundation
@@ -269,6 +271,13 @@ final class SnapshotServerCompactCLITests: CLITestCase {
     let rest = (4...7).map { f.stream($0) }
     try server.start(["--index-dir", idx, c] + rest)
     XCTAssertTrue(server.log.contains("serving 5 stream(s) ending with \(f.stream(7))"), server.log)
+    try sh("bitmap-diff --quiet '\(server.uri)' '\(f.device)'", in: s)
+    server.stop()
+    // C compacted alone stands for what C stands for: s4 follows it too.
+    let again = s.path("again.stream")
+    XCTAssertEqual(try compact(f, s, [c], to: again)["streams"] as? Int, 1)
+    XCTAssertEqual(try StreamHead(again).lineage, head.lineage)
+    try server.start(["--index-dir", idx, again] + rest)
     try sh("bitmap-diff --quiet '\(server.uri)' '\(f.device)'", in: s)
     server.stop()
     // A stream after C that does not follow it is still refused.
@@ -653,32 +662,38 @@ final class SnapshotServerCompactCLITests: CLITestCase {
     }
     try run(s, "snapshot", ["--quiet", "--map", "m1.map", "--base", id0, "-o", "s1.stream", "dev.img"])
     try FileManager.default.createDirectory(atPath: s.path("idx"), withIntermediateDirectories: true)
-    try run(s, "snapshot-server", ["index", "--index-dir", "idx", "s0.stream", "s1.stream"])
+
+    // Compacted twice under /usr/bin/time: first building the indexes in
+    // the same run, then with them loaded.
+    var summaries: [[String: Any]] = []
+    var peaks: [Int] = []
+    for output in ["first.stream", "c.stream"] {
+      let r = try run(
+        s, "/usr/bin/time",
+        [
+          "-f", "%M", "-o", "rss", Tools.path("snapshot-server"), "compact", "--json", "--quiet", "--index-dir",
+          "idx", "-o", output, "s0.stream", "s1.stream",
+        ])
+      summaries.append(try json(r))
+      let kib = try String(contentsOfFile: s.path("rss"), encoding: .utf8).trimmingCharacters(
+        in: .whitespacesAndNewlines)
+      peaks.append(try XCTUnwrap(Int(kib), "/usr/bin/time said \(kib)") * 1024)
+    }
     let indexBytes = try FileManager.default.contentsOfDirectory(atPath: s.path("idx")).reduce(0) {
       $0 + (try FileManager.default.attributesOfItem(atPath: s.path("idx/\($1)"))[.size] as? Int ?? 0)
     }
-
-    let r = try run(
-      s, "/usr/bin/time",
-      [
-        "-f", "%M", "-o", "rss", Tools.path("snapshot-server"), "compact", "--json", "--quiet", "--index-dir", "idx",
-        "-o", "c.stream", "s0.stream", "s1.stream",
-      ])
-    let o = try json(r)
-    let rss =
-      try XCTUnwrap(
-        Int(try String(contentsOfFile: s.path("rss"), encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
-      * 1024
-    let seconds = o["seconds"] as? Double ?? 0
     let bound = (100 << 20) + indexBytes
-    print(
-      "snapshot-server compact of a 256 MiB device (2 streams, \(indexBytes) bytes of indexes): max RSS "
-        + "\(rss >> 20) MiB (bound \(bound >> 20) MiB), \(o["bytes_read"] ?? 0) bytes read in \(seconds) s")
-    XCTAssertLessThan(rss, bound, "max RSS of compact")
-    XCTAssertEqual((o["data_blocks"] as? Int ?? 0) + (o["zero_blocks"] as? Int ?? 0), size / 65536, "\(o)")
+    for (o, (peak, how)) in zip(summaries, zip(peaks, ["building the indexes", "with the indexes loaded"])) {
+      print(
+        "snapshot-server compact of a 256 MiB device (2 streams, \(indexBytes) bytes of indexes), \(how): "
+          + "max RSS \(peak >> 20) MiB (bound \(bound >> 20) MiB); \(o["bytes_read"] ?? 0) bytes of records "
+          + "read in \(o["seconds"] ?? 0) s")
+      XCTAssertLessThan(peak, bound, "max RSS of compact, \(how)")
+      XCTAssertEqual((o["data_blocks"] as? Int ?? 0) + (o["zero_blocks"] as? Int ?? 0), size / 65536, "\(o)")
+    }
     try sh(
-      "truncate -s \(size) merged.img && merge-snapshot --quiet -i c.stream merged.img && cmp merged.img dev.img", in: s
-    )
+      "truncate -s \(size) merged.img && "
+        + "merge-snapshot --quiet -i c.stream merged.img && cmp merged.img dev.img", in: s)
   }
 }
 
