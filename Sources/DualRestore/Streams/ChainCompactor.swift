@@ -75,6 +75,9 @@ extension StreamChain {
       }
     }
 
+    // Per stream, the zero runs checked so far: a run that newer blocks
+    // interrupt is met again, and read once.
+    var checkedZeros = Array(repeating: Set<Int>(), count: streams.count)
     var block: UInt64 = 0
     let count = geometry.blockCount
     while block < count {
@@ -88,11 +91,13 @@ extension StreamChain {
       let entries = stream.index.entries
       let entry = entries[e]
       if entry.type == .zero {
-        do {
-          try checkZero(s, e, scratch)
-        } catch {
-          throw ToolkitError(
-            "\(stream.name): \(describe(entry)): the zero run cannot be read back; nothing was compacted")
+        if !checkedZeros[s].contains(e) {
+          do {
+            try checkZeroRecord(s, entry, scratch)
+          } catch let fault as RecordFault {
+            throw ToolkitError("\(stream.name): \(describe(entry)): \(fault.why); nothing was compacted")
+          }
+          checkedZeros[s].insert(e)
         }
         let stop = min(entry.endBlock, nextHeldBlock(after: block, newerThan: s))
         try addZeros(block, stop - block)
@@ -143,6 +148,27 @@ extension StreamChain {
     summary.bytesOut = sink.bytesWritten
     summary.seconds = started.secondsAgo
     return summary
+  }
+
+  /// Reads the ZERO record of `entry` in stream `s` and checks it as a read
+  /// does (framing, CRC, tag, the run the index names), throwing
+  /// RecordFault with why: a compaction stops with one sentence, without
+  /// the line a server logs for reads that fail.
+  private func checkZeroRecord(_ s: Int, _ entry: StreamIndexFormat.Entry, _ scratch: ChainReaderScratch) throws {
+    let stream = streams[s]
+    let record = scratch.records(Int(entry.length))
+    do {
+      try stream.source.read(
+        into: UnsafeMutableRawBufferPointer(start: record, count: Int(entry.length)), at: entry.offset)
+    } catch {
+      throw ToolkitError("\(stream.name): the stored stream could not be read at byte \(entry.offset): \(error)")
+    }
+    let body = try open(record, entry, stream: s, scratch: scratch)
+    guard body.count == StreamFormat.zeroBodyLength else { throw RecordFault("the ZERO record is malformed") }
+    let first = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
+    let count = body.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
+    guard first <= entry.firstBlock, count >= entry.blockCount, entry.firstBlock - first <= count - entry.blockCount
+    else { throw RecordFault("the zero run of blocks \(first) to \(first &+ count) is not the one the index names") }
   }
 }
 
