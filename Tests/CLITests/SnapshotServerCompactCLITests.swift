@@ -10,8 +10,8 @@
 // with nothing written; retain lists what a rule no longer needs, and no
 // stream a kept point's chain needs, the chains served and compared with
 // the device as it was; and compaction's memory stays within its bound.
-// A record damaged right after a stream's HEADER, served, is a known
-// defect: its test runs with DR_KNOWN_DEFECTS set.
+// A record damaged right after a stream's HEADER fails only its blocks when
+// served.
 
 import DualRestore
 import Foundation
@@ -423,15 +423,9 @@ final class SnapshotServerCompactCLITests: CLITestCase {
   /// A damaged record right after a stream's HEADER is a record like any
   /// other once the stream is indexed: served, its own blocks fail with EIO
   /// and the rest of the device reads on. Opening a stream reads its head
-  /// (StoredStream.readHead), which today parses, and so checks, the record
-  /// after the HEADER too, and refuses the whole chain: a known defect,
-  /// skipped unless DR_KNOWN_DEFECTS is set.
+  /// (StoredStream.readHead), which parses a LINEAGE record after the HEADER
+  /// and no other: a damaged first DATA record must not refuse the chain.
   func testADamagedRecordRightAfterTheHeaderFailsOnlyItsBlocksWhenServed() throws {
-    guard ProcessInfo.processInfo.environment["DR_KNOWN_DEFECTS"] != nil else {
-      throw XCTSkip(
-        "known defect: StoredStream.readHead checks the record after the HEADER, so a damaged first record "
-          + "refuses the whole chain (set DR_KNOWN_DEFECTS=1 to run)")
-    }
     guard (try? RRTCommand.run("/usr/bin/python3", ["-c", "import nbd"], timeout: 20))?.status == 0 else {
       throw XCTSkip("/usr/bin/python3 with libnbd's nbd module (python3-libnbd) is needed")
     }

@@ -163,12 +163,7 @@ extension StreamChain {
     } catch {
       throw ToolkitError("\(stream.name): the stored stream could not be read at byte \(entry.offset): \(error)")
     }
-    let body = try open(record, entry, stream: s, scratch: scratch)
-    guard body.count == StreamFormat.zeroBodyLength else { throw RecordFault("the ZERO record is malformed") }
-    let first = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
-    let count = body.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
-    guard first <= entry.firstBlock, count >= entry.blockCount, entry.firstBlock - first <= count - entry.blockCount
-    else { throw RecordFault("the zero run of blocks \(first) to \(first &+ count) is not the one the index names") }
+    try checkZeroRun(try open(record, entry, stream: s, scratch: scratch), entry)
   }
 }
 

@@ -125,6 +125,14 @@ public final class StoredStream: Sendable {
         var header: StreamFormat.Header?
         while true {
           let rest = UnsafeRawBufferPointer(rebasing: window[used...])
+          // After the HEADER only a LINEAGE record is parsed here: any other
+          // record is the first of the blocks, checked when it is read (a
+          // damaged one fails its own blocks, not the whole stream).
+          if let header, rest.count >= 2,
+            rest.loadUnaligned(as: UInt16.self).littleEndian != StreamFormat.RecordType.lineage.rawValue
+          {
+            return Head(header: header, lineage: nil, cipher: parser.recordCipher)
+          }
           guard let (record, consumed) = try parser.next(rest) else {
             // The record after the HEADER is not all here: a LINEAGE record
             // (small) is read whole below; any other record says there is none.

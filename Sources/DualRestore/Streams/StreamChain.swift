@@ -283,16 +283,21 @@ public final class StreamChain: Sendable {
       throw DeviceError(name, .io(EIO), "reading \(stream.name)")
     }
     do {
-      let body = try open(record, entry, stream: s, scratch: scratch)
-      guard body.count == StreamFormat.zeroBodyLength else { throw RecordFault("the ZERO record is malformed") }
-      let first = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
-      let count = body.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
-      guard first <= entry.firstBlock, count >= entry.blockCount, entry.firstBlock - first <= count - entry.blockCount
-      else { throw RecordFault("the zero run of blocks \(first) to \(first &+ count) is not the one the index names") }
+      try checkZeroRun(try open(record, entry, stream: s, scratch: scratch), entry)
     } catch let fault as RecordFault {
       throw fail(stream, entry, fault.why)
     }
     _ = checkedZeros[s].withLock { $0.insert(e) }
+  }
+
+  /// Checks a ZERO body against its entry: the run covers the entry's
+  /// blocks. Throws RecordFault.
+  func checkZeroRun(_ body: UnsafeRawBufferPointer, _ entry: StreamIndexFormat.Entry) throws {
+    guard body.count == StreamFormat.zeroBodyLength else { throw RecordFault("the ZERO record is malformed") }
+    let first = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
+    let count = body.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
+    guard first <= entry.firstBlock, count >= entry.blockCount, entry.firstBlock - first <= count - entry.blockCount
+    else { throw RecordFault("the zero run of blocks \(first) to \(first &+ count) is not the one the index names") }
   }
 
   /// "record 12 at byte 65572", for messages.
