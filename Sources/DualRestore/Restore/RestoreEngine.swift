@@ -54,8 +54,9 @@ public final class RestoreEngine: Sendable {
     /// Streams whose merge was admitted since the server started, with what
     /// the merge export did with their blocks since the last admission.
     var admittedStreams: [ID128: MergeReport] = [:]
-    // Read-ahead of sequential misses.
-    var recentMissEnds: [UInt64] = []
+    // Read-ahead of sequential misses: where recent misses ended, and how
+    // many misses in a row led there.
+    var recentMissEnds: [(end: UInt64, streak: Int)] = []
     var aheadUntil: UInt64 = 0
     /// Fetches in progress: read-ahead only helps a reader that keeps few
     /// requests in flight; one that keeps many is its own read-ahead.
@@ -233,14 +234,20 @@ public final class RestoreEngine: Sendable {
     }
   }
 
-  /// Notes a miss; when it continues an earlier one, schedules the blocks
-  /// after it so a sequential reader finds them current.
+  /// Notes a miss; when it continues a run of two earlier ones, schedules
+  /// the blocks after it so a sequential reader finds them current. Two,
+  /// not one: a random reader whose miss happens to follow one of the
+  /// recent misses must not fetch a window it will not read.
   private func noteMiss(_ run: Range<UInt64>) {
     let ranges: [Range<UInt64>] = state.withLock { s in
+      var streak = 1
+      if let i = s.recentMissEnds.firstIndex(where: { $0.end == run.lowerBound }) {
+        streak = s.recentMissEnds[i].streak + 1
+        s.recentMissEnds.remove(at: i)
+      }
       let sequential =
-        s.recentMissEnds.contains(run.lowerBound)
-        || (run.lowerBound < s.aheadUntil && run.lowerBound + readAheadWindow >= s.aheadUntil)
-      s.recentMissEnds.append(run.upperBound)
+        streak >= 3 || (run.lowerBound < s.aheadUntil && run.lowerBound + readAheadWindow >= s.aheadUntil)
+      s.recentMissEnds.append((run.upperBound, streak))
       if s.recentMissEnds.count > 64 { s.recentMissEnds.removeFirst(s.recentMissEnds.count - 64) }
       guard sequential, s.fetchesInFlight <= 4 else { return [] }
       let from = max(run.upperBound, s.aheadUntil)
