@@ -105,18 +105,7 @@ extension StreamChain {
         continue
       }
       try flushZeros()
-      var last = e
-      var bytes = Int(entry.length)
-      while last + 1 < entries.count {
-        let next = entries[last + 1]
-        let previous = entries[last]
-        guard next.type == .data, next.firstBlock == previous.endBlock,
-          next.offset == previous.offset + UInt64(previous.length), bytes + Int(next.length) <= StreamChain.joinLimit,
-          let (ns, ne) = locate(next.firstBlock), ns == s, ne == last + 1
-        else { break }
-        last += 1
-        bytes += Int(next.length)
-      }
+      let (last, bytes) = joinedRun(stream: s, from: e, before: count)
       let records = scratch.records(bytes)
       do {
         try stream.source.read(into: UnsafeMutableRawBufferPointer(start: records, count: bytes), at: entry.offset)
@@ -198,23 +187,9 @@ final class RecordEmitter: @unchecked Sendable {
     let sealed = try encryption.map { try StreamCrypto.seal($0) }
     cipher = sealed?.cipher
     tagLength = sealed == nil ? 0 : StreamCrypto.tagLength
-    if let sealed {
-      try put(StreamFormat.preamble(flags: StreamFormat.encryptedFlag))
-      try put(StreamFormat.record(.crypto, sequence: sequence, body: sealed.cryptoBody))
-      sequence += 1
-      try put(sealed.cipher.sealedRecord(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
-    } else {
-      try put(StreamFormat.preamble())
-      try put(StreamFormat.record(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
-    }
-    sequence += 1
-    if let lineage {
-      let body = StreamFormat.lineageBody(lineage)
-      try put(
-        sealed.map { $0.cipher.sealedRecord(.lineage, sequence: sequence, body: body) }
-          ?? StreamFormat.record(.lineage, sequence: sequence, body: body))
-      sequence += 1
-    }
+    let head = StreamFormat.head(header, lineage: lineage, encryption: sealed)
+    for record in head.records { try put(record) }
+    sequence = head.nextSequence
   }
 
   private func put(_ bytes: [UInt8]) throws {

@@ -293,25 +293,9 @@ final class RecordFramer: @unchecked Sendable {
     geometry = header.geometry
     cipher = encryption?.cipher
     tagLength = encryption == nil ? 0 : StreamCrypto.tagLength
-    if let encryption {
-      try emit(StreamFormat.preamble(flags: StreamFormat.encryptedFlag))
-      try emit(StreamFormat.record(.crypto, sequence: sequence, body: encryption.cryptoBody))
-      sequence += 1
-      try emit(encryption.cipher.sealedRecord(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
-    } else {
-      try emit(StreamFormat.preamble())
-      try emit(StreamFormat.record(.header, sequence: sequence, body: StreamFormat.headerBody(header)))
-    }
-    sequence += 1
-    if let lineage {
-      let body = StreamFormat.lineageBody(lineage)
-      if let cipher = encryption?.cipher {
-        try emit(cipher.sealedRecord(.lineage, sequence: sequence, body: body))
-      } else {
-        try emit(StreamFormat.record(.lineage, sequence: sequence, body: body))
-      }
-      sequence += 1
-    }
+    let head = StreamFormat.head(header, lineage: lineage, encryption: encryption)
+    for record in head.records { try emit(record) }
+    sequence = head.nextSequence
   }
 
   /// Seals a record whose 16 framing bytes and first 16 body bytes are at
@@ -447,5 +431,33 @@ final class RecordFramer: @unchecked Sendable {
     } else {
       try sink.write(StreamFormat.record(.end, sequence: sequence, body: body))
     }
+  }
+}
+
+extension StreamFormat {
+  /// The records a stream starts with, in order: the preamble, the CRYPTO
+  /// record of an encrypted stream, the HEADER and a LINEAGE record (sealed
+  /// when encrypted); and the sequence number of the record after them.
+  static func head(
+    _ header: Header, lineage: Lineage?, encryption: (cryptoBody: [UInt8], cipher: RecordCipher)?
+  ) -> (records: [[UInt8]], nextSequence: UInt64) {
+    var records: [[UInt8]] = []
+    var sequence: UInt64 = 0
+    func add(_ type: RecordType, _ body: [UInt8]) {
+      records.append(
+        encryption.map { $0.cipher.sealedRecord(type, sequence: sequence, body: body) }
+          ?? record(type, sequence: sequence, body: body))
+      sequence += 1
+    }
+    if let encryption {
+      records.append(preamble(flags: encryptedFlag))
+      records.append(record(.crypto, sequence: sequence, body: encryption.cryptoBody))
+      sequence += 1
+    } else {
+      records.append(preamble())
+    }
+    add(.header, headerBody(header))
+    if let lineage { add(.lineage, lineageBody(lineage)) }
+    return (records, sequence)
   }
 }

@@ -133,18 +133,7 @@ public final class StreamChain: Sendable {
       }
       // A run of DATA records of this stream, one after another in it and
       // in block order, that no newer stream overrides: one read.
-      var last = e
-      var bytes = Int(entry.length)
-      while geometry.offset(ofBlock: stream.index.entries[last].endBlock) < end, last + 1 < stream.index.entries.count {
-        let next = stream.index.entries[last + 1]
-        let previous = stream.index.entries[last]
-        guard next.type == .data, next.firstBlock == previous.endBlock,
-          next.offset == previous.offset + UInt64(previous.length), bytes + Int(next.length) <= StreamChain.joinLimit,
-          let (ns, ne) = locate(next.firstBlock), ns == s, ne == last + 1
-        else { break }
-        last += 1
-        bytes += Int(next.length)
-      }
+      let (last, bytes) = joinedRun(stream: s, from: e, before: (end + UInt64(geometry.blockSize) - 1) >> shift)
       let records = scratch.records(bytes)
       do {
         try stream.source.read(into: UnsafeMutableRawBufferPointer(start: records, count: bytes), at: entry.offset)
@@ -169,6 +158,27 @@ public final class StreamChain: Sendable {
         position = to
       }
     }
+  }
+
+  /// The run of DATA records of stream `s` from entry `e` that one read of
+  /// the source fetches: one after another in the stream and in block
+  /// order, none of their blocks held by a newer stream, ending before
+  /// block `endBlock`, at most `joinLimit` bytes. Its last entry and bytes.
+  func joinedRun(stream s: Int, from e: Int, before endBlock: UInt64) -> (last: Int, bytes: Int) {
+    let entries = streams[s].index.entries
+    var last = e
+    var bytes = Int(entries[e].length)
+    while entries[last].endBlock < endBlock, last + 1 < entries.count {
+      let next = entries[last + 1]
+      let previous = entries[last]
+      guard next.type == .data, next.firstBlock == previous.endBlock,
+        next.offset == previous.offset + UInt64(previous.length), bytes + Int(next.length) <= StreamChain.joinLimit,
+        let (ns, ne) = locate(next.firstBlock), ns == s, ne == last + 1
+      else { break }
+      last += 1
+      bytes += Int(next.length)
+    }
+    return (last, bytes)
   }
 
   /// Where the next block held by a stream newer than `newerThan` starts,
