@@ -254,11 +254,6 @@ final class RecordEmitter: @unchecked Sendable {
     let end = StreamFormat.End(
       dataBlocks: dataBlocks, zeroBlocks: zeroBlocks, bytes: blockBytes, records: sequence,
       digest: cipher == nil ? digest.finish() : [UInt8](repeating: 0, count: 32))
-    let body = StreamFormat.endBody(end)
-    if let cipher {
-      try sink.write(cipher.sealedRecord(.end, sequence: sequence, body: body))
-    } else {
-      try sink.write(StreamFormat.record(.end, sequence: sequence, body: body))
-    }
+    try sink.write(StreamFormat.endRecord(end, cipher: cipher))
   }
 }

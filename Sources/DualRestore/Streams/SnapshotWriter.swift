@@ -425,12 +425,7 @@ final class RecordFramer: @unchecked Sendable {
     let end = StreamFormat.End(
       dataBlocks: dataBlocks, zeroBlocks: zeroBlocks, bytes: blockBytes, records: sequence,
       digest: cipher == nil ? digest.finish() : [UInt8](repeating: 0, count: 32))
-    let body = StreamFormat.endBody(end)
-    if let cipher {
-      try sink.write(cipher.sealedRecord(.end, sequence: sequence, body: body))
-    } else {
-      try sink.write(StreamFormat.record(.end, sequence: sequence, body: body))
-    }
+    try sink.write(StreamFormat.endRecord(end, cipher: cipher))
   }
 }
 
@@ -459,5 +454,12 @@ extension StreamFormat {
     add(.header, headerBody(header))
     if let lineage { add(.lineage, lineageBody(lineage)) }
     return (records, sequence)
+  }
+
+  /// The END record that closes a stream, sealed when it is encrypted.
+  static func endRecord(_ end: End, cipher: RecordCipher?) -> [UInt8] {
+    let body = endBody(end)
+    return cipher?.sealedRecord(.end, sequence: end.records, body: body)
+      ?? record(.end, sequence: end.records, body: body)
   }
 }
