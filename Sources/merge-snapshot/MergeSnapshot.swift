@@ -60,6 +60,24 @@ struct MergeSnapshot: ParsableCommand {
       of the damaged part is written. A key given for a stream that is not \
       encrypted is refused: nothing in such a stream is authenticated.
 
+      A stream made with snapshot --have (format version 2) names some \
+      blocks by reference: their content is already held by the receiver, in \
+      the target or in another image, at a block the record names. The \
+      content is taken from the target itself or from the --reuse images \
+      (image files, block devices or NBD exports, read only), and each \
+      block's digest is checked before it is written; a block the target \
+      already holds at its own place is checked and not written. Merging in \
+      place, a block the stream overwrites may hold content a later \
+      reference needs (a copy shifted forward): the merge keeps the old \
+      contents of the blocks it overwrites, the latest --keep MiB of them, \
+      and looks there too. A reference whose content is found nowhere stops \
+      the merge with a sentence naming the block; nothing unchecked is \
+      written, and the target's blocks not yet replaced are intact. Give the \
+      receiver's older copy with --reuse to merge such a stream whatever it \
+      moves. --check cannot look for referenced content (there is no \
+      target) and counts it only; --dry-run looks for it and checks it, \
+      without the hazard of overwriting (it writes nothing).
+
       The two instants come from different clocks: the stream's from the \
       machine that read the source, the map's from the machine that tracks \
       the target. Keep both synchronised (NTP), and give --clock-skew the \
@@ -99,6 +117,17 @@ struct MergeSnapshot: ParsableCommand {
   @Option(help: ArgumentHelp("Bound on the clock difference between the two sites, in seconds.", valueName: "seconds"))
   var clockSkew: Double = 0
 
+  @Option(
+    help: ArgumentHelp(
+      "An image holding content the stream refers to, read only (repeatable).", valueName: "image"))
+  var reuse: [String] = []
+
+  @Option(
+    help: ArgumentHelp(
+      "MiB of overwritten target contents kept for later references when merging in place (0: none).",
+      valueName: "mib"))
+  var keep: Int = 64
+
   @OptionGroup var reporting: ProgressOptions
 
   @Flag(
@@ -129,6 +158,9 @@ struct MergeSnapshot: ParsableCommand {
       throw ValidationError("--mirror needs --map: the map records the streams merged, for the base check")
     }
     if mirror && check { throw ValidationError("--mirror merges into a target; --check has none") }
+    if check && !reuse.isEmpty { throw ValidationError("--check verifies a stream alone; drop --reuse") }
+    if keep < 0 || keep > 1 << 20 { throw ValidationError("--keep \(keep) is out of range (0 to 1048576 MiB)") }
+    if reuse.contains("-") { throw ValidationError("--reuse reads images at random; give a file, device or NBD URI") }
   }
 
   func run() throws {
@@ -156,6 +188,8 @@ struct MergeSnapshot: ParsableCommand {
     options.mirror = mirror
     options.clockSkewAllowance = Int64(clockSkew * 1e9)
     options.progress = reporting.show
+    options.keepBytes = keep << 20
+    options.reuse = try reuse.map { try openSource($0, direct: false) }
 
     var loaded: BlockMap? = nil
     if let map, mirror, !pathExists(map), let target {
@@ -209,6 +243,24 @@ struct MergeSnapshot: ParsableCommand {
       o.add("source", s.header?.sourceName)
       o.add("block_size", UInt64(s.header?.geometry.blockSize ?? 0))
       o.add("device_size", s.header?.geometry.deviceSize ?? 0)
+      if let sources = s.sources {
+        o.add("format_version", UInt64(StreamFormat.referencesVersion))
+        o.add("reference_images", UInt64(sources.images.count))
+        if check {
+          o.add("referenced_blocks", s.referencedUnchecked)
+        } else {
+          o.add("referenced_written_blocks", s.referencedWritten)
+          o.add("referenced_in_place_blocks", s.referencedInPlace)
+          o.add("referenced_from_kept_blocks", s.referencedFromKept)
+          for (i, place) in s.referencedFrom.enumerated() {
+            if place.name == "target" {
+              o.add("referenced_from_target_blocks", place.blocks)
+            } else {
+              o.add("referenced_from_reuse\(i)_blocks", place.blocks)
+            }
+          }
+        }
+      }
       if !server {
         o.add("written_blocks", s.written)
         o.add("zero_blocks", s.zero)
@@ -243,6 +295,8 @@ struct MergeSnapshot: ParsableCommand {
     if check {
       printError(
         "merge-snapshot: stream \(id) verified: \(s.written) data and \(s.zero) zero blocks, "
+          + (s.sources == nil
+            ? "" : "\(s.referencedUnchecked) referenced blocks (their content is checked when merged), ")
           + "\(formatBytes(s.bytesWritten)) of blocks in \(formatBytes(s.streamBytes)) of stream, complete")
       return
     }
@@ -257,9 +311,16 @@ struct MergeSnapshot: ParsableCommand {
           + "(\(formatBytes(s.bytesWritten))) to \(target); \(outcome), \(formatFixed(s.seconds, digits: 2)) s")
       return
     }
+    let references =
+      s.sources == nil
+      ? ""
+      : ", \(s.referencedWritten) referenced blocks "
+        + (dryRun ? "found" : "written") + " and \(s.referencedInPlace) found in place ("
+        + (s.referencedFrom.map { "\($0.blocks) from \($0.name)" } + ["\(s.referencedFromKept) from kept blocks"])
+        .joined(separator: ", ") + ")"
     printError(
-      "merge-snapshot: stream \(id): \(verb) \(s.written) blocks and \(s.zero) zero blocks "
-        + "(\(formatBytes(s.bytesWritten))), skipped \(s.skippedCurrent) current blocks, "
+      "merge-snapshot: stream \(id): \(verb) \(s.written) blocks and \(s.zero) zero blocks"
+        + references + " (\(formatBytes(s.bytesWritten))), skipped \(s.skippedCurrent) current blocks, "
         + "\(formatFixed(s.seconds, digits: 2)) s")
   }
 

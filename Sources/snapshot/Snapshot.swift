@@ -30,6 +30,17 @@ struct Snapshot: ParsableCommand {
       writes a block of it. Keys and passphrases are read from files only, \
       never from the command line or the environment.
 
+      With --have SIG (repeatable), SIG being signatures \
+      (bitmap-diff --signature, dualrestore-signature(5)) of what the receiver \
+      already holds — the target the stream will be merged onto, and any other \
+      images it keeps — a block whose content the receiver holds anywhere is \
+      not carried: a REFERENCE record names the image and block holding it and \
+      its digest (stream format version 2). merge-snapshot takes the content \
+      from the target or from its --reuse images and checks each digest before \
+      writing. The signatures are held in memory as an index, 16 bytes per \
+      block that is not zeros (256 MiB for a TiB signed in 64 KiB blocks), \
+      and fix the block size.
+
       For a consistent copy, SOURCE should not change while it is read: \
       snapshot a frozen view (an LVM or file system snapshot, a quiesced \
       device). A summary goes to standard error at the end.
@@ -37,6 +48,12 @@ struct Snapshot: ParsableCommand {
 
   @Option(help: ArgumentHelp("Carry only the blocks set in this map (- for standard input).", valueName: "map"))
   var map: String?
+
+  @Option(
+    help: ArgumentHelp(
+      "A signature of content the receiver holds; blocks it has are sent as references (repeatable).",
+      valueName: "sig"))
+  var have: [String] = []
 
   @OptionGroup var blockSize: BlockSizeOption
 
@@ -76,6 +93,9 @@ struct Snapshot: ParsableCommand {
     if encrypt && !keys.given {
       throw ValidationError("--encrypt needs --key-file FILE or --passphrase-file FILE (keys are read from files only)")
     }
+    if have.filter({ $0 == "-" }).count + (map == "-" ? 1 : 0) > 1 {
+      throw ValidationError("only one of --map and --have can be standard input")
+    }
     if !encrypt && keys.given {
       throw ValidationError("\(keys.optionName) gives the key to encrypt with; add --encrypt to encrypt the stream")
     }
@@ -96,6 +116,18 @@ struct Snapshot: ParsableCommand {
       size = m.geometry.blockSize
       selection = m
     }
+    var index: SignatureIndex?
+    if !have.isEmpty {
+      let signatures = try have.map { try SignatureReader(path: $0) }
+      let signed = signatures[0].header.geometry.blockSize
+      if selection == nil {
+        if let given = blockSize.blockSize, given.value != UInt64(signed) {
+          throw ToolkitError("\(signatures[0].name) was made with block size \(signed), not \(given.value)")
+        }
+        size = signed
+      }
+      index = try SignatureIndex(signatures: signatures, blockSize: size)
+    }
     let device = try openSource(source, direct: direct)
     if let m = selection, m.geometry.deviceSize != device.size {
       throw ToolkitError(
@@ -103,15 +135,18 @@ struct Snapshot: ParsableCommand {
       )
     }
     let sink = try OutputSink(target, what: "stream")
-    let options = SnapshotWriter.Options(
+    var options = SnapshotWriter.Options(
       blockSize: size, selection: selection, baseStreamID: base.flatMap(ID128.init(hex:)) ?? .none,
       compress: !noCompress, workers: threads.value, progress: reporting.show, encryption: secret)
+    options.have = index
     let s = try SnapshotWriter.write(device, to: sink, options: options)
     try sink.finish()
-    report(s, onStdout: output != nil)
+    report(s, index: index, onStdout: output != nil)
   }
 
-  func report(_ s: SnapshotWriter.Summary, onStdout: Bool) {
+  func report(_ s: SnapshotWriter.Summary, index: SignatureIndex?, onStdout: Bool) {
+    let referencedBytes =
+      s.referencedBlocks == 0 ? 0 : UInt64(s.referencedBlocks) * UInt64(s.header.geometry.blockSize)
     if json {
       var o = JSONObject()
       o.add("stream_id", s.header.streamID.description)
@@ -125,6 +160,15 @@ struct Snapshot: ParsableCommand {
       o.add("data_blocks", s.dataBlocks)
       o.add("compressed_blocks", s.compressedBlocks)
       o.add("zero_blocks", s.zeroBlocks)
+      if let index {
+        o.add("format_version", UInt64(StreamFormat.referencesVersion))
+        o.add("referenced_blocks", s.referencedBlocks)
+        o.add("reference_records", s.referenceRecords)
+        o.add("bytes_saved", referencedBytes)
+        o.add("have_images", UInt64(index.images.count))
+        o.add("index_entries", UInt64(index.count))
+        o.add("index_bytes", UInt64(index.memoryBytes))
+      }
       o.add("bytes_in", s.bytesIn)
       o.add("bytes_out", s.bytesOut)
       o.add("seconds", number: formatFixed(s.seconds, digits: 3))
@@ -141,8 +185,13 @@ struct Snapshot: ParsableCommand {
     let ratio = s.bytesIn == 0 ? 0 : Double(s.bytesOut) / Double(s.bytesIn)
     let rate = s.seconds > 0 ? Double(s.bytesIn) / s.seconds : 0
     printError(
-      "snapshot: \(encrypt ? "encrypted " : "")stream \(s.header.streamID): \(s.dataBlocks + s.zeroBlocks) blocks "
-        + "(\(s.dataBlocks) data, \(s.compressedBlocks) compressed, \(s.zeroBlocks) zero), "
+      "snapshot: \(encrypt ? "encrypted " : "")stream \(s.header.streamID): "
+        + "\(s.dataBlocks + s.zeroBlocks + s.referencedBlocks) blocks "
+        + "(\(s.dataBlocks) data, \(s.compressedBlocks) compressed, \(s.zeroBlocks) zero"
+        + (index == nil
+          ? ""
+          : ", \(s.referencedBlocks) referenced in \(s.referenceRecords) records, \(formatBytes(referencedBytes)) not sent")
+        + "), "
         + "\(formatBytes(s.bytesIn)) in, \(formatBytes(s.bytesOut)) out "
         + "(\(formatFixed(ratio * 100, digits: 1))%), \(formatFixed(s.seconds, digits: 2)) s, "
         + "\(formatBytes(UInt64(rate)))/s")

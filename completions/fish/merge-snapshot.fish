@@ -20,7 +20,7 @@ function __merge-snapshot_parse_tokens -S
     set -l unparsed_tokens (__merge-snapshot_tokens -pc)
     switch $unparsed_tokens[1]
     case 'merge-snapshot'
-        __merge-snapshot_parse_subcommand 1 'map=' 'i/input=' 'check' 'dry-run' 'mirror' 'key-file=' 'passphrase-file=' 'force' 'clock-skew=' 'progress' 'q/quiet' 'json' 'h/help'
+        __merge-snapshot_parse_subcommand 1 'map=' 'i/input=' 'check' 'dry-run' 'mirror' 'key-file=' 'passphrase-file=' 'force' 'clock-skew=' 'reuse=+' 'keep=' 'progress' 'q/quiet' 'json' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __merge-snapshot_parse_subcommand -r 1 
@@ -86,6 +86,8 @@ complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_f
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" passphrase-file' -l 'passphrase-file' -d 'Read the passphrase from this file (its content less one trailing newline, 1 to 1024 bytes); the key is derived from it with scrypt. Never from the command line or the environment.' -rF
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" force' -l 'force' -d 'Merge even when the time or base check fails (with a warning).'
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" clock-skew' -l 'clock-skew' -d 'Bound on the clock difference between the two sites, in seconds.' -rfka ''
+complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot"' -l 'reuse' -d 'An image holding content the stream refers to, read only (repeatable).' -rfka ''
+complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" keep' -l 'keep' -d 'MiB of overwritten target contents kept for later references when merging in place (0: none).' -rfka ''
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" progress' -l 'progress' -d 'Show progress on standard error (default when it is a terminal).'
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" q quiet' -l 'quiet' -s 'q' -d 'Print nothing on standard error but errors and warnings.'
 complete -c 'merge-snapshot' -n '__merge-snapshot_should_offer_completions_for_flags_or_options "merge-snapshot" json' -l 'json' -d 'Print the summary as one JSON object on standard output.'

@@ -83,6 +83,7 @@ public final class SignatureReader {
   private let ownsFD: Bool
   private let checksum = Digester(DigestAlgorithm.sha256)
   private var digestsRead: UInt64 = 0
+  var entriesRead: UInt64 { digestsRead }
 
   /// Opens `path` (or standard input for `-`) and parses the header.
   public convenience init(path: String) throws {

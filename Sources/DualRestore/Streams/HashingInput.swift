@@ -5,9 +5,10 @@
 // handed over, without a thread (the fuzz targets read one input at a time).
 //
 // The END record's digest covers every byte before the END record, which is
-// always the last 84 bytes of a well-formed stream. Both inputs therefore
-// hash everything but the last 84 bytes they have seen (WithholdingDigest);
-// at end of input the digest is the one the END record must carry, and the
+// the last 84 bytes of a well-formed stream (100 in version 2). The inputs
+// therefore hash everything but the last 100 bytes they have seen
+// (WithholdingDigest); at end of input, the withheld bytes before the END
+// record are hashed too, and the digest is the one the END record must carry, and the
 // number of bytes hashed must equal the END record's offset (anything else
 // means bytes after END, which the parser reports).
 
@@ -18,16 +19,16 @@ import Glibc
 protocol StreamInput: AnyObject {
   /// Copies up to `count` bytes into `into`; 0 at end of input.
   func read(into: UnsafeMutableRawPointer, count: Int) throws -> Int
-  /// After end of input: the digest of all but the last 84 bytes, and how
-  /// many bytes it covers.
-  func digestOfAllButTheEnd() -> (digest: [UInt8], bytes: UInt64)
+  /// After end of input: the digest of all but the last `endRecordLength`
+  /// bytes, and how many bytes it covers.
+  func digestOfAllButTheEnd(endRecordLength: Int) -> (digest: [UInt8], bytes: UInt64)
   /// Stops reading; safe to call more than once.
   func cancel()
 }
 
 /// A SHA-256 of all but the last `withheld` bytes given to it so far.
 struct WithholdingDigest {
-  static let withheld = StreamFormat.recordOverhead + StreamFormat.endBodyLength
+  static let withheld = StreamFormat.recordOverhead + StreamFormat.referencesEndBodyLength
 
   private let digest = Digester(DigestAlgorithm.sha256)
   /// The bytes held back, in order; `tailCount` of them.
@@ -56,7 +57,18 @@ struct WithholdingDigest {
     hashed += UInt64(count)
   }
 
-  func finish() -> [UInt8] { digest.finish() }
+  /// The digest of all but the last `endRecordLength` bytes seen: the
+  /// withheld bytes before those are hashed first. Once, at the end.
+  mutating func finish(endRecordLength: Int) -> [UInt8] {
+    let extra = max(0, tailCount - endRecordLength)
+    if extra > 0 {
+      let digest = self.digest
+      tail.withUnsafeBytes { digest.update(UnsafeRawBufferPointer(rebasing: $0[0..<extra])) }
+      hashed += UInt64(extra)
+      tailCount -= extra
+    }
+    return digest.finish()
+  }
 }
 
 /// Reads a descriptor ahead on a thread of its own, hashing there.
@@ -155,10 +167,11 @@ final class HashingInput: StreamInput, @unchecked Sendable {
     return n
   }
 
-  func digestOfAllButTheEnd() -> (digest: [UInt8], bytes: UInt64) {
+  func digestOfAllButTheEnd(endRecordLength: Int) -> (digest: [UInt8], bytes: UInt64) {
     finished.wait()
     finished.signal()
-    return (digest.finish(), digest.hashed)
+    let d = digest.finish(endRecordLength: endRecordLength)
+    return (d, digest.hashed)
   }
 }
 
@@ -183,7 +196,10 @@ final class DescriptorInput: StreamInput {
     }
   }
 
-  func digestOfAllButTheEnd() -> (digest: [UInt8], bytes: UInt64) { (digest.finish(), digest.hashed) }
+  func digestOfAllButTheEnd(endRecordLength: Int) -> (digest: [UInt8], bytes: UInt64) {
+    let d = digest.finish(endRecordLength: endRecordLength)
+    return (d, digest.hashed)
+  }
 
   func cancel() {}
 }
@@ -216,7 +232,10 @@ final class MemoryInput: StreamInput {
     return n
   }
 
-  func digestOfAllButTheEnd() -> (digest: [UInt8], bytes: UInt64) { (digest.finish(), digest.hashed) }
+  func digestOfAllButTheEnd(endRecordLength: Int) -> (digest: [UInt8], bytes: UInt64) {
+    let d = digest.finish(endRecordLength: endRecordLength)
+    return (d, digest.hashed)
+  }
 
   func cancel() {}
 }
@@ -244,7 +263,10 @@ final class DeviceInput: StreamInput {
     return n
   }
 
-  func digestOfAllButTheEnd() -> (digest: [UInt8], bytes: UInt64) { (digest.finish(), digest.hashed) }
+  func digestOfAllButTheEnd(endRecordLength: Int) -> (digest: [UInt8], bytes: UInt64) {
+    let d = digest.finish(endRecordLength: endRecordLength)
+    return (d, digest.hashed)
+  }
 
   func cancel() {}
 }

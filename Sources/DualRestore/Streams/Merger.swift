@@ -14,6 +14,11 @@
 //   (a compaction) is recorded as the stream it stands for, whose end it
 //   equals, so that the incremental that followed that stream merges next;
 //   its time check takes the earlier of its own instant and that stream's.
+// - A reference (a version 2 stream) is written only from content whose
+//   digest was checked (ReferenceResolver): taken from the target itself,
+//   from what the merge kept of the target's blocks before overwriting
+//   them, or from a --reuse image. A block the target already holds at its
+//   own place is checked and not written.
 
 import CLZ4
 import CShim
@@ -47,6 +52,14 @@ public enum Merger {
     /// With no map given: a mirror's first merge, which creates the map at
     /// `mapPath` from the stream's geometry, for the device named here.
     public var newMapDevice: String?
+    /// Images the content of references may be taken from, besides the target.
+    public var reuse: [any BlockDevice] = []
+    /// Take referenced content from the target itself (not for a target
+    /// that keeps its own map: it is written, not read).
+    public var referencesFromTarget = true
+    /// How much of the target's overwritten contents a merge in place keeps
+    /// for later references (0: none).
+    public var keepBytes = 64 << 20
     public init() {}
   }
 
@@ -56,6 +69,19 @@ public enum Merger {
     public var lineage: StreamFormat.Lineage?
     public var written: UInt64 = 0
     public var skippedCurrent: UInt64 = 0
+    /// The stream's SOURCES record (version 2).
+    public var sources: StreamFormat.Sources?
+    /// Referenced blocks written, their content found and checked.
+    public var referencedWritten: UInt64 = 0
+    /// Referenced blocks the target already held at their place: checked, not written.
+    public var referencedInPlace: UInt64 = 0
+    /// Referenced blocks whose content came from what the merge kept.
+    public var referencedFromKept: UInt64 = 0
+    /// Referenced blocks found in each place: the target (first, when it is
+    /// one), then each --reuse image, by name.
+    public var referencedFrom: [(name: String, blocks: UInt64)] = []
+    /// With `.check`: referenced blocks, not looked for.
+    public var referencedUnchecked: UInt64 = 0
     public var zero: UInt64 = 0
     public var bytesWritten: UInt64 = 0
     public var streamBytes: UInt64 = 0
@@ -186,11 +212,74 @@ public enum Merger {
     let holdsBack = !options.mirror
     func isCurrent(_ b: UInt64) -> Bool { holdsBack && (map?.bits[b] ?? false) }
 
+    // References: made when the SOURCES record arrives.
+    var resolver: ReferenceResolver?
+    var runBuffer: AlignedBuffer?
+    var inPlace = UnsafeMutableBufferPointer<Bool>.allocate(capacity: 0)
+    defer { inPlace.deallocate() }
+    func recordFound() {
+      guard let resolver else { return }
+      summary.referencedFromKept = resolver.foundKept
+      summary.referencedFrom = zip(resolver.places, resolver.foundIn).map {
+        ($0.isTarget ? "target" : $0.device.name, $1)
+      }
+    }
+
     do {
       while let record = try takeHeld() ?? reader.next() {
         switch record {
         case .preamble, .header, .lineage, .skipped:
           continue
+        case .sources(let sources):
+          summary.sources = sources
+          guard options.mode != .check else { continue }
+          resolver = try ReferenceResolver(
+            sources: sources, geometry: geometry,
+            target: options.referencesFromTarget && !serverChecks ? target : nil, reuse: options.reuse,
+            keepBytes: writing ? options.keepBytes : 0)
+          runBuffer = AlignedBuffer(count: max(StreamFormat.maximumReferenceRunBytes, blockSize))
+          inPlace.deallocate()
+          inPlace = .allocate(capacity: StreamFormat.maximumReferenceRun(blockSize: geometry.blockSize))
+        case .reference(let r):
+          guard let resolver, let runBuffer else {
+            summary.referencedUnchecked += UInt64(r.count)
+            continue
+          }
+          do {
+            try resolver.resolve(r, into: runBuffer.pointer, inPlace: inPlace) { !isCurrent(r.first + UInt64($0)) }
+          } catch let error as ToolkitError {
+            throw ToolkitError("\(reader.name): \(reader.recordPosition): \(error.message)")
+          }
+          var i = 0
+          while i < r.count {
+            let b = r.first + UInt64(i)
+            if isCurrent(b) {
+              summary.skippedCurrent += 1
+              i += 1
+              continue
+            }
+            if inPlace[i] {
+              summary.referencedInPlace += 1
+              if writing { note(b..<b + 1) }
+              i += 1
+              continue
+            }
+            var j = i + 1
+            while j < r.count && !isCurrent(r.first + UInt64(j)) && !inPlace[j] { j += 1 }
+            let n = UInt64(j - i)
+            let (offset, length) = geometry.byteRange(blocks: b, count: n)
+            if writing, let target {
+              try resolver.willOverwrite(first: b, count: n)
+              try target.write(
+                UnsafeRawBufferPointer(start: runBuffer.pointer + i * blockSize, count: Int(length)), at: offset,
+                fua: false)
+              note(b..<b + n)
+            }
+            summary.referencedWritten += n
+            summary.bytesWritten += length
+            pendingBytes += length
+            i = j
+          }
         case .data(let index, let length, let encoding, let payload):
           // Verify the block before deciding anything about it.
           var data = UnsafeRawPointer(payload.baseAddress!)
@@ -211,6 +300,7 @@ public enum Merger {
             continue
           }
           if writing, let target {
+            try resolver?.willOverwrite(first: index, count: 1)
             try target.write(
               UnsafeRawBufferPointer(start: data, count: length), at: geometry.offset(ofBlock: index), fua: false)
             note(index..<index + 1)
@@ -231,6 +321,7 @@ public enum Merger {
             while runEnd < end && !isCurrent(runEnd) { runEnd += 1 }
             let (offset, length) = geometry.byteRange(blocks: b, count: runEnd - b)
             if writing, let target {
+              try resolver?.willOverwrite(first: b, count: runEnd - b)
               try zero(target, offset: offset, length: length)
               note(b..<runEnd)
             }
@@ -264,6 +355,7 @@ public enum Merger {
     meter.finish(reader.bytesRead)
     summary.streamBytes = reader.bytesRead
     summary.seconds = started.secondsAgo
+    recordFound()
     return summary
   }
 

@@ -114,7 +114,15 @@ final class RecordPipeline: @unchecked Sendable {
     do {
       while true {
         guard var record = try inner.next() else { break }
-        if case .data(let block, let length, let encoding, let payload) = record {
+        // A payload (a DATA block, a REFERENCE run's digests) points into
+        // the reader's buffer: it is copied into the batch.
+        var payload: UnsafeRawBufferPointer?
+        switch record {
+        case .data(_, _, _, let p): payload = p
+        case .reference(let r): payload = r.digests
+        default: break
+        }
+        if let payload {
           if batch.used + payload.count > batch.capacity && !batch.entries.isEmpty {
             publish(batch)
             guard let next = takeFree() else { return }
@@ -124,9 +132,15 @@ final class RecordPipeline: @unchecked Sendable {
           let at = batch.buffer + batch.used
           if payload.count > 0 { at.copyMemory(from: payload.baseAddress!, byteCount: payload.count) }
           batch.used += (payload.count + 63) & ~63
-          record = .data(
-            block: block, length: length, encoding: encoding,
-            payload: UnsafeRawBufferPointer(start: at, count: payload.count))
+          let copied = UnsafeRawBufferPointer(start: at, count: payload.count)
+          switch record {
+          case .data(let block, let length, let encoding, _):
+            record = .data(block: block, length: length, encoding: encoding, payload: copied)
+          case .reference(var r):
+            r.digests = copied
+            record = .reference(r)
+          default: break
+          }
         }
         batch.entries.append(
           Entry(

@@ -9,6 +9,14 @@
 // SHA-256) and writes them with writev straight from those buffers. Memory is
 // fixed by the chunk size; nothing is allocated per block.
 //
+// With `have` (an index of signatures of what the receiver holds), each
+// block that is not zeros is hashed on the workers and looked up; a block
+// whose content the receiver holds somewhere is not compressed, and the
+// writer stage names it in a REFERENCE run instead of carrying it (stream
+// format version 2): a run goes on while the next block's content is at the
+// next block of the same image, and otherwise starts, preferring the place
+// with the block's own number, where an unchanged block already is.
+//
 // With a secret, the stream is encrypted (StreamCrypto.swift): the writer
 // stage seals each record after compression with one reused AES-256-GCM
 // context, the ciphertext going into the chunk's compressed buffer (in place
@@ -34,6 +42,8 @@ public enum SnapshotWriter {
     /// saying which stream's end this full stream equals. Only for a full
     /// stream (no `baseStreamID`).
     public var lineage: StreamFormat.Lineage?
+    /// What the receiver holds: blocks whose content it has are referenced.
+    public var have: SignatureIndex?
 
     public init(
       blockSize: UInt32 = BlockGeometry.defaultBlockSize, selection: BlockMap? = nil, baseStreamID: ID128 = .none,
@@ -56,7 +66,10 @@ public enum SnapshotWriter {
     public var dataBlocks: UInt64 = 0
     public var compressedBlocks: UInt64 = 0
     public var zeroBlocks: UInt64 = 0
-    /// Bytes of the blocks carried (data and zero), uncompressed.
+    /// Blocks named by references, and the records naming them.
+    public var referencedBlocks: UInt64 = 0
+    public var referenceRecords: UInt64 = 0
+    /// Bytes of the blocks carried (data, zero and referenced), uncompressed.
     public var bytesIn: UInt64 = 0
     /// Bytes of stream written.
     public var bytesOut: UInt64 = 0
@@ -69,6 +82,8 @@ public enum SnapshotWriter {
     case zero = 1
     case raw = 2
     case lz4 = 3
+    /// The receiver holds the content: `candidates[i]` in the index.
+    case reference = 4
   }
 
   /// The compressed form of one chunk: what the parallel stage produces and
@@ -91,8 +106,22 @@ public enum SnapshotWriter {
     var vectorCount = 0
     /// Signalled by the hashing thread when it has hashed the vectors.
     let hashed = DispatchSemaphore(value: 0)
+    /// With an index: each block's digest, and the index positions that may
+    /// hold its content.
+    let digests: AlignedBuffer
+    let candidates: UnsafeMutableBufferPointer<Range<Int>>
+    /// The REFERENCE bodies framed for this chunk past their first 16 bytes
+    /// (the source block and the digests), and how much of it is used.
+    let references: AlignedBuffer
+    var referencesUsed = 0
 
-    init(blocks: Int, bound: Int) {
+    init(blocks: Int, bound: Int, digestLength: Int = 0, longestRun: Int = 0) {
+      digests = AlignedBuffer(count: blocks * digestLength)
+      candidates = .allocate(capacity: digestLength > 0 ? blocks : 0)
+      candidates.initialize(repeating: 0..<0)
+      // Every block a run of its own, and one run carried in from before.
+      references = AlignedBuffer(
+        count: digestLength > 0 ? (blocks + 1) * (8 + digestLength + 64) + longestRun * digestLength : 0)
       compressed = AlignedBuffer(count: blocks * max(bound, 1))
       kinds = .allocate(capacity: blocks)
       kinds.initialize(repeating: .skipped)
@@ -105,6 +134,7 @@ public enum SnapshotWriter {
     }
 
     deinit {
+      candidates.deallocate()
       kinds.deallocate()
       lengths.deallocate()
       vectors.deallocate()
@@ -125,6 +155,19 @@ public enum SnapshotWriter {
     let header = StreamFormat.Header(
       geometry: geometry, baseStreamID: options.baseStreamID, started: started, coverage: coverage,
       coveredBlocks: covered, compression: options.compress ? .lz4 : .none, sourceName: source.name)
+    let index = options.have
+    if let index, index.blockSize != geometry.blockSize {
+      throw ToolkitError(
+        "the signatures of what the receiver holds are in blocks of \(index.blockSize), not the stream's \(geometry.blockSize)"
+      )
+    }
+    let sources = index.map {
+      StreamFormat.Sources(digestName: $0.digestName, digestLength: $0.digestLength, images: $0.images)
+    }
+    let version = index == nil ? StreamFormat.version : StreamFormat.referencesVersion
+    let digestLength = index?.digestLength ?? 0
+    let longestRun = StreamFormat.maximumReferenceRun(blockSize: geometry.blockSize)
+    let algorithm = try index.map { try DigestAlgorithm(named: $0.digestName) }
 
     let reader = ChunkReader(
       source: source, geometry: geometry, chunkBytes: max(8 << 20, Int(geometry.blockSize)),
@@ -138,6 +181,7 @@ public enum SnapshotWriter {
     // does not leave one core idle while the other compresses text.
     let slices = workers == 1 ? 1 : min(perChunk, workers * 4)
     let states = (0..<slices).map { _ in AlignedBuffer(count: Int(LZ4_sizeofState()), alignment: 16) }
+    let digesters = algorithm.map { a in (0..<slices).map { _ in Digester(a) } } ?? []
     let zeros = AlignedBuffer(count: blockSize)
     zeros.buffer.initializeMemory(as: UInt8.self, repeating: 0)
     if let lineage = options.lineage {
@@ -150,14 +194,16 @@ public enum SnapshotWriter {
       try body.withUnsafeBytes { _ = try StreamFormat.decodeLineage($0, header: header) }
     }
     let framer = try RecordFramer(
-      header: header, lineage: options.lineage, sink: sink,
-      encryption: try options.encryption.map { try StreamCrypto.seal($0) })
+      header: header, lineage: options.lineage, sources: sources, index: index, version: version, sink: sink,
+      encryption: try options.encryption.map { try StreamCrypto.seal($0, version: version) })
 
     // The writer stage runs on its own thread, one chunk behind the
     // compression stage, and hands each framed chunk to a hashing thread
     // that keeps the stream's SHA-256 while the chunk is being written.
     // Three encoded chunks circulate between the stages.
-    let encoded = (0..<3).map { _ in EncodedChunk(blocks: perChunk, bound: bound) }
+    let encoded = (0..<3).map { _ in
+      EncodedChunk(blocks: perChunk, bound: bound, digestLength: digestLength, longestRun: longestRun)
+    }
     let toWriter = Handoff<EncodedChunk?>()
     let toHasher = Handoff<EncodedChunk?>()
     let backToCompressor = Handoff<EncodedChunk?>()
@@ -200,10 +246,10 @@ public enum SnapshotWriter {
       while writerError.error == nil, let chunk = try reader.nextRetained() {
         guard let slot = backToCompressor.take(), let e = slot else { break }
         e.chunk = chunk
-        let shared = Unchecked((chunk, e, states, zeros))
+        let shared = Unchecked((chunk, e, states, zeros, digesters, index))
         let compress = options.compress
         let work: @Sendable (Int) -> Void = { w in
-          let (chunk, e, states, zeros) = shared.value
+          let (chunk, e, states, zeros, digesters, index) = shared.value
           let from = chunk.blockCount * w / slices
           let to = chunk.blockCount * (w + 1) / slices
           for i in from..<to {
@@ -220,6 +266,16 @@ public enum SnapshotWriter {
             if memcmp(src, zeros.pointer, length) == 0 {
               e.kinds[i] = .zero
               continue
+            }
+            if let index {
+              let digest = e.digests.pointer + i * digestLength
+              digesters[w].digest(UnsafeRawBufferPointer(start: src, count: length), into: digest)
+              let found = index.candidates(digest)
+              e.candidates[i] = found
+              if !found.isEmpty {
+                e.kinds[i] = .reference
+                continue
+              }
             }
             e.kinds[i] = .raw
             if compress {
@@ -251,6 +307,8 @@ public enum SnapshotWriter {
     summary.dataBlocks = framer.dataBlocks
     summary.compressedBlocks = framer.compressedBlocks
     summary.zeroBlocks = framer.zeroBlocks
+    summary.referencedBlocks = framer.referencedBlocks
+    summary.referenceRecords = framer.referenceRecords
     summary.bytesIn = framer.blockBytes
     summary.bytesOut = sink.bytesWritten
     summary.seconds = started.secondsAgo
@@ -279,21 +337,42 @@ final class RecordFramer: @unchecked Sendable {
   var compressedBlocks: UInt64 = 0
   var zeroBlocks: UInt64 = 0
   var blockBytes: UInt64 = 0
+  var referencedBlocks: UInt64 = 0
+  var referenceRecords: UInt64 = 0
   /// Bytes of the source the framed chunks span, for progress.
   var sourceBytes: UInt64 = 0
   let geometry: BlockGeometry
-  /// Room for the last zero run, framed after the last chunk.
-  let tail = SnapshotWriter.EncodedChunk(blocks: 1, bound: 0)
+  let version: UInt16
+  /// Room for the last zero or reference run, framed after the last chunk.
+  let tail: SnapshotWriter.EncodedChunk
+  // The reference run pending: its first block, length, image, the image's
+  // next block, and its digests so far.
+  let index: SignatureIndex?
+  let digestLength: Int
+  let longestRun: Int
+  var runFirst: UInt64 = 0
+  var runCount = 0
+  var runImage = 0
+  var runSource: UInt64 = 0
+  let runDigests: AlignedBuffer
 
   init(
-    header: StreamFormat.Header, lineage: StreamFormat.Lineage? = nil, sink: OutputSink,
+    header: StreamFormat.Header, lineage: StreamFormat.Lineage? = nil, sources: StreamFormat.Sources? = nil,
+    index: SignatureIndex? = nil, version: UInt16 = StreamFormat.version, sink: OutputSink,
     encryption: (cryptoBody: [UInt8], cipher: RecordCipher)? = nil
   ) throws {
     self.sink = sink
+    self.index = index
+    self.version = version
     geometry = header.geometry
+    digestLength = index?.digestLength ?? 0
+    longestRun = StreamFormat.maximumReferenceRun(blockSize: header.geometry.blockSize)
+    runDigests = AlignedBuffer(count: index == nil ? 0 : longestRun * digestLength)
+    tail = SnapshotWriter.EncodedChunk(blocks: 1, bound: 0, digestLength: digestLength, longestRun: longestRun)
     cipher = encryption?.cipher
     tagLength = encryption == nil ? 0 : StreamCrypto.tagLength
-    let head = StreamFormat.head(header, lineage: lineage, encryption: encryption)
+    let head = StreamFormat.head(
+      header, lineage: lineage, sources: sources, version: version, encryption: encryption)
     for record in head.records { try emit(record) }
     sequence = head.nextSequence
   }
@@ -350,15 +429,82 @@ final class RecordFramer: @unchecked Sendable {
     zeroRunCount = 0
   }
 
+  /// Appends a REFERENCE record for the pending run to `e`.
+  private func frameReferenceRun(_ e: SnapshotWriter.EncodedChunk) {
+    guard runCount > 0 else { return }
+    let frame = e.frames.pointer + e.frameCount * 32
+    let bodyLength = StreamFormat.referenceFixedLength + runCount * digestLength
+    StreamFormat.storeRecordHeader(frame, type: .reference, bodyLength: bodyLength + tagLength, sequence: sequence)
+    StreamFormat.storeReferenceFields(
+      frame + 16, first: runFirst, count: runCount, image: runImage, sourceFirst: runSource - UInt64(runCount))
+    // The body past its first 16 bytes: the source block, then the digests.
+    let payload = e.references.pointer + e.referencesUsed
+    payload.storeBytes(of: (runSource - UInt64(runCount)).littleEndian, as: UInt64.self)
+    (payload + 8).copyMemory(from: runDigests.pointer, byteCount: runCount * digestLength)
+    let payloadLength = bodyLength - 16
+    e.referencesUsed += (payloadLength + 63) & ~63
+    let trailer = e.crcs.pointer + e.frameCount * RecordFramer.trailerStride
+    let trailerLength = seal(
+      frame: frame, payload: payload, sealed: payload, payloadLength: payloadLength, trailer: trailer)
+    e.vectors[e.vectorCount] = iovec(iov_base: frame, iov_len: 32)
+    e.vectors[e.vectorCount + 1] = iovec(iov_base: payload, iov_len: payloadLength)
+    e.vectors[e.vectorCount + 2] = iovec(iov_base: trailer, iov_len: trailerLength)
+    e.vectorCount += 3
+    e.frameCount += 1
+    sequence += 1
+    referencedBlocks += UInt64(runCount)
+    referenceRecords += 1
+    blockBytes += geometry.byteRange(blocks: runFirst, count: UInt64(runCount)).length
+    runCount = 0
+  }
+
+  /// Adds `block`, whose content the index may hold at `candidates`, to the
+  /// pending reference run, or ends that run and starts another.
+  private func reference(
+    _ block: UInt64, digest: UnsafeRawPointer, candidates: Range<Int>, _ e: SnapshotWriter.EncodedChunk
+  ) {
+    guard let index else { return }
+    var chosen: SignatureIndex.Location?
+    if runCount > 0 && runCount < longestRun && runFirst + UInt64(runCount) == block {
+      for p in candidates {
+        let l = index.location(at: p)
+        if l.image == runImage && l.block == runSource {
+          chosen = l
+          break
+        }
+      }
+    }
+    if chosen == nil {
+      frameReferenceRun(e)
+      chosen = index.location(at: candidates.lowerBound)
+      for p in candidates where index.location(at: p).block == block {
+        chosen = index.location(at: p)
+        break
+      }
+      runFirst = block
+      runImage = chosen!.image
+    }
+    (runDigests.pointer + runCount * digestLength).copyMemory(from: digest, byteCount: digestLength)
+    runCount += 1
+    runSource = chosen!.block + 1
+  }
+
   func frame(
     _ chunk: ChunkReader.Chunk, _ e: SnapshotWriter.EncodedChunk, geometry: BlockGeometry, blockSize: Int, bound: Int
   ) {
     e.frameCount = 0
     e.vectorCount = 0
+    e.referencesUsed = 0
     for i in 0..<chunk.blockCount {
       let block = chunk.firstBlock + UInt64(i)
+      if e.kinds[i] == .reference {
+        frameZeroRun(e)
+        reference(block, digest: e.digests.pointer + i * digestLength, candidates: e.candidates[i], e)
+        continue
+      }
+      frameReferenceRun(e)
       switch e.kinds[i] {
-      case .skipped:
+      case .skipped, .reference:
         frameZeroRun(e)
       case .zero:
         if zeroRunCount > 0 && zeroRunStart + zeroRunCount == block {
@@ -418,14 +564,16 @@ final class RecordFramer: @unchecked Sendable {
   func finish() throws {
     tail.frameCount = 0
     tail.vectorCount = 0
+    tail.referencesUsed = 0
+    frameReferenceRun(tail)
     frameZeroRun(tail)
     hash(tail)
     try write(tail)
     // An encrypted stream's END carries no digest: the tags take its place.
     let end = StreamFormat.End(
       dataBlocks: dataBlocks, zeroBlocks: zeroBlocks, bytes: blockBytes, records: sequence,
-      digest: cipher == nil ? digest.finish() : [UInt8](repeating: 0, count: 32))
-    try sink.write(StreamFormat.endRecord(end, cipher: cipher))
+      digest: cipher == nil ? digest.finish() : [UInt8](repeating: 0, count: 32), referencedBlocks: referencedBlocks)
+    try sink.write(StreamFormat.endRecord(end, version: version, cipher: cipher))
   }
 }
 
@@ -434,7 +582,8 @@ extension StreamFormat {
   /// record of an encrypted stream, the HEADER and a LINEAGE record (sealed
   /// when encrypted); and the sequence number of the record after them.
   static func head(
-    _ header: Header, lineage: Lineage?, encryption: (cryptoBody: [UInt8], cipher: RecordCipher)?
+    _ header: Header, lineage: Lineage?, sources: Sources? = nil, version: UInt16 = StreamFormat.version,
+    encryption: (cryptoBody: [UInt8], cipher: RecordCipher)?
   ) -> (records: [[UInt8]], nextSequence: UInt64) {
     var records: [[UInt8]] = []
     var sequence: UInt64 = 0
@@ -445,20 +594,21 @@ extension StreamFormat {
       sequence += 1
     }
     if let encryption {
-      records.append(preamble(flags: encryptedFlag))
+      records.append(preamble(flags: encryptedFlag, version: version))
       records.append(record(.crypto, sequence: sequence, body: encryption.cryptoBody))
       sequence += 1
     } else {
-      records.append(preamble())
+      records.append(preamble(version: version))
     }
     add(.header, headerBody(header))
     if let lineage { add(.lineage, lineageBody(lineage)) }
+    if let sources { add(.sources, sourcesBody(sources)) }
     return (records, sequence)
   }
 
   /// The END record that closes a stream, sealed when it is encrypted.
-  static func endRecord(_ end: End, cipher: RecordCipher?) -> [UInt8] {
-    let body = endBody(end)
+  static func endRecord(_ end: End, version: UInt16 = StreamFormat.version, cipher: RecordCipher?) -> [UInt8] {
+    let body = endBody(end, version: version)
     return cipher?.sealedRecord(.end, sequence: end.records, body: body)
       ?? record(.end, sequence: end.records, body: body)
   }

@@ -14,6 +14,11 @@
 //   over the old one, so a crash leaves the old index or the new, never half.
 
 public final class StoredStream: Sendable {
+  /// Why a stream with references is not read at random: its blocks are
+  /// not all in it.
+  static let referencesRefused = ToolkitError(
+    "the stream names content its receiver already holds (stream format version 2, made with snapshot --have); "
+      + "it can be merged with merge-snapshot, not served or compacted")
   /// How messages name the stream: its path or URI.
   public let name: String
   public let source: BlockDevice
@@ -145,7 +150,9 @@ public final class StoredStream: Sendable {
           }
           used += consumed
           switch record {
-          case .header(let h): header = h
+          case .header(let h):
+            guard parser.formatVersion == StreamFormat.version else { throw StoredStream.referencesRefused }
+            header = h
           case .lineage(let l):
             // The parser takes a LINEAGE record only right after the HEADER.
             if let header { return Head(header: header, lineage: l, cipher: parser.recordCipher) }
@@ -212,6 +219,7 @@ public final class StoredStream: Sendable {
         }
         zero += count
       case .lineage(let l): standsFor = l.standsFor
+      case .sources, .reference: throw ToolkitError("\(name): \(StoredStream.referencesRefused.message)")
       case .preamble, .end, .skipped: break
       }
     }

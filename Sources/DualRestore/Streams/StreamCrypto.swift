@@ -266,7 +266,10 @@ public enum StreamCrypto {
 
   /// Starts an encrypted stream: the CRYPTO record's body and the cipher
   /// that seals the records after it. A passphrase is stretched here.
-  public static func seal(_ secret: StreamSecret) throws -> (cryptoBody: [UInt8], cipher: RecordCipher) {
+  /// The preamble it covers is of format `version`.
+  public static func seal(_ secret: StreamSecret, version: UInt16 = StreamFormat.version) throws -> (
+    cryptoBody: [UInt8], cipher: RecordCipher
+  ) {
     var salt = [UInt8](repeating: 0, count: saltLength)
     guard salt.withUnsafeMutableBufferPointer({ RAND_bytes($0.baseAddress, Int32(saltLength)) }) == 1 else {
       ERR_clear_error()
@@ -281,7 +284,7 @@ public enum StreamCrypto {
     let fields = parameters.fields
     let keys = try deriveKeys(secret, parameters, fields: fields)
     let check = keyCheck(
-      checkKey: keys.check, preamble: StreamFormat.preamble(flags: StreamFormat.encryptedFlag),
+      checkKey: keys.check, preamble: StreamFormat.preamble(flags: StreamFormat.encryptedFlag, version: version),
       framing: cryptoFraming(), fields: fields)
     return (
       fields + check, try RecordCipher(key: keys.record, encrypting: true, indexKey: indexKey(checkKey: keys.check))

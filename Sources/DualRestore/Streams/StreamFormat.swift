@@ -4,7 +4,7 @@
 //
 // Preamble, 16 bytes:
 //   0   8  magic: 44 52 53 54 52 0D 0A 1A ("DRSTR\r\n\x1a")
-//   8   2  format version: 1
+//   8   2  format version: 1, or 2 for a stream with references (below)
 //   10  2  flags: bit 0 encrypted (StreamCrypto.swift); a reader refuses
 //          flags it does not know
 //   12  4  reserved, 0
@@ -55,6 +55,26 @@
 //     44 4 reserved, 0. A reader that does not know it skips it and merges
 //     the stream as the plain full stream it is.
 //
+//
+// Version 2 adds two critical types, for a stream that names content the
+// receiver already holds instead of carrying it (`snapshot --have`); a
+// version 1 reader refuses the stream at its preamble:
+//   7 SOURCES, exactly once, after the HEADER (and LINEAGE), before any block
+//     record (L = 24 + Σ(48 + N)): 0 1 digest length D (16 to 64); 1 1 image
+//     count K (1 to 255); 2 6 reserved; 8 16 digest name as OpenSSL knows it,
+//     ASCII, NUL-padded; then K images, each: 0 16 signature id; 16 8 device
+//     size; 24 4 block size (the stream's); 28 4 reserved; 32 8 blocks
+//     signed; 40 2 name length N (at most 4096); 42 6 reserved; 48 N name.
+//   8 REFERENCE, a run of blocks whose content the receiver holds (L = 24 +
+//     n × D): 0 8 first block; 8 4 block count n (1 up to 8 MiB of blocks, or
+//     1); 12 1 image (index into SOURCES); 13 3 reserved; 16 8 the image's
+//     block holding the first block's content (the run continues there);
+//     24 … the n blocks' digests, D bytes each. A receiver checks each
+//     block's digest on what it read before writing it.
+//   END in version 2 is 80 bytes: the 64 above (data blocks counting only
+//   DATA records; bytes counting referenced blocks too), then 64 8
+//   referenced blocks, 72 8 reserved.
+//
 // Blocks appear in increasing order, each at most once. A stream without its
 // END record is incomplete and is never taken as whole.
 
@@ -63,6 +83,8 @@ import CShim
 public enum StreamFormat {
   public static let magic: [UInt8] = [0x44, 0x52, 0x53, 0x54, 0x52, 0x0D, 0x0A, 0x1A]
   public static let version: UInt16 = 1
+  /// The version of a stream with SOURCES and REFERENCE records.
+  public static let referencesVersion: UInt16 = 2
   public static let preambleLength = 16
   public static let recordHeaderLength = 16
   public static let recordTrailerLength = 4
@@ -74,6 +96,13 @@ public enum StreamFormat {
   static let dataFixedLength = 16
   static let zeroBodyLength = 16
   package static let endBodyLength = 64
+  package static let referencesEndBodyLength = 80
+  static let sourcesFixedLength = 24
+  static let sourceImageFixedLength = 48
+  static let referenceFixedLength = 24
+  /// The most bytes of blocks one REFERENCE record names (more when one
+  /// block is larger).
+  public static let maximumReferenceRunBytes = 8 << 20
   package static let lineageBodyLength = 48
 
   public enum RecordType: UInt16, Sendable {
@@ -83,6 +112,8 @@ public enum StreamFormat {
     case end = 4
     case crypto = 5
     case lineage = 6
+    case sources = 7
+    case reference = 8
 
     /// Whether a reader that does not know the type must stop: every type
     /// but LINEAGE, which only adds to what a full stream already is.
@@ -160,6 +191,40 @@ public enum StreamFormat {
     public var bytes: UInt64
     public var records: UInt64
     public var digest: [UInt8]
+    /// Blocks named by REFERENCE records (version 2; 0 in version 1).
+    public var referencedBlocks: UInt64 = 0
+  }
+
+  /// What a SOURCES record says: the images a stream's references point
+  /// into, as their signatures described them, and the digest that names
+  /// a block's content.
+  public struct Sources: Equatable, Sendable {
+    public var digestName: String
+    public var digestLength: Int
+    public var images: [SignatureIndex.Image]
+    public init(digestName: String, digestLength: Int, images: [SignatureIndex.Image]) {
+      self.digestName = digestName
+      self.digestLength = digestLength
+      self.images = images
+    }
+
+    /// "image 1 (/dev/vg/old, signature 1f…)", for messages.
+    public func describe(_ image: Int) -> String {
+      guard image < images.count else { return "image \(image)" }
+      let i = images[image]
+      return "image \(image) (\(i.name.isEmpty ? "unnamed" : i.name), signature \(i.signatureID))"
+    }
+  }
+
+  /// A REFERENCE record: `count` blocks from `first` whose contents were at
+  /// `sourceFirst`… of image `image`, with their digests.
+  public struct Reference {
+    public var first: UInt64
+    public var count: Int
+    public var image: Int
+    public var sourceFirst: UInt64
+    /// `count` digests, back to back.
+    public var digests: UnsafeRawBufferPointer
   }
 
   public enum DataEncoding: UInt8, Sendable {
@@ -169,7 +234,7 @@ public enum StreamFormat {
 
   // MARK: Writing
 
-  public static func preamble(flags: UInt16 = 0) -> [UInt8] {
+  public static func preamble(flags: UInt16 = 0, version: UInt16 = StreamFormat.version) -> [UInt8] {
     var w = ByteWriter()
     w.raw(magic)
     w.u16(version)
@@ -239,14 +304,56 @@ public enum StreamFormat {
     return w.bytes
   }
 
-  public static func endBody(_ e: End) -> [UInt8] {
+  public static func endBody(_ e: End, version: UInt16 = StreamFormat.version) -> [UInt8] {
     var w = ByteWriter()
     w.u64(e.dataBlocks)
     w.u64(e.zeroBlocks)
     w.u64(e.bytes)
     w.u64(e.records)
     w.raw(e.digest)
+    if version >= referencesVersion {
+      w.u64(e.referencedBlocks)
+      w.u64(0)
+    }
     return w.bytes
+  }
+
+  public static func sourcesBody(_ s: Sources) -> [UInt8] {
+    var w = ByteWriter()
+    w.u8(UInt8(s.digestLength))
+    w.u8(UInt8(s.images.count))
+    w.zeros(6)
+    var name = Array(s.digestName.utf8.prefix(15))
+    name += [UInt8](repeating: 0, count: 16 - name.count)
+    w.raw(name)
+    for i in s.images {
+      w.id(i.signatureID)
+      w.u64(i.geometry.deviceSize)
+      w.u32(i.geometry.blockSize)
+      w.u32(0)
+      w.u64(i.signedBlocks)
+      let n = Array(i.name.utf8.prefix(maximumNameLength))
+      w.u16(UInt16(n.count))
+      w.zeros(6)
+      w.raw(n)
+    }
+    return w.bytes
+  }
+
+  /// The 24 fixed bytes that start a REFERENCE body; the digests follow.
+  @inline(__always)
+  public static func storeReferenceFields(
+    _ out: UnsafeMutableRawPointer, first: UInt64, count: Int, image: Int, sourceFirst: UInt64
+  ) {
+    out.storeBytes(of: first.littleEndian, toByteOffset: 0, as: UInt64.self)
+    out.storeBytes(of: UInt32(count).littleEndian, toByteOffset: 8, as: UInt32.self)
+    out.storeBytes(of: UInt32(image).littleEndian, toByteOffset: 12, as: UInt32.self)
+    out.storeBytes(of: sourceFirst.littleEndian, toByteOffset: 16, as: UInt64.self)
+  }
+
+  /// The most blocks one REFERENCE record may name in blocks of `blockSize`.
+  public static func maximumReferenceRun(blockSize: UInt32) -> Int {
+    max(1, maximumReferenceRunBytes / Int(blockSize))
   }
 
   /// A whole record (framing, body, checksum) from a body held in memory.
@@ -332,13 +439,66 @@ public enum StreamFormat {
       compactedCount: count)
   }
 
-  static func decodeEnd(_ body: UnsafeRawBufferPointer) -> End? {
-    guard body.count == endBodyLength else { return nil }
-    return End(
+  static func decodeEnd(_ body: UnsafeRawBufferPointer, version: UInt16 = StreamFormat.version) -> End? {
+    let references = version >= referencesVersion
+    guard body.count == (references ? referencesEndBodyLength : endBodyLength) else { return nil }
+    var end = End(
       dataBlocks: body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian,
       zeroBlocks: body.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian,
       bytes: body.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian,
       records: body.loadUnaligned(fromByteOffset: 24, as: UInt64.self).littleEndian,
       digest: Array(body[32..<64]))
+    if references {
+      guard body.loadUnaligned(fromByteOffset: 72, as: UInt64.self) == 0 else { return nil }
+      end.referencedBlocks = body.loadUnaligned(fromByteOffset: 64, as: UInt64.self).littleEndian
+    }
+    return end
+  }
+
+  /// The SOURCES body of a stream whose HEADER is `header`; the sentence says why not.
+  static func decodeSources(_ body: UnsafeRawBufferPointer, header: Header) throws(ToolkitError) -> Sources {
+    var r = ByteReader(ArraySlice(body))
+    guard let length = r.u8(), let count = r.u8(), let reserved = r.take(6), let nameRaw = r.take(16) else {
+      throw ToolkitError("SOURCES record is too short")
+    }
+    guard reserved.allSatisfy({ $0 == 0 }) else {
+      throw ToolkitError("SOURCES record has reserved bytes that are not zero")
+    }
+    guard length >= UInt8(SignatureIndex.minimumDigestLength), length <= 64 else {
+      throw ToolkitError("SOURCES record gives a digest length of \(length) bytes, outside 16 to 64")
+    }
+    guard count >= 1 else { throw ToolkitError("SOURCES record names no image") }
+    let nameBytes = nameRaw.prefix { $0 != 0 }
+    guard !nameBytes.isEmpty, nameBytes.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
+      throw ToolkitError("SOURCES record has no readable digest name")
+    }
+    var images: [SignatureIndex.Image] = []
+    for i in 0..<Int(count) {
+      guard let id = r.id(), let size = r.u64(), let blockSize = r.u32(), let reserved1 = r.u32(),
+        let signed = r.u64(), let nameLength = r.u16(), let reserved2 = r.take(6)
+      else { throw ToolkitError("SOURCES record is too short for its \(count) images") }
+      guard reserved1 == 0, reserved2.allSatisfy({ $0 == 0 }) else {
+        throw ToolkitError("SOURCES record has reserved bytes that are not zero in image \(i)")
+      }
+      guard blockSize == header.geometry.blockSize else {
+        throw ToolkitError(
+          "SOURCES record gives image \(i) block size \(blockSize), not the stream's \(header.geometry.blockSize)")
+      }
+      let geometry: BlockGeometry
+      do { geometry = try BlockGeometry(blockSize: blockSize, deviceSize: size) } catch {
+        throw ToolkitError("SOURCES record gives image \(i) an impossible size: \(error)")
+      }
+      guard geometry.blockCount <= SignatureIndex.maximumBlocks, signed <= geometry.blockCount else {
+        throw ToolkitError("SOURCES record says image \(i) has \(signed) blocks signed of \(geometry.blockCount)")
+      }
+      guard Int(nameLength) <= maximumNameLength, let name = r.take(Int(nameLength)) else {
+        throw ToolkitError("SOURCES record's name of image \(i) is out of range")
+      }
+      images.append(
+        SignatureIndex.Image(
+          name: String(decoding: name, as: UTF8.self), signatureID: id, geometry: geometry, signedBlocks: signed))
+    }
+    guard r.remaining == 0 else { throw ToolkitError("SOURCES record has \(r.remaining) bytes after its images") }
+    return Sources(digestName: String(decoding: nameBytes, as: UTF8.self), digestLength: Int(length), images: images)
   }
 }

@@ -16,7 +16,10 @@
 // An encrypted stream (preamble flag bit 0) is opened with the secret given
 // to `init(secret:)`: its CRYPTO record is checked against the key, and each
 // later record's tag is verified and its body decrypted (into the cipher's
-// own buffer, reused) before anything in it is looked at. A secret given
+// own buffer, reused) before anything in it is looked at. A version 2 stream
+// names the images its references point into in a SOURCES record before any
+// block record; each REFERENCE run is checked against that record (image,
+// range, lengths on both sides) and the block order. A secret given
 // for a plaintext stream is refused: nothing in such a stream is
 // authenticated, and it must not pass for a stream that is.
 
@@ -33,6 +36,11 @@ public struct StreamParser {
     /// The full stream is a compaction that stands for the end of another
     /// stream; right after the header, at most once.
     case lineage(StreamFormat.Lineage)
+    /// The images a version 2 stream's references point into; once, before any block.
+    case sources(StreamFormat.Sources)
+    /// A run of blocks whose content the receiver holds; `digests` points
+    /// into the caller's bytes, as a DATA payload does.
+    case reference(StreamFormat.Reference)
     case end(StreamFormat.End)
     /// A record with nothing for the consumer: a type this version does not
     /// know and may skip, or the CRYPTO record, which the parser handles.
@@ -46,6 +54,12 @@ public struct StreamParser {
   public private(set) var header: StreamFormat.Header?
   /// The LINEAGE record's, once seen.
   public private(set) var lineage: StreamFormat.Lineage?
+  /// The preamble's format version: 1, or 2 for a stream with references.
+  public private(set) var formatVersion: UInt16 = StreamFormat.version
+  /// The SOURCES record's, once seen (version 2).
+  public private(set) var sources: StreamFormat.Sources?
+  /// Blocks named by REFERENCE records so far.
+  public private(set) var referencedBlocks: UInt64 = 0
   /// The sequence number of the HEADER, which a LINEAGE record follows.
   private var headerSequence: UInt64 = 0
   public private(set) var sawEnd = false
@@ -82,10 +96,12 @@ public struct StreamParser {
       }
       guard bytes.count >= StreamFormat.preambleLength else { return nil }
       let version = bytes.loadUnaligned(fromByteOffset: 8, as: UInt16.self).littleEndian
-      guard version == StreamFormat.version else {
+      guard version == StreamFormat.version || version == StreamFormat.referencesVersion else {
         throw ToolkitError(
-          "stream format version \(version) is not supported (this build reads version \(StreamFormat.version))")
+          "stream format version \(version) is not supported (this build reads versions \(StreamFormat.version) "
+            + "and \(StreamFormat.referencesVersion))")
       }
+      formatVersion = version
       let flags = bytes.loadUnaligned(fromByteOffset: 10, as: UInt16.self).littleEndian
       guard flags & ~StreamFormat.encryptedFlag == 0 else {
         throw ToolkitError("stream uses flags 0x\(String(flags, radix: 16)) this build does not know")
@@ -179,8 +195,70 @@ public struct StreamParser {
       do { decoded = try StreamFormat.decodeLineage(body, header: h) } catch { throw fail(error.message) }
       lineage = decoded
       record = .lineage(decoded)
+    case .sources:
+      let h = try requireHeader()
+      guard formatVersion >= StreamFormat.referencesVersion else {
+        throw fail("a SOURCES record in a version \(formatVersion) stream; references need version 2")
+      }
+      guard sources == nil else { throw fail("a second SOURCES record") }
+      guard dataBlocks == 0, zeroBlocks == 0, referencedBlocks == 0 else {
+        throw fail("a SOURCES record after block records; it must come before them")
+      }
+      let decoded: StreamFormat.Sources
+      do { decoded = try StreamFormat.decodeSources(body, header: h) } catch { throw fail(error.message) }
+      sources = decoded
+      record = .sources(decoded)
+    case .reference:
+      let h = try requireHeader()
+      let s = try requireSources()
+      guard length >= StreamFormat.referenceFixedLength else { throw fail("REFERENCE record is too short") }
+      let first = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
+      let count = Int(body.loadUnaligned(fromByteOffset: 8, as: UInt32.self).littleEndian)
+      let fields = body.loadUnaligned(fromByteOffset: 12, as: UInt32.self).littleEndian
+      let image = Int(fields & 0xFF)
+      let sourceFirst = body.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian
+      guard fields >> 8 == 0 else { throw fail("REFERENCE record has reserved bytes that are not zero") }
+      guard count >= 1, count <= StreamFormat.maximumReferenceRun(blockSize: h.geometry.blockSize) else {
+        throw fail(
+          "REFERENCE record names \(count) blocks, outside 1 to \(StreamFormat.maximumReferenceRun(blockSize: h.geometry.blockSize))"
+        )
+      }
+      guard length == StreamFormat.referenceFixedLength + count * s.digestLength else {
+        throw fail(
+          "REFERENCE record has \(length) bytes, not \(StreamFormat.referenceFixedLength + count * s.digestLength) for \(count) digests"
+        )
+      }
+      guard first < h.geometry.blockCount, UInt64(count) <= h.geometry.blockCount - first else {
+        throw fail("reference run of \(count) blocks from block \(first) is out of range")
+      }
+      guard first >= nextBlock else { throw fail("block \(first) is out of order or repeated") }
+      guard image < s.images.count else {
+        throw fail("REFERENCE record names image \(image); the SOURCES record lists \(s.images.count)")
+      }
+      let source = s.images[image].geometry
+      guard sourceFirst < source.blockCount, UInt64(count) <= source.blockCount - sourceFirst else {
+        throw fail(
+          "reference run of \(count) blocks from block \(sourceFirst) of \(s.describe(image)) is past its \(source.blockCount) blocks"
+        )
+      }
+      // Blocks pair up whole: only the last of the run may be short, on both sides alike.
+      let lastTarget = h.geometry.length(ofBlock: first + UInt64(count) - 1)
+      let lastSource = source.length(ofBlock: sourceFirst + UInt64(count) - 1)
+      guard lastTarget == lastSource else {
+        throw fail(
+          "block \(first + UInt64(count) - 1) has \(lastTarget) bytes but the block it refers to in \(s.describe(image)) has \(lastSource)"
+        )
+      }
+      record = .reference(
+        StreamFormat.Reference(
+          first: first, count: count, image: image, sourceFirst: sourceFirst,
+          digests: UnsafeRawBufferPointer(rebasing: body[StreamFormat.referenceFixedLength...])))
+      nextBlock = first + UInt64(count)
+      referencedBlocks += UInt64(count)
+      blockBytes += h.geometry.byteRange(blocks: first, count: UInt64(count)).length
     case .data:
       let h = try requireHeader()
+      try requireSourcesInVersion2()
       guard length >= StreamFormat.dataFixedLength else { throw fail("DATA record is too short") }
       let block = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
       let blockLength = Int(body.loadUnaligned(fromByteOffset: 8, as: UInt32.self).littleEndian)
@@ -214,6 +292,7 @@ public struct StreamParser {
       blockBytes += UInt64(blockLength)
     case .zero:
       let h = try requireHeader()
+      try requireSourcesInVersion2()
       guard length == StreamFormat.zeroBodyLength else { throw fail("ZERO record has \(length) bytes, not 16") }
       let first = body.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
       let count = body.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
@@ -228,13 +307,18 @@ public struct StreamParser {
       blockBytes += bytes
     case .end:
       _ = try requireHeader()
-      guard let end = StreamFormat.decodeEnd(body) else { throw fail("END record has \(length) bytes, not 64") }
+      try requireSourcesInVersion2()
+      guard let end = StreamFormat.decodeEnd(body, version: formatVersion) else {
+        throw fail(
+          "END record has \(length) bytes, not \(formatVersion >= StreamFormat.referencesVersion ? StreamFormat.referencesEndBodyLength : StreamFormat.endBodyLength), or reserved bytes that are not zero"
+        )
+      }
       guard end.dataBlocks == dataBlocks, end.zeroBlocks == zeroBlocks, end.bytes == blockBytes,
-        end.records == sequence
+        end.records == sequence, end.referencedBlocks == referencedBlocks
       else {
         throw fail(
-          "END record counts \(end.dataBlocks) data and \(end.zeroBlocks) zero blocks in \(end.records) records, "
-            + "but the stream had \(dataBlocks) and \(zeroBlocks) in \(sequence)")
+          "END record counts \(end.dataBlocks) data, \(end.zeroBlocks) zero and \(end.referencedBlocks) referenced blocks in \(end.records) records, "
+            + "but the stream had \(dataBlocks), \(zeroBlocks) and \(referencedBlocks) in \(sequence)")
       }
       record = .end(end)
       sawEnd = true
@@ -266,6 +350,21 @@ public struct StreamParser {
         throw fail("truncated stream: the record is incomplete (\(leftover) bytes); the stream has no END record")
       }
       throw fail("truncated stream: no END record; the stream is incomplete")
+    }
+  }
+
+  private func requireSources() throws -> StreamFormat.Sources {
+    guard formatVersion >= StreamFormat.referencesVersion else {
+      throw fail("a REFERENCE record in a version \(formatVersion) stream; references need version 2")
+    }
+    guard let sources else { throw fail("a REFERENCE record before the SOURCES record") }
+    return sources
+  }
+
+  /// A version 2 stream names its images before its first block record.
+  private func requireSourcesInVersion2() throws {
+    if formatVersion >= StreamFormat.referencesVersion && sources == nil {
+      throw fail("a version 2 stream whose SOURCES record does not come before its blocks")
     }
   }
 

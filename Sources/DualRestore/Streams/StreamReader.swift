@@ -132,7 +132,11 @@ public final class StreamReader {
         guard let (e, position, offset) = pendingEnd else { return nil }
         pendingEnd = nil
         if parser.isEncrypted { return .end(e) }
-        let (digest, hashed) = input.digestOfAllButTheEnd()
+        let endLength =
+          StreamFormat.recordOverhead
+          + (parser.formatVersion >= StreamFormat.referencesVersion
+            ? StreamFormat.referencesEndBodyLength : StreamFormat.endBodyLength)
+        let (digest, hashed) = input.digestOfAllButTheEnd(endRecordLength: endLength)
         if hashed != offset || digest != e.digest {
           throw ToolkitError("\(name): \(position): the stream digest does not match; the stream is damaged")
         }
