@@ -51,6 +51,8 @@ final class EncryptedStreamTests: XCTestCase {
         shape = "E"
         end = e
       case .lineage: shape = "L"
+      case .sources: shape = "O"
+      case .reference(let r): shape = "R\(r.first)+\(r.count)@\(r.image):\(r.sourceFirst)"
       case .skipped(let t): shape = "S\(t)"
       }
     }

@@ -28,6 +28,8 @@ final class StreamParserTests: XCTestCase {
     case zero(first: UInt64, count: UInt64)
     case end(StreamFormat.End)
     case lineage(StreamFormat.Lineage)
+    case sources(StreamFormat.Sources)
+    case reference(first: UInt64, count: Int, image: Int, sourceFirst: UInt64, digests: [UInt8])
     case skipped(UInt16)
 
     init(_ r: StreamParser.Record) {
@@ -39,6 +41,10 @@ final class StreamParserTests: XCTestCase {
       case .zero(let first, let count): self = .zero(first: first, count: count)
       case .end(let e): self = .end(e)
       case .lineage(let l): self = .lineage(l)
+      case .sources(let s): self = .sources(s)
+      case .reference(let r):
+        self = .reference(
+          first: r.first, count: r.count, image: r.image, sourceFirst: r.sourceFirst, digests: Array(r.digests))
       case .skipped(let t): self = .skipped(t)
       }
     }
@@ -51,6 +57,8 @@ final class StreamParserTests: XCTestCase {
       case .zero(let f, let c): return "zero(\(f), \(c))"
       case .end(let e): return "end(\(e.dataBlocks), \(e.zeroBlocks), \(e.bytes), \(e.records))"
       case .lineage(let l): return "lineage(\(l.standsFor))"
+      case .sources(let s): return "sources(\(s.images.count) images)"
+      case .reference(let f, let c, let i, let sf, _): return "reference(\(f)+\(c) from \(i):\(sf))"
       case .skipped(let t): return "skipped(\(t))"
       }
     }
@@ -64,6 +72,8 @@ final class StreamParserTests: XCTestCase {
       case .header: return "H"
       case .end: return "E"
       case .lineage: return "L"
+      case .sources: return "O"
+      case .reference(let f, let c, let i, let sf, _): return "R\(f)+\(c)@\(i):\(sf)"
       case .skipped(let t): return "S\(t)"
       }
     }
