@@ -883,9 +883,9 @@ final class StreamParserTests: XCTestCase {
     wrong[7] = 0x00
     assertRefused(wrong, ["bad magic"], records: 0)
     assertRefused(Array("hello, this is not a stream".utf8), ["bad magic"])
-    // Version 2, and unknown preamble flags.
+    // Version 3, and unknown preamble flags.
     assertRefused(
-      Self.preamble(version: 2) + Array(Self.handStart()[16...]), ["version 2 is not supported"], records: 0)
+      Self.preamble(version: 3) + Array(Self.handStart()[16...]), ["version 3 is not supported"], records: 0)
     assertRefused(Self.preamble(version: 0), ["version 0"], records: 0)
     assertRefused(Self.preamble(flags: 4), ["flags 0x4"], records: 0)
     // Header fields out of range.
