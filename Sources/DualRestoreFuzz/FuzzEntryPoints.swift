@@ -172,21 +172,52 @@ public enum FuzzEntryPoints {
   }
 
   /// Reads `bytes` as a signature front to back, as `bitmap-diff` reads one
-  /// from a pipe: the header, every digest, then the closing checksum. The
-  /// reader takes the bytes from memory, through a small buffer that a long
-  /// header makes it grow.
+  /// from a pipe: the header (and a sparse signature's selection), every
+  /// digest, then the closing checksum. The reader takes the bytes from
+  /// memory, through a small buffer that a long header makes it grow. The
+  /// first digests are read with `readDigests`, the rest with `readEntries`,
+  /// whose block numbers must be the signed blocks in order: every block,
+  /// or the ones the selection sets.
   public static func readSignature(_ bytes: [UInt8]) -> String? {
     do {
       let reader = try SignatureReader(bytes: bytes, name: "fuzz input", bufferSize: 4096)
       let header = reader.header
-      var scratch = [UInt8](repeating: 0, count: header.digestLength * 1000)
-      var read: UInt64 = 0
+      let selection = reader.selection
+      precondition(reader.isSparse == (selection != nil), "isSparse disagrees with the selection")
+      precondition(
+        reader.signedBlocks == (selection?.population ?? header.geometry.blockCount),
+        "signedBlocks is not the blocks the selection sets")
+      var expected: UInt64 = 0
+      func advance() {
+        if let selection {
+          expected = (selection.nextSet(from: expected) ?? selection.count) + 1
+        } else {
+          expected += 1
+        }
+      }
       // Odd counts, so that reads straddle the reader's buffer.
-      while read < header.geometry.blockCount {
-        let n = Int(min(1000, header.geometry.blockCount - read))
-        try scratch.withUnsafeMutableBytes { try reader.readDigests(count: n, into: $0.baseAddress!) }
+      let batch = 1000
+      var scratch = [UInt8](repeating: 0, count: header.digestLength * batch)
+      var blocks = [UInt64](repeating: 0, count: batch)
+      let first = Int(min(7, reader.signedBlocks))
+      try scratch.withUnsafeMutableBytes { try reader.readDigests(count: first, into: $0.baseAddress!) }
+      for _ in 0..<first { advance() }
+      var read = UInt64(first)
+      while true {
+        let n = try blocks.withUnsafeMutableBufferPointer { b in
+          try scratch.withUnsafeMutableBytes {
+            try reader.readEntries(max: batch, blocks: b.baseAddress!, digests: $0.baseAddress!)
+          }
+        }
+        if n == 0 { break }
+        for i in 0..<n {
+          let block = selection.map { $0.nextSet(from: expected) ?? $0.count } ?? expected
+          precondition(blocks[i] == block, "readEntries gave block \(blocks[i]) where \(block) is next")
+          advance()
+        }
         read += UInt64(n)
       }
+      precondition(read == reader.signedBlocks, "read \(read) of \(reader.signedBlocks) signed blocks")
       try reader.finish()
       return nil
     } catch {

@@ -9,7 +9,7 @@ struct BitmapDiff: ParsableCommand {
     abstract: "Compare two sources block by block and write the map of differing blocks.",
     usage: """
       bitmap-diff [options] A B
-      bitmap-diff --signature [options] SOURCE
+      bitmap-diff --signature [--map MAP] [options] SOURCE
       """,
     discussion: """
       A and B are image files, block devices or NBD exports \
@@ -24,6 +24,15 @@ struct BitmapDiff: ParsableCommand {
       the other, and run bitmap-diff SIG B there; the map is the one \
       bitmap-diff A B would give. Its format is dualrestore-signature(5).
 
+      With --map MAP, the signature is sparse: it holds the digests of the \
+      blocks MAP sets only, and only those blocks of SOURCE are read. \
+      Compared with B (or with a signature), only those blocks are read and \
+      compared; the map sets the ones that differ, and every block outside \
+      MAP is clear. So a link is crossed in two steps: a coarse signature \
+      finds the regions that differ, and a sparse fine one of those regions \
+      (MAP made from the coarse map with overwrite-map rescale) finds the \
+      blocks; see dualrestore(7).
+
       Exit status, as cmp(1) and qemu-img compare: 0 the sources are the \
       same, 1 they differ, 2 trouble (including bad usage).
       """)
@@ -35,6 +44,12 @@ struct BitmapDiff: ParsableCommand {
   var digest: String = "sha256"
 
   @OptionGroup var blockSize: BlockSizeOption
+
+  @Option(
+    help: ArgumentHelp(
+      "With --signature, sign only the blocks this map sets (a sparse signature); its block size is the signature's.",
+      valueName: "map"))
+  var map: String?
 
   @Option(
     name: .shortAndLong,
@@ -62,7 +77,11 @@ struct BitmapDiff: ParsableCommand {
       guard sources.count == 1 else { throw ValidationError("--signature takes exactly one SOURCE") }
       if extents { throw ValidationError("--extents does not apply to --signature") }
       if allowSizeChange { throw ValidationError("--allow-size-change does not apply to --signature") }
+      if map == "-" && sources[0] == "-" {
+        throw ValidationError("only one of --map and SOURCE can be standard input")
+      }
     } else {
+      if map != nil { throw ValidationError("--map applies only to --signature") }
       guard sources.count == 2 else { throw ValidationError("give two sources to compare, A and B") }
       if sources[0] == "-" && sources[1] == "-" {
         throw ValidationError("only one of A and B can be standard input")
@@ -88,9 +107,25 @@ struct BitmapDiff: ParsableCommand {
     let target = OutputTarget(output)
     try target.refuseTerminal(for: "signature")
     let source = try openSource(sources[0], direct: direct)
+    var size = blockSize.value
+    var selection: BlockBitmap?
+    if let map {
+      // The map fixes the block size; an explicit --block-size must agree.
+      let m = try MapFile.load(map)
+      let mapName = map == "-" ? "standard input" : map
+      if let given = blockSize.blockSize, given.value != UInt64(m.geometry.blockSize) {
+        throw ToolkitError(
+          "\(mapName) has block size \(m.geometry.blockSize), not \(given.value) (rescale it with overwrite-map rescale)"
+        )
+      }
+      try m.geometry.check(
+        matches: BlockGeometry(blockSize: m.geometry.blockSize, deviceSize: source.size), mapName, source.name)
+      size = m.geometry.blockSize
+      selection = m.bits
+    }
     _ = try Signer.sign(
-      source, algorithm: algorithm, blockSize: blockSize.value, to: target, progress: showProgress,
-      workers: hashWorkers)
+      source, algorithm: algorithm, blockSize: size, to: target, progress: showProgress,
+      workers: hashWorkers, selection: selection)
   }
 
   func compare() throws {

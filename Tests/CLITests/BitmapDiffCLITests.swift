@@ -201,4 +201,102 @@ final class BitmapDiffCLITests: XCTestCase {
     let text = try RRTCommand.shell("script -qec '\(bin) --quiet --extents a.img b.img' /dev/null", cwd: s.url.path)
     XCTAssertTrue(text.stdout.contains("327680 131072"), text.stdout)
   }
+
+  func testSparseSignatureOfAMap() throws {
+    let s = try Scratch()
+    // Blocks 0, 5, 6 and 63 of 64 KiB differ; the map selects blocks 0..<8.
+    let (a, b) = try makePair(s)
+    try RRTCommand.run("overwrite-map", ["create", "--like", a, "--meaning", "selected", s.path("sel.map")])
+    try RRTCommand.run("overwrite-map", ["set", s.path("sel.map"), "0", "512K"])
+    let sign = try RRTCommand.run("bitmap-diff", ["--signature", "--map", s.path("sel.map"), "-o", s.path("a.sig"), a])
+    XCTAssertEqual(sign.status, 0, sign.stderr)
+    // 8 digests and a selection of 3 bytes (runs 0, 8, 56), not 64 digests.
+    let size = try s.read("a.sig").count
+    XCTAssertEqual(size, 82 + a.utf8.count + 16 + 3 + 8 * 32 + 32)
+    let selected = ["0 65536", "327680 131072"]
+    for pair in [[s.path("a.sig"), b], [b, s.path("a.sig")]] {
+      let r = try RRTCommand.run("bitmap-diff", ["--extents"] + pair)
+      XCTAssertEqual(r.status, 1, r.stderr)
+      XCTAssertEqual(r.lines, selected, "\(pair): block 63 is outside the selection")
+    }
+    XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["--extents", s.path("a.sig"), a]).status, 0)
+    // Outside the selection nothing counts: a difference there alone is no difference.
+    let far = try RRTCommand.run("bitmap-diff", ["--extents", "--signature", "--map", s.path("sel.map"), b])
+    XCTAssertNotEqual(far.status, 0, "a signature is not text")
+    try RRTCommand.run("overwrite-map", ["create", "--like", a, "--meaning", "selected", s.path("tail.map")])
+    try RRTCommand.run("overwrite-map", ["set", s.path("tail.map"), "4M", "0"])
+    try RRTCommand.run("overwrite-map", ["set", s.path("tail.map"), "1M", "1M"])
+    try RRTCommand.run("bitmap-diff", ["--signature", "--map", s.path("tail.map"), "-o", s.path("mid.sig"), a])
+    let none = try RRTCommand.run("bitmap-diff", ["--extents", s.path("mid.sig"), b])
+    XCTAssertEqual(none.status, 0, none.stderr)
+    XCTAssertEqual(none.lines, [])
+
+    // Through pipes, the map from standard input; against a dense signature
+    // and against a sparse one of the same map; as a map.
+    let piped = try RRTCommand.shell(
+      "bitmap-diff --signature --map - a.img < sel.map | bitmap-diff --extents - b.img; test $? = 1", cwd: s.url.path)
+    XCTAssertEqual(piped.status, 0, piped.stderr)
+    XCTAssertEqual(piped.lines, selected)
+    try RRTCommand.run("bitmap-diff", ["--signature", "-o", s.path("b-dense.sig"), b])
+    try RRTCommand.run("bitmap-diff", ["--signature", "--map", s.path("sel.map"), "-o", s.path("b.sig"), b])
+    for pair in [["a.sig", "b-dense.sig"], ["b-dense.sig", "a.sig"], ["a.sig", "b.sig"]] {
+      let r = try RRTCommand.run("bitmap-diff", ["--extents"] + pair.map(s.path))
+      XCTAssertEqual(r.status, 1, r.stderr)
+      XCTAssertEqual(r.lines, selected, "\(pair)")
+    }
+    XCTAssertEqual(try RRTCommand.run("bitmap-diff", ["-o", s.path("d.map"), s.path("a.sig"), b]).status, 1)
+    let stats = try RRTCommand.run("overwrite-map", ["stats", "--json", s.path("d.map")])
+    let o = try XCTUnwrap(JSONSerialization.jsonObject(with: stats.data) as? [String: Any])
+    XCTAssertEqual(o["meaning"] as? String, "differs")
+    XCTAssertEqual(o["set_blocks"] as? Int, 3)
+    XCTAssertEqual(o["block_count"] as? Int, 64)
+
+    // A map of 4 KiB blocks makes a signature of 4 KiB blocks, with or
+    // without --block-size 4K.
+    let fine = try RRTCommand.shell(
+      "overwrite-map rescale --block-size 4K sel.map -o fine.map && "
+        + "bitmap-diff --signature --map fine.map a.img > f1.sig && "
+        + "bitmap-diff --signature --map fine.map --block-size 4K a.img > f2.sig && "
+        + "bitmap-diff --extents f1.sig b.img; test $? = 1 && bitmap-diff --extents f2.sig b.img",
+      cwd: s.url.path)
+    XCTAssertEqual(fine.status, 1, fine.stderr)
+    XCTAssertEqual(fine.lines, ["0 4096", "327680 4096", "393216 4096"] + ["0 4096", "327680 4096", "393216 4096"])
+  }
+
+  func testSparseSignatureRefusals() throws {
+    let s = try Scratch()
+    let (a, b) = try makePair(s)
+    try RRTCommand.run("overwrite-map", ["create", "--like", a, s.path("sel.map")])
+    try RRTCommand.run("overwrite-map", ["set", s.path("sel.map"), "0", "1M"])
+    try RRTCommand.run("bitmap-diff", ["--signature", "--map", s.path("sel.map"), "-o", s.path("a.sig"), a])
+    func refused(_ arguments: [String], _ fragment: String) throws {
+      assertFails(try RRTCommand.run("bitmap-diff", arguments), status: 2, mentioning: fragment)
+      XCTAssertFalse(FileManager.default.fileExists(atPath: s.path("out")), "\(arguments) wrote its output")
+    }
+    try refused(["--map", s.path("sel.map"), a, b], "--map applies only to --signature")
+    try refused(["--signature", "--map", "-", "-"], "only one of --map and SOURCE")
+    try refused(
+      ["--signature", "--map", s.path("sel.map"), "--block-size", "4K", "-o", s.path("out"), a],
+      "sel.map has block size 65536, not 4096")
+    try RRTCommand.run("overwrite-map", ["create", "--size", "8M", s.path("big.map")])
+    try refused(
+      ["--signature", "--map", s.path("big.map"), "-o", s.path("out"), a], "describes 8388608 bytes but \(a) has")
+    try refused(["--signature", "--map", s.path("missing.map"), "-o", s.path("out"), a], "missing.map")
+    // Two sparse signatures of different selections.
+    try RRTCommand.run("overwrite-map", ["set", s.path("sel.map"), "1M", "64K"])
+    try RRTCommand.run("bitmap-diff", ["--signature", "--map", s.path("sel.map"), "-o", s.path("b.sig"), b])
+    try refused([s.path("a.sig"), s.path("b.sig"), "-o", s.path("out")], "different selections")
+    // Another size, even with --allow-size-change.
+    let short = try s.file("short.img", try s.read("b.img").prefix(1 << 20))
+    try refused(["--allow-size-change", s.path("a.sig"), short, "-o", s.path("out")], "sparse signature")
+    try refused(["--allow-size-change", short, s.path("a.sig"), "-o", s.path("out")], "sparse signature")
+    // A damaged selection: one sentence, no map.
+    var bad = try s.read("a.sig")
+    bad[82 + a.utf8.count + 16] ^= 0x40
+    try s.file("bad.sig", bad)
+    let r = try RRTCommand.run("bitmap-diff", [s.path("bad.sig"), b, "-o", s.path("out")])
+    XCTAssertEqual(r.status, 2, r.stderr)
+    XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+    XCTAssertFalse(FileManager.default.fileExists(atPath: s.path("out")))
+  }
 }

@@ -9,8 +9,8 @@ final class OverwriteMapCLITests: XCTestCase {
     let r = try RRTCommand.run("overwrite-map", ["--help"])
     XCTAssertEqual(r.status, 0)
     for sub in [
-      "create", "show", "stats", "extents", "set", "clear", "union", "intersect", "subtract", "invert", "import",
-      "export",
+      "create", "show", "stats", "extents", "set", "clear", "union", "intersect", "subtract", "invert", "rescale",
+      "import", "export",
     ] {
       XCTAssertTrue(r.stdout.contains("  \(sub) "), "help lacks \(sub)")
     }
@@ -170,6 +170,64 @@ final class OverwriteMapCLITests: XCTestCase {
     let both = try RRTCommand.run("overwrite-map", ["union", "-", "-"])
     XCTAssertNotEqual(both.status, 0)
     XCTAssertTrue(both.stderr.contains("only one map can come from standard input"), both.stderr)
+  }
+
+  func testRescale() throws {
+    let s = try Scratch()
+    func extents(_ script: String) throws -> [String] {
+      let r = try RRTCommand.shell(script, cwd: s.url.path)
+      XCTAssertEqual(r.status, 0, "\(script): \(r.stderr)")
+      return r.lines
+    }
+    // 1000000 bytes in 64 KiB blocks: 16 blocks, the last one 16960 bytes.
+    try RRTCommand.run(
+      "overwrite-map", ["create", "--size", "1000000", "--meaning", "differs", "--name", "/dev/sdx", s.path("c.map")])
+    try RRTCommand.run("overwrite-map", ["set", s.path("c.map"), "64K", "64K"])
+    try RRTCommand.run("overwrite-map", ["set", s.path("c.map"), "983040", "16960"])
+    XCTAssertEqual(
+      try extents("overwrite-map rescale --block-size 4K c.map | overwrite-map extents -"),
+      ["65536 65536", "983040 16960"])
+    XCTAssertEqual(
+      try extents("overwrite-map rescale --block-size 4K - < c.map -o f.map && overwrite-map extents f.map"),
+      ["65536 65536", "983040 16960"])
+    func stats(_ name: String) throws -> [String: Any] {
+      let r = try RRTCommand.run("overwrite-map", ["stats", "--json", s.path(name)])
+      return try XCTUnwrap(JSONSerialization.jsonObject(with: r.data) as? [String: Any])
+    }
+    let c = try stats("c.map")
+    let f = try stats("f.map")
+    XCTAssertEqual(f["block_size"] as? Int, 4096)
+    XCTAssertEqual(f["set_blocks"] as? Int, 16 + 5)
+    XCTAssertEqual(f["device_size"] as? Int, 1_000_000)
+    for key in ["meaning", "device_name", "tracking_started", "last_merged_stream"] {
+      XCTAssertEqual("\(f[key] ?? "none")", "\(c[key] ?? "none")", key)
+    }
+    XCTAssertNotEqual(f["map_id"] as? String, c["map_id"] as? String, "a new map")
+    // Coarser: a block is set when any block in it is; and back.
+    try RRTCommand.run("overwrite-map", ["set", s.path("f.map"), "400K", "4K"])
+    XCTAssertEqual(
+      try extents("overwrite-map rescale --block-size 256K f.map | overwrite-map extents -"),
+      ["0 524288", "786432 213568"])
+    XCTAssertEqual(
+      try extents(
+        "overwrite-map rescale --block-size 512K f.map | overwrite-map rescale --block-size 64K - | overwrite-map extents -"
+      ), ["0 1000000"])
+
+    // A map of current blocks is made finer, never coarser.
+    try RRTCommand.run("overwrite-map", ["create", "--size", "1M", "--block-size", "4K", s.path("cur.map")])
+    try RRTCommand.run("overwrite-map", ["set", s.path("cur.map"), "8K", "4K"])
+    XCTAssertEqual(
+      try extents("overwrite-map rescale --block-size 512 cur.map | overwrite-map extents -"), ["8192 4096"])
+    assertFails(
+      try RRTCommand.run(
+        "overwrite-map", ["rescale", "--block-size", "64K", s.path("cur.map"), "-o", s.path("x.map")]),
+      status: 1, mentioning: "is a map of current blocks, and a coarse block set as current would hold back")
+    XCTAssertFalse(FileManager.default.fileExists(atPath: s.path("x.map")))
+    let bad = try RRTCommand.run("overwrite-map", ["rescale", "--block-size", "3000", s.path("cur.map")])
+    XCTAssertEqual(bad.status, 64)
+    XCTAssertTrue(bad.stderr.contains("block size 3000 is not a power of two"), bad.stderr)
+    XCTAssertEqual(
+      try RRTCommand.run("overwrite-map", ["rescale", s.path("cur.map")]).status, 64, "--block-size is needed")
   }
 
   func testNeverWritesABinaryMapToATerminal() throws {

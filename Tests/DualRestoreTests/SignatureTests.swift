@@ -314,7 +314,7 @@ final class SignatureTests: XCTestCase {
     let patchedPath = dir + "/p.sig"
     let cases: [(Int, UInt64, Int, [String])] = [
       (8, 2, 2, ["version 2 is not supported"]),
-      (10, 1, 2, ["flags"]),
+      (10, 2, 2, ["flags 0x2"]),  // bit 0 is sparse; bit 1 is unknown
       (h, 6 * 32 + 32, 8, ["digest area"]),  // digest count not blocks × length
       (32, 7, 8, ["block count"]),  // block count not fitting the device size
       (16, 3000, 4, ["3000"]),  // block size

@@ -29,7 +29,10 @@ public final class BlockHasher: @unchecked Sendable {
     min(8, max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
   }
 
-  /// Writes one digest per block of `chunk` to `output`, block order.
+  /// Writes one digest per block of `chunk` to `output`, block order:
+  /// the digest of block `firstBlock + i` at `output + i × length`. Blocks
+  /// the chunk skipped (outside its reader's selection) are not hashed;
+  /// their places in `output` are left as they were.
   public func hash(_ chunk: ChunkReader.Chunk, into output: UnsafeMutableRawPointer) {
     let length = algorithm.length
     let workers = min(digesters.count, chunk.blockCount)
@@ -42,6 +45,7 @@ public final class BlockHasher: @unchecked Sendable {
       for i in from..<to {
         let block = chunk.firstBlock + UInt64(i)
         let blockLength = self.geometry.length(ofBlock: block)
+        if chunk.isSkipped[i] { continue }
         let out = output + i * length
         if chunk.isHole[i] {
           if blockLength == Int(self.geometry.blockSize) {

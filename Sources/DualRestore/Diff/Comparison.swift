@@ -5,6 +5,12 @@
 // differs from A. With a size change allowed, a block of B with no
 // counterpart in A (or only a shorter one) differs; blocks of A past B's end
 // have no place in the map.
+//
+// A sparse signature holds the digests of the blocks its selection sets:
+// compared with it, only those blocks are read, hashed and compared, and
+// the blocks outside it are clear in the map. It compares only with a
+// source or signature of its own size; two sparse signatures compare only
+// over the same selection.
 
 import Glibc
 
@@ -93,6 +99,11 @@ public enum Comparison {
       throw ToolkitError.path(
         signature.name, "digest \(header.digestName) has \(algorithm.length) bytes, not \(header.digestLength)")
     }
+    if let selection = header.selection {
+      try checkSparseSizes(signature.name, sigGeometry.deviceSize, b.name, b.size)
+      return try compare(
+        sparse: signature, selection: selection, b, algorithm: algorithm, progress: progress, workers: workers)
+    }
     let sourceGeometry = try BlockGeometry(blockSize: sigGeometry.blockSize, deviceSize: b.size)
     let outGeometry = signatureIsA ? sourceGeometry : sigGeometry
     try outGeometry.checkMappable()
@@ -141,6 +152,41 @@ public enum Comparison {
       sizesDiffer: sizeA != sizeB)
   }
 
+  /// Compares a source with a sparse signature of the same size: reads and
+  /// hashes only the selected blocks of `b`.
+  private static func compare(
+    sparse signature: SignatureReader, selection: BlockBitmap, _ b: BlockDevice, algorithm: DigestAlgorithm,
+    progress: Bool, workers: Int
+  ) throws -> ComparisonReport {
+    let geometry = signature.header.geometry
+    try geometry.checkMappable()
+    var differing = BlockBitmap(count: geometry.blockCount)
+    let reader = ChunkReader(source: b, geometry: geometry, chunkBytes: chunkBytes, selection: selection)
+    defer { reader.cancel() }
+    let hasher = BlockHasher(algorithm: algorithm, geometry: geometry, workers: workers)
+    let length = algorithm.length
+    let ours = AlignedBuffer(count: reader.blocksPerChunk * length)
+    let theirs = SignedBlocks(signature, batch: reader.blocksPerChunk)
+    let meter = ProgressMeter(
+      label: "hashing", total: Signer.selectedBytes(selection, geometry), enabled: progress)
+    var compared: UInt64 = 0
+    while let chunk = try reader.next() {
+      if !chunk.isSkipped.contains(false) { continue }
+      hasher.hash(chunk, into: ours.pointer)
+      for i in 0..<chunk.blockCount where !chunk.isSkipped[i] {
+        let block = chunk.firstBlock + UInt64(i)
+        if memcmp(ours.pointer + i * length, try theirs.digest(of: block), length) != 0 { differing[block] = true }
+        compared += UInt64(geometry.length(ofBlock: block))
+      }
+      meter.update(compared)
+    }
+    try signature.finish()
+    meter.finish(compared)
+    return ComparisonReport(
+      geometry: geometry, differing: differing, bytesCompared: compared, signature: signature.header,
+      sizesDiffer: false)
+  }
+
   /// Compares two signatures; no data is read.
   public static func compare(_ a: SignatureReader, _ b: SignatureReader, allowSizeChange: Bool) throws
     -> ComparisonReport
@@ -154,6 +200,16 @@ public enum Comparison {
     }
     guard ha.digestName == hb.digestName, ha.digestLength == hb.digestLength else {
       throw ToolkitError("\(a.name) uses digest \(ha.digestName) but \(b.name) uses \(hb.digestName)")
+    }
+    if let selection = ha.selection ?? hb.selection {
+      try checkSparseSizes(
+        ha.isSparse ? a.name : b.name, ha.geometry.deviceSize, ha.isSparse ? b.name : a.name,
+        hb.geometry.deviceSize)
+      if let sa = ha.selection, let sb = hb.selection, sa != sb {
+        throw ToolkitError(
+          "\(a.name) and \(b.name) are sparse signatures of different selections; they compare only over the same one")
+      }
+      return try compare(sparse: a, b, selection: selection)
     }
     let length = ha.digestLength
     let blocksA = ha.geometry.blockCount
@@ -186,10 +242,83 @@ public enum Comparison {
       sizesDiffer: ha.geometry.deviceSize != hb.geometry.deviceSize)
   }
 
+  /// Compares two signatures of the same size, one of them or both sparse
+  /// (then of the same selection), over the selection.
+  private static func compare(sparse a: SignatureReader, _ b: SignatureReader, selection: BlockBitmap) throws
+    -> ComparisonReport
+  {
+    let geometry = b.header.geometry
+    try geometry.checkMappable()
+    let length = a.header.digestLength
+    var differing = BlockBitmap(count: geometry.blockCount)
+    let da = SignedBlocks(a, batch: 4096)
+    let db = SignedBlocks(b, batch: 4096)
+    for run in selection.extents {
+      for block in run where memcmp(try da.digest(of: block), try db.digest(of: block), length) != 0 {
+        differing[block] = true
+      }
+    }
+    try a.finish()
+    try b.finish()
+    return ComparisonReport(
+      geometry: geometry, differing: differing, bytesCompared: 0, signature: a.header, sizesDiffer: false)
+  }
+
+  /// A sparse signature's selection is of its own blocks: it compares only
+  /// with a side of the same size, whatever --allow-size-change says.
+  static func checkSparseSizes(_ sparseName: String, _ sparseSize: UInt64, _ otherName: String, _ otherSize: UInt64)
+    throws
+  {
+    if sparseSize != otherSize {
+      throw ToolkitError(
+        "\(sparseName) is a sparse signature of \(sparseSize) bytes and compares only with a source of that size, not \(otherName) of \(otherSize) bytes"
+      )
+    }
+  }
+
   static func checkSizes(_ nameA: String, _ sizeA: UInt64, _ nameB: String, _ sizeB: UInt64, _ allow: Bool) throws {
     if sizeA != sizeB && !allow {
       throw ToolkitError(
         "\(nameA) has \(sizeA) bytes but \(nameB) has \(sizeB) bytes (use --allow-size-change to compare anyway)")
+    }
+  }
+}
+
+/// The digests of a signature's signed blocks, read a batch at a time and
+/// asked for in increasing block order; blocks the caller does not ask for
+/// are passed over.
+final class SignedBlocks {
+  private let reader: SignatureReader
+  private let length: Int
+  private let capacity: Int
+  private let blocks: UnsafeMutablePointer<UInt64>
+  private let digests: AlignedBuffer
+  private var count = 0
+  private var index = 0
+
+  init(_ reader: SignatureReader, batch: Int) {
+    self.reader = reader
+    length = reader.header.digestLength
+    capacity = max(1, batch)
+    blocks = .allocate(capacity: capacity)
+    digests = AlignedBuffer(count: capacity * length)
+  }
+
+  deinit { blocks.deallocate() }
+
+  /// The digest of `block`, valid until the next call; throws when the
+  /// signature holds none (its selection leaves the block out).
+  func digest(of block: UInt64) throws -> UnsafeRawPointer {
+    while true {
+      while index < count {
+        let at = blocks[index]
+        if at == block { return UnsafeRawPointer(digests.pointer + index * length) }
+        if at > block { throw ToolkitError.path(reader.name, "holds no digest of block \(block)") }
+        index += 1
+      }
+      count = try reader.readEntries(max: capacity, blocks: blocks, digests: digests.pointer)
+      index = 0
+      if count == 0 { throw ToolkitError.path(reader.name, "holds no digest of block \(block)") }
     }
   }
 }

@@ -84,22 +84,7 @@ public enum MapFormat {
 
   static func encodePayload(_ bits: BlockBitmap) -> (Encoding, [UInt8]) {
     let rawLength = bits.wordCount * 8
-    var runs = ByteWriter()
-    var position: UInt64 = 0
-    var wantSet = false
-    var fitsAsRuns = true
-    while position < bits.count {
-      let end =
-        (wantSet ? bits.nextClear(from: position) : bits.nextSet(from: position)) ?? bits.count
-      runs.varint(end - position)
-      position = end
-      wantSet.toggle()
-      if runs.bytes.count >= rawLength {
-        fitsAsRuns = false
-        break
-      }
-    }
-    if fitsAsRuns { return (.runs, runs.bytes) }
+    if let runs = encodeRuns(bits, below: rawLength) { return (.runs, runs) }
     var raw = [UInt8](repeating: 0, count: rawLength)
     bits.withWords { words in
       raw.withUnsafeMutableBytes { out in
@@ -108,6 +93,28 @@ public enum MapFormat {
     }
     return (.raw, raw)
   }
+
+  /// The runs encoding (payload encoding 1) of `bits`, or nil when it would
+  /// take `limit` bytes or more. Each run takes the fewest LEB128 bytes, so
+  /// the whole is at most block count + 1 bytes (each run but a first empty
+  /// one covers at least one block, and takes no more bytes than blocks).
+  static func encodeRuns(_ bits: BlockBitmap, below limit: Int = .max) -> [UInt8]? {
+    var runs = ByteWriter()
+    var position: UInt64 = 0
+    var wantSet = false
+    while position < bits.count {
+      let end =
+        (wantSet ? bits.nextClear(from: position) : bits.nextSet(from: position)) ?? bits.count
+      runs.varint(end - position)
+      position = end
+      wantSet.toggle()
+      if runs.bytes.count >= limit { return nil }
+    }
+    return runs.bytes
+  }
+
+  /// The longest a runs encoding of `count` blocks is, as `encodeRuns` writes it.
+  static func longestRuns(count: UInt64) -> UInt64 { count + 1 }
 
   // MARK: Decoding
 
@@ -194,27 +201,92 @@ public enum MapFormat {
       }
       return BlockBitmap(count: count, words: words)
     case .runs:
-      // The runs are checked to cover exactly `count` blocks before the
-      // bitmap is allocated: a few bytes of payload must not claim the
-      // memory of a huge device they do not describe.
-      var setRuns: [Range<UInt64>] = []
-      var r = ByteReader(payload)
-      var position: UInt64 = 0
-      var isSet = false
-      var first = true
-      while r.remaining > 0 {
-        guard let run = r.varint() else { throw fail("damaged run in payload at byte \(r.offset)") }
-        guard run > 0 || first else { throw fail("empty run in payload at byte \(r.offset)") }
-        guard run <= count - position else { throw fail("runs cover more than \(count) blocks") }
-        if isSet { setRuns.append(position..<position + run) }
-        position += run
-        isSet.toggle()
-        first = false
+      // The bitmap grows word by word as the runs are decoded: a few bytes
+      // of payload never claim the memory of a huge device they do not
+      // describe.
+      var decoder = RunsDecoder(count: count)
+      _ = try decoder.decode(payload, final: true, fail: fail)
+      return try decoder.finish(fail: fail)
+    }
+  }
+}
+
+/// Payload encoding 1 decoded piece by piece, as it arrives from a file or
+/// a pipe (a map's payload, a sparse signature's selection): LEB128 run
+/// lengths alternating clear, set, clear, …, starting with clear; only the
+/// first run may be empty; the runs add up to `count` exactly. The bitmap
+/// is built a word at a time in block order, so memory grows with the
+/// blocks the runs have covered, never past one bit per block of `count`,
+/// and nothing but the bitmap is kept.
+struct RunsDecoder {
+  let count: UInt64
+  /// Blocks the runs decoded so far cover.
+  private(set) var position: UInt64 = 0
+  /// Payload bytes decoded so far.
+  private(set) var bytesDecoded = 0
+  private var isSet = false
+  private var first = true
+  private var words: [UInt64] = []
+  /// The bits of the word that `position` is in, below `position`.
+  private var partial: UInt64 = 0
+
+  init(count: UInt64) { self.count = count }
+
+  /// Decodes the runs at the start of `bytes` and returns how many bytes
+  /// they took. A run cut off at the end of `bytes` is left for the next
+  /// call, unless `final` says nothing follows.
+  mutating func decode(_ bytes: ArraySlice<UInt8>, final: Bool, fail: (String) -> ToolkitError) throws -> Int {
+    var r = ByteReader(bytes)
+    while r.remaining > 0 {
+      let start = r.offset
+      guard let run = r.varint() else {
+        let rest = bytes.dropFirst(start)
+        if !final, rest.count < 10, rest.allSatisfy({ $0 & 0x80 != 0 }) {
+          bytesDecoded += start
+          return start
+        }
+        throw fail("damaged run in payload at byte \(bytesDecoded + r.offset)")
       }
-      guard position == count else { throw fail("runs cover \(position) of \(count) blocks") }
-      var bits = BlockBitmap(count: count)
-      for run in setRuns { bits.set(run) }
-      return bits
+      guard run > 0 || first else { throw fail("empty run in payload at byte \(bytesDecoded + r.offset)") }
+      guard run <= count - position else { throw fail("runs cover more than \(count) blocks") }
+      append(run, set: isSet)
+      isSet.toggle()
+      first = false
+    }
+    bytesDecoded += r.offset
+    return r.offset
+  }
+
+  /// The bitmap of the runs; throws unless they cover exactly `count` blocks.
+  mutating func finish(fail: (String) -> ToolkitError) throws -> BlockBitmap {
+    guard position == count else { throw fail("runs cover \(position) of \(count) blocks") }
+    if position & 63 != 0 { words.append(partial) }
+    partial = 0
+    defer { words = [] }
+    return BlockBitmap(count: count, words: words)
+  }
+
+  private mutating func append(_ run: UInt64, set: Bool) {
+    var n = run
+    let bit = position & 63
+    if bit != 0, n > 0 {
+      let take = min(n, 64 - bit)
+      if set { partial |= ((1 << take) - 1) << bit }
+      n -= take
+      position += take
+      if position & 63 == 0 {
+        words.append(partial)
+        partial = 0
+      }
+    }
+    if n >= 64 {
+      words.append(contentsOf: repeatElement(set ? ~0 : 0, count: Int(n >> 6)))
+      position += n & ~63
+      n &= 63
+    }
+    if n > 0 {
+      if set { partial |= (1 << n) - 1 }
+      position += n
     }
   }
 }

@@ -1,12 +1,12 @@
 // The block signature format, version 1 (documented in man/dualrestore-signature.5):
-// one strong digest per block of a source, so that two copies can be compared
-// across a slow link by moving digests instead of data. All integers are
-// little-endian.
+// one strong digest per block of a source, or per block of a selection of
+// it, so that two copies can be compared across a slow link by moving
+// digests instead of data. All integers are little-endian.
 //
 //   offset  size  field
 //   0       8     magic: 44 52 53 49 47 0D 0A 1A ("DRSIG\r\n\x1a")
 //   8       2     format version: 1
-//   10      2     flags: 0 (a reader refuses flags it does not know)
+//   10      2     flags: bit 0 sparse; a reader refuses flags it does not know
 //   12      4     header length H: bytes from offset 0 to the digest count
 //   16      4     block size in bytes (a power of two, 512 B to 64 MiB)
 //   20      1     digest length L in bytes (1 to 64)
@@ -19,18 +19,27 @@
 //   80      2     source name length N (at most 4096)
 //   82      N     source name, UTF-8 (a path or URI, for people)
 //   82+N    ...   zero or more bytes up to H that this version ignores
-//   H       8     digest bytes D = block count × L
-//   H+8     D     the digests, block 0 first; a partial last block is
-//                 hashed over its real length
-//   H+8+D   32    SHA-256 of every byte before it
+//   H       8     digest bytes D = signed blocks × L
+//   (sparse only)
+//   H+8     8     selection length S (at most block count + 1)
+//   H+16    S     the selection: runs as in a map's payload encoding 1
+//                 (dualrestore-map(5)), adding up to the block count
+//   then    D     the digests of the signed blocks, in block order; a
+//                 partial last block is hashed over its real length
+//   then    32    SHA-256 of every byte before it
 //
-// A signature is written front to back, so it streams through a pipe; a
-// reader trusts nothing it compared until the closing checksum has matched.
+// The signed blocks are every block (dense), or the blocks the selection
+// sets (sparse). A signature is written front to back, so it streams
+// through a pipe; a reader holds the selection as a bitmap, one bit per
+// block, and trusts nothing it compared until the closing checksum has matched.
 
 public enum SignatureFormat {
   public static let magic: [UInt8] = [0x44, 0x52, 0x53, 0x49, 0x47, 0x0D, 0x0A, 0x1A]
   public static let version: UInt16 = 1
   static let fixedHeaderLength = 82
+  /// Flags bit 0: the signature covers only the blocks its selection sets.
+  static let sparseFlag: UInt16 = 1
+  static let knownFlags: UInt16 = sparseFlag
   public static let maximumNameLength = 4096
 
   public static func looksLikeSignature(_ prefix: some Collection<UInt8>) -> Bool {
@@ -44,28 +53,43 @@ public enum SignatureFormat {
     public var signatureID: ID128
     public var started: Instant
     public var sourceName: String
+    /// The blocks signed, for a sparse signature; nil when every block is.
+    public var selection: BlockBitmap? {
+      didSet {
+        precondition(selection == nil || selection?.count == geometry.blockCount)
+        signedBlocks = selection?.population ?? geometry.blockCount
+      }
+    }
+    /// How many blocks the signature holds a digest of.
+    public private(set) var signedBlocks: UInt64
 
     public init(
       geometry: BlockGeometry, digestName: String, digestLength: Int, signatureID: ID128 = .random(),
-      started: Instant = .now(), sourceName: String
+      started: Instant = .now(), sourceName: String, selection: BlockBitmap? = nil
     ) {
+      precondition(selection == nil || selection?.count == geometry.blockCount)
       self.geometry = geometry
       self.digestName = digestName
       self.digestLength = digestLength
       self.signatureID = signatureID
       self.started = started
       self.sourceName = sourceName
+      self.selection = selection
+      signedBlocks = selection?.population ?? geometry.blockCount
     }
 
-    public var digestBytes: UInt64 { geometry.blockCount * UInt64(digestLength) }
+    public var isSparse: Bool { selection != nil }
+
+    public var digestBytes: UInt64 { signedBlocks * UInt64(digestLength) }
   }
 
-  /// The header and the digest byte count, ready to be followed by the digests.
+  /// The header, the digest byte count and for a sparse signature its
+  /// selection: ready to be followed by the digests.
   public static func encodeHeader(_ h: Header) -> [UInt8] {
     var w = ByteWriter()
     w.raw(magic)
     w.u16(version)
-    w.u16(0)
+    w.u16(h.isSparse ? sparseFlag : 0)
     w.u32(0)  // header length, patched below
     w.u32(h.geometry.blockSize)
     w.u8(UInt8(h.digestLength))
@@ -81,12 +105,32 @@ public enum SignatureFormat {
     let length = UInt32(w.bytes.count)
     for i in 0..<4 { w.bytes[12 + i] = UInt8(truncatingIfNeeded: length >> (8 * UInt32(i))) }
     w.u64(h.digestBytes)
+    if let selection = h.selection {
+      // The runs of a bitmap always fit: no limit is given.
+      let runs = MapFormat.encodeRuns(selection) ?? []
+      w.u64(UInt64(runs.count))
+      w.raw(runs)
+    }
     return w.bytes
   }
 
-  /// Parses a header from the start of `bytes`. Returns the header and the
-  /// offset of the first digest, or nil when more bytes are needed.
-  public static func decodeHeader(_ bytes: ArraySlice<UInt8>, name: String) throws -> (Header, Int)? {
+  /// What comes before the selection and the digests: the header, the
+  /// digest byte count, and for a sparse signature the selection length.
+  struct Prelude {
+    /// The header, without its selection yet for a sparse signature.
+    var header: Header
+    var sparse: Bool
+    var digestBytes: UInt64
+    var selectionLength: UInt64
+    /// Bytes from offset 0 to the selection (sparse) or the digests (dense).
+    var length: Int
+  }
+
+  /// Parses the prelude from the start of `bytes`, or returns nil when more
+  /// bytes are needed. The digest byte count of a dense signature is
+  /// checked here; that of a sparse one once its selection is read
+  /// (`checkDigestBytes`).
+  static func decodePrelude(_ bytes: ArraySlice<UInt8>, name: String) throws -> Prelude? {
     func fail(_ why: String) -> ToolkitError { ToolkitError.path(name, why) }
     if bytes.count < magic.count {
       if bytes.count < magic.count, !bytes.elementsEqual(magic.prefix(bytes.count)) {
@@ -104,10 +148,14 @@ public enum SignatureFormat {
       throw fail(
         "signature format version \(version) is not supported (this build reads version \(SignatureFormat.version))")
     }
-    guard flags == 0 else { throw fail("signature uses flags 0x\(String(flags, radix: 16)) this build does not know") }
+    guard flags & ~knownFlags == 0 else {
+      throw fail("signature uses flags 0x\(String(flags, radix: 16)) this build does not know")
+    }
+    let sparse = flags & sparseFlag != 0
     guard headerLength >= fixedHeaderLength, headerLength <= UInt32(fixedHeaderLength + maximumNameLength + 4096)
     else { throw fail("header length \(headerLength) is out of range") }
-    guard bytes.count >= Int(headerLength) + 8 else { return nil }
+    let length = Int(headerLength) + (sparse ? 16 : 8)
+    guard bytes.count >= length else { return nil }
     guard let blockSize = r.u32(), let digestLength = r.u8(), let _ = r.take(3), let deviceSize = r.u64(),
       let blockCount = r.u64(), let id = r.id(), let started = r.i64(), let digestNameRaw = r.take(16),
       let nameLength = r.u16()
@@ -128,9 +176,28 @@ public enum SignatureFormat {
       geometry: geometry, digestName: digestName, digestLength: Int(digestLength), signatureID: id,
       started: Instant(nanosecondsSinceEpoch: started),
       sourceName: String(decoding: nameBytes, as: UTF8.self))
-    guard digestBytes == header.digestBytes else {
-      throw fail("digest area of \(digestBytes) bytes does not hold \(blockCount) digests of \(digestLength) bytes")
+    var selectionLength: UInt64 = 0
+    if sparse {
+      // The selection is held in memory, one bit per block: the limit of a map.
+      do { try geometry.checkMappable() } catch { throw fail("\(error)") }
+      guard let s = tail.u64() else { return nil }
+      guard s <= MapFormat.longestRuns(count: blockCount) else {
+        throw fail("selection of \(s) bytes is longer than the runs of \(blockCount) blocks can be")
+      }
+      selectionLength = s
+    } else {
+      try checkDigestBytes(digestBytes, header, fail)
     }
-    return (header, Int(headerLength) + 8)
+    return Prelude(
+      header: header, sparse: sparse, digestBytes: digestBytes, selectionLength: selectionLength, length: length)
+  }
+
+  /// Throws unless `digestBytes` is the signed blocks times the digest length.
+  static func checkDigestBytes(_ digestBytes: UInt64, _ header: Header, _ fail: (String) -> ToolkitError) throws {
+    guard digestBytes == header.digestBytes else {
+      throw fail(
+        "digest area of \(digestBytes) bytes does not hold \(header.signedBlocks) digests of \(header.digestLength) bytes"
+      )
+    }
   }
 }

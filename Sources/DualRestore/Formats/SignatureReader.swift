@@ -1,7 +1,9 @@
 // Reads a signature front to back from a file or a pipe, keeping a running
-// SHA-256, so that memory stays bounded whatever the device size. The caller
-// asks for digests in block order and calls `finish()`, which checks the
-// closing checksum, before it trusts anything it compared.
+// SHA-256, so that memory stays bounded whatever the device size: a fixed
+// buffer, and for a sparse signature its selection, one bit per block. The
+// caller asks for the digests of the signed blocks in block order and calls
+// `finish()`, which checks the closing checksum, before it trusts anything
+// it compared.
 
 import Glibc
 
@@ -82,8 +84,18 @@ public final class SignatureReader {
   private let input: InputBuffer
   private let ownsFD: Bool
   private let checksum = Digester(DigestAlgorithm.sha256)
+  /// Digests read so far: of the first `digestsRead` signed blocks.
   private var digestsRead: UInt64 = 0
-  var entriesRead: UInt64 { digestsRead }
+  /// Of a sparse signature: the block after the last one read.
+  private var nextBlock: UInt64 = 0
+
+  /// Whether the signature covers only the blocks its selection sets.
+  public var isSparse: Bool { header.isSparse }
+  /// The blocks a sparse signature covers; nil when it covers every block.
+  public var selection: BlockBitmap? { header.selection }
+  /// How many blocks the signature holds a digest of: the selected ones, or
+  /// every block when it is dense.
+  public var signedBlocks: UInt64 { header.signedBlocks }
 
   /// Opens `path` (or standard input for `-`) and parses the header.
   public convenience init(path: String) throws {
@@ -104,44 +116,113 @@ public final class SignatureReader {
     try self.init(input: InputBuffer(bytes: bytes, name: name, capacity: bufferSize), ownsFD: false)
   }
 
-  /// Parses the header from `input`; closes its descriptor on failure when `ownsFD`.
+  /// Parses the header, and the selection of a sparse signature, from
+  /// `input`; closes its descriptor on failure when `ownsFD`.
   private init(input: InputBuffer, ownsFD: Bool) throws {
     name = input.name
     self.ownsFD = ownsFD
     self.input = input
-    var parsed: (SignatureFormat.Header, Int)?
     do {
-      while true {
-        let got = try input.fill()
-        parsed = try SignatureFormat.decodeHeader(input.bytes[0..<input.end], name: name)
-        if parsed != nil { break }
-        if got == 0 {
-          throw ToolkitError.path(name, input.end == 0 ? "empty input, not a signature" : "truncated signature header")
-        }
-      }
+      header = try Self.readHeader(input, checksum)
     } catch {
       if ownsFD { Sys.close(input.fd) }
       throw error
     }
-    guard let (header, digestsStart) = parsed else { throw ToolkitError.path(name, "truncated signature header") }
-    self.header = header
-    input.bytes.withUnsafeBytes { checksum.update(UnsafeRawBufferPointer(rebasing: $0[0..<digestsStart])) }
-    input.start = digestsStart
+  }
+
+  private static func readHeader(_ input: InputBuffer, _ checksum: Digester) throws -> SignatureFormat.Header {
+    let name = input.name
+    func fail(_ why: String) -> ToolkitError { ToolkitError.path(name, why) }
+    var parsed: SignatureFormat.Prelude?
+    while true {
+      let got = try input.fill()
+      parsed = try SignatureFormat.decodePrelude(input.bytes[0..<input.end], name: name)
+      if parsed != nil { break }
+      if got == 0 { throw fail(input.end == 0 ? "empty input, not a signature" : "truncated signature header") }
+    }
+    guard let prelude = parsed else { throw fail("truncated signature header") }
+    input.bytes.withUnsafeBytes { checksum.update(UnsafeRawBufferPointer(rebasing: $0[0..<prelude.length])) }
+    input.start = prelude.length
+    var header = prelude.header
+    guard prelude.sparse else { return header }
+
+    // The selection, decoded as it streams past: only a run cut off at the
+    // end of the buffer is kept for the next fill.
+    var decoder = RunsDecoder(count: header.geometry.blockCount)
+    let selectionFail: (String) -> ToolkitError = { fail("selection: \($0)") }
+    var remaining = prelude.selectionLength
+    while remaining > 0 {
+      let n = Int(min(UInt64(input.available), remaining))
+      if n > 0 {
+        let from = input.start
+        let used = try decoder.decode(input.bytes[from..<from + n], final: UInt64(n) == remaining, fail: selectionFail)
+        input.bytes.withUnsafeBytes { checksum.update(UnsafeRawBufferPointer(rebasing: $0[from..<from + used])) }
+        input.start += used
+        remaining -= UInt64(used)
+      }
+      if remaining > 0, try input.fill() == 0 {
+        throw fail(
+          "truncated signature: the selection ends at byte \(decoder.bytesDecoded) of \(prelude.selectionLength)")
+      }
+    }
+    header.selection = try decoder.finish(fail: selectionFail)
+    try SignatureFormat.checkDigestBytes(prelude.digestBytes, header, fail)
+    return header
   }
 
   deinit { if ownsFD { Sys.close(input.fd) } }
 
-  /// Copies the digests of the next `count` blocks into `output`.
+  /// Copies the next `count` digests into `output`: those of the next
+  /// `count` signed blocks, in block order (for a dense signature, of the
+  /// next `count` blocks).
   public func readDigests(count: Int, into output: UnsafeMutableRawPointer) throws {
-    let needed = count * header.digestLength
-    guard digestsRead + UInt64(count) <= header.geometry.blockCount else {
-      throw ToolkitError.path(name, "asked for digests past the last block")
+    guard count >= 0, digestsRead + UInt64(count) <= header.signedBlocks else {
+      throw ToolkitError.path(name, "asked for digests past the last signed block")
     }
+    try copyDigests(count, into: output)
+    if let selection = header.selection {
+      // Keep the block cursor of `readEntries` in step.
+      for _ in 0..<count { nextBlock = (selection.nextSet(from: nextBlock) ?? selection.count) + 1 }
+    }
+  }
+
+  /// Reads up to `max` signed blocks in block order: stores the block
+  /// numbers in `blocks[i]` and digest i at `digests + i × digestLength`.
+  /// Returns how many it read, 0 once every signed block was read. Works
+  /// for dense and sparse signatures alike; `finish()` checks the closing
+  /// checksum after.
+  public func readEntries(max: Int, blocks: UnsafeMutablePointer<UInt64>, digests: UnsafeMutableRawPointer) throws
+    -> Int
+  {
+    let n = Int(min(UInt64(Swift.max(max, 0)), header.signedBlocks - digestsRead))
+    if n == 0 { return 0 }
+    if let selection = header.selection {
+      var block = nextBlock
+      for i in 0..<n {
+        // n never exceeds the selected blocks left, so one is always found.
+        guard let found = selection.nextSet(from: block) else {
+          throw ToolkitError.path(name, "the selection ends before its signed blocks")
+        }
+        blocks[i] = found
+        block = found + 1
+      }
+      try copyDigests(n, into: digests)
+      nextBlock = block
+    } else {
+      let first = digestsRead
+      try copyDigests(n, into: digests)
+      for i in 0..<n { blocks[i] = first + UInt64(i) }
+    }
+    return n
+  }
+
+  /// Copies the next `count` digests from the input, through the checksum.
+  private func copyDigests(_ count: Int, into output: UnsafeMutableRawPointer) throws {
+    let needed = count * header.digestLength
     var copied = 0
     while copied < needed {
       if input.available == 0, try input.fill() == 0 {
-        throw ToolkitError.path(
-          name, "truncated signature: digests end at block \(digestsRead + UInt64(copied / header.digestLength))")
+        throw ToolkitError.path(name, "truncated signature: digests end at \(truncationPoint(copied))")
       }
       let n = min(needed - copied, input.available)
       let from = input.start
@@ -156,13 +237,21 @@ public final class SignatureReader {
     digestsRead += UInt64(count)
   }
 
+  /// Where the digests of a cut signature end, for the sentence that says so.
+  private func truncationPoint(_ copiedBytes: Int) -> String {
+    let index = digestsRead + UInt64(copiedBytes / header.digestLength)
+    if header.isSparse { return "signed block \(index) of \(header.signedBlocks)" }
+    return "block \(index)"
+  }
+
   /// Reads the closing checksum and checks it; also checks nothing follows.
+  /// Digests not read yet are read (and checked) first.
   public func finish() throws {
-    if digestsRead < header.geometry.blockCount {
+    if digestsRead < header.signedBlocks {
       var scratch = [UInt8](repeating: 0, count: header.digestLength * 1024)
-      while digestsRead < header.geometry.blockCount {
-        let n = Int(min(1024, header.geometry.blockCount - digestsRead))
-        try scratch.withUnsafeMutableBytes { try readDigests(count: n, into: $0.baseAddress!) }
+      while digestsRead < header.signedBlocks {
+        let n = Int(min(1024, header.signedBlocks - digestsRead))
+        try scratch.withUnsafeMutableBytes { try copyDigests(n, into: $0.baseAddress!) }
       }
     }
     while input.available < 33, try input.fill() > 0 {}
