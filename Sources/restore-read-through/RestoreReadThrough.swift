@@ -1,5 +1,6 @@
 import ArgumentParser
 import DualRestore
+import Glibc
 import ToolSupport
 
 @main
@@ -10,6 +11,7 @@ struct RestoreReadThrough: ParsableCommand {
     usage: """
       restore-read-through --backup URI --map MAP (--socket PATH | --listen HOST:PORT) PRIMARY
       restore-read-through --backup URI --read-only-backup CHANGES --map MAP (--socket PATH | --listen HOST:PORT) PRIMARY
+      restore-read-through --backup URI --backup-signature SIG --reuse OLD --map MAP (--socket PATH | --listen HOST:PORT) PRIMARY
       """,
     discussion: """
       Channel 1 of the dual-channel restore. PRIMARY (an image file or block \
@@ -118,6 +120,58 @@ struct RestoreReadThrough: ParsableCommand {
       still holding changes the backup lacks is refused. Without the \
       option, a backup exported read-only is refused at the start.
 
+      With --reuse OLD and --backup-signature SIG, what an older copy at \
+      this site already holds (last month's image, a clone of the same \
+      template) is copied from it instead of fetched over the link. SIG is \
+      the backup's signature (bitmap-diff --signature), a file or - for \
+      standard input, as in ssh backup bitmap-diff --signature \
+      /dev/vg/backup | restore-read-through --backup-signature - --reuse \
+      /dev/vg/old ...; its block size and device size must be those of MAP \
+      and the backup. OLD (repeatable: image files, block devices or NBD \
+      exports, opened read-only, of any size) is hashed in the background, \
+      and SIG is read in the background: serving waits for neither. Once \
+      SIG is read whole and its checksum has matched, a block not current \
+      (a client's read, read-ahead, a partial write's rest, hydration) is \
+      taken from OLD when the digest of the bytes read there begins with \
+      the 128 bits SIG gives for it: first OLD's block at the same offset; \
+      once OLD is hashed, wherever OLD holds that content (blocks moved or \
+      copied, a region shifted), and its block at the same offset only if \
+      it holds it there. The bytes checked are the bytes written to \
+      PRIMARY, which is then marked current as for a fetched block (the \
+      data durable before the map says so); any other block is fetched. A \
+      block whose digest in SIG is the digest of zeros is zeroed on \
+      PRIMARY, neither read nor fetched. A damaged OLD costs a fetch, never \
+      a wrong block; the log counts such reads. Until SIG is read whole, \
+      every block is fetched; a SIG found damaged or cut off is left \
+      unused, and so is an OLD that fails a read. With --hydrate, \
+      hydration starts once SIG is read and every OLD hashed (or given \
+      up): that takes local reads only, and spares the link the blocks OLD \
+      holds elsewhere.
+
+      SIG must describe the backup as restore-read-through reads it: for \
+      as long as the restore runs, every block MAP does not mark current \
+      must hold, on the backup, the content SIG gives it. So sign a backup \
+      nothing else writes meanwhile (a frozen view of tracking-server, a \
+      snapshot-server chain, a backup restored with --read-only-backup), \
+      and sign it after any earlier run of restore-read-through on MAP has \
+      stopped. The writes restore-read-through itself sends to the backup \
+      are accounted for (their blocks are current, or, where PRIMARY \
+      failed to take one, no longer reused), but a block whose content \
+      changed after signing by any other way would be taken from OLD with \
+      the old content, and nothing would tell.
+
+      Memory: 16 bytes and two bits per block of the backup (256 MiB a \
+      TiB in blocks of 64 KiB), whatever OLD holds; the check is the first \
+      128 bits of each block's digest (of SHA-256 by default), which \
+      different contents share by chance with a probability of 2^-128 a \
+      comparison, and on purpose only after some 2^64 digests by someone \
+      who writes both the backup and OLD. Once an OLD is hashed, its index \
+      takes 16 bytes per block of it that is not zeros; its signature is \
+      written to MAP.reuse-N.sig while it is made and removed once read. \
+      The progress and stop lines count the blocks taken from older copies \
+      at the same place, elsewhere and as zeros, with the bytes not \
+      fetched.
+
       With --tls on or --tls require the server offers NBD over TLS \
       (NBD_OPT_STARTTLS), TLS 1.2 or 1.3, with DIR/server-cert.pem and \
       DIR/server-key.pem from --tls-certificates DIR, laid out as for nbdkit \
@@ -161,6 +215,21 @@ struct RestoreReadThrough: ParsableCommand {
         + "(created when missing, continued when present), for snapshot --map CHANGES --base ID.",
       valueName: "changes"))
   var readOnlyBackup: String?
+
+  @Option(
+    help: ArgumentHelp(
+      "An older copy of the disk at this site (image file, block device or NBD export, read only): a block it "
+        + "holds, checked against the digest --backup-signature gives, is copied from it instead of fetched "
+        + "(repeatable).",
+      valueName: "old"))
+  var reuse: [String] = []
+
+  @Option(
+    help: ArgumentHelp(
+      "The backup's signature (bitmap-diff --signature), a file or - for standard input: the digests a block "
+        + "from --reuse must have. It must describe the backup as it is read during the restore.",
+      valueName: "sig"))
+  var backupSignature: String?
 
   @OptionGroup var serving: ListenOptions
 
@@ -213,6 +282,23 @@ struct RestoreReadThrough: ParsableCommand {
       throw ValidationError(
         "--read-only-backup reads from one backup and writes to none; --backup is given \(backup.count) times")
     }
+    if !reuse.isEmpty && backupSignature == nil {
+      throw ValidationError(
+        "--reuse needs --backup-signature: a block is taken from an older copy only when its digest there matches the backup's"
+      )
+    }
+    if backupSignature != nil && reuse.isEmpty {
+      throw ValidationError("--backup-signature needs --reuse: it says which blocks an older copy may give")
+    }
+    if reuse.contains("-") { throw ValidationError("--reuse reads images at random; give a file, device or NBD URI") }
+    if Set(reuse).count != reuse.count { throw ValidationError("--reuse names the same older copy twice") }
+    if reuse.count > SignatureIndex.maximumImages {
+      throw ValidationError(
+        "--reuse is given \(reuse.count) times; at most \(SignatureIndex.maximumImages) older copies")
+    }
+    if let same = reuse.first(where: { samePath($0, primary) }) {
+      throw ValidationError("--reuse \(same) is PRIMARY, the disk being restored; give an older copy")
+    }
     if case .quorum(let k) = mirroring.ack.value, k > backup.count {
       throw ValidationError("--ack quorum=\(k) needs \(k) far copies; --backup names \(backup.count)")
     }
@@ -225,6 +311,17 @@ struct RestoreReadThrough: ParsableCommand {
     // The socket first: a second server on the same path is refused before
     // it opens the map or touches the backup.
     let listener = try serving.listener()
+    // The signature's header now, so that one of another geometry is
+    // refused before the map is made; its digests in the background.
+    var localCopies: LocalReuse?
+    if let backupSignature {
+      if backupSignature == "-" && isatty(0) == 1 {
+        throw ToolkitError("refusing to read a binary signature from a terminal; pipe it in or give a file")
+      }
+      let reader = try SignatureReader(path: backupSignature)
+      let images = try reuse.map { try openSource($0, timeout: backupTimeout) }
+      localCopies = try LocalReuse(signature: reader, images: images, scratchPrefix: map, log: log)
+    }
     let device = try Device(path: primary, options: .readWrite)
     let settings = mirroring.settings(mapPath: map)
     // The backup must answer now (blocks not current are read from it);
@@ -244,7 +341,8 @@ struct RestoreReadThrough: ParsableCommand {
     // asynchronous kind ships to each from the journal.
     let engine = try RestoreEngine(
       primary: device, backup: settings == nil && links.count > 1 ? FanOutDevice(links) : links[0], mapPath: map,
-      blockSize: blockSize.value, mirroring: settings, farCopies: links, readOnlyBackup: readOnlyBackup, log: log)
+      blockSize: blockSize.value, mirroring: settings, farCopies: links, readOnlyBackup: readOnlyBackup,
+      reuse: localCopies, log: log)
     if readOnlyBackup != nil && first.capabilities.contains(.writable) {
       log("the backup \(first.name) takes writes, but with --read-only-backup none is sent to it")
     }
@@ -262,6 +360,10 @@ struct RestoreReadThrough: ParsableCommand {
     log(
       "serving \(primary) (\(formatBytes(device.size))) on \(listener.name)\(tls.tls == .off ? "" : " (TLS \(tls.tls.rawValue))"), backup \(backup.joined(separator: ", "))"
         + (readOnlyBackup.map { " (read-only: writes stay on the primary, their blocks recorded in \($0))" } ?? "")
+        + (localCopies.map {
+          "; reusing \(reuse.joined(separator: ", ")) where its blocks match the backup's signature \($0.signatureName) "
+            + "(both read in the background)"
+        } ?? "")
         + "; "
         + "\(now) of \(total) blocks current"
         + (mirroring.ack.value == .all
@@ -306,7 +408,8 @@ struct RestoreReadThrough: ParsableCommand {
           + "\(now) of \(total) blocks current, "
           + "\(counted.fetchedBlocks) fetched from the backup, \(counted.zeroedBlocks) zeroed as the backup's zeros, "
           + "\(counted.mergedBlocks) merged, "
-          + "\(counted.mergeSkippedBlocks) skipped by merges as current")
+          + "\(counted.mergeSkippedBlocks) skipped by merges as current"
+          + (engine.reuseSummary.map { "; \($0)" } ?? ""))
     } catch let exit as ExitCode {
       throw exit
     } catch {

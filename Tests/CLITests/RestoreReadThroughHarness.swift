@@ -202,16 +202,17 @@ final class RRTRig {
   }
 
   /// Starts restore-read-through with the same arguments each time (plus
-  /// `extra` the first time) and waits until it answers.
+  /// `extra` the first time), its standard input from `stdin` (a file or a
+  /// FIFO) when given, and waits until it answers.
   @discardableResult
-  func startServer(_ extra: [String] = []) throws -> RRTChild {
+  func startServer(_ extra: [String] = [], stdin: String? = nil) throws -> RRTChild {
     if serverStarts == 0 || !extra.isEmpty {
       serverArguments = extra + ["--backup", backupURI, "--map", mapPath, "--socket", socket, primaryPath]
     }
     serverStarts += 1
     let child = try RRTChild(
       name: "restore-read-through", executable: Tools.path("restore-read-through"), arguments: serverArguments,
-      stdout: s.path("rrt-\(serverStarts).out"), stderr: logPath)
+      stdout: s.path("rrt-\(serverStarts).out"), stderr: logPath, stdin: stdin)
     server = child
     try waitForNBD(uri, process: child, what: "restore-read-through")
     return child

@@ -20,7 +20,7 @@ function __restore-read-through_parse_tokens -S
     set -l unparsed_tokens (__restore-read-through_tokens -pc)
     switch $unparsed_tokens[1]
     case 'restore-read-through'
-        __restore-read-through_parse_subcommand 1 'backup=+' 'map=' 'read-only-backup=' 'socket=' 'listen=' 'block-size=' 'tls=' 'tls-certificates=' 'tls-verify-peer' 'max-connections=' 'handshake-timeout=' 'idle-timeout=' 'stall-timeout=' 'ack=' 'journal=' 'max-lag=+' 'hydrate' 'hydrate-rate=' 'backup-timeout=' 'backup-connections=' 'progress-interval=' 'h/help'
+        __restore-read-through_parse_subcommand 1 'backup=+' 'map=' 'read-only-backup=' 'reuse=+' 'backup-signature=' 'socket=' 'listen=' 'block-size=' 'tls=' 'tls-certificates=' 'tls-verify-peer' 'max-connections=' 'handshake-timeout=' 'idle-timeout=' 'stall-timeout=' 'ack=' 'journal=' 'max-lag=+' 'hydrate' 'hydrate-rate=' 'backup-timeout=' 'backup-connections=' 'progress-interval=' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __restore-read-through_parse_subcommand -r 1 
@@ -80,6 +80,8 @@ complete -c 'restore-read-through' -f
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through"' -l 'backup' -d 'The backup: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds, nbds+unix: over TLS); repeat it for more far copies, which get every write too (the first is read from).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" map' -l 'map' -d 'The overwrite map of PRIMARY (created when missing).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" read-only-backup' -l 'read-only-backup' -d 'The backup takes no writes: keep them on PRIMARY and record the blocks they touch in this change map (created when missing, continued when present), for snapshot --map CHANGES --base ID.' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through"' -l 'reuse' -d 'An older copy of the disk at this site (image file, block device or NBD export, read only): a block it holds, checked against the digest --backup-signature gives, is copied from it instead of fetched (repeatable).' -rfka ''
+complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" backup-signature' -l 'backup-signature' -d 'The backup\'s signature (bitmap-diff --signature), a file or - for standard input: the digests a block from --reuse must have. It must describe the backup as it is read during the restore.' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" socket' -l 'socket' -d 'Serve on this Unix socket.' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" listen' -l 'listen' -d 'Serve on TCP HOST:PORT (HOST defaults to 127.0.0.1).' -rfka ''
 complete -c 'restore-read-through' -n '__restore-read-through_should_offer_completions_for_flags_or_options "restore-read-through" block-size' -l 'block-size' -d 'Block size: a power of two from 512 to 64M (K, M: powers of 1024).' -rfka ''

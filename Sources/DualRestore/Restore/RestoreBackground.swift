@@ -90,6 +90,7 @@ final class RestoreBackground: Sendable {
     let summary =
       "hydration done: \(counted.fetchedBlocks) block(s) fetched from the backup, \(counted.zeroedBlocks) "
       + "zeroed without copying (the backup said they read as zeros)"
+      + (engine.reuseSummary.map { "; \($0)" } ?? "")
     // Said with the completion line, after the commit, unless that line
     // came first (the watcher saw the last block).
     let sayNow = completion.withLock { c -> Bool in
@@ -151,6 +152,7 @@ final class RestoreBackground: Sendable {
           + "fetched \(formatBytes(fetched)) (\(formatBytes(recent)) in the last "
           + "\(formatFixed(seconds, digits: seconds < 10 ? 2 : 1)) s, \(formatBytes(UInt64(Double(recent) / seconds)))/s), "
           + "merged \(counted.mergedBlocks) blocks"
+          + (engine.reuseSummary.map { "; \($0)" } ?? "")
           + (engine.readOnlyBackupChanges.map { ", \($0.blocks) written (in \($0.path))" } ?? "")
           + engine.mirrorLag.map {
             "; far copy \($0.name) holds interval \($0.interval), lacks \($0.intervals) (\(formatBytes($0.bytes))), "

@@ -115,6 +115,9 @@ extension RestoreEngine {
     do {
       try local()
     } catch {
+      // The copies will get a change of these blocks the primary may not
+      // hold: what the backup's signature says of them no longer holds.
+      reuse?.forget(blocks)
       // The journal holds the change the primary may not: journal what the
       // primary holds there now, so the copies end up agreeing with it.
       if length <= UInt64(Self.resendLimit) {
@@ -228,15 +231,18 @@ extension RestoreEngine {
   // MARK: Completing partial blocks
 
   /// Fetches `blocks` (locked by the caller), partial ones one by one with
-  /// what the client wrote kept.
-  func fetchAroundPartial(_ blocks: Range<UInt64>) throws {
+  /// what the client wrote kept. Returns the bytes read from the backup.
+  func fetchAroundPartial(_ blocks: Range<UInt64>) throws -> UInt64 {
     var start = blocks.lowerBound
+    var fetched: UInt64 = 0
     for b in blocks where hasPartial(b..<b + 1) {
-      if b > start { try fetch(start..<b) }
+      if b > start { fetched += try fetch(start..<b) }
       try fetchPartial(b)
+      fetched += UInt64(geometry.length(ofBlock: b))
       start = b + 1
     }
-    if start < blocks.upperBound { try fetch(start..<blocks.upperBound) }
+    if start < blocks.upperBound { fetched += try fetch(start..<blocks.upperBound) }
+    return fetched
   }
 
   /// Reads a partial block (locked by the caller) from the backup and

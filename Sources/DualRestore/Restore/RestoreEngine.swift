@@ -28,6 +28,10 @@
 //   before the write is issued on the primary alone (RestoreEngine+
 //   ReadOnlyBackup.swift), so the change map covers every block in which
 //   the primary may differ from the backup.
+// - With older copies to reuse (LocalReuse), a block not current is taken
+//   from an older copy when its digest there matches the backup's, and
+//   made current exactly as a fetched block is; the blocks of a write that
+//   reached the backup but not the primary are no longer reused.
 
 import Dispatch
 import Glibc
@@ -82,6 +86,9 @@ public final class RestoreEngine: Sendable {
   /// With a read-only backup: the change map of the blocks clients wrote,
   /// which the backup never gets; nil when writes go to the backup.
   let changed: DurableChangeMap?
+  /// Older copies at the restore site whose blocks are taken where their
+  /// digest matches the backup's (--reuse, --backup-signature).
+  public let reuse: LocalReuse?
   /// Buffers for copying current blocks to the backup (recovery, owed
   /// blocks); fetched blocks go from the backup's connection into the
   /// primary without one.
@@ -102,6 +109,13 @@ public final class RestoreEngine: Sendable {
     public var mergedBlocks: UInt64 = 0
     /// Blocks the merge export was given but left alone: already current.
     public var mergeSkippedBlocks: UInt64 = 0
+    /// Blocks taken from an older copy at their own offset, at another
+    /// offset, and zeroed because the backup's signature says zeros.
+    public var reusedSamePlaceBlocks: UInt64 = 0
+    public var reusedElsewhereBlocks: UInt64 = 0
+    public var reusedZeroBlocks: UInt64 = 0
+    /// Bytes of those blocks: what the link did not carry.
+    public var reusedBytes: UInt64 = 0
   }
   /// The counters as they are now (read under `state`).
   public var counters: Counters { state.withLock { $0.counted } }
@@ -136,13 +150,14 @@ public final class RestoreEngine: Sendable {
   public init(
     primary: Device, backup: BlockDevice, mapPath: String, blockSize: UInt32,
     mirroring: MirrorSettings? = nil, farCopies: [BlockDevice]? = nil, readOnlyBackup changesPath: String? = nil,
-    log: @escaping @Sendable (String) -> Void
+    reuse: LocalReuse? = nil, log: @escaping @Sendable (String) -> Void
   ) throws {
     self.primary = primary
     self.backup = backup
     self.mapPath = mapPath
     self.log = log
     self.farCopies = farCopies ?? [backup]
+    self.reuse = reuse
     guard backup.size == primary.size else {
       throw ToolkitError("the backup \(backup.name) has \(backup.size) bytes but \(primary.path) has \(primary.size)")
     }
@@ -159,6 +174,7 @@ public final class RestoreEngine: Sendable {
       guard m.meaning == .current else {
         throw ToolkitError("\(mapPath) is a map of \(m.meaning) blocks, not an overwrite map of current blocks")
       }
+      try reuse?.check(blockSize: m.geometry.blockSize, mapName: mapPath, backup: backup)
       let sameDevice = samePath(m.deviceName, primary.path)
       if m.deviceName.isEmpty || (!sameDevice && m.bits.population == 0 && m.lastMergedStream.isNone) {
         // A fresh map: bind it to this device.
@@ -171,6 +187,7 @@ public final class RestoreEngine: Sendable {
     } else {
       let geometry = try BlockGeometry(blockSize: blockSize, deviceSize: primary.size)
       try geometry.checkMappable()
+      try reuse?.check(blockSize: blockSize, mapName: mapPath, backup: backup)
       m = BlockMap(
         geometry: geometry, meaning: .current,
         deviceName: canonicalPath(primary.path))
@@ -221,6 +238,12 @@ public final class RestoreEngine: Sendable {
         while let item = readAhead.take(), let range = item { prefetch(range) }
         readAheadEnded.signal()
       }
+    }
+    if let reuse {
+      // The regions an unclean stop left may hold writes the backup took
+      // and the map never recorded: not what SIG may say of them.
+      for region in activity.recovered { reuse.forget(activity.blocks(ofRegion: region)) }
+      reuse.start()
     }
   }
 
@@ -370,11 +393,20 @@ public final class RestoreEngine: Sendable {
   /// Brings `blocks` from the backup to the primary and marks them current:
   /// into the caller's buffer and from there to the primary when the
   /// caller holds the whole run (a cold read answered from memory), else
-  /// straight from the backup's connection into the primary.
-  func fetch(_ blocks: Range<UInt64>, into destination: UnsafeMutableRawPointer? = nil) throws {
+  /// straight from the backup's connection into the primary. With older
+  /// copies to reuse, the blocks they hold are taken from them instead.
+  /// Returns the bytes read from the backup.
+  @discardableResult
+  func fetch(_ blocks: Range<UInt64>, into destination: UnsafeMutableRawPointer? = nil) throws -> UInt64 {
     // Blocks a client wrote part of keep what it wrote (asynchronous
     // mirroring); callers that pass a destination have none among them.
     if mirror != nil && destination == nil && hasPartial(blocks) { return try fetchAroundPartial(blocks) }
+    if let reuse, reuse.isReady { return try fetchReusing(blocks, into: destination, reuse) }
+    return try fetchFromBackup(blocks, into: destination)
+  }
+
+  /// fetch(_:into:) from the backup alone.
+  private func fetchFromBackup(_ blocks: Range<UInt64>, into destination: UnsafeMutableRawPointer?) throws -> UInt64 {
     let (offset, length) = geometry.byteRange(blocks: blocks.lowerBound, count: UInt64(blocks.count))
     state.withLock { $0.fetchesInFlight += 1 }
     defer { state.withLock { $0.fetchesInFlight -= 1 } }
@@ -398,6 +430,52 @@ public final class RestoreEngine: Sendable {
       s.counted.fetchedBlocks += UInt64(blocks.count)
       s.counted.fetchedBytes += length
     }
+    return length
+  }
+
+  /// fetch(_:into:) with older copies: each block an older copy holds (its
+  /// digest checked) is written to the primary from there, or zeroed when
+  /// the backup's signature says zeros, and marked current, as a fetched
+  /// block is (its data reaches the disk before a flush commits the map);
+  /// the runs between are fetched from the backup, one request a run.
+  private func fetchReusing(
+    _ blocks: Range<UInt64>, into destination: UnsafeMutableRawPointer?, _ reuse: LocalReuse
+  ) throws -> UInt64 {
+    let size = Int(geometry.blockSize)
+    // Where block `b` goes in the caller's buffer, if it gave one.
+    func place(_ b: UInt64) -> UnsafeMutableRawPointer? {
+      destination.map { $0 + Int(b - blocks.lowerBound) * size }
+    }
+    let scratch = buffers.get(size)
+    defer { buffers.put(scratch) }
+    var fetched: UInt64 = 0
+    var pending = blocks.lowerBound
+    for b in blocks {
+      let out = place(b) ?? scratch.pointer
+      let n = geometry.length(ofBlock: b)
+      guard let found = reuse.find(b, into: UnsafeMutableRawBufferPointer(start: out, count: n)) else { continue }
+      if pending < b { fetched += try fetchFromBackup(pending..<b, into: place(pending)) }
+      pending = b + 1
+      let offset = geometry.offset(ofBlock: b)
+      if found == .zeros {
+        if destination != nil { out.initializeMemory(as: UInt8.self, repeating: 0, count: n) }
+        try primary.writeZeros(offset: offset, length: UInt64(n), scratch: zeros)
+      } else {
+        try primary.write(UnsafeRawBufferPointer(start: out, count: n), at: offset)
+      }
+      state.withLock { s in
+        s.current[b] = true
+        s.dirty = true
+        switch found {
+        case .zeros: s.counted.reusedZeroBlocks += 1
+        case .samePlace: s.counted.reusedSamePlaceBlocks += 1
+        case .elsewhere: s.counted.reusedElsewhereBlocks += 1
+        }
+        s.counted.reusedBytes += UInt64(n)
+      }
+    }
+    if pending < blocks.upperBound { fetched += try fetchFromBackup(pending..<blocks.upperBound, into: place(pending)) }
+    return fetched
   }
 
   // MARK: Client requests
@@ -552,7 +630,12 @@ public final class RestoreEngine: Sendable {
         // The primary failed: the blocks that were current may hold part of
         // the change; owe them to the backup so the two sides agree again.
         // (Counted before the block locks are let go.)
-        if sendToBackup { divergentWrites.wrappingAdd(1, ordering: .sequentiallyConsistent) }
+        if sendToBackup {
+          divergentWrites.wrappingAdd(1, ordering: .sequentiallyConsistent)
+          // The backup may hold the write where the primary does not:
+          // what its signature says of those blocks no longer holds.
+          reuse?.forget(blocks)
+        }
         state.withLock { s in
           for b in blocks where s.current[b] { s.backupLacks.insert(b) }
           activity.pin(blocks)
@@ -836,6 +919,7 @@ public final class RestoreEngine: Sendable {
       for _ in 0..<Self.readAheadThreads { readAhead.put(nil) }
       for _ in 0..<Self.readAheadThreads { readAheadEnded.wait() }
     }
+    reuse?.stop()
     writeback.stop()
     defer { backup.close() }
     if let mirror { return try closeJournaled(mirror) }
@@ -880,6 +964,13 @@ public final class RestoreEngine: Sendable {
   /// zeroed on the primary (a hole in an image file) instead of copied.
   /// Returns when every block is current or `shouldStop` says so.
   public func hydrate(rate: UInt64, workers: Int = 16, shouldStop: @escaping @Sendable () -> Bool) {
+    // The link is what older copies spare: hydration starts once what
+    // they can give is known (SIG read, each copy hashed, or given up),
+    // which takes local reads only. Clients do not wait for it.
+    if let reuse, !reuse.isSettled {
+      log("hydration waits until the backup's signature is read and the older copies are hashed")
+      while !reuse.isSettled && !shouldStop() { usleep(100_000) }
+    }
     let plan = HydrationPlan(engine: self, rate: rate)
     let done = DispatchSemaphore(value: 0)
     let count = max(1, workers)
@@ -956,9 +1047,8 @@ public final class RestoreEngine: Sendable {
     var b = blocks.lowerBound
     func fetchUpTo(_ stop: UInt64) throws {
       guard stop > b else { return }
-      try fetch(b..<stop)
+      fetched += try fetch(b..<stop)
       let (offset, length) = geometry.byteRange(blocks: b, count: stop - b)
-      fetched += length
       // Hydration ends with an fdatasync before it is said done: start the
       // write-out now, so that it waits for the tail only.
       writeback.written(offset, length)
