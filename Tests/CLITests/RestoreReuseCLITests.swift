@@ -69,7 +69,8 @@ final class RestoreReuseCLITests: RestoreCLITestCase {
         e.zeros += 1
       } else if range.upperBound <= old.count && old[range] == chunk {
         e.samePlace += 1
-      } else if chunk.count == bs ? oldBlocks[Data(chunk)] != nil
+      } else if chunk.count == bs
+        ? oldBlocks[Data(chunk)] != nil
         : (old.count % bs == chunk.count && old.suffix(chunk.count) == chunk)
       {
         e.elsewhere += 1
@@ -392,7 +393,8 @@ final class RestoreReuseCLITests: RestoreCLITestCase {
       XCTAssertEqual(
         usage ? lines.filter { $0.hasPrefix("Error:") }.count : lines.count, 1, "one sentence: \(res.stderr)",
         file: file, line: line)
-      XCTAssertFalse(FileManager.default.fileExists(atPath: r.mapPath), "a refused start made the map", file: file, line: line)
+      XCTAssertFalse(
+        FileManager.default.fileExists(atPath: r.mapPath), "a refused start made the map", file: file, line: line)
     }
     try assertRefused(["--reuse", old], "--reuse needs --backup-signature", usage: true)
     try assertRefused(["--backup-signature", sig], "--backup-signature needs --reuse", usage: true)

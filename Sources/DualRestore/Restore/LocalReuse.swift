@@ -102,7 +102,8 @@ public final class LocalReuse: @unchecked Sendable {
     algorithm = try DigestAlgorithm(named: header.digestName)
     guard algorithm.length == header.digestLength else {
       throw ToolkitError(
-        "\(signature.name) says digest \(header.digestName) is \(header.digestLength) bytes, but it is \(algorithm.length)")
+        "\(signature.name) says digest \(header.digestName) is \(header.digestLength) bytes, but it is \(algorithm.length)"
+      )
     }
     signatureName = signature.name
     geometry = header.geometry
@@ -115,7 +116,8 @@ public final class LocalReuse: @unchecked Sendable {
       throw ToolkitError("\(signature.name) signs \(count) blocks, too many to hold")
     }
     expected = .allocate(byteCount: max(1, Int(count) * LocalReuse.prefixLength), alignment: 16)
-    zeroFull = Array(SignatureIndex.zeroDigest(algorithm, length: Int(geometry.blockSize)).prefix(LocalReuse.prefixLength))
+    zeroFull = Array(
+      SignatureIndex.zeroDigest(algorithm, length: Int(geometry.blockSize)).prefix(LocalReuse.prefixLength))
     zeroLast = Array(
       SignatureIndex.zeroDigest(algorithm, length: geometry.length(ofBlock: max(count, 1) - 1))
         .prefix(LocalReuse.prefixLength))
@@ -291,7 +293,8 @@ public final class LocalReuse: @unchecked Sendable {
         for k in 0..<n {
           let b = blocks[k]
           guard b < geometry.blockCount else {
-            throw ToolkitError.path(reader.name, "gives a digest for block \(b), past its \(geometry.blockCount) blocks")
+            throw ToolkitError.path(
+              reader.name, "gives a digest for block \(b), past its \(geometry.blockCount) blocks")
           }
           (expected + Int(b) * LocalReuse.prefixLength).copyMemory(
             from: digests + k * length, byteCount: LocalReuse.prefixLength)
