@@ -28,6 +28,8 @@ final class StreamParserTests: XCTestCase {
     case zero(first: UInt64, count: UInt64)
     case end(StreamFormat.End)
     case lineage(StreamFormat.Lineage)
+    case sources(StreamFormat.Sources)
+    case reference(first: UInt64, count: Int, image: Int, sourceFirst: UInt64, digests: [UInt8])
     case skipped(UInt16)
 
     init(_ r: StreamParser.Record) {
@@ -39,6 +41,10 @@ final class StreamParserTests: XCTestCase {
       case .zero(let first, let count): self = .zero(first: first, count: count)
       case .end(let e): self = .end(e)
       case .lineage(let l): self = .lineage(l)
+      case .sources(let s): self = .sources(s)
+      case .reference(let r):
+        self = .reference(
+          first: r.first, count: r.count, image: r.image, sourceFirst: r.sourceFirst, digests: Array(r.digests))
       case .skipped(let t): self = .skipped(t)
       }
     }
@@ -51,6 +57,8 @@ final class StreamParserTests: XCTestCase {
       case .zero(let f, let c): return "zero(\(f), \(c))"
       case .end(let e): return "end(\(e.dataBlocks), \(e.zeroBlocks), \(e.bytes), \(e.records))"
       case .lineage(let l): return "lineage(\(l.standsFor))"
+      case .sources(let s): return "sources(\(s.images.count) images, \(s.digestName))"
+      case .reference(let f, let c, let i, let s, _): return "reference(\(f), \(c), image \(i) from \(s))"
       case .skipped(let t): return "skipped(\(t))"
       }
     }
@@ -64,6 +72,8 @@ final class StreamParserTests: XCTestCase {
       case .header: return "H"
       case .end: return "E"
       case .lineage: return "L"
+      case .sources: return "SRC"
+      case .reference(let f, let c, let i, let s, _): return "R\(f)+\(c)@\(i):\(s)"
       case .skipped(let t): return "S\(t)"
       }
     }
@@ -873,9 +883,10 @@ final class StreamParserTests: XCTestCase {
     wrong[7] = 0x00
     assertRefused(wrong, ["bad magic"], records: 0)
     assertRefused(Array("hello, this is not a stream".utf8), ["bad magic"])
-    // Version 2, and unknown preamble flags.
+    // Version 3 (this build reads 1 and 2), and unknown preamble flags.
     assertRefused(
-      Self.preamble(version: 2) + Array(Self.handStart()[16...]), ["version 2 is not supported"], records: 0)
+      Self.preamble(version: 3) + Array(Self.handStart()[16...]),
+      ["version 3 is not supported (this build reads versions 1 and 2)"], records: 0)
     assertRefused(Self.preamble(version: 0), ["version 0"], records: 0)
     assertRefused(Self.preamble(flags: 4), ["flags 0x4"], records: 0)
     // Header fields out of range.
