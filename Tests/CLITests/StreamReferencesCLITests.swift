@@ -505,7 +505,9 @@ final class StreamReferencesCLITests: CLITestCase {
       + "it can be merged with merge-snapshot, not served or compacted"
     let index = try run(s, "snapshot-server", ["index", "B.v2"])
     assertFails(index, status: 1, mentioning: sentence)
-    let serve = try run(s, "snapshot-server", ["serve", "--socket", s.path("chain.sock"), "B.v2"])
+    // Refused before it serves: were it served, it would be stopped after 20 s.
+    let serve = try RRTCommand.run(
+      "snapshot-server", ["serve", "--socket", s.path("chain.sock"), "B.v2"], timeout: 20, cwd: s.url.path)
     assertFails(serve, status: 1, mentioning: sentence)
     XCTAssertFalse(FileManager.default.fileExists(atPath: s.path("chain.sock")), "nothing was served")
     let compact = try run(s, "snapshot-server", ["compact", "-o", "c.stream", "B.v2"])
