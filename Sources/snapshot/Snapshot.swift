@@ -145,8 +145,7 @@ struct Snapshot: ParsableCommand {
   }
 
   func report(_ s: SnapshotWriter.Summary, index: SignatureIndex?, onStdout: Bool) {
-    let referencedBytes =
-      s.referencedBlocks == 0 ? 0 : UInt64(s.referencedBlocks) * UInt64(s.header.geometry.blockSize)
+    let referencedBytes = s.referencedBytes
     if json {
       var o = JSONObject()
       o.add("stream_id", s.header.streamID.description)

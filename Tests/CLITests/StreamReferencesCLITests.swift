@@ -556,4 +556,15 @@ final class StreamReferencesCLITests: CLITestCase {
     XCTAssertNil(m["referenced_blocks"], "counted, not only listed, when merged")
     try assertSame(s, "B.img", "T.img")
   }
+
+  /// bytes_saved counts a short last block by its own length, not the block size.
+  func testBytesSavedCountsAShortLastBlockByItsLength() throws {
+    let s = try Scratch()
+    let size = 10 * Self.bs + 1000
+    try s.randomFile("R.img", size: size, seed: 8)
+    try sh(s, "bitmap-diff --signature --block-size 4096 -o R.sig R.img")
+    let o = try snapshot(s, "R.img", to: "R.v2", ["--have", "R.sig"])
+    XCTAssertEqual(o["referenced_blocks"] as? Int, 11)
+    XCTAssertEqual(o["bytes_saved"] as? Int, size, "every byte of the device is referenced, none more")
+  }
 }
