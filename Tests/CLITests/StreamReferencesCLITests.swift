@@ -567,4 +567,21 @@ final class StreamReferencesCLITests: CLITestCase {
     XCTAssertEqual(o["referenced_blocks"] as? Int, 11)
     XCTAssertEqual(o["bytes_saved"] as? Int, size, "every byte of the device is referenced, none more")
   }
+
+  /// Each --reuse image has its own key in merge-snapshot's JSON, numbered
+  /// from 1 in the order given, whatever its name: one named "target" is
+  /// not the target.
+  func testTheJSONNamesEachReuseImageByItsPlaceNotItsName() throws {
+    let s = try images()
+    try snapshot(s, "B.img", to: "B.v2", ["--have", "A.sig"])
+    try copy(s, "A.img", "target")
+    try sh(s, "truncate -s \(Self.size) T.img")
+    let r = try run(s, "merge-snapshot", ["--json", "--reuse", "target", "-i", "B.v2", "T.img"])
+    XCTAssertEqual(r.status, 0, r.stderr)
+    let m = try json(r)
+    XCTAssertEqual(m["referenced_from_target_blocks"] as? Int, 0, "the empty target held nothing: \(r.stdout)")
+    XCTAssertEqual(m["referenced_from_reuse1_blocks"] as? Int, m["referenced_written_blocks"] as? Int, r.stdout)
+    XCTAssertEqual(r.stdout.components(separatedBy: "referenced_from_target_blocks").count, 2, "one key each")
+    try assertSame(s, "B.img", "T.img")
+  }
 }
