@@ -62,7 +62,8 @@ public enum FuzzEntryPoints {
   }
 
   /// `bytes` with every whole record's CRC-32C recomputed, and an END
-  /// record's digest set to the SHA-256 of the bytes before it.
+  /// record's digest (of either version's length) set to the SHA-256 of the
+  /// bytes before it.
   public static func repairStreamChecksums(_ bytes: [UInt8]) -> [UInt8] {
     var out = bytes
     var offset = StreamFormat.preambleLength
@@ -73,7 +74,7 @@ public enum FuzzEntryPoints {
       for i in 0..<4 { length |= Int(out[offset + 4 + i]) << (8 * i) }
       guard length <= StreamFormat.maximumBodyLength, out.count - offset - overhead >= length else { break }
       let body = offset + StreamFormat.recordHeaderLength
-      if type == StreamFormat.RecordType.end.rawValue && length == StreamFormat.endBodyLength {
+      if type == StreamFormat.RecordType.end.rawValue && isEndLength(length) {
         let digest = sha256(out[0..<offset])
         out.replaceSubrange(body + 32..<body + 64, with: digest)
       }
@@ -86,8 +87,15 @@ public enum FuzzEntryPoints {
     return out
   }
 
+  /// Whether a body of `length` bytes is an END body: 64 bytes, or 80 in a
+  /// stream with references (version 2).
+  private static func isEndLength(_ length: Int) -> Bool {
+    length == StreamFormat.endBodyLength || length == StreamFormat.referencesEndBodyLength
+  }
+
   /// The plaintext stream `plain` encrypted with `key` as `snapshot
-  /// --encrypt` would: an encrypted preamble, a CRYPTO record, then each
+  /// --encrypt` would: an encrypted preamble of the plain stream's version
+  /// (1 or 2; any other is sealed as 1), a CRYPTO record, then each
   /// record of `plain` (of a known type) sealed one sequence number later,
   /// an END record counting the CRYPTO record too. Bytes after the last
   /// whole record are kept as they are. Unlike snapshot, every stream
@@ -95,11 +103,21 @@ public enum FuzzEntryPoints {
   /// is made once): fuzzing wants the records' tags, not the derivation,
   /// done per input.
   public static func encryptStream(_ plain: [UInt8], key: [UInt8]) throws -> [UInt8] {
-    try FuzzKeys.shared.sealing(key) { cryptoBody, cipher in try encrypt(plain, cryptoBody, cipher) }
+    var version = StreamFormat.version
+    if plain.count >= StreamFormat.preambleLength
+      && UInt16(plain[8]) | UInt16(plain[9]) << 8 == StreamFormat.referencesVersion
+    {
+      version = StreamFormat.referencesVersion
+    }
+    return try FuzzKeys.shared.sealing(key, version: version) { cryptoBody, cipher in
+      try encrypt(plain, version, cryptoBody, cipher)
+    }
   }
 
-  private static func encrypt(_ plain: [UInt8], _ cryptoBody: [UInt8], _ cipher: RecordCipher) throws -> [UInt8] {
-    var out = StreamFormat.preamble(flags: StreamFormat.encryptedFlag)
+  private static func encrypt(_ plain: [UInt8], _ version: UInt16, _ cryptoBody: [UInt8], _ cipher: RecordCipher)
+    throws -> [UInt8]
+  {
+    var out = StreamFormat.preamble(flags: StreamFormat.encryptedFlag, version: version)
     // Room for every record's tag (records are at least 20 bytes) at once.
     out.reserveCapacity(out.count + 100 + plain.count + plain.count / 20 * StreamCrypto.tagLength)
     out += StreamFormat.record(.crypto, sequence: 0, body: cryptoBody)
@@ -116,7 +134,7 @@ public enum FuzzEntryPoints {
       var body = Array(plain[start..<start + length])
       offset = start + length + StreamFormat.recordTrailerLength
       guard let type = StreamFormat.RecordType(rawValue: typeRaw) else { continue }
-      if type == .end && length == StreamFormat.endBodyLength {
+      if type == .end && isEndLength(length) {
         var records: UInt64 = 0
         for i in 0..<8 { records |= UInt64(body[24 + i]) << (8 * UInt64(i)) }
         records &+= 1
@@ -307,13 +325,14 @@ private final class FirstConnection: Sendable {
 }
 
 /// The fuzz key as a StreamSecret, and the start of a stream sealed with
-/// it, made once for the last key asked for rather than per input.
+/// it (one per format version: the CRYPTO record's key check covers the
+/// preamble), made once for the last key asked for rather than per input.
 private final class FuzzKeys: Sendable {
   static let shared = FuzzKeys()
   private struct Made {
     var key: [UInt8] = []
     var secret: StreamSecret?
-    var seal: (cryptoBody: [UInt8], cipher: RecordCipher)?
+    var seals: [UInt16: (cryptoBody: [UInt8], cipher: RecordCipher)] = [:]
   }
   private let made = Locked(Made())
 
@@ -324,11 +343,13 @@ private final class FuzzKeys: Sendable {
   /// Runs `body` with the CRYPTO record's body and the cipher of the records
   /// after it, holding the lock: the cipher is one EVP context. It keeps
   /// nothing between records but its key, so one serves every stream.
-  func sealing<R: Sendable>(_ key: [UInt8], _ body: ([UInt8], RecordCipher) throws -> R) throws -> R {
+  func sealing<R: Sendable>(
+    _ key: [UInt8], version: UInt16 = StreamFormat.version, _ body: ([UInt8], RecordCipher) throws -> R
+  ) throws -> R {
     try made.withLock { m in
       let secret = try Self.secret(key, &m)
-      let seal = try m.seal ?? StreamCrypto.seal(secret)
-      m.seal = seal
+      let seal = try m.seals[version] ?? StreamCrypto.seal(secret, version: version)
+      m.seals[version] = seal
       return try body(seal.cryptoBody, seal.cipher)
     }
   }
@@ -336,7 +357,7 @@ private final class FuzzKeys: Sendable {
   private static func secret(_ key: [UInt8], _ m: inout Made) throws -> StreamSecret {
     if let made = m.secret, key == m.key { return made }
     let secret = try StreamSecret(key: key, origin: "the fuzz key")
-    (m.key, m.secret, m.seal) = (key, secret, nil)
+    (m.key, m.secret, m.seals) = (key, secret, [:])
     return secret
   }
 }

@@ -252,12 +252,9 @@ struct MergeSnapshot: ParsableCommand {
           o.add("referenced_written_blocks", s.referencedWritten)
           o.add("referenced_in_place_blocks", s.referencedInPlace)
           o.add("referenced_from_kept_blocks", s.referencedFromKept)
+          if let target = s.referencedFromTarget { o.add("referenced_from_target_blocks", target) }
           for (i, place) in s.referencedFrom.enumerated() {
-            if place.name == "target" {
-              o.add("referenced_from_target_blocks", place.blocks)
-            } else {
-              o.add("referenced_from_reuse\(i)_blocks", place.blocks)
-            }
+            o.add("referenced_from_reuse\(i + 1)_blocks", place.blocks)
           }
         }
       }
@@ -316,7 +313,8 @@ struct MergeSnapshot: ParsableCommand {
       ? ""
       : ", \(s.referencedWritten) referenced blocks "
         + (dryRun ? "found" : "written") + " and \(s.referencedInPlace) found in place ("
-        + (s.referencedFrom.map { "\($0.blocks) from \($0.name)" } + ["\(s.referencedFromKept) from kept blocks"])
+        + ((s.referencedFromTarget.map { ["\($0) from the target"] } ?? [])
+        + s.referencedFrom.map { "\($0.blocks) from \($0.name)" } + ["\(s.referencedFromKept) from kept blocks"])
         .joined(separator: ", ") + ")"
     printError(
       "merge-snapshot: stream \(id): \(verb) \(s.written) blocks and \(s.zero) zero blocks"

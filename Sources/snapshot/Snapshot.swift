@@ -38,7 +38,7 @@ struct Snapshot: ParsableCommand {
       its digest (stream format version 2). merge-snapshot takes the content \
       from the target or from its --reuse images and checks each digest before \
       writing. The signatures are held in memory as an index, 16 bytes per \
-      block that is not zeros (256 MiB for a TiB signed in 64 KiB blocks), \
+      signed block (256 MiB for a TiB signed in 64 KiB blocks), \
       and fix the block size.
 
       For a consistent copy, SOURCE should not change while it is read: \
@@ -145,8 +145,7 @@ struct Snapshot: ParsableCommand {
   }
 
   func report(_ s: SnapshotWriter.Summary, index: SignatureIndex?, onStdout: Bool) {
-    let referencedBytes =
-      s.referencedBlocks == 0 ? 0 : UInt64(s.referencedBlocks) * UInt64(s.header.geometry.blockSize)
+    let referencedBytes = s.referencedBytes
     if json {
       var o = JSONObject()
       o.add("stream_id", s.header.streamID.description)

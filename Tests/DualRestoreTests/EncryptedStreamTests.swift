@@ -51,8 +51,10 @@ final class EncryptedStreamTests: XCTestCase {
         shape = "E"
         end = e
       case .lineage: shape = "L"
-      case .sources: shape = "O"
-      case .reference(let r): shape = "R\(r.first)+\(r.count)@\(r.image):\(r.sourceFirst)"
+      case .sources: shape = "SRC"
+      case .reference(let r):
+        shape = "R\(r.first)+\(r.count)@\(r.image):\(r.sourceFirst)"
+        payload = Array(r.digests)
       case .skipped(let t): shape = "S\(t)"
       }
     }

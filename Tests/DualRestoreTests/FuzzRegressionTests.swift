@@ -180,6 +180,67 @@ final class FuzzRegressionTests: XCTestCase {
     XCTAssertTrue(result?.contains("3") ?? false, result ?? "accepted")
   }
 
+  /// A valid version 2 stream of the same device: a SOURCES record naming
+  /// one image, a REFERENCE run of blocks 0 and 1 (at the image's 0 and 1),
+  /// a zero run of the last block, and the END record of 80 bytes.
+  func validReferencesStream() throws -> (bytes: [UInt8], at: [Int]) {
+    let geometry = try BlockGeometry(blockSize: 4096, deviceSize: 10240)
+    let header = StreamFormat.Header(
+      geometry: geometry, streamID: ID128(high: 1, low: 2), started: Instant(nanosecondsSinceEpoch: 1),
+      sourceName: "fuzz")
+    let sources = StreamFormat.Sources(
+      digestName: "sha256", digestLength: 32,
+      images: [
+        SignatureIndex.Image(name: "held", signatureID: ID128(high: 7, low: 8), geometry: geometry, signedBlocks: 3)
+      ])
+    var out = StreamFormat.preamble(version: StreamFormat.referencesVersion)
+    var at: [Int] = []
+    func add(_ type: StreamFormat.RecordType, _ body: [UInt8]) {
+      at.append(out.count)
+      out += StreamFormat.record(type, sequence: UInt64(at.count - 1), body: body)
+    }
+    add(.header, StreamFormat.headerBody(header))
+    add(.sources, StreamFormat.sourcesBody(sources))
+    var fields = [UInt8](repeating: 0, count: 24)
+    fields.withUnsafeMutableBytes {
+      StreamFormat.storeReferenceFields($0.baseAddress!, first: 0, count: 2, image: 0, sourceFirst: 0)
+    }
+    add(.reference, fields + sha256([1]) + sha256([2]))
+    add(.zero, StreamFormat.zeroBody(first: 2, count: 1))
+    let end = StreamFormat.End(
+      dataBlocks: 0, zeroBlocks: 1, bytes: 10240, records: UInt64(at.count), digest: sha256(out), referencedBlocks: 2)
+    add(.end, StreamFormat.endBody(end, version: StreamFormat.referencesVersion))
+    return (out, at)
+  }
+
+  /// The harness's repairs know the END of version 2 (80 bytes): a
+  /// mutated digest of a REFERENCE run is made whole again, END digest
+  /// included, and a stream with references is sealed as version 2.
+  func testTheHarnessRepairsAndSealsStreamsWithReferences() throws {
+    let (stream, at) = try validReferencesStream()
+    XCTAssertNil(FuzzEntryPoints.parseStream(stream))
+    XCTAssertNil(FuzzEntryPoints.checkStream(stream))
+    XCTAssertEqual(FuzzEntryPoints.repairStreamChecksums(stream), stream)
+    var mutated = stream
+    mutated[at[2] + 16 + 24 + 3] ^= 0x10  // a byte of the first digest
+    XCTAssertEqual(
+      FuzzEntryPoints.checkStream(mutated),
+      "fuzz input: record 2 at byte \(at[2]): checksum mismatch: the record is damaged")
+    XCTAssertNil(FuzzEntryPoints.checkStream(FuzzEntryPoints.repairStreamChecksums(mutated)))
+
+    let key = (1...32).map { UInt8($0) }
+    let sealed = try FuzzEntryPoints.encryptStream(stream, key: key)
+    XCTAssertEqual(Array(sealed[8..<10]), [2, 0], "sealed as the version it is")
+    XCTAssertNil(FuzzEntryPoints.parseStream(sealed, key: key))
+    XCTAssertNil(FuzzEntryPoints.checkStream(sealed, key: key))
+    // Version 1 streams are still sealed as version 1, with the same key.
+    let plain = try validStream().bytes
+    let sealedPlain = try FuzzEntryPoints.encryptStream(plain, key: key)
+    XCTAssertEqual(Array(sealedPlain[8..<10]), [1, 0])
+    XCTAssertNil(FuzzEntryPoints.checkStream(sealedPlain, key: key))
+    XCTAssertNil(FuzzEntryPoints.checkStream(try FuzzEntryPoints.encryptStream(stream, key: key), key: key))
+  }
+
   func testEncryptedStreamsAndKeys() throws {
     let key = (1...32).map { UInt8($0) }
     let stream = try validStream().bytes

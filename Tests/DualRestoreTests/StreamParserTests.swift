@@ -57,8 +57,8 @@ final class StreamParserTests: XCTestCase {
       case .zero(let f, let c): return "zero(\(f), \(c))"
       case .end(let e): return "end(\(e.dataBlocks), \(e.zeroBlocks), \(e.bytes), \(e.records))"
       case .lineage(let l): return "lineage(\(l.standsFor))"
-      case .sources(let s): return "sources(\(s.images.count) images)"
-      case .reference(let f, let c, let i, let sf, _): return "reference(\(f)+\(c) from \(i):\(sf))"
+      case .sources(let s): return "sources(\(s.images.count) images, \(s.digestName))"
+      case .reference(let f, let c, let i, let s, _): return "reference(\(f), \(c), image \(i) from \(s))"
       case .skipped(let t): return "skipped(\(t))"
       }
     }
@@ -72,8 +72,8 @@ final class StreamParserTests: XCTestCase {
       case .header: return "H"
       case .end: return "E"
       case .lineage: return "L"
-      case .sources: return "O"
-      case .reference(let f, let c, let i, let sf, _): return "R\(f)+\(c)@\(i):\(sf)"
+      case .sources: return "SRC"
+      case .reference(let f, let c, let i, let s, _): return "R\(f)+\(c)@\(i):\(s)"
       case .skipped(let t): return "S\(t)"
       }
     }
@@ -883,9 +883,10 @@ final class StreamParserTests: XCTestCase {
     wrong[7] = 0x00
     assertRefused(wrong, ["bad magic"], records: 0)
     assertRefused(Array("hello, this is not a stream".utf8), ["bad magic"])
-    // Version 3, and unknown preamble flags.
+    // Version 3 (this build reads 1 and 2), and unknown preamble flags.
     assertRefused(
-      Self.preamble(version: 3) + Array(Self.handStart()[16...]), ["version 3 is not supported"], records: 0)
+      Self.preamble(version: 3) + Array(Self.handStart()[16...]),
+      ["version 3 is not supported (this build reads versions 1 and 2)"], records: 0)
     assertRefused(Self.preamble(version: 0), ["version 0"], records: 0)
     assertRefused(Self.preamble(flags: 4), ["flags 0x4"], records: 0)
     // Header fields out of range.

@@ -2,7 +2,8 @@
 // what a sender asks to learn whether the receiver already holds a block's
 // content anywhere, and where.
 //
-// Memory is 16 bytes per signed block that is not all zeros, in one
+// Memory is 16 bytes per signed block (blocks of zeros get no entry, but
+// their room is allocated: the count is known before the digests), in one
 // allocation made from the signatures' headers (at most 256 MiB for a TiB
 // signed in 64 KiB blocks), sorted in place: no second copy while sorting.
 // An entry keeps the first 10 bytes of the digest and the location (image

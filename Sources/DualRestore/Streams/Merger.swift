@@ -77,8 +77,10 @@ public enum Merger {
     public var referencedInPlace: UInt64 = 0
     /// Referenced blocks whose content came from what the merge kept.
     public var referencedFromKept: UInt64 = 0
-    /// Referenced blocks found in each place: the target (first, when it is
-    /// one), then each --reuse image, by name.
+    /// Referenced blocks found in the target; nil when the target is not
+    /// one of the places looked in.
+    public var referencedFromTarget: UInt64?
+    /// Referenced blocks found in each --reuse image, in the order given.
     public var referencedFrom: [(name: String, blocks: UInt64)] = []
     /// With `.check`: referenced blocks, not looked for.
     public var referencedUnchecked: UInt64 = 0
@@ -220,9 +222,10 @@ public enum Merger {
     func recordFound() {
       guard let resolver else { return }
       summary.referencedFromKept = resolver.foundKept
-      summary.referencedFrom = zip(resolver.places, resolver.foundIn).map {
-        ($0.isTarget ? "target" : $0.device.name, $1)
-      }
+      // The target by its place (first, when it is one), never by a name an image may share.
+      let found = zip(resolver.places, resolver.foundIn)
+      summary.referencedFromTarget = found.first { $0.0.isTarget }?.1
+      summary.referencedFrom = found.filter { !$0.0.isTarget }.map { ($0.0.device.name, $0.1) }
     }
 
     do {

@@ -66,9 +66,11 @@ public enum SnapshotWriter {
     public var dataBlocks: UInt64 = 0
     public var compressedBlocks: UInt64 = 0
     public var zeroBlocks: UInt64 = 0
-    /// Blocks named by references, and the records naming them.
+    /// Blocks named by references, the records naming them, and the bytes
+    /// of those blocks (a short last block by its length): bytes not sent.
     public var referencedBlocks: UInt64 = 0
     public var referenceRecords: UInt64 = 0
+    public var referencedBytes: UInt64 = 0
     /// Bytes of the blocks carried (data, zero and referenced), uncompressed.
     public var bytesIn: UInt64 = 0
     /// Bytes of stream written.
@@ -309,6 +311,7 @@ public enum SnapshotWriter {
     summary.zeroBlocks = framer.zeroBlocks
     summary.referencedBlocks = framer.referencedBlocks
     summary.referenceRecords = framer.referenceRecords
+    summary.referencedBytes = framer.referencedBytes
     summary.bytesIn = framer.blockBytes
     summary.bytesOut = sink.bytesWritten
     summary.seconds = started.secondsAgo
@@ -339,6 +342,7 @@ final class RecordFramer: @unchecked Sendable {
   var blockBytes: UInt64 = 0
   var referencedBlocks: UInt64 = 0
   var referenceRecords: UInt64 = 0
+  var referencedBytes: UInt64 = 0
   /// Bytes of the source the framed chunks span, for progress.
   var sourceBytes: UInt64 = 0
   let geometry: BlockGeometry
@@ -454,7 +458,9 @@ final class RecordFramer: @unchecked Sendable {
     sequence += 1
     referencedBlocks += UInt64(runCount)
     referenceRecords += 1
-    blockBytes += geometry.byteRange(blocks: runFirst, count: UInt64(runCount)).length
+    let bytes = geometry.byteRange(blocks: runFirst, count: UInt64(runCount)).length
+    referencedBytes += bytes
+    blockBytes += bytes
     runCount = 0
   }
 

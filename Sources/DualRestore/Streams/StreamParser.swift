@@ -309,9 +309,13 @@ public struct StreamParser {
       _ = try requireHeader()
       try requireSourcesInVersion2()
       guard let end = StreamFormat.decodeEnd(body, version: formatVersion) else {
+        let expected =
+          formatVersion >= StreamFormat.referencesVersion
+          ? StreamFormat.referencesEndBodyLength : StreamFormat.endBodyLength
         throw fail(
-          "END record has \(length) bytes, not \(formatVersion >= StreamFormat.referencesVersion ? StreamFormat.referencesEndBodyLength : StreamFormat.endBodyLength), or reserved bytes that are not zero"
-        )
+          length == expected
+            ? "END record has reserved bytes that are not zero"
+            : "END record has \(length) bytes, not the \(expected) of a version \(formatVersion) stream")
       }
       guard end.dataBlocks == dataBlocks, end.zeroBlocks == zeroBlocks, end.bytes == blockBytes,
         end.records == sequence, end.referencedBlocks == referencedBlocks
