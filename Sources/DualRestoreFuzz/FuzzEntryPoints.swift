@@ -205,6 +205,15 @@ public enum FuzzEntryPoints {
       precondition(
         reader.signedBlocks == (selection?.population ?? header.geometry.blockCount),
         "signedBlocks is not the blocks the selection sets")
+      if let sample = header.sample {
+        let f = sample.fraction
+        precondition(selection != nil, "a dense signature was read with a sample")
+        precondition(
+          f.numerator > 0 && f.numerator <= f.denominator, "a sample fraction \(f) out of range was accepted")
+        // The header written again reads back with the same sample.
+        let again = try SignatureReader(bytes: SignatureFormat.encodeHeader(header), name: "the header written again")
+        precondition(again.header.sample == sample, "the sample changed when the header was written again")
+      }
       var expected: UInt64 = 0
       func advance() {
         if let selection {

@@ -20,7 +20,7 @@ function __bitmap-diff_parse_tokens -S
     set -l unparsed_tokens (__bitmap-diff_tokens -pc)
     switch $unparsed_tokens[1]
     case 'bitmap-diff'
-        __bitmap-diff_parse_subcommand -r 1 'signature' 'digest=' 'block-size=' 'map=' 'o/output=' 'extents' 'allow-size-change' 'threads=' 'direct' 'progress' 'q/quiet' 'h/help'
+        __bitmap-diff_parse_subcommand -r 1 'signature' 'digest=' 'block-size=' 'map=' 'sample=' 'seed=' 'o/output=' 'extents' 'allow-size-change' 'threads=' 'direct' 'progress' 'q/quiet' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __bitmap-diff_parse_subcommand -r 1 
@@ -81,6 +81,8 @@ complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_o
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" digest' -l 'digest' -d 'Digest for --signature, by its OpenSSL name.' -rfka ''
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" block-size' -l 'block-size' -d 'Block size: a power of two from 512 to 64M (K, M: powers of 1024).' -rfka ''
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" map' -l 'map' -d 'With --signature, sign only the blocks this map sets (a sparse signature); its block size is the signature\'s.' -rfka ''
+complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" sample' -l 'sample' -d 'With --signature, sign a pseudo-random sample of this fraction of the blocks (0.001 or 1/1000): a sparse signature.' -rfka ''
+complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" seed' -l 'seed' -d 'The seed of --sample, 0 to 2^64 - 1: the same fraction and seed choose the same blocks (default: random, told on standard error).' -rfka ''
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" o output' -l 'output' -s 'o' -d 'Write the map or signature to this file (saved atomically).' -rfka ''
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" extents' -l 'extents' -d 'Print the differing byte ranges as START LENGTH lines instead of a map.'
 complete -c 'bitmap-diff' -n '__bitmap-diff_should_offer_completions_for_flags_or_options "bitmap-diff" allow-size-change' -l 'allow-size-change' -d 'Compare sources of different sizes; the part of B past A\'s end differs.'

@@ -123,20 +123,38 @@ public final class ChunkReader: @unchecked Sendable {
       slot.holeCount = 0
       do {
         // Walk the chunk, reading runs of blocks that are not entirely holes.
+        // Blocks outside the selection are passed over a run at a time: a
+        // sparse selection costs its selected blocks, not every block.
         var runStart = -1
-        for i in 0..<count {
-          let offset = geometry.offset(ofBlock: block + UInt64(i))
-          let blockEnd = offset + UInt64(geometry.length(ofBlock: block + UInt64(i)))
-          let skip = selection.map { !$0[block + UInt64(i)] } ?? false
-          slot.skipped[i] = skip
-          var hole = skip
-          if skipHoles && !skip {
+        var i = 0
+        while i < count {
+          if let selection {
+            let here = block + UInt64(i)
+            let end = block + UInt64(count)
+            let next = selection.nextSet(from: here, before: end) ?? end
+            if next > here {
+              let skipped = Int(next - here)
+              (slot.skipped.baseAddress! + i).update(repeating: true, count: skipped)
+              (slot.holes.baseAddress! + i).update(repeating: false, count: skipped)
+              if runStart >= 0 {
+                try readRun(slot, start, from: runStart, to: i)
+                runStart = -1
+              }
+              i += skipped
+              continue
+            }
+          }
+          slot.skipped[i] = false
+          var hole = false
+          if skipHoles {
+            let offset = geometry.offset(ofBlock: block + UInt64(i))
+            let blockEnd = offset + UInt64(geometry.length(ofBlock: block + UInt64(i)))
             if offset >= region.end { region = source.dataRegion(at: offset) }
             hole = !region.isData && blockEnd <= region.end
           }
-          slot.holes[i] = hole && !skip
+          slot.holes[i] = hole
           if hole {
-            if !skip { slot.holeCount += 1 }
+            slot.holeCount += 1
             if runStart >= 0 {
               try readRun(slot, start, from: runStart, to: i)
               runStart = -1
@@ -144,6 +162,7 @@ public final class ChunkReader: @unchecked Sendable {
           } else if runStart < 0 {
             runStart = i
           }
+          i += 1
         }
         if runStart >= 0 { try readRun(slot, start, from: runStart, to: count) }
       } catch {

@@ -42,10 +42,9 @@ public final class BlockHasher: @unchecked Sendable {
       let digester = self.digesters[w]
       let from = chunk.blockCount * w / workers
       let to = chunk.blockCount * (w + 1) / workers
-      for i in from..<to {
+      for i in from..<to where !chunk.isSkipped[i] {
         let block = chunk.firstBlock + UInt64(i)
         let blockLength = self.geometry.length(ofBlock: block)
-        if chunk.isSkipped[i] { continue }
         let out = output + i * length
         if chunk.isHole[i] {
           if blockLength == Int(self.geometry.blockSize) {

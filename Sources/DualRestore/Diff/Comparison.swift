@@ -10,7 +10,8 @@
 // compared with it, only those blocks are read, hashed and compared, and
 // the blocks outside it are clear in the map. It compares only with a
 // source or signature of its own size; two sparse signatures compare only
-// over the same selection.
+// over the same selection (two samples, when drawn with the same fraction
+// and seed).
 
 import Glibc
 
@@ -206,6 +207,11 @@ public enum Comparison {
         ha.isSparse ? a.name : b.name, ha.geometry.deviceSize, ha.isSparse ? b.name : a.name,
         hb.geometry.deviceSize)
       if let sa = ha.selection, let sb = hb.selection, sa != sb {
+        if let pa = ha.sample, let pb = hb.sample, pa != pb {
+          throw ToolkitError(
+            "\(a.name) samples \(pa) but \(b.name) samples \(pb); sampled signatures compare only when drawn with the same fraction and seed"
+          )
+        }
         throw ToolkitError(
           "\(a.name) and \(b.name) are sparse signatures of different selections; they compare only over the same one")
       }

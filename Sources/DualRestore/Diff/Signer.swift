@@ -1,7 +1,9 @@
 // Writes a signature of a source: the header, one digest per block in block
 // order, and the closing checksum; or, given a selection, a sparse
 // signature: the header with the selection, and the digests of the
-// selected blocks only, which alone are read. To a file it is saved
+// selected blocks only, which alone are read. A sample (BlockSample) is
+// drawn without reading the source, within the selection when both are
+// given, and recorded in the header. To a file it is saved
 // atomically; to a pipe it streams, and a reader detects a cut-off stream
 // by its missing checksum.
 
@@ -13,20 +15,30 @@ public enum Signer {
   }
 
   /// Signs `source`; with `selection` (one bit per block of `source` at
-  /// `blockSize`), only the blocks it sets.
+  /// `blockSize`), only the blocks it sets; with `sample`, only the blocks
+  /// it selects (of those `selection` sets, when both are given).
   public static func sign(
     _ source: BlockDevice, algorithm: DigestAlgorithm, blockSize: UInt32, to target: OutputTarget,
-    progress: Bool, workers: Int = BlockHasher.defaultWorkers, selection: BlockBitmap? = nil
+    progress: Bool, workers: Int = BlockHasher.defaultWorkers, selection given: BlockBitmap? = nil,
+    sample: BlockSample? = nil
   ) throws -> Summary {
     let geometry = try BlockGeometry(blockSize: blockSize, deviceSize: source.size)
-    if let selection, selection.count != geometry.blockCount {
+    if let given, given.count != geometry.blockCount {
       throw ToolkitError(
-        "the selection has \(selection.count) blocks but \(source.name) has \(geometry.blockCount) of \(blockSize) bytes"
+        "the selection has \(given.count) blocks but \(source.name) has \(geometry.blockCount) of \(blockSize) bytes"
       )
+    }
+    var selection = given
+    if let sample {
+      // Held as a bitmap, one bit per block: the limit of a map.
+      try geometry.checkMappable()
+      var drawn = sample.selection(blockCount: geometry.blockCount)
+      if let given { drawn.formIntersection(given) }
+      selection = drawn
     }
     let header = SignatureFormat.Header(
       geometry: geometry, digestName: algorithm.name, digestLength: algorithm.length,
-      sourceName: source.name, selection: selection)
+      sourceName: source.name, selection: selection, sample: sample)
     let sink = try OutputSink(target, what: "signature")
     defer { sink.abandon() }
     let checksum = Digester(DigestAlgorithm.sha256)

@@ -18,7 +18,10 @@
 //   64      16    digest name as OpenSSL knows it, ASCII, NUL-padded
 //   80      2     source name length N (at most 4096)
 //   82      N     source name, UTF-8 (a path or URI, for people)
-//   82+N    ...   zero or more bytes up to H that this version ignores
+//   82+N    ...   header fields up to H, each: 4-byte ASCII tag, 2-byte
+//                 length F, F bytes; a reader skips tags it does not know
+//                   "SMPL", F = 24: the sample that chose the selection:
+//                   fraction numerator, denominator (lowest terms), seed
 //   H       8     digest bytes D = signed blocks × L
 //   (sparse only)
 //   H+8     8     selection length S (at most block count + 1)
@@ -29,7 +32,10 @@
 //   then    32    SHA-256 of every byte before it
 //
 // The signed blocks are every block (dense), or the blocks the selection
-// sets (sparse). A signature is written front to back, so it streams
+// sets (sparse). A sampled signature (BlockSample) is a sparse one whose
+// selection is the sample's blocks, or those of them a map set; its SMPL
+// field is for people and for the sentences that refuse to compare two
+// samples: a reader never recomputes the selection from it. A signature is written front to back, so it streams
 // through a pipe; a reader holds the selection as a bitmap, one bit per
 // block, and trusts nothing it compared until the closing checksum has matched.
 
@@ -41,6 +47,9 @@ public enum SignatureFormat {
   static let sparseFlag: UInt16 = 1
   static let knownFlags: UInt16 = sparseFlag
   public static let maximumNameLength = 4096
+  /// The header field of a sampled signature: "SMPL", 24 bytes.
+  static let sampleTag: [UInt8] = Array("SMPL".utf8)
+  static let sampleFieldLength = 24
 
   public static func looksLikeSignature(_ prefix: some Collection<UInt8>) -> Bool {
     prefix.count >= magic.count && Array(prefix.prefix(magic.count)) == magic
@@ -62,12 +71,16 @@ public enum SignatureFormat {
     }
     /// How many blocks the signature holds a digest of.
     public private(set) var signedBlocks: UInt64
+    /// Of a sampled signature: the fraction and seed its selection was
+    /// drawn with (a sparse signature's only).
+    public var sample: BlockSample?
 
     public init(
       geometry: BlockGeometry, digestName: String, digestLength: Int, signatureID: ID128 = .random(),
-      started: Instant = .now(), sourceName: String, selection: BlockBitmap? = nil
+      started: Instant = .now(), sourceName: String, selection: BlockBitmap? = nil, sample: BlockSample? = nil
     ) {
       precondition(selection == nil || selection?.count == geometry.blockCount)
+      precondition(sample == nil || selection != nil, "a sample makes a sparse signature")
       self.geometry = geometry
       self.digestName = digestName
       self.digestLength = digestLength
@@ -75,6 +88,7 @@ public enum SignatureFormat {
       self.started = started
       self.sourceName = sourceName
       self.selection = selection
+      self.sample = sample
       signedBlocks = selection?.population ?? geometry.blockCount
     }
 
@@ -102,6 +116,13 @@ public enum SignatureFormat {
     name += [UInt8](repeating: 0, count: 16 - name.count)
     w.raw(name)
     w.string16(h.sourceName, limit: maximumNameLength)
+    if let sample = h.sample {
+      w.raw(sampleTag)
+      w.u16(UInt16(sampleFieldLength))
+      w.u64(sample.fraction.numerator)
+      w.u64(sample.fraction.denominator)
+      w.u64(sample.seed)
+    }
     let length = UInt32(w.bytes.count)
     for i in 0..<4 { w.bytes[12 + i] = UInt8(truncatingIfNeeded: length >> (8 * UInt32(i))) }
     w.u64(h.digestBytes)
@@ -170,12 +191,14 @@ public enum SignatureFormat {
       throw fail("source name length \(nameLength) is out of range")
     }
     let digestName = String(decoding: digestNameRaw.prefix { $0 != 0 }, as: UTF8.self)
+    let sample = try decodeFields(&r, end: Int(headerLength), sparse: sparse, fail)
     var tail = ByteReader(bytes[(bytes.startIndex + Int(headerLength))...])
     guard let digestBytes = tail.u64() else { return nil }
-    let header = Header(
+    var header = Header(
       geometry: geometry, digestName: digestName, digestLength: Int(digestLength), signatureID: id,
       started: Instant(nanosecondsSinceEpoch: started),
       sourceName: String(decoding: nameBytes, as: UTF8.self))
+    header.sample = sample
     var selectionLength: UInt64 = 0
     if sparse {
       // The selection is held in memory, one bit per block: the limit of a map.
@@ -190,6 +213,39 @@ public enum SignatureFormat {
     }
     return Prelude(
       header: header, sparse: sparse, digestBytes: digestBytes, selectionLength: selectionLength, length: length)
+  }
+
+  /// Reads the header fields from `r` (just past the source name) up to
+  /// offset `end`: returns the sample of a sampled signature, skips fields
+  /// of other tags.
+  private static func decodeFields(
+    _ r: inout ByteReader, end: Int, sparse: Bool, _ fail: (String) -> ToolkitError
+  ) throws -> BlockSample? {
+    var sample: BlockSample?
+    while r.offset < end {
+      let at = r.offset
+      guard end - at >= 6, let tag = r.take(4), let length = r.u16() else {
+        throw fail("header field at byte \(at) is cut off by the header length \(end)")
+      }
+      guard Int(length) <= end - r.offset, let body = r.take(Int(length)) else {
+        throw fail("header field at byte \(at) of \(length) bytes runs past the header length \(end)")
+      }
+      guard tag.elementsEqual(sampleTag) else { continue }
+      var f = ByteReader(body)
+      guard sample == nil, sparse, Int(length) == sampleFieldLength, let p = f.u64(), let q = f.u64(),
+        let seed = f.u64()
+      else {
+        if !sparse { throw fail("a dense signature records a sample") }
+        if sample != nil { throw fail("the sample is recorded twice") }
+        throw fail("sample field of \(length) bytes is not \(sampleFieldLength)")
+      }
+      do {
+        sample = BlockSample(fraction: try BlockSample.Fraction(numerator: p, denominator: q), seed: seed)
+      } catch {
+        throw fail("\(error)")
+      }
+    }
+    return sample
   }
 
   /// Throws unless `digestBytes` is the signed blocks times the digest length.
