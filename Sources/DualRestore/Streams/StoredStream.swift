@@ -220,7 +220,7 @@ public final class StoredStream: Sendable {
         zero += count
       case .lineage(let l): standsFor = l.standsFor
       case .sources, .reference: throw ToolkitError("\(name): \(StoredStream.referencesRefused.message)")
-      case .preamble, .end, .skipped: break
+      case .preamble, .end, .generation, .skipped: break
       }
     }
     guard let header else { throw ToolkitError("\(name): the stream has no HEADER record") }
