@@ -151,6 +151,36 @@ final class ContinuityCLITests: CLITestCase {
     XCTAssertEqual(diff.status, 1, "the mirror should lack generation 2's writes: \(diff.summary)")
   }
 
+  /// dualrestore(7)'s remedy for a lost round: the union of the generations
+  /// since the last stream merged spans them all and merges; a union of
+  /// generations that do not touch claims no end.
+  func testTheUnionOfTheGenerationsLeftOutMerges() throws {
+    let (s, source) = try rig()
+    _ = try makeStreams(s, source, skip: 2)
+    for round in 0...1 { XCTAssertEqual(try merge(s, "c\(round).stream").status, 0) }
+    let union = try RRTCommand.run(
+      "overwrite-map", ["union", s.path("g2.map"), s.path("g3.map"), "-o", s.path("g23.map")])
+    XCTAssertEqual(union.status, 0, union.summary)
+    let g23 = try tuMapStats(s.path("g23.map"))
+    XCTAssertEqual(g23["tracking_started"] as? String, try tuMapStats(s.path("g2.map"))["tracking_started"] as? String)
+    let end = try XCTUnwrap(try tuMapStats(s.path("g3.map"))["tracking_ended"] as? String)
+    XCTAssertEqual(g23["tracking_ended"] as? String, end)
+    // Nothing was written since the last freeze: the device is the view at g3's end.
+    let c1 = try XCTUnwrap(try tuMapStats(s.path("mirror.map"))["last_merged_stream"] as? String)
+    _ = try snapshotJSON(["--map", s.path("g23.map"), "--base", c1, "-o", s.path("c23.stream"), source.deviceURI])
+    let r = try merge(s, "c23.stream")
+    XCTAssertEqual(r.status, 0, r.summary)
+    XCTAssertEqual(try tuMapStats(s.path("mirror.map"))["merged_as_of"] as? String, end)
+    source.stop()
+    let diff = try RRTCommand.run("bitmap-diff", ["--extents", s.path("source.img"), s.path("mirror.img")])
+    XCTAssertEqual(diff.status, 0, "the source and the mirror are not mirrors: \(diff.summary)")
+    // Generations 1 and 3 do not touch: their union names no whole span.
+    let gappy = try RRTCommand.run(
+      "overwrite-map", ["union", s.path("g1.map"), s.path("g3.map"), "-o", s.path("g13.map")])
+    XCTAssertEqual(gappy.status, 0, gappy.summary)
+    XCTAssertNil(try tuMapStats(s.path("g13.map"))["tracking_ended"] as? String)
+  }
+
   func testMapsAndStreamsWithoutTheFieldsStillMerge() throws {
     let (s, source) = try rig()
     _ = try makeStreams(s, source, skip: 2)
@@ -165,7 +195,9 @@ final class ContinuityCLITests: CLITestCase {
     // generation 2 out, and the instant the mirror is as of is unknown after.
     try stripGenerationFields(s.path("g3.map"))
     let c1 = try XCTUnwrap(try tuMapStats(s.path("mirror.map"))["last_merged_stream"] as? String)
-    let o = try snapshotJSON(["--map", s.path("g3.map"), "--base", c1, "-o", s.path("old3.stream"), s.path("source.img")])
+    let o = try snapshotJSON([
+      "--map", s.path("g3.map"), "--base", c1, "-o", s.path("old3.stream"), s.path("source.img"),
+    ])
     XCTAssertNil(o["as_of"] as? String, "\(o)")
     let r = try merge(s, "old3.stream")
     XCTAssertEqual(r.status, 0, r.summary)
