@@ -9,6 +9,7 @@
 // really lacks the writes left out); maps and streams without the fields
 // still merge, unchecked.
 
+import DualRestore
 import Foundation
 import Glibc
 import TestSupport
@@ -181,6 +182,41 @@ final class ContinuityCLITests: CLITestCase {
     XCTAssertNil(try tuMapStats(s.path("g13.map"))["tracking_ended"] as? String)
   }
 
+  /// snapshot-server compact of the seed and two catch-ups: the compacted
+  /// stream is the device as of the second catch-up's end and says so
+  /// (GENERATION, every write), so a mirror seeded from it takes the third
+  /// catch-up unwarned and records its end; and a catch-up that leaves out
+  /// a generation is refused after it as after the chain.
+  func testACompactedChainCarriesTheInstantOfItsEnd() throws {
+    let (s, source) = try rig()
+    let ids = try makeStreams(s, source)
+    let compact = try RRTCommand.run(
+      "snapshot-server",
+      ["compact", "-o", s.path("c012.stream")]
+        + (0...2).map { s.path("c\($0).stream") }, timeout: 120)
+    XCTAssertEqual(compact.status, 0, compact.summary)
+    let g2 = try tuMapStats(s.path("g2.map"))
+    let generation = try XCTUnwrap(try generationRecord(s.path("c012.stream")), "the compacted stream has none")
+    XCTAssertEqual(generation.generation.description, g2["map_id"] as? String)
+    XCTAssertEqual(generation.changesSince, .unset)
+    XCTAssertEqual(generation.asOf.description, g2["tracking_ended"] as? String)
+    // A compaction of that compaction (LINEAGE, then GENERATION) keeps it.
+    let again = try RRTCommand.run(
+      "snapshot-server", ["compact", "-o", s.path("again.stream"), s.path("c012.stream")], timeout: 120)
+    XCTAssertEqual(again.status, 0, again.summary)
+    XCTAssertEqual(try generationRecord(s.path("again.stream")), generation)
+    let seeded = try merge(s, "c012.stream")
+    XCTAssertEqual(seeded.status, 0, seeded.summary)
+    XCTAssertEqual(try tuMapStats(s.path("mirror.map"))["merged_as_of"] as? String, g2["tracking_ended"] as? String)
+    let next = try merge(s, "c3.stream")
+    XCTAssertEqual(next.status, 0, next.summary)
+    XCTAssertFalse(next.stderr.contains("warning"), next.summary)
+    XCTAssertEqual(try tuMapStats(s.path("mirror.map"))["last_merged_stream"] as? String, ids[3])
+    source.stop()
+    let diff = try RRTCommand.run("bitmap-diff", ["--extents", s.path("source.img"), s.path("mirror.img")])
+    XCTAssertEqual(diff.status, 0, "the source and the mirror are not mirrors: \(diff.summary)")
+  }
+
   func testMapsAndStreamsWithoutTheFieldsStillMerge() throws {
     let (s, source) = try rig()
     _ = try makeStreams(s, source, skip: 2)
@@ -206,6 +242,22 @@ final class ContinuityCLITests: CLITestCase {
   }
 
   // MARK: Helpers
+
+  /// The GENERATION record of a stream file, by the library's reader.
+  private func generationRecord(_ path: String) throws -> StreamFormat.Generation? {
+    let fd = open(path, O_RDONLY)
+    XCTAssertGreaterThanOrEqual(fd, 0)
+    defer { close(fd) }
+    let reader = StreamReader(fd: fd, name: path)
+    while let r = try reader.next() {
+      switch r {
+      case .generation(let g): return g
+      case .data, .zero, .end: return nil
+      default: continue
+      }
+    }
+    return nil
+  }
 
   /// merge-snapshot --mirror of a stream of the scratch directory into mirror.img.
   private func merge(_ s: Scratch, _ stream: String, _ extra: [String] = []) throws -> RRTCommand.Result {
