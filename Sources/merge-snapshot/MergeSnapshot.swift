@@ -48,8 +48,12 @@ struct MergeSnapshot: ParsableCommand {
       size does not fit TARGET or the map; a stream that started reading \
       before the map started tracking (it could bring back data older than \
       writes the map never saw); an incremental stream whose base is not the \
-      map's last merged stream. --force overrides the time and base checks, \
-      with a warning; never the size checks.
+      map's last merged stream; an incremental stream whose writes start \
+      after the instant the map records its device is as of (the last merged \
+      stream's GENERATION record, dualrestore-stream(5)): it leaves out a \
+      generation whose stream was never made or merged. --force overrides \
+      the time, base and generation checks, with a warning; never the size \
+      checks.
 
       An encrypted stream (snapshot --encrypt) needs the key it was made \
       with: --key-file FILE or --passphrase-file FILE, read from files only, \
@@ -111,7 +115,7 @@ struct MergeSnapshot: ParsableCommand {
 
   @OptionGroup var keys: KeyOptions
 
-  @Flag(help: "Merge even when the time or base check fails (with a warning).")
+  @Flag(help: "Merge even when the time, base or generation check fails (with a warning).")
   var force = false
 
   @Option(help: ArgumentHelp("Bound on the clock difference between the two sites, in seconds.", valueName: "seconds"))

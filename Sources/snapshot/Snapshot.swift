@@ -55,6 +55,12 @@ struct Snapshot: ParsableCommand {
       valueName: "sig"))
   var have: [String] = []
 
+  @Option(
+    help: ArgumentHelp(
+      "The change map saved when SOURCE, a frozen view, was frozen: the stream is the device as of its end.",
+      valueName: "map"))
+  var asOf: String?
+
   @OptionGroup var blockSize: BlockSizeOption
 
   @Option(
@@ -96,6 +102,12 @@ struct Snapshot: ParsableCommand {
     if have.filter({ $0 == "-" }).count + (map == "-" ? 1 : 0) > 1 {
       throw ValidationError("only one of --map and --have can be standard input")
     }
+    if asOf != nil && map != nil {
+      throw ValidationError("--as-of is for a full stream; with --map, a change map gives its own instants")
+    }
+    if asOf == "-" && have.contains("-") {
+      throw ValidationError("only one of --as-of and --have can be standard input")
+    }
     if !encrypt && keys.given {
       throw ValidationError("\(keys.optionName) gives the key to encrypt with; add --encrypt to encrypt the stream")
     }
@@ -116,6 +128,22 @@ struct Snapshot: ParsableCommand {
       size = m.geometry.blockSize
       selection = m
     }
+    // The generations carried: a change map's, from the map's own instants.
+    var generation: StreamFormat.Generation?
+    if let m = selection, m.meaning == .changed, m.trackingEnded != .unset {
+      generation = StreamFormat.Generation(generation: m.mapID, changesSince: m.trackingStarted, asOf: m.trackingEnded)
+    }
+    var asOfMap: BlockMap?
+    if let asOf {
+      let m = try MapFile.load(asOf)
+      guard m.meaning == .changed, m.trackingEnded != .unset else {
+        throw ToolkitError(
+          "\(asOf) is not a change map saved at a generation's end (tracking-server freeze --changes-out), so it gives no instant the stream is as of"
+        )
+      }
+      generation = StreamFormat.Generation(generation: m.mapID, changesSince: .unset, asOf: m.trackingEnded)
+      asOfMap = m
+    }
     var index: SignatureIndex?
     if !have.isEmpty {
       let signatures = try have.map { try SignatureReader(path: $0) }
@@ -134,17 +162,23 @@ struct Snapshot: ParsableCommand {
         "\(map == "-" ? "the map on standard input" : map ?? "") describes \(m.geometry.deviceSize) bytes but \(source) has \(device.size) bytes"
       )
     }
+    if let m = asOfMap, let asOf, m.geometry.deviceSize != device.size {
+      throw ToolkitError("\(asOf) describes \(m.geometry.deviceSize) bytes but \(source) has \(device.size) bytes")
+    }
     let sink = try OutputSink(target, what: "stream")
     var options = SnapshotWriter.Options(
       blockSize: size, selection: selection, baseStreamID: base.flatMap(ID128.init(hex:)) ?? .none,
       compress: !noCompress, workers: threads.value, progress: reporting.show, encryption: secret)
     options.have = index
+    options.generation = generation
     let s = try SnapshotWriter.write(device, to: sink, options: options)
     try sink.finish()
-    report(s, index: index, onStdout: output != nil)
+    report(s, index: index, generation: generation, onStdout: output != nil)
   }
 
-  func report(_ s: SnapshotWriter.Summary, index: SignatureIndex?, onStdout: Bool) {
+  func report(
+    _ s: SnapshotWriter.Summary, index: SignatureIndex?, generation: StreamFormat.Generation?, onStdout: Bool
+  ) {
     let referencedBytes = s.referencedBytes
     if json {
       var o = JSONObject()
@@ -155,6 +189,9 @@ struct Snapshot: ParsableCommand {
       o.add("block_size", UInt64(s.header.geometry.blockSize))
       o.add("device_size", s.header.geometry.deviceSize)
       o.add("covered_blocks", s.header.coveredBlocks)
+      o.add("generation", generation?.generation.description)
+      o.add("changes_since", generation.map { $0.changesSince == .unset ? "start" : $0.changesSince.description })
+      o.add("as_of", generation?.asOf.description)
       o.add("encrypted", encrypt)
       o.add("data_blocks", s.dataBlocks)
       o.add("compressed_blocks", s.compressedBlocks)

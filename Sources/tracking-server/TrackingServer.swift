@@ -23,7 +23,7 @@ struct TrackingServer: ParsableCommand {
 
         tracking-server serve --changes disk.changes --socket disk.sock disk.img &
         tracking-server freeze --socket disk.sock --changes-out g0.map
-        snapshot -o media.stream 'nbd+unix:///view?socket=disk.sock'
+        snapshot --as-of g0.map -o media.stream 'nbd+unix:///view?socket=disk.sock'
         tracking-server drop --socket disk.sock
         merge-snapshot --mirror --map mirror.map -i media.stream mirror.img
         tracking-server freeze --socket disk.sock --changes-out g1.map
@@ -32,7 +32,10 @@ struct TrackingServer: ParsableCommand {
         merge-snapshot --mirror --map mirror.map -i catchup.stream mirror.img
 
       Freezing with --changes-out ends the generation at the instant of the \
-      view, so g1.map names exactly the blocks written between the two views.
+      view, so g1.map names exactly the blocks written between the two views; \
+      each saved map records the instant its generation ended, and the \
+      streams made with it say so, so that merge-snapshot refuses a catch-up \
+      that leaves a generation out.
       """,
     subcommands: [Serve.self, Freeze.self, Drop.self, NewGeneration.self, Status.self])
 

@@ -51,6 +51,7 @@ final class EncryptedStreamTests: XCTestCase {
         shape = "E"
         end = e
       case .lineage: shape = "L"
+      case .generation: shape = "G"
       case .sources: shape = "SRC"
       case .reference(let r):
         shape = "R\(r.first)+\(r.count)@\(r.image):\(r.sourceFirst)"

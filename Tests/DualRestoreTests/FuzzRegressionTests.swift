@@ -21,7 +21,9 @@ final class FuzzRegressionTests: XCTestCase {
   /// LZ4 block (`lz4` replaces its payload), a zero run of the last
   /// (partial) block, the END record; and where each record starts. With
   /// `lineage`, a LINEAGE record follows the HEADER.
-  func validStream(lz4: [UInt8]? = nil, lineage: StreamFormat.Lineage? = nil) throws -> (bytes: [UInt8], at: [Int]) {
+  func validStream(
+    lz4: [UInt8]? = nil, lineage: StreamFormat.Lineage? = nil, generation: StreamFormat.Generation? = nil
+  ) throws -> (bytes: [UInt8], at: [Int]) {
     let geometry = try BlockGeometry(blockSize: 4096, deviceSize: 10240)
     let header = StreamFormat.Header(
       geometry: geometry, streamID: ID128(high: 1, low: 2), started: Instant(nanosecondsSinceEpoch: 1),
@@ -34,6 +36,7 @@ final class FuzzRegressionTests: XCTestCase {
     }
     add(.header, StreamFormat.headerBody(header))
     if let lineage { add(.lineage, StreamFormat.lineageBody(lineage)) }
+    if let generation { add(.generation, StreamFormat.generationBody(generation)) }
     add(.data, dataBody(block: 0, length: 4096, encoding: .raw, (0..<4096).map { UInt8($0 % 251) }))
     add(.data, dataBody(block: 1, length: 4096, encoding: .lz4, lz4 ?? compressedZeros()))
     add(.zero, StreamFormat.zeroBody(first: 2, count: 1))
@@ -109,6 +112,32 @@ final class FuzzRegressionTests: XCTestCase {
     let header = 16 + 98 + 4 + 16 + 4
     let lineageAt = 16 + crypto + header
     XCTAssertEqual(Array(sealed[lineageAt..<lineageAt + 8]), le32(6) + le32(48 + 16))
+  }
+
+  static let generation = StreamFormat.Generation(
+    generation: ID128(high: 7, low: 8), changesSince: Instant(nanosecondsSinceEpoch: 2),
+    asOf: Instant(nanosecondsSinceEpoch: 3))
+
+  /// The seeds of a stream with a GENERATION record and of a map with the
+  /// generation fields in fuzz/seeds: built here, accepted by the readers.
+  func testTheGenerationSeedsAreAcceptedByTheReaders() throws {
+    let stream = try validStream(lineage: Self.lineage, generation: Self.generation).bytes
+    XCTAssertNil(FuzzEntryPoints.parseStream(stream))
+    XCTAssertNil(FuzzEntryPoints.checkStream(stream))
+    let map = MapFormat.encode(
+      BlockMap(
+        geometry: try BlockGeometry(blockSize: 512, deviceSize: 10000), meaning: .current, deviceName: "fuzz",
+        mapID: ID128(high: 9, low: 10), trackingStarted: Instant(nanosecondsSinceEpoch: 1),
+        lastMergedStream: ID128(high: 1, low: 2), trackingEnded: Instant(nanosecondsSinceEpoch: 4),
+        mergedAsOf: Instant(nanosecondsSinceEpoch: 3), mergedAsOfGeneration: Self.generation.generation,
+        bits: BlockBitmap(count: 20, words: [0b1011_0000])))
+    XCTAssertNoThrow(try MapFormat.decode(map, name: "seed"))
+    let seeds = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+      .deletingLastPathComponent().appendingPathComponent("fuzz/seeds")
+    for (path, bytes) in [("stream/generation.stream", stream), ("map/generation-fields.map", map)] {
+      let seed = try Data(contentsOf: seeds.appendingPathComponent(path))
+      XCTAssertEqual(Array(seed), bytes, "fuzz/seeds/\(path) is the one built here")
+    }
   }
 
   func testStreamWithBadMagicOrNothing() {

@@ -158,7 +158,10 @@ final class MapFormatTests: XCTestCase {
       let started = Instant(nanosecondsSinceEpoch: Int64(bitPattern: g.next()))
       let map = BlockMap(
         geometry: geometry, meaning: meaning, deviceName: name, mapID: randomID(&g), trackingStarted: started,
-        lastMergedStream: randomID(&g), bits: bitmap(bits))
+        lastMergedStream: randomID(&g),
+        trackingEnded: Instant(nanosecondsSinceEpoch: Int64(g.next() >> 2)),
+        mergedAsOf: Instant(nanosecondsSinceEpoch: Int64(g.next() >> 2)), mergedAsOfGeneration: randomID(&g),
+        bits: bitmap(bits))
       let ctx = "seed \(seed), iteration \(iteration), geometry \(geometry)"
       let encoded = MapFormat.encode(map)
       XCTAssertTrue(MapFormat.looksLikeMap(encoded), ctx)
@@ -170,6 +173,9 @@ final class MapFormatTests: XCTestCase {
       XCTAssertEqual(decoded.mapID, map.mapID, ctx)
       XCTAssertEqual(decoded.lastMergedStream, map.lastMergedStream, ctx)
       XCTAssertEqual(decoded.trackingStarted, started, ctx)
+      XCTAssertEqual(decoded.trackingEnded, map.trackingEnded, ctx)
+      XCTAssertEqual(decoded.mergedAsOf, map.mergedAsOf, ctx)
+      XCTAssertEqual(decoded.mergedAsOfGeneration, map.mergedAsOfGeneration, ctx)
       XCTAssertEqual(decoded.bits, map.bits, ctx)
 
       // The bytes follow the documented layout, with the shorter payload.
@@ -180,11 +186,16 @@ final class MapFormatTests: XCTestCase {
       let payload = encodingByte == 0 ? raw : runs
       if encodingByte == 0 { sawRaw = true } else { sawRuns = true }
       XCTAssertLessThanOrEqual(payload.count, min(raw.count, runs.count), "\(ctx): the writer picks the shorter")
-      let spec = SpecEncoder(
+      var spec = SpecEncoder(
         blockSize: geometry.blockSize, meaning: meaning.rawValue, encoding: encodingByte,
         deviceSize: geometry.deviceSize, blockCount: geometry.blockCount,
         setCount: UInt64(bits.filter { $0 }.count), mapID: map.mapID.bytes, lastMerged: map.lastMergedStream.bytes,
         started: started.nanosecondsSinceEpoch, name: Array(name.utf8), payload: payload)
+      // The generation fields: tracking ended, merged as of, that generation's id.
+      for v in [map.trackingEnded, map.mergedAsOf] {
+        spec.extraHeader += (0..<8).map { UInt8(truncatingIfNeeded: v.nanosecondsSinceEpoch >> (8 * Int64($0))) }
+      }
+      spec.extraHeader += map.mergedAsOfGeneration.bytes
       XCTAssertEqual(encoded, spec.bytes(), "\(ctx): bytes differ from the documented layout")
       // And the decoder reads the other encoding as well.
       var other = spec
@@ -225,8 +236,9 @@ final class MapFormatTests: XCTestCase {
     let map = BlockMap(geometry: geometry, deviceName: "alt", bits: bitmap(bits))
     let encoded = MapFormat.encode(map)
     XCTAssertEqual(encoded[21], 0, "alternating bits should be stored raw")
-    // Raw payload: ceil(1001 / 64) words; header 90 + name; 8-byte length; checksum.
-    XCTAssertEqual(encoded.count, 90 + 3 + 8 + (1001 + 63) / 64 * 8 + 32)
+    // Raw payload: ceil(1001 / 64) words; header 90 + name + 32 (the
+    // generation fields); 8-byte length; checksum.
+    XCTAssertEqual(encoded.count, 90 + 3 + 32 + 8 + (1001 + 63) / 64 * 8 + 32)
     XCTAssertEqual(try MapFormat.decode(encoded, name: "alt"), map)
   }
 
@@ -396,7 +408,7 @@ final class MapFormatTests: XCTestCase {
     assertThrows(try MapFormat.decode(patched(88, 100, 2), name: "m"))
     assertThrows(try MapFormat.decode(patched(88, 5000, 2), name: "m"))
     // Payload length not matching the file.
-    let headerLength = 90 + "/dev/vdb".utf8.count
+    let headerLength = 90 + "/dev/vdb".utf8.count + 32
     assertThrows(try MapFormat.decode(patched(headerLength, 1, 8), name: "m"), containing: ["payload length"])
   }
 
@@ -442,6 +454,39 @@ final class MapFormatTests: XCTestCase {
     XCTAssertEqual(decoded.deviceName, "dev")
     XCTAssertEqual(decoded.meaning, .differs)
     XCTAssertEqual(decoded.bits.population, 100)
+    // Fewer than the 32 bytes of the generation fields: they read as unset.
+    XCTAssertEqual(decoded.trackingEnded, .unset)
+    XCTAssertEqual(decoded.mergedAsOf, .unset)
+    XCTAssertEqual(decoded.mergedAsOfGeneration, .none)
+  }
+
+  func testTheGenerationFieldsFollowTheNameAndOlderMapsHaveNone() throws {
+    let geometry = try BlockGeometry(blockSize: 512, deviceSize: 100 * 512)
+    let generation = ID128.random()
+    func le(_ v: Int64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: v >> (8 * Int64($0))) } }
+    // By the table: tracking ended, merged as of, the generation's id, then bytes ignored.
+    var spec = SpecEncoder(
+      blockSize: 512, meaning: 1, encoding: 1, deviceSize: geometry.deviceSize, blockCount: 100, setCount: 0,
+      mapID: ID128.random().bytes, lastMerged: ID128.random().bytes, started: 5, name: Array("dev".utf8),
+      payload: [100])
+    spec.extraHeader = le(1_700_000_000_000_000_001) + le(1_700_000_000_000_000_002) + generation.bytes + [9, 9]
+    let m = try MapFormat.decode(spec.bytes(), name: "spec")
+    XCTAssertEqual(m.trackingEnded.nanosecondsSinceEpoch, 1_700_000_000_000_000_001)
+    XCTAssertEqual(m.mergedAsOf.nanosecondsSinceEpoch, 1_700_000_000_000_000_002)
+    XCTAssertEqual(m.mergedAsOfGeneration, generation)
+    // The encoder writes the same fields at the same place (H = 90 + N + 32), and reads them back.
+    let encoded = MapFormat.encode(m)
+    XCTAssertEqual(Array(encoded[12..<16]), [UInt8(90 + 3 + 32), 0, 0, 0])
+    XCTAssertEqual(Array(encoded[93..<125]), Array(spec.extraHeader.prefix(32)))
+    XCTAssertEqual(try MapFormat.decode(encoded, name: "again"), m)
+    // An instant before 1970 is refused.
+    spec.extraHeader = le(-1) + le(0) + ID128.none.bytes
+    assertThrows(try MapFormat.decode(spec.bytes(), name: "m"), containing: ["before 1970"])
+    // A map of an older build (H = 90 + N) has none: unset.
+    spec.extraHeader = []
+    let old = try MapFormat.decode(spec.bytes(), name: "old")
+    XCTAssertEqual(old.trackingEnded, .unset)
+    XCTAssertEqual(old.mergedAsOf, .unset)
   }
 
   // MARK: Files

@@ -28,6 +28,7 @@ final class StreamParserTests: XCTestCase {
     case zero(first: UInt64, count: UInt64)
     case end(StreamFormat.End)
     case lineage(StreamFormat.Lineage)
+    case generation(StreamFormat.Generation)
     case sources(StreamFormat.Sources)
     case reference(first: UInt64, count: Int, image: Int, sourceFirst: UInt64, digests: [UInt8])
     case skipped(UInt16)
@@ -41,6 +42,7 @@ final class StreamParserTests: XCTestCase {
       case .zero(let first, let count): self = .zero(first: first, count: count)
       case .end(let e): self = .end(e)
       case .lineage(let l): self = .lineage(l)
+      case .generation(let g): self = .generation(g)
       case .sources(let s): self = .sources(s)
       case .reference(let r):
         self = .reference(
@@ -57,6 +59,7 @@ final class StreamParserTests: XCTestCase {
       case .zero(let f, let c): return "zero(\(f), \(c))"
       case .end(let e): return "end(\(e.dataBlocks), \(e.zeroBlocks), \(e.bytes), \(e.records))"
       case .lineage(let l): return "lineage(\(l.standsFor))"
+      case .generation(let g): return "generation(\(g.generation))"
       case .sources(let s): return "sources(\(s.images.count) images, \(s.digestName))"
       case .reference(let f, let c, let i, let s, _): return "reference(\(f), \(c), image \(i) from \(s))"
       case .skipped(let t): return "skipped(\(t))"
@@ -72,6 +75,7 @@ final class StreamParserTests: XCTestCase {
       case .header: return "H"
       case .end: return "E"
       case .lineage: return "L"
+      case .generation: return "G"
       case .sources: return "SRC"
       case .reference(let f, let c, let i, let s, _): return "R\(f)+\(c)@\(i):\(s)"
       case .skipped(let t): return "S\(t)"
@@ -855,8 +859,8 @@ final class StreamParserTests: XCTestCase {
     assertRefused(
       start + Self.record(type: 77, flags: 1, seq: 1, body: [1, 2, 3]),
       ["record 1 at byte \(start.count)", "type 77", "critical"], records: 2)
-    let skipped2 = parse(start + Self.record(type: 9, flags: 0x8000, seq: 1, body: []))
-    XCTAssertEqual(skipped2.records.map(\.shape), ["P", "H", "S9"])
+    let skipped2 = parse(start + Self.record(type: 79, flags: 0x8000, seq: 1, body: []))
+    XCTAssertEqual(skipped2.records.map(\.shape), ["P", "H", "S79"])
     XCTAssertTrue(skipped2.error?.contains("truncated") ?? false, "no END yet: \(skipped2.error ?? "")")
     XCTAssertFalse(skipped2.error?.contains("critical") ?? true)
     // Even an unknown record needs the HEADER first.

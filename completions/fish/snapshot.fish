@@ -20,7 +20,7 @@ function __snapshot_parse_tokens -S
     set -l unparsed_tokens (__snapshot_tokens -pc)
     switch $unparsed_tokens[1]
     case 'snapshot'
-        __snapshot_parse_subcommand 1 'map=' 'have=+' 'block-size=' 'o/output=' 'base=' 'no-compress' 'encrypt' 'key-file=' 'passphrase-file=' 'threads=' 'direct' 'progress' 'q/quiet' 'json' 'h/help'
+        __snapshot_parse_subcommand 1 'map=' 'have=+' 'as-of=' 'block-size=' 'o/output=' 'base=' 'no-compress' 'encrypt' 'key-file=' 'passphrase-file=' 'threads=' 'direct' 'progress' 'q/quiet' 'json' 'h/help'
         switch $unparsed_tokens[1]
         case 'help'
             __snapshot_parse_subcommand -r 1 
@@ -79,6 +79,7 @@ end
 complete -c 'snapshot' -f
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" map' -l 'map' -d 'Carry only the blocks set in this map (- for standard input).' -rfka ''
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot"' -l 'have' -d 'A signature of content the receiver holds; blocks it has are sent as references (repeatable).' -rfka ''
+complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" as-of' -l 'as-of' -d 'The change map saved when SOURCE, a frozen view, was frozen: the stream is the device as of its end.' -rfka ''
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" block-size' -l 'block-size' -d 'Block size: a power of two from 512 to 64M (K, M: powers of 1024).' -rfka ''
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" o output' -l 'output' -s 'o' -d 'Write the stream to this file instead of standard output.' -rfka ''
 complete -c 'snapshot' -n '__snapshot_should_offer_completions_for_flags_or_options "snapshot" base' -l 'base' -d 'Mark the stream incremental on top of this stream id (32 hex digits).' -rfka ''

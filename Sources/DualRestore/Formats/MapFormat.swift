@@ -19,7 +19,16 @@
 //   80      8     tracking started: ns since 1970-01-01T00:00:00Z (0: unset)
 //   88      2     device name length N (at most 4096)
 //   90      N     device name, UTF-8 (for people: a path or URI)
-//   90+N    ...   zero or more bytes up to H that this version ignores
+//   90+N    32    the generation fields, when H reaches 122+N (older maps
+//                 end their header at 90+N: the fields then read as 0):
+//   90+N    8       tracking ended: ns, the instant a change map's generation
+//                   ended, the next one's start (0: still running, unknown)
+//   98+N    8       merged as of: ns, the instant the device's contents were
+//                   cut at, as the last merged stream's GENERATION record
+//                   says (0: unknown)
+//   106+N   16      the generation that ended then: the id of the change
+//                   map that selected that stream (zeros: unknown)
+//   122+N   ...   zero or more bytes up to H that this version ignores
 //   H       8     payload length P
 //   H+8     P     payload
 //   H+8+P   32    SHA-256 of every byte before it
@@ -37,6 +46,8 @@ public enum MapFormat {
   public static let maximumNameLength = 4096
   static let fixedHeaderLength = 90
   static let checksumLength = 32
+  /// The generation fields after the device name.
+  static let generationFieldsLength = 32
 
   enum Encoding: UInt8 {
     case raw = 0
@@ -70,6 +81,9 @@ public enum MapFormat {
     header.id(map.lastMergedStream)
     header.i64(map.trackingStarted.nanosecondsSinceEpoch)
     header.string16(map.deviceName, limit: maximumNameLength)
+    header.i64(map.trackingEnded.nanosecondsSinceEpoch)
+    header.i64(map.mergedAsOf.nanosecondsSinceEpoch)
+    header.id(map.mergedAsOfGeneration)
     // The name may have been cut at a character boundary: fix H.
     let h = UInt32(header.bytes.count)
     for i in 0..<4 { header.bytes[12 + i] = UInt8(truncatingIfNeeded: h >> (8 * UInt32(i))) }
@@ -164,6 +178,15 @@ public enum MapFormat {
       let nameBytes = r.take(Int(nameLength))
     else { throw fail("device name length \(nameLength) is out of range") }
     let deviceName = String(decoding: nameBytes, as: UTF8.self)
+    // The generation fields, when the header reaches past them.
+    var ended: Int64 = 0
+    var mergedAsOf: Int64 = 0
+    var mergedAsOfGeneration = ID128.none
+    if fixedHeaderLength + Int(nameLength) + generationFieldsLength <= Int(headerLength) {
+      guard let e = r.i64(), let m = r.i64(), let g = r.id() else { throw fail("truncated map header") }
+      guard e >= 0, m >= 0 else { throw fail("an instant of the generation fields is before 1970") }
+      (ended, mergedAsOf, mergedAsOfGeneration) = (e, m, g)
+    }
 
     var p = ByteReader(body[Int(headerLength)...])
     guard let payloadLength = p.u64(), payloadLength == UInt64(p.remaining) else {
@@ -177,7 +200,8 @@ public enum MapFormat {
     return BlockMap(
       geometry: geometry, meaning: meaning, deviceName: deviceName, mapID: mapID,
       trackingStarted: Instant(nanosecondsSinceEpoch: started), lastMergedStream: lastMerged,
-      bits: bits)
+      trackingEnded: Instant(nanosecondsSinceEpoch: ended), mergedAsOf: Instant(nanosecondsSinceEpoch: mergedAsOf),
+      mergedAsOfGeneration: mergedAsOfGeneration, bits: bits)
   }
 
   static func decodePayload(

@@ -40,12 +40,22 @@ public struct BlockMap: Equatable, Sendable {
   public var trackingStarted: Instant
   /// The id of the last block stream merged into the device, or `.none`.
   public var lastMergedStream: ID128
+  /// A change map saved at its generation's end: the instant it ended,
+  /// which is the next generation's start (`.unset`: still running).
+  public var trackingEnded: Instant
+  /// The instant the device's contents were cut at, as the last merged
+  /// stream's GENERATION record says (`.unset`: unknown). An incremental
+  /// stream whose changes start later left a generation out.
+  public var mergedAsOf: Instant
+  /// The generation (change map id) that ended at `mergedAsOf`, or `.none`.
+  public var mergedAsOfGeneration: ID128
   public var bits: BlockBitmap
 
   public init(
     geometry: BlockGeometry, meaning: MapMeaning = .current, deviceName: String = "",
     mapID: ID128 = .random(), trackingStarted: Instant = .now(),
-    lastMergedStream: ID128 = .none, bits: BlockBitmap? = nil
+    lastMergedStream: ID128 = .none, trackingEnded: Instant = .unset, mergedAsOf: Instant = .unset,
+    mergedAsOfGeneration: ID128 = .none, bits: BlockBitmap? = nil
   ) {
     self.geometry = geometry
     self.meaning = meaning
@@ -53,6 +63,9 @@ public struct BlockMap: Equatable, Sendable {
     self.mapID = mapID
     self.trackingStarted = trackingStarted
     self.lastMergedStream = lastMergedStream
+    self.trackingEnded = trackingEnded
+    self.mergedAsOf = mergedAsOf
+    self.mergedAsOfGeneration = mergedAsOfGeneration
     self.bits = bits ?? BlockBitmap(count: geometry.blockCount)
     precondition(self.bits.count == geometry.blockCount)
   }

@@ -30,6 +30,7 @@ extension BlockMap {
     }
     return BlockMap(
       geometry: target, meaning: meaning, deviceName: deviceName, mapID: .random(),
-      trackingStarted: trackingStarted, lastMergedStream: lastMergedStream, bits: bits)
+      trackingStarted: trackingStarted, lastMergedStream: lastMergedStream, trackingEnded: trackingEnded,
+      mergedAsOf: mergedAsOf, mergedAsOfGeneration: mergedAsOfGeneration, bits: bits)
   }
 }

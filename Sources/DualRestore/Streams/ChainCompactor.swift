@@ -14,6 +14,8 @@
 //   the largest record, and one output buffer; nothing per block.
 // - The new stream's instant is the newest stream's: it holds the device as
 //   it was then, and a merge checks that instant against the target's map.
+//   When the newest stream has a GENERATION record, the new one has one
+//   too: every write, as of that stream's "as of".
 
 import CShim
 import Glibc
@@ -31,6 +33,8 @@ extension StreamChain {
     public var seconds: Double = 0
     /// The LINEAGE record the new stream carries.
     public var lineage: StreamFormat.Lineage? = nil
+    /// The GENERATION record it carries: the chain end's instant, when it has one.
+    public var generation: StreamFormat.Generation? = nil
   }
 
   /// Writes the chain's end to `sink` as one full stream, encrypted with
@@ -53,9 +57,16 @@ extension StreamChain {
       standsForStarted: end.lineage?.standsForStarted ?? end.header.started,
       firstCompacted: first.lineage?.firstCompacted ?? first.header.streamID,
       compactedCount: streams.reduce(0) { $0 + ($1.lineage?.compactedCount ?? 1) })
-    let emitter = try RecordEmitter(header: header, lineage: lineage, sink: sink, encryption: encryption)
+    // It holds every write up to the instant the chain's end was cut at,
+    // when that stream says (its GENERATION record): the device as of then.
+    let generation = end.generation.map {
+      StreamFormat.Generation(generation: $0.generation, changesSince: .unset, asOf: $0.asOf)
+    }
+    let emitter = try RecordEmitter(
+      header: header, lineage: lineage, generation: generation, sink: sink, encryption: encryption)
     var summary = CompactionSummary(header: header, recordsFrom: Array(repeating: 0, count: streams.count))
     summary.lineage = lineage
+    summary.generation = generation
     let scratch = ChainReaderScratch(streams: streams.count)
     let meter = ProgressMeter(label: "compact", total: geometry.deviceSize, enabled: progress)
     var zeroStart: UInt64 = 0
@@ -175,7 +186,8 @@ final class RecordEmitter: @unchecked Sendable {
   private let tagLength: Int
 
   init(
-    header: StreamFormat.Header, lineage: StreamFormat.Lineage?, sink: OutputSink, encryption: StreamSecret?
+    header: StreamFormat.Header, lineage: StreamFormat.Lineage?, generation: StreamFormat.Generation? = nil,
+    sink: OutputSink, encryption: StreamSecret?
   ) throws {
     if let lineage {
       // The parser's own checks, so that no stream is written that a reader refuses.
@@ -187,7 +199,7 @@ final class RecordEmitter: @unchecked Sendable {
     let sealed = try encryption.map { try StreamCrypto.seal($0) }
     cipher = sealed?.cipher
     tagLength = sealed == nil ? 0 : StreamCrypto.tagLength
-    let head = StreamFormat.head(header, lineage: lineage, encryption: sealed)
+    let head = StreamFormat.head(header, lineage: lineage, generation: generation, encryption: sealed)
     for record in head.records { try put(record) }
     sequence = head.nextSequence
   }

@@ -14,6 +14,12 @@
 //   (a compaction) is recorded as the stream it stands for, whose end it
 //   equals, so that the incremental that followed that stream merges next;
 //   its time check takes the earlier of its own instant and that stream's.
+// - Continuity: the map records the instant the last merged stream's
+//   contents were cut at (its GENERATION record's "as of"), with the last
+//   merged stream. An incremental stream whose changes start later left a
+//   generation out: it is refused before anything is written (--force
+//   merges it with a warning). A stream without the record is not checked,
+//   and its merge leaves the instant unknown.
 // - A reference (a version 2 stream) is written only from content whose
 //   digest was checked (ReferenceResolver): taken from the target itself,
 //   from what the merge kept of the target's blocks before overwriting
@@ -67,6 +73,8 @@ public enum Merger {
     public var header: StreamFormat.Header?
     /// The stream's LINEAGE record: it was recorded as `lineage.standsFor`.
     public var lineage: StreamFormat.Lineage?
+    /// The stream's GENERATION record: the writes it carries, as of when.
+    public var generation: StreamFormat.Generation?
     public var written: UInt64 = 0
     public var skippedCurrent: UInt64 = 0
     /// The stream's SOURCES record (version 2).
@@ -117,13 +125,22 @@ public enum Merger {
     }
     guard let header else { throw ToolkitError("\(reader.name): no header") }
     summary.header = header
-    // A LINEAGE record can only come right after the header; it changes the
-    // checks and what is recorded, so look before anything is decided. The
-    // record read instead is the first the loop below takes (nothing reads
-    // between, so its payload stays where it is).
-    var held: StreamParser.Record?
-    if let record = try reader.next() {
-      if case .lineage(let l) = record { summary.lineage = l } else { held = record }
+    // The LINEAGE, SOURCES and GENERATION records come before any block;
+    // they change the checks and what is recorded, so look before anything
+    // is decided. The records read past them are the first the loop below
+    // takes: a SOURCES record (a value), then at most one other, the last
+    // read (nothing reads between, so its payload stays where it is).
+    var held: [StreamParser.Record] = []
+    peeking: while let record = try reader.next() {
+      switch record {
+      case .lineage(let l): summary.lineage = l
+      case .generation(let g): summary.generation = g
+      case .skipped: continue
+      case .sources: held.append(record)
+      default:
+        held.append(record)
+        break peeking
+      }
     }
     // What the checks and the map see: a compaction is the stream it stands
     // for, and its blocks may be as old as that stream's start.
@@ -197,7 +214,11 @@ public enum Merger {
         if !options.mirror {
           for range in pending { m.bits.set(range) }
         }
-        if final && summary.complete { m.lastMergedStream = admitted.streamID }
+        if final && summary.complete {
+          m.lastMergedStream = admitted.streamID
+          m.mergedAsOf = summary.generation?.asOf ?? .unset
+          m.mergedAsOfGeneration = summary.generation?.generation ?? .none
+        }
         try MapFile.save(m, to: mapPath)
         map = m
       }
@@ -207,8 +228,7 @@ public enum Merger {
     }
 
     func takeHeld() -> StreamParser.Record? {
-      defer { held = nil }
-      return held
+      held.isEmpty ? nil : held.removeFirst()
     }
 
     let holdsBack = !options.mirror
@@ -231,7 +251,7 @@ public enum Merger {
     do {
       while let record = try takeHeld() ?? reader.next() {
         switch record {
-        case .preamble, .header, .lineage, .skipped:
+        case .preamble, .header, .lineage, .generation, .skipped:
           continue
         case .sources(let sources):
           summary.sources = sources
@@ -400,10 +420,28 @@ public enum Merger {
     let problems = map.problems(
       admittingStreamStarted: header.started, base: header.isIncremental ? header.baseStreamID : .none,
       clockSkew: options.clockSkewAllowance, checkTime: !options.mirror)
-    for message in problems {
+    for message in problems + continuityProblems(header, summary.generation, map: map, name: reader.name) {
       if !options.force { throw ToolkitError(message + " (--force merges it anyway)") }
       warn("warning: " + message)
     }
+  }
+
+  /// An incremental stream whose changes start after the instant the map's
+  /// device is as of left out the writes between: a generation whose
+  /// stream was never made or merged.
+  static func continuityProblems(
+    _ header: StreamFormat.Header, _ generation: StreamFormat.Generation?, map: BlockMap, name: String
+  ) -> [String] {
+    guard header.isIncremental, let g = generation, g.changesSince != .unset, map.mergedAsOf != .unset,
+      g.changesSince > map.mergedAsOf
+    else { return [] }
+    let ended = map.mergedAsOfGeneration.isNone ? "" : " (the end of generation \(map.mergedAsOfGeneration))"
+    let starts = g.generation.isNone ? "" : " (the start of generation \(g.generation))"
+    return [
+      "\(name) carries the writes since \(g.changesSince)\(starts), but the map's device is as of "
+        + "\(map.mergedAsOf)\(ended): the writes from \(map.mergedAsOf) to \(g.changesSince), at least one "
+        + "generation, are in neither; merge the stream of the generation left out first"
+    ]
   }
 }
 

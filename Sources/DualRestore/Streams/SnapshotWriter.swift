@@ -42,6 +42,9 @@ public enum SnapshotWriter {
     /// saying which stream's end this full stream equals. Only for a full
     /// stream (no `baseStreamID`).
     public var lineage: StreamFormat.Lineage?
+    /// The GENERATION record written before the blocks: the tracking
+    /// generations the stream carries, so a merge can tell one left out.
+    public var generation: StreamFormat.Generation?
     /// What the receiver holds: blocks whose content it has are referenced.
     public var have: SignatureIndex?
 
@@ -195,8 +198,12 @@ public enum SnapshotWriter {
       let body = StreamFormat.lineageBody(lineage)
       try body.withUnsafeBytes { _ = try StreamFormat.decodeLineage($0, header: header) }
     }
+    if let generation = options.generation {
+      try StreamFormat.generationBody(generation).withUnsafeBytes { _ = try StreamFormat.decodeGeneration($0) }
+    }
     let framer = try RecordFramer(
-      header: header, lineage: options.lineage, sources: sources, index: index, version: version, sink: sink,
+      header: header, lineage: options.lineage, generation: options.generation, sources: sources, index: index,
+      version: version, sink: sink,
       encryption: try options.encryption.map { try StreamCrypto.seal($0, version: version) })
 
     // The writer stage runs on its own thread, one chunk behind the
@@ -361,8 +368,9 @@ final class RecordFramer: @unchecked Sendable {
   let runDigests: AlignedBuffer
 
   init(
-    header: StreamFormat.Header, lineage: StreamFormat.Lineage? = nil, sources: StreamFormat.Sources? = nil,
-    index: SignatureIndex? = nil, version: UInt16 = StreamFormat.version, sink: OutputSink,
+    header: StreamFormat.Header, lineage: StreamFormat.Lineage? = nil, generation: StreamFormat.Generation? = nil,
+    sources: StreamFormat.Sources? = nil, index: SignatureIndex? = nil, version: UInt16 = StreamFormat.version,
+    sink: OutputSink,
     encryption: (cryptoBody: [UInt8], cipher: RecordCipher)? = nil
   ) throws {
     self.sink = sink
@@ -376,7 +384,7 @@ final class RecordFramer: @unchecked Sendable {
     cipher = encryption?.cipher
     tagLength = encryption == nil ? 0 : StreamCrypto.tagLength
     let head = StreamFormat.head(
-      header, lineage: lineage, sources: sources, version: version, encryption: encryption)
+      header, lineage: lineage, sources: sources, generation: generation, version: version, encryption: encryption)
     for record in head.records { try emit(record) }
     sequence = head.nextSequence
   }
@@ -585,10 +593,12 @@ final class RecordFramer: @unchecked Sendable {
 
 extension StreamFormat {
   /// The records a stream starts with, in order: the preamble, the CRYPTO
-  /// record of an encrypted stream, the HEADER and a LINEAGE record (sealed
-  /// when encrypted); and the sequence number of the record after them.
+  /// record of an encrypted stream, the HEADER, and the LINEAGE, SOURCES and
+  /// GENERATION records a stream has (sealed when encrypted); and the
+  /// sequence number of the record after them.
   static func head(
-    _ header: Header, lineage: Lineage?, sources: Sources? = nil, version: UInt16 = StreamFormat.version,
+    _ header: Header, lineage: Lineage?, sources: Sources? = nil, generation: Generation? = nil,
+    version: UInt16 = StreamFormat.version,
     encryption: (cryptoBody: [UInt8], cipher: RecordCipher)?
   ) -> (records: [[UInt8]], nextSequence: UInt64) {
     var records: [[UInt8]] = []
@@ -609,6 +619,7 @@ extension StreamFormat {
     add(.header, headerBody(header))
     if let lineage { add(.lineage, lineageBody(lineage)) }
     if let sources { add(.sources, sourcesBody(sources)) }
+    if let generation { add(.generation, generationBody(generation)) }
     return (records, sequence)
   }
 

@@ -25,6 +25,8 @@ public final class StoredStream: Sendable {
   public let header: StreamFormat.Header
   /// The LINEAGE record of a compacted stream.
   public let lineage: StreamFormat.Lineage?
+  /// The GENERATION record, when the stream has one.
+  public let generation: StreamFormat.Generation?
   public let index: StreamIndexFormat.Index
   /// The cipher of an encrypted stream, as opened from its CRYPTO record;
   /// readers take their own with `another()`.
@@ -46,6 +48,8 @@ public final class StoredStream: Sendable {
     public let header: StreamFormat.Header
     public let lineage: StreamFormat.Lineage?
     let cipher: RecordCipher?
+    /// The GENERATION record: the writes the stream carries, as of when.
+    public var generation: StreamFormat.Generation? = nil
     /// The stream whose end this one's stands for besides its own (zeros: none).
     public var standsFor: ID128 { lineage?.standsFor ?? .none }
   }
@@ -71,6 +75,7 @@ public final class StoredStream: Sendable {
     self.name = name
     header = head.header
     lineage = head.lineage
+    generation = head.generation
     cipher = head.cipher
     let endCRC = try StoredStream.endCRC(source, name: name)
 
@@ -115,10 +120,17 @@ public final class StoredStream: Sendable {
   }
 
   /// The preamble, the CRYPTO record of an encrypted stream, the HEADER and
-  /// a LINEAGE record after it, parsed from the first bytes of the stream.
+  /// the LINEAGE and GENERATION records after it, parsed from the first
+  /// bytes of the stream.
   public static func readHead(_ source: BlockDevice, name: String, secret: StreamSecret?) throws -> Head {
     var parser = StreamParser(secret: secret)
     var want = Int(min(source.size, 16 << 10))
+    // The types read here after the HEADER; any other record is the first
+    // of the blocks.
+    func isHead(_ rest: UnsafeRawBufferPointer) -> Bool {
+      let type = rest.loadUnaligned(as: UInt16.self).littleEndian
+      return type == StreamFormat.RecordType.lineage.rawValue || type == StreamFormat.RecordType.generation.rawValue
+    }
     while true {
       let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: max(want, 1), alignment: 16)
       defer { bytes.deallocate() }
@@ -128,24 +140,25 @@ public final class StoredStream: Sendable {
       var used = 0
       do {
         var header: StreamFormat.Header?
+        var lineage: StreamFormat.Lineage?
+        func head(_ generation: StreamFormat.Generation? = nil) -> Head? {
+          guard let header else { return nil }
+          var h = Head(header: header, lineage: lineage, cipher: parser.recordCipher)
+          h.generation = generation
+          return h
+        }
         while true {
           let rest = UnsafeRawBufferPointer(rebasing: window[used...])
-          // After the HEADER only a LINEAGE record is parsed here: any other
-          // record is the first of the blocks, checked when it is read (a
-          // damaged one fails its own blocks, not the whole stream).
-          if let header, rest.count >= 2,
-            rest.loadUnaligned(as: UInt16.self).littleEndian != StreamFormat.RecordType.lineage.rawValue
-          {
-            return Head(header: header, lineage: nil, cipher: parser.recordCipher)
-          }
+          // After the HEADER only LINEAGE and GENERATION records are parsed
+          // here: any other record is the first of the blocks, checked when
+          // it is read (a damaged one fails its own blocks, not the whole
+          // stream).
+          if rest.count >= 2, !isHead(rest), let h = head() { return h }
           guard let (record, consumed) = try parser.next(rest) else {
-            // The record after the HEADER is not all here: a LINEAGE record
-            // (small) is read whole below; any other record says there is none.
-            if let header, rest.count >= 2,
-              rest.loadUnaligned(as: UInt16.self).littleEndian != StreamFormat.RecordType.lineage.rawValue
-            {
-              return Head(header: header, lineage: nil, cipher: parser.recordCipher)
-            }
+            // The record after the HEADER is not all here: a LINEAGE or
+            // GENERATION record (small) is read whole below; any other
+            // record says there is none.
+            if rest.count >= 2, !isHead(rest), let h = head() { return h }
             break
           }
           used += consumed
@@ -153,12 +166,13 @@ public final class StoredStream: Sendable {
           case .header(let h):
             guard parser.formatVersion == StreamFormat.version else { throw StoredStream.referencesRefused }
             header = h
-          case .lineage(let l):
-            // The parser takes a LINEAGE record only right after the HEADER.
-            if let header { return Head(header: header, lineage: l, cipher: parser.recordCipher) }
+          // The parser takes a LINEAGE record only right after the HEADER,
+          // and a GENERATION record after it, before any block.
+          case .lineage(let l): lineage = l
+          case .generation(let g): if let h = head(g) { return h }
           case .preamble, .skipped: break
           default:
-            if let header { return Head(header: header, lineage: nil, cipher: parser.recordCipher) }
+            if let h = head() { return h }
           }
         }
         if want == Int(source.size) { try parser.finish(leftover: want - used) }
@@ -220,7 +234,7 @@ public final class StoredStream: Sendable {
         zero += count
       case .lineage(let l): standsFor = l.standsFor
       case .sources, .reference: throw ToolkitError("\(name): \(StoredStream.referencesRefused.message)")
-      case .preamble, .end, .skipped: break
+      case .preamble, .end, .generation, .skipped: break
       }
     }
     guard let header else { throw ToolkitError("\(name): the stream has no HEADER record") }

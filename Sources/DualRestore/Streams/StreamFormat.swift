@@ -54,7 +54,18 @@
 //     compacted, at least 1 (1: the first is the one stood for);
 //     44 4 reserved, 0. A reader that does not know it skips it and merges
 //     the stream as the plain full stream it is.
-//
+//   9 GENERATION, not critical, at most once, after the HEADER (and the
+//     LINEAGE and SOURCES records a stream has), before any block record
+//     (L = 40): which tracking generations the stream carries, so that a
+//     merge can tell a catch-up that leaves one out.
+//     0 16 id of the change map whose generation ended at "as of": the map
+//     that selected the blocks, or for a full stream the map saved when its
+//     view was frozen (zeros: none); 16 8 changes since, ns: that map's
+//     tracking start, the earliest write the stream carries (0: every
+//     write, a full stream); 24 8 as of, ns: the instant the carried
+//     contents were cut at, the generation's end (not 0, not before
+//     "changes since"); 32 8 reserved, 0. A reader that does not know it
+//     skips it.
 //
 // Version 2 adds two critical types, for a stream that names content the
 // receiver already holds instead of carrying it (`snapshot --have`); a
@@ -104,6 +115,7 @@ public enum StreamFormat {
   /// block is larger).
   public static let maximumReferenceRunBytes = 8 << 20
   package static let lineageBodyLength = 48
+  package static let generationBodyLength = 40
 
   public enum RecordType: UInt16, Sendable {
     case header = 1
@@ -114,10 +126,11 @@ public enum StreamFormat {
     case lineage = 6
     case sources = 7
     case reference = 8
+    case generation = 9
 
     /// Whether a reader that does not know the type must stop: every type
-    /// but LINEAGE, which only adds to what a full stream already is.
-    public var isCritical: Bool { self != .lineage }
+    /// but LINEAGE and GENERATION, which only add to what a stream is.
+    public var isCritical: Bool { self != .lineage && self != .generation }
   }
 
   public static let criticalFlag: UInt16 = 1
@@ -182,6 +195,24 @@ public enum StreamFormat {
       self.standsForStarted = standsForStarted
       self.firstCompacted = firstCompacted
       self.compactedCount = compactedCount
+    }
+  }
+
+  /// What a GENERATION record says: the stream carries the writes since
+  /// `changesSince` (all of them when `.unset`), the device as it was at
+  /// `asOf`, when generation `generation` ended.
+  public struct Generation: Equatable, Hashable, Sendable {
+    /// The change map whose generation ended at `asOf`, or `.none`.
+    public var generation: ID128
+    /// That generation's tracking start (`.unset`: every write, a full stream).
+    public var changesSince: Instant
+    /// The instant the carried contents were cut at.
+    public var asOf: Instant
+
+    public init(generation: ID128, changesSince: Instant, asOf: Instant) {
+      self.generation = generation
+      self.changesSince = changesSince
+      self.asOf = asOf
     }
   }
 
@@ -301,6 +332,15 @@ public enum StreamFormat {
     w.id(l.firstCompacted)
     w.u32(l.compactedCount)
     w.u32(0)
+    return w.bytes
+  }
+
+  public static func generationBody(_ g: Generation) -> [UInt8] {
+    var w = ByteWriter()
+    w.id(g.generation)
+    w.i64(g.changesSince.nanosecondsSinceEpoch)
+    w.i64(g.asOf.nanosecondsSinceEpoch)
+    w.u64(0)
     return w.bytes
   }
 
@@ -437,6 +477,27 @@ public enum StreamFormat {
     return Lineage(
       standsFor: standsFor, standsForStarted: Instant(nanosecondsSinceEpoch: started), firstCompacted: first,
       compactedCount: count)
+  }
+
+  /// The GENERATION body, checked on its own (its place in the stream is
+  /// the parser's to check); the sentence says why not.
+  static func decodeGeneration(_ body: UnsafeRawBufferPointer) throws(ToolkitError) -> Generation {
+    guard body.count == generationBodyLength else {
+      throw ToolkitError("GENERATION record has \(body.count) bytes, not \(generationBodyLength)")
+    }
+    var r = ByteReader(ArraySlice(body))
+    guard let id = r.id(), let since = r.i64(), let asOf = r.i64(), let reserved = r.u64() else {
+      throw ToolkitError("GENERATION record is too short")
+    }
+    guard reserved == 0 else { throw ToolkitError("GENERATION record has reserved bytes that are not zero") }
+    guard asOf > 0 else { throw ToolkitError("GENERATION record gives no instant the stream is as of") }
+    guard since >= 0, since <= asOf else {
+      throw ToolkitError(
+        "GENERATION record says the changes since \(Instant(nanosecondsSinceEpoch: since)) are as of "
+          + "\(Instant(nanosecondsSinceEpoch: asOf)), which is before they started")
+    }
+    return Generation(
+      generation: id, changesSince: Instant(nanosecondsSinceEpoch: since), asOf: Instant(nanosecondsSinceEpoch: asOf))
   }
 
   static func decodeEnd(_ body: UnsafeRawBufferPointer, version: UInt16 = StreamFormat.version) -> End? {

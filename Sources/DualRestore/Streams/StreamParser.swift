@@ -11,7 +11,9 @@
 // known types the body's size and fields. A LINEAGE record is checked like
 // any known type (size, fields, at most once, right after the HEADER, only
 // in a full stream, not naming the stream itself), though it is not
-// critical: a reader that does not know it skips it.
+// critical: a reader that does not know it skips it. So is a GENERATION
+// record (at most once, after the HEADER, LINEAGE and SOURCES records,
+// before any block record).
 //
 // An encrypted stream (preamble flag bit 0) is opened with the secret given
 // to `init(secret:)`: its CRYPTO record is checked against the key, and each
@@ -38,6 +40,8 @@ public struct StreamParser {
     case lineage(StreamFormat.Lineage)
     /// The images a version 2 stream's references point into; once, before any block.
     case sources(StreamFormat.Sources)
+    /// The tracking generations the stream carries; once, before any block.
+    case generation(StreamFormat.Generation)
     /// A run of blocks whose content the receiver holds; `digests` points
     /// into the caller's bytes, as a DATA payload does.
     case reference(StreamFormat.Reference)
@@ -54,6 +58,8 @@ public struct StreamParser {
   public private(set) var header: StreamFormat.Header?
   /// The LINEAGE record's, once seen.
   public private(set) var lineage: StreamFormat.Lineage?
+  /// The GENERATION record's, once seen.
+  public private(set) var generation: StreamFormat.Generation?
   /// The preamble's format version: 1, or 2 for a stream with references.
   public private(set) var formatVersion: UInt16 = StreamFormat.version
   /// The SOURCES record's, once seen (version 2).
@@ -195,12 +201,28 @@ public struct StreamParser {
       do { decoded = try StreamFormat.decodeLineage(body, header: h) } catch { throw fail(error.message) }
       lineage = decoded
       record = .lineage(decoded)
+    case .generation:
+      _ = try requireHeader()
+      guard generation == nil else { throw fail("a second GENERATION record") }
+      guard dataBlocks == 0, zeroBlocks == 0, referencedBlocks == 0 else {
+        throw fail("a GENERATION record after block records; it must come before them")
+      }
+      if formatVersion >= StreamFormat.referencesVersion && sources == nil {
+        throw fail("a GENERATION record before the SOURCES record; it must follow it")
+      }
+      let decoded: StreamFormat.Generation
+      do { decoded = try StreamFormat.decodeGeneration(body) } catch { throw fail(error.message) }
+      generation = decoded
+      record = .generation(decoded)
     case .sources:
       let h = try requireHeader()
       guard formatVersion >= StreamFormat.referencesVersion else {
         throw fail("a SOURCES record in a version \(formatVersion) stream; references need version 2")
       }
       guard sources == nil else { throw fail("a second SOURCES record") }
+      guard generation == nil else {
+        throw fail("a SOURCES record after the GENERATION record; it must come before it")
+      }
       guard dataBlocks == 0, zeroBlocks == 0, referencedBlocks == 0 else {
         throw fail("a SOURCES record after block records; it must come before them")
       }

@@ -166,7 +166,9 @@ final class DurableChangeMap: @unchecked Sendable {
   /// each lands in exactly one generation. Returns the map that ended.
   func startGeneration(_ fresh: BlockMap, savingTo output: String) throws -> BlockMap {
     try saving {
-      let old = state.withLock { changes }
+      // The generation that ends records the instant it ended: the new one's start.
+      var old = state.withLock { changes }
+      old.trackingEnded = fresh.trackingStarted
       try MapFile.save(old, to: output)
       try MapFile.save(fresh, to: path)
       try journal.restart()

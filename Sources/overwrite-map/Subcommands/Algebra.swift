@@ -18,12 +18,24 @@ struct MapPairArguments: ParsableArguments {
   @OptionGroup var out: OutputOption
 
   /// Loads both maps, applies `combine` to A's bits with B's, saves A.
-  func combine(_ combine: (inout BlockBitmap, BlockBitmap) -> Void) throws {
+  /// The result names a whole generation's writes (a recorded end) only
+  /// when `spans` and both are change maps of generations that touch or
+  /// overlap: it then runs from the earlier start to the later end.
+  func combine(spans: Bool = false, _ combine: (inout BlockBitmap, BlockBitmap) -> Void) throws {
     if a == "-" && b == "-" { throw ValidationError("only one map can come from standard input") }
     var ma = try MapFile.load(a)
     let mb = try MapFile.load(b)
     try ma.check(matches: mb, inputName(a), inputName(b))
     combine(&ma.bits, mb.bits)
+    let ended = ma.trackingEnded != .unset && mb.trackingEnded != .unset
+    if spans, ended, ma.meaning == .changed, mb.meaning == .changed, ma.trackingStarted <= mb.trackingEnded,
+      mb.trackingStarted <= ma.trackingEnded
+    {
+      ma.trackingStarted = min(ma.trackingStarted, mb.trackingStarted)
+      ma.trackingEnded = max(ma.trackingEnded, mb.trackingEnded)
+    } else {
+      ma.trackingEnded = .unset
+    }
     try MapFile.save(ma, to: out.output ?? "-")
   }
 }
@@ -31,12 +43,16 @@ struct MapPairArguments: ParsableArguments {
 private let identityNote =
   "The result keeps the identity of A (device name, map id, tracking start, last merged stream)."
 
+private let generationNote =
+  " A union of the change maps of adjacent generations (tracking-server --changes-out) spans both: from the"
+  + " earlier tracking start to the later end. Otherwise the result records no generation end."
+
 struct Union: ParsableCommand {
   static let configuration = CommandConfiguration(
-    abstract: "Blocks set in A or in B.", discussion: identityNote)
+    abstract: "Blocks set in A or in B.", discussion: identityNote + generationNote)
   @OptionGroup var maps: MapPairArguments
 
-  func run() throws { try maps.combine { $0.formUnion($1) } }
+  func run() throws { try maps.combine(spans: true) { $0.formUnion($1) } }
 }
 
 struct Intersect: ParsableCommand {
@@ -69,6 +85,7 @@ struct Invert: ParsableCommand {
   func run() throws {
     var m = try MapFile.load(a)
     m.bits.invert()
+    m.trackingEnded = .unset
     try MapFile.save(m, to: out.output ?? "-")
   }
 }

@@ -22,7 +22,12 @@ struct Show: ParsableCommand {
     try row("meaning:", "\(m.meaning) (\(explain(m.meaning)))")
     try row("map id:", "\(m.mapID)")
     try row("tracking started:", "\(m.trackingStarted)")
+    if m.trackingEnded != .unset { try row("tracking ended:", "\(m.trackingEnded)") }
     try row("last merged stream:", m.lastMergedStream.isNone ? "none" : "\(m.lastMergedStream)")
+    if m.mergedAsOf != .unset {
+      let generation = m.mergedAsOfGeneration.isNone ? "" : " (the end of generation \(m.mergedAsOfGeneration))"
+      try row("merged as of:", "\(m.mergedAsOf)\(generation)")
+    }
     try row("block size:", "\(formatBytes(UInt64(g.blockSize))) (\(g.blockSize) bytes)")
     try row("device size:", "\(formatBytes(g.deviceSize)) (\(g.deviceSize) bytes)")
     try row(
@@ -63,7 +68,10 @@ struct Stats: ParsableCommand {
     o.add("meaning", m.meaning.description)
     o.add("map_id", m.mapID.description)
     o.add("tracking_started", m.trackingStarted == .unset ? nil : m.trackingStarted.description)
+    o.add("tracking_ended", m.trackingEnded == .unset ? nil : m.trackingEnded.description)
     o.add("last_merged_stream", m.lastMergedStream.isNone ? nil : m.lastMergedStream.description)
+    o.add("merged_as_of", m.mergedAsOf == .unset ? nil : m.mergedAsOf.description)
+    o.add("merged_as_of_generation", m.mergedAsOfGeneration.isNone ? nil : m.mergedAsOfGeneration.description)
     o.add("block_size", UInt64(g.blockSize))
     o.add("device_size", g.deviceSize)
     o.add("block_count", g.blockCount)
