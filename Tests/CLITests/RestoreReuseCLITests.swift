@@ -4,9 +4,10 @@
 // whole blocks and one by part of a block, a run of zeros, and a partial
 // last block; what the link must carry is worked out from the two images
 // themselves (RestoreReuseCLITests.expected), and counted at the backup by
-// nbdkit's stats filter. Also: a damaged OLD caught by the digest check, the
-// phase before OLD is hashed, a signature not yet whole or damaged, and the
-// refusals.
+// nbdkit's stats filter. The same on real ext4 images (Ext4Images), in
+// 4 KiB blocks, with the file system checked after. Also: a damaged OLD
+// caught by the digest check, the phase before OLD is hashed, a signature
+// not yet whole or damaged, and the refusals.
 //
 // The rigs are RRTRig (RestoreReadThroughHarness.swift); every child is
 // stopped in tearDown (CLITestCase).
@@ -302,6 +303,121 @@ final class RestoreReuseCLITests: RestoreCLITestCase {
       read, Double(expect.lacksBytes + expect.elsewhere * r.blockSize), accuracy: 4096, "the backup's stats")
     let leftovers = try FileManager.default.contentsOfDirectory(atPath: r.dir).filter { $0.contains("reuse-") }
     XCTAssertEqual(leftovers, [], "the unfinished signature of the older copy is left")
+  }
+
+  // MARK: A real file system
+
+  /// What B's 4 KiB blocks need from the link, worked out by python3 from
+  /// the images alone (not by the code under test): the blocks of B that
+  /// are all zeros, equal to A's at the same offset, equal to some other
+  /// block of A (by SHA-256 of every block of A), or none of these (what
+  /// the link must carry); and B's blocks that are not zeros.
+  struct Ext4Expected: Decodable {
+    var blocks: Int
+    var zeros: Int
+    var samePlace: Int
+    var elsewhere: Int
+    var lacks: Int
+    var nonZero: Int
+  }
+
+  func ext4Expected(old: String, new: String) throws -> Ext4Expected {
+    let script = """
+      import hashlib, json, sys
+      bs = 4096
+      a = open(sys.argv[1], 'rb').read()
+      b = open(sys.argv[2], 'rb').read()
+      assert len(a) % bs == 0 and len(b) % bs == 0
+      held = {hashlib.sha256(a[i:i + bs]).digest() for i in range(0, len(a), bs)}
+      zero = bytes(bs)
+      e = dict(blocks=len(b) // bs, zeros=0, samePlace=0, elsewhere=0, lacks=0, nonZero=0)
+      for i in range(0, len(b), bs):
+          blk = b[i:i + bs]
+          if blk == zero:
+              e['zeros'] += 1
+              continue
+          e['nonZero'] += 1
+          if a[i:i + bs] == blk:
+              e['samePlace'] += 1
+          elif hashlib.sha256(blk).digest() in held:
+              e['elsewhere'] += 1
+          else:
+              e['lacks'] += 1
+      print(json.dumps(e))
+      """
+    let res = try RRTCommand.run("/usr/bin/python3", ["-c", script, old, new], timeout: 120)
+    XCTAssertEqual(res.status, 0, res.summary)
+    return try JSONDecoder().decode(Ext4Expected.self, from: res.data)
+  }
+
+  /// The backup is B, an ext4 image; the older copy is A, the same file
+  /// system a month before (Ext4Images: files deleted, moved and added, so
+  /// much of A's content sits at other blocks in B). Restored onto an empty
+  /// primary with --hydrate, in 4 KiB blocks (the file system's): the disk
+  /// is B and its file system is sound, and the link carried about what A
+  /// lacks: at most 5% more than B's blocks found nowhere in A (and not
+  /// zeros), and far less than B's data, so a restore that took only the
+  /// same place, or nothing, from A fails here.
+  func testRestoresAnExt4ImageFromAnOlderOneFetchingOnlyWhatItLacks() throws {
+    try require("nbdkit", "nbdinfo", "nbdcopy", "mkfs.ext4", "e2fsck", "python3", "cmp")
+    let size = 64 << 20
+    let bs = 4096
+    let m = try Scratch()
+    try Ext4Images.make(in: m.url.path, size: size)
+    let r = try RRTRig(size: size, backup: try m.read("B.img"))
+    rigs.append(r)
+    let old = m.path("A.img")
+    let expect = try ext4Expected(old: old, new: r.backupPath)
+    // The images are what the test means them to be: B holds much of A
+    // elsewhere, and data A lacks.
+    XCTAssertEqual(expect.blocks, size / bs)
+    XCTAssertGreaterThan(expect.elsewhere, 500, "\(expect)")
+    XCTAssertGreaterThan(expect.lacks, 100, "\(expect)")
+    XCTAssertLessThan(Double(expect.lacks), 0.2 * Double(expect.nonZero), "\(expect)")
+
+    let stats = try startCountingBackup(r)
+    let sig = r.s.path("backup.sig")
+    let signed = try RRTCommand.run(
+      "bitmap-diff", ["--signature", "--block-size", "4096", "-o", sig, r.backupPath], timeout: 60)
+    XCTAssertEqual(signed.status, 0, signed.summary)
+    try r.startServer([
+      "--backup-signature", sig, "--reuse", old, "--block-size", "4096", "--hydrate", "--progress-interval", "0",
+    ])
+    XCTAssertTrue(r.waitForLog("the restore is complete", seconds: 300), r.log)
+    _ = try r.copyExport(to: "export.img")
+    func cmp(_ a: String, _ b: String) throws -> RRTCommand.Result {
+      try RRTCommand.run("/usr/bin/cmp", [a, b], timeout: 60)
+    }
+    let exported = try cmp(r.s.path("export.img"), r.backupPath)
+    XCTAssertEqual(exported.status, 0, "the export is not B: \(exported.summary)")
+    r.stopServer()
+    let restored = try cmp(r.primaryPath, r.backupPath)
+    XCTAssertEqual(restored.status, 0, "the primary after the stop is not B: \(restored.summary)")
+    let diff = try RRTCommand.run("bitmap-diff", ["--block-size", "4096", r.primaryPath, r.backupPath], timeout: 60)
+    XCTAssertEqual(diff.status, 0, "bitmap-diff PRIMARY BACKUP: \(diff.summary)")
+    let fsck = try RRTCommand.run("/usr/sbin/e2fsck", ["-fn", r.primaryPath], timeout: 120)
+    XCTAssertEqual(fsck.status, 0, "e2fsck -fn on the restored primary: \(fsck.summary)")
+
+    let c = Self.counted(r.allLogs)
+    XCTAssertEqual(c.mismatches, 0, "\(c)")
+    XCTAssertEqual(c.samePlace, expect.samePlace, "\(c)")
+    XCTAssertEqual(c.zeros + c.zeroedByBlockStatus, expect.zeros, "\(c)")
+    XCTAssertEqual(
+      c.fetched + c.samePlace + c.elsewhere + c.zeros + c.zeroedByBlockStatus, expect.blocks,
+      "every block once: \(c)")
+    let read = try backupBytesRead(r, stats)
+    let lacking = Double(expect.lacks * bs)
+    // The allowance: nbdkit's stats print two decimals of their unit (off
+    // by up to 0.005 MiB), and one block for any read that is not a block
+    // of B's (a probe).
+    let allowance = 0.005 * 0x1p20 + Double(bs)
+    let figures =
+      "expected \(expect); counted \(c); read from the backup \(Int(read)) bytes, "
+      + "bound \(Int(lacking * 1.05 + allowance))"
+    print("ext4 reuse: " + figures)
+    XCTAssertGreaterThanOrEqual(read, lacking * 0.99, "the link carried less than A lacks: \(figures)")
+    XCTAssertLessThanOrEqual(read, lacking * 1.05 + allowance, "the link carried more than A lacks: \(figures)")
+    XCTAssertLessThan(read, 0.4 * Double(expect.nonZero * bs), "the link carried most of B's data: \(figures)")
   }
 
   // MARK: The signature

@@ -2,7 +2,8 @@
 // real file systems: two ext4 images made by mkfs.ext4 -d from one tree of
 // files (A from the tree; B from it with files added, moved into another
 // directory and deleted), and A shifted by 64 KiB (new bytes in front, its
-// tail cut). The receiver holds A; the streams name what it holds.
+// tail cut; Ext4Images.swift). The receiver holds A; the streams name what
+// it holds.
 //
 // What must hold:
 // - A stream with references merged onto a copy of A with --reuse A is B,
@@ -52,63 +53,6 @@ final class StreamReferencesCLITests: CLITestCase {
     try RRTCommand.run(tool, arguments, timeout: 300, cwd: s.url.path)
   }
 
-  /// A tree of a few hundred files from a seeded generator: random and
-  /// text content, sizes from empty to 600 KiB, in nested directories, and
-  /// a few directories of /usr/share/doc.
-  func makeTree(_ root: String, seed: UInt64) throws {
-    var g = SplitMix64(seed: seed)
-    let fm = FileManager.default
-    let dirs = ["", "etc", "srv/data", "srv/data/old", "home/user", "home/user/docs", "var/log"]
-    for d in dirs { try fm.createDirectory(atPath: root + "/" + d, withIntermediateDirectories: true) }
-    let words = Array("alpha beta gamma delta block stream merge signature reference image ".utf8)
-    for i in 0..<320 {
-      let dir = dirs[Int(g.next() % UInt64(dirs.count))]
-      let size: Int
-      switch g.next() % 10 {
-      case 0..<5: size = Int(g.next() % 4096)
-      case 5..<8: size = 4096 + Int(g.next() % 61440)
-      default: size = 65536 + Int(g.next() % 550_000)
-      }
-      let content: [UInt8]
-      if g.next() % 4 == 0 {
-        let start = Int(g.next() % UInt64(words.count))
-        content = (0..<size).map { words[(start + $0) % words.count] }
-      } else {
-        content = g.bytes(size)
-      }
-      let path = root + "/" + (dir.isEmpty ? "" : dir + "/") + String(format: "f%03d.bin", i)
-      XCTAssertTrue(fm.createFile(atPath: path, contents: Data(content)))
-    }
-    // Real documents: the first few directories of /usr/share/doc that hold files.
-    let docs = (try? fm.contentsOfDirectory(atPath: "/usr/share/doc").sorted()) ?? []
-    var copied = 0
-    for d in docs where copied < 12 {
-      let r = try RRTCommand.run("/bin/cp", ["-rL", "/usr/share/doc/" + d, root + "/home/user/docs/" + d])
-      if r.status == 0 { copied += 1 }
-    }
-  }
-
-  /// The tree changed as a file system changes: files deleted, moved
-  /// (renamed into another directory) and added.
-  func changeTree(_ root: String, seed: UInt64) throws {
-    var g = SplitMix64(seed: seed)
-    let fm = FileManager.default
-    var files = (fm.enumerator(atPath: root)?.compactMap { $0 as? String } ?? [])
-      .filter { $0.hasSuffix(".bin") }.sorted()
-    XCTAssertGreaterThan(files.count, 300)
-    files.shuffle(using: &g)
-    for f in files[0..<20] { try fm.removeItem(atPath: root + "/" + f) }
-    try fm.createDirectory(atPath: root + "/moved", withIntermediateDirectories: true)
-    for f in files[20..<45] {
-      try fm.moveItem(atPath: root + "/" + f, toPath: root + "/moved/" + f.replacingOccurrences(of: "/", with: "-"))
-    }
-    try fm.createDirectory(atPath: root + "/new", withIntermediateDirectories: true)
-    for i in 0..<30 {
-      let size = 1000 + Int(g.next() % 300_000)
-      XCTAssertTrue(fm.createFile(atPath: root + "/new/n\(i).bin", contents: Data(g.bytes(size))))
-    }
-  }
-
   /// The images, made once for the class (the tests only copy them).
   nonisolated(unsafe) private static var made: Scratch?
 
@@ -124,12 +68,7 @@ final class StreamReferencesCLITests: CLITestCase {
     try require("mkfs.ext4")
     if Self.made == nil {
       let m = try Scratch()
-      try makeTree(m.path("T"), seed: 2026)
-      try sh(m, "cp -a T TB")
-      try changeTree(m.path("TB"), seed: 17)
-      for (image, tree) in [("A.img", "T"), ("B.img", "TB")] {
-        try sh(m, "mkfs.ext4 -q -F -b 4096 -E root_owner=0:0 -d \(tree) \(image) 256M")
-      }
+      try Ext4Images.make(in: m.url.path, size: Self.size)
       try m.randomFile("front", size: Self.shift, seed: 64)
       try sh(m, "{ cat front; head -c \(Self.size - Self.shift) A.img; } > S.img")
       try sh(m, "bitmap-diff --signature --block-size 4096 -o A.sig A.img")
