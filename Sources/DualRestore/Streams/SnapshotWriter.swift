@@ -478,29 +478,23 @@ final class RecordFramer: @unchecked Sendable {
     _ block: UInt64, digest: UnsafeRawPointer, candidates: Range<Int>, _ e: SnapshotWriter.EncodedChunk
   ) {
     guard let index else { return }
-    var chosen: SignatureIndex.Location?
-    if runCount > 0 && runCount < longestRun && runFirst + UInt64(runCount) == block {
-      for p in candidates {
-        let l = index.location(at: p)
-        if l.image == runImage && l.block == runSource {
-          chosen = l
-          break
-        }
-      }
-    }
-    if chosen == nil {
+    // The run goes on where the next block's content is at the image's next block.
+    let continues =
+      runCount > 0 && runCount < longestRun && runFirst + UInt64(runCount) == block
+      && candidates.contains { index.location(at: $0) == SignatureIndex.Location(image: runImage, block: runSource) }
+    if !continues {
       frameReferenceRun(e)
-      chosen = index.location(at: candidates.lowerBound)
-      for p in candidates where index.location(at: p).block == block {
-        chosen = index.location(at: p)
-        break
-      }
+      // A new run: at the block's own place if the content is there (an
+      // unchanged block), else at the first place that holds it.
+      let own = candidates.first { index.location(at: $0).block == block } ?? candidates.lowerBound
+      let start = index.location(at: own)
       runFirst = block
-      runImage = chosen!.image
+      runImage = start.image
+      runSource = start.block
     }
     (runDigests.pointer + runCount * digestLength).copyMemory(from: digest, byteCount: digestLength)
     runCount += 1
-    runSource = chosen!.block + 1
+    runSource += 1
   }
 
   func frame(
