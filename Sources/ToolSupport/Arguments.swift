@@ -89,3 +89,18 @@ public struct ThreadsOption: ParsableArguments {
 
   public var value: Int { threads ?? BlockHasher.defaultWorkers }
 }
+
+/// A span of time as people write it: `90s`, `30m`, `24h`, `7d`, `2w`.
+public struct TimeSpan: ExpressibleByArgument, Sendable, CustomStringConvertible {
+  public var seconds: Double
+
+  public init?(argument: String) {
+    let units: [Character: Double] = ["s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800]
+    guard let unit = argument.last, let scale = units[unit], let v = Double(argument.dropLast()), v > 0,
+      v * scale <= 86400 * 366 * 100
+    else { return nil }
+    seconds = v * scale
+  }
+
+  public var description: String { "\(seconds)s" }
+}

@@ -37,7 +37,7 @@ struct TrackingServer: ParsableCommand {
       streams made with it say so, so that merge-snapshot refuses a catch-up \
       that leaves a generation out.
       """,
-    subcommands: [Serve.self, Freeze.self, Drop.self, NewGeneration.self, Status.self])
+    subcommands: [Serve.self, Freeze.self, Drop.self, NewGeneration.self, Status.self, Points.self])
 
   static func main() { ToolMain.run(Self.self) }
 }
@@ -153,6 +153,28 @@ extension TrackingServer {
         relay is a tracking-server (or restore-read-through) with --ack local \
         whose far copy is the next hop, and which a primary mirrors to.
 
+        With --history DIR the server keeps points in time of DEVICE: every \
+        FLUSH that follows writes makes a point (the device as it is then, \
+        taken with writes held), and before the first write to a 4 KiB block \
+        after a point, the block's old contents are appended to DIR \
+        (dualrestore-history(5)) and made durable; the write waits for that. \
+        Any point kept is exported read-only as `point;N` (`point` alone is \
+        the newest, `point;at=2026-12-07T01:30:00Z` the newest at or before \
+        that instant, UTC), for snapshot, bitmap-diff, nbdcopy, qemu-img or a \
+        mount through nbdfuse; `tracking-server points` lists them. A far \
+        copy kept by asynchronous mirroring is flushed after each interval \
+        it receives, so with --history it keeps every consistency point it \
+        reached. --keep-time and --keep-bytes bound what is kept: the oldest \
+        points are trimmed (every few seconds, and at each point) while the \
+        oldest is older than the time, or the history's records take more \
+        than the bytes; the newest point is always kept, and so are the \
+        before-images since it, whatever their size. A point trimmed is \
+        refused by name, and a client reading it when it goes gets EIO. The \
+        history survives stops and crashes: a clean stop makes the device as \
+        it stops a point; after a crash, the log's torn tail is cut and the \
+        points before it are kept. Nothing else may write DEVICE while it has \
+        a history, or the points would be wrong.
+
         SIGINT or SIGTERM stops the server: requests in flight are answered \
         and the device is synchronised; what the far copies lack stays in \
         the journal for the next start.
@@ -198,6 +220,22 @@ extension TrackingServer {
 
     @OptionGroup var mirroring: MirrorOptions
 
+    @Option(
+      help: ArgumentHelp(
+        "Keep points in time of the device in this directory (created when missing; an existing history is continued).",
+        valueName: "dir"))
+    var history: String?
+
+    @Option(
+      help: ArgumentHelp("Trim the points older than this (90s, 30m, 24h, 7d, 2w; with --history).", valueName: "time"))
+    var keepTime: TimeSpan?
+
+    @Option(
+      help: ArgumentHelp(
+        "Trim the oldest points while the history's records take more than this (K, M, G; with --history).",
+        valueName: "bytes"))
+    var keepBytes: ByteCount?
+
     @Argument(help: ArgumentHelp("The image file or block device to serve.", valueName: "device"))
     var device: String
 
@@ -226,6 +264,15 @@ extension TrackingServer {
       if backupTimeout <= 0 || backupTimeout > 86400 {
         throw ValidationError("--backup-timeout \(backupTimeout) is out of range")
       }
+      if history == nil && (keepTime != nil || keepBytes != nil) {
+        throw ValidationError("--keep-time and --keep-bytes bound a history: give --history DIR")
+      }
+      if history != nil && keepTime == nil && keepBytes == nil {
+        throw ValidationError("--history needs a bound on what it keeps: give --keep-time, --keep-bytes or both")
+      }
+      if let keepBytes, keepBytes.value < 1 << 20 {
+        throw ValidationError("--keep-bytes \(keepBytes) is too small (at least 1M)")
+      }
     }
 
     func run() throws {
@@ -245,12 +292,20 @@ extension TrackingServer {
         }
         try engine.mirror(to: links, settings: settings)
       }
+      if let history {
+        let h = try PointHistory(
+          directory: absolute(history), deviceSize: d.size,
+          retention: .init(seconds: keepTime?.seconds ?? 0, bytes: keepBytes?.value ?? 0), log: log)
+        engine.keepHistory(h)
+        h.trim()
+      }
       let listener = try serving.listener()
       let controlPath = control ?? (serving.socket ?? "") + ".control"
       let controlListener = try Listener(unixPath: controlPath)
       chmod(controlPath, 0o600)
       let server = NBDServer(
-        exports: [TrackedExport(engine: engine), ViewExport(engine: engine)],
+        exports: [TrackedExport(engine: engine), ViewExport(engine: engine)]
+          + (history == nil ? [] : [PointExport(engine: engine)]),
         options: limits.serverOptions(tls: serverTLS), log: log)
       let service = TrackingService(engine: engine)
       ControlSocket.serve(controlListener) { words in service.answer(words) }
@@ -388,6 +443,86 @@ extension TrackingServer {
         }
         return s
       }
+    }
+  }
+
+  struct Points: ParsableCommand {
+    static let configuration = CommandConfiguration(
+      abstract: "List the points in time a running server keeps (--history).",
+      discussion: """
+        One line per point, oldest first: its number, its instant (UTC), and \
+        the bytes and 4 KiB blocks of before-images the history keeps for the \
+        interval that ended at it (what keeping the point before it costs; \
+        0 for the oldest, whose own interval is trimmed). Then the space the \
+        history's files take and the retention. Point N is read as the export \
+        `point;N` (nbd+unix:///point;N?socket=PATH). With --at INSTANT, only \
+        the newest point at or before it (an error names the oldest point \
+        when the instant is before it). JSON keys: history, space_used, \
+        open_bytes, keep_seconds, keep_bytes, points (an array of objects \
+        with number, instant, bytes, blocks, export), and lost when the \
+        history is lost.
+        """)
+
+    @OptionGroup var server: ControlOptions
+
+    @Option(
+      help: ArgumentHelp("Only the newest point at or before this instant (RFC 3339, UTC).", valueName: "instant"))
+    var at: String?
+
+    @Flag(help: "Print the points as one JSON object on standard output.")
+    var json = false
+
+    func validate() throws {
+      if let at, Instant(rfc3339: at) == nil {
+        throw ValidationError("--at '\(at)' is not an instant such as 2026-12-07T01:30:00Z")
+      }
+    }
+
+    func run() throws {
+      var words = ["points"]
+      if let at { words.append("at=" + ControlSocket.encode(at)) }
+      let fields = try ControlSocket.request(server.path, words, limit: 64 << 20)
+      let d = Dictionary(fields, uniquingKeysWith: { $1 })
+      let count = Int(d["points"] ?? "0") ?? 0
+      let out = TextOutput()
+      if json {
+        var o = JSONObject()
+        o.add("history", d["history"])
+        o.add("space_used", number: d["space_used"] ?? "0")
+        o.add("open_bytes", number: d["open_bytes"] ?? "0")
+        o.add("keep_seconds", number: d["keep_seconds"] ?? "0")
+        o.add("keep_bytes", number: d["keep_bytes"] ?? "0")
+        if let lost = d["lost"] { o.add("lost", lost) }
+        var points: [String] = []
+        for i in 0..<count {
+          var p = JSONObject()
+          p.add("number", number: d["point_\(i)"] ?? "0")
+          p.add("instant", d["point_\(i)_instant"])
+          p.add("bytes", number: d["point_\(i)_bytes"] ?? "0")
+          p.add("blocks", number: d["point_\(i)_blocks"] ?? "0")
+          p.add("export", "point;" + (d["point_\(i)"] ?? "0"))
+          points.append(p.render())
+        }
+        o.add("points", array: points)
+        try out.line(o.render())
+      } else {
+        for i in 0..<count {
+          try out.line(
+            "point \(d["point_\(i)"] ?? "?") at \(d["point_\(i)_instant"] ?? "?"): "
+              + "\(d["point_\(i)_bytes"] ?? "?") bytes, \(d["point_\(i)_blocks"] ?? "?") block(s) kept for its interval"
+          )
+        }
+        var keep: [String] = []
+        if let s = d["keep_seconds"], (Double(s) ?? 0) > 0 { keep.append("\(s) s") }
+        if let b = d["keep_bytes"], b != "0" { keep.append("\(b) bytes") }
+        if at == nil {
+          try out.line(
+            "\(count) point(s); the history takes \(d["space_used"] ?? "?") bytes; \(d["open_bytes"] ?? "?") bytes "
+              + "since the newest point; keeping \(keep.joined(separator: " and "))"
+              + (d["lost"].map { "; LOST: \($0)" } ?? ""))
+        }
+      }
+      try out.flush()
     }
   }
 }

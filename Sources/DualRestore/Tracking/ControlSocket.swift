@@ -35,7 +35,9 @@ public enum ControlSocket {
 
   /// Sends one request to the control socket at `path` and returns the
   /// answer's fields; throws the server's sentence when it says error.
-  public static func request(_ path: String, _ words: [String], timeout: Double = 600) throws -> [(String, String)] {
+  public static func request(_ path: String, _ words: [String], timeout: Double = 600, limit: Int = maximumLine)
+    throws -> [(String, String)]
+  {
     let socket: Socket
     do {
       socket = try Socket.connect(.unix(path: path), timeout: 5)
@@ -46,7 +48,7 @@ public enum ControlSocket {
     try socket.write(Array((words.joined(separator: " ") + "\n").utf8))
     var bytes: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 4096)
-    while bytes.count < maximumLine {
+    while bytes.count < limit {
       guard case .success(let n) = chunk.withUnsafeMutableBytes({ Sys.read(socket.fd, $0.baseAddress!, $0.count) }),
         n > 0
       else { break }

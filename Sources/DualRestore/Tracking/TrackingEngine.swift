@@ -48,6 +48,9 @@ public final class TrackingEngine: @unchecked Sendable {
   /// Far copies kept asynchronously (--backup), or nil. Set once, before
   /// the device is served (`mirror(to:settings:)`), and only read after.
   public private(set) var mirror: DeviceMirror?
+  /// The device's points in time (--history), or nil. Set once, before the
+  /// device is served, and only read after.
+  public private(set) var history: PointHistory?
 
   deinit { writeback.stop() }
 
@@ -99,6 +102,8 @@ public final class TrackingEngine: @unchecked Sendable {
     public var view: ViewStatus?
     /// What each far copy lacks (empty without --backup).
     public var mirror: [MirrorLag]
+    /// The points in time kept (nil without --history).
+    public var history: PointHistory.Summary?
   }
 
   public struct ViewStatus: Sendable {
@@ -112,11 +117,12 @@ public final class TrackingEngine: @unchecked Sendable {
   }
 
   public var status: Status {
-    state.withLock {
+    let summary = history?.summary
+    return state.withLock {
       let (generation, started, blocks) = changes.summary
       return Status(
         generation: generation, generationStarted: started, changedBlocks: blocks, view: view?.status,
-        mirror: mirror?.lag ?? [])
+        mirror: mirror?.lag ?? [], history: summary)
     }
   }
 
@@ -133,6 +139,11 @@ public final class TrackingEngine: @unchecked Sendable {
     m.start()
   }
 
+  /// Keeps the device's points in time from now on (before serving).
+  public func keepHistory(_ h: PointHistory) {
+    state.withLock { history = h }
+  }
+
   /// Writes `buffer` at `offset`, tracked.
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
     let blocks = geometry.blocks(touching: offset, length: UInt64(buffer.count))
@@ -140,13 +151,13 @@ public final class TrackingEngine: @unchecked Sendable {
     defer { leave() }
     if let mirror {
       try mirror.change(.write, offset: offset, length: UInt64(buffer.count), payload: buffer, blocks: blocks) {
-        try withPreserved(blocks) { try device.write(buffer, at: offset) }
+        try withPreserved(blocks, offset, UInt64(buffer.count)) { try device.write(buffer, at: offset) }
       }
       writeback.written(offset, UInt64(buffer.count))
       if fua { try mirror.sync() }
       return
     }
-    try withPreserved(blocks) { try device.write(buffer, at: offset) }
+    try withPreserved(blocks, offset, UInt64(buffer.count)) { try device.write(buffer, at: offset) }
     writeback.written(offset, UInt64(buffer.count))
     if fua { try device.sync() }
   }
@@ -158,12 +169,14 @@ public final class TrackingEngine: @unchecked Sendable {
     defer { leave() }
     if let mirror {
       try mirror.change(.zero, offset: offset, length: length, payload: nil, blocks: blocks) {
-        try withPreserved(blocks) { try device.writeZeros(offset: offset, length: length, scratch: zeros) }
+        try withPreserved(blocks, offset, length) {
+          try device.writeZeros(offset: offset, length: length, scratch: zeros)
+        }
       }
       if fua { try mirror.sync() }
       return
     }
-    try withPreserved(blocks) { try device.writeZeros(offset: offset, length: length, scratch: zeros) }
+    try withPreserved(blocks, offset, length) { try device.writeZeros(offset: offset, length: length, scratch: zeros) }
     if fua { try device.sync() }
   }
 
@@ -171,9 +184,18 @@ public final class TrackingEngine: @unchecked Sendable {
     try device.read(into: buffer, at: offset)
   }
 
+  /// Makes the device durable; with a history, records a point there,
+  /// with writes held so that the point is exactly what the device holds.
   public func flush() throws {
-    if let mirror { return try mirror.flush() }
-    try device.sync()
+    guard let history else {
+      if let mirror { return try mirror.flush() }
+      return try device.sync()
+    }
+    try withWritesHeld { () throws -> Void in
+      if let mirror { try mirror.flush() } else { try device.sync() }
+      try history.point()
+    }
+    history.trim()
   }
 
   /// Passes the gate and commits the marks of `blocks` to the change map on
@@ -202,13 +224,18 @@ public final class TrackingEngine: @unchecked Sendable {
     }
   }
 
-  /// Runs `body` (a write of `blocks`) after the view, if any, has preserved
-  /// their old contents; the block lock keeps view reads out meanwhile.
-  private func withPreserved(_ blocks: Range<UInt64>, _ body: () throws -> Void) throws {
-    guard let view = state.withLock({ view }) else { return try body() }
+  /// Runs `body` (a write of `blocks`, bytes `offset..<offset+length`)
+  /// after the view and the history, if any, have preserved their old
+  /// contents; the block lock keeps their reads out meanwhile.
+  private func withPreserved(_ blocks: Range<UInt64>, _ offset: UInt64, _ length: UInt64, _ body: () throws -> Void)
+    throws
+  {
+    let view = state.withLock { () -> FrozenView? in self.view }
+    guard view != nil || history != nil else { return try body() }
     locks.lock(blocks)
     defer { locks.unlock(blocks) }
-    view.preserve(blocks, from: device, buffers: buffers)
+    view?.preserve(blocks, from: device, buffers: buffers)
+    history?.preserve(offset: offset, length: length, from: device)
     try body()
   }
 
@@ -335,6 +362,15 @@ public final class TrackingEngine: @unchecked Sendable {
     try v.read(into: buffer, at: offset, device: device)
   }
 
+  /// Reads point `n` of the history, under the block locks that writes take.
+  func readPoint(_ n: UInt64, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    guard let history else { throw ToolkitError("the server keeps no history (--history)") }
+    let blocks = geometry.blocks(touching: offset, length: UInt64(buffer.count))
+    locks.lock(blocks)
+    defer { locks.unlock(blocks) }
+    try history.read(point: n, into: buffer, at: offset, device: device)
+  }
+
   /// Stops: a view still held is lost (the store goes), the device is
   /// synchronised.
   public func close() throws {
@@ -348,6 +384,8 @@ public final class TrackingEngine: @unchecked Sendable {
       state.withLock { view = nil }
     }
     if let mirror { try mirror.close() } else { try device.sync() }
+    // The device as it stops is a point, durable as it is.
+    history?.close()
     try changes.close()
   }
 }

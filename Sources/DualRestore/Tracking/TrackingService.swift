@@ -29,6 +29,8 @@ public final class TrackingService: Sendable {
     threads.start { [self] in
       while threads.pause(checkpointInterval) {
         do { try engine.checkpoint() } catch { engine.log("checkpoint: \(error)") }
+        // Retention by time goes on while no point is taken.
+        engine.history?.trim()
       }
     }
     guard let mirror = engine.mirror, lagInterval > 0 else { return }
@@ -70,6 +72,18 @@ public final class TrackingService: Sendable {
         return .ok(f)
       case "drop":
         return .ok(Self.viewFields(try engine.dropView()))
+      case "points":
+        guard let history = engine.history else {
+          return .error("the server keeps no history; start it with --history DIR")
+        }
+        if let at = arguments["at"] {
+          guard let instant = Instant(rfc3339: at) else {
+            return .error("'\(at)' is not an instant such as 2026-12-07T01:30:00Z")
+          }
+          let n = try history.point(at: instant)
+          return .ok(Self.historyFields(history.summary, only: n))
+        }
+        return .ok(Self.historyFields(history.summary, only: nil))
       case "new-generation":
         guard let out = arguments["changes-out"] else { return .error("new-generation needs changes-out=FILE") }
         return .ok(Self.generationFields(try engine.newGeneration(output: out)))
@@ -87,7 +101,42 @@ public final class TrackingService: Sendable {
       ("changed_blocks", String(s.changedBlocks)),
     ]
     if let v = s.view { f += viewFields(v) }
+    if let h = s.history {
+      f += [
+        ("history", h.id.description), ("history_points", String(h.points.count)),
+        ("history_space_used", String(h.spaceUsed)),
+      ]
+      if let first = h.points.first, let last = h.points.last {
+        f += [
+          ("history_oldest", String(first.number)), ("history_oldest_instant", first.instant.description),
+          ("history_newest", String(last.number)), ("history_newest_instant", last.instant.description),
+        ]
+      }
+      if let lost = h.lost { f.append(("history_lost", lost)) }
+    }
     return f + mirrorFields(s.mirror)
+  }
+
+  /// `history` (its id), `space_used` (bytes of its files), `open_bytes`
+  /// (before-images since the newest point), `keep_seconds`, `keep_bytes`
+  /// (0: no bound), `points`, then for each point I (oldest first)
+  /// `point_I`, `point_I_instant`, `point_I_bytes`, `point_I_blocks`;
+  /// `lost` when the history is lost. With `only`, that point alone.
+  static func historyFields(_ h: PointHistory.Summary, only: UInt64?) -> [(String, String)] {
+    var f: [(String, String)] = [
+      ("history", h.id.description), ("space_used", String(h.spaceUsed)), ("open_bytes", String(h.openBytes)),
+      ("keep_seconds", formatFixed(h.retention.seconds, digits: 3)), ("keep_bytes", String(h.retention.bytes)),
+    ]
+    if let lost = h.lost { f.append(("lost", lost)) }
+    let points = h.points.filter { only == nil || $0.number == only }
+    f.append(("points", String(points.count)))
+    for (i, p) in points.enumerated() {
+      f += [
+        ("point_\(i)", String(p.number)), ("point_\(i)_instant", p.instant.description),
+        ("point_\(i)_bytes", String(p.bytes)), ("point_\(i)_blocks", String(p.blocks)),
+      ]
+    }
+    return f
   }
 
   /// `copies` is the number of far copies; for each, `copy_N` (its URI),

@@ -105,3 +105,83 @@ public final class ViewExport: NBDExport, Sendable {
     throw NBDError(NBD.errPerm, "the frozen view is read-only")
   }
 }
+
+/// A point of the history, read-only: `point` is the newest, `point;N`
+/// point N, `point;at=INSTANT` the newest at or before an RFC 3339 instant
+/// in UTC. A client is bound to the point it asked for; once retention
+/// trims it, its reads fail with EIO rather than read another point.
+public final class PointExport: NBDExport, Sendable {
+  let engine: TrackingEngine
+  /// The point a connected client reads; nil for the export as listed.
+  let point: UInt64?
+  public let name = "point"
+  public var description: String {
+    guard let h = engine.history else { return "no history" }
+    guard let n = point ?? h.newest else { return "no point yet" }
+    return "\(canonicalPath(engine.device.path)) as it was at point \(n)"
+  }
+  public var size: UInt64 { engine.geometry.deviceSize }
+  public var flags: UInt16 { NBD.flagReadOnly | NBD.flagSendFlush | NBD.flagCanMultiConn }
+  public var preferredBlockSize: UInt32 { engine.geometry.blockSize }
+  public var isOffered: Bool { engine.history?.newest != nil }
+
+  public init(engine: TrackingEngine) {
+    self.engine = engine
+    self.point = nil
+  }
+
+  init(engine: TrackingEngine, point: UInt64) {
+    self.engine = engine
+    self.point = point
+  }
+
+  public func bind(name: String) throws -> NBDExport {
+    guard let h = engine.history else { throw NBDError(NBD.errInvalid, "the server keeps no history") }
+    let n: UInt64
+    if name == self.name {
+      guard let newest = h.newest else { throw NBDError(NBD.errInvalid, "the history holds no point yet") }
+      n = newest
+    } else {
+      let parameter = String(name.dropFirst(self.name.count + 1))
+      if parameter.hasPrefix("at=") {
+        guard let instant = Instant(rfc3339: String(parameter.dropFirst(3))) else {
+          throw NBDError(
+            NBD.errInvalid, "'\(parameter.dropFirst(3))' is not an instant such as 2026-12-07T01:30:00Z")
+        }
+        do { n = try h.point(at: instant) } catch { throw NBDError(NBD.errInvalid, "\(error)") }
+      } else {
+        guard let v = UInt64(parameter) else {
+          throw NBDError(NBD.errInvalid, "the export point takes a point number or at=INSTANT, not '\(parameter)'")
+        }
+        n = v
+      }
+    }
+    do { try h.check(point: n) } catch { throw NBDError(NBD.errInvalid, "\(error)") }
+    return PointExport(engine: engine, point: n)
+  }
+
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    guard let n = point else { throw NBDError(NBD.errIO, "no point is bound") }
+    do {
+      try engine.readPoint(n, into: buffer, at: offset)
+    } catch let e as NBDError {
+      throw e
+    } catch {
+      throw NBDError(NBD.errIO, "\(error)")
+    }
+  }
+
+  public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+    throw NBDError(NBD.errPerm, "a point in time is read-only")
+  }
+
+  public func flush() throws {}
+
+  public func trim(offset: UInt64, length: UInt64, fua: Bool) throws {
+    throw NBDError(NBD.errPerm, "a point in time is read-only")
+  }
+
+  public func writeZeroes(offset: UInt64, length: UInt64, fua: Bool) throws {
+    throw NBDError(NBD.errPerm, "a point in time is read-only")
+  }
+}
