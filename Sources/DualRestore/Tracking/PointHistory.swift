@@ -9,10 +9,11 @@
 // Invariants:
 // - Preserved before overwritten: a write reaches the device only after
 //   the before-images of its blocks are durable (group commit: one
-//   fdatasync for all writers waiting), and only over a durable prefix of
-//   the log, so after a crash every block the device may hold newer than
-//   the last point has its before-image in the log, and a torn tail holds
-//   nothing a write depended on: it is cut.
+//   fdatasync for all writers waiting). Records are appended under the
+//   lock, in order, so what a sync made durable is a prefix: after a crash
+//   every block the device may hold newer than the last point has its
+//   before-image in the log, and a torn tail holds nothing a write
+//   depended on: it is cut.
 // - A point is recorded only with no write inside (the caller holds its
 //   writes) and after the device is durable: its record says the device
 //   held exactly that state.
@@ -119,8 +120,6 @@ public final class PointHistory: @unchecked Sendable {
     var preserved: BlockBitmap
     /// The log position reserved up to.
     var tail: UInt64
-    /// Starts of reservations whose bytes are still being written.
-    var pending: [UInt64] = []
     /// The log is durable up to here.
     var synced: UInt64
     var syncing = false
@@ -223,7 +222,9 @@ public final class PointHistory: @unchecked Sendable {
     case .failure(let e): throw ToolkitError.path(path, "cannot create a history file: \(e)")
     }
     let bytes = header.encoded() + header.encoded()
-    let done = bytes.withUnsafeBytes { b in pwriteFull(fd, b.baseAddress!, b.count, 0).flatMap { Sys.fdatasync(fd).map { _ in } } }
+    let done = bytes.withUnsafeBytes { b in
+      pwriteFull(fd, b.baseAddress!, b.count, 0).flatMap { Sys.fdatasync(fd).map { _ in } }
+    }
     if case .failure(let e) = done {
       Sys.close(fd)
       unlink(path)
@@ -265,7 +266,8 @@ public final class PointHistory: @unchecked Sendable {
           continue
         }
         Sys.close(fd)
-        fail = ToolkitError.path(path, "\(decodedErrorText(decoded)); the history is damaged: move it aside to start anew")
+        fail = ToolkitError.path(
+          path, "\(decodedErrorText(decoded)); the history is damaged: move it aside to start anew")
         break
       }
       if id == nil { id = header.historyID }
@@ -417,7 +419,9 @@ public final class PointHistory: @unchecked Sendable {
   /// caller writes them. The caller holds the blocks' locks, so no other
   /// write of them runs meanwhile, and no point is taken (its writes are
   /// held). Never throws: a failure loses the history, not the write.
-  public func preserve(offset: UInt64, length: UInt64, from device: Device) {
+  /// With `durable` false the log is not synchronised here: the caller
+  /// (StagedWrites) calls `syncLog` before the write reaches the device.
+  public func preserve(offset: UInt64, length: UInt64, from device: Device, durable: Bool = true) {
     let blocks = geometry.blocks(touching: offset, length: length)
     guard !blocks.isEmpty else { return }
     var wanted: [Range<UInt64>] = []
@@ -433,26 +437,30 @@ public final class PointHistory: @unchecked Sendable {
       return true
     }
     guard alive, !wanted.isEmpty else { return }
-    let chunk = UInt64(1024)  // 4 MiB of blocks per record at most
-    var end: UInt64 = 0
+    // 4 MiB of blocks per chunk at most; the last chunk's append waits for
+    // the log to be durable, in the same turn of the lock.
+    let chunk = UInt64(1024)
+    var chunks: [Range<UInt64>] = []
     for range in wanted {
       var b = range.lowerBound
       while b < range.upperBound {
         let n = min(chunk, range.upperBound - b)
-        guard let e = preserveChunk(b..<b + n, from: device) else { return }
-        end = max(end, e)
+        chunks.append(b..<b + n)
         b += n
       }
     }
-    waitDurable(end)
+    for (i, c) in chunks.enumerated() {
+      guard append(c, from: device, thenWait: durable && i == chunks.count - 1) else { return }
+    }
   }
 
-  /// Reads, frames and appends the before-images of `range`; returns the
-  /// log position its records end at, or nil when the history is lost.
-  private func preserveChunk(_ range: Range<UInt64>, from device: Device) -> UInt64? {
+  /// Reads, frames and appends the before-images of `range`; with
+  /// `thenWait`, returns once the log is durable up to them. False when
+  /// the history is lost.
+  private func append(_ range: Range<UInt64>, from device: Device, thenWait: Bool) -> Bool {
     let count = Int(range.count)
     let bs = Int(Self.bs)
-    let buffer = buffers.get(count * bs + count * 4 + 2 * HistoryFormat.recordHeaderLength * count)
+    let buffer = buffers.get(count * bs + count * (4 + HistoryFormat.recordHeaderLength))
     defer { buffers.put(buffer) }
     let data = buffer.pointer
     let start = range.lowerBound * Self.bs
@@ -461,80 +469,71 @@ public final class PointHistory: @unchecked Sendable {
       try device.read(into: UnsafeMutableRawBufferPointer(start: data, count: readable), at: start)
     } catch {
       lose("reading the device's old contents failed: \(error)")
-      return nil
+      return false
     }
     if readable < count * bs { memset(data + readable, 0, count * bs - readable) }
-    // Runs of zero and non-zero blocks, each one record.
+    // Runs of zero and non-zero blocks, each one record; headers and CRCs
+    // go after the data in the same buffer.
     var pieces: [(first: Int, count: Int, zero: Bool)] = []
     for k in 0..<count {
       let z = isZeroBlock(data + k * bs, bs)
-      if let last = pieces.last, last.zero == z, last.first + last.count == k {
+      if let last = pieces.last, last.zero == z {
         pieces[pieces.count - 1].count += 1
       } else {
         pieces.append((k, 1, z))
       }
     }
-    // Headers and CRCs go after the data in the same buffer.
     let meta = data + count * bs
-    var metaUsed = 0
-    var records: [(record: HistoryFormat.Record, header: UnsafeMutableRawPointer, crcs: Int)] = []
-    for p in pieces {
-      let record = HistoryFormat.Record.before(
-        segment: 0, first: range.lowerBound + UInt64(p.first), count: UInt32(p.count), zero: p.zero)
-      records.append((record, meta + metaUsed, p.zero ? 0 : p.count))
-      metaUsed += HistoryFormat.recordHeaderLength
-      if !p.zero {
-        for k in 0..<p.count {
-          let crc = dr_crc32c(0, data + (p.first + k) * bs, bs).littleEndian
-          (meta + metaUsed + 4 * k).storeBytes(of: crc, as: UInt32.self)
-        }
-        metaUsed += 4 * p.count
-      }
-    }
-    // Reserve the log's room, and enter the runs in the open segment.
-    let total = records.reduce(UInt64(0)) { $0 + $1.record.length }
-    let reserved: (position: UInt64, fd: Int32, fileStart: UInt64)? = state.withLock {
-      guard s.lost == nil else { return nil }
-      guard let place = reserve(total) else { return nil }
-      var at = place.position
-      for (i, r) in records.enumerated() {
-        guard case .before(_, let first, let n, let zero) = r.record else { continue }
-        let framed = HistoryFormat.Record.before(segment: s.open.number, first: first, count: n, zero: zero)
-        framed.encodeHeader(into: r.header)
-        records[i].record = framed
-        s.open.runs.append(Run(first: first, position: at, count: n, index: 0, recordCount: n, zero: zero))
-        s.open.bytes += framed.length
-        s.open.blocks += UInt64(n)
-        if s.open.firstPosition == nil { s.open.firstPosition = at }
-        at += framed.length
-      }
-      s.openSorted = false
-      s.preserved.set(range)
-      s.pending.append(place.position)
-      return place
-    }
-    guard let reserved else { return nil }
-    // One pwritev: header, CRCs, data, per record.
     var vectors: [iovec] = []
-    for (i, r) in records.enumerated() {
-      vectors.append(iovec(iov_base: r.header, iov_len: HistoryFormat.recordHeaderLength))
-      guard !pieces[i].zero else { continue }
-      vectors.append(iovec(iov_base: r.header + HistoryFormat.recordHeaderLength, iov_len: 4 * r.crcs))
-      vectors.append(iovec(iov_base: data + pieces[i].first * bs, iov_len: pieces[i].count * bs))
+    vectors.reserveCapacity(3 * pieces.count)
+    var headers: [UnsafeMutableRawPointer] = []
+    var metaUsed = 0
+    var total: UInt64 = 0
+    for p in pieces {
+      let header = meta + metaUsed
+      headers.append(header)
+      vectors.append(iovec(iov_base: header, iov_len: HistoryFormat.recordHeaderLength))
+      metaUsed += HistoryFormat.recordHeaderLength
+      total += UInt64(HistoryFormat.recordHeaderLength)
+      guard !p.zero else { continue }
+      for k in 0..<p.count {
+        let crc = dr_crc32c(0, data + (p.first + k) * bs, bs).littleEndian
+        (meta + metaUsed + 4 * k).storeBytes(of: crc, as: UInt32.self)
+      }
+      vectors.append(iovec(iov_base: meta + metaUsed, iov_len: 4 * p.count))
+      vectors.append(iovec(iov_base: data + p.first * bs, iov_len: p.count * bs))
+      metaUsed += 4 * p.count
+      total += UInt64(p.count * (4 + bs))
     }
-    let written = vectors.withUnsafeMutableBufferPointer {
-      pwritevFull(reserved.fd, $0, reserved.position - reserved.fileStart)
+    // Appended under the lock, so the log is written in the order it is
+    // reserved and a sync of everything up to the tail is a sync of whole
+    // records: a torn tail never hides a record a write waited for.
+    state.lock()
+    defer { state.unlock() }
+    guard s.lost == nil, let place = reserve(total) else { return false }
+    var at = place.position
+    for (i, p) in pieces.enumerated() {
+      let record = HistoryFormat.Record.before(
+        segment: s.open.number, first: range.lowerBound + UInt64(p.first), count: UInt32(p.count), zero: p.zero)
+      record.encodeHeader(into: headers[i])
+      s.open.runs.append(
+        Run(
+          first: range.lowerBound + UInt64(p.first), position: at, count: UInt32(p.count), index: 0,
+          recordCount: UInt32(p.count), zero: p.zero))
+      s.open.bytes += record.length
+      s.open.blocks += UInt64(p.count)
+      if s.open.firstPosition == nil { s.open.firstPosition = at }
+      at += record.length
     }
-    let end = reserved.position + total
-    state.withLock {
-      if let i = s.pending.firstIndex(of: reserved.position) { s.pending.remove(at: i) }
-      state.broadcast()
-    }
+    let written = vectors.withUnsafeMutableBufferPointer { pwritevFull(place.fd, $0, place.position - place.fileStart) }
     if case .failure(let e) = written {
-      lose("appending before-images failed: \(e)")
-      return nil
+      loseLocked("appending before-images failed: \(e)")
+      return false
     }
-    return end
+    s.openSorted = false
+    s.preserved.set(range)
+    if thenWait { waitDurableLocked(place.position + total) }
+    return s.lost == nil
   }
 
   /// Room for `length` bytes at the log's tail, in a new file when the
@@ -564,21 +563,22 @@ public final class PointHistory: @unchecked Sendable {
     return (at, current.fd, current.position)
   }
 
-  /// Returns once the log is durable up to `end` (group commit).
-  private func waitDurable(_ end: UInt64) {
-    state.lock()
-    defer { state.unlock() }
+  /// Returns once everything appended so far is durable (or the history
+  /// is lost).
+  func syncLog() {
+    state.withLock { waitDurableLocked(s.tail) }
+  }
+
+  /// Returns once the log is durable up to `end` (group commit: the first
+  /// writer to find no sync running syncs everything appended so far; the
+  /// others wait for it). Called with the state locked.
+  private func waitDurableLocked(_ end: UInt64) {
     while s.synced < end && s.lost == nil {
       if s.syncing {
         state.wait()
         continue
       }
-      // The durable prefix ends at the first reservation still written.
-      let target = s.pending.min() ?? s.tail
-      if target <= s.synced {
-        state.wait()
-        continue
-      }
+      let target = s.tail
       s.syncing = true
       // Every file with bytes between the durable prefix and the target.
       var fds: [Int32] = []
@@ -591,7 +591,11 @@ public final class PointHistory: @unchecked Sendable {
       for fd in fds { if case .failure(let e) = Sys.fdatasync(fd) { failure = e } }
       state.lock()
       s.syncing = false
-      if let failure { loseLocked("synchronising the history failed: \(failure)") } else { s.synced = max(s.synced, target) }
+      if let failure {
+        loseLocked("synchronising the history failed: \(failure)")
+      } else {
+        s.synced = max(s.synced, target)
+      }
       state.broadcast()
     }
   }
@@ -613,32 +617,23 @@ public final class PointHistory: @unchecked Sendable {
   @discardableResult
   public func point() throws -> Point? {
     let instant = Instant.now()
-    let placed: (position: UInt64, fd: Int32, fileStart: UInt64, record: HistoryFormat.Record)? = try state.withLock {
+    return try state.withLock {
       if let lost = s.lost { throw ToolkitError("the history is lost: \(lost)") }
       guard s.open.firstPosition != nil else { return nil }
       let record = HistoryFormat.Record.point(
         segment: s.open.number, instant: instant.nanosecondsSinceEpoch,
         bytes: s.open.bytes + UInt64(HistoryFormat.recordHeaderLength))
       guard let place = reserve(record.length) else { throw ToolkitError("the history is lost: \(s.lost ?? "")") }
-      s.pending.append(place.position)
-      return (place.position, place.fd, place.fileStart, record)
-    }
-    guard let placed else { return nil }
-    var header = [UInt8](repeating: 0, count: HistoryFormat.recordHeaderLength)
-    header.withUnsafeMutableBytes { placed.record.encodeHeader(into: $0.baseAddress!) }
-    let written = header.withUnsafeBytes {
-      pwriteFull(placed.fd, $0.baseAddress!, $0.count, placed.position - placed.fileStart)
-    }
-    state.withLock {
-      if let i = s.pending.firstIndex(of: placed.position) { s.pending.remove(at: i) }
-      state.broadcast()
-    }
-    if case .failure(let e) = written { lose("appending a point failed: \(e)") }
-    waitDurable(placed.position + placed.record.length)
-    return try state.withLock {
+      var header = [UInt8](repeating: 0, count: HistoryFormat.recordHeaderLength)
+      header.withUnsafeMutableBytes { record.encodeHeader(into: $0.baseAddress!) }
+      let written = header.withUnsafeBytes {
+        pwriteFull(place.fd, $0.baseAddress!, $0.count, place.position - place.fileStart)
+      }
+      if case .failure(let e) = written { loseLocked("appending a point failed: \(e)") }
+      waitDurableLocked(place.position + record.length)
       if let lost = s.lost { throw ToolkitError("the history is lost: \(lost)") }
       var segment = s.open
-      segment.bytes += placed.record.length
+      segment.bytes += record.length
       segment.instant = instant.nanosecondsSinceEpoch
       segment.runs.sort { $0.first < $1.first }
       for r in segment.runs { s.preserved.clear(r.first..<r.first + UInt64(r.count)) }
@@ -726,14 +721,18 @@ public final class PointHistory: @unchecked Sendable {
     let (sum, fds): (Summary, [Int32]) = state.withLock {
       var points: [Point] = []
       if s.oldest.instant != 0 {
-        points.append(Point(number: s.oldest.number, instant: Instant(nanosecondsSinceEpoch: s.oldest.instant), bytes: 0, blocks: 0))
+        points.append(
+          Point(number: s.oldest.number, instant: Instant(nanosecondsSinceEpoch: s.oldest.instant), bytes: 0, blocks: 0)
+        )
       }
       for c in s.closed {
         points.append(
           Point(number: c.number, instant: Instant(nanosecondsSinceEpoch: c.instant), bytes: c.bytes, blocks: c.blocks))
       }
       return (
-        Summary(id: id, points: s.lost == nil ? points : [], spaceUsed: 0, openBytes: s.open.bytes, retention: retention, lost: s.lost),
+        Summary(
+          id: id, points: s.lost == nil ? points : [], spaceUsed: 0, openBytes: s.open.bytes, retention: retention,
+          lost: s.lost),
         s.files.map(\.fd)
       )
     }
@@ -848,7 +847,8 @@ public final class PointHistory: @unchecked Sendable {
         }
         try readKept(
           fd: f.fd, recordOffset: position - f.position, recordCount: recordCount, index: index,
-          blocks: UInt32(step.blocks.count), skip: Int(byteStart - step.blocks.lowerBound * Self.bs), into: into, point: n)
+          blocks: UInt32(step.blocks.count), skip: Int(byteStart - step.blocks.lowerBound * Self.bs), into: into,
+          point: n)
       }
     }
   }

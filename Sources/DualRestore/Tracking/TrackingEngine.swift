@@ -51,6 +51,9 @@ public final class TrackingEngine: @unchecked Sendable {
   /// The device's points in time (--history), or nil. Set once, before the
   /// device is served, and only read after.
   public private(set) var history: PointHistory?
+  /// Writes on their way to the device while it keeps a history and no
+  /// far copy (StagedWrites); nil otherwise.
+  private(set) var staging: StagedWrites?
 
   deinit { writeback.stop() }
 
@@ -140,8 +143,17 @@ public final class TrackingEngine: @unchecked Sendable {
   }
 
   /// Keeps the device's points in time from now on (before serving).
+  /// Without far copies, writes are staged (StagedWrites), so that the
+  /// history's sync is not in each write's path; with far copies they are
+  /// not, since the activity log must cover a write until it is on the
+  /// device.
   public func keepHistory(_ h: PointHistory) {
-    state.withLock { history = h }
+    let staged = mirror == nil ? StagedWrites(device: device, history: h, log: log) : nil
+    state.withLock {
+      history = h
+      staging = staged
+    }
+    staged?.start()
   }
 
   /// Writes `buffer` at `offset`, tracked.
@@ -155,6 +167,17 @@ public final class TrackingEngine: @unchecked Sendable {
       }
       writeback.written(offset, UInt64(buffer.count))
       if fua { try mirror.sync() }
+      return
+    }
+    if let staging {
+      var id: UInt64 = 0
+      try withPreserved(blocks, offset, UInt64(buffer.count)) {
+        id = staging.stage(buffer, offset: offset, length: UInt64(buffer.count))
+      }
+      if fua {
+        try staging.drain(through: id)
+        try device.sync()
+      }
       return
     }
     try withPreserved(blocks, offset, UInt64(buffer.count)) { try device.write(buffer, at: offset) }
@@ -176,11 +199,21 @@ public final class TrackingEngine: @unchecked Sendable {
       if fua { try mirror.sync() }
       return
     }
+    if let staging {
+      var id: UInt64 = 0
+      try withPreserved(blocks, offset, length) { id = staging.stage(nil, offset: offset, length: length) }
+      if fua {
+        try staging.drain(through: id)
+        try device.sync()
+      }
+      return
+    }
     try withPreserved(blocks, offset, length) { try device.writeZeros(offset: offset, length: length, scratch: zeros) }
     if fua { try device.sync() }
   }
 
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+    if let staging { return try staging.read(into: buffer, at: offset) }
     try device.read(into: buffer, at: offset)
   }
 
@@ -192,6 +225,7 @@ public final class TrackingEngine: @unchecked Sendable {
       return try device.sync()
     }
     try withWritesHeld { () throws -> Void in
+      try staging?.drain()
       if let mirror { try mirror.flush() } else { try device.sync() }
       try history.point()
     }
@@ -235,7 +269,7 @@ public final class TrackingEngine: @unchecked Sendable {
     locks.lock(blocks)
     defer { locks.unlock(blocks) }
     view?.preserve(blocks, from: device, buffers: buffers)
-    history?.preserve(offset: offset, length: length, from: device)
+    history?.preserve(offset: offset, length: length, from: device, durable: staging == nil)
     try body()
   }
 
@@ -311,6 +345,8 @@ public final class TrackingEngine: @unchecked Sendable {
       if let v = state.withLock({ view }) {
         throw ToolkitError("a view frozen at \(v.frozen) is held already; drop it first")
       }
+      // The view preserves what the device holds: the staged writes first.
+      try staging?.drain()
       // The view first: if its store cannot be made, the generation goes on.
       let fresh = changesOutput.map { _ in freshGeneration() }
       let v = try FrozenView(
@@ -374,6 +410,7 @@ public final class TrackingEngine: @unchecked Sendable {
   /// Stops: a view still held is lost (the store goes), the device is
   /// synchronised.
   public func close() throws {
+    try staging?.stop()
     writeback.stop()
     if let v = state.withLock({ view }) {
       v.close(reason: "the server stopped")

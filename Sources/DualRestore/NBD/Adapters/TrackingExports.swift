@@ -22,12 +22,18 @@ public final class TrackedExport: NBDExport, Sendable {
   }
 
   /// Reads of the live device go from its page cache to the client.
+  /// (Not while writes staged for the device touch the range: the read
+  /// lays them over the device's bytes.)
   public func makeReadableInFile(offset: UInt64, length: Int) throws -> FileSpan? {
-    FileSpan(fd: engine.device.pageCacheFD, offset: offset)
+    if let staging = engine.staging, staging.overlaps(offset, UInt64(length)) { return nil }
+    return FileSpan(fd: engine.device.pageCacheFD, offset: offset)
   }
 
   public func allocation(offset: UInt64, length: UInt32, limit: Int) throws -> [Extent] {
-    engine.device.allocation(offset: offset, length: length, limit: limit)
+    if let staging = engine.staging, staging.overlaps(offset, UInt64(length)) {
+      return [Extent(length: length, flags: 0)]
+    }
+    return engine.device.allocation(offset: offset, length: length, limit: limit)
   }
 
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
