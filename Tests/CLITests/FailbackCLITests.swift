@@ -403,8 +403,7 @@ final class FailbackCLITests: CLITestCase {
   func testOwedRefusesARunningServerAndWhatIsNotAJournal() throws {
     let (o, _, dir) = try linkDownRun(seed: 82, secondCopy: false, stop: false)
     let journal = o.mapPath + ".mirror"
-    func refused(_ arguments: [String], _ fragment: String, file: StaticString = #filePath, line: UInt = #line) throws
-    {
+    func refused(_ arguments: [String], _ fragment: String, file: StaticString = #filePath, line: UInt = #line) throws {
       let out = dir + "/refused.map"
       let r = try owed(dir, arguments + ["-o", out])
       assertFails(r, status: 1, mentioning: fragment, file: file, line: line)
@@ -415,8 +414,11 @@ final class FailbackCLITests: CLITestCase {
     // A second server on the same journal is refused too.
     let second = try RRTCommand.run(
       "tracking-server",
-      ["serve", "--changes", dir + "/other.map", "--journal", journal, "--socket", dir + "/other.sock", "--ack", "local",
-       "--backup", "nbd+unix:///?socket=\(dir)/nowhere.sock", o.devicePath], timeout: 30)
+      [
+        "serve", "--changes", dir + "/other.map", "--journal", journal, "--socket", dir + "/other.sock", "--ack",
+        "local",
+        "--backup", "nbd+unix:///?socket=\(dir)/nowhere.sock", o.devicePath,
+      ], timeout: 30)
     XCTAssertNotEqual(second.status, 0, second.summary)
     XCTAssertTrue(second.stderr.contains("is locked"), second.stderr)
     o.stop()
