@@ -337,7 +337,10 @@ final class FailbackCLITests: CLITestCase {
     let (differ, differBytes) = Self.differing(before, farNow, blockSize: 4096)
     XCTAssertFalse(differ.isEmpty)
     XCTAssertTrue(differ.isSubset(of: b.union(c)), "differ beyond B and C: \(differ.subtracting(b.union(c)).brief)")
-    XCTAssertTrue(a.isSubset(of: Set(0..<4096)))
+    // The scenario is what it says: C over some of B's blocks, some of A's, and new ones.
+    XCTAssertFalse(c.isDisjoint(with: b))
+    XCTAssertFalse(c.isDisjoint(with: a))
+    XCTAssertFalse(c.subtracting(a).subtracting(b).isEmpty)
 
     let steps = try RRTCommand.shell(
       """
