@@ -20,7 +20,7 @@ struct OverwriteMap: ParsableCommand {
       """,
     subcommands: [
       Create.self, Show.self, Stats.self, Extents.self, SetBlocks.self, ClearBlocks.self,
-      Union.self, Intersect.self, Subtract.self, Invert.self, Rescale.self, Import.self, Export.self,
+      Union.self, Intersect.self, Subtract.self, Invert.self, Rescale.self, Import.self, Export.self, Owed.self,
     ])
 
   static func main() { ToolMain.run(Self.self) }

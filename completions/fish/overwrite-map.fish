@@ -48,6 +48,8 @@ function __overwrite-map_parse_tokens -S
             __overwrite-map_parse_subcommand 2 'size=' 'like=' 'block-size=' 'name=' 'meaning=' 'status=' 'any-byte' 'h/help'
         case 'export'
             __overwrite-map_parse_subcommand 2 'set-status=' 'clear-status=' 'h/help'
+        case 'owed'
+            __overwrite-map_parse_subcommand 0 'journal=' 'activity-log=' 'copy=' 'o/output=' 'h/help'
         case 'help'
             __overwrite-map_parse_subcommand -r 1 
         end
@@ -117,6 +119,7 @@ complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_pos
 complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_positional "overwrite-map" -eq 1' -fa 'rescale' -d 'Change a map\'s block size, over the same device.'
 complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_positional "overwrite-map" -eq 1' -fa 'import' -d 'Make a map from a GNU ddrescue mapfile.'
 complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_positional "overwrite-map" -eq 1' -fa 'export' -d 'Write a map as a GNU ddrescue mapfile.'
+complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_positional "overwrite-map" -eq 1' -fa 'owed' -d 'Map the blocks a stopped server\'s mirror journal owes a far copy.'
 complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_positional "overwrite-map" -eq 1' -fa 'help' -d 'Show subcommand help information.'
 complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_flags_or_options "overwrite-map create" size' -l 'size' -d 'Size of the device in bytes (K, M, G, T: powers of 1024).' -rfka ''
 complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_flags_or_options "overwrite-map create" like' -l 'like' -d 'Take the size and name from this image file or block device.' -rfka ''
@@ -153,3 +156,8 @@ complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_fla
 complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_flags_or_options "overwrite-map export" set-status' -l 'set-status' -d 'Status character of set blocks.' -rfka ''
 complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_flags_or_options "overwrite-map export" clear-status' -l 'clear-status' -d 'Status character of clear blocks.' -rfka ''
 complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_flags_or_options "overwrite-map export" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_flags_or_options "overwrite-map owed" journal' -l 'journal' -d 'The stopped server\'s mirror journal (MAP.mirror).' -rfka ''
+complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_flags_or_options "overwrite-map owed" activity-log' -l 'activity-log' -d 'The server\'s activity log (default: MAP.al for a journal named MAP.mirror).' -rfka ''
+complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_flags_or_options "overwrite-map owed" copy' -l 'copy' -d 'The far copy, by its URI as given to the server or its place in the positions file (0 first); needed when there are several.' -rfka ''
+complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_flags_or_options "overwrite-map owed" o output' -l 'output' -s 'o' -d 'Write the result to this file (saved atomically) instead of standard output.' -rfka ''
+complete -c 'overwrite-map' -n '__overwrite-map_should_offer_completions_for_flags_or_options "overwrite-map owed" h help' -s 'h' -l 'help' -d 'Show help information.'

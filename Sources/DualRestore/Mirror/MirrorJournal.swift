@@ -19,6 +19,8 @@
 //   wait (the log says so) until they catch up; when no client flush comes
 //   to close an interval, the journal closes one itself, so a waiting
 //   client is never waiting on itself.
+// - One process keeps a journal at a time: it is locked (flock) for as
+//   long as it is open.
 
 import CShim
 import Glibc
@@ -143,7 +145,22 @@ public final class MirrorJournal: @unchecked Sendable {
     case .success(let d): fd = d
     case .failure(let e): throw ToolkitError.path(path, "cannot open the mirror journal: \(e)")
     }
+    // One server per journal, and no reader of what it owes while it runs
+    // (overwrite-map owed): the lock goes with the process.
+    if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+      let e = Errno.current
+      Sys.close(fd)
+      if !exists { unlink(path) }
+      if e.rawValue == EWOULDBLOCK {
+        throw ToolkitError("\(path) is locked: another process is using this mirror journal")
+      }
+      throw ToolkitError.path(path, "cannot lock the mirror journal", errno: e)
+    }
     self.fd = fd
+    // A refusal below leaves no descriptor open, and so no lock held (the
+    // object is not whole, so deinit does not run).
+    var opened = false
+    defer { if !opened { Sys.close(fd) } }
     if !exists {
       header = MirrorJournalHeader(
         journal: .random(), map: mapID, deviceSize: geometry.deviceSize, blockSize: geometry.blockSize,
@@ -186,6 +203,7 @@ public final class MirrorJournal: @unchecked Sendable {
     let start = UInt64(MirrorJournalHeader.length)
     if consumed > start { _ = dr_punch_hole(fd, start, consumed - start) }
     punchedTo = max(start, consumed)
+    opened = true
   }
 
   // MARK: Recovery
