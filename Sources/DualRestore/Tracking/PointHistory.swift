@@ -123,6 +123,9 @@ public final class PointHistory: @unchecked Sendable {
     /// The log is durable up to here.
     var synced: UInt64
     var syncing = false
+    /// A point appended with durable false whose device is not durable
+    /// yet: nothing may synchronise the log until `releasePoint`.
+    var unsyncedPoint = false
     var lost: String?
     var overlays: [Overlay] = []
   }
@@ -563,6 +566,17 @@ public final class PointHistory: @unchecked Sendable {
     return (at, current.fd, current.position)
   }
 
+  /// Lets the log be synchronised again once the device holds the state
+  /// the last point names (`durable`), or loses the history when it could
+  /// not be made durable.
+  public func releasePoint(durable: Bool) {
+    state.withLock {
+      if !durable { loseLocked("the device could not be made durable at a point") }
+      s.unsyncedPoint = false
+      state.broadcast()
+    }
+  }
+
   /// Returns once everything appended so far is durable (or the history
   /// is lost).
   func syncLog() {
@@ -574,7 +588,7 @@ public final class PointHistory: @unchecked Sendable {
   /// others wait for it). Called with the state locked.
   private func waitDurableLocked(_ end: UInt64) {
     while s.synced < end && s.lost == nil {
-      if s.syncing {
+      if s.syncing || s.unsyncedPoint {
         state.wait()
         continue
       }
@@ -614,8 +628,13 @@ public final class PointHistory: @unchecked Sendable {
 
   /// Records a point: the device (durable, with no write inside) as it is
   /// now. Returns it, or nil when nothing was written since the last one.
+  /// With `durable` false the record is appended but not synchronised:
+  /// the caller makes the device durable first and keeps every later
+  /// append from being synchronised meanwhile (StagedWrites paused), so the
+  /// record is never durable before the state it names. A crash before the
+  /// next sync loses the point, not its before-images: its segment goes on.
   @discardableResult
-  public func point() throws -> Point? {
+  public func point(durable: Bool = true) throws -> Point? {
     let instant = Instant.now()
     return try state.withLock {
       if let lost = s.lost { throw ToolkitError("the history is lost: \(lost)") }
@@ -630,7 +649,7 @@ public final class PointHistory: @unchecked Sendable {
         pwriteFull(place.fd, $0.baseAddress!, $0.count, place.position - place.fileStart)
       }
       if case .failure(let e) = written { loseLocked("appending a point failed: \(e)") }
-      waitDurableLocked(place.position + record.length)
+      if durable { waitDurableLocked(place.position + record.length) } else { s.unsyncedPoint = true }
       if let lost = s.lost { throw ToolkitError("the history is lost: \(lost)") }
       var segment = s.open
       segment.bytes += record.length
@@ -653,7 +672,8 @@ public final class PointHistory: @unchecked Sendable {
     var header: (fd: Int32, bytes: [UInt8], offset: UInt64)?
     var dropped = 0
     state.withLock {
-      guard s.lost == nil else { return }
+      // (A header's sync would make the log durable too: not now.)
+      guard s.lost == nil, !s.unsyncedPoint else { return }
       var used = s.closed.reduce(UInt64(0)) { $0 + $1.bytes } + s.open.bytes
       while let first = s.closed.first {
         let old = retention.seconds > 0 && Double(now - s.oldest.instant) / 1e9 > retention.seconds

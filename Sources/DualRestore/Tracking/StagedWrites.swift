@@ -5,7 +5,9 @@
 // log durable once for every write staged meanwhile and only then writes
 // them to the device, in the order they were staged. A FLUSH (and a FUA
 // write, and anything that needs the device as it stands: a point, a
-// freeze, a stop) waits until what was staged before it is on the device.
+// freeze, a stop) waits until what was staged before it is on the device;
+// a FLUSH then makes the device durable with writes going on, staged,
+// while nothing is applied.
 //
 // Invariants:
 // - Preserved before overwritten, as without staging: no staged write
@@ -46,6 +48,9 @@ final class StagedWrites: @unchecked Sendable {
   private var applied: UInt64 = 0
   private var failure: String?
   private var stopping = false
+  /// While a FLUSH makes the device durable: nothing is applied, nor is
+  /// the log synchronised (see PointHistory.point(durable:)).
+  private var paused = false
   private let thread = StoppableThreads()
 
   init(device: Device, history: PointHistory, capacity: Int = 64 << 20, log: @escaping @Sendable (String) -> Void) {
@@ -163,7 +168,7 @@ final class StagedWrites: @unchecked Sendable {
   private func run() {
     while true {
       monitor.lock()
-      while entries.count == first && !stopping { monitor.wait() }
+      while (entries.count == first || paused) && !stopping { monitor.wait() }
       if entries.count == first && stopping {
         monitor.unlock()
         return
@@ -206,6 +211,15 @@ final class StagedWrites: @unchecked Sendable {
       if entries.isEmpty { head = 0 }
       monitor.broadcast()
       monitor.unlock()
+    }
+  }
+
+  func pause() { monitor.withLock { paused = true } }
+
+  func resume() {
+    monitor.withLock {
+      paused = false
+      monitor.broadcast()
     }
   }
 

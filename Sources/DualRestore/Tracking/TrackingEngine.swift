@@ -224,10 +224,28 @@ public final class TrackingEngine: @unchecked Sendable {
       if let mirror { return try mirror.flush() }
       return try device.sync()
     }
-    try withWritesHeld { () throws -> Void in
-      try staging?.drain()
-      if let mirror { try mirror.flush() } else { try device.sync() }
-      try history.point()
+    if let staging {
+      // Writes are held only while the staged ones reach the device and
+      // the point is recorded; they are staged again while the device is
+      // made durable, and applied after.
+      try withWritesHeld { () throws -> Void in
+        try staging.drain()
+        try history.point(durable: false)
+        staging.pause()
+      }
+      defer { staging.resume() }
+      do {
+        try device.sync()
+        history.releasePoint(durable: true)
+      } catch {
+        history.releasePoint(durable: false)
+        throw error
+      }
+    } else {
+      try withWritesHeld { () throws -> Void in
+        if let mirror { try mirror.flush() } else { try device.sync() }
+        try history.point()
+      }
     }
     history.trim()
   }
