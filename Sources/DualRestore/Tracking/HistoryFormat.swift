@@ -133,7 +133,9 @@ public enum HistoryFormat {
       }
       guard bs == HistoryFormat.blockSize else { return .failure(.init("has block size \(bs), not 4096")) }
       guard flags & ~1 == 0 else { return .failure(.init("has unknown header flags \(flags)")) }
-      guard live >= position + UInt64(HistoryFormat.fileHeaderLength), open >= 1, previous == open - 1 else {
+      guard position <= UInt64.max - UInt64(HistoryFormat.fileHeaderLength),
+        live >= position + UInt64(HistoryFormat.fileHeaderLength), open >= 1, previous == open - 1
+      else {
         return .failure(.init("has a header whose positions or segments do not agree"))
       }
       return .success(

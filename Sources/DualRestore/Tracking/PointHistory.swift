@@ -223,7 +223,9 @@ public final class PointHistory: @unchecked Sendable {
     case .failure(let e): throw ToolkitError.path(path, "cannot create a history file: \(e)")
     }
     let bytes = header.encoded() + header.encoded()
-    let done = bytes.withUnsafeBytes { b in pwriteFull(fd, b.baseAddress!, b.count, 0).flatMap { Sys.fdatasync(fd).map { _ in } } }
+    let done = bytes.withUnsafeBytes { b in
+      pwriteFull(fd, b.baseAddress!, b.count, 0).flatMap { Sys.fdatasync(fd).map { _ in } }
+    }
     if case .failure(let e) = done {
       Sys.close(fd)
       unlink(path)
@@ -265,7 +267,8 @@ public final class PointHistory: @unchecked Sendable {
           continue
         }
         Sys.close(fd)
-        fail = ToolkitError.path(path, "\(decodedErrorText(decoded)); the history is damaged: move it aside to start anew")
+        fail = ToolkitError.path(
+          path, "\(decodedErrorText(decoded)); the history is damaged: move it aside to start anew")
         break
       }
       if id == nil { id = header.historyID }
@@ -591,7 +594,11 @@ public final class PointHistory: @unchecked Sendable {
       for fd in fds { if case .failure(let e) = Sys.fdatasync(fd) { failure = e } }
       state.lock()
       s.syncing = false
-      if let failure { loseLocked("synchronising the history failed: \(failure)") } else { s.synced = max(s.synced, target) }
+      if let failure {
+        loseLocked("synchronising the history failed: \(failure)")
+      } else {
+        s.synced = max(s.synced, target)
+      }
       state.broadcast()
     }
   }
@@ -726,14 +733,18 @@ public final class PointHistory: @unchecked Sendable {
     let (sum, fds): (Summary, [Int32]) = state.withLock {
       var points: [Point] = []
       if s.oldest.instant != 0 {
-        points.append(Point(number: s.oldest.number, instant: Instant(nanosecondsSinceEpoch: s.oldest.instant), bytes: 0, blocks: 0))
+        points.append(
+          Point(number: s.oldest.number, instant: Instant(nanosecondsSinceEpoch: s.oldest.instant), bytes: 0, blocks: 0)
+        )
       }
       for c in s.closed {
         points.append(
           Point(number: c.number, instant: Instant(nanosecondsSinceEpoch: c.instant), bytes: c.bytes, blocks: c.blocks))
       }
       return (
-        Summary(id: id, points: s.lost == nil ? points : [], spaceUsed: 0, openBytes: s.open.bytes, retention: retention, lost: s.lost),
+        Summary(
+          id: id, points: s.lost == nil ? points : [], spaceUsed: 0, openBytes: s.open.bytes, retention: retention,
+          lost: s.lost),
         s.files.map(\.fd)
       )
     }
@@ -848,7 +859,8 @@ public final class PointHistory: @unchecked Sendable {
         }
         try readKept(
           fd: f.fd, recordOffset: position - f.position, recordCount: recordCount, index: index,
-          blocks: UInt32(step.blocks.count), skip: Int(byteStart - step.blocks.lowerBound * Self.bs), into: into, point: n)
+          blocks: UInt32(step.blocks.count), skip: Int(byteStart - step.blocks.lowerBound * Self.bs), into: into,
+          point: n)
       }
     }
   }
@@ -1023,7 +1035,10 @@ extension Instant {
     t.tm_hour = Int32(hour)
     t.tm_min = Int32(minute)
     t.tm_sec = Int32(second)
-    let seconds = timegm(&t)
-    self.init(nanosecondsSinceEpoch: Int64(seconds) * 1_000_000_000 + nanos)
+    // Nanoseconds since 1970 in 64 bits reach from 1677 to 2262.
+    let (whole, over) = Int64(timegm(&t)).multipliedReportingOverflow(by: 1_000_000_000)
+    let (all, past) = whole.addingReportingOverflow(nanos)
+    guard !over, !past else { return nil }
+    self.init(nanosecondsSinceEpoch: all)
   }
 }
