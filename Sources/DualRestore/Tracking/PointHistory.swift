@@ -147,6 +147,9 @@ public final class PointHistory: @unchecked Sendable {
     if !pathExists(directory), mkdir(directory, 0o700) != 0 {
       throw ToolkitError.path(directory, "cannot create the history directory: \(Errno(errno))")
     }
+    // A directory of something else is refused before the lock file is
+    // made in it (and listed again under the lock).
+    _ = try Self.logFiles(in: directory)
     let lockPath = directory + "/lock"
     guard case .success(let fd) = Sys.open(lockPath, flags: O_RDWR | O_CREAT, mode: 0o600) else {
       throw ToolkitError.path(directory, "cannot open the history's lock file: \(Errno(errno))")
