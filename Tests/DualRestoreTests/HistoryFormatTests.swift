@@ -151,7 +151,8 @@ final class HistoryFormatTests: XCTestCase {
 
     // Both slots bad: the first one's reason; slots of two files: refused.
     XCTAssertEqual(
-      HistoryFormat.FileHeader.decode(file: (crc + magic)[...]).failureSentence, "has a header whose CRC does not match")
+      HistoryFormat.FileHeader.decode(file: (crc + magic)[...]).failureSentence, "has a header whose CRC does not match"
+    )
     var other = h
     other.historyID = ID128(high: 1, low: 1)
     XCTAssertEqual(

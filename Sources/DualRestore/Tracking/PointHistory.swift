@@ -680,7 +680,9 @@ public final class PointHistory: @unchecked Sendable {
         dropped += 1
       }
       guard dropped > 0 else { return }
-      s.overlays.removeAll { $0.point < s.oldest.number }
+      // Not `s.oldest` inside the closure: `s` is being modified (a trap).
+      let oldest = s.oldest.number
+      s.overlays.removeAll { $0.point < oldest }
       // The first record kept; files wholly before it go, the rest of the
       // first one is punched out after its header says where to start.
       let live = s.closed.first?.firstPosition ?? s.open.firstPosition ?? s.tail
@@ -757,10 +759,16 @@ public final class PointHistory: @unchecked Sendable {
     return result
   }
 
-  /// The newest point at or before `instant`, or why there is none.
+  /// The newest point at or before `instant`, or why there is none. Points
+  /// are compared at the millisecond their instants are listed to, so that
+  /// the instant `points` shows for a point finds that point.
   public func point(at instant: Instant) throws -> UInt64 {
     let points = summary.points
-    guard let p = points.last(where: { $0.instant <= instant }) else {
+    func listed(_ i: Instant) -> Int64 {
+      let ns = i.nanosecondsSinceEpoch
+      return ns - ((ns % 1_000_000) + 1_000_000) % 1_000_000
+    }
+    guard let p = points.last(where: { listed($0.instant) <= instant.nanosecondsSinceEpoch }) else {
       if let first = points.first {
         throw ToolkitError(
           "\(instant) is before the oldest point kept, \(first.number) at \(first.instant): the history no longer "
