@@ -119,7 +119,8 @@ extension FuzzEntryPoints {
     let data = crcs + 4 * count
     return bytes.withUnsafeBytes { b in
       (0..<count).allSatisfy { k in
-        dr_crc32c(0, b.baseAddress! + data + k * bs, bs) == UInt32(littleEndian: b.loadUnaligned(fromByteOffset: crcs + 4 * k, as: UInt32.self))
+        dr_crc32c(0, b.baseAddress! + data + k * bs, bs)
+          == UInt32(littleEndian: b.loadUnaligned(fromByteOffset: crcs + 4 * k, as: UInt32.self))
       }
     }
   }

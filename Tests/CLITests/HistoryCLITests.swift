@@ -608,6 +608,147 @@ final class HistoryCLITests: CLITestCase {
     r.stopServer()
   }
 
+  // MARK: Files past 256 MiB
+
+  /// Writes the whole device `count` times through the export, pass p
+  /// being random bytes seeded with p in 4 MiB writes, a FLUSH after each
+  /// pass; prints one line a pass: `flushed P` or why its flush failed.
+  func writePasses(_ r: TrackRig, first: Int, count: Int) throws -> RRTCommand.Result {
+    let code = """
+      import sys, random, nbd
+      uri, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+      h = nbd.NBD()
+      h.connect_uri(uri)
+      size = h.get_size()
+      for p in range(first, first + count):
+          data = random.Random(p).randbytes(size)
+          for off in range(0, size, 4 << 20):
+              h.pwrite(data[off:off + (4 << 20)], off)
+          try:
+              h.flush()
+              print("flushed %d" % p, flush=True)
+          except nbd.Error as e:
+              print("flush %d failed: %s" % (p, " ".join(str(e).split())), flush=True)
+      h.shutdown()
+      """
+    return try RRTCommand.run(StampedLoad.python, ["-c", code, r.uri, "\(first)", "\(count)"], timeout: 600)
+  }
+
+  /// Reads each point named and says, one line each, whether it holds the
+  /// device after pass `pass` (0: the device as created).
+  func assertPasses(
+    _ r: TrackRig, _ points: [(point: Int, pass: Int)], baseline: String, _ what: String,
+    file: StaticString = #filePath,
+    line: UInt = #line
+  ) throws {
+    let code = """
+      import sys, random, nbd
+      sock, baseline = sys.argv[1], sys.argv[2]
+      for item in sys.argv[3:]:
+          n, p = [int(x) for x in item.split(":")]
+          h = nbd.NBD()
+          try:
+              h.connect_uri("nbd+unix:///point;%d?socket=%s" % (n, sock))
+              size = h.get_size()
+              want = open(baseline, "rb").read() if p == 0 else random.Random(p).randbytes(size)
+              same = all(h.pread(min(4 << 20, size - o), o) == want[o:o + (4 << 20)] for o in range(0, size, 4 << 20))
+              print("point %d %s" % (n, "right" if same else "WRONG"))
+              h.shutdown()
+          except nbd.Error as e:
+              print("point %d refused: %s" % (n, " ".join(str(e).split())))
+      """
+    let res = try RRTCommand.run(
+      StampedLoad.python, ["-c", code, r.socket, baseline] + points.map { "\($0.point):\($0.pass)" }, timeout: 600)
+    XCTAssertEqual(res.status, 0, res.summary, file: file, line: line)
+    XCTAssertEqual(
+      res.lines, points.map { "point \($0.point) right" }, "\(what)\nlog:\n\(r.allLogs)", file: file, line: line)
+  }
+
+  /// Five passes over a 64 MiB device: 320 MiB of before-images, so the log
+  /// goes on in a second file (begun inside segment 4). Every point reads
+  /// right, and again after a stop and a start; a start with --keep-bytes
+  /// 100M trims points 0 to 3, which removes the first file and updates the
+  /// second's header, and the points kept read right, also after one more
+  /// start, which reads the history from a file that is not at position 0.
+  func testTheLogGoesOnInASecondFileAndATrimRemovesTheFirst() throws {
+    try require("nbdinfo")
+    try StampedLoad.require()
+    let r = try historyRig(size: 64 << 20, seed: 59)
+    let baseline = try r.s.file("baseline.img", r.original)
+    let started = RRTEnv.monotonic()
+    let w = try writePasses(r, first: 1, count: 5)
+    let took = RRTEnv.monotonic() - started
+    XCTAssertEqual(w.lines, (1...5).map { "flushed \($0)" }, w.summary)
+    let files = try historyFiles(r)
+    XCTAssertEqual(files.count, 2, "\(files)")
+    let listed = try points(r).points
+    XCTAssertEqual(listed.map(\.number), Array(0...5))
+    let all = (0...5).map { (point: $0, pass: $0) }
+    try assertPasses(r, all, baseline: baseline, "two files")
+    print(
+      "history: 320 MiB written in \(String(format: "%.1f", took)) s; files \(files.map { ($0 as NSString).lastPathComponent })"
+    )
+
+    r.stop()
+    try r.start()
+    XCTAssertEqual(try points(r).points, listed)
+    try assertPasses(r, all, baseline: baseline, "two files, after a restart")
+
+    r.stop()
+    try r.start(["--history", historyPath(r), "--keep-bytes", "100M"])
+    let kept = try points(r).points
+    XCTAssertEqual(kept.map(\.number), [4, 5], "log:\n\(r.log)")
+    XCTAssertEqual(kept.first?.instant, listed[4].instant)
+    let remaining = try historyFiles(r)
+    XCTAssertEqual(
+      remaining.map { ($0 as NSString).lastPathComponent }, files.dropFirst().map { ($0 as NSString).lastPathComponent }
+    )
+    try assertPasses(r, [(4, 4), (5, 5)], baseline: baseline, "after the first file was trimmed")
+    let gone = try r.run("/usr/bin/nbdinfo", ["--size", "nbd+unix:///point;3?socket=\(r.socket)"])
+    XCTAssertNotEqual(gone.status, 0, gone.summary)
+
+    r.stop()
+    try r.start()
+    XCTAssertEqual(try points(r).points, kept, "log:\n\(r.log)")
+    try assertPasses(r, [(4, 4), (5, 5)], baseline: baseline, "from the second file alone, after a restart")
+    // And it goes on: pass 6 is point 6, and point 4 goes (segments 5 and 6
+    // take 128 MiB).
+    XCTAssertEqual(try writePasses(r, first: 6, count: 1).lines, ["flushed 6"])
+    XCTAssertEqual(try points(r).points.map(\.number), [5, 6])
+    try assertPasses(r, [(5, 5), (6, 6)], baseline: baseline, "after one more pass")
+    r.stop()
+  }
+
+  /// A history that cannot go on (its directory made immutable, so the
+  /// second file cannot be made) is lost: its points are refused, status
+  /// says why, and the device goes on: its writes and FLUSHes succeed.
+  func testALostHistoryLeavesTheDeviceGoingOn() throws {
+    try require("nbdinfo", "chattr")
+    let r = try historyRig(size: 64 << 20, seed: 60)
+    let dir = historyPath(r)
+    let lock = try r.run("/usr/bin/chattr", ["+i", dir])
+    guard lock.status == 0 else { throw XCTSkip("chattr +i is refused here: \(lock.stderr)") }
+    defer { _ = try? RRTCommand.run("/usr/bin/chattr", ["-i", dir]) }
+    let w = try writePasses(r, first: 1, count: 5)
+    XCTAssertEqual(w.status, 0, w.summary)
+    XCTAssertEqual(w.lines, (1...5).map { "flushed \($0)" }, "the device did not go on:\n\(w.summary)\nlog:\n\(r.log)")
+    XCTAssertTrue(r.log.contains("history \(dir) is lost: "), r.log)
+    let p = try r.control("points", ["--json"])
+    XCTAssertEqual(p.status, 0, p.summary)
+    let o = try TrackRig.json(p.stdout)
+    XCTAssertNotNil(o["lost"] as? String, "\(o)")
+    XCTAssertEqual((o["points"] as? [Any])?.count, 0, "\(o)")
+    let refused = try r.run("/usr/bin/nbdinfo", ["--size", "nbd+unix:///point;1?socket=\(r.socket)"])
+    XCTAssertNotEqual(refused.status, 0, refused.summary)
+    // The device holds the last pass.
+    let device = try r.deviceData()
+    let want = try RRTCommand.run(
+      StampedLoad.python, ["-c", "import random, sys; sys.stdout.buffer.write(random.Random(5).randbytes(64 << 20))"])
+    XCTAssertTrue(device == want.data, "the device does not hold the last pass")
+    _ = try r.run("/usr/bin/chattr", ["-i", dir])
+    r.stop()
+  }
+
   // MARK: e. Bad input
 
   /// Each refused in one sentence with a non-zero exit, the device and the

@@ -619,17 +619,18 @@ public final class PointHistory: @unchecked Sendable {
   // MARK: Points
 
   /// Records a point: the device (durable, with no write inside) as it is
-  /// now. Returns it, or nil when nothing was written since the last one.
+  /// now. Returns it, or nil when nothing was written since the last one or
+  /// the history is lost: a lost history takes no points, and the FLUSH
+  /// that would have made one goes on (the device goes on without it).
   @discardableResult
   public func point() throws -> Point? {
     let instant = Instant.now()
-    let placed: (position: UInt64, fd: Int32, fileStart: UInt64, record: HistoryFormat.Record)? = try state.withLock {
-      if let lost = s.lost { throw ToolkitError("the history is lost: \(lost)") }
-      guard s.open.firstPosition != nil else { return nil }
+    let placed: (position: UInt64, fd: Int32, fileStart: UInt64, record: HistoryFormat.Record)? = state.withLock {
+      guard s.lost == nil, s.open.firstPosition != nil else { return nil }
       let record = HistoryFormat.Record.point(
         segment: s.open.number, instant: instant.nanosecondsSinceEpoch,
         bytes: s.open.bytes + UInt64(HistoryFormat.recordHeaderLength))
-      guard let place = reserve(record.length) else { throw ToolkitError("the history is lost: \(s.lost ?? "")") }
+      guard let place = reserve(record.length) else { return nil }
       s.pending.append(place.position)
       return (place.position, place.fd, place.fileStart, record)
     }
@@ -645,8 +646,8 @@ public final class PointHistory: @unchecked Sendable {
     }
     if case .failure(let e) = written { lose("appending a point failed: \(e)") }
     waitDurable(placed.position + placed.record.length)
-    return try state.withLock {
-      if let lost = s.lost { throw ToolkitError("the history is lost: \(lost)") }
+    return state.withLock {
+      guard s.lost == nil else { return nil }
       var segment = s.open
       segment.bytes += placed.record.length
       segment.instant = instant.nanosecondsSinceEpoch
