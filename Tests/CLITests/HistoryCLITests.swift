@@ -278,6 +278,102 @@ final class HistoryCLITests: CLITestCase {
     r.stop()
   }
 
+  /// Points read while the writer goes on making new ones (so their
+  /// overlays are brought up to date under the reads) read exactly as
+  /// their state; with --keep-bytes trimming the oldest meanwhile, a point
+  /// read as it goes is refused or fails, never read wrong.
+  func testPointsReadUnderAWriterAreExactOrRefused() throws {
+    try require("nbdinfo")
+    try StampedLoad.require()
+    for keep in [["--keep-time", "1h"], ["--keep-bytes", "1M"]] {
+      let r = try historyRig(size: 16 << 20, seed: 61, keep: keep)
+      let baseline = try r.s.file("baseline.img", r.original)
+      let load = StampedLoad(seed: 6106, writeSize: 2048, slots: 8192, flushEvery: 8)
+      let wlog = r.s.path("writer.log")
+      let writer = try load.startWriter(uri: r.uri, log: wlog, output: r.s.path("writer"), count: 4000)
+      r.others.append(writer)
+      var rounds = 0
+      var right = 0
+      var refused = 0
+      var rng = SplitMix64(seed: 0x6106)
+      while writer.isRunning {
+        let listed = try points(r).points
+        guard listed.count > 2 else {
+          RRTEnv.sleep(0.05)
+          continue
+        }
+        // The oldest, the newest and two between, read in one go.
+        let picks = [listed[0], listed[listed.count - 1]] + (0..<2).map { _ in listed[Int(rng.next() % UInt64(listed.count))] }
+        let reads = try read(
+          picks.map { ("point;\($0.number)", $0.number * 8) }, socket: r.socket, load: load, baseline: baseline,
+          dir: r.dir)
+        XCTAssertEqual(reads.count, picks.count)
+        for x in reads {
+          if x.equal {
+            right += 1
+          } else {
+            XCTAssertNil(x.firstDifference, "\(keep): \(x.export) read wrong bytes: \(x)\nlog:\n\(r.log)")
+            refused += 1
+          }
+        }
+        rounds += 1
+      }
+      XCTAssertEqual(writer.wait(timeout: 10), 0, writer.errors)
+      print("history \(keep) under a writer: \(rounds) rounds, \(right) points read right, \(refused) refused")
+      XCTAssertGreaterThan(rounds, 2, "the writer ended before the points were read")
+      XCTAssertGreaterThan(right, 0)
+      if keep[0] == "--keep-time" { XCTAssertEqual(refused, 0, "points refused with nothing trimmed") }
+      r.stop()
+    }
+  }
+
+  /// A device whose size is not a multiple of 4 KiB: writes into its last,
+  /// partial block and across blocks, a FLUSH after each group; every point
+  /// reads as the device was, to its last byte, also after a restart.
+  func testAPartialLastBlockIsKeptToTheDevicesLastByte() throws {
+    try require("nbdinfo", "nbdsh")
+    let size = (4 << 20) + 1000
+    let r = try historyRig(size: size, seed: 62)
+    let groups: [[(Int, Int)]] = [
+      [(size - 500, 500), (4090, 20)], [(size - 1000, 1000), (0, 1)], [(size - 1, 1), (8192, 8192 * 3 + 7)],
+      [(size - 4096 - 1000, 4096 + 1000)],
+    ]
+    var expected = [r.original]
+    var state = r.original
+    for (g, group) in groups.enumerated() {
+      var code = "h.connect_uri(URI)\n"
+      for (k, (offset, length)) in group.enumerated() {
+        let w = UInt32(100 * (g + 1) + k)
+        code += "h.pwrite(pattern(\(w), \(length)), \(offset))\n"
+        state.replaceSubrange(offset..<offset + length, with: TrackRig.pattern(w, length))
+      }
+      code += "h.flush()\nh.shutdown()\nprint('OK')"
+      let res = try r.nbdsh(code)
+      XCTAssertEqual(res.status, 0, res.summary)
+      expected.append(state)
+    }
+    func check(_ what: String) throws {
+      XCTAssertEqual(try points(r).points.map(\.number), Array(0...groups.count), what)
+      for n in 0...groups.count {
+        let out = r.s.path("point-\(n).img")
+        let res = try r.nbdsh(
+          """
+          h.connect_uri("nbd+unix:///point;\(n)?socket=\(r.socket)")
+          assert h.get_size() == SIZE
+          open(\(rrtPython(out)), "wb").write(h.pread(SIZE, 0))
+          h.shutdown()
+          """, uri: r.uri)
+        XCTAssertEqual(res.status, 0, res.summary)
+        RRTBytes.assertEqual(try Data(contentsOf: URL(fileURLWithPath: out)), expected[n], "\(what): point \(n)")
+      }
+    }
+    try check("running")
+    r.stop()
+    try r.start()
+    try check("after a restart")
+    r.stop()
+  }
+
   // MARK: b. Retention
 
   /// --keep-time 3s: once the points are older, the periodic trim leaves
