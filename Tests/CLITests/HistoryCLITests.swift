@@ -303,7 +303,8 @@ final class HistoryCLITests: CLITestCase {
           continue
         }
         // The oldest, the newest and two between, read in one go.
-        let picks = [listed[0], listed[listed.count - 1]] + (0..<2).map { _ in listed[Int(rng.next() % UInt64(listed.count))] }
+        let picks =
+          [listed[0], listed[listed.count - 1]] + (0..<2).map { _ in listed[Int(rng.next() % UInt64(listed.count))] }
         let reads = try read(
           picks.map { ("point;\($0.number)", $0.number * 8) }, socket: r.socket, load: load, baseline: baseline,
           dir: r.dir)
@@ -791,6 +792,10 @@ final class HistoryCLITests: CLITestCase {
     try assertPasses(r, all, baseline: baseline, "two files, after a restart")
 
     r.stop()
+    // Kept aside, to put back as a crash inside the trim would leave it.
+    let firstCopy = r.s.path("first-file.kept")
+    try FileManager.default.copyItem(atPath: try XCTUnwrap(files.first), toPath: firstCopy)
+    defer { unlink(firstCopy) }
     try r.start(["--history", historyPath(r), "--keep-bytes", "100M"])
     let kept = try points(r).points
     XCTAssertEqual(kept.map(\.number), [4, 5], "log:\n\(r.log)")
@@ -807,6 +812,20 @@ final class HistoryCLITests: CLITestCase {
     try r.start()
     XCTAssertEqual(try points(r).points, kept, "log:\n\(r.log)")
     try assertPasses(r, [(4, 4), (5, 5)], baseline: baseline, "from the second file alone, after a restart")
+
+    // A crash inside that trim, after the second file's header said where
+    // its records start and its bytes before were punched, but before the
+    // first file was removed: the first file is back as the trim left it.
+    r.stop()
+    let firstFile = try XCTUnwrap(files.first)
+    XCTAssertEqual(rename(firstCopy, firstFile), 0)
+    try r.start()
+    XCTAssertTrue(r.log.contains("1 file(s) that a trim cut short left behind are removed"), r.log)
+    XCTAssertFalse(FileManager.default.fileExists(atPath: firstFile))
+    XCTAssertEqual(
+      try points(r).points.suffix(2), ArraySlice(kept), "after a trim cut short by a crash; log:\n\(r.log)")
+    try assertPasses(
+      r, try points(r).points.map { ($0.number, $0.number) }, baseline: baseline, "after a trim cut short by a crash")
     // And it goes on: pass 6 is point 6, and point 4 goes (segments 5 and 6
     // take 128 MiB).
     XCTAssertEqual(try writePasses(r, first: 6, count: 1).lines, ["flushed 6"])

@@ -239,8 +239,25 @@ public final class PointHistory: @unchecked Sendable {
   }
 
   private static func recover(
-    directory: String, names: [(String, UInt64)], geometry: BlockGeometry, log: @Sendable (String) -> Void
+    directory: String, names all: [(String, UInt64)], geometry: BlockGeometry, log: @Sendable (String) -> Void
   ) throws -> (ID128, State) {
+    // A trim makes the header of the first file it keeps say where the
+    // records kept start, punches the bytes before, and only then removes
+    // the files before it: a file whose header says its records start past
+    // its header's end was made the first, and files before it are what a
+    // trim cut short by a crash left behind (the first file's records may
+    // be zeros from its header on, which a scan from there would take for
+    // a torn tail).
+    var names = all
+    if let first = names.indices.last(where: { i in
+      guard i > 0, let h = readHeader(directory + "/" + names[i].0) else { return false }
+      return h.live > h.position + UInt64(HistoryFormat.fileHeaderLength)
+    }) {
+      for (name, _) in names[..<first] { unlink(directory + "/" + name) }
+      syncDirectory(of: directory + "/lock")
+      log("history \(directory): \(first) file(s) that a trim cut short left behind are removed")
+      names.removeFirst(first)
+    }
     var opened: [LogFile] = []
     var records: [(position: UInt64, record: HistoryFormat.Record)] = []
     var ends: [UInt64] = []
@@ -409,6 +426,16 @@ public final class PointHistory: @unchecked Sendable {
       "history \(directory): \(closed.count + (oldest.instant == 0 ? 0 : 1)) point(s) recovered, "
         + "\(records.count) record(s)")
     return (id, st)
+  }
+
+  /// The current header of the file at `path`, or nil.
+  private static func readHeader(_ path: String) -> HistoryFormat.FileHeader? {
+    guard case .success(let fd) = Sys.open(path, flags: O_RDONLY) else { return nil }
+    defer { Sys.close(fd) }
+    var head = [UInt8](repeating: 0, count: HistoryFormat.fileHeaderLength)
+    let got = head.withUnsafeMutableBytes { preadFull(fd, $0.baseAddress!, $0.count, 0) }
+    guard (try? got.get()) == HistoryFormat.fileHeaderLength else { return nil }
+    return try? HistoryFormat.FileHeader.decode(file: head[...]).get()
   }
 
   private static func decodedErrorText(_ r: Result<HistoryFormat.FileHeader, HistoryFormatError>) -> String {
