@@ -619,34 +619,17 @@ final class HistoryCLITests: CLITestCase {
 
   // MARK: d. A far copy's history
 
-  /// restore-read-through --ack local mirrors a stamped load to a far copy
-  /// served by tracking-server --history, which flushes after each interval
-  /// it receives: once the far copy has caught up, every point of its
-  /// history is a consistency point of the load, the points reach further
-  /// as they go, and the newest holds every write.
-  func testEveryPointOfAFarCopysHistoryIsAConsistencyPoint() throws {
-    try require("nbdinfo", "nbdcopy")
-    try StampedLoad.require()
-    let r = try RRTRig(size: 16 << 20, seed: 56)
-    rigs.append(r)
-    let baseline = try r.s.file("baseline.img", r.original)
-    let far = try RRTChild(
-      name: "far tracking-server", executable: Tools.path("tracking-server"),
-      arguments: [
-        "serve", "--history", r.s.path("far-history"), "--keep-time", "1h", "--changes", r.s.path("far.map"),
-        "--socket", r.backupSocket, r.backupPath,
-      ], stdout: r.s.path("far.out"), stderr: r.s.path("far.log"))
-    r.backupServer = far
-    try r.waitForNBD(r.backupURI, process: far, what: "the far tracking-server")
-    try r.startServer(["--ack", "local", "--progress-interval", "0.2"])
-    let load = StampedLoad(seed: 5606, writeSize: 2048, slots: 8192, flushEvery: 16)
-    let wlog = r.s.path("writer.log")
-    let w = try load.write(uri: r.uri, log: wlog, queueDepth: 4, count: 640)
-    XCTAssertEqual(w.status, 0, w.summary)
-    XCTAssertTrue(r.waitForDrain(after: r.logMark), "the far copy never caught up; log:\n\(r.log)")
-
-    let farSocket = r.backupSocket
-    let p = try RRTCommand.run("tracking-server", ["points", "--socket", farSocket, "--json"], timeout: 60)
+  /// Every point of the history of the server on `socket` read to a file
+  /// and checked by stamped.py (--mode consistent), in one process: each
+  /// must be a consistency point of the load, the highest interval present
+  /// never going down, the newest holding all `writes`. Returns the highest
+  /// interval of each point.
+  @discardableResult
+  func assertEveryPointConsistent(
+    socket: String, load: StampedLoad, writes: Int, baseline: String, dir: String, file: StaticString = #filePath,
+    line: UInt = #line
+  ) throws -> [Int] {
+    let p = try RRTCommand.run("tracking-server", ["points", "--socket", socket, "--json"], timeout: 60)
     XCTAssertEqual(p.status, 0, p.summary)
     let list = try XCTUnwrap(try TrackRig.json(p.stdout)["points"] as? [[String: Any]])
     let numbers = list.compactMap { $0["number"] as? Int }
@@ -674,7 +657,7 @@ final class HistoryCLITests: CLITestCase {
                   off += k
           h.shutdown()
           a = argparse.Namespace(image=out, baseline=baseline, seed=int(seed), write_size=int(w), slots=int(slots),
-              flush_every=int(f), mode="consistent", acked=None, max_index=640)
+              flush_every=int(f), mode="consistent", acked=None, max_index=int(sys.argv[10]))
           text = io.StringIO()
           with contextlib.redirect_stdout(text):
               status = stamped.cmd_check(a)
@@ -685,23 +668,58 @@ final class HistoryCLITests: CLITestCase {
     let res = try RRTCommand.run(
       StampedLoad.python,
       [
-        "-c", code, Self.scripts, farSocket, baseline, r.s.path("far-point.img"), "\(load.seed)", "\(load.writeSize)",
-        "\(load.slots)", "\(load.flushEvery)", numbers.map(String.init).joined(separator: ","),
+        "-c", code, Self.scripts, socket, baseline, dir + "/far-point-\(UUID().uuidString).img", "\(load.seed)",
+        "\(load.writeSize)",
+        "\(load.slots)", "\(load.flushEvery)", numbers.map(String.init).joined(separator: ","), "\(writes)",
       ], timeout: 600)
     XCTAssertEqual(res.status, 0, res.summary)
     let results = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(res.stdout.utf8)) as? [[String: Any]])
     XCTAssertEqual(results.count, numbers.count)
     let failed = results.filter { ($0["status"] as? Int) != 0 }
-    XCTAssertEqual(failed.count, 0, "points of the far copy that are no consistency point: \(failed.prefix(3))")
+    XCTAssertEqual(
+      failed.count, 0, "points that are no consistency point: \(failed.prefix(3))", file: file, line: line)
     // The highest interval present never goes down, and the newest is the last.
     let highest = results.map { r -> Int in
       let s = r["summary"] as? String ?? ""
       guard let at = s.range(of: "interval ") else { return -1 }
       return Int(s[at.upperBound...].prefix { $0.isNumber }) ?? -1
     }
-    XCTAssertEqual(highest, highest.sorted(), "\(highest)")
-    XCTAssertEqual(highest.last, 39, "the newest point lacks the last interval: \(results.last ?? [:])")
-    print("far copy's history: \(numbers.count) points, every one a consistency point; highest intervals \(highest)")
+    XCTAssertEqual(highest, highest.sorted(), "\(highest)", file: file, line: line)
+    XCTAssertEqual(
+      highest.last, writes / load.flushEvery - 1, "the newest point lacks the last interval: \(results.last ?? [:])",
+      file: file, line: line)
+    return highest
+  }
+
+  /// restore-read-through --ack local mirrors a stamped load to a far copy
+  /// served by tracking-server --history, which flushes after each interval
+  /// it receives: once the far copy has caught up, every point of its
+  /// history is a consistency point of the load, the points reach further
+  /// as they go, and the newest holds every write.
+  func testEveryPointOfAFarCopysHistoryIsAConsistencyPoint() throws {
+    try require("nbdinfo", "nbdcopy")
+    try StampedLoad.require()
+    let r = try RRTRig(size: 16 << 20, seed: 56)
+    rigs.append(r)
+    let baseline = try r.s.file("baseline.img", r.original)
+    let far = try RRTChild(
+      name: "far tracking-server", executable: Tools.path("tracking-server"),
+      arguments: [
+        "serve", "--history", r.s.path("far-history"), "--keep-time", "1h", "--changes", r.s.path("far.map"),
+        "--socket", r.backupSocket, r.backupPath,
+      ], stdout: r.s.path("far.out"), stderr: r.s.path("far.log"))
+    r.backupServer = far
+    try r.waitForNBD(r.backupURI, process: far, what: "the far tracking-server")
+    try r.startServer(["--ack", "local", "--progress-interval", "0.2"])
+    let load = StampedLoad(seed: 5606, writeSize: 2048, slots: 8192, flushEvery: 16)
+    let wlog = r.s.path("writer.log")
+    let w = try load.write(uri: r.uri, log: wlog, queueDepth: 4, count: 640)
+    XCTAssertEqual(w.status, 0, w.summary)
+    XCTAssertTrue(r.waitForDrain(after: r.logMark), "the far copy never caught up; log:\n\(r.log)")
+
+    let highest = try assertEveryPointConsistent(
+      socket: r.backupSocket, load: load, writes: 640, baseline: baseline, dir: r.dir)
+    print("far copy's history: \(highest.count) points, every one a consistency point; highest intervals \(highest)")
     r.stopServer()
   }
 
@@ -862,6 +880,35 @@ final class HistoryCLITests: CLITestCase {
     XCTAssertTrue(device == want.data, "the device does not hold the last pass")
     _ = try r.run("/usr/bin/chattr", ["-i", dir])
     r.stop()
+  }
+
+  /// The same through a relay: restore-read-through --ack local ships to a
+  /// tracking-server --ack local (the relay), which ships to the far copy,
+  /// a tracking-server with --history. Once both have caught up, every
+  /// point of the far copy's history is a consistency point.
+  func testEveryPointOfAFarCopysHistoryBehindARelayIsAConsistencyPoint() throws {
+    try require("nbdinfo", "nbdcopy")
+    try StampedLoad.require()
+    let far = try historyRig(size: 16 << 20, seed: 63)
+    let relay = try TrackRig(size: 16 << 20, seed: 63)
+    rigs.append(relay)
+    XCTAssertEqual(relay.original, far.original)
+    try relay.start(["--ack", "local", "--backup", far.uri])
+    let primary = try ChainPrimary(dir: relay.s.path(""), image: relay.original)
+    rigs.append(primary)
+    try primary.start(backups: [relay.uri], options: ["--ack", "local", "--progress-interval", "0.2"])
+    let baseline = try far.s.file("baseline.img", far.original)
+    let load = StampedLoad(seed: 6306, writeSize: 2048, slots: 8192, flushEvery: 16)
+    let w = try load.write(uri: primary.uri, log: far.s.path("writer.log"), queueDepth: 4, count: 640)
+    XCTAssertEqual(w.status, 0, w.summary)
+    XCTAssertTrue(primary.waitUntilDrained(after: 0, seconds: 60), "the relay never caught up:\n\(primary.log)")
+    XCTAssertTrue(try relay.waitUntilDrained(seconds: 60))
+    let highest = try assertEveryPointConsistent(
+      socket: far.socket, load: load, writes: 640, baseline: baseline, dir: far.dir)
+    print("far copy behind a relay: \(highest.count) points, every one a consistency point")
+    primary.stop()
+    relay.stop()
+    far.stop()
   }
 
   // MARK: e. Bad input
