@@ -44,6 +44,7 @@ extension FuzzEntryPoints {
       }
       precondition(scan.end <= length, "the scan ends at \(scan.end), past the input")
       precondition((scan.stopped == nil) == (scan.end == length), "a clean scan ends before the bytes do")
+      precondition(!scan.cutShort || scan.stopped != nil, "cut short without stopping")
       var at = start
       var segment = header.openSegment
       var closed = false

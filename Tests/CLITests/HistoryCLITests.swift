@@ -852,6 +852,57 @@ final class HistoryCLITests: CLITestCase {
     r.stop()
   }
 
+  /// A crash as the log goes on into a new file: a record was reserved at
+  /// the end of the old file, the new file begun (durable, with a record
+  /// of its own), but the reserved record never reached the old file. No
+  /// write waited on either (the durable prefix stops at the record not
+  /// written), so the start cuts the tail there and removes the new file:
+  /// every point reads right, and the history goes on. (It refused the
+  /// history as damaged, so the server could not start with it.)
+  func testACrashAsTheLogGoesOnInANewFileIsATornTail() throws {
+    try require("nbdinfo")
+    try StampedLoad.require()
+    let r = try historyRig(size: 4 << 20, seed: 64)
+    let baseline = try r.s.file("baseline.img", r.original)
+    let load = StampedLoad(seed: 6406, writeSize: 2048, slots: 2048, flushEvery: 8)
+    let wlog = r.s.path("writer.log")
+    XCTAssertEqual(try load.write(uri: r.uri, log: wlog, count: 80).status, 0)
+    let listed = try points(r).points
+    XCTAssertEqual(listed.map(\.number), Array(0...10))
+    r.stop()
+
+    // The new file as the crash left it: its header at the log position
+    // after the reserved before-image of one block, then a before-image of
+    // the open segment (11) of its own.
+    let first = try XCTUnwrap(try historyFiles(r).first)
+    let bytes = try Data(contentsOf: URL(fileURLWithPath: first))
+    let header = try HistoryFormat.FileHeader.decode(file: [UInt8](bytes.prefix(4096))[...]).get()
+    let end = UInt64(bytes.count)
+    let position = end + 48 + 4100
+    let newer = HistoryFormat.FileHeader(
+      updates: 1, historyID: header.historyID, deviceSize: header.deviceSize, blockSize: 4096, continues: true,
+      position: position, openSegment: 11, previousPoint: 10, previousInstant: listed[10].ns, live: position + 4096)
+    var record = [UInt8](repeating: 0, count: 48)
+    record.withUnsafeMutableBytes {
+      HistoryFormat.Record.before(segment: 11, first: 7, count: 2, zero: true).encodeHeader(into: $0.baseAddress!)
+    }
+    let newFile = historyPath(r) + "/" + HistoryFormat.fileName(position)
+    try Data(newer.encoded() + newer.encoded() + record).write(to: URL(fileURLWithPath: newFile))
+
+    try r.start()
+    XCTAssertTrue(r.log.contains("1 file(s) begun after the torn tail are removed"), r.log)
+    XCTAssertTrue(
+      r.log.contains("a torn tail is cut at log position \(end) (the file ends before the next one begins)"), r.log)
+    XCTAssertFalse(FileManager.default.fileExists(atPath: newFile))
+    XCTAssertEqual(try points(r).points, listed)
+    try assertPointsRead(r, listed, load: load, baseline: baseline, "after the torn roll")
+    XCTAssertEqual(try load.write(uri: r.uri, log: wlog, count: 16, start: 80).status, 0)
+    let more = try points(r).points
+    XCTAssertEqual(more.map(\.number), Array(0...12))
+    try assertPointsRead(r, more, load: load, baseline: baseline, "going on after the torn roll")
+    r.stop()
+  }
+
   /// A history that cannot go on (its directory made immutable, so the
   /// second file cannot be made) is lost: its points are refused, status
   /// says why, and the device goes on: its writes and FLUSHes succeed.

@@ -261,6 +261,7 @@ final class HistoryFormatTests: XCTestCase {
         XCTAssertNil(s.stopped, "cut at \(cut), a record boundary")
       } else {
         XCTAssertNotNil(s.stopped, "cut at \(cut)")
+        XCTAssertTrue(s.cutShort, "cut at \(cut)")
         XCTAssertTrue(s.stopped?.sentence.contains("cut short at offset \(s.end)") == true, "\(s.stopped!)")
       }
     }
@@ -269,6 +270,7 @@ final class HistoryFormatTests: XCTestCase {
     XCTAssertEqual(garbage.records.count, at.count)
     XCTAssertEqual(garbage.end, UInt64(bytes.count))
     XCTAssertEqual(garbage.stopped?.sentence, "a record has no DRPH magic at offset \(bytes.count)")
+    XCTAssertFalse(garbage.cutShort)
   }
 
   func testScanRefusesRecordsOutOfOrderOrPastTheDevice() {

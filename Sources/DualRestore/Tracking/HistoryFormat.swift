@@ -258,6 +258,9 @@ public enum HistoryFormat {
     public var end: UInt64
     /// Why the scan stopped before the file's end, or nil.
     public var stopped: HistoryFormatError?
+    /// Whether it stopped at a record that runs past the file's end (one a
+    /// crash cut short), rather than at bytes that are no good record.
+    public var cutShort = false
   }
 
   /// Scans records from `start` to `length` in a file read through `read`
@@ -277,6 +280,7 @@ public enum HistoryFormat {
     while at < length {
       guard length - at >= UInt64(recordHeaderLength) else {
         scan.stopped = .init("a record is cut short at offset \(at)")
+        scan.cutShort = true
         break
       }
       guard let header = read(at, recordHeaderLength) else {
@@ -300,6 +304,7 @@ public enum HistoryFormat {
         }
         guard length - at >= record.length else {
           scan.stopped = .init("a before-image is cut short at offset \(at)")
+          scan.cutShort = true
           break
         }
         if !zero && checkData(at) {

@@ -262,6 +262,8 @@ public final class PointHistory: @unchecked Sendable {
     var records: [(position: UInt64, record: HistoryFormat.Record)] = []
     var ends: [UInt64] = []
     var cutAt: (file: Int, offset: UInt64, why: String)?
+    // Files after a torn tail that ends a file before the last.
+    var later: [String] = []
     var id: ID128?
     var fail: Error?
     for (i, (name, position)) in names.enumerated() {
@@ -306,7 +308,17 @@ public final class PointHistory: @unchecked Sendable {
       }
       if let last = ends.last, last != position {
         Sys.close(fd)
-        fail = ToolkitError.path(path, "does not start where the file before it ends; the history is damaged")
+        // Records were reserved at the end of the file before, and this
+        // file begun, but they were not all written when a crash came:
+        // nothing past them was made durable for a writer (the durable
+        // prefix never passes a record still being written), so the tail
+        // from there is torn, this file and the later ones with it.
+        if last < position, let f = opened.last {
+          cutAt = (opened.count - 1, last - f.position, "the file ends before the next one begins")
+          later = names[i...].map(\.0)
+        } else {
+          fail = ToolkitError.path(path, "does not start where the file before it ends; the history is damaged")
+        }
         break
       }
       opened.append(LogFile(position: position, fd: fd, header: header))
@@ -328,7 +340,13 @@ public final class PointHistory: @unchecked Sendable {
       if let why = scan.stopped {
         cutAt = (opened.count - 1, scan.end, why.sentence)
         if i != names.count - 1 {
-          fail = ToolkitError.path(path, "\(why.sentence), and later files follow; the history is damaged")
+          // A record the file's end cuts short is torn as above; bad
+          // bytes with later files after them are damage.
+          if scan.cutShort {
+            later = names[(i + 1)...].map(\.0)
+          } else {
+            fail = ToolkitError.path(path, "\(why.sentence), and later files follow; the history is damaged")
+          }
         }
         break
       }
@@ -367,6 +385,11 @@ public final class PointHistory: @unchecked Sendable {
         unlink(directory + "/" + HistoryFormat.fileName(f.position))
       }
       opened.removeSubrange((cut.file + 1)...)
+      for name in later { unlink(directory + "/" + name) }
+      if !later.isEmpty {
+        syncDirectory(of: directory + "/lock")
+        log("history \(directory): \(later.count) file(s) begun after the torn tail are removed")
+      }
       let f = opened[cut.file]
       if ftruncate(f.fd, off_t(cut.offset)) != 0 || (try? Sys.fsync(f.fd).get()) == nil {
         for f in opened { Sys.close(f.fd) }
