@@ -7,6 +7,7 @@
 // counts that overflow), or written out as bytes.
 
 import CLZ4
+import CShim
 import DualRestoreFuzz
 import Foundation
 import XCTest
@@ -737,5 +738,65 @@ final class FuzzRegressionTests: XCTestCase {
     XCTAssertEqual(decode(repair(patched(valid, at: 72, [0x01, 0x04]))), refused + "a copy's name has 1025 bytes")
     XCTAssertEqual(decode(Array(valid.prefix(51))), refused + "it has 51 bytes, fewer than the 52 of an empty one")
     XCTAssertEqual(decode(repair(valid + [0, 0, 0, 0, 0, 0, 0, 0])), refused + "it has bytes after its last copy")
+  }
+
+  // MARK: History files
+
+  /// A history file as scripts/fuzz writes its seed `segments`: both header
+  /// slots, segment 1 (a before-image of two blocks, one of three zero
+  /// blocks, its point), segment 2 left open with one block; checksums right.
+  func historyFile() -> [UInt8] {
+    let header = HistoryFormat.FileHeader(
+      updates: 1, historyID: ID128(high: 0x0123_4567_89AB_CDEF, low: 0xFEDC_BA98_7654_3210), deviceSize: 40000,
+      blockSize: 4096, continues: false, position: 0, openSegment: 1, previousPoint: 0,
+      previousInstant: 1_764_000_000_000_000_000, live: 4096)
+    var out = header.encoded() + header.encoded()
+    func record(_ r: HistoryFormat.Record, blocks: [[UInt8]] = []) {
+      var h = [UInt8](repeating: 0, count: HistoryFormat.recordHeaderLength)
+      h.withUnsafeMutableBytes { r.encodeHeader(into: $0.baseAddress!) }
+      out += h
+      for b in blocks { out += le32(b.withUnsafeBytes { dr_crc32c(0, $0.baseAddress, 4096) }) }
+      for b in blocks { out += b }
+    }
+    let block = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+    record(.before(segment: 1, first: 1, count: 2, zero: false), blocks: [block, block.reversed()])
+    record(.before(segment: 1, first: 4, count: 3, zero: true))
+    record(.point(segment: 1, instant: 1_764_000_000_500_000_000, bytes: 8392))
+    record(.before(segment: 2, first: 9, count: 1, zero: false), blocks: [block])
+    return out
+  }
+
+  func testHistoryFileDamage() {
+    let valid = historyFile()
+    func scan(_ bytes: [UInt8]) -> String? { FuzzEntryPoints.scanHistoryFile(bytes) }
+    let repair = FuzzEntryPoints.repairHistoryChecksums
+    XCTAssertNil(scan(valid))
+    XCTAssertEqual(repair(valid), valid)
+    // As scripts/fuzz writes it: every checksum zero, refused, then repaired.
+    var zeroed = patched(patched(valid, at: 88, le32(0)), at: 2048 + 88, le32(0))
+    for at in [4096 + 44, 4096 + 48, 4096 + 52, 4096 + 8248 + 44, 4096 + 8296 + 44, 4096 + 8344 + 44] {
+      zeroed = patched(zeroed, at: at, le32(0))
+    }
+    XCTAssertEqual(scan(zeroed), "has a header whose CRC does not match")
+    XCTAssertEqual(repair(zeroed), valid)
+    XCTAssertEqual(scan(Array(valid.prefix(4095))), "is shorter than a history file's header")
+    // Cut inside the last record: the records before it stand.
+    XCTAssertEqual(
+      scan(Array(valid.prefix(valid.count - 100))),
+      "stopped at 12440: a before-image is cut short at offset 12440")
+    // A block's byte flipped: its CRC no longer matches, the scan stops there.
+    XCTAssertEqual(
+      scan(patched(valid, at: 4096 + 56 + 9, [0x55])),
+      "stopped at 4096: a before-image's blocks do not match their CRCs at offset 4096")
+    // Blocks past a device of 10 blocks (40000 bytes).
+    XCTAssertEqual(
+      scan(repair(patched(valid, at: 12440 + 16, le64(10)))),
+      "stopped at 12440: a before-image at offset 12440 lies past the device's end")
+    // A file position within 4 KiB of 2^64 (in both slots): refused, where
+    // adding the header's length to it trapped.
+    let high = repair(patched(patched(valid, at: 48, le64(.max - 100)), at: 2048 + 48, le64(.max - 100)))
+    XCTAssertEqual(scan(high), "has a header whose positions or segments do not agree")
+    // Kept records said to start past the file's end: nothing found, no read past it.
+    XCTAssertNil(scan(repair(patched(patched(valid, at: 80, le64(1 << 40)), at: 2048 + 80, le64(1 << 40)))))
   }
 }

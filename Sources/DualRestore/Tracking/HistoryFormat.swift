@@ -133,7 +133,9 @@ public enum HistoryFormat {
       }
       guard bs == HistoryFormat.blockSize else { return .failure(.init("has block size \(bs), not 4096")) }
       guard flags & ~1 == 0 else { return .failure(.init("has unknown header flags \(flags)")) }
-      guard live >= position + UInt64(HistoryFormat.fileHeaderLength), open >= 1, previous == open - 1 else {
+      guard position <= UInt64.max - UInt64(HistoryFormat.fileHeaderLength),
+        live >= position + UInt64(HistoryFormat.fileHeaderLength), open >= 1, previous == open - 1
+      else {
         return .failure(.init("has a header whose positions or segments do not agree"))
       }
       return .success(
@@ -256,6 +258,9 @@ public enum HistoryFormat {
     public var end: UInt64
     /// Why the scan stopped before the file's end, or nil.
     public var stopped: HistoryFormatError?
+    /// Whether it stopped at a record that runs past the file's end (one a
+    /// crash cut short), rather than at bytes that are no good record.
+    public var cutShort = false
   }
 
   /// Scans records from `start` to `length` in a file read through `read`
@@ -275,6 +280,7 @@ public enum HistoryFormat {
     while at < length {
       guard length - at >= UInt64(recordHeaderLength) else {
         scan.stopped = .init("a record is cut short at offset \(at)")
+        scan.cutShort = true
         break
       }
       guard let header = read(at, recordHeaderLength) else {
@@ -298,6 +304,7 @@ public enum HistoryFormat {
         }
         guard length - at >= record.length else {
           scan.stopped = .init("a before-image is cut short at offset \(at)")
+          scan.cutShort = true
           break
         }
         if !zero && checkData(at) {

@@ -149,6 +149,9 @@ public final class PointHistory: @unchecked Sendable {
     if !pathExists(directory), mkdir(directory, 0o700) != 0 {
       throw ToolkitError.path(directory, "cannot create the history directory: \(Errno(errno))")
     }
+    // A directory of something else is refused before the lock file is
+    // made in it (and listed again under the lock).
+    _ = try Self.logFiles(in: directory)
     let lockPath = directory + "/lock"
     guard case .success(let fd) = Sys.open(lockPath, flags: O_RDWR | O_CREAT, mode: 0o600) else {
       throw ToolkitError.path(directory, "cannot open the history's lock file: \(Errno(errno))")
@@ -238,12 +241,31 @@ public final class PointHistory: @unchecked Sendable {
   }
 
   private static func recover(
-    directory: String, names: [(String, UInt64)], geometry: BlockGeometry, log: @Sendable (String) -> Void
+    directory: String, names all: [(String, UInt64)], geometry: BlockGeometry, log: @Sendable (String) -> Void
   ) throws -> (ID128, State) {
+    // A trim makes the header of the first file it keeps say where the
+    // records kept start, punches the bytes before, and only then removes
+    // the files before it: a file whose header says its records start past
+    // its header's end was made the first, and files before it are what a
+    // trim cut short by a crash left behind (the first file's records may
+    // be zeros from its header on, which a scan from there would take for
+    // a torn tail).
+    var names = all
+    if let first = names.indices.last(where: { i in
+      guard i > 0, let h = readHeader(directory + "/" + names[i].0) else { return false }
+      return h.live > h.position + UInt64(HistoryFormat.fileHeaderLength)
+    }) {
+      for (name, _) in names[..<first] { unlink(directory + "/" + name) }
+      syncDirectory(of: directory + "/lock")
+      log("history \(directory): \(first) file(s) that a trim cut short left behind are removed")
+      names.removeFirst(first)
+    }
     var opened: [LogFile] = []
     var records: [(position: UInt64, record: HistoryFormat.Record)] = []
     var ends: [UInt64] = []
     var cutAt: (file: Int, offset: UInt64, why: String)?
+    // Files after a torn tail that ends a file before the last.
+    var later: [String] = []
     var id: ID128?
     var fail: Error?
     for (i, (name, position)) in names.enumerated() {
@@ -288,7 +310,17 @@ public final class PointHistory: @unchecked Sendable {
       }
       if let last = ends.last, last != position {
         Sys.close(fd)
-        fail = ToolkitError.path(path, "does not start where the file before it ends; the history is damaged")
+        // Records were reserved at the end of the file before, and this
+        // file begun, but they were not all written when a crash came:
+        // nothing past them was made durable for a writer (the durable
+        // prefix never passes a record still being written), so the tail
+        // from there is torn, this file and the later ones with it.
+        if last < position, let f = opened.last {
+          cutAt = (opened.count - 1, last - f.position, "the file ends before the next one begins")
+          later = names[i...].map(\.0)
+        } else {
+          fail = ToolkitError.path(path, "does not start where the file before it ends; the history is damaged")
+        }
         break
       }
       opened.append(LogFile(position: position, fd: fd, header: header))
@@ -310,7 +342,13 @@ public final class PointHistory: @unchecked Sendable {
       if let why = scan.stopped {
         cutAt = (opened.count - 1, scan.end, why.sentence)
         if i != names.count - 1 {
-          fail = ToolkitError.path(path, "\(why.sentence), and later files follow; the history is damaged")
+          // A record the file's end cuts short is torn as above; bad
+          // bytes with later files after them are damage.
+          if scan.cutShort {
+            later = names[(i + 1)...].map(\.0)
+          } else {
+            fail = ToolkitError.path(path, "\(why.sentence), and later files follow; the history is damaged")
+          }
         }
         break
       }
@@ -349,6 +387,11 @@ public final class PointHistory: @unchecked Sendable {
         unlink(directory + "/" + HistoryFormat.fileName(f.position))
       }
       opened.removeSubrange((cut.file + 1)...)
+      for name in later { unlink(directory + "/" + name) }
+      if !later.isEmpty {
+        syncDirectory(of: directory + "/lock")
+        log("history \(directory): \(later.count) file(s) begun after the torn tail are removed")
+      }
       let f = opened[cut.file]
       if ftruncate(f.fd, off_t(cut.offset)) != 0 || (try? Sys.fsync(f.fd).get()) == nil {
         for f in opened { Sys.close(f.fd) }
@@ -408,6 +451,16 @@ public final class PointHistory: @unchecked Sendable {
       "history \(directory): \(closed.count + (oldest.instant == 0 ? 0 : 1)) point(s) recovered, "
         + "\(records.count) record(s)")
     return (id, st)
+  }
+
+  /// The current header of the file at `path`, or nil.
+  private static func readHeader(_ path: String) -> HistoryFormat.FileHeader? {
+    guard case .success(let fd) = Sys.open(path, flags: O_RDONLY) else { return nil }
+    defer { Sys.close(fd) }
+    var head = [UInt8](repeating: 0, count: HistoryFormat.fileHeaderLength)
+    let got = head.withUnsafeMutableBytes { preadFull(fd, $0.baseAddress!, $0.count, 0) }
+    guard (try? got.get()) == HistoryFormat.fileHeaderLength else { return nil }
+    return try? HistoryFormat.FileHeader.decode(file: head[...]).get()
   }
 
   private static func decodedErrorText(_ r: Result<HistoryFormat.FileHeader, HistoryFormatError>) -> String {
@@ -627,7 +680,9 @@ public final class PointHistory: @unchecked Sendable {
   // MARK: Points
 
   /// Records a point: the device (durable, with no write inside) as it is
-  /// now. Returns it, or nil when nothing was written since the last one.
+  /// now. Returns it, or nil when nothing was written since the last one or
+  /// the history is lost: a lost history takes no points, and the FLUSH
+  /// that would have made one goes on (the device goes on without it).
   /// With `durable` false the record is appended but not synchronised:
   /// the caller makes the device durable first and keeps every later
   /// append from being synchronised meanwhile (StagedWrites paused), so the
@@ -636,13 +691,12 @@ public final class PointHistory: @unchecked Sendable {
   @discardableResult
   public func point(durable: Bool = true) throws -> Point? {
     let instant = Instant.now()
-    return try state.withLock {
-      if let lost = s.lost { throw ToolkitError("the history is lost: \(lost)") }
-      guard s.open.firstPosition != nil else { return nil }
+    return state.withLock {
+      guard s.lost == nil, s.open.firstPosition != nil else { return nil }
       let record = HistoryFormat.Record.point(
         segment: s.open.number, instant: instant.nanosecondsSinceEpoch,
         bytes: s.open.bytes + UInt64(HistoryFormat.recordHeaderLength))
-      guard let place = reserve(record.length) else { throw ToolkitError("the history is lost: \(s.lost ?? "")") }
+      guard let place = reserve(record.length) else { return nil }
       var header = [UInt8](repeating: 0, count: HistoryFormat.recordHeaderLength)
       header.withUnsafeMutableBytes { record.encodeHeader(into: $0.baseAddress!) }
       let written = header.withUnsafeBytes {
@@ -650,7 +704,7 @@ public final class PointHistory: @unchecked Sendable {
       }
       if case .failure(let e) = written { loseLocked("appending a point failed: \(e)") }
       if durable { waitDurableLocked(place.position + record.length) } else { s.unsyncedPoint = true }
-      if let lost = s.lost { throw ToolkitError("the history is lost: \(lost)") }
+      guard s.lost == nil else { return nil }
       var segment = s.open
       segment.bytes += record.length
       segment.instant = instant.nanosecondsSinceEpoch
@@ -685,7 +739,9 @@ public final class PointHistory: @unchecked Sendable {
         dropped += 1
       }
       guard dropped > 0 else { return }
-      s.overlays.removeAll { $0.point < s.oldest.number }
+      // Not `s.oldest` inside the closure: `s` is being modified (a trap).
+      let oldest = s.oldest.number
+      s.overlays.removeAll { $0.point < oldest }
       // The first record kept; files wholly before it go, the rest of the
       // first one is punched out after its header says where to start.
       let live = s.closed.first?.firstPosition ?? s.open.firstPosition ?? s.tail
@@ -762,10 +818,16 @@ public final class PointHistory: @unchecked Sendable {
     return result
   }
 
-  /// The newest point at or before `instant`, or why there is none.
+  /// The newest point at or before `instant`, or why there is none. Points
+  /// are compared at the millisecond their instants are listed to, so that
+  /// the instant `points` shows for a point finds that point.
   public func point(at instant: Instant) throws -> UInt64 {
     let points = summary.points
-    guard let p = points.last(where: { $0.instant <= instant }) else {
+    func listed(_ i: Instant) -> Int64 {
+      let ns = i.nanosecondsSinceEpoch
+      return ns - ((ns % 1_000_000) + 1_000_000) % 1_000_000
+    }
+    guard let p = points.last(where: { listed($0.instant) <= instant.nanosecondsSinceEpoch }) else {
       if let first = points.first {
         throw ToolkitError(
           "\(instant) is before the oldest point kept, \(first.number) at \(first.instant): the history no longer "
@@ -1043,7 +1105,10 @@ extension Instant {
     t.tm_hour = Int32(hour)
     t.tm_min = Int32(minute)
     t.tm_sec = Int32(second)
-    let seconds = timegm(&t)
-    self.init(nanosecondsSinceEpoch: Int64(seconds) * 1_000_000_000 + nanos)
+    // Nanoseconds since 1970 in 64 bits reach from 1677 to 2262.
+    let (whole, over) = Int64(timegm(&t)).multipliedReportingOverflow(by: 1_000_000_000)
+    let (all, past) = whole.addingReportingOverflow(nanos)
+    guard !over, !past else { return nil }
+    self.init(nanosecondsSinceEpoch: all)
   }
 }

@@ -27,6 +27,7 @@ public enum FuzzTarget: String, Sendable {
   case mirrorJournal = "mirror-journal"
   case mirrorPositions = "mirror-positions"
   case streamIndex = "stream-index"
+  case history
 }
 
 /// The key the encrypted stream seeds are made with (scripts/fuzz writes it).
@@ -101,5 +102,8 @@ public func runOnce(_ target: FuzzTarget, _ bytes: [UInt8]) {
   case .streamIndex:
     _ = FuzzEntryPoints.decodeStreamIndex(bytes)
     _ = FuzzEntryPoints.decodeStreamIndex(FuzzEntryPoints.repairStreamIndexChecksums(bytes))
+  case .history:
+    _ = FuzzEntryPoints.scanHistoryFile(bytes)
+    _ = FuzzEntryPoints.scanHistoryFile(FuzzEntryPoints.repairHistoryChecksums(bytes))
   }
 }
