@@ -157,7 +157,13 @@ extension TrackingServer {
         FLUSH that follows writes makes a point (the device as it is then, \
         taken with writes held), and before the first write to a 4 KiB block \
         after a point, the block's old contents are appended to DIR \
-        (dualrestore-history(5)) and made durable; the write waits for that. \
+        (dualrestore-history(5)), durable before the write reaches DEVICE. \
+        Without --backup, writes are answered once staged in memory (at most \
+        64 MiB; a write waits while it is full) and reach DEVICE in order \
+        after one sync of the history for all staged meanwhile; a FLUSH \
+        holds writes only until the staged ones are on DEVICE and the point \
+        is recorded. With --backup (a relay), each write waits for its \
+        before-images, as the activity log needs it on DEVICE when answered. \
         Any point kept is exported read-only as `point;N` (`point` alone is \
         the newest, `point;at=2026-12-07T01:30:00Z` the newest at or before \
         that instant, UTC), for snapshot, bitmap-diff, nbdcopy, qemu-img or a \
@@ -172,8 +178,9 @@ extension TrackingServer {
         refused by name, and a client reading it when it goes gets EIO. The \
         history survives stops and crashes: a clean stop makes the device as \
         it stops a point; after a crash, the log's torn tail is cut and the \
-        points before it are kept. Nothing else may write DEVICE while it has \
-        a history, or the points would be wrong.
+        points before it are kept, but for the newest when the crash came \
+        before the history's next sync. Nothing else may write DEVICE while \
+        it has a history, or the points would be wrong.
 
         SIGINT or SIGTERM stops the server: requests in flight are answered \
         and the device is synchronised; what the far copies lack stays in \
@@ -281,6 +288,12 @@ extension TrackingServer {
       let serverTLS = try tls.serverTLS()
       let d = try Device(path: device, options: .readWrite)
       let storePath = store ?? changes + ".store"
+      // The history first: one refused leaves no new change map behind.
+      let pointHistory = try history.map {
+        try PointHistory(
+          directory: absolute($0), deviceSize: d.size,
+          retention: .init(seconds: keepTime?.seconds ?? 0, bytes: keepBytes?.value ?? 0), log: log)
+      }
       let engine = try TrackingEngine(
         device: d, changesPath: changes, storePath: storePath, storeLimit: storeLimit?.value,
         blockSize: blockSize.blockSize.map { UInt32($0.value) },
@@ -292,12 +305,9 @@ extension TrackingServer {
         }
         try engine.mirror(to: links, settings: settings)
       }
-      if let history {
-        let h = try PointHistory(
-          directory: absolute(history), deviceSize: d.size,
-          retention: .init(seconds: keepTime?.seconds ?? 0, bytes: keepBytes?.value ?? 0), log: log)
-        engine.keepHistory(h)
-        h.trim()
+      if let pointHistory {
+        engine.keepHistory(pointHistory)
+        pointHistory.trim()
       }
       let listener = try serving.listener()
       let controlPath = control ?? (serving.socket ?? "") + ".control"
