@@ -62,7 +62,9 @@ public enum ConsistencyGroup {
     // 1. A connection to every server: an unknown socket holds nothing.
     let connections = Slots<ControlConnection>(n)
     var failed = inParallel(n) { i in
-      connections[i] = try ControlConnection(path: members[i].control, timeout: maxHold + 10)
+      // Past the hold's limit every server has released by itself: an
+      // answer later than that is not waited for much longer.
+      connections[i] = try ControlConnection(path: members[i].control, timeout: maxHold + 5)
     }
     defer { for i in 0..<n { connections[i]?.close() } }
     if let (i, e) = failed.first {
@@ -91,28 +93,31 @@ public enum ConsistencyGroup {
     }
     if let (i, e) = failed.first {
       var undo: [String] = []
+      var released: String
       if action == .freeze {
-        // Dropped while still held: the partial point never outlives it.
-        let views = Slots<String>(n)
+        // Dropped while still held where the hold is open, so the partial
+        // point never outlives it; else after the release, by id.
+        let dropped = Slots<Bool>(n)
         _ = inParallel(n) { j in
           guard let id = answers[j].flatMap({ value($0, "view") }) else { return }
           _ = try connections[j]!.request(["drop", "view=" + id])
-          views[j] = id
+          dropped[j] = true
         }
-        for j in 0..<n where answers[j] != nil {
+        released = release(connections, where: { _ in true })
+        for j in 0..<n {
+          guard let id = answers[j].flatMap({ value($0, "view") }) else { continue }
           undo.append(
-            views[j] != nil
-              ? "the view frozen on \(members[j].control) was dropped"
-              : "the view frozen on \(members[j].control) could not be dropped: drop it with tracking-server drop")
+            dropped[j] != nil
+              ? "the view frozen on \(members[j].control) was dropped" : dropLater(members[j], id))
         }
       } else {
+        released = release(connections, where: { _ in true })
         for j in 0..<n where answers[j] != nil {
           undo.append(
             "the generation ended on \(members[j].control) stays ended (its map is in \(members[j].changesOut ?? "?"); "
               + "a generation's end cannot be undone)")
         }
       }
-      let released = release(connections, where: { _ in true })
       throw ToolkitError(
         "\(sentence(e, members[i])); \((undo + [released]).joined(separator: "; ")) — no point was made")
     }
@@ -131,12 +136,7 @@ public enum ConsistencyGroup {
       if action == .freeze {
         for j in 0..<n {
           guard let id = answers[j].flatMap({ value($0, "view") }) else { continue }
-          do {
-            _ = try ControlSocket.request(members[j].control, ["drop", "view=" + id], timeout: 30)
-            undo.append("the view frozen on \(members[j].control) was dropped")
-          } catch {
-            undo.append("the view \(id) on \(members[j].control) is not held (\(error))")
-          }
+          undo.append(dropLater(members[j], id))
         }
       } else {
         undo.append("the generations ended on every device stay ended, within their holds")
@@ -153,14 +153,33 @@ public enum ConsistencyGroup {
       })
   }
 
+  /// Drops the view `id` on `member` after its hold, on a connection of its
+  /// own; says what became of it (a server drops a view frozen within a
+  /// hold that ended without release by itself).
+  private static func dropLater(_ member: GroupMember, _ id: String) -> String {
+    do {
+      _ = try ControlSocket.request(member.control, ["drop", "view=" + id], timeout: 30)
+      return "the view frozen on \(member.control) was dropped"
+    } catch {
+      if let status = try? ControlSocket.request(member.control, ["status"], timeout: 30), value(status, "view") != id {
+        return "the view frozen on \(member.control) was dropped by its server"
+      }
+      return
+        "the view \(id) frozen on \(member.control) could not be dropped (\(error)): drop it with tracking-server drop"
+    }
+  }
+
   /// Releases the held connections (those `held` selects); says how it went.
   private static func release(_ connections: Slots<ControlConnection>, where held: (Int) -> Bool) -> String {
     let n = connections.count
     let chosen = (0..<n).filter(held)
     guard !chosen.isEmpty else { return "no other device held" }
     let failed = inParallel(n) { i in
-      guard chosen.contains(i) else { return }
-      _ = try connections[i]!.request(["release"])
+      guard chosen.contains(i), let c = connections[i] else { return }
+      // A connection that failed (a request unanswered in time) is closed,
+      // not asked: its server releases on the close.
+      guard !c.isBroken else { throw ToolkitError("\(c.path): the connection failed") }
+      _ = try c.request(["release"])
     }
     if failed.isEmpty { return "the \(chosen.count) device(s) that held were released" }
     // A connection that failed is closed: its server releases on the close.

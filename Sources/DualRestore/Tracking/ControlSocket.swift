@@ -195,6 +195,9 @@ public final class ControlConnection: @unchecked Sendable {
   public let path: String
   private let socket: Socket
   private var pending: [UInt8] = []
+  /// Set when a request could not be sent or its answer not read in full:
+  /// the connection is of no further use.
+  public private(set) var isBroken = false
 
   /// Connects to the control socket at `path`; every read and write may
   /// then wait up to `timeout` seconds.
@@ -212,6 +215,14 @@ public final class ControlConnection: @unchecked Sendable {
   /// sentence when it says error, and a sentence naming the socket when
   /// the connection fails.
   public func request(_ words: [String]) throws -> [(String, String)] {
+    guard !isBroken else { throw ToolkitError("\(path): the connection failed earlier") }
+    isBroken = true
+    let fields = try exchange(words)
+    isBroken = false
+    return fields
+  }
+
+  private func exchange(_ words: [String]) throws -> [(String, String)] {
     do {
       try socket.write(Array((words.joined(separator: " ") + "\n").utf8))
     } catch {
@@ -239,6 +250,7 @@ public final class ControlConnection: @unchecked Sendable {
     guard let first = lines.first else {
       throw ToolkitError("\(path): the server closed without answering '\(words.first ?? "")'")
     }
+    isBroken = false
     if first.hasPrefix("error ") { throw ToolkitError(String(first.dropFirst(6))) }
     guard first == "ok" else { throw ToolkitError("\(path): the server answered '\(first)', not ok or error") }
     return lines.dropFirst().map { line in
