@@ -116,7 +116,10 @@ extension TrackingServer {
         when present; its journal is locked, so one server at a time uses it.
 
         The control socket (PATH.control beside --socket, or --control) \
-        takes the requests of the other subcommands. A frozen view keeps \
+        takes the requests of the other subcommands, each connection served \
+        on its own: `group` holds writes on one connection for an instant, \
+        which the server ends by itself at the hold's limit or as soon as \
+        that connection closes, saying so in the log. A frozen view keeps \
         the old contents of blocks written after the freeze in the \
         preservation store (--store, by default MAP.store; mode 0600). When \
         the store reaches --store-limit the view is lost: its reads fail \
@@ -398,8 +401,8 @@ extension TrackingServer {
     static let configuration = CommandConfiguration(
       abstract: "Freeze, or end the generations of, several servers' devices at one instant: a consistency group.",
       usage: """
-        tracking-server group (freeze | new-generation) --control PATH [--control PATH ...] [--socket PATH ...] \
-        [--changes-out FILE ...] [--before COMMAND] [--after COMMAND] [--max-hold SECONDS] [--json]
+        tracking-server group (freeze | new-generation) (--control PATH | --socket PATH)... \
+        [--changes-out FILE]... [--before COMMAND] [--after COMMAND] [--max-hold SECONDS] [--json]
         """,
       discussion: """
         An application whose data spans several devices (a database's data \
@@ -414,10 +417,12 @@ extension TrackingServer {
         ending the generation at the same instant, as tracking-server freeze \
         does), `new-generation` ends the generation, saving its change map \
         to the device's --changes-out. Then every server is released and \
-        --after runs. A write acknowledged on one device before the point \
-        is in that device's point; so a write issued after it completed, \
-        wherever, is in its device's point only if the first one is in \
-        its own.
+        --after runs. A write issued after another completed is in the \
+        group's point only if that other write is too, whichever devices \
+        they went to: the point is what a power cut of all the devices at \
+        once would leave, which a database recovers from as from a crash. \
+        The --before command is for an application that must be quiesced beyond that \
+        (a file system frozen with fsfreeze, a database told to checkpoint).
 
         The devices are the --control paths in the order given, then the \
         --socket paths (PATH.control) in the order given; --changes-out is \
@@ -438,7 +443,7 @@ extension TrackingServer {
         the others are released and the views already frozen on the others \
         are dropped, so no partial point is left; a generation already ended \
         on some devices cannot be undone, and the sentence names them. \
-        --after runs whenever --before succeeded, even when the hold failed, \
+        The --after command runs whenever --before succeeded, even when the hold failed, \
         so that the application is never left quiesced; a --before that \
         fails ends the command with nothing held, and --after does not run. \
         The commands' standard output goes to standard error. The exit \
@@ -458,9 +463,8 @@ extension TrackingServer {
         `ended_generation_started`, `ended_changed_blocks`, `generation`, \
         `generation_started`.
 
-          tracking-server group freeze --control /run/data.sock.control \\
-              --control /run/log.sock.control \\
-              --before 'psql -c "CHECKPOINT"' --json
+          tracking-server group freeze --socket /run/data.sock --socket /run/wal.sock \\
+              --changes-out data-g1.map --changes-out wal-g1.map --json
         """)
 
     @Argument(help: ArgumentHelp("freeze or new-generation.", valueName: "action"))

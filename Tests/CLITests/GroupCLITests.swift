@@ -360,8 +360,10 @@ final class GroupCLITests: CLITestCase {
 
     let other = a.s.path("other.sock")
     let cases: [([String], String)] = [
-      (["freeze", "--socket", a.socket, "--socket", other, "--changes-out", "x.map"],
-        "--changes-out is given 1 time(s) for 2 device(s)"),
+      (
+        ["freeze", "--socket", a.socket, "--socket", other, "--changes-out", "x.map"],
+        "--changes-out is given 1 time(s) for 2 device(s)"
+      ),
       (["new-generation", "--socket", a.socket], "new-generation needs --changes-out FILE"),
       (["freeze", "--socket", a.socket, "--control", a.socket + ".control"], "a device is named twice"),
       (["thaw", "--socket", a.socket], "'thaw' is not a group action"),
