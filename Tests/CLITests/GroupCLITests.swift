@@ -358,6 +358,23 @@ final class GroupCLITests: CLITestCase {
     XCTAssertEqual(Self.text(trace), "after\n", "--after ran after a failed --before")
     XCTAssertNil(try a.status()["view"])
 
+    // An output that no server may take (here: not a map) is refused by
+    // its server before anything is held: no generation ends anywhere.
+    let b2 = try devices(1)[0]
+    let generation2 = try b2.status()["generation"] as? String
+    let notMap = a.s.path("notes.txt")
+    try Data("notes\n".utf8).write(to: URL(fileURLWithPath: notMap))
+    let n = try group([
+      "new-generation", "--socket", b2.socket, "--socket", a.socket, "--changes-out", a.s.path("ok.map"),
+      "--changes-out", notMap,
+    ])
+    assertRefused(n, "\(notMap) exists and is not a map", "nothing is held", "no point was made")
+    XCTAssertEqual(try a.status()["generation"] as? String, generation)
+    XCTAssertEqual(try b2.status()["generation"] as? String, generation2, "a generation ended on the other device")
+    XCTAssertFalse(FileManager.default.fileExists(atPath: a.s.path("ok.map")))
+    XCTAssertEqual(Self.text(notMap), "notes\n")
+    b2.stop()
+
     let other = a.s.path("other.sock")
     let cases: [([String], String)] = [
       (

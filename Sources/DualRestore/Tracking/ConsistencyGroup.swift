@@ -75,7 +75,10 @@ public enum ConsistencyGroup {
     let start = monotonicSeconds()
     let drains = Slots<Double>(n)
     failed = inParallel(n) { i in
-      let f = try connections[i]!.request(["hold", "limit=" + formatFixed(maxHold, digits: 3)])
+      var words = ["hold", "limit=" + formatFixed(maxHold, digits: 3)]
+      // Checked by the server before it holds: a bad output holds nothing.
+      if let out = members[i].changesOut { words.append("changes-out=" + ControlSocket.encode(out)) }
+      let f = try connections[i]!.request(words)
       drains[i] = Double(value(f, "drain_seconds") ?? "") ?? 0
     }
     if let (i, e) = failed.first {

@@ -40,9 +40,9 @@ public enum ControlSocket {
       while true {
         guard let socket = try? listener.accept() else { return }
         let channel = ControlChannel(socket)
-        guard server.admit(channel) else {
+        if let refusal = server.admit(channel) {
           socket.setTimeout(1)
-          try? channel.send(.error("\(maximumConnections) control connections are open already; try again"))
+          try? channel.send(.error(refusal))
           socket.shutdown()
           continue
         }
@@ -114,11 +114,15 @@ public final class ControlServer: @unchecked Sendable {
 
   init(_ listener: Listener) { self.listener = listener }
 
-  fileprivate func admit(_ c: ControlChannel) -> Bool {
+  /// Admits `c`, or says why not.
+  fileprivate func admit(_ c: ControlChannel) -> String? {
     lock.withLock {
-      guard !stopping, open.count < ControlSocket.maximumConnections else { return false }
+      if stopping { return "the server is stopping" }
+      if open.count >= ControlSocket.maximumConnections {
+        return "\(ControlSocket.maximumConnections) control connections are open already; try again"
+      }
       open[ObjectIdentifier(c)] = c
-      return true
+      return nil
     }
   }
 

@@ -328,7 +328,7 @@ public final class TrackingEngine: @unchecked Sendable {
 
   /// Refuses an output for an ending generation that is one of the server's
   /// own files, or an existing file that is not a map.
-  private func checkOutput(_ output: String) throws {
+  public func checkOutput(_ output: String) throws {
     let own = [
       (device.path, "the device"), (changesPath, "the live change map"), (changesPath + ".journal", "its journal"),
       (storePath, "the preservation store"),

@@ -2,9 +2,11 @@
 // checkpoint of its change map, and the answers on its control socket
 // (ControlSocket: `status`, `freeze [changes-out=FILE]`, `drop [view=ID]`,
 // `new-generation changes-out=FILE`, each answered with KEY VALUE lines;
-// and `hold [limit=SECONDS]`, which keeps writes held on its connection
-// until `release`, the requests sent meanwhile running within the hold:
-// a consistency group's point, taken on several servers at one instant).
+// and `hold [limit=SECONDS] [changes-out=FILE]`, which keeps writes held
+// on its connection until `release` (answered with `held_seconds`), the
+// requests sent meanwhile running within the hold: a consistency group's
+// point, taken on several servers at one instant; FILE, the output of the
+// action to come, is checked before anything is held).
 //
 // Invariants:
 // - A checkpoint runs every few seconds until stop() returns; stop() waits
@@ -83,7 +85,7 @@ public final class TrackingService: Sendable {
   public static let defaultHoldLimit = 10.0
   public static let maximumHoldLimit = 60.0
 
-  /// `hold [limit=SECONDS]`: writes are held until `release`, the
+  /// `hold [limit=SECONDS] [changes-out=FILE]`: writes are held until `release`, the
   /// connection's close or the limit (counted from the request); in
   /// between, `freeze`, `new-generation`, `drop` and `status` run with
   /// writes held. A hold that ends without `release` drops the view frozen
@@ -103,6 +105,16 @@ public final class TrackingService: Sendable {
         }
         limit = l
       }
+      // The output of the action to come, checked before anything is held,
+      // so that a group refuses a bad one on every device alike.
+      if let out = a["changes-out"] {
+        do {
+          try engine.checkOutput(out)
+        } catch {
+          try? channel.send(.error("\(error); nothing is held"))
+          return
+        }
+      }
     }
     let held: TrackingEngine.WriteHold
     do {
@@ -119,7 +131,11 @@ public final class TrackingService: Sendable {
       let seconds = engine.release(held) ?? 0
       var s =
         "the hold of writes ended \(why) after \(formatFixed(seconds, digits: 3)) s, without release: writes go on"
-      if let id = frozen, (try? engine.dropView(id: id)) != nil { s += "; the view \(id) frozen within it is dropped" }
+      // At a stop the view is lost with the server (and reported so at the
+      // next start); else it goes now.
+      if let id = frozen, !threads.isStopping, (try? engine.dropView(id: id)) != nil {
+        s += "; the view \(id) frozen within it is dropped"
+      }
       engine.log(s)
       return s
     }
