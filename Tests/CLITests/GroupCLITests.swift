@@ -213,7 +213,7 @@ final class GroupCLITests: CLITestCase {
     let a = try devices(1)[0]
     let session = try RRTChild(
       name: "session", executable: Self.python,
-      arguments: [Self.control, "session", "--control", a.socket + ".control", "hold limit=1", "sleep=2.5", "freeze"],
+      arguments: [Self.control, "session", "--control", a.socket + ".control", "hold limit=1", "sleep=4", "freeze"],
       stdout: a.s.path("session.out"), stderr: a.s.path("session.err"))
     a.others.append(session)
     XCTAssertTrue(session.waitForOutput("\"request\": \"hold limit=1\"", timeout: 10), session.errors)
@@ -222,7 +222,7 @@ final class GroupCLITests: CLITestCase {
     let waited = writeSeconds(write, timeout: 5)
     XCTAssertNotNil(waited, write.errors)
     let released = RRTEnv.monotonic() - heldAt
-    XCTAssertLessThan(released, 2.4, "writes waited past the 1 s limit")
+    XCTAssertLessThan(released, 3.5, "writes waited long past the 1 s limit")
     XCTAssertTrue(session.isRunning, "the holder went away before the limit was tested")
     XCTAssertEqual(session.wait(timeout: 10), 0, session.errors)
     let answers = session.output.split(separator: "\n").compactMap { try? TrackRig.json(String($0)) }

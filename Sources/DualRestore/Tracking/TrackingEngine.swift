@@ -245,11 +245,12 @@ public final class TrackingEngine: @unchecked Sendable {
 
   /// Writes held across several control requests, from `holdWrites` to
   /// `release`: the instant of a consistency group, at which the actions
-  /// run on each device (`within:`). One hold at a time.
+  /// run on each device (`within:`, which does not close the gate again).
+  /// One hold at a time; only `release` reopens the gate it closed.
   public struct WriteHold: Sendable {
     let number: UInt64
-    /// When the gate closed and when the writes inside had finished
-    /// (monotonic seconds).
+    /// When the hold was asked, and when the writes inside had finished
+    /// behind the closed gate (monotonic seconds).
     public let asked: Double
     public let since: Double
   }
