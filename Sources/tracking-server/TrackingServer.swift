@@ -408,8 +408,9 @@ extension TrackingServer {
         An application whose data spans several devices (a database's data \
         and its log) writes to one only after a write to another has \
         completed; a copy of each taken at a different instant may hold the \
-        later write without the one it depends on. `group` first runs \
-        --before (with /bin/sh -c; to quiesce the application, or nothing), \
+        later write without the one it depends on. `group` first asks every \
+        server for its status (one that does not answer ends the command \
+        there), runs --before (with /bin/sh -c; to quiesce the application, or nothing), \
         then asks every server to hold its writes (on each device's control \
         connection, all at once): each server closes its gate, so new writes \
         wait, and answers once the writes in flight have finished. When all \
@@ -541,6 +542,7 @@ extension TrackingServer {
       let members = d.indices.map { i in
         GroupMember(control: d[i], changesOut: changesOut.isEmpty ? nil : absolute(changesOut[i]))
       }
+      try ConsistencyGroup.probe(members)
       if let before {
         let status = try runShell(before)
         if status != 0 {

@@ -335,8 +335,8 @@ final class GroupCLITests: CLITestCase {
   }
 
   /// Bad input: an unknown control socket is one sentence naming it, and
-  /// nothing is held or frozen anywhere (--after runs, --before's success
-  /// having been seen); a failing --before holds nothing and skips --after;
+  /// nothing is held or frozen anywhere, nor --before run (so --after is
+  /// not either); a failing --before holds nothing and skips --after;
   /// argument errors exit 64 with the sentence.
   func testBadInputIsOneSentenceAndHoldsNothing() throws {
     try require("nbdinfo", "nbdsh")
@@ -345,17 +345,20 @@ final class GroupCLITests: CLITestCase {
     let missing = a.s.path("none.control")
     let trace = a.s.path("trace")
     let r = try group(
-      ["freeze", "--socket", a.socket, "--control", missing, "--after", "echo after >> \(trace)"])
+      [
+        "freeze", "--socket", a.socket, "--control", missing, "--before", "echo before >> \(trace)", "--after",
+        "echo after >> \(trace)",
+      ])
     assertRefused(r, missing, "no server answers on this control socket", "nothing was held")
     XCTAssertNil(try a.status()["view"])
     XCTAssertEqual(try a.status()["generation"] as? String, generation)
     XCTAssertFalse(a.log.contains("froze"), a.log)
-    XCTAssertEqual(Self.text(trace), "after\n")
+    XCTAssertEqual(Self.text(trace), "", "the application was quiesced for a group that cannot be made")
 
     let b = try group(
       ["freeze", "--socket", a.socket, "--before", "exit 3", "--after", "echo after >> \(trace)"])
     assertRefused(b, "the --before command exited with status 3", "nothing was held")
-    XCTAssertEqual(Self.text(trace), "after\n", "--after ran after a failed --before")
+    XCTAssertEqual(Self.text(trace), "", "--after ran after a failed --before")
     XCTAssertNil(try a.status()["view"])
 
     // An output that no server may take (here: not a map) is refused by

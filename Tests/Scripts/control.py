@@ -16,8 +16,9 @@ carries further requests until `release`.
       A connection the server closes ends the session: {"closed": true}.
 
   stall --control PATH
-      Listens on PATH as a tracking-server that holds at once ("ok",
-      drain_seconds 0, limit_seconds 1000) and never answers anything else:
+      Listens on PATH as a tracking-server that answers status, holds at
+      once ("ok", drain_seconds 0, limit_seconds 1000) and never answers
+      anything else:
       a device whose action never ends, to keep a coordinator holding the
       others. Prints "listening" once bound; runs until killed.
 
@@ -95,6 +96,10 @@ def cmd_stall(path):
             if not chunk:
                 break
             line += chunk
+        if line.startswith(b"status"):
+            conn.sendall(b"ok\nchanged_blocks 0\n\n")
+            conn.close()
+            continue
         if line.startswith(b"hold"):
             conn.sendall(b"ok\ndrain_seconds 0.000001\nlimit_seconds 1000\n\n")
         held.append(conn)  # kept open, never answered again

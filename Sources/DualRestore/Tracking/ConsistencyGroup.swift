@@ -56,6 +56,16 @@ public struct GroupPoint: Sendable {
 }
 
 public enum ConsistencyGroup {
+  /// Asks every member's server for its status, at once: one that does not
+  /// answer is named before anything is done (before an application is
+  /// quiesced for a group that cannot be made).
+  public static func probe(_ members: [GroupMember]) throws {
+    let failed = inParallel(members.count) { i in
+      _ = try ControlSocket.request(members[i].control, ["status"], timeout: 10)
+    }
+    if let (i, e) = failed.first { throw ToolkitError("\(sentence(e, members[i])); nothing was held") }
+  }
+
   /// Makes one point on every member, or none (see the invariants above).
   public static func take(_ members: [GroupMember], action: GroupAction, maxHold: Double) throws -> GroupPoint {
     let n = members.count
