@@ -128,7 +128,9 @@ final class GroupCLITests: CLITestCase {
     XCTAssertGreaterThan(g["b_stamps"] as? Int ?? 0, 0, "no B write in any point: \(g)")
     XCTAssertGreaterThan(g["b_progress"] as? Int ?? 0, 100, "the writes did not go on between the points: \(g)")
 
+    print("group points of dependent writes: \(g)")
     let s = try points("sequential", 30)
+    print("A frozen, then B: \(s)")
     XCTAssertGreaterThan(
       s["violations"] as? Int ?? 0, 0, "A frozen then B found no B write lacking its A write: the check is blind: \(s)")
     XCTAssertEqual(s["torn"] as? Int, 0, "\(s)")
