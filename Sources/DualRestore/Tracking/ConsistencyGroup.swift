@@ -3,9 +3,12 @@
 // writes (`hold` on its control socket, one thread per device, so the time
 // writes are held is the slowest device's, not the sum); once every one
 // holds, the action runs on each, within its hold; then all are released.
-// A write that completed on one device before another's hold began is thus
-// in both points or only in the later one's device — never a write that
-// depended on one absent from the point.
+// Why that is one instant: a write that finds a gate closed is acknowledged
+// only after the release, when every device has held. So if a write issued
+// after another was acknowledged is in its device's point, it passed its
+// gate before that gate closed, before all held, and the write it followed,
+// acknowledged earlier still, had passed its own gate: it is in its point
+// too. No write is in the point without the writes it depended on.
 //
 // Invariants:
 // - All or nothing: when a device fails to hold, to act or to release, the
@@ -120,8 +123,9 @@ public enum ConsistencyGroup {
         for j in 0..<n {
           guard let id = answers[j].flatMap({ value($0, "view") }) else { continue }
           undo.append(
-            dropped[j] != nil
+            (dropped[j] != nil
               ? "the view frozen on \(members[j].control) was dropped" : dropLater(members[j], id))
+              + (members[j].changesOut.map { ", its generation stays ended (its map is in \($0))" } ?? ""))
         }
       } else {
         released = release(connections, where: { _ in true })
