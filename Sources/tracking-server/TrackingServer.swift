@@ -17,7 +17,8 @@ struct TrackingServer: ParsableCommand {
       point-in-time view that stays exact while writes continue (exported \
       read-only as `view`, for snapshot), `drop` lets it go, \
       `new-generation` saves the change map and starts a new one, `status` \
-      reports.
+      reports; `group` does `freeze` or `new-generation` on several servers \
+      at one instant (a consistency group).
 
       Seeding a mirror, with writes going on all along:
 
@@ -37,7 +38,7 @@ struct TrackingServer: ParsableCommand {
       streams made with it say so, so that merge-snapshot refuses a catch-up \
       that leaves a generation out.
       """,
-    subcommands: [Serve.self, Freeze.self, Drop.self, NewGeneration.self, Status.self, Points.self])
+    subcommands: [Serve.self, Freeze.self, Drop.self, NewGeneration.self, Group.self, Status.self, Points.self])
 
   static func main() { ToolMain.run(Self.self) }
 }
@@ -115,7 +116,10 @@ extension TrackingServer {
         when present; its journal is locked, so one server at a time uses it.
 
         The control socket (PATH.control beside --socket, or --control) \
-        takes the requests of the other subcommands. A frozen view keeps \
+        takes the requests of the other subcommands, each connection served \
+        on its own: `group` holds writes on one connection for an instant, \
+        which the server ends by itself at the hold's limit or as soon as \
+        that connection closes, saying so in the log. A frozen view keeps \
         the old contents of blocks written after the freeze in the \
         preservation store (--store, by default MAP.store; mode 0600). When \
         the store reaches --store-limit the view is lost: its reads fail \
@@ -318,11 +322,11 @@ extension TrackingServer {
           + (history == nil ? [] : [PointExport(engine: engine)]),
         options: limits.serverOptions(tls: serverTLS), log: log)
       let service = TrackingService(engine: engine)
-      ControlSocket.serve(controlListener) { words in service.answer(words) }
+      let control = ControlSocket.serve(controlListener) { channel in service.serve(channel) }
       signals.onSignal { received in
         log("stopping on signal \(received)")
         service.beginStop()
-        controlListener.shutdown()
+        control.beginStop()
         server.beginStop(listener)
       }
       service.start()
@@ -491,7 +495,7 @@ extension TrackingServer {
     func run() throws {
       var words = ["points"]
       if let at { words.append("at=" + ControlSocket.encode(at)) }
-      let fields = try ControlSocket.request(server.path, words, limit: 64 << 20)
+      let fields = try ControlSocket.request(server.path, words)
       let d = Dictionary(fields, uniquingKeysWith: { $1 })
       let count = Int(d["points"] ?? "0") ?? 0
       let out = TextOutput()
@@ -535,4 +539,257 @@ extension TrackingServer {
       try out.flush()
     }
   }
+}
+
+extension TrackingServer {
+  struct Group: ParsableCommand {
+    static let configuration = CommandConfiguration(
+      abstract: "Freeze, or end the generations of, several servers' devices at one instant: a consistency group.",
+      usage: """
+        tracking-server group (freeze | new-generation) (--control PATH | --socket PATH)... \
+        [--changes-out FILE]... [--before COMMAND] [--after COMMAND] [--max-hold SECONDS] [--json]
+        """,
+      discussion: """
+        An application whose data spans several devices (a database's data \
+        and its log) writes to one only after a write to another has \
+        completed; a copy of each taken at a different instant may hold the \
+        later write without the one it depends on. `group` first asks every \
+        server for its status (one that does not answer ends the command \
+        there), runs --before (with /bin/sh -c; to quiesce the application, or nothing), \
+        then asks every server to hold its writes (on each device's control \
+        connection, all at once): each server closes its gate, so new writes \
+        wait, and answers once the writes in flight have finished. When all \
+        hold, ACTION runs on each: `freeze` takes a view (with --changes-out, \
+        ending the generation at the same instant, as tracking-server freeze \
+        does), `new-generation` ends the generation, saving its change map \
+        to the device's --changes-out. Then every server is released and \
+        --after runs. A write issued after another completed is in the \
+        group's point only if that other write is too, whichever devices \
+        they went to: the point is what a power cut of all the devices at \
+        once would leave, which a database recovers from as from a crash. \
+        The --before command is for an application that must be quiesced beyond that \
+        (a file system frozen with fsfreeze, a database told to checkpoint).
+
+        The devices are the --control paths in the order given, then the \
+        --socket paths (PATH.control) in the order given; --changes-out is \
+        given once per device in that order (for freeze, or not at all). \
+        Views are dropped one by one with tracking-server drop.
+
+        A server holds writes at most --max-hold seconds (default 10, at \
+        most 60) and ends the hold by itself then, logging it, as it does at \
+        once when this command goes away (killed, or its connection lost): \
+        a stuck coordinator never stops an application's writes for long. A \
+        hold that ends without its release drops the view frozen within it. \
+        One hold at a time per server: a second coordinator's hold is \
+        refused, with a sentence. Other requests (status) are answered \
+        meanwhile; a freeze or new-generation from another client waits for \
+        the release.
+
+        All or nothing: when a device fails to hold, to act or to release, \
+        the others are released and the views already frozen on the others \
+        are dropped, so no partial point is left; a generation already ended \
+        on some devices cannot be undone, and the sentence names them. \
+        The --after command runs whenever --before succeeded, even when the hold failed, \
+        so that the application is never left quiesced; a --before that \
+        fails ends the command with nothing held, and --after does not run. \
+        The commands' standard output goes to standard error. The exit \
+        status is 0 only when the point was made on every device (and \
+        --after, if given, exited 0).
+
+        The report gives the hold time, from the first hold asked to the \
+        last release answered, and per device what was made and how long \
+        its server held writes. With --json, one object: `action`, \
+        `hold_seconds`, `devices` (an array, in device order) of objects \
+        with `control`, `changes_out` (or null), `drain_seconds` (the time \
+        the server waited for the writes in flight), `held_seconds` (from \
+        its hold asked to its release), and the fields of the action's \
+        answer: for freeze `view`, `frozen`, `preserved_blocks`, \
+        `store_bytes`, `store_limit`, `view_lost`; with a generation ended \
+        (new-generation, or freeze with --changes-out) `ended_generation`, \
+        `ended_generation_started`, `ended_changed_blocks`, `generation`, \
+        `generation_started`.
+
+          tracking-server group freeze --socket /run/data.sock --socket /run/wal.sock \\
+              --changes-out data-g1.map --changes-out wal-g1.map --json
+        """)
+
+    @Argument(help: ArgumentHelp("freeze or new-generation.", valueName: "action"))
+    var action: String
+
+    @Option(
+      name: .customLong("control"),
+      help: ArgumentHelp("A device's control socket; repeatable, one per device.", valueName: "path"))
+    var controls: [String] = []
+
+    @Option(
+      name: .customLong("socket"),
+      help: ArgumentHelp(
+        "A device's NBD socket (its control socket is PATH.control); repeatable, after the --control devices.",
+        valueName: "path"))
+    var sockets: [String] = []
+
+    @Option(
+      name: .customLong("changes-out"),
+      help: ArgumentHelp(
+        "Save a device's ending generation's change map here; once per device, in device order (new-generation: required).",
+        valueName: "file"))
+    var changesOut: [String] = []
+
+    @Option(
+      help: ArgumentHelp(
+        "Run this (with /bin/sh -c) before holding writes; a non-zero exit ends the command with nothing held.",
+        valueName: "command"))
+    var before: String?
+
+    @Option(
+      help: ArgumentHelp(
+        "Run this (with /bin/sh -c) after the release, whenever --before succeeded.", valueName: "command"))
+    var after: String?
+
+    @Option(
+      help: ArgumentHelp(
+        "Seconds each server may hold writes before it releases them by itself (above 0, at most 60).",
+        valueName: "seconds"))
+    var maxHold: Double = TrackingService.defaultHoldLimit
+
+    @Flag(help: "Print the result as one JSON object on standard output.")
+    var json = false
+
+    var devices: [String] { controls + sockets.map { $0 + ".control" } }
+
+    func validate() throws {
+      guard GroupAction(rawValue: action) != nil else {
+        throw ValidationError("'\(action)' is not a group action: give freeze or new-generation")
+      }
+      let d = devices
+      if d.isEmpty { throw ValidationError("give the devices of the group with --control PATH or --socket PATH") }
+      if Set(d.map(absolute)).count != d.count { throw ValidationError("a device is named twice in the group") }
+      if action == GroupAction.newGeneration.rawValue && changesOut.isEmpty {
+        throw ValidationError("new-generation needs --changes-out FILE for each of the \(d.count) device(s)")
+      }
+      if !changesOut.isEmpty && changesOut.count != d.count {
+        throw ValidationError(
+          "--changes-out is given \(changesOut.count) time(s) for \(d.count) device(s); give it once per device, in device order"
+        )
+      }
+      if Set(changesOut.map(absolute)).count != changesOut.count {
+        throw ValidationError("--changes-out names the same file twice")
+      }
+      if !(maxHold > 0 && maxHold <= TrackingService.maximumHoldLimit) {
+        throw ValidationError(
+          "--max-hold \(maxHold) is out of range (above 0, at most \(Int(TrackingService.maximumHoldLimit)) seconds)")
+      }
+    }
+
+    func run() throws {
+      guard let groupAction = GroupAction(rawValue: action) else { throw ExitCode(2) }
+      let d = devices
+      let members = d.indices.map { i in
+        GroupMember(control: d[i], changesOut: changesOut.isEmpty ? nil : absolute(changesOut[i]))
+      }
+      try ConsistencyGroup.probe(members)
+      if let before {
+        let status = try runShell(before)
+        if status != 0 {
+          throw ToolkitError("the --before command exited with status \(status); nothing was held, --after was not run")
+        }
+      }
+      var point: GroupPoint?
+      var failure: Error?
+      do {
+        point = try ConsistencyGroup.take(members, action: groupAction, maxHold: maxHold)
+      } catch {
+        failure = error
+      }
+      var afterStatus: Int32 = 0
+      if let after { afterStatus = try runShell(after) }
+      if let failure {
+        guard afterStatus == 0 else {
+          throw ToolkitError(
+            "\((failure as? ToolkitError)?.message ?? "\(failure)"); and the --after command exited with status \(afterStatus)"
+          )
+        }
+        throw failure
+      }
+      guard let point else { throw ExitCode(1) }
+      try report(point)
+      if afterStatus != 0 {
+        throw ToolkitError(
+          "the point was made on every device, but the --after command exited with status \(afterStatus)")
+      }
+    }
+
+    func report(_ point: GroupPoint) throws {
+      let out = TextOutput()
+      if json {
+        var o = JSONObject()
+        o.add("action", point.action.rawValue)
+        o.add("hold_seconds", number: formatFixed(point.holdSeconds, digits: 6))
+        o.add(
+          "devices",
+          array: point.devices.map { dev in
+            var e = JSONObject()
+            e.add("control", dev.member.control)
+            e.add("changes_out", dev.member.changesOut)
+            e.add("drain_seconds", number: formatFixed(dev.drainSeconds, digits: 6))
+            e.add("held_seconds", number: formatFixed(dev.heldSeconds, digits: 6))
+            for (k, v) in dev.fields {
+              if let n = UInt64(v) {
+                e.add(k, n)
+              } else if v == "true" || v == "false" {
+                e.add(k, v == "true")
+              } else {
+                e.add(k, v)
+              }
+            }
+            return e.render()
+          })
+        try out.line(o.render())
+      } else {
+        try out.line(
+          "\(point.action.rawValue) of \(point.devices.count) device(s) at one instant: writes held "
+            + "\(milliseconds(point.holdSeconds)) (the first hold asked to the last release answered)")
+        for dev in point.devices {
+          let f = Dictionary(dev.fields, uniquingKeysWith: { $1 })
+          var s = "\(dev.member.control): "
+          if let view = f["view"] { s += "view \(view) frozen at \(f["frozen"] ?? "?")" }
+          if let ended = f["ended_generation"] {
+            s +=
+              (f["view"] == nil ? "" : "; ")
+              + "generation \(ended) ended with \(f["ended_changed_blocks"] ?? "?") changed block(s) in "
+              + "\(dev.member.changesOut ?? "?"), generation \(f["generation"] ?? "?") began at \(f["generation_started"] ?? "?")"
+          }
+          s += "; held \(milliseconds(dev.heldSeconds))"
+          try out.line(s)
+        }
+      }
+      try out.flush()
+    }
+
+    func milliseconds(_ seconds: Double) -> String { formatFixed(seconds * 1000, digits: 3) + " ms" }
+  }
+}
+
+/// Runs `command` with /bin/sh -c, its standard output sent to standard
+/// error (a --json output stays one object); returns its exit status.
+func runShell(_ command: String) throws -> Int32 {
+  var actions = posix_spawn_file_actions_t()
+  posix_spawn_file_actions_init(&actions)
+  defer { posix_spawn_file_actions_destroy(&actions) }
+  posix_spawn_file_actions_adddup2(&actions, 2, 1)
+  let words: [String] = ["/bin/sh", "-c", command]
+  let argv: [UnsafeMutablePointer<CChar>?] = words.map { strdup($0) }
+  defer { for a in argv { free(a) } }
+  var pid = pid_t()
+  let rc = posix_spawn(&pid, "/bin/sh", &actions, nil, argv + [nil], environ)
+  guard rc == 0 else { throw ToolkitError("cannot run /bin/sh for '\(command)': \(String(cString: strerror(rc)))") }
+  var status: Int32 = 0
+  while waitpid(pid, &status, 0) < 0 {
+    guard errno == EINTR else {
+      throw ToolkitError("waiting for '\(command)' failed: \(String(cString: strerror(errno)))")
+    }
+  }
+  // WIFEXITED / WEXITSTATUS, and 128 + the signal for a command killed.
+  if status & 0x7f == 0 { return (status >> 8) & 0xff }
+  return 128 + (status & 0x7f)
 }

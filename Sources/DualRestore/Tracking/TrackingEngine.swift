@@ -39,6 +39,9 @@ public final class TrackingEngine: @unchecked Sendable {
   /// and waits for the writes inside to finish.
   private var gateClosed = false
   private var writesInside = 0
+  /// The hold keeping the gate closed across control requests, if any.
+  private var hold: WriteHold?
+  private var holdCount: UInt64 = 0
   private let locks = BlockLocks()
   private var view: FrozenView?
   private let zeros: AlignedBuffer
@@ -292,7 +295,17 @@ public final class TrackingEngine: @unchecked Sendable {
   }
 
   /// Closes the gate, waits for the writes inside, runs `body`, reopens.
-  private func withWritesHeld<R>(_ body: () throws -> R) rethrows -> R {
+  /// Within `held` (a hold of this engine's gate) the gate is closed
+  /// already: `body` runs at once, or not at all when the hold has ended.
+  private func withWritesHeld<R>(within held: WriteHold? = nil, _ body: () throws -> R) throws -> R {
+    if let held {
+      try state.withLock {
+        guard hold?.number == held.number else {
+          throw ToolkitError("the hold of writes has ended (released, or past its limit); nothing was done")
+        }
+      }
+      return try body()
+    }
     state.lock()
     while gateClosed { state.wait() }
     gateClosed = true
@@ -307,6 +320,75 @@ public final class TrackingEngine: @unchecked Sendable {
     return try body()
   }
 
+  // MARK: Holds
+
+  /// Writes held across several control requests, from `holdWrites` to
+  /// `release`: the instant of a consistency group, at which the actions
+  /// run on each device (`within:`, which does not close the gate again).
+  /// One hold at a time; only `release` reopens the gate it closed.
+  public struct WriteHold: Sendable {
+    let number: UInt64
+    /// When the hold was asked, and when the writes inside had finished
+    /// behind the closed gate (monotonic seconds).
+    public let asked: Double
+    public let since: Double
+  }
+
+  /// Closes the gate and waits for the writes inside; the gate stays
+  /// closed until `release`. Refuses while another hold is open; waits for
+  /// a freeze or generation change in progress. When the writes inside do
+  /// not finish within `drainLimit` seconds, the gate reopens and nothing
+  /// is held.
+  public func holdWrites(drainLimit: Double) throws -> WriteHold {
+    let asked = monotonicSeconds()
+    let deadline = asked + drainLimit
+    state.lock()
+    defer { state.unlock() }
+    func refuseIfHeld() throws {
+      if let h = hold {
+        throw ToolkitError(
+          "writes are held already by another control connection (for \(formatFixed(monotonicSeconds() - h.since, digits: 3)) s); one hold at a time, nothing is held"
+        )
+      }
+    }
+    try refuseIfHeld()
+    while gateClosed {
+      try refuseIfHeld()
+      if !state.wait(until: deadline) && gateClosed {
+        throw ToolkitError(
+          "writes stayed held by another request for \(formatFixed(drainLimit, digits: 3)) s; nothing is held")
+      }
+    }
+    gateClosed = true
+    while writesInside > 0 {
+      if !state.wait(until: deadline) && writesInside > 0 {
+        let n = writesInside
+        gateClosed = false
+        state.broadcast()
+        throw ToolkitError(
+          "\(n) write(s) in flight did not finish within \(formatFixed(drainLimit, digits: 3)) s; writes go on, nothing is held"
+        )
+      }
+    }
+    holdCount += 1
+    let h = WriteHold(number: holdCount, asked: asked, since: monotonicSeconds())
+    hold = h
+    return h
+  }
+
+  /// Reopens the gate of `held`; returns the seconds writes were held (from
+  /// the hold asked), or nil when that hold had ended already.
+  @discardableResult
+  public func release(_ held: WriteHold) -> Double? {
+    state.withLock {
+      guard hold?.number == held.number else { return nil }
+      hold = nil
+      gateClosed = false
+      state.broadcast()
+      return monotonicSeconds() - held.asked
+    }
+  }
+
   // MARK: Generations
 
   public struct GenerationChange: Sendable {
@@ -319,14 +401,14 @@ public final class TrackingEngine: @unchecked Sendable {
 
   /// Ends the current generation, saving its change map to `output`, and
   /// starts a new one, with writes held so each lands in exactly one.
-  public func newGeneration(output: String) throws -> GenerationChange {
+  public func newGeneration(output: String, within held: WriteHold? = nil) throws -> GenerationChange {
     try checkOutput(output)
-    return try withWritesHeld { try switchGeneration(output: output, fresh: freshGeneration()) }
+    return try withWritesHeld(within: held) { try switchGeneration(output: output, fresh: freshGeneration()) }
   }
 
   /// Refuses an output for an ending generation that is one of the server's
   /// own files, or an existing file that is not a map.
-  private func checkOutput(_ output: String) throws {
+  public func checkOutput(_ output: String) throws {
     let own = [
       (device.path, "the device"), (changesPath, "the live change map"), (changesPath + ".journal", "its journal"),
       (storePath, "the preservation store"),
@@ -357,9 +439,11 @@ public final class TrackingEngine: @unchecked Sendable {
 
   /// Freezes a point-in-time view of the device; with `changesOutput`, the
   /// current generation ends at the same instant (saved there).
-  public func freeze(changesOutput: String?) throws -> (view: ViewStatus, generation: GenerationChange?) {
+  public func freeze(changesOutput: String?, within held: WriteHold? = nil) throws -> (
+    view: ViewStatus, generation: GenerationChange?
+  ) {
     if let changesOutput { try checkOutput(changesOutput) }
-    return try withWritesHeld {
+    return try withWritesHeld(within: held) {
       if let v = state.withLock({ view }) {
         throw ToolkitError("a view frozen at \(v.frozen) is held already; drop it first")
       }
@@ -387,15 +471,19 @@ public final class TrackingEngine: @unchecked Sendable {
     }
   }
 
-  /// Drops the view: its export goes and its store is removed.
-  public func dropView() throws -> ViewStatus {
-    guard
-      let v = state.withLock({ () -> FrozenView? in
-        let v = view
-        view = nil
-        return v
-      })
-    else { throw ToolkitError("no view is frozen") }
+  /// Drops the view: its export goes and its store is removed. With `id`,
+  /// only that view: another one held is kept, and the drop refused.
+  public func dropView(id: ID128? = nil) throws -> ViewStatus {
+    let (v, other) = state.withLock { () -> (FrozenView?, FrozenView?) in
+      guard let v = view else { return (nil, nil) }
+      if let id, v.id != id { return (nil, v) }
+      view = nil
+      return (v, nil)
+    }
+    if let other, let id {
+      throw ToolkitError("the view held is \(other.id), frozen at \(other.frozen), not \(id); it is kept")
+    }
+    guard let v else { throw ToolkitError("no view is frozen") }
     // Writes that fetched the view before it was dropped still hold block
     // locks; taking the whole range waits for them.
     locks.lock(0..<geometry.blockCount)

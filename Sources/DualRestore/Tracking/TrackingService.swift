@@ -1,7 +1,12 @@
 // What a running tracking-server does beside serving NBD: the periodic
 // checkpoint of its change map, and the answers on its control socket
-// (ControlSocket: `status`, `freeze [changes-out=FILE]`, `drop`,
-// `new-generation changes-out=FILE`, each answered with KEY VALUE lines).
+// (ControlSocket: `status`, `freeze [changes-out=FILE]`, `drop [view=ID]`,
+// `new-generation changes-out=FILE`, each answered with KEY VALUE lines;
+// and `hold [limit=SECONDS] [changes-out=FILE]`, which keeps writes held
+// on its connection until `release` (answered with `held_seconds`), the
+// requests sent meanwhile running within the hold: a consistency group's
+// point, taken on several servers at one instant; FILE, the output of the
+// action to come, is checked before anything is held).
 //
 // Invariants:
 // - A checkpoint runs every few seconds until stop() returns; stop() waits
@@ -10,6 +15,10 @@
 // - An answer's fields are the ones documented in tracking-server(1): the
 //   subcommands that print them, in this or another version of the tool,
 //   read them by name.
+// - A hold never outlives its client nor its limit (10 s unless the client
+//   asks another, at most 60 s): at the connection's close or the limit the
+//   writes go on at once, the log says so, and a view frozen within the
+//   hold is dropped, since its group may lack it elsewhere.
 
 import Glibc
 
@@ -17,6 +26,8 @@ public final class TrackingService: Sendable {
   public let engine: TrackingEngine
   private let checkpointInterval: Double
   private let threads = StoppableThreads()
+  /// Taken by the requests that change the server, outside a hold.
+  private let plainRequests = Monitor()
 
   public init(engine: TrackingEngine, checkpointInterval: Double = 5) {
     self.engine = engine
@@ -53,25 +64,154 @@ public final class TrackingService: Sendable {
   /// Ends the checkpoint and waits for it.
   public func stop() { threads.stop() }
 
-  /// The answer to one control request.
-  public func answer(_ words: [String]) -> ControlAnswer {
+  /// Serves one control connection: one request answered, or a hold of
+  /// writes (`hold`) with the requests made within it.
+  public func serve(_ channel: ControlChannel) {
+    let words: [String]
+    switch channel.next(timeout: 10) {
+    case .words(let w): words = w
+    case .closed: return
+    case .timedOut, .tooLong:
+      try? channel.send(.error("the request was not one line of at most \(ControlSocket.maximumLine) bytes"))
+      return
+    }
+    if words.first == "hold" { return holdSession(channel, words) }
+    // Requests that change the server are answered one at a time, as
+    // before connections had threads of their own; a hold's are not (a
+    // freeze waiting here for its gate would block the hold's own freeze).
+    let changes = words.first != "status"
+    try? channel.send(changes ? plainRequests.withLock { answer(words) } : answer(words))
+  }
+
+  /// A hold's limit when the client gives none, and the most it may give.
+  public static let defaultHoldLimit = 10.0
+  public static let maximumHoldLimit = 60.0
+
+  /// `hold [limit=SECONDS] [changes-out=FILE]`: writes are held until `release`, the
+  /// connection's close or the limit (counted from the request); in
+  /// between, `freeze`, `new-generation`, `drop` and `status` run with
+  /// writes held. A hold that ends without `release` drops the view frozen
+  /// within it, if any: only a released hold makes a point.
+  private func holdSession(_ channel: ControlChannel, _ words: [String]) {
+    var limit = Self.defaultHoldLimit
+    switch ControlSocket.arguments(words.dropFirst()) {
+    case .failure(let e):
+      try? channel.send(.error(e.message))
+      return
+    case .success(let a):
+      if let text = a["limit"] {
+        guard let l = Double(text), l > 0, l <= Self.maximumHoldLimit else {
+          try? channel.send(
+            .error("hold limit=\(text) is out of range (above 0, at most \(Int(Self.maximumHoldLimit)) seconds)"))
+          return
+        }
+        limit = l
+      }
+      // The output of the action to come, checked before anything is held,
+      // so that a group refuses a bad one on every device alike.
+      if let out = a["changes-out"] {
+        do {
+          try engine.checkOutput(out)
+        } catch {
+          try? channel.send(.error("\(error); nothing is held"))
+          return
+        }
+      }
+    }
+    let held: TrackingEngine.WriteHold
+    do {
+      held = try engine.holdWrites(drainLimit: limit)
+    } catch {
+      try? channel.send(.error("\(error)"))
+      return
+    }
+    let deadline = held.asked + limit
+    /// The view frozen within this hold and not dropped since.
+    var frozen: ID128?
+    /// Ends the hold without release: writes go on, the view goes.
+    func abandon(_ why: String) -> String {
+      let seconds = engine.release(held) ?? 0
+      var s =
+        "the hold of writes ended \(why) after \(formatFixed(seconds, digits: 3)) s, without release: writes go on"
+      // At a stop the view is lost with the server (and reported so at the
+      // next start); else it goes now.
+      if let id = frozen, !threads.isStopping, (try? engine.dropView(id: id)) != nil {
+        s += "; the view \(id) frozen within it is dropped"
+      }
+      engine.log(s)
+      return s
+    }
+    let drain = formatFixed(held.since - held.asked, digits: 6)
+    guard (try? channel.send(.ok([("drain_seconds", drain), ("limit_seconds", formatFixed(limit, digits: 3))]))) != nil
+    else {
+      _ = abandon("as its control connection failed")
+      return
+    }
+    while true {
+      let left = deadline - monotonicSeconds()
+      var request = left > 0 ? channel.next(timeout: left) : .timedOut
+      if case .words = request, monotonicSeconds() >= deadline { request = .timedOut }
+      switch request {
+      case .closed:
+        _ = abandon("as its control connection closed")
+        return
+      case .tooLong:
+        let s = abandon("on a request longer than \(ControlSocket.maximumLine) bytes")
+        try? channel.send(.error(s))
+        return
+      case .timedOut:
+        // The client learns it from the answer to its next request.
+        let s = abandon("at its limit of \(formatFixed(limit, digits: 3)) s")
+        if case .words = channel.next(timeout: 10) { try? channel.send(.error(s + "; nothing more was done")) }
+        return
+      case .words(let w):
+        switch w.first {
+        case "release":
+          let seconds = engine.release(held) ?? 0
+          try? channel.send(.ok([("held_seconds", formatFixed(seconds, digits: 6))]))
+          return
+        case "hold":
+          try? channel.send(.error("this control connection holds writes already"))
+        default:
+          let a = answer(w, within: held)
+          if a.error == nil, w.first == "freeze", let v = a.fields.first(where: { $0.0 == "view" }) {
+            frozen = ID128(hex: v.1)
+          }
+          if a.error == nil, w.first == "drop" { frozen = nil }
+          if (try? channel.send(a)) == nil {
+            _ = abandon("as its control connection failed")
+            return
+          }
+        }
+      }
+    }
+  }
+
+  /// The answer to one control request (within `held`, a hold of writes,
+  /// if given).
+  public func answer(_ words: [String], within held: TrackingEngine.WriteHold? = nil) -> ControlAnswer {
     guard let command = words.first else { return .error("an empty request") }
-    var arguments: [String: String] = [:]
-    for w in words.dropFirst() {
-      guard let eq = w.firstIndex(of: "=") else { return .error("'\(w)' is not KEY=VALUE") }
-      arguments[String(w[..<eq])] = ControlSocket.decode(String(w[w.index(after: eq)...]))
+    let arguments: [String: String]
+    switch ControlSocket.arguments(words.dropFirst()) {
+    case .success(let a): arguments = a
+    case .failure(let e): return .error(e.message)
     }
     do {
       switch command {
       case "status":
         return .ok(Self.fields(engine.status))
       case "freeze":
-        let (view, change) = try engine.freeze(changesOutput: arguments["changes-out"])
+        let (view, change) = try engine.freeze(changesOutput: arguments["changes-out"], within: held)
         var f = Self.viewFields(view)
         if let change { f += Self.generationFields(change) }
         return .ok(f)
       case "drop":
-        return .ok(Self.viewFields(try engine.dropView()))
+        var id: ID128?
+        if let text = arguments["view"] {
+          guard let v = ID128(hex: text) else { return .error("drop view=\(text) is not a view id") }
+          id = v
+        }
+        return .ok(Self.viewFields(try engine.dropView(id: id)))
       case "points":
         guard let history = engine.history else {
           return .error("the server keeps no history; start it with --history DIR")
@@ -86,7 +226,7 @@ public final class TrackingService: Sendable {
         return .ok(Self.historyFields(history.summary, only: nil))
       case "new-generation":
         guard let out = arguments["changes-out"] else { return .error("new-generation needs changes-out=FILE") }
-        return .ok(Self.generationFields(try engine.newGeneration(output: out)))
+        return .ok(Self.generationFields(try engine.newGeneration(output: out, within: held)))
       default:
         return .error("unknown request '\(command)'")
       }

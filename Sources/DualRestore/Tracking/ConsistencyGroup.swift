@@ -1,0 +1,247 @@
+// A consistency group's point: several tracking servers' devices frozen, or
+// their generations cut, at one instant. Each server is asked to hold its
+// writes (`hold` on its control socket, one thread per device, so the time
+// writes are held is the slowest device's, not the sum); once every one
+// holds, the action runs on each, within its hold; then all are released.
+// Why that is one instant: a write that finds a gate closed is acknowledged
+// only after the release, when every device has held. So if a write issued
+// after another was acknowledged is in its device's point, it passed its
+// gate before that gate closed, before all held, and the write it followed,
+// acknowledged earlier still, had passed its own gate: it is in its point
+// too. No write is in the point without the writes it depended on.
+//
+// Invariants:
+// - All or nothing: when a device fails to hold, to act or to release, the
+//   others are released, and the views frozen on the others are dropped
+//   (within their hold where it is still open, else by id afterwards), so
+//   no partial point is left; a generation cut cannot be undone, and the
+//   sentence names the devices where it was.
+// - Writes are never held for long: every server ends its hold by itself at
+//   the limit asked (`maxHold`), or at once when this process goes away.
+
+import Dispatch
+import Glibc
+
+public enum GroupAction: String, Sendable, CaseIterable {
+  case freeze
+  case newGeneration = "new-generation"
+}
+
+/// One device of a group: its server's control socket, and the file its
+/// ending generation's change map is saved to (nil: none, freeze only).
+public struct GroupMember: Sendable {
+  public var control: String
+  public var changesOut: String?
+
+  public init(control: String, changesOut: String?) {
+    self.control = control
+    self.changesOut = changesOut
+  }
+}
+
+/// A point made on every device of a group.
+public struct GroupPoint: Sendable {
+  public struct Device: Sendable {
+    public var member: GroupMember
+    /// Seconds the server took to close its gate (the writes inside to end).
+    public var drainSeconds: Double
+    /// Seconds the server held writes, from the hold asked to the release.
+    public var heldSeconds: Double
+    /// The action's answer (view and/or generation fields, as
+    /// `tracking-server freeze` and `new-generation` print them).
+    public var fields: [(String, String)]
+  }
+
+  public var action: GroupAction
+  /// From the first hold asked to the last release answered.
+  public var holdSeconds: Double
+  public var devices: [Device]
+}
+
+public enum ConsistencyGroup {
+  /// Asks every member's server for its status, at once: one that does not
+  /// answer is named before anything is done (before an application is
+  /// quiesced for a group that cannot be made).
+  public static func probe(_ members: [GroupMember]) throws {
+    let failed = inParallel(members.count) { i in
+      _ = try ControlSocket.request(members[i].control, ["status"], timeout: 10)
+    }
+    if let (i, e) = failed.first { throw ToolkitError("\(sentence(e, members[i])); nothing was held") }
+  }
+
+  /// Makes one point on every member, or none (see the invariants above).
+  public static func take(_ members: [GroupMember], action: GroupAction, maxHold: Double) throws -> GroupPoint {
+    let n = members.count
+    // 1. A connection to every server: an unknown socket holds nothing.
+    let connections = Slots<ControlConnection>(n)
+    var failed = inParallel(n) { i in
+      // Past the hold's limit every server has released by itself: an
+      // answer later than that is not waited for much longer.
+      connections[i] = try ControlConnection(path: members[i].control, timeout: maxHold + 5)
+    }
+    defer { for i in 0..<n { connections[i]?.close() } }
+    if let (i, e) = failed.first {
+      throw ToolkitError("\(sentence(e, members[i])); nothing was held")
+    }
+
+    // 2. Hold everywhere.
+    let start = monotonicSeconds()
+    let drains = Slots<Double>(n)
+    failed = inParallel(n) { i in
+      var words = ["hold", "limit=" + formatFixed(maxHold, digits: 3)]
+      // Checked by the server before it holds: a bad output holds nothing.
+      if let out = members[i].changesOut { words.append("changes-out=" + ControlSocket.encode(out)) }
+      let f = try connections[i]!.request(words)
+      drains[i] = Double(value(f, "drain_seconds") ?? "") ?? 0
+    }
+    if let (i, e) = failed.first {
+      let released = release(connections, where: { drains[$0] != nil })
+      throw ToolkitError(
+        "\(sentence(e, members[i])); \(released) — nothing was done, no point was made")
+    }
+
+    // 3. The action, within every hold.
+    let answers = Slots<[(String, String)]>(n)
+    failed = inParallel(n) { i in
+      var words = [action.rawValue]
+      if let out = members[i].changesOut { words.append("changes-out=" + ControlSocket.encode(out)) }
+      answers[i] = try connections[i]!.request(words)
+    }
+    if let (i, e) = failed.first {
+      var undo: [String] = []
+      var released: String
+      if action == .freeze {
+        // Dropped while still held where the hold is open, so the partial
+        // point never outlives it; else after the release, by id.
+        let dropped = Slots<Bool>(n)
+        _ = inParallel(n) { j in
+          guard let id = answers[j].flatMap({ value($0, "view") }) else { return }
+          _ = try connections[j]!.request(["drop", "view=" + id])
+          dropped[j] = true
+        }
+        released = release(connections, where: { _ in true })
+        for j in 0..<n {
+          guard let id = answers[j].flatMap({ value($0, "view") }) else { continue }
+          undo.append(
+            (dropped[j] != nil
+              ? "the view frozen on \(members[j].control) was dropped" : dropLater(members[j], id))
+              + (members[j].changesOut.map { ", its generation stays ended (its map is in \($0))" } ?? ""))
+        }
+      } else {
+        released = release(connections, where: { _ in true })
+        for j in 0..<n where answers[j] != nil {
+          undo.append(
+            "the generation ended on \(members[j].control) stays ended (its map is in \(members[j].changesOut ?? "?"); "
+              + "a generation's end cannot be undone)")
+        }
+      }
+      throw ToolkitError(
+        "\(sentence(e, members[i])); \((undo + [released]).joined(separator: "; ")) — no point was made")
+    }
+
+    // 4. Release everywhere.
+    let held = Slots<Double>(n)
+    failed = inParallel(n) { i in
+      let f = try connections[i]!.request(["release"])
+      held[i] = Double(value(f, "held_seconds") ?? "") ?? 0
+    }
+    let end = monotonicSeconds()
+    if let (i, e) = failed.first {
+      // The server whose release failed may have dropped its view (a hold
+      // that ends without release does): drop the others', by id.
+      var undo: [String] = []
+      if action == .freeze {
+        for j in 0..<n {
+          guard let id = answers[j].flatMap({ value($0, "view") }) else { continue }
+          undo.append(dropLater(members[j], id))
+        }
+      } else {
+        undo.append("the generations ended on every device stay ended, within their holds")
+      }
+      throw ToolkitError(
+        "\(sentence(e, members[i])) at the release; \(undo.joined(separator: "; ")) — no point is kept")
+    }
+
+    return GroupPoint(
+      action: action, holdSeconds: end - start,
+      devices: (0..<n).map { i in
+        GroupPoint.Device(
+          member: members[i], drainSeconds: drains[i] ?? 0, heldSeconds: held[i] ?? 0, fields: answers[i] ?? [])
+      })
+  }
+
+  /// Drops the view `id` on `member` after its hold, on a connection of its
+  /// own; says what became of it (a server drops a view frozen within a
+  /// hold that ended without release by itself).
+  private static func dropLater(_ member: GroupMember, _ id: String) -> String {
+    do {
+      _ = try ControlSocket.request(member.control, ["drop", "view=" + id], timeout: 30)
+      return "the view frozen on \(member.control) was dropped"
+    } catch {
+      if let status = try? ControlSocket.request(member.control, ["status"], timeout: 30), value(status, "view") != id {
+        return "the view frozen on \(member.control) was dropped by its server"
+      }
+      return
+        "the view \(id) frozen on \(member.control) could not be dropped (\(error)): drop it with tracking-server drop"
+    }
+  }
+
+  /// Releases the held connections (those `held` selects); says how it went.
+  private static func release(_ connections: Slots<ControlConnection>, where held: (Int) -> Bool) -> String {
+    let n = connections.count
+    let chosen = (0..<n).filter(held)
+    guard !chosen.isEmpty else { return "no other device held" }
+    let failed = inParallel(n) { i in
+      guard chosen.contains(i), let c = connections[i] else { return }
+      // A connection that failed (a request unanswered in time) is closed,
+      // not asked: its server releases on the close.
+      guard !c.isBroken else { throw ToolkitError("\(c.path): the connection failed") }
+      _ = try c.request(["release"])
+    }
+    if failed.isEmpty { return "the \(chosen.count) device(s) that held were released" }
+    // A connection that failed is closed: its server releases on the close.
+    for (i, _) in failed { connections[i]?.close() }
+    return "the devices that held were released (\(failed.count) by closing the connection)"
+  }
+
+  private static func sentence(_ e: Error, _ member: GroupMember) -> String {
+    let text = (e as? ToolkitError)?.message ?? "\(e)"
+    return text.hasPrefix(member.control) ? text : "\(member.control): \(text)"
+  }
+
+  static func value(_ fields: [(String, String)], _ key: String) -> String? {
+    fields.first(where: { $0.0 == key })?.1
+  }
+
+  /// Runs `body(i)` for i in 0..<n on a thread each, and waits for all;
+  /// returns the failures, in device order.
+  static func inParallel(_ n: Int, _ body: @escaping @Sendable (Int) throws -> Void) -> [(Int, Error)] {
+    let errors = Locked<[Int: Error]>([:])
+    let done = DispatchSemaphore(value: 0)
+    for i in 0..<n {
+      startThread {
+        do { try body(i) } catch { errors.withLock { $0[i] = error } }
+        done.signal()
+      }
+    }
+    for _ in 0..<n { done.wait() }
+    return errors.withLock { $0.sorted { $0.key < $1.key }.map { ($0.key, $0.value) } }
+  }
+}
+
+/// One value per device, set by the device's thread, read after the join.
+// @unchecked Sendable: the values are behind `values`' lock.
+final class Slots<T>: @unchecked Sendable {
+  private let values: Locked<[T?]>
+  let count: Int
+
+  init(_ n: Int) {
+    count = n
+    values = Locked([T?](repeating: nil, count: n))
+  }
+
+  subscript(i: Int) -> T? {
+    get { values.withLock { $0[i] } }
+    set { values.withLock { $0[i] = newValue } }
+  }
+}
