@@ -118,9 +118,25 @@ final class PostgresGroupCLITests: CLITestCase {
     let pointsSeconds = RRTEnv.monotonic() - started - setUpSeconds
 
     // Every pair, started after the load.
-    for i in points.indices { try r.check(&points[i], scale: Self.scale) }
+    for i in points.indices { try r.check(&points[i]) }
     let checkSeconds = RRTEnv.monotonic() - started - setUpSeconds - pointsSeconds
 
+    // What every point showed, before the verdicts.
+    print(
+      "PostgresGroup: \(Self.groupPoints) group points, scale \(Self.scale), pgbench committed \(liveHistory ?? -1)")
+    for p in points { print("PostgresGroup: " + p.summary) }
+    let holds = points.compactMap(\.hold).sorted()
+    if let lo = holds.first, let hi = holds.last {
+      print(
+        String(
+          format: "PostgresGroup: hold %.1f ms min, %.1f ms median, %.1f ms max", lo * 1e3,
+          holds[holds.count / 2] * 1e3, hi * 1e3))
+    }
+    print(
+      String(
+        format: "PostgresGroup: set up %.1f s, points under load %.1f s, recoveries %.1f s, total %.1f s",
+        setUpSeconds, pointsSeconds, checkSeconds, RRTEnv.monotonic() - started))
+    XCTAssertEqual(points.filter { $0.kind == .group }.count, Self.groupPoints, "group points taken")
     var previous = -1
     for p in points where p.kind == .group {
       XCTAssertTrue(p.started, "\(p.name): PostgreSQL did not recover and start:\n\(p.log)")
@@ -136,20 +152,6 @@ final class PostgresGroupCLITests: CLITestCase {
       XCTAssertFalse(p.started, "\(p.name): started on a WAL copy older than its pg_control's checkpoint:\n\(p.log)")
     }
 
-    print(
-      "PostgresGroup: \(Self.groupPoints) group points, scale \(Self.scale), pgbench committed \(liveHistory ?? -1)")
-    for p in points { print("PostgresGroup: " + p.summary) }
-    let holds = points.compactMap(\.hold).sorted()
-    if let lo = holds.first, let hi = holds.last {
-      print(
-        String(
-          format: "PostgresGroup: hold %.1f ms min, %.1f ms median, %.1f ms max", lo * 1e3,
-          holds[holds.count / 2] * 1e3, hi * 1e3))
-    }
-    print(
-      String(
-        format: "PostgresGroup: set up %.1f s, points under load %.1f s, recoveries %.1f s, total %.1f s",
-        setUpSeconds, pointsSeconds, checkSeconds, RRTEnv.monotonic() - started))
     r.assertNoCrash()
   }
 }
@@ -214,6 +216,9 @@ final class PostgresGroupRig: ServerRig {
         s += " (\(redo.isEmpty ? "no redo" : redo)), pg_amcheck \(amcheck.map(String.init) ?? "-")"
         s += ", accounts \(accounts.map(String.init) ?? "-"), history \(history.map(String.init) ?? "-")"
         s += ", balances \(balanced ? "agree" : "DISAGREE \(sums)"), e2fsck \(fsck.map(String.init) ?? "-")"
+        if amcheck != 0, let first = amcheckOutput.split(separator: "\n").first {
+          s += "; pg_amcheck said: \(first)"
+        }
       } else {
         // The lines that say why, less the answers to pg_isready's probes.
         let why = log.split(separator: "\n").filter {
@@ -300,11 +305,19 @@ final class PostgresGroupRig: ServerRig {
     return r.status == 0 ? Int(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) : nil
   }
 
-  /// A child stopped by pid at the end (SIGTERM, then SIGKILL).
-  func child(_ name: String, _ executable: String, _ arguments: [String], log: String? = nil) throws -> RRTChild {
-    let out = log ?? s.path("\(name).log")
+  /// A child stopped by pid at the end: SIGTERM, or `signal` (SIGQUIT, a
+  /// postmaster's immediate shutdown), then SIGKILL.
+  func child(_ name: String, _ executable: String, _ arguments: [String], signal: Int32 = SIGTERM) throws -> RRTChild {
+    let out = s.path("\(name).log")
     let c = try RRTChild(name: name, executable: executable, arguments: arguments, stdout: out, stderr: out, cwd: dir)
-    undo.append(("stop \(name) (pid \(c.pid))", { c.stop(grace: 10) }))
+    undo.append(
+      (
+        "stop \(name) (pid \(c.pid))",
+        {
+          c.signal(signal)
+          if c.wait(timeout: 10) == nil { c.kill9() }
+        }
+      ))
     return c
   }
 
@@ -439,7 +452,7 @@ final class PostgresGroupRig: ServerRig {
         bins.bin + "/postgres", "-D", pgdataPath, "-k", socketDir, "-p", "5432", "-c", "listen_addresses=",
         "-c", "shared_buffers=16MB", "-c", "min_wal_size=4MB", "-c", "max_wal_size=16MB",
         "-c", "checkpoint_timeout=30s", "-c", "max_connections=20", "-c", "log_checkpoints=on",
-      ] + (copy ? ["-c", "fsync=off"] : []))
+      ] + (copy ? ["-c", "fsync=off"] : []), signal: SIGQUIT)
   }
 
   /// Waits until the postmaster accepts connections; false when it ended first.
@@ -487,7 +500,7 @@ final class PostgresGroupRig: ServerRig {
   /// Attaches a pair of copies where the live devices were (the data
   /// directory's pg_wal link names the WAL mount point), starts PostgreSQL
   /// on it, and checks what it recovered.
-  func check(_ p: inout Point, scale: Int) throws {
+  func check(_ p: inout Point) throws {
     guard let files = copies[p.name], let dataCopy = files["data"], let walCopy = files["wal"] else {
       XCTFail("\(p.name): no copies")
       return
