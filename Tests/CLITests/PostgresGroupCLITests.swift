@@ -216,8 +216,8 @@ final class PostgresGroupRig: ServerRig {
         s += " (\(redo.isEmpty ? "no redo" : redo)), pg_amcheck \(amcheck.map(String.init) ?? "-")"
         s += ", accounts \(accounts.map(String.init) ?? "-"), history \(history.map(String.init) ?? "-")"
         s += ", balances \(balanced ? "agree" : "DISAGREE \(sums)"), e2fsck \(fsck.map(String.init) ?? "-")"
-        if amcheck != 0, let first = amcheckOutput.split(separator: "\n").first {
-          s += "; pg_amcheck said: \(first)"
+        if amcheck != 0 {
+          s += "; pg_amcheck said: " + amcheckOutput.split(separator: "\n").prefix(2).joined(separator: " ")
         }
       } else {
         // The lines that say why, less the answers to pg_isready's probes.
