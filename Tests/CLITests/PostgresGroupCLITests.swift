@@ -123,7 +123,8 @@ final class PostgresGroupCLITests: CLITestCase {
 
     // What every point showed, before the verdicts.
     print(
-      "PostgresGroup: \(Self.groupPoints) group points, scale \(Self.scale), pgbench committed \(liveHistory ?? -1)")
+      "PostgresGroup: PostgreSQL \(pg.version), \(Self.groupPoints) group points, pgbench scale \(Self.scale), "
+        + "\(liveHistory ?? -1) pgbench transactions committed")
     for p in points { print("PostgresGroup: " + p.summary) }
     let holds = points.compactMap(\.hold).sorted()
     if let lo = holds.first, let hi = holds.last {
