@@ -973,15 +973,24 @@ public final class PointHistory: @unchecked Sendable {
     let dataAt =
       recordOffset + UInt64(HistoryFormat.recordHeaderLength) + 4 * UInt64(recordCount) + UInt64(index) * Self.bs
     let count = Int(blocks)
-    let buffer = buffers.get(count * bs + 4 * count)
-    defer { buffers.put(buffer) }
-    let crcs = buffer.pointer + count * bs
     // Whole blocks straight into the client's buffer when it is aligned.
     let direct = skip == 0 && into.count == count * bs
+    let buffer = buffers.get(direct ? 4 * count : count * bs + 4 * count)
+    defer { buffers.put(buffer) }
+    let crcs = buffer.pointer + (direct ? 0 : count * bs)
     let data = direct ? into.baseAddress! : buffer.pointer
-    guard case .success = preadFull(fd, crcs, 4 * count, crcAt),
-      case .success = preadFull(fd, data, count * bs, dataAt)
-    else { throw ToolkitError("point \(n): reading a before-image failed: \(Errno(errno))") }
+    // A whole record's CRCs and blocks lie end to end: one read for both.
+    var done = false
+    if index == 0 && blocks == recordCount {
+      var vectors = [iovec(iov_base: crcs, iov_len: 4 * count), iovec(iov_base: data, iov_len: count * bs)]
+      let n = preadv(fd, &vectors, 2, off_t(crcAt))
+      done = n == 4 * count + count * bs
+    }
+    if !done {
+      guard case .success = preadFull(fd, crcs, 4 * count, crcAt),
+        case .success = preadFull(fd, data, count * bs, dataAt)
+      else { throw ToolkitError("point \(n): reading a before-image failed: \(Errno(errno))") }
+    }
     for k in 0..<count {
       let want = crcs.loadUnaligned(fromByteOffset: 4 * k, as: UInt32.self).littleEndian
       guard dr_crc32c(0, data + k * bs, bs) == want else {
