@@ -795,20 +795,9 @@ public final class PointHistory: @unchecked Sendable {
   public var summary: Summary {
     var space: UInt64 = 0
     let (sum, fds): (Summary, [Int32]) = state.withLock {
-      var points: [Point] = []
-      if s.oldest.instant != 0 {
-        points.append(
-          Point(number: s.oldest.number, instant: Instant(nanosecondsSinceEpoch: s.oldest.instant), bytes: 0, blocks: 0)
-        )
-      }
-      for c in s.closed {
-        points.append(
-          Point(number: c.number, instant: Instant(nanosecondsSinceEpoch: c.instant), bytes: c.bytes, blocks: c.blocks))
-      }
-      return (
+      (
         Summary(
-          id: id, points: s.lost == nil ? points : [], spaceUsed: 0, openBytes: s.open.bytes, retention: retention,
-          lost: s.lost),
+          id: id, points: pointsLocked(), spaceUsed: 0, openBytes: s.open.bytes, retention: retention, lost: s.lost),
         s.files.map(\.fd)
       )
     }
@@ -818,11 +807,28 @@ public final class PointHistory: @unchecked Sendable {
     return result
   }
 
+  /// The points kept, oldest first (none when the history is lost).
+  public var points: [Point] { state.withLock { pointsLocked() } }
+
+  private func pointsLocked() -> [Point] {
+    guard s.lost == nil else { return [] }
+    var points: [Point] = []
+    if s.oldest.instant != 0 {
+      points.append(
+        Point(number: s.oldest.number, instant: Instant(nanosecondsSinceEpoch: s.oldest.instant), bytes: 0, blocks: 0))
+    }
+    for c in s.closed {
+      points.append(
+        Point(number: c.number, instant: Instant(nanosecondsSinceEpoch: c.instant), bytes: c.bytes, blocks: c.blocks))
+    }
+    return points
+  }
+
   /// The newest point at or before `instant`, or why there is none. Points
   /// are compared at the millisecond their instants are listed to, so that
   /// the instant `points` shows for a point finds that point.
   public func point(at instant: Instant) throws -> UInt64 {
-    let points = summary.points
+    let points = self.points
     func listed(_ i: Instant) -> Int64 {
       let ns = i.nanosecondsSinceEpoch
       return ns - ((ns % 1_000_000) + 1_000_000) % 1_000_000
