@@ -563,7 +563,11 @@ extension TrackingServer {
         ending the generation at the same instant, as tracking-server freeze \
         does), `new-generation` ends the generation, saving its change map \
         to the device's --changes-out. Then every server is released and \
-        --after runs. A write issued after another completed is in the \
+        --after runs. An ending generation is cut within the hold by one \
+        small synchronous write to its change map's journal; its map is \
+        saved to --changes-out after the release, writes going on, and the \
+        command returns once every map is saved (a server that stops before \
+        saves it from its journal when it starts again). A write issued after another completed is in the \
         group's point only if that other write is too, whichever devices \
         they went to: the point is what a power cut of all the devices at \
         once would leave, which a database recovers from as from a crash. \
@@ -585,7 +589,8 @@ extension TrackingServer {
         meanwhile; a freeze or new-generation from another client waits for \
         the release.
 
-        All or nothing: when a device fails to hold, to act or to release, \
+        All or nothing: when a device fails to hold, to act, to release or \
+        to save the ended generation's map, \
         the others are released and the views already frozen on the others \
         are dropped, so no partial point is left; a generation already ended \
         on some devices cannot be undone, and the sentence names them. \
@@ -602,7 +607,8 @@ extension TrackingServer {
         `hold_seconds`, `devices` (an array, in device order) of objects \
         with `control`, `changes_out` (or null), `drain_seconds` (the time \
         the server waited for the writes in flight), `held_seconds` (from \
-        its hold asked to its release), and the fields of the action's \
+        its hold asked to its release), `settle_seconds` (from its release \
+        until the ended generation's map was saved; 0 without one), and the fields of the action's \
         answer: for freeze `view`, `frozen`, `preserved_blocks`, \
         `store_bytes`, `store_limit`, `view_lost`; with a generation ended \
         (new-generation, or freeze with --changes-out) `ended_generation`, \
@@ -733,6 +739,7 @@ extension TrackingServer {
             e.add("changes_out", dev.member.changesOut)
             e.add("drain_seconds", number: formatFixed(dev.drainSeconds, digits: 6))
             e.add("held_seconds", number: formatFixed(dev.heldSeconds, digits: 6))
+            e.add("settle_seconds", number: formatFixed(dev.settleSeconds, digits: 6))
             for (k, v) in dev.fields {
               if let n = UInt64(v) {
                 e.add(k, n)
@@ -760,6 +767,7 @@ extension TrackingServer {
               + "\(dev.member.changesOut ?? "?"), generation \(f["generation"] ?? "?") began at \(f["generation_started"] ?? "?")"
           }
           s += "; held \(milliseconds(dev.heldSeconds))"
+          if f["ended_generation"] != nil { s += ", map saved \(milliseconds(dev.settleSeconds)) after the release" }
           try out.line(s)
         }
       }

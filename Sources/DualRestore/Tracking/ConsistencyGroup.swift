@@ -16,6 +16,9 @@
 //   (within their hold where it is still open, else by id afterwards), so
 //   no partial point is left; a generation cut cannot be undone, and the
 //   sentence names the devices where it was.
+// - A point is reported only once it is in its files on every device: a
+//   generation is cut within the hold by one journal write, and its map is
+//   saved after the release, writes going on (`settle` waits for it).
 // - Writes are never held for long: every server ends its hold by itself at
 //   the limit asked (`maxHold`), or at once when this process goes away.
 
@@ -47,6 +50,9 @@ public struct GroupPoint: Sendable {
     public var drainSeconds: Double
     /// Seconds the server held writes, from the hold asked to the release.
     public var heldSeconds: Double
+    /// Seconds after the release until what the action did was in its
+    /// files (the ended generation's change map saved), writes going on.
+    public var settleSeconds: Double
     /// The action's answer (view and/or generation fields, as
     /// `tracking-server freeze` and `new-generation` print them).
     public var fields: [(String, String)]
@@ -162,11 +168,32 @@ public enum ConsistencyGroup {
         "\(sentence(e, members[i])) at the release; \(undo.joined(separator: "; ")) — no point is kept")
     }
 
+    // 5. What each did within its hold reaches its files (the ended
+    // generation's map), writes going on.
+    let settled = Slots<Double>(n)
+    failed = inParallel(n) { i in
+      let f = try connections[i]!.request(["settle"])
+      settled[i] = Double(value(f, "settle_seconds") ?? "") ?? 0
+    }
+    if let (i, e) = failed.first {
+      var undo: [String] = []
+      if action == .freeze {
+        for j in 0..<n {
+          guard let id = answers[j].flatMap({ value($0, "view") }) else { continue }
+          undo.append(dropLater(members[j], id))
+        }
+      }
+      undo.append("the generations ended on the other devices stay ended")
+      throw ToolkitError(
+        "\(sentence(e, members[i])) after the release; \(undo.joined(separator: "; ")) — no point is kept")
+    }
+
     return GroupPoint(
       action: action, holdSeconds: end - start,
       devices: (0..<n).map { i in
         GroupPoint.Device(
-          member: members[i], drainSeconds: drains[i] ?? 0, heldSeconds: held[i] ?? 0, fields: answers[i] ?? [])
+          member: members[i], drainSeconds: drains[i] ?? 0, heldSeconds: held[i] ?? 0,
+          settleSeconds: settled[i] ?? 0, fields: answers[i] ?? [])
       })
   }
 

@@ -13,10 +13,18 @@
 // - The journal's records belong to the map file they follow: opening the
 //   map replays them into it, saves it and starts the journal again, so a
 //   restart keeps adding to the same map.
+// - A generation is cut by one durable write to the journal (its cut slot),
+//   which the caller makes with writes held; the ended map is saved to its
+//   output after the release (`settle`), and the map file at the next
+//   checkpoint. Until then a restart finishes the cut from the journal:
+//   the ended map is rebuilt and saved to the output, the new one to PATH.
+//   The journal starts again only once the last cut's ended map is saved,
+//   and a cut is made only once the one before it is settled, so the
+//   journal never needs more than its latest cut.
 // - One writer: the journal is locked (flock) for as long as the object
 //   lives; a second server on the same map is refused.
-// - Saves (a checkpoint, a new generation, the close) run one at a time and
-//   never beside a commit.
+// - Saves of PATH (a checkpoint, the close) run one at a time and never
+//   beside a commit; saving an ended map to its output runs beside commits.
 
 import Glibc
 
@@ -32,8 +40,20 @@ final class DurableChangeMap: @unchecked Sendable {
   /// Ranges set in `changes` but not yet committed.
   private var pendingRanges: [Range<UInt64>] = []
   private var committing = false
+  /// The journal holds records or a cut the map file does not: the next
+  /// checkpoint saves the map and starts the journal again.
   private var journalHasRecords = false
   private let journal: MarkJournal
+  /// A generation cut whose ended map is not saved to its output yet.
+  private var unsettled: (ended: BlockMap, output: String)?
+  /// The cuts whose ended map could not be saved (undone), by ended
+  /// generation: why (a few, kept for the server's life).
+  private var settleFailures: [ID128: String] = [:]
+  /// A cut was undone (its ended map could not be saved): the journal must
+  /// start again before another cut.
+  private var cutUndone = false
+  /// One settle at a time (beside commits, not beside each other).
+  private let settling = Monitor()
 
   /// Opens the change map of `device` at `path`, created when missing with
   /// blocks of `blockSize` (default when nil); an existing map must be a
@@ -68,20 +88,74 @@ final class DurableChangeMap: @unchecked Sendable {
       m = BlockMap(geometry: geometry, meaning: .changed, deviceName: devicePath)
       log("created the change map \(path): generation \(m.mapID) starts now")
     }
-    // Marks journaled since the map file was last saved belong to it.
-    let replayed = try journal.recovered(for: m.mapID)
-    if !replayed.isEmpty {
-      let before = m.bits.population
-      for r in replayed where r.upperBound <= m.geometry.blockCount { m.bits.set(r) }
-      log(
-        "the last stop was not clean: \(replayed.count) journal record(s) replayed into \(path), "
-          + "\(m.bits.population - before) block(s) added")
+    // Marks journaled since the map file was last saved belong to it, or,
+    // past a cut, to the generations the cut ended and started.
+    if let contents = journal.recovered() {
+      m = Self.recover(m, from: contents, path: path, log: log)
     }
     try MapFile.save(m, to: path)
     try journal.restart()
     changes = m
     committed = m.bits
     geometry = m.geometry
+  }
+
+  /// The map at `path` as the journal's records and cut leave it; a cut
+  /// whose ended map may not have reached its output is finished here.
+  private static func recover(
+    _ loaded: BlockMap, from contents: MarkJournalContents, path: String, log: (String) -> Void
+  ) -> BlockMap {
+    func replay(_ map: inout BlockMap) -> Int {
+      var n = 0
+      for r in contents.records where r.map == map.mapID && r.blocks.upperBound <= map.geometry.blockCount {
+        map.bits.set(r.blocks)
+        n += 1
+      }
+      return n
+    }
+    var m = loaded
+    // A cut whose new generation is the map's was saved before the map
+    // (settled before the journal could start again): nothing to finish.
+    guard let cut = contents.cut, cut.started != m.mapID else {
+      let before = m.bits.population
+      let n = replay(&m)
+      if n > 0 {
+        log(
+          "the last stop was not clean: \(n) journal record(s) replayed into \(path), "
+            + "\(m.bits.population - before) block(s) added")
+      }
+      return m
+    }
+    // The ended generation is the map's, or began at an earlier cut in this
+    // journal (whose own ended map was saved before this cut was made).
+    var ended =
+      cut.ending == m.mapID
+      ? m
+      : BlockMap(
+        geometry: m.geometry, meaning: .changed, deviceName: m.deviceName, mapID: cut.ending,
+        trackingStarted: cut.endingStarted)
+    let endedRecords = replay(&ended)
+    ended.trackingEnded = cut.startedAt
+    var fresh = BlockMap(
+      geometry: m.geometry, meaning: .changed, deviceName: m.deviceName, mapID: cut.started,
+      trackingStarted: cut.startedAt)
+    let freshRecords = replay(&fresh)
+    do {
+      try MapFile.save(ended, to: cut.output)
+    } catch {
+      // The ended generation goes on, with the blocks written since.
+      ended.trackingEnded = .unset
+      ended.bits.formUnion(fresh.bits)
+      log(
+        "the last stop came after generation \(cut.ending) ended, but its change map cannot be saved to "
+          + "\(cut.output) (\(error)): generation \(cut.ending) goes on, with the blocks written since")
+      return ended
+    }
+    log(
+      "the last stop came after generation \(cut.ending) ended: its change map (\(ended.bits.population) block(s), "
+        + "\(endedRecords) journal record(s)) is saved to \(cut.output); generation \(cut.started) goes on "
+        + "(\(freshRecords) journal record(s) replayed)")
+    return fresh
   }
 
   /// The generation, when it started, and the blocks set (in memory).
@@ -108,22 +182,34 @@ final class DurableChangeMap: @unchecked Sendable {
       committing = true
       let ranges = pendingRanges
       pendingRanges.removeAll(keepingCapacity: true)
-      let snapshot = changes
+      var snapshot = changes
+      let hasCut = unsettled != nil
       state.unlock()
       var failure: Error?
+      var restarted = false
       do {
         if journal.hasRoom(ranges.count) {
           try journal.append(ranges, mapID: snapshot.mapID)
         } else {
+          // The journal starts again only once the last cut's ended map
+          // is saved (or the cut undone).
+          if hasCut { _ = try? settle() }
+          snapshot = state.withLock { changes }
           try MapFile.save(snapshot, to: path)
           try journal.restart()
+          restarted = true
         }
       } catch { failure = error }
       state.lock()
       committing = false
       if failure == nil {
-        committed = snapshot.bits
-        journalHasRecords = true
+        // A cut undone meanwhile added the ended map's bits: committed too.
+        committed.formUnion(snapshot.bits)
+        if restarted {
+          committed = snapshot.bits
+          cutUndone = false
+        }
+        journalHasRecords = !restarted
       } else {
         pendingRanges = ranges + pendingRanges
       }
@@ -134,7 +220,7 @@ final class DurableChangeMap: @unchecked Sendable {
     }
   }
 
-  /// Runs `body` (a save) with no commit or other save beside it.
+  /// Runs `body` (a save of PATH) with no commit or other save beside it.
   private func saving<R>(_ body: () throws -> R) throws -> R {
     state.lock()
     while committing { state.wait() }
@@ -149,42 +235,116 @@ final class DurableChangeMap: @unchecked Sendable {
     return try body()
   }
 
+  /// Saves the map at PATH and starts the journal again; the caller is
+  /// `saving`, and the last cut is settled.
+  private func saveAndRestart() throws {
+    let snapshot = state.withLock {
+      var m = changes
+      m.bits = committed
+      return m
+    }
+    try MapFile.save(snapshot, to: path)
+    try journal.restart()
+    state.withLock {
+      journalHasRecords = false
+      cutUndone = false
+    }
+  }
+
   /// Folds the journal into the map file, so that overwrite-map show PATH
   /// is up to date; called every few seconds.
   func checkpoint() throws {
     try saving {
-      guard var snapshot = state.withLock({ journalHasRecords ? changes : nil }) else { return }
-      snapshot.bits = state.withLock { committed }
-      try MapFile.save(snapshot, to: path)
-      try journal.restart()
-      state.withLock { journalHasRecords = false }
+      guard state.withLock({ journalHasRecords || cutUndone }) else { return }
+      if state.withLock({ unsettled != nil }) { _ = try? settle() }
+      try saveAndRestart()
     }
   }
 
-  /// Ends the generation: the map as it is goes to `output`, `fresh`
-  /// starts at `path`. The caller holds its writes back meanwhile, so that
-  /// each lands in exactly one generation. Returns the map that ended.
-  func startGeneration(_ fresh: BlockMap, savingTo output: String) throws -> BlockMap {
+  /// Ends the generation, the caller holding its writes back so that each
+  /// lands in exactly one: one durable write to the journal cuts it, and
+  /// `fresh` goes on in memory. The ended map is saved to `output` by
+  /// `settle()` (after the release), the map file at the next checkpoint.
+  /// Returns the map that ended.
+  func cutGeneration(_ fresh: BlockMap, savingTo output: String) throws -> BlockMap {
     try saving {
+      // The journal keeps one cut: the one before is settled first, and a
+      // cut undone is folded into the map file (both rare: a cut settles
+      // right after its release).
+      if state.withLock({ unsettled != nil }) { _ = try? settle() }
+      if state.withLock({ cutUndone }) { try saveAndRestart() }
       // The generation that ends records the instant it ended: the new one's start.
       var old = state.withLock { changes }
       old.trackingEnded = fresh.trackingStarted
-      try MapFile.save(old, to: output)
-      try MapFile.save(fresh, to: path)
-      try journal.restart()
+      do {
+        try journal.cut(
+          MarkJournalCut(
+            number: 0, ending: old.mapID, endingStarted: old.trackingStarted, started: fresh.mapID,
+            startedAt: fresh.trackingStarted, output: output))
+      } catch {
+        // The cut may be on disk all the same: start the journal again
+        // with the map saved, so that no cut but a settled one is there.
+        try? saveAndRestart()
+        throw error
+      }
       state.withLock {
         changes = fresh
         committed = fresh.bits
         pendingRanges.removeAll()
-        journalHasRecords = false
+        journalHasRecords = true
+        unsettled = (old, output)
       }
       return old
+    }
+  }
+
+  /// Saves the ended map of the last cut to its output, if not saved yet;
+  /// throws when it cannot be (the cut is undone: the ended generation goes
+  /// on, with the blocks written since) or could not be before. `ended`
+  /// names the cut asked about (nil: the last).
+  @discardableResult
+  func settle(_ ended: ID128? = nil) throws -> (generation: ID128, output: String)? {
+    settling.lock()
+    defer { settling.unlock() }
+    let pending = state.withLock { unsettled }
+    guard let u = pending, ended == nil || u.ended.mapID == ended else {
+      if let ended, let why = state.withLock({ settleFailures[ended] }) { throw ToolkitError(why) }
+      return nil
+    }
+    do {
+      try MapFile.save(u.ended, to: u.output)
+      state.withLock { unsettled = nil }
+      return (u.ended.mapID, u.output)
+    } catch {
+      let why =
+        "the change map of generation \(u.ended.mapID), which ended, cannot be saved to \(u.output) (\(error)): "
+        + "that generation goes on, with the blocks written since"
+      state.withLock {
+        // Undone: the ended map's bits join the running map, which takes
+        // back its id and start. They are committed already (in the map
+        // file, or in the journal under the ended id).
+        var m = changes
+        m.mapID = u.ended.mapID
+        m.trackingStarted = u.ended.trackingStarted
+        m.trackingEnded = .unset
+        m.lastMergedStream = u.ended.lastMergedStream
+        m.mergedAsOf = u.ended.mergedAsOf
+        m.mergedAsOfGeneration = u.ended.mergedAsOfGeneration
+        m.bits.formUnion(u.ended.bits)
+        changes = m
+        committed.formUnion(u.ended.bits)
+        unsettled = nil
+        cutUndone = true
+        settleFailures[u.ended.mapID] = why
+      }
+      throw ToolkitError(why)
     }
   }
 
   /// Saves the map whole and starts the journal again (a clean stop).
   func close() throws {
     try saving {
+      if state.withLock({ unsettled != nil }) { _ = try? settle() }
       let m = state.withLock { changes }
       try MapFile.save(m, to: path)
       try journal.restart()

@@ -400,10 +400,31 @@ public final class TrackingEngine: @unchecked Sendable {
   }
 
   /// Ends the current generation, saving its change map to `output`, and
-  /// starts a new one, with writes held so each lands in exactly one.
+  /// starts a new one, with writes held so each lands in exactly one. The
+  /// generation is cut within the hold (one durable journal write); the
+  /// ended map reaches `output` after it: before the return, or, within a
+  /// hold of a control connection, at `settle` after its release.
   public func newGeneration(output: String, within held: WriteHold? = nil) throws -> GenerationChange {
     try checkOutput(output)
-    return try withWritesHeld(within: held) { try switchGeneration(output: output, fresh: freshGeneration()) }
+    let change = try withWritesHeld(within: held) { try switchGeneration(output: output, fresh: freshGeneration()) }
+    if held == nil { try settle(change) }
+    return change
+  }
+
+  /// Saves the change map of the generation `change` ended to its output,
+  /// if not saved yet (nil: the last cut's); throws when it cannot be:
+  /// then that generation goes on, with the blocks written since.
+  /// The live map file is saved too (a checkpoint), so that it shows the
+  /// new generation.
+  public func settle(_ change: GenerationChange? = nil) throws {
+    guard let saved = try changes.settle(change?.ended) else { return }
+    log("the change map of generation \(saved.generation), which ended, is saved to \(saved.output)")
+    do {
+      try changes.checkpoint()
+    } catch {
+      // The journal keeps the new generation's marks meanwhile.
+      log("\(changesPath) shows the generation that ended until the next checkpoint: \(error)")
+    }
   }
 
   /// Refuses an output for an ending generation that is one of the server's
@@ -416,6 +437,11 @@ public final class TrackingEngine: @unchecked Sendable {
     for (path, what) in own where samePath(output, path) {
       throw ToolkitError("\(output) is \(what); give another file for the generation that ends")
     }
+    if output.utf8.count > MarkJournalFormat.maximumOutputPath {
+      throw ToolkitError(
+        "the path of the file for the generation that ends is longer than \(MarkJournalFormat.maximumOutputPath) bytes; give a shorter one"
+      )
+    }
     if pathExists(output), !(peekFile(output, count: 8).map(MapFormat.looksLikeMap) ?? false) {
       throw ToolkitError("\(output) exists and is not a map; remove it or give another file")
     }
@@ -426,9 +452,9 @@ public final class TrackingEngine: @unchecked Sendable {
   }
 
   private func switchGeneration(output: String, fresh: BlockMap) throws -> GenerationChange {
-    let old = try changes.startGeneration(fresh, savingTo: output)
+    let old = try changes.cutGeneration(fresh, savingTo: output)
     log(
-      "generation \(old.mapID) ended with \(old.bits.population) changed block(s), saved to \(output); "
+      "generation \(old.mapID) ended with \(old.bits.population) changed block(s), its map going to \(output); "
         + "generation \(fresh.mapID) starts")
     return GenerationChange(
       ended: old.mapID, endedStarted: old.trackingStarted, endedBlocks: old.bits.population, started: fresh.mapID,
@@ -443,7 +469,7 @@ public final class TrackingEngine: @unchecked Sendable {
     view: ViewStatus, generation: GenerationChange?
   ) {
     if let changesOutput { try checkOutput(changesOutput) }
-    return try withWritesHeld(within: held) {
+    let frozen = try withWritesHeld(within: held) { () throws -> (view: ViewStatus, generation: GenerationChange?) in
       if let v = state.withLock({ view }) {
         throw ToolkitError("a view frozen at \(v.frozen) is held already; drop it first")
       }
@@ -469,6 +495,16 @@ public final class TrackingEngine: @unchecked Sendable {
         "froze view \(v.id) at \(v.frozen); the preservation store is \(storePath), at most \(formatBytes(storeLimit))")
       return (v.status, change)
     }
+    if held == nil, let change = frozen.generation {
+      do {
+        try settle(change)
+      } catch {
+        // Both at one instant or neither: the view goes too.
+        _ = try? dropView(id: frozen.view.id)
+        throw ToolkitError("\(error); the view frozen with it is dropped")
+      }
+    }
+    return frozen
   }
 
   /// Drops the view: its export goes and its store is removed. With `id`,

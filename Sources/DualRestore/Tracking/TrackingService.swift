@@ -91,7 +91,10 @@ public final class TrackingService: Sendable {
   /// connection's close or the limit (counted from the request); in
   /// between, `freeze`, `new-generation`, `drop` and `status` run with
   /// writes held. A hold that ends without `release` drops the view frozen
-  /// within it, if any: only a released hold makes a point.
+  /// within it, if any: only a released hold makes a point. A generation
+  /// cut within the hold is cut by one journal write; its ended map is
+  /// saved after the release (writes going on), and `settle`, the one
+  /// request answered after `release`, waits for that.
   private func holdSession(_ channel: ControlChannel, _ words: [String]) {
     var limit = Self.defaultHoldLimit
     switch ControlSocket.arguments(words.dropFirst()) {
@@ -138,6 +141,8 @@ public final class TrackingService: Sendable {
       if let id = frozen, !threads.isStopping, (try? engine.dropView(id: id)) != nil {
         s += "; the view \(id) frozen within it is dropped"
       }
+      // A generation cut within it stays cut: its map is saved.
+      do { try engine.settle() } catch { s += "; \(error)" }
       engine.log(s)
       return s
     }
@@ -169,6 +174,21 @@ public final class TrackingService: Sendable {
         case "release":
           let seconds = engine.release(held) ?? 0
           try? channel.send(.ok([("held_seconds", formatFixed(seconds, digits: 6))]))
+          // What was done within the hold reaches its files now, writes
+          // going on; `settle` waits for it.
+          let started = monotonicSeconds()
+          var settled: ControlAnswer
+          do {
+            try engine.settle()
+            settled = .ok([("settle_seconds", formatFixed(monotonicSeconds() - started, digits: 6))])
+          } catch {
+            settled = .error("\(error)")
+            engine.log("after the hold: \(error)")
+          }
+          if case .words(let w) = channel.next(timeout: 30) {
+            if w.first != "settle" { settled = .error("after release only settle is answered") }
+            try? channel.send(settled)
+          }
           return
         case "hold":
           try? channel.send(.error("this control connection holds writes already"))
