@@ -556,14 +556,14 @@ extension TrackingServer {
         later write without the one it depends on. `group` first asks every \
         server for its status (one that does not answer ends the command \
         there), runs --before (with /bin/sh -c; to quiesce the application, or nothing), \
-        then asks every server to hold its writes (on each device's control \
-        connection, all at once): each server closes its gate, so new writes \
-        wait, and answers once the writes in flight have finished. When all \
-        hold, ACTION runs on each: `freeze` takes a view (with --changes-out, \
-        ending the generation at the same instant, as tracking-server freeze \
-        does), `new-generation` ends the generation, saving its change map \
-        to the device's --changes-out. Then every server is released and \
-        --after runs. An ending generation is cut within the hold by one \
+        then asks every server to hold its writes and run ACTION (on each \
+        device's control connection, all at once): each server closes its \
+        gate, so new writes wait, waits for the writes in flight to finish, \
+        runs ACTION at once and answers. ACTION: `freeze` takes a view (with \
+        --changes-out, ending the generation at the same instant, as \
+        tracking-server freeze does), `new-generation` ends the generation, \
+        saving its change map to the device's --changes-out. When all have \
+        answered, every server is released and --after runs. An ending generation is cut within the hold by one \
         small synchronous write to its change map's journal; its map is \
         saved to --changes-out after the release, writes going on, and the \
         command returns once every map is saved (a server that stops before \
@@ -583,17 +583,21 @@ extension TrackingServer {
         most 60) and ends the hold by itself then, logging it, as it does at \
         once when this command goes away (killed, or its connection lost): \
         a stuck coordinator never stops an application's writes for long. A \
-        hold that ends without its release drops the view frozen within it. \
+        hold that ends without its release drops the view frozen within it \
+        and undoes the generation's end made within it. \
         One hold at a time per server: a second coordinator's hold is \
         refused, with a sentence. Other requests (status) are answered \
         meanwhile; a freeze or new-generation from another client waits for \
         the release.
 
-        All or nothing: when a device fails to hold, to act, to release or \
-        to save the ended generation's map, \
-        the others are released and the views already frozen on the others \
-        are dropped, so no partial point is left; a generation already ended \
-        on some devices cannot be undone, and the sentence names them. \
+        All or nothing: when a device fails to hold or to act, the others \
+        undo what they made within their holds (the view dropped, the \
+        generation's end undone: it goes on, with the blocks written since) \
+        and are released, so no partial point is left; a hold that ends \
+        without its release undoes what it made by itself. When a device \
+        fails to release or to save its ended generation's map, the views \
+        frozen on the others are dropped; generations ended then stay \
+        ended, and the sentence says so. \
         The --after command runs whenever --before succeeded, even when the hold failed, \
         so that the application is never left quiesced; a --before that \
         fails ends the command with nothing held, and --after does not run. \

@@ -364,7 +364,8 @@ final class GroupCLITests: CLITestCase {
     XCTAssertNil(try a.status()["view"])
 
     // An output that no server may take (here: not a map) is refused by
-    // its server before anything is held: no generation ends anywhere.
+    // its server before anything is held; the other ends its generation
+    // within its hold and undoes it: no generation ends anywhere.
     let b2 = try devices(1)[0]
     let generation2 = try b2.status()["generation"] as? String
     let notMap = a.s.path("notes.txt")
@@ -376,6 +377,9 @@ final class GroupCLITests: CLITestCase {
     assertRefused(n, "\(notMap) exists and is not a map", "nothing is held", "no point was made")
     XCTAssertEqual(try a.status()["generation"] as? String, generation)
     XCTAssertEqual(try b2.status()["generation"] as? String, generation2, "a generation ended on the other device")
+    // The other device had ended its generation within its hold: undone there.
+    XCTAssertTrue(
+      n.stderr.contains("the end of generation \(generation2 ?? "?") on \(b2.socket).control was undone"), n.summary)
     XCTAssertFalse(FileManager.default.fileExists(atPath: a.s.path("ok.map")))
     XCTAssertEqual(Self.text(notMap), "notes\n")
     b2.stop()

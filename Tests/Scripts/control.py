@@ -18,7 +18,7 @@ carries further requests until `release`.
   stall --control PATH
       Listens on PATH as a tracking-server that answers status, holds at
       once ("ok", drain_seconds 0, limit_seconds 1000) and never answers
-      anything else:
+      anything else (a hold that carries its action, then=, included):
       a device whose action never ends, to keep a coordinator holding the
       others. Prints "listening" once bound; runs until killed.
 
@@ -100,7 +100,8 @@ def cmd_stall(path):
             conn.sendall(b"ok\nchanged_blocks 0\n\n")
             conn.close()
             continue
-        if line.startswith(b"hold"):
+        # A hold that carries its action (then=) is that action: never answered.
+        if line.startswith(b"hold") and b" then=" not in line:
             conn.sendall(b"ok\ndrain_seconds 0.000001\nlimit_seconds 1000\n\n")
         held.append(conn)  # kept open, never answered again
 

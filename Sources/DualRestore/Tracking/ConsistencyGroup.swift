@@ -1,8 +1,9 @@
 // A consistency group's point: several tracking servers' devices frozen, or
 // their generations cut, at one instant. Each server is asked to hold its
 // writes (`hold` on its control socket, one thread per device, so the time
-// writes are held is the slowest device's, not the sum); once every one
-// holds, the action runs on each, within its hold; then all are released.
+// writes are held is the slowest device's, not the sum), each running the
+// action within its hold as soon as its writes are held; once every one
+// has answered, all are released.
 // Why that is one instant: a write that finds a gate closed is acknowledged
 // only after the release, when every device has held. So if a write issued
 // after another was acknowledged is in its device's point, it passed its
@@ -11,11 +12,11 @@
 // too. No write is in the point without the writes it depended on.
 //
 // Invariants:
-// - All or nothing: when a device fails to hold, to act or to release, the
-//   others are released, and the views frozen on the others are dropped
-//   (within their hold where it is still open, else by id afterwards), so
-//   no partial point is left; a generation cut cannot be undone, and the
-//   sentence names the devices where it was.
+// - All or nothing: when a device fails to hold or to act, the others undo
+//   what they made within their holds (views dropped, generations' ends
+//   undone) and are released, so no partial point is left. When a release
+//   or a save after it fails, the views frozen on the others are dropped
+//   by id; generations ended then stay ended, and the sentence says so.
 // - A point is reported only once it is in its files on every device: a
 //   generation is cut within the hold by one journal write, and its map is
 //   saved after the release, writes going on (`settle` waits for it).
@@ -90,57 +91,45 @@ public enum ConsistencyGroup {
       throw ToolkitError("\(sentence(e, members[i])); nothing was held")
     }
 
-    // 2. Hold everywhere.
+    // 2. Hold everywhere, each server running the action as soon as its
+    // writes are held (one round trip within the hold, not two). The
+    // release waits for every answer, so it comes after all held.
     let start = monotonicSeconds()
     let drains = Slots<Double>(n)
+    let answers = Slots<[(String, String)]>(n)
     failed = inParallel(n) { i in
-      var words = ["hold", "limit=" + formatFixed(maxHold, digits: 3)]
+      var words = ["hold", "limit=" + formatFixed(maxHold, digits: 3), "then=" + action.rawValue]
       // Checked by the server before it holds: a bad output holds nothing.
       if let out = members[i].changesOut { words.append("changes-out=" + ControlSocket.encode(out)) }
       let f = try connections[i]!.request(words)
       drains[i] = Double(value(f, "drain_seconds") ?? "") ?? 0
+      answers[i] = f.filter { $0.0 != "drain_seconds" && $0.0 != "limit_seconds" }
     }
     if let (i, e) = failed.first {
-      let released = release(connections, where: { drains[$0] != nil })
-      throw ToolkitError(
-        "\(sentence(e, members[i])); \(released) — nothing was done, no point was made")
-    }
-
-    // 3. The action, within every hold.
-    let answers = Slots<[(String, String)]>(n)
-    failed = inParallel(n) { i in
-      var words = [action.rawValue]
-      if let out = members[i].changesOut { words.append("changes-out=" + ControlSocket.encode(out)) }
-      answers[i] = try connections[i]!.request(words)
-    }
-    if let (i, e) = failed.first {
-      var undo: [String] = []
-      var released: String
-      if action == .freeze {
-        // Dropped while still held where the hold is open, so the partial
-        // point never outlives it; else after the release, by id.
-        let dropped = Slots<Bool>(n)
-        _ = inParallel(n) { j in
-          guard let id = answers[j].flatMap({ value($0, "view") }) else { return }
-          _ = try connections[j]!.request(["drop", "view=" + id])
-          dropped[j] = true
-        }
-        released = release(connections, where: { _ in true })
-        for j in 0..<n {
-          guard let id = answers[j].flatMap({ value($0, "view") }) else { continue }
-          undo.append(
-            (dropped[j] != nil
-              ? "the view frozen on \(members[j].control) was dropped" : dropLater(members[j], id))
-              + (members[j].changesOut.map { ", its generation stays ended (its map is in \($0))" } ?? ""))
-        }
-      } else {
-        released = release(connections, where: { _ in true })
-        for j in 0..<n where answers[j] != nil {
-          undo.append(
-            "the generation ended on \(members[j].control) stays ended (its map is in \(members[j].changesOut ?? "?"); "
-              + "a generation's end cannot be undone)")
+      // A server whose hold or action failed holds nothing; the others undo
+      // what they made (the view dropped, the generation's end undone)
+      // within their holds, then are released.
+      let undone = Slots<String>(n)
+      _ = inParallel(n) { j in
+        guard answers[j] != nil, let c = connections[j], !c.isBroken else { return }
+        do {
+          let f = try c.request(["undo"])
+          var what: [String] = []
+          if value(f, "dropped_view") != nil { what.append("the view frozen on \(members[j].control) was dropped") }
+          if let id = value(f, "undone_generation_end") {
+            what.append("the end of generation \(id) on \(members[j].control) was undone")
+          }
+          undone[j] = what.joined(separator: "; ")
+        } catch {
+          // Closed: a hold that ends without release undoes by itself.
+          c.close()
+          undone[j] =
+            "\(members[j].control) could not undo its part (\(error)); its connection was closed, "
+            + "which ends the hold without release and undoes it"
         }
       }
+      let released = release(connections, where: { answers[$0] != nil })
+      let undo = (0..<n).compactMap { undone[$0] }.filter { !$0.isEmpty }
       throw ToolkitError(
         "\(sentence(e, members[i])); \((undo + [released]).joined(separator: "; ")) — no point was made")
     }

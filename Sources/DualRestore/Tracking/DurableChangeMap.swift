@@ -320,25 +320,47 @@ final class DurableChangeMap: @unchecked Sendable {
         "the change map of generation \(u.ended.mapID), which ended, cannot be saved to \(u.output) (\(error)): "
         + "that generation goes on, with the blocks written since"
       state.withLock {
-        // Undone: the ended map's bits join the running map, which takes
-        // back its id and start. They are committed already (in the map
-        // file, or in the journal under the ended id).
-        var m = changes
-        m.mapID = u.ended.mapID
-        m.trackingStarted = u.ended.trackingStarted
-        m.trackingEnded = .unset
-        m.lastMergedStream = u.ended.lastMergedStream
-        m.mergedAsOf = u.ended.mergedAsOf
-        m.mergedAsOfGeneration = u.ended.mergedAsOfGeneration
-        m.bits.formUnion(u.ended.bits)
-        changes = m
-        committed.formUnion(u.ended.bits)
-        unsettled = nil
-        cutUndone = true
+        fold(u.ended)
         settleFailures[u.ended.mapID] = why
       }
       throw ToolkitError(why)
     }
+  }
+
+  /// Undoes the last cut, which ended `ended` and is not settled: that
+  /// generation goes on, with the blocks written since; the map file is
+  /// saved and the journal started again, so that the cut is gone for a
+  /// restart too. The caller holds writes back.
+  func undoCut(_ ended: ID128) throws {
+    try saving {
+      settling.lock()
+      defer { settling.unlock() }
+      try state.withLock {
+        guard let u = unsettled, u.ended.mapID == ended else {
+          throw ToolkitError("generation \(ended) has not ended here, or its end is saved already: it cannot be undone")
+        }
+        fold(u.ended)
+      }
+      try saveAndRestart()
+    }
+  }
+
+  /// The ended map's bits join the running map, which takes back its id
+  /// and start: the cut is undone. They are committed already (in the map
+  /// file, or in the journal under the ended id). Under `state`.
+  private func fold(_ ended: BlockMap) {
+    var m = changes
+    m.mapID = ended.mapID
+    m.trackingStarted = ended.trackingStarted
+    m.trackingEnded = .unset
+    m.lastMergedStream = ended.lastMergedStream
+    m.mergedAsOf = ended.mergedAsOf
+    m.mergedAsOfGeneration = ended.mergedAsOfGeneration
+    m.bits.formUnion(ended.bits)
+    changes = m
+    committed.formUnion(ended.bits)
+    unsettled = nil
+    cutUndone = true
   }
 
   /// Saves the map whole and starts the journal again (a clean stop).

@@ -411,6 +411,13 @@ public final class TrackingEngine: @unchecked Sendable {
     return change
   }
 
+  /// Undoes the end of generation `ended`, cut within `held` and not saved
+  /// yet: it goes on, with the blocks written since.
+  public func undoGeneration(ended: ID128, within held: WriteHold) throws {
+    try withWritesHeld(within: held) { try changes.undoCut(ended) }
+    log("the end of generation \(ended) is undone: it goes on")
+  }
+
   /// Saves the change map of the generation `change` ended to its output,
   /// if not saved yet (nil: the last cut's); throws when it cannot be:
   /// then that generation goes on, with the blocks written since.

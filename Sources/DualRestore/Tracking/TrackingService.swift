@@ -87,16 +87,21 @@ public final class TrackingService: Sendable {
   public static let defaultHoldLimit = 10.0
   public static let maximumHoldLimit = 60.0
 
-  /// `hold [limit=SECONDS] [changes-out=FILE]`: writes are held until `release`, the
+  /// `hold [limit=SECONDS] [changes-out=FILE] [then=ACTION]`: writes are
+  /// held (and, with then=, ACTION run at once within the hold: its answer
+  /// joins the hold's) until `release`, the
   /// connection's close or the limit (counted from the request); in
   /// between, `freeze`, `new-generation`, `drop` and `status` run with
-  /// writes held. A hold that ends without `release` drops the view frozen
-  /// within it, if any: only a released hold makes a point. A generation
+  /// writes held; `undo` drops the view frozen and undoes the generation
+  /// ended within it. A hold that ends without `release` undoes them too:
+  /// only a released hold makes a point. A generation
   /// cut within the hold is cut by one journal write; its ended map is
   /// saved after the release (writes going on), and `settle`, the one
   /// request answered after `release`, waits for that.
   private func holdSession(_ channel: ControlChannel, _ words: [String]) {
     var limit = Self.defaultHoldLimit
+    /// The action to run as soon as writes are held (`then=`), and its words.
+    var then: [String]?
     switch ControlSocket.arguments(words.dropFirst()) {
     case .failure(let e):
       try? channel.send(.error(e.message))
@@ -120,6 +125,17 @@ public final class TrackingService: Sendable {
           return
         }
       }
+      if let action = a["then"] {
+        guard action == "freeze" || action == "new-generation" else {
+          try? channel.send(.error("hold then=\(action) is not an action: give freeze or new-generation"))
+          return
+        }
+        guard action == "freeze" || a["changes-out"] != nil else {
+          try? channel.send(.error("hold then=new-generation needs changes-out=FILE; nothing is held"))
+          return
+        }
+        then = [action] + (a["changes-out"].map { ["changes-out=" + ControlSocket.encode($0)] } ?? [])
+      }
     }
     let held: TrackingEngine.WriteHold
     do {
@@ -131,23 +147,69 @@ public final class TrackingService: Sendable {
     let deadline = held.asked + limit
     /// The view frozen within this hold and not dropped since.
     var frozen: ID128?
-    /// Ends the hold without release: writes go on, the view goes.
-    func abandon(_ why: String) -> String {
-      let seconds = engine.release(held) ?? 0
-      var s =
-        "the hold of writes ended \(why) after \(formatFixed(seconds, digits: 3)) s, without release: writes go on"
-      // At a stop the view is lost with the server (and reported so at the
-      // next start); else it goes now.
-      if let id = frozen, !threads.isStopping, (try? engine.dropView(id: id)) != nil {
-        s += "; the view \(id) frozen within it is dropped"
+    /// The generation ended within this hold and not undone since.
+    var ended: ID128?
+    /// Notes what an action's answer made within the hold.
+    func made(_ a: ControlAnswer) {
+      guard a.error == nil else { return }
+      if let v = a.fields.first(where: { $0.0 == "view" }) { frozen = ID128(hex: v.1) }
+      if let g = a.fields.first(where: { $0.0 == "ended_generation" }) { ended = ID128(hex: g.1) }
+    }
+    /// Undoes what was made within the hold (the view dropped, the
+    /// generation's end undone), the hold still open; says what it did.
+    func undo() throws -> [(String, String)] {
+      var done: [(String, String)] = []
+      if let id = ended {
+        try engine.undoGeneration(ended: id, within: held)
+        ended = nil
+        done.append(("undone_generation_end", id.description))
       }
-      // A generation cut within it stays cut: its map is saved.
-      do { try engine.settle() } catch { s += "; \(error)" }
+      if let id = frozen {
+        _ = try engine.dropView(id: id)
+        frozen = nil
+        done.append(("dropped_view", id.description))
+      }
+      return done
+    }
+    /// Ends the hold without release: writes go on, and what was made
+    /// within it is undone (only a released hold makes a point).
+    func abandon(_ why: String) -> String {
+      var undone = ""
+      // At a stop the view is lost with the server (and reported so at the
+      // next start), and a generation ended is saved at the close.
+      if !threads.isStopping {
+        do {
+          for (what, id) in try undo() {
+            undone +=
+              what == "dropped_view"
+              ? "; the view \(id) frozen within it is dropped" : "; the end of generation \(id) within it is undone"
+          }
+        } catch {
+          undone += "; \(error)"
+        }
+      }
+      let seconds = engine.release(held) ?? 0
+      let s =
+        "the hold of writes ended \(why) after \(formatFixed(seconds, digits: 3)) s, without release: writes go on"
+        + undone
       engine.log(s)
       return s
     }
     let drain = formatFixed(held.since - held.asked, digits: 6)
-    guard (try? channel.send(.ok([("drain_seconds", drain), ("limit_seconds", formatFixed(limit, digits: 3))]))) != nil
+    var fields = [("drain_seconds", drain), ("limit_seconds", formatFixed(limit, digits: 3))]
+    if let then {
+      // The action at once, saving the coordinator a round trip within the
+      // hold; when it fails, the hold ends with it.
+      let a = answer(then, within: held)
+      if let error = a.error {
+        engine.release(held)
+        try? channel.send(.error("\(error); the hold ended, nothing is held"))
+        return
+      }
+      made(a)
+      fields += a.fields
+    }
+    guard (try? channel.send(.ok(fields))) != nil
     else {
       _ = abandon("as its control connection failed")
       return
@@ -192,11 +254,16 @@ public final class TrackingService: Sendable {
           return
         case "hold":
           try? channel.send(.error("this control connection holds writes already"))
+        case "undo":
+          var a: ControlAnswer
+          do { a = .ok(try undo()) } catch { a = .error("\(error)") }
+          if (try? channel.send(a)) == nil {
+            _ = abandon("as its control connection failed")
+            return
+          }
         default:
           let a = answer(w, within: held)
-          if a.error == nil, w.first == "freeze", let v = a.fields.first(where: { $0.0 == "view" }) {
-            frozen = ID128(hex: v.1)
-          }
+          if w.first == "freeze" || w.first == "new-generation" { made(a) }
           if a.error == nil, w.first == "drop" { frozen = nil }
           if (try? channel.send(a)) == nil {
             _ = abandon("as its control connection failed")
