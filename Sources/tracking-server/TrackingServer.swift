@@ -398,11 +398,23 @@ extension TrackingServer {
 
     @OptionGroup var server: ControlOptions
 
+    @Option(
+      help: ArgumentHelp(
+        "Drop the view only if it is this one (its id, as freeze and status print it); another view held is kept, and the drop refused.",
+        valueName: "id"))
+    var view: String?
+
     @Flag(help: "Print the result as one JSON object on standard output.")
     var json = false
 
+    func validate() throws {
+      if let view, ID128(hex: view) == nil {
+        throw ValidationError("--view \(view) is not a view id (32 hex digits)")
+      }
+    }
+
     func run() throws {
-      try server.request(["drop"], json: json) { d in
+      try server.request(["drop"] + (view.map { ["view=" + $0] } ?? []), json: json) { d in
         "dropped view \(d["view"] ?? "?") (\(d["preserved_blocks"] ?? "?") block(s) preserved)"
       }
     }
@@ -448,6 +460,9 @@ extension TrackingServer {
           if d["view_lost"] == "true" { s += "; LOST: \(d["view_lost_reason"] ?? "")" }
         } else {
           s += "; no view frozen"
+        }
+        if let held = d["writes_held_seconds"] {
+          s += "; WRITES HELD for \(held) s by a control connection (tracking-server group)"
         }
         for i in 0..<(Int(d["copies"] ?? "0") ?? 0) {
           s +=
@@ -587,7 +602,7 @@ extension TrackingServer {
         and undoes the generation's end made within it. \
         One hold at a time per server: a second coordinator's hold is \
         refused, with a sentence. Other requests (status) are answered \
-        meanwhile; a freeze or new-generation from another client waits for \
+        meanwhile (status reports writes_held_seconds while a hold is open); a freeze or new-generation from another client waits for \
         the release.
 
         All or nothing: when a device fails to hold or to act, the others \

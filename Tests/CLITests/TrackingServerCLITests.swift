@@ -1239,4 +1239,44 @@ final class TrackingServerCLITests: CLITestCase {
     XCTAssertEqual(out.status, 0, out.stderr)
     XCTAssertEqual(out.stdout, "ENOSPC\nTrue\n", "a write past the room of the device's file system; log:\n\(r.log)")
   }
+
+  /// drop --view ID drops only that view: another id is refused with a
+  /// sentence and the view kept, a malformed one is a usage error. While a
+  /// control connection holds writes, status says so (writes_held_seconds,
+  /// and the text line), and stops saying it after the release.
+  func testDropByIdAndStatusOfAnOpenHold() throws {
+    try require("nbdinfo")
+    let r = try running(seed: 77)
+    let frozen = try r.control("freeze", ["--json"])
+    XCTAssertEqual(frozen.status, 0, frozen.summary)
+    let id = try XCTUnwrap(try TrackRig.json(frozen.stdout)["view"] as? String)
+    let other = String(repeating: "ab", count: 16)
+    assertRefused(try r.control("drop", ["--view", other]), "the view held is \(id)", "it is kept")
+    XCTAssertEqual(try r.status()["view"] as? String, id, "a drop of another id dropped the view")
+    let bad = try r.control("drop", ["--view", "xyz"])
+    XCTAssertEqual(bad.status, 64, bad.summary)
+    XCTAssertTrue(bad.stderr.contains("--view xyz is not a view id"), bad.summary)
+    let dropped = try r.control("drop", ["--view", id, "--json"])
+    XCTAssertEqual(dropped.status, 0, dropped.summary)
+    XCTAssertNil(try r.status()["view"])
+
+    XCTAssertNil(try r.status()["writes_held_seconds"], "a hold reported with none open")
+    let session = try RRTChild(
+      name: "session", executable: GroupCLITests.python,
+      arguments: [GroupCLITests.control, "session", "--control", r.socket + ".control", "hold", "sleep=2", "release"],
+      stdout: r.s.path("session.out"), stderr: r.s.path("session.err"))
+    r.others.append(session)
+    XCTAssertTrue(session.waitForOutput("\"request\": \"hold\"", timeout: 10), session.errors)
+    RRTEnv.sleep(0.3)
+    let st = try r.status()
+    let held = try XCTUnwrap(
+      (st["writes_held_seconds"] as? Double) ?? Double(st["writes_held_seconds"] as? String ?? ""), "no hold: \(st)")
+    XCTAssertGreaterThan(held, 0.2)
+    XCTAssertLessThan(held, 2.5)
+    let text = try r.control("status")
+    XCTAssertTrue(text.stdout.contains("WRITES HELD for "), text.stdout)
+    XCTAssertEqual(session.wait(timeout: 10), 0, session.errors)
+    XCTAssertNil(try r.status()["writes_held_seconds"], "a hold reported after its release")
+    r.stop()
+  }
 }

@@ -110,6 +110,9 @@ public final class TrackingEngine: @unchecked Sendable {
     public var mirror: [MirrorLag]
     /// The points in time kept (nil without --history).
     public var history: PointHistory.Summary?
+    /// Seconds the open hold of a control connection has held writes (nil:
+    /// none is open).
+    public var heldSeconds: Double?
   }
 
   public struct ViewStatus: Sendable {
@@ -128,7 +131,7 @@ public final class TrackingEngine: @unchecked Sendable {
       let (generation, started, blocks) = changes.summary
       return Status(
         generation: generation, generationStarted: started, changedBlocks: blocks, view: view?.status,
-        mirror: mirror?.lag ?? [], history: summary)
+        mirror: mirror?.lag ?? [], history: summary, heldSeconds: hold.map { monotonicSeconds() - $0.asked })
     }
   }
 

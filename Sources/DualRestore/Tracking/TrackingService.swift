@@ -341,6 +341,7 @@ public final class TrackingService: Sendable {
       }
       if let lost = h.lost { f.append(("history_lost", lost)) }
     }
+    if let held = s.heldSeconds { f.append(("writes_held_seconds", formatFixed(held, digits: 3))) }
     return f + mirrorFields(s.mirror)
   }
 
