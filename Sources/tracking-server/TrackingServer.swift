@@ -547,7 +547,8 @@ extension TrackingServer {
         if at == nil {
           try out.line(
             "\(count) point(s); the history takes \(d["space_used"] ?? "?") bytes; \(d["open_bytes"] ?? "?") bytes "
-              + "since the newest point; keeping \(keep.joined(separator: " and "))"
+              + "since the newest point; keeping "
+              + (keep.isEmpty ? "every point (no --keep-time, no --keep-bytes)" : keep.joined(separator: " and "))
               + (d["lost"].map { "; LOST: \($0)" } ?? ""))
         }
       }

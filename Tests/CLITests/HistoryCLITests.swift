@@ -429,6 +429,17 @@ final class HistoryCLITests: CLITestCase {
     XCTAssertEqual(more.status, 0, more.summary)
     let listed = try points(r).points
     XCTAssertEqual(listed.map(\.number), Array(11...15))
+    // The same list as text: a line per point, then the totals.
+    let text = try r.run("tracking-server", ["points", "--socket", r.socket])
+    XCTAssertEqual(text.status, 0, text.summary)
+    XCTAssertEqual(text.lines.count, listed.count + 1, text.stdout)
+    for (i, p) in listed.enumerated() where i < text.lines.count {
+      XCTAssertEqual(
+        text.lines[i], "point \(p.number) at \(p.instant): \(p.bytes) bytes, \(p.blocks) block(s) kept for its interval"
+      )
+    }
+    XCTAssertTrue(text.lines.last?.hasPrefix("\(listed.count) point(s); the history takes ") == true, text.stdout)
+    XCTAssertTrue(text.stdout.hasSuffix("; keeping 3.000 s\n"), text.stdout)
     try assertPointsRead(r, listed, load: load, baseline: baseline, "after the trim")
     r.stop()
   }
