@@ -422,12 +422,15 @@ public final class TrackingEngine: @unchecked Sendable {
   }
 
   /// Saves the change map of the generation `change` ended to its output,
-  /// if not saved yet (nil: the last cut's); throws when it cannot be:
+  /// if not saved yet; throws when it cannot be:
   /// then that generation goes on, with the blocks written since.
   /// The live map file is saved too (a checkpoint), so that it shows the
   /// new generation.
-  public func settle(_ change: GenerationChange? = nil) throws {
-    guard let saved = try changes.settle(change?.ended) else { return }
+  public func settle(_ change: GenerationChange) throws { try settle(ended: change.ended) }
+
+  /// The same for the generation `ended` (nil: the last cut's).
+  public func settle(ended: ID128?) throws {
+    guard let saved = try changes.settle(ended) else { return }
     log("the change map of generation \(saved.generation), which ended, is saved to \(saved.output)")
     do {
       try changes.checkpoint()

@@ -241,7 +241,8 @@ public final class TrackingService: Sendable {
           let started = monotonicSeconds()
           var settled: ControlAnswer
           do {
-            try engine.settle()
+            // Nothing to save when nothing ended within the hold.
+            if let ended { try engine.settle(ended: ended) }
             settled = .ok([("settle_seconds", formatFixed(monotonicSeconds() - started, digits: 6))])
           } catch {
             settled = .error("\(error)")
