@@ -426,6 +426,32 @@ final class MarkJournalTests: XCTestCase {
     }
   }
 
+  /// A cut undone stays undone: when its output can be saved by the time
+  /// of a restart, the generation the server went on with still goes on,
+  /// with every block written since, a new one or one of the ended map's.
+  func testACutUndoneIsNotFinishedByARestart() throws {
+    for after: Range<UInt64> in [12..<13, 3..<4] {
+      try makeDevice()
+      let out = "\(dir)/later/ended.map"
+      var m: DurableChangeMap? = try open()
+      let ended = m!.summary
+      try mark(m!, [2..<4])
+      _ = try m!.cutGeneration(fresh(m!), savingTo: out)
+      try mark(m!, [8..<9])
+      XCTAssertThrowsError(try m!.settle())
+      // Written after the undo, which the server answered with "goes on".
+      try m!.mark(after)
+      m = nil
+      XCTAssertEqual(mkdir("\(dir)/later", 0o700), 0)
+      m = try open()
+      let live = try MapFile.load(mapPath)
+      let expected = Array(BlockBitmap(count: 256).with([2..<4, 8..<9, after]).extents)
+      XCTAssertEqual(Array(live.bits.extents), expected, "every block written since the cut was undone (\(after))")
+      XCTAssertEqual(live.mapID, ended.generation, "\(after)")
+      XCTAssertFalse(pathExists(out), "the cut undone is not made at the restart (\(after))")
+    }
+  }
+
   /// The journal fills up while a cut is unsettled: the ended map reaches
   /// its output before the journal starts again (which orphans the cut).
   /// The journal keeps 16384 records, which a change map cannot be given
@@ -472,5 +498,13 @@ final class MarkJournalTests: XCTestCase {
     m = try open(blockSize: 512)
     XCTAssertEqual(try extents(mapPath), [5..<6, 10..<10 + UInt64(records)])
     XCTAssertEqual(try readFileBytes(out), outBytes)
+  }
+}
+
+extension BlockBitmap {
+  fileprivate func with(_ ranges: [Range<UInt64>]) -> BlockBitmap {
+    var b = self
+    for r in ranges { b.set(r) }
+    return b
   }
 }
