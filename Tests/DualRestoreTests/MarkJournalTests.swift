@@ -8,6 +8,7 @@
 // a journal that fills up saves the ended map before it starts again.
 
 import CShim
+import DualRestoreFuzz
 import Glibc
 import XCTest
 
@@ -273,6 +274,11 @@ final class MarkJournalTests: XCTestCase {
     XCTAssertNil(c.cut)
     XCTAssertTrue(c.records.isEmpty)
     XCTAssertEqual(j.cuts, 0)
+    let file = try readFileBytes("\(dir)/j")
+    XCTAssertTrue(file[20..<4096].allSatisfy { $0 == 0 }, "both slots cleared")
+    XCTAssertEqual(
+      Array(file[4096..<4104]), (0..<8).map { UInt8(truncatingIfNeeded: old >> (8 * $0)) },
+      "the records stay, under the former id")
     XCTAssertThrowsError(try j.cut(cut(0, output: String(repeating: "x", count: 1713))))
     XCTAssertNil(j.recovered()?.cut, "a path too long writes nothing")
   }
@@ -284,6 +290,37 @@ final class MarkJournalTests: XCTestCase {
     XCTAssertNotNil(first)
     first = nil
     XCTAssertNoThrow(try MarkJournal(path: "\(dir)/j", records: 4), "the lock goes with the object")
+  }
+
+  // MARK: The fuzz target
+
+  /// The fuzz target's checks (FuzzEntryPoints.scanMarkJournal) hold on a
+  /// journal as written and on it damaged byte by byte, and its repair
+  /// of the checksums gives back the journal whose checksums were zeroed.
+  func testTheFuzzTargetsChecksHoldOnJournals() throws {
+    var bytes = journal(records: [(mapA, 0..<4), (mapA, 100..<101), (mapB, 3..<5)], room: 3)
+    try put(cut(2, output: "/g1.map"), slot: 0, into: &bytes)
+    try put(cut(1, output: "/g0.map"), slot: 1, into: &bytes)
+    XCTAssertNil(FuzzEntryPoints.scanMarkJournal(bytes))
+    var v1 = journal(v1: true, records: [(mapA, 0..<4)], room: 1)
+    XCTAssertNil(FuzzEntryPoints.scanMarkJournal(v1))
+    v1[4096 + 30] ^= 1
+    XCTAssertNil(FuzzEntryPoints.scanMarkJournal(v1), "a record that fails ends the records")
+    for n in [0, 4095, 4096, 4100, 4096 + 48, bytes.count - 1] {
+      XCTAssertEqual(FuzzEntryPoints.scanMarkJournal(Array(bytes.prefix(n))) == nil, n >= 4096, "\(n) bytes")
+    }
+    for i in bytes.indices {
+      var b = bytes
+      b[i] ^= 0x5a
+      _ = FuzzEntryPoints.scanMarkJournal(b)
+      _ = FuzzEntryPoints.scanMarkJournal(FuzzEntryPoints.repairMarkJournalChecksums(b))
+    }
+    var zeroed = bytes
+    for at in [16, 512 + 76 + 7, 2304 + 76 + 7] + (0..<3).map({ 4096 + 48 * $0 + 44 }) {
+      zeroed.replaceSubrange(at..<at + 4, with: [0, 0, 0, 0])
+    }
+    XCTAssertEqual(FuzzEntryPoints.scanMarkJournal(zeroed), "not a change map's journal")
+    XCTAssertEqual(FuzzEntryPoints.repairMarkJournalChecksums(zeroed), bytes)
   }
 
   // MARK: Restarts of a change map

@@ -76,7 +76,7 @@ public enum MarkJournalFormat {
   public static let cutSlots = [512, 2304]
   public static let cutSlotLength = 1792
   /// The fixed part of a cut, before its path (and the CRC after it).
-  static let cutFixedLength = 76
+  package static let cutFixedLength = 76
   /// The longest output path a cut keeps.
   public static let maximumOutputPath = cutSlotLength - cutFixedLength - 4
 
@@ -110,7 +110,7 @@ public enum MarkJournalFormat {
   }
 
   /// Encodes one record into `out` at `at`.
-  static func encodeRecord(
+  package static func encodeRecord(
     into out: inout [UInt8], at: Int, journalID: UInt64, map: ID128, blocks: Range<UInt64>, sequence: UInt32
   ) {
     out.storeLE(journalID, at: at)
