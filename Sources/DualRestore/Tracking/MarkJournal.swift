@@ -109,7 +109,8 @@ public enum MarkJournalFormat {
     return b
   }
 
-  /// Encodes one record into `out` at `at`.
+  /// Encodes one record into `out` at `at` (any range the scan reads: its
+  /// count may pass Int.max).
   package static func encodeRecord(
     into out: inout [UInt8], at: Int, journalID: UInt64, map: ID128, blocks: Range<UInt64>, sequence: UInt32
   ) {
@@ -117,7 +118,7 @@ public enum MarkJournalFormat {
     out.storeLE(map.high, at: at + 8)
     out.storeLE(map.low, at: at + 16)
     out.storeLE(blocks.lowerBound, at: at + 24)
-    out.storeLE(UInt64(blocks.count), at: at + 32)
+    out.storeLE(blocks.upperBound - blocks.lowerBound, at: at + 32)
     out.storeLE(sequence, at: at + 40)
     out.storeLE(out.crc(at, 44), at: at + 44)
   }
