@@ -5,7 +5,8 @@
 // change map that stops without closing comes back from it whole: a cut not
 // yet settled is finished (the ended map saved to its output, the new one
 // live), a settled one is not done again, an undone one loses no mark, and
-// a journal that fills up saves the ended map before it starts again.
+// a journal that fills up saves the ended map before it starts again. The
+// fuzz target's own checks are run here on journals whole and damaged.
 
 import CShim
 import DualRestoreFuzz
@@ -27,8 +28,9 @@ final class MarkJournalTests: XCTestCase {
       started: mapB, startedAt: Instant(nanosecondsSinceEpoch: 1_764_000_000_500_000_002), output: output)
   }
 
-  /// A journal's bytes: the header of `id` (version 1 with `v1`), `records`
-  /// of (map, blocks) in sequence from 0, `slots` zero-filled to the header.
+  /// A journal's bytes: the header of `id` (version 1 with `v1`), its cut
+  /// slots empty, then room for `room` records, the first holding
+  /// `records` of (map, blocks) in sequence from 0 (under `recordID`).
   func journal(
     id: UInt64? = nil, v1: Bool = false, records: [(ID128, Range<UInt64>)] = [], recordID: UInt64? = nil,
     room: Int = 8
