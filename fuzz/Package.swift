@@ -2,7 +2,8 @@
 // Fuzz targets for the readers of hostile input: block streams (plain and
 // encrypted), maps, ddrescue mapfiles, signatures, both sides of NBD, the
 // merge export's names and report, the mirror journal and its positions file,
-// the stream index, the point-in-time history's files.
+// the stream index, the point-in-time history's files, the change map's
+// journal.
 // Built with libFuzzer and AddressSanitizer by scripts/fuzz; not part of the
 // normal build, which never sees this package. The entry points themselves
 // are the DualRestoreFuzz library of the main package (it reaches the
@@ -12,7 +13,7 @@ import PackageDescription
 let targets = [
   "stream", "stream-encrypted", "map", "ddrescue", "signature", "nbd-server", "nbd-client",
   "nbd-client-status", "merge-export", "mirror-journal", "mirror-positions", "stream-index",
-  "history",
+  "history", "mark-journal",
 ]
 
 let package = Package(

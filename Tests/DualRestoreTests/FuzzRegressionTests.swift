@@ -799,4 +799,35 @@ final class FuzzRegressionTests: XCTestCase {
     // Kept records said to start past the file's end: nothing found, no read past it.
     XCTAssertNil(scan(repair(patched(patched(valid, at: 80, le64(1 << 40)), at: 2048 + 80, le64(1 << 40)))))
   }
+
+  // MARK: Change map journals
+
+  /// A change map's journal (dualrestore-map(5)) of three records.
+  func markJournal() -> [UInt8] {
+    var out = MarkJournalFormat.header(journalID: 0x0123_4567_89ab_cdef) + [UInt8](repeating: 0, count: 3 * 48)
+    for (i, blocks) in [0..<4, 100..<101, 3..<5 as Range<UInt64>].enumerated() {
+      MarkJournalFormat.encodeRecord(
+        into: &out, at: 4096 + 48 * i, journalID: 0x0123_4567_89ab_cdef, map: ID128(high: 5, low: 6),
+        blocks: blocks, sequence: UInt32(i))
+    }
+    return out
+  }
+
+  func testMarkJournalDamage() throws {
+    let valid = markJournal()
+    func scan(_ bytes: [UInt8]) -> String? { FuzzEntryPoints.scanMarkJournal(bytes) }
+    let repair = FuzzEntryPoints.repairMarkJournalChecksums
+    XCTAssertNil(scan(valid))
+    XCTAssertEqual(repair(valid), valid)
+    XCTAssertEqual(scan(patched(valid, at: 16, le32(0))), "not a change map's journal")
+    // A record of 2^63 blocks or more, which the scan takes (they end
+    // before 2^64) and a restart does not replay (past the device): its
+    // count was taken as an Int to encode it again, and trapped.
+    for count: UInt64 in [1 << 63, .max] {
+      let huge = repair(patched(patched(valid, at: 4096 + 48 + 24, le64(0)), at: 4096 + 48 + 32, le64(count)))
+      XCTAssertNil(scan(huge))
+      let records = try XCTUnwrap(MarkJournalFormat.scan(huge)).records
+      XCTAssertEqual(records.map(\.blocks.upperBound), [4, count, 5])
+    }
+  }
 }

@@ -21,6 +21,11 @@
 //   The journal starts again only once the last cut's ended map is saved,
 //   and a cut is made only once the one before it is settled, so the
 //   journal never needs more than its latest cut.
+// - A cut undone (its ended map could not be saved) stays in the journal
+//   until it starts again, which it does before any further write is let
+//   through: a restart could still finish the cut, and would put the
+//   blocks written since the undo in the ended map, not in the one that
+//   went on (those the ended map has are not even journaled again).
 // - One writer: the journal is locked (flock) for as long as the object
 //   lives; a second server on the same map is refused.
 // - Saves of PATH (a checkpoint, the close) run one at a time and never
@@ -50,7 +55,7 @@ final class DurableChangeMap: @unchecked Sendable {
   /// generation: why (a few, kept for the server's life).
   private var settleFailures: [ID128: String] = [:]
   /// A cut was undone (its ended map could not be saved): the journal must
-  /// start again before another cut.
+  /// start again before another cut or write.
   private var cutUndone = false
   /// One settle at a time (beside commits, not beside each other).
   private let settling = Monitor()
@@ -168,13 +173,13 @@ final class DurableChangeMap: @unchecked Sendable {
   func mark(_ blocks: Range<UInt64>) throws {
     state.lock()
     defer { state.unlock() }
-    if committed.allSet(blocks) { return }
+    if committed.allSet(blocks), !cutUndone { return }
     if !changes.bits.allSet(blocks) {
       changes.bits.set(blocks)
       pendingRanges.append(blocks)
     }
     // Group commit: one thread makes the marks durable for everyone waiting.
-    while !committed.allSet(blocks) {
+    while cutUndone || !committed.allSet(blocks) {
       if committing {
         state.wait()
         continue
@@ -184,15 +189,17 @@ final class DurableChangeMap: @unchecked Sendable {
       pendingRanges.removeAll(keepingCapacity: true)
       var snapshot = changes
       let hasCut = unsettled != nil
+      let undone = cutUndone
       state.unlock()
       var failure: Error?
       var restarted = false
       do {
-        if journal.hasRoom(ranges.count) {
+        if !undone, journal.hasRoom(ranges.count) {
           try journal.append(ranges, mapID: snapshot.mapID)
         } else {
           // The journal starts again only once the last cut's ended map
-          // is saved (or the cut undone).
+          // is saved (or the cut undone); after a cut undone, before any
+          // write.
           if hasCut { _ = try? settle() }
           snapshot = state.withLock { changes }
           try MapFile.save(snapshot, to: path)

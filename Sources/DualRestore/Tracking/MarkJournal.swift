@@ -76,7 +76,7 @@ public enum MarkJournalFormat {
   public static let cutSlots = [512, 2304]
   public static let cutSlotLength = 1792
   /// The fixed part of a cut, before its path (and the CRC after it).
-  static let cutFixedLength = 76
+  package static let cutFixedLength = 76
   /// The longest output path a cut keeps.
   public static let maximumOutputPath = cutSlotLength - cutFixedLength - 4
 
@@ -109,15 +109,16 @@ public enum MarkJournalFormat {
     return b
   }
 
-  /// Encodes one record into `out` at `at`.
-  static func encodeRecord(
+  /// Encodes one record into `out` at `at` (any range the scan reads: its
+  /// count may pass Int.max).
+  package static func encodeRecord(
     into out: inout [UInt8], at: Int, journalID: UInt64, map: ID128, blocks: Range<UInt64>, sequence: UInt32
   ) {
     out.storeLE(journalID, at: at)
     out.storeLE(map.high, at: at + 8)
     out.storeLE(map.low, at: at + 16)
     out.storeLE(blocks.lowerBound, at: at + 24)
-    out.storeLE(UInt64(blocks.count), at: at + 32)
+    out.storeLE(blocks.upperBound - blocks.lowerBound, at: at + 32)
     out.storeLE(sequence, at: at + 40)
     out.storeLE(out.crc(at, 44), at: at + 44)
   }

@@ -28,6 +28,7 @@ public enum FuzzTarget: String, Sendable {
   case mirrorPositions = "mirror-positions"
   case streamIndex = "stream-index"
   case history
+  case markJournal = "mark-journal"
 }
 
 /// The key the encrypted stream seeds are made with (scripts/fuzz writes it).
@@ -105,5 +106,8 @@ public func runOnce(_ target: FuzzTarget, _ bytes: [UInt8]) {
   case .history:
     _ = FuzzEntryPoints.scanHistoryFile(bytes)
     _ = FuzzEntryPoints.scanHistoryFile(FuzzEntryPoints.repairHistoryChecksums(bytes))
+  case .markJournal:
+    _ = FuzzEntryPoints.scanMarkJournal(bytes)
+    _ = FuzzEntryPoints.scanMarkJournal(FuzzEntryPoints.repairMarkJournalChecksums(bytes))
   }
 }
