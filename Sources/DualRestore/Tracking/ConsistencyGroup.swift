@@ -1,7 +1,8 @@
 // A consistency group's point: several tracking servers' devices frozen, or
 // their generations cut, at one instant. Each server is asked to hold its
-// writes (`hold` on its control socket, one thread per device, so the time
-// writes are held is the slowest device's, not the sum), each running the
+// writes (`hold` on its control socket, sent to all before any answer is
+// read, so the time writes are held is the slowest device's, not the
+// sum), each running the
 // action within its hold as soon as its writes are held; once every one
 // has answered, all are released.
 // Why that is one instant: a write that finds a gate closed is acknowledged
@@ -97,11 +98,12 @@ public enum ConsistencyGroup {
     let start = monotonicSeconds()
     let drains = Slots<Double>(n)
     let answers = Slots<[(String, String)]>(n)
-    failed = inParallel(n) { i in
+    failed = exchange(connections) { i in
       var words = ["hold", "limit=" + formatFixed(maxHold, digits: 3), "then=" + action.rawValue]
       // Checked by the server before it holds: a bad output holds nothing.
       if let out = members[i].changesOut { words.append("changes-out=" + ControlSocket.encode(out)) }
-      let f = try connections[i]!.request(words)
+      return words
+    } answered: { i, f in
       drains[i] = Double(value(f, "drain_seconds") ?? "") ?? 0
       answers[i] = f.filter { $0.0 != "drain_seconds" && $0.0 != "limit_seconds" }
     }
@@ -136,8 +138,9 @@ public enum ConsistencyGroup {
 
     // 4. Release everywhere.
     let held = Slots<Double>(n)
-    failed = inParallel(n) { i in
-      let f = try connections[i]!.request(["release"])
+    failed = exchange(connections) { _ in
+      ["release"]
+    } answered: { i, f in
       held[i] = Double(value(f, "held_seconds") ?? "") ?? 0
     }
     let end = monotonicSeconds()
@@ -160,8 +163,9 @@ public enum ConsistencyGroup {
     // 5. What each did within its hold reaches its files (the ended
     // generation's map), writes going on.
     let settled = Slots<Double>(n)
-    failed = inParallel(n) { i in
-      let f = try connections[i]!.request(["settle"])
+    failed = exchange(connections) { _ in
+      ["settle"]
+    } answered: { i, f in
       settled[i] = Double(value(f, "settle_seconds") ?? "") ?? 0
     }
     if let (i, e) = failed.first {
@@ -227,6 +231,35 @@ public enum ConsistencyGroup {
 
   static func value(_ fields: [(String, String)], _ key: String) -> String? {
     fields.first(where: { $0.0 == key })?.1
+  }
+
+  /// Sends every server its request at once, then reads the answers in
+  /// device order: all are in flight together, as with a thread each, with
+  /// no thread to start and schedule while writes are held (the machine
+  /// is as busy as its devices then). Returns the failures, in device
+  /// order; `answered` gets each answer.
+  static func exchange(
+    _ connections: Slots<ControlConnection>, _ words: (Int) -> [String],
+    answered: (Int, [(String, String)]) -> Void
+  ) -> [(Int, Error)] {
+    var failures: [(Int, Error)] = []
+    var sent: [Int] = []
+    for i in 0..<connections.count {
+      do {
+        try connections[i]!.send(words(i))
+        sent.append(i)
+      } catch {
+        failures.append((i, error))
+      }
+    }
+    for i in sent {
+      do {
+        answered(i, try connections[i]!.receive(words(i)))
+      } catch {
+        failures.append((i, error))
+      }
+    }
+    return failures.sorted { $0.0 < $1.0 }
   }
 
   /// Runs `body(i)` for i in 0..<n on a thread each, and waits for all;

@@ -194,7 +194,8 @@ public final class ControlChannel: Sendable {
 
 /// A connection to a server's control socket, client side: requests sent
 /// one at a time, each answer read up to its empty line.
-// @unchecked Sendable: used by one thread at a time (a group's device thread of each phase, joined before the next).
+// @unchecked Sendable: used by one thread at a time (the coordinator's, or
+// a group's device thread of a phase, joined before the next).
 public final class ControlConnection: @unchecked Sendable {
   public let path: String
   private let socket: Socket
@@ -219,19 +220,26 @@ public final class ControlConnection: @unchecked Sendable {
   /// sentence when it says error, and a sentence naming the socket when
   /// the connection fails.
   public func request(_ words: [String]) throws -> [(String, String)] {
-    guard !isBroken else { throw ToolkitError("\(path): the connection failed earlier") }
-    isBroken = true
-    let fields = try exchange(words)
-    isBroken = false
-    return fields
+    try send(words)
+    return try receive(words)
   }
 
-  private func exchange(_ words: [String]) throws -> [(String, String)] {
+  /// Sends `words` without waiting for the answer, which `receive(words)`
+  /// reads: several servers' requests are then in flight at once.
+  public func send(_ words: [String]) throws {
+    guard !isBroken else { throw ToolkitError("\(path): the connection failed earlier") }
+    // Broken until the answer is read in full.
+    isBroken = true
     do {
       try socket.write(Array((words.joined(separator: " ") + "\n").utf8))
     } catch {
       throw ToolkitError("\(path): the request '\(words.first ?? "")' could not be sent (\(error))")
     }
+  }
+
+  /// Reads the answer to `words`, sent by `send`: its fields, or the
+  /// server's sentence thrown when it says error.
+  public func receive(_ words: [String]) throws -> [(String, String)] {
     var lines: [String] = []
     var chunk = [UInt8](repeating: 0, count: 4096)
     answer: while true {
