@@ -390,6 +390,59 @@ final class MarkJournalTests: XCTestCase {
     XCTAssertEqual(m!.summary.generation, next.mapID)
   }
 
+  /// A checkpoint saves the map file beside the marks and leaves the
+  /// journal as it is: the file shows what was committed, a crash after
+  /// more marks loses none, and nothing is saved again when nothing changed.
+  func testACheckpointSavesTheMapAndKeepsTheJournal() throws {
+    try makeDevice()
+    var m: DurableChangeMap? = try open()
+    try mark(m!, [1..<3, 7..<8])
+    try m!.checkpoint()
+    XCTAssertEqual(try extents(mapPath), [1..<3, 7..<8], "the map file after a checkpoint")
+    var st = stat()
+    XCTAssertEqual(stat(mapPath, &st), 0)
+    let saved = st.st_mtim
+    usleep(20_000)
+    try m!.checkpoint()
+    XCTAssertEqual(stat(mapPath, &st), 0)
+    XCTAssertTrue(st.st_mtim.tv_sec == saved.tv_sec && st.st_mtim.tv_nsec == saved.tv_nsec, "saved again unchanged")
+    try mark(m!, [12..<13, 2..<3])
+    m = nil  // a crash
+    m = try open()
+    XCTAssertEqual(try extents(mapPath), [1..<3, 7..<8, 12..<13], "a mark after the checkpoint was lost")
+  }
+
+  /// A cut, settled and checkpointed (the map file is the new generation,
+  /// the journal keeps the cut), then marks and a second cut not settled, a
+  /// crash: the second cut is finished with exactly the middle generation's
+  /// blocks, and the first is not finished again.
+  func testACheckpointAfterASettledCutLeavesTheNextCutWhole() throws {
+    try makeDevice()
+    let out1 = "\(dir)/first.map"
+    let out2 = "\(dir)/second.map"
+    var m: DurableChangeMap? = try open()
+    try mark(m!, [1..<2])
+    let middle = fresh(m!)
+    _ = try m!.cutGeneration(middle, savingTo: out1)
+    try mark(m!, [5..<6])
+    XCTAssertNotNil(try m!.settle())
+    try m!.checkpoint()
+    XCTAssertEqual(try MapFile.load(mapPath).mapID, middle.mapID, "the checkpoint saved the new generation")
+    try mark(m!, [9..<10])
+    let last = fresh(m!)
+    _ = try m!.cutGeneration(last, savingTo: out2)
+    try mark(m!, [14..<15])
+    m = nil  // a crash
+    XCTAssertEqual(unlink(out1), 0)
+    m = try open()
+    XCTAssertFalse(pathExists(out1), "the first cut, settled, was finished again")
+    let second = try MapFile.load(out2)
+    XCTAssertEqual(second.mapID, middle.mapID)
+    XCTAssertEqual(Array(second.bits.extents), [5..<6, 9..<10])
+    XCTAssertEqual(m!.summary.generation, last.mapID)
+    XCTAssertEqual(try extents(mapPath), [14..<15])
+  }
+
   /// A cut settled but not checkpointed, then a second cut: the restart
   /// finishes the second from the journal, whose ended generation began at
   /// the first cut, and leaves the first alone.

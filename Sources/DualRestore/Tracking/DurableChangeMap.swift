@@ -28,8 +28,13 @@
 //   went on (those the ended map has are not even journaled again).
 // - One writer: the journal is locked (flock) for as long as the object
 //   lives; a second server on the same map is refused.
-// - Saves of PATH (a checkpoint, the close) run one at a time and never
-//   beside a commit; saving an ended map to its output runs beside commits.
+// - Saves of PATH run one at a time, each snapshot taken under that lock,
+//   so a later save never holds older bits. A checkpoint saves PATH beside
+//   commits and leaves the journal as it is (its records stay good: a
+//   restart replays them into a map file that holds them, or fewer); the
+//   journal starts again, with no commit beside it, only when full, at a
+//   cut undone, and at the close. Saving an ended map to its output runs
+//   beside commits.
 
 import Glibc
 
@@ -45,9 +50,6 @@ final class DurableChangeMap: @unchecked Sendable {
   /// Ranges set in `changes` but not yet committed.
   private var pendingRanges: [Range<UInt64>] = []
   private var committing = false
-  /// The journal holds records or a cut the map file does not: the next
-  /// checkpoint saves the map and starts the journal again.
-  private var journalHasRecords = false
   private let journal: MarkJournal
   /// A generation cut whose ended map is not saved to its output yet.
   private var unsettled: (ended: BlockMap, output: String)?
@@ -59,6 +61,13 @@ final class DurableChangeMap: @unchecked Sendable {
   private var cutUndone = false
   /// One settle at a time (beside commits, not beside each other).
   private let settling = Monitor()
+  /// One save of PATH at a time, its snapshot taken under it, so that a
+  /// later save never holds older bits than an earlier one.
+  private let pathSaves = Monitor()
+  /// Counts what changes the bits on disk may lack (commits, cuts, undos);
+  /// `savedVersion` is the count the map file holds.
+  private var version: UInt64 = 0
+  private var savedVersion: UInt64 = 0
 
   /// Opens the change map of `device` at `path`, created when missing with
   /// blocks of `blockSize` (default when nil); an existing map must be a
@@ -201,6 +210,8 @@ final class DurableChangeMap: @unchecked Sendable {
           // is saved (or the cut undone); after a cut undone, before any
           // write.
           if hasCut { _ = try? settle() }
+          pathSaves.lock()
+          defer { pathSaves.unlock() }
           snapshot = state.withLock { changes }
           try MapFile.save(snapshot, to: path)
           try journal.restart()
@@ -216,7 +227,7 @@ final class DurableChangeMap: @unchecked Sendable {
           committed = snapshot.bits
           cutUndone = false
         }
-        journalHasRecords = !restarted
+        version &+= 1
       } else {
         pendingRanges = ranges + pendingRanges
       }
@@ -245,27 +256,47 @@ final class DurableChangeMap: @unchecked Sendable {
   /// Saves the map at PATH and starts the journal again; the caller is
   /// `saving`, and the last cut is settled.
   private func saveAndRestart() throws {
-    let snapshot = state.withLock {
+    pathSaves.lock()
+    defer { pathSaves.unlock() }
+    let (snapshot, saved) = state.withLock {
       var m = changes
       m.bits = committed
-      return m
+      return (m, version)
     }
     try MapFile.save(snapshot, to: path)
     try journal.restart()
     state.withLock {
-      journalHasRecords = false
       cutUndone = false
+      savedVersion = max(savedVersion, saved)
     }
   }
 
-  /// Folds the journal into the map file, so that overwrite-map show PATH
-  /// is up to date; called every few seconds.
+  /// Saves the map file with the bits committed so far, so that
+  /// overwrite-map show PATH is up to date; called every few seconds, and
+  /// after a generation's end is settled. Writes go on meanwhile: the
+  /// journal keeps its records (a restart replays them into the map file
+  /// again, which holds them or fewer), and starts again only when full
+  /// (or at the close), so nothing waits for this save.
   func checkpoint() throws {
-    try saving {
-      guard state.withLock({ journalHasRecords || cutUndone }) else { return }
-      if state.withLock({ unsettled != nil }) { _ = try? settle() }
-      try saveAndRestart()
+    // PATH shows a new generation only once the ended one is saved: a
+    // restart takes a map file of the new generation as that.
+    if state.withLock({ unsettled != nil }) { _ = try? settle() }
+    if state.withLock({ cutUndone }) {
+      // The undone cut leaves the journal before any write (see mark).
+      try saving { try saveAndRestart() }
+      return
     }
+    pathSaves.lock()
+    defer { pathSaves.unlock() }
+    let snapshot = state.withLock { () -> (map: BlockMap, version: UInt64)? in
+      guard unsettled == nil, !cutUndone, version != savedVersion else { return nil }
+      var m = changes
+      m.bits = committed
+      return (m, version)
+    }
+    guard let snapshot else { return }
+    try MapFile.save(snapshot.map, to: path)
+    state.withLock { savedVersion = max(savedVersion, snapshot.version) }
   }
 
   /// Ends the generation, the caller holding its writes back so that each
@@ -298,8 +329,8 @@ final class DurableChangeMap: @unchecked Sendable {
         changes = fresh
         committed = fresh.bits
         pendingRanges.removeAll()
-        journalHasRecords = true
         unsettled = (old, output)
+        version &+= 1
       }
       return old
     }
@@ -368,16 +399,18 @@ final class DurableChangeMap: @unchecked Sendable {
     committed.formUnion(ended.bits)
     unsettled = nil
     cutUndone = true
+    version &+= 1
   }
 
   /// Saves the map whole and starts the journal again (a clean stop).
   func close() throws {
     try saving {
       if state.withLock({ unsettled != nil }) { _ = try? settle() }
+      pathSaves.lock()
+      defer { pathSaves.unlock() }
       let m = state.withLock { changes }
       try MapFile.save(m, to: path)
       try journal.restart()
-      state.withLock { journalHasRecords = false }
     }
   }
 }
