@@ -61,6 +61,9 @@ final class DurableChangeMap: @unchecked Sendable {
   private var cutUndone = false
   /// One settle at a time (beside commits, not beside each other).
   private let settling = Monitor()
+  /// No journal restart beside a cut (a restart would orphan it); taken
+  /// before `pathSaves`.
+  private let restarts = Monitor()
   /// One save of PATH at a time, its snapshot taken under it, so that a
   /// later save never holds older bits than an earlier one.
   private let pathSaves = Monitor()
@@ -179,16 +182,17 @@ final class DurableChangeMap: @unchecked Sendable {
 
   /// Sets `blocks` and returns once they are set on disk; throws (with
   /// nothing to issue) when they cannot be made durable.
+  /// The blocks are those of the generation running when it returns: a
+  /// cut meanwhile sets them again in the new one.
   func mark(_ blocks: Range<UInt64>) throws {
     state.lock()
     defer { state.unlock() }
-    if committed.allSet(blocks), !cutUndone { return }
-    if !changes.bits.allSet(blocks) {
-      changes.bits.set(blocks)
-      pendingRanges.append(blocks)
-    }
     // Group commit: one thread makes the marks durable for everyone waiting.
     while cutUndone || !committed.allSet(blocks) {
+      if !changes.bits.allSet(blocks) {
+        changes.bits.set(blocks)
+        pendingRanges.append(blocks)
+      }
       if committing {
         state.wait()
         continue
@@ -197,7 +201,6 @@ final class DurableChangeMap: @unchecked Sendable {
       let ranges = pendingRanges
       pendingRanges.removeAll(keepingCapacity: true)
       var snapshot = changes
-      let hasCut = unsettled != nil
       let undone = cutUndone
       state.unlock()
       var failure: Error?
@@ -209,7 +212,9 @@ final class DurableChangeMap: @unchecked Sendable {
           // The journal starts again only once the last cut's ended map
           // is saved (or the cut undone); after a cut undone, before any
           // write.
-          if hasCut { _ = try? settle() }
+          restarts.lock()
+          defer { restarts.unlock() }
+          if state.withLock({ unsettled != nil }) { _ = try? settle() }
           pathSaves.lock()
           defer { pathSaves.unlock() }
           snapshot = state.withLock { changes }
@@ -222,7 +227,9 @@ final class DurableChangeMap: @unchecked Sendable {
       committing = false
       if failure == nil {
         // A cut undone meanwhile added the ended map's bits: committed too.
-        committed.formUnion(snapshot.bits)
+        // A cut made meanwhile started another map: what was committed
+        // belongs to the one that ended.
+        if snapshot.mapID == changes.mapID { committed.formUnion(snapshot.bits) }
         if restarted {
           committed = snapshot.bits
           cutUndone = false
@@ -256,6 +263,8 @@ final class DurableChangeMap: @unchecked Sendable {
   /// Saves the map at PATH and starts the journal again; the caller is
   /// `saving`, and the last cut is settled.
   private func saveAndRestart() throws {
+    restarts.lock()
+    defer { restarts.unlock() }
     pathSaves.lock()
     defer { pathSaves.unlock() }
     let (snapshot, saved) = state.withLock {
@@ -304,36 +313,46 @@ final class DurableChangeMap: @unchecked Sendable {
   /// `fresh` goes on in memory. The ended map is saved to `output` by
   /// `settle()` (after the release), the map file at the next checkpoint.
   /// Returns the map that ended.
+  /// A commit may be in flight meanwhile (its writer is not yet writing,
+  /// so the caller's hold does not wait for it): its records name the map
+  /// that ends, and its writer sets its blocks again in the new one.
   func cutGeneration(_ fresh: BlockMap, savingTo output: String) throws -> BlockMap {
-    try saving {
-      // The journal keeps one cut: the one before is settled first, and a
-      // cut undone is folded into the map file (both rare: a cut settles
-      // right after its release).
-      if state.withLock({ unsettled != nil }) { _ = try? settle() }
-      if state.withLock({ cutUndone }) { try saveAndRestart() }
-      // The generation that ends records the instant it ended: the new one's start.
-      var old = state.withLock { changes }
-      old.trackingEnded = fresh.trackingStarted
-      do {
-        try journal.cut(
-          MarkJournalCut(
-            number: 0, ending: old.mapID, endingStarted: old.trackingStarted, started: fresh.mapID,
-            startedAt: fresh.trackingStarted, output: output))
-      } catch {
-        // The cut may be on disk all the same: start the journal again
-        // with the map saved, so that no cut but a settled one is there.
-        try? saveAndRestart()
-        throw error
-      }
-      state.withLock {
-        changes = fresh
-        committed = fresh.bits
-        pendingRanges.removeAll()
-        unsettled = (old, output)
-        version &+= 1
-      }
-      return old
+    // The journal keeps one cut: the one before is settled first, and a
+    // cut undone is folded into the map file (both rare: a cut settles
+    // right after its release).
+    if state.withLock({ unsettled != nil }) { _ = try? settle() }
+    if state.withLock({ cutUndone }) { try saving { try saveAndRestart() } }
+    // No restart beside the cut, which would orphan it.
+    restarts.lock()
+    defer { restarts.unlock() }
+    // The generation that ends records the instant it ended: the new one's start.
+    var old = state.withLock { changes }
+    old.trackingEnded = fresh.trackingStarted
+    do {
+      try journal.cut(
+        MarkJournalCut(
+          number: 0, ending: old.mapID, endingStarted: old.trackingStarted, started: fresh.mapID,
+          startedAt: fresh.trackingStarted, output: output))
+    } catch {
+      // The cut may be on disk all the same: start the journal again
+      // with the map saved, so that no cut but a settled one is there.
+      restarts.unlock()
+      try? saving { try saveAndRestart() }
+      restarts.lock()
+      throw error
     }
+    state.withLock {
+      // The blocks set since `old` was taken (by a commit's writer, not yet
+      // writing) are in the ended map too.
+      old.bits.formUnion(changes.bits)
+      changes = fresh
+      committed = fresh.bits
+      pendingRanges.removeAll()
+      unsettled = (old, output)
+      version &+= 1
+      state.broadcast()
+    }
+    return old
   }
 
   /// Saves the ended map of the last cut to its output, if not saved yet;
@@ -406,6 +425,8 @@ final class DurableChangeMap: @unchecked Sendable {
   func close() throws {
     try saving {
       if state.withLock({ unsettled != nil }) { _ = try? settle() }
+      restarts.lock()
+      defer { restarts.unlock() }
       pathSaves.lock()
       defer { pathSaves.unlock() }
       let m = state.withLock { changes }

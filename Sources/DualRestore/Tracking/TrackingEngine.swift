@@ -38,6 +38,9 @@ public final class TrackingEngine: @unchecked Sendable {
   /// Writes hold the gate open; a generation change or a freeze closes it
   /// and waits for the writes inside to finish.
   private var gateClosed = false
+  /// How many times the gate has closed (a write's marks made across a
+  /// closing are made again).
+  private var gateClosings: UInt64 = 0
   private var writesInside = 0
   /// The hold keeping the gate closed across control requests, if any.
   private var hold: WriteHold?
@@ -258,16 +261,24 @@ public final class TrackingEngine: @unchecked Sendable {
 
   /// Passes the gate and commits the marks of `blocks` to the change map on
   /// disk before returning.
+  /// A write waiting for its marks is not inside yet: a hold does not wait
+  /// for the change map's journal, only for writes reaching the device. A
+  /// write whose marks were made as the gate closed waits for it to reopen
+  /// and marks them again (a generation may have ended meanwhile).
   private func enter(_ blocks: Range<UInt64>) throws {
-    state.withLock {
-      while gateClosed { state.wait() }
-      writesInside += 1
-    }
-    do {
+    while true {
+      let closings = state.withLock { () -> UInt64 in
+        while gateClosed { state.wait() }
+        return gateClosings
+      }
       try changes.mark(blocks)
-    } catch {
-      leave()
-      throw error
+      let inside = state.withLock { () -> Bool in
+        // Closed, or closed and reopened, since: marked again.
+        guard !gateClosed, gateClosings == closings else { return false }
+        writesInside += 1
+        return true
+      }
+      if inside { return }
     }
   }
 
@@ -312,6 +323,7 @@ public final class TrackingEngine: @unchecked Sendable {
     state.lock()
     while gateClosed { state.wait() }
     gateClosed = true
+    gateClosings &+= 1
     while writesInside > 0 { state.wait() }
     state.unlock()
     defer {
@@ -363,6 +375,7 @@ public final class TrackingEngine: @unchecked Sendable {
       }
     }
     gateClosed = true
+    gateClosings &+= 1
     while writesInside > 0 {
       if !state.wait(until: deadline) && writesInside > 0 {
         let n = writesInside
