@@ -145,19 +145,8 @@ public enum ConsistencyGroup {
     }
     let end = monotonicSeconds()
     if let (i, e) = failed.first {
-      // The server whose release failed may have dropped its view (a hold
-      // that ends without release does): drop the others', by id.
-      var undo: [String] = []
-      if action == .freeze {
-        for j in 0..<n {
-          guard let id = answers[j].flatMap({ value($0, "view") }) else { continue }
-          undo.append(dropLater(members[j], id))
-        }
-      } else {
-        undo.append("the generations ended on every device stay ended, within their holds")
-      }
       throw ToolkitError(
-        "\(sentence(e, members[i])) at the release; \(undo.joined(separator: "; ")) — no point is kept")
+        "\(sentence(e, members[i])) at the release; \(undoAfterRelease(members, answers)) — no point is kept")
     }
 
     // 5. What each did within its hold reaches its files (the ended
@@ -169,16 +158,8 @@ public enum ConsistencyGroup {
       settled[i] = Double(value(f, "settle_seconds") ?? "") ?? 0
     }
     if let (i, e) = failed.first {
-      var undo: [String] = []
-      if action == .freeze {
-        for j in 0..<n {
-          guard let id = answers[j].flatMap({ value($0, "view") }) else { continue }
-          undo.append(dropLater(members[j], id))
-        }
-      }
-      undo.append("the generations ended on the other devices stay ended")
       throw ToolkitError(
-        "\(sentence(e, members[i])) after the release; \(undo.joined(separator: "; ")) — no point is kept")
+        "\(sentence(e, members[i])) after the release; \(undoAfterRelease(members, answers)) — no point is kept")
     }
 
     return GroupPoint(
@@ -188,6 +169,24 @@ public enum ConsistencyGroup {
           member: members[i], drainSeconds: drains[i] ?? 0, heldSeconds: held[i] ?? 0,
           settleSeconds: settled[i] ?? 0, fields: answers[i] ?? [])
       })
+  }
+
+  /// What is undone once the holds are over and one device failed: the
+  /// views frozen are dropped by id (a server whose hold ended without
+  /// release dropped its own); generations ended stay ended where the
+  /// hold was released (one that ended without release undid its own).
+  private static func undoAfterRelease(_ members: [GroupMember], _ answers: Slots<[(String, String)]>) -> String {
+    var undo: [String] = []
+    for j in 0..<members.count {
+      guard let id = answers[j].flatMap({ value($0, "view") }) else { continue }
+      undo.append(dropLater(members[j], id))
+    }
+    if (0..<members.count).contains(where: { answers[$0].flatMap { value($0, "ended_generation") } != nil }) {
+      undo.append(
+        "the generations ended where the hold was released stay ended (a generation's end is undone only within its hold)"
+      )
+    }
+    return undo.joined(separator: "; ")
   }
 
   /// Drops the view `id` on `member` after its hold, on a connection of its
