@@ -200,14 +200,15 @@ final class DurableChangeMap: @unchecked Sendable {
       committing = true
       let ranges = pendingRanges
       pendingRanges.removeAll(keepingCapacity: true)
-      var snapshot = changes
+      let mapID = changes.mapID
       let undone = cutUndone
       state.unlock()
       var failure: Error?
-      var restarted = false
+      // The map saved when the journal starts again here.
+      var restarted: BlockMap?
       do {
         if !undone, journal.hasRoom(ranges.count) {
-          try journal.append(ranges, mapID: snapshot.mapID)
+          try journal.append(ranges, mapID: mapID)
         } else {
           // The journal starts again only once the last cut's ended map
           // is saved (or the cut undone); after a cut undone, before any
@@ -217,22 +218,25 @@ final class DurableChangeMap: @unchecked Sendable {
           if state.withLock({ unsettled != nil }) { _ = try? settle() }
           pathSaves.lock()
           defer { pathSaves.unlock() }
-          snapshot = state.withLock { changes }
+          let snapshot = state.withLock { changes }
           try MapFile.save(snapshot, to: path)
           try journal.restart()
-          restarted = true
+          restarted = snapshot
         }
       } catch { failure = error }
       state.lock()
       committing = false
       if failure == nil {
-        // A cut undone meanwhile added the ended map's bits: committed too.
-        // A cut made meanwhile started another map: what was committed
-        // belongs to the one that ended.
-        if snapshot.mapID == changes.mapID { committed.formUnion(snapshot.bits) }
-        if restarted {
-          committed = snapshot.bits
+        if let saved = restarted {
+          // Everything in memory when the map was saved is on disk.
+          if saved.mapID == changes.mapID { committed = saved.bits }
           cutUndone = false
+        } else if mapID == changes.mapID {
+          // A cut made meanwhile started another map: what was committed
+          // belongs to the one that ended (its writers set their blocks
+          // again). A cut undone meanwhile gave `committed` the ended
+          // map's bits already.
+          for r in ranges { committed.set(r) }
         }
         version &+= 1
       } else {
